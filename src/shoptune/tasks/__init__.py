@@ -1,0 +1,122 @@
+"""Task cards: one small versioned YAML file per task, found by walking ``tasks/cards/``.
+
+A card says what a task is (capability, task type, metric), where its data comes from, how its
+prompt is rendered and how model output is parsed. Cards are loaded with ``yaml.safe_load`` into
+:class:`TaskCard`; extra card folders can be added with ``SHOPTUNE_TASKS_PATH`` (``:``-separated).
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shoptune.records import CAPABILITIES, METRICS, TASK_TYPES
+
+CARDS_DIR = Path(__file__).parent / "cards"
+
+Capability = Literal[CAPABILITIES]  # type: ignore[valid-type]
+TaskType = Literal[TASK_TYPES]  # type: ignore[valid-type]
+Metric = Literal[METRICS]  # type: ignore[valid-type]
+
+
+class CardSource(BaseModel):
+    """Where a task's rows live and how they are picked out of a shared file."""
+    model_config = ConfigDict(extra="forbid")
+    dataset: Literal["shopbench", "ec-guide", "shopping-mmlu", "custom"]
+    file: str | None = None  # path inside the dataset folder
+    task_name: str | None = None  # ShopBench task_name (task1..task18)
+    task_type: TaskType | None = None  # select rows of a mixed file by type ...
+    metric: Metric | None = None  # ... and/or metric
+
+
+class TaskCard(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    version: int = Field(ge=1)
+    capability: Capability
+    task_type: TaskType
+    metric: Metric
+    description: str
+    source: CardSource
+    # The prompt the model sees, identical at training, evaluation and serving time.
+    # ``{input_field}`` is the ShopBench question text.
+    prompt: str = "{input_field}"
+    max_new_tokens: int | None = None  # None: the task type's default
+    tags: list[str] = []
+
+    def render(self, input_field: str) -> str:
+        return self.prompt.replace("{input_field}", input_field)
+
+
+class CardError(ValueError):
+    pass
+
+
+def _card_dirs() -> list[Path]:
+    dirs = [CARDS_DIR]
+    for p in os.environ.get("SHOPTUNE_TASKS_PATH", "").split(os.pathsep):
+        if p:
+            dirs.append(Path(p))
+    return dirs
+
+
+def load_card(path: Path) -> TaskCard:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CardError(f"{path}: cannot read task card: {e}") from e
+    if not isinstance(data, dict):
+        raise CardError(f"{path}: a task card must be a YAML mapping")
+    try:
+        return TaskCard(**data)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise CardError(f"{path}: invalid task card: {errs}") from e
+
+
+@lru_cache(maxsize=None)
+def _registry(dirs: tuple[Path, ...]) -> dict[str, TaskCard]:
+    cards: dict[str, TaskCard] = {}
+    where: dict[str, Path] = {}
+    for d in dirs:
+        for path in sorted(d.rglob("*.yaml")):
+            card = load_card(path)
+            if card.name in cards:
+                raise CardError(f"{path}: task {card.name!r} already defined in {where[card.name]}")
+            cards[card.name] = card
+            where[card.name] = path
+    return cards
+
+
+def all_cards() -> dict[str, TaskCard]:
+    """Every registered task card by name, sorted by capability then name."""
+    reg = _registry(tuple(_card_dirs()))
+    order = {c: i for i, c in enumerate(CAPABILITIES)}
+    return dict(sorted(reg.items(), key=lambda kv: (order[kv[1].capability], kv[0])))
+
+
+def get_card(name: str) -> TaskCard:
+    cards = all_cards()
+    if name not in cards:
+        raise KeyError(f"unknown task {name!r}; `shoptune tasks ls` lists the {len(cards)} tasks")
+    return cards[name]
+
+
+def cards_for_file(dataset: str, file: str) -> list[TaskCard]:
+    return [c for c in all_cards().values()
+            if c.source.dataset == dataset and c.source.file == file]
+
+
+def card_for_shopbench_task(task_name: str) -> TaskCard | None:
+    for c in all_cards().values():
+        if c.source.dataset == "shopbench" and c.source.task_name == task_name:
+            return c
+    return None
+
+
+__all__ = ["TaskCard", "CardSource", "CardError", "all_cards", "get_card", "load_card",
+           "cards_for_file", "card_for_shopbench_task"]

@@ -7,6 +7,7 @@ prompt is rendered and how model output is parsed. Cards are loaded with ``yaml.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -96,7 +97,8 @@ def all_cards() -> dict[str, TaskCard]:
     """Every registered task card by name, sorted by capability then name."""
     reg = _registry(tuple(_card_dirs()))
     order = {c: i for i, c in enumerate(CAPABILITIES)}
-    return dict(sorted(reg.items(), key=lambda kv: (order[kv[1].capability], kv[0])))
+    natural = lambda name: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", name)]
+    return dict(sorted(reg.items(), key=lambda kv: (order[kv[1].capability], natural(kv[0]))))
 
 
 def get_card(name: str) -> TaskCard:

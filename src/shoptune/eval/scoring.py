@@ -1,0 +1,103 @@
+"""Score raw model outputs: parse, per-sample metrics, then task / track / overall aggregation
+with 95% bootstrap confidence intervals (questions resampled within each task)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from shoptune.eval.metrics import micro_f1, score_batch
+from shoptune.eval.parsers import parse
+from shoptune.records import CAPABILITIES, CAPABILITY_TO_TRACK, Record
+
+
+def task_key(rec: Record) -> str:
+    """ShopBench's own task name when the record has one (task1..), else the card name."""
+    return rec.task_name or rec.task
+
+
+def score_outputs(records: Sequence[Record], outputs: Sequence[str]) -> list[dict]:
+    """One row per question: input, task, raw output, parsed answer and score."""
+    if len(records) != len(outputs):
+        raise ValueError(f"{len(records)} records but {len(outputs)} outputs")
+    parsed = [parse(r.task_type, r.metric, o) for r, o in zip(records, outputs)]
+    by_metric: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_metric[r.metric].append(i)
+    scores: list = [None] * len(records)
+    for metric, idx in by_metric.items():
+        vals = score_batch(metric, [parsed[i] for i in idx], [records[i].output_field for i in idx])
+        for i, v in zip(idx, vals):
+            scores[i] = v
+    rows = []
+    for r, out, p, s in zip(records, outputs, parsed, scores):
+        row = {"id": r.id, "input_field": r.input_field, "task_name": task_key(r), "task": r.task,
+               "capability": r.capability, "task_type": r.task_type, "metric": r.metric,
+               "output_field": r.output_field, "model_output": out, "parsed": p}
+        if r.metric == "micro f1":
+            row["counts"] = list(s)
+            row["score"] = micro_f1([s])
+        else:
+            row["score"] = float(s)
+        rows.append(row)
+    return rows
+
+
+def _task_value(rows: Sequence[dict]) -> float:
+    if rows[0]["metric"] == "micro f1":
+        return micro_f1([r["counts"] for r in rows])
+    return float(np.mean([r["score"] for r in rows]))
+
+
+def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Task, track (capability) and overall scores, with bootstrap CIs."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_task[r["task_name"]].append(r)
+    task_cap = {t: rs[0]["capability"] for t, rs in by_task.items()}
+    tasks = {t: _task_value(rs) for t, rs in by_task.items()}
+    caps = [c for c in CAPABILITIES if c in task_cap.values()]
+
+    def rollup(task_scores: dict[str, float]) -> tuple[dict[str, float], float, float]:
+        tracks = {c: float(np.mean([s for t, s in task_scores.items() if task_cap[t] == c]))
+                  for c in caps}
+        return tracks, float(np.mean(list(tracks.values()))), float(np.mean(list(task_scores.values())))
+
+    tracks, overall, overall_tasks = rollup(tasks)
+    rng = np.random.default_rng(seed)
+    boot_tasks = {t: [] for t in tasks}
+    boot = {"tracks": {c: [] for c in caps}, "overall": [], "overall_tasks": []}
+    for _ in range(n_boot):
+        sample = {}
+        for t, rs in by_task.items():
+            pick = rng.integers(0, len(rs), len(rs))
+            sample[t] = _task_value([rs[i] for i in pick])
+            boot_tasks[t].append(sample[t])
+        tr, ov, ovt = rollup(sample)
+        for c in caps:
+            boot["tracks"][c].append(tr[c])
+        boot["overall"].append(ov)
+        boot["overall_tasks"].append(ovt)
+
+    def ci(xs):
+        return [float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))] if xs else None
+
+    return {
+        "overall": overall,
+        "overall_tasks": overall_tasks,
+        "tracks": {CAPABILITY_TO_TRACK[c]: tracks[c] for c in caps},
+        "capabilities": tracks,
+        "tasks": {t: {"score": s, "metric": "|".join(sorted({r["metric"] for r in by_task[t]})),
+                      "capability": task_cap[t], "n": len(by_task[t]), "ci95": ci(boot_tasks[t])}
+                  for t, s in sorted(tasks.items(), key=lambda kv: _natural(kv[0]))},
+        "ci95": {"overall": ci(boot["overall"]), "overall_tasks": ci(boot["overall_tasks"]),
+                 "tracks": {CAPABILITY_TO_TRACK[c]: ci(boot["tracks"][c]) for c in caps}},
+        "n_questions": len(rows),
+        "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "questions within each task"},
+    }
+
+
+def _natural(name: str):
+    import re
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", name)]

@@ -1,0 +1,162 @@
+"""Task mixtures: which tasks, how many rows of each, in a fixed seeded order (plain data).
+
+A mixture is a YAML file::
+
+    sources: [ec-guide]              # files/folders (data-dir relative)
+    include_capabilities: []         # empty = all four
+    exclude_tasks: [ecguide_acr_gen]
+    split: train                     # train | validation | test (deterministic per-task split)
+    total: 2000                      # rows to draw
+    temperature: 2.0                 # p(task) ~ n^(1/T); T=1 proportional, T->inf uniform
+    weights: {}                      # explicit per-task weights instead (override temperature)
+    max_per_task: 400                # cap before sampling (per_task_caps overrides per task)
+    upsample: false                  # allow repeating rows of small tasks to reach their quota
+    dedup: true
+    decontaminate_against: [shopbench-dev]
+    seed: 0
+
+``shoptune data mix CONFIG --out FILE`` writes FILE (JSON lines) and FILE.manifest.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoptune.data.loaders import DataIssue, iter_records, load_records
+from shoptune.data.splits import split_of
+from shoptune.paths import resolve_data_path
+from shoptune.records import CAPABILITIES, Record
+
+
+class MixtureConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[str] = ["ec-guide"]
+    include_capabilities: list[str] = []
+    exclude_capabilities: list[str] = []
+    include_tasks: list[str] = []
+    exclude_tasks: list[str] = []
+    split: Literal["train", "validation", "test"] = "train"
+    split_validation: float = 0.02
+    split_test: float = 0.05
+    split_seed: int = 0
+    total: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    weights: dict[str, float] = {}
+    max_per_task: int | None = Field(default=None, ge=1)
+    per_task_caps: dict[str, int] = {}
+    upsample: bool = False
+    dedup: bool = True
+    decontaminate_against: list[str] = []
+    seed: int = 0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "MixtureConfig":
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return cls(**{**data, **(overrides or {})})
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
+    if cfg.total is None:
+        return dict(sizes)
+    if cfg.weights:
+        raw = {t: cfg.weights.get(t, 0.0) for t in sizes}
+    else:
+        raw = {t: n ** (1.0 / cfg.temperature) for t, n in sizes.items()}
+    z = sum(raw.values()) or 1.0
+    want = {t: cfg.total * w / z for t, w in raw.items()}
+    quota = {t: math.floor(v) for t, v in want.items()}
+    # largest remainders, so the quotas add up to total exactly
+    for t in sorted(want, key=lambda t: want[t] - quota[t], reverse=True)[: cfg.total - sum(quota.values())]:
+        quota[t] += 1
+    if not cfg.upsample:
+        quota = {t: min(q, sizes[t]) for t, q in quota.items()}
+    return quota
+
+
+def build_mixture(cfg: MixtureConfig) -> tuple[list[Record], dict]:
+    """Select, split, clean and sample the records; return them (seeded order) and a manifest."""
+    for cap in cfg.include_capabilities + cfg.exclude_capabilities:
+        if cap not in CAPABILITIES:
+            raise ValueError(f"unknown capability {cap!r}; one of {', '.join(CAPABILITIES)}")
+    issues: list[DataIssue] = []
+    pool: dict[str, list[Record]] = defaultdict(list)
+    for rec in iter_records(cfg.sources, issues=issues):
+        if cfg.include_capabilities and rec.capability not in cfg.include_capabilities:
+            continue
+        if rec.capability in cfg.exclude_capabilities or rec.task in cfg.exclude_tasks:
+            continue
+        if cfg.include_tasks and rec.task not in cfg.include_tasks:
+            continue
+        if split_of(rec, seed=cfg.split_seed, validation=cfg.split_validation,
+                    test=cfg.split_test) == cfg.split:
+            pool[rec.task].append(rec)
+    removed: list[dict] = []
+    if cfg.dedup or cfg.decontaminate_against:
+        from shoptune.data.dedup import decontaminate, dedup
+        flat = [r for t in sorted(pool) for r in pool[t]]
+        if cfg.dedup:
+            flat, rem = dedup(flat)
+            removed += rem
+        if cfg.decontaminate_against:
+            evals = {a: load_records([a]) for a in cfg.decontaminate_against}
+            flat, rem = decontaminate(flat, evals)
+            removed += rem
+        pool = defaultdict(list)
+        for r in flat:
+            pool[r.task].append(r)
+    rng = random.Random(cfg.seed)
+    for t in sorted(pool):
+        rng.shuffle(pool[t])
+        cap = cfg.per_task_caps.get(t, cfg.max_per_task)
+        if cap:
+            pool[t] = pool[t][:cap]
+    sizes = {t: len(v) for t, v in sorted(pool.items()) if v}
+    quotas = _quotas(sizes, cfg)
+    chosen: list[Record] = []
+    for t, q in quotas.items():
+        rows = pool[t]
+        chosen += [rows[i % len(rows)] for i in range(q)]
+    rng.shuffle(chosen)
+    manifest = make_manifest(chosen, cfg, removed=removed, skipped_invalid=len(issues))
+    return chosen, manifest
+
+
+def make_manifest(records: list[Record], cfg: MixtureConfig, *, removed: list[dict],
+                  skipped_invalid: int) -> dict:
+    tasks = Counter(r.task for r in records)
+    caps = Counter(r.capability for r in records)
+    n = len(records) or 1
+    entropy = -sum((c / n) * math.log(c / n) for c in tasks.values())
+    return {
+        "rows": len(records),
+        "tasks": dict(sorted(tasks.items())),
+        "capabilities": dict(sorted(caps.items())),
+        "task_types": dict(Counter(r.task_type for r in records)),
+        "unique_rows": len({r.id for r in records}),
+        "chars": {"input": sum(len(r.input_field) for r in records),
+                  "output": sum(len(str(r.output_field)) for r in records)},
+        "diversity": {"n_tasks": len(tasks), "n_capabilities": len(caps),
+                      "task_entropy_nats": round(entropy, 4),
+                      "effective_tasks": round(math.exp(entropy), 2)},
+        "removed": dict(Counter(r["reason"] for r in removed)),
+        "skipped_invalid_rows": skipped_invalid,
+        "sources": {s: _file_digest(resolve_data_path(s)) for s in
+                    cfg.sources + cfg.decontaminate_against},
+        "config": cfg.model_dump(),
+    }

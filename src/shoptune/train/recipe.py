@@ -1,0 +1,356 @@
+"""Multi-task LoRA fine-tuning recipe: setup -> (three-stage) train -> save -> evaluate.
+
+    shoptune train configs/train/smoke.yaml output_dir=runs/smoke
+    accelerate launch --cpu --num_processes 2 -m shoptune.train.recipe configs/train/smoke.yaml
+
+Built on transformers ``Trainer`` + peft, so ``accelerate launch`` (DDP/FSDP/DeepSpeed configs
+under ``configs/accelerate/``) runs it unchanged. Loss is on answer tokens only; batches are
+length-grouped; bf16 autocast where the CPU has native bf16. Writes ``OUT/adapter/`` (a plain PEFT
+adapter folder), ``OUT/run.json``, ``OUT/log.jsonl`` and TensorBoard files under ``OUT/tb``.
+Checkpoints (``OUT/checkpoint-N``) get a ``COMPLETE`` marker once fully written; ``--resume``
+continues from the newest complete one with the same data order, RNG and optimizer state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from shoptune._io import atomic_open, write_json
+from shoptune.train.config import TrainConfig, load_config
+from shoptune.train.format import IGNORE, encode_records
+from shoptune.train.mixture import MixtureConfig, build_mixture
+
+COMPLETE = "COMPLETE"
+
+
+# ----------------------------------------------------------------------------- components
+
+def collate(features: list[dict], pad_id: int) -> dict:
+    """Right-pad a batch; labels -100 on padding; carry each row's task id."""
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), n), dtype=torch.long)
+    for i, f in enumerate(features):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        labels[i, :k] = torch.tensor(f["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "task_ids": torch.tensor([f["task_id"] for f in features])}
+
+
+class ShopTrainer(Trainer):
+    """Trainer with a per-task weighted, answer-only loss and per-task loss logging."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, task_names: list[str], task_weights: torch.Tensor | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # so Trainer counts answer tokens over the GA window
+        self.task_names = task_names
+        self.task_weights = task_weights if task_weights is not None else torch.ones(len(task_names))
+        self._task_sum = torch.zeros(len(task_names), dtype=torch.float64)
+        self._task_n = torch.zeros(len(task_names), dtype=torch.float64)
+        self._last_log = (time.time(), 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        task_ids = inputs.pop("task_ids")
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        target = labels[:, 1:]
+        logits = out.logits[:, :-1].float()
+        tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                   ignore_index=IGNORE, reduction="none").view(target.shape)
+        valid = (target != IGNORE).float()
+        row_sum = (tok_loss * valid).sum(1)
+        weights = self.task_weights.to(row_sum.device)[task_ids]
+        if num_items_in_batch is None:
+            denom = valid.sum().clamp(min=1) * self.args.gradient_accumulation_steps
+        else:
+            denom = num_items_in_batch
+        loss = (row_sum * weights).sum() / denom
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        with torch.no_grad():
+            self._task_sum.index_add_(0, task_ids.cpu(), row_sum.detach().double().cpu())
+            self._task_n.index_add_(0, task_ids.cpu(), valid.sum(1).double().cpu())
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            for i, name in enumerate(self.task_names):
+                if self._task_n[i] > 0:
+                    logs[f"loss/{name}"] = round(float(self._task_sum[i] / self._task_n[i]), 4)
+            self._task_sum.zero_()
+            self._task_n.zero_()
+            now, seen = time.time(), int(self.state.num_input_tokens_seen or 0)
+            t0, s0 = self._last_log
+            if now > t0 and seen > s0:
+                logs["tokens_per_s"] = round((seen - s0) / (now - t0), 1)
+            self._last_log = (now, seen)
+        super().log(logs, *args, **kwargs)
+
+
+class JsonlLog(TrainerCallback):
+    """Every log line, as JSON lines, in OUT/log.jsonl (process 0)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class MarkComplete(TrainerCallback):
+    """A checkpoint counts only once its COMPLETE marker exists (written after everything else)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                with atomic_open(ckpt / COMPLETE) as fh:
+                    fh.write(str(state.global_step))
+
+
+class PeriodicEval(TrainerCallback):
+    """Score a small validation sample with the evaluation engine every ``every`` steps."""
+
+    def __init__(self, records, tok, protocol: str, every: int):
+        self.records, self.tok, self.protocol, self.every = records, tok, protocol, every
+        self.trainer: Trainer | None = None
+        self.last: dict = {}
+
+    def evaluate(self, model) -> dict:
+        from shoptune.eval.backends import LocalBackend, build_prompts, plan_for
+        from shoptune.eval.scoring import score_outputs, summarize
+        was_training = model.training
+        model.eval()
+        outs = LocalBackend(model, self.tok, batch_size=16).run(
+            build_prompts(self.records, self.protocol, self.tok), [plan_for(r) for r in self.records])
+        if was_training:
+            model.train()
+        s = summarize(score_outputs(self.records, outs), n_boot=0)
+        self.last = {"val/overall": round(s["overall"], 4),
+                     **{f"val/{k}": round(v, 4) for k, v in s["capabilities"].items()}}
+        return self.last
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and self.records and \
+                state.is_world_process_zero and self.trainer is not None:
+            self.trainer.log(self.evaluate(self.trainer.model))
+
+
+def latest_complete_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint with its COMPLETE marker; incomplete ones newer than it are removed."""
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    best = None
+    for p in ckpts:
+        if (p / COMPLETE).exists():
+            best = p
+    for p in ckpts:
+        if best is None or int(p.name.split("-")[-1]) > int(best.name.split("-")[-1]):
+            shutil.rmtree(p, ignore_errors=True)
+    return best
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines from after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+    with atomic_open(path) as fh:
+        fh.write("".join(k + "\n" for k in keep))
+
+
+def use_bf16(setting) -> bool:
+    if setting == "auto":
+        from shoptune.models import default_dtype
+        return default_dtype() == torch.bfloat16
+    return bool(setting)
+
+
+def training_args(cfg: TrainConfig, out: Path, max_steps: int) -> TrainingArguments:
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))  # transformers 5 reads it here
+    return TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
+        data_seed=cfg.seed, bf16=use_bf16(cfg.bf16), use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length", length_column_name="length",
+        remove_unused_columns=False, report_to=cfg.report_to, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", gradient_checkpointing=cfg.gradient_checkpointing,
+        disable_tqdm=False,
+    )
+
+
+def build_model(cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    from shoptune.models import load
+    model, tok = load(cfg.model, dtype="fp32")
+    model.train()
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.modules(), use_rslora=cfg.lora.use_rslora,
+                      task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, lcfg)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model, tok
+
+
+def save_adapter(model, out: Path) -> Path:
+    """OUT/adapter written into a temp folder, then renamed: never half-written."""
+    dest = out / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    from shoptune import __version__
+    return {"shoptune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__,
+            "python": platform.python_version()}
+
+
+def validation_records(mix: MixtureConfig, n: int, seed: int):
+    """A fixed sample of the mixture's validation split (same tasks, never trained on)."""
+    vcfg = mix.model_copy(update={"split": "validation", "total": n, "temperature": 1e6,
+                                  "upsample": False, "decontaminate_against": []})
+    recs, _ = build_mixture(vcfg)
+    return recs
+
+
+# ----------------------------------------------------------------------------- recipe
+
+def main(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    t_start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # 1. data: the mixture (plain data, fixed seeded order) and a validation sample
+    records, manifest = build_mixture(cfg.mixture)
+    if not records:
+        raise ValueError("the mixture selected no training rows; check sources and filters")
+    val = validation_records(cfg.mixture, cfg.eval_samples, cfg.seed) if cfg.eval_steps or \
+        cfg.curriculum == "three-stage" else []
+
+    # 2. model + LoRA
+    model, tok = build_model(cfg)
+    task_names = sorted({r.task for r in records})
+    task_index = {t: i for i, t in enumerate(task_names)}
+    examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
+                              task_index=task_index)
+    manifest["tokens"] = {"total": sum(e["length"] for e in examples),
+                          "answer": sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples)}
+
+    # 3. train (one stage, or the three-stage curriculum)
+    evaluator = PeriodicEval(val, tok, cfg.protocol, cfg.eval_steps) if val else None
+    if cfg.curriculum == "three-stage":
+        from shoptune.train.curriculum import run_three_stage
+        trainer, curriculum_report = run_three_stage(cfg, model, tok, records, val, examples,
+                                                     task_names, out, resume=resume,
+                                                     evaluator=evaluator)
+    else:
+        trainer = make_trainer(cfg, model, tok, examples, task_names, out, cfg.max_steps, evaluator)
+        train(trainer, out, resume)
+        curriculum_report = None
+
+    # 4. save + report
+    is_main = trainer.is_world_process_zero()
+    result: dict = {}
+    if is_main:
+        adapter = save_adapter(trainer.model, out)
+        hist = [h for h in trainer.state.log_history if "loss" in h]
+        result = {
+            "config": cfg.model_dump(), "mixture": manifest, "curriculum": curriculum_report,
+            "adapter": str(adapter), "git_commit": _git_commit(), "versions": _versions(),
+            "argv": sys.argv, "world_size": trainer.args.world_size,
+            "metrics": {"first_loss": hist[0]["loss"] if hist else None,
+                        "final_loss": hist[-1]["loss"] if hist else None,
+                        "steps": trainer.state.global_step,
+                        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+                        **({"val": evaluator.evaluate(trainer.model)} if evaluator else {})},
+            "wall_time_s": round(time.time() - t_start, 1),
+        }
+        if cfg.eval_data:
+            from shoptune.eval.runner import evaluate
+            result["eval"] = {}
+            for d in cfg.eval_data:
+                name = Path(d).stem
+                s = evaluate(model=cfg.model, adapter=str(adapter), data=[d], out=out / "eval" / name,
+                             quiet=True)
+                result["eval"][name] = {"overall": s["overall"], "tracks": s["tracks"]}
+        write_json(out / "run.json", result)
+    return result
+
+
+def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: int, evaluator,
+                 task_weights: torch.Tensor | None = None) -> ShopTrainer:
+    from datasets import Dataset
+
+    trainer = ShopTrainer(
+        model=model, args=training_args(cfg, out, max_steps), train_dataset=Dataset.from_list(examples),
+        data_collator=lambda f: collate(f, tok.pad_token_id), task_names=task_names,
+        task_weights=task_weights,
+        callbacks=[JsonlLog(out / "log.jsonl"), MarkComplete()] + ([evaluator] if evaluator else []))
+    if evaluator:
+        evaluator.trainer = trainer
+    return trainer
+
+
+def train(trainer: ShopTrainer, out: Path, resume: bool) -> None:
+    ckpt = latest_complete_checkpoint(out) if resume else None
+    if ckpt is not None:
+        _trim_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
+    elif trainer.is_world_process_zero() and (out / "log.jsonl").exists() and not resume:
+        (out / "log.jsonl").unlink()
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+
+def cli_main(argv: list[str] | None = None) -> None:
+    """``python -m shoptune.train.recipe CONFIG [key=value ...] [--resume]`` (for accelerate)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    resume = "--resume" in argv
+    argv = [a for a in argv if a != "--resume"]
+    path = argv[0] if argv and "=" not in argv[0] else None
+    cfg = load_config(path, [a for a in argv if "=" in a])
+    main(cfg, resume=resume)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,119 @@
+"""Real (tiny) training runs on the embedded model: loss goes down, LoRA weights change, the
+adapter reloads with plain peft, and a run killed with SIGKILL resumes to the same result."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shoptune.train.config import load_config
+from shoptune.train.recipe import collate, latest_complete_checkpoint, main
+from tests.conftest import REPO, needs_shared
+
+pytestmark = [pytest.mark.slow, needs_shared]
+
+TINY = ["mixture.total=24", "mixture.include_tasks=[ecguide_sa,ecguide_spa,ecguide_qprp,ecguide_ner]",
+        "batch_size=4", "max_length=128", "logging_steps=1", "report_to=[]", "learning_rate=0.002",
+        "warmup_ratio=0.0", "lora.r=8"]
+
+
+def tiny(out, *extra):
+    return load_config(REPO / "configs/train/smoke.yaml", TINY + [f"output_dir={out}", *extra])
+
+
+def test_collate_pads_right_and_masks():
+    b = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "task_id": 1},
+                 {"input_ids": [8], "labels": [8], "task_id": 0}], pad_id=2)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]] and b["task_ids"].tolist() == [1, 0]
+
+
+def test_tiny_run_learns_and_adapter_reloads_with_plain_peft(tmp_path):
+    res = main(tiny(tmp_path, "max_steps=6"))
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in log if "loss" in x]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert any(k.startswith("loss/ecguide_") for k in log[0])   # per-task loss logged
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["metrics"]["steps"] == 6 and run["mixture"]["rows"] == 24
+    assert set(run["mixture"]["tasks"]) == {"ecguide_sa", "ecguide_spa", "ecguide_qprp", "ecguide_ner"}
+    # LoRA B starts at zero: training must have changed it
+    w = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    b = [v for k, v in w.items() if "lora_B" in k]
+    assert b and all(v.abs().sum() > 0 for v in b)
+    # a plain PEFT folder: reload with peft, compare with shoptune's loader
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from shoptune.models import load, resolve
+    base = AutoModelForCausalLM.from_pretrained(str(resolve("smollm2-135m")), dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ours, tok = load("smollm2-135m", adapter=tmp_path / "adapter", dtype="fp32")
+    ids = tok(["Which brand is this? Nike Air Max"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(plain(**ids).logits, ours(**ids).logits)
+    with torch.no_grad():
+        base2, _ = load("smollm2-135m", dtype="fp32")
+        assert not torch.equal(base2(**ids).logits, ours(**ids).logits)
+
+
+def _run(out, *extra):
+    cmd = [sys.executable, "-m", "shoptune.train.recipe", str(REPO / "configs/train/smoke.yaml"),
+           *TINY, f"output_dir={out}", "max_steps=8", "save_steps=2", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    ref = _run(tmp_path / "ref")
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-3000:]
+    victim = _run(tmp_path / "cut")
+    deadline = time.time() + 600
+    while not (tmp_path / "cut" / "checkpoint-4" / "COMPLETE").exists():
+        assert victim.poll() is None and time.time() < deadline, "run ended before checkpoint-4"
+        time.sleep(0.2)
+    time.sleep(1.0)  # now somewhere inside step 5
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "cut" / "adapter").exists()
+    resumed = _run(tmp_path / "cut", "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(x)["loss"] for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert la == lb
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    for step, done in ((2, True), (4, True), (6, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if done:
+            (d / "COMPLETE").write_text(str(step))
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"
+    assert not (tmp_path / "checkpoint-6").exists()
+
+
+def test_every_shipped_config_loads():
+    from shoptune.train.mixture import MixtureConfig
+    for p in (REPO / "configs" / "train").glob("*.yaml"):
+        load_config(p)
+    for p in (REPO / "configs" / "mixtures").glob("*.yaml"):
+        MixtureConfig.from_yaml(p)
+
+
+def test_bad_overrides_are_clear():
+    with pytest.raises(ValueError, match="expected key=value"):
+        load_config(None, ["lora.r"])
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="r"):
+        load_config(None, ["lora.r=0"])

@@ -10,5 +10,8 @@ from shoptune.data.loaders import load_records
 from shoptune.data.validate import validate_records
 
 __version__ = "0.1.0"
+from pathlib import Path as _Path
+
+REPO_CONFIGS = _Path(__file__).parent / "configs"  # shipped configs (also ./configs in the repo)
 __all__ = ["CAPABILITIES", "METRICS", "TASK_TYPES", "Record", "load_records", "validate_records",
            "__version__"]

@@ -313,20 +313,21 @@ def models_pull(name: str = "smollm2-135m",
 # ----------------------------------------------------------------------------- demo
 
 @app.command("demo")
-def demo() -> None:
-    """What shoptune sees in the data, and the base model's ShopBench score."""
+def demo(out: str = "runs/demo",
+         quick: Annotated[bool, typer.Option(help="A 1-minute version (10 steps, 24 questions).")] = False) -> None:
+    """Train on a small diverse mixture (~10 min CPU), then compare base and tuned."""
     from shoptune.demo import run_demo
 
-    run_demo(console)
+    run_demo(console, out=out, quick=quick)
 
 
 def _register_optional() -> None:
     """Sub-commands whose modules land in later steps register themselves here."""
-    try:
-        from shoptune.eval.cli import register as register_eval
-    except ImportError:
-        return
+    from shoptune.eval.cli import register as register_eval
+    from shoptune.train.cli import register as register_train
+
     register_eval(app)
+    register_train(app, data_app)
 
 
 _register_optional()

@@ -117,3 +117,24 @@ def test_bad_overrides_are_clear():
     from pydantic import ValidationError
     with pytest.raises(ValidationError, match="r"):
         load_config(None, ["lora.r=0"])
+
+
+def test_three_stage_curriculum(tmp_path):
+    extra = ["curriculum=three-stage", "max_steps=6", "mixture.total=null", "mixture.max_per_task=8",
+             "mixture.per_task_caps={ecguide_ner: 3}", "three_stage.low_resource_rows=5",
+             "three_stage.probe_batches=1", "three_stage.min_transfer=-1.0",
+             "three_stage.eval_every=1", "three_stage.patience=0", "three_stage.val_rows_per_task=4"]
+    main(tiny(tmp_path, *extra))
+    rep = json.loads((tmp_path / "curriculum.json").read_text())
+    assert rep["low_resource"] == ["ecguide_ner"] and rep["excluded"] == []
+    assert set(rep["transfer_cosine"]) == {"ecguide_sa", "ecguide_spa", "ecguide_qprp", "ecguide_ner"}
+    assert "ecguide_ner" not in rep["stage2_tasks"] and "ecguide_ner" in rep["stage3_tasks"]
+    s2 = (tmp_path / "stage2" / "log.jsonl").read_text()
+    s3 = (tmp_path / "stage3" / "log.jsonl").read_text()
+    assert "loss/ecguide_ner" not in s2 and "loss/ecguide_ner" in s3
+    assert len(rep["val_loss_history"]) == 3          # stage 3 = 3 steps, evaluated every step
+    # patience 0: a task whose validation loss did not improve at an evaluation is stopped
+    for t, step in rep["stopped"].items():
+        assert rep["final_task_weights"][t] == 0.0
+    assert rep["final_task_weights"]["ecguide_sa"] in (0.0, 1.0)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

@@ -1,0 +1,403 @@
+"""Read task data in every layout shoptune meets, into :class:`~shoptune.records.Record` objects.
+
+Layouts (detected from the path):
+
+* ShopBench JSON lines or JSON array (``development.json``): rows carry ``task_name``/``track``.
+* The EC-Guide folder (``Generation/``, ``MCQ/``, ``NER/``, ``Retrieval/``): the file, and for
+  mixed files the row's type/metric, pick the task card.
+* The Shopping MMLU release layout ``<task_type>/<task>_dataset.{csv,json}``.
+* A user's own JSON lines / JSON / CSV, with a column mapping and a task card (``task=``).
+
+JSON lines and CSV stream row by row (fine for millions of rows); a JSON array is parsed whole.
+Problems are :class:`DataIssue` objects naming the file, line (or array index) and field.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoptune import tasks
+from shoptune.records import (CAPABILITIES, METRICS, TASK_TYPES, TRACK_TO_CAPABILITY, Record)
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+EC_GUIDE_FOLDERS = ("Generation", "MCQ", "NER", "Retrieval")
+MAX_ISSUES_SHOWN = 20
+
+# Which metrics belong to which task type.
+METRIC_TASK_TYPE = {
+    "accuracy": "multiple-choice", "bool": "multiple-choice", "hit rate@3": "retrieval",
+    "ndcg": "ranking", "micro f1": "named_entity_recognition", "rougel": "generation",
+    "sent-transformer": "generation", "multilingual-sent-transformer": "generation",
+    "bleu": "generation", "jp-bleu": "generation",
+}
+_OPTION_RE = re.compile(r"^\s*(\d+)\.\s", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class DataIssue:
+    file: str
+    loc: str  # "line 3", "index 5", or "" for the whole file
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.loc}" if self.loc else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DataValidationError(ValueError):
+    """Raised with every issue found; ``str()`` shows the first 20 and a count of the rest."""
+
+    def __init__(self, issues: list[DataIssue]):
+        self.issues = issues
+        shown = "\n".join(f"  {i}" for i in issues[:MAX_ISSUES_SHOWN])
+        more = len(issues) - MAX_ISSUES_SHOWN
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(f"{len(issues)} data error(s):\n{shown}{tail}")
+
+
+def issue_at(source: str, field: str | None, message: str) -> DataIssue:
+    """A DataIssue for a record's ``source`` ("file:line N" or "file#i")."""
+    if ":line " in source:
+        file, _, n = source.rpartition(":line ")
+        return DataIssue(file, f"line {n}", field, message)
+    file, _, i = source.rpartition("#")
+    return DataIssue(file, f"index {i}", field, message)
+
+
+# --------------------------------------------------------------------------- gold checks
+
+def option_numbers(input_field: str) -> list[int]:
+    """Option numbers of a multiple-choice prompt ("0. foo" lines), in order.
+
+    ShopBench options are numbered from 0; numbered lines that do not start at 0 (a review
+    quoting "1. ... 2. ...") are not options.
+    """
+    nums = [int(m) for m in _OPTION_RE.findall(input_field)]
+    return nums if nums and 0 in nums else []
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_fields(row: dict) -> list[tuple[str, str]]:
+    """(field, message) for every way ``row`` breaks the record rules of its task type."""
+    out: list[tuple[str, str]] = []
+    inp = row.get("input_field")
+    if not isinstance(inp, str):
+        out.append(("input_field", f"must be a string, got {type(inp).__name__}"))
+    elif not inp.strip():
+        out.append(("input_field", "is empty"))
+    tt, metric = row.get("task_type"), row.get("metric")
+    if tt not in TASK_TYPES:
+        out.append(("task_type", f"unknown task type {tt!r}; one of {', '.join(TASK_TYPES)}"))
+        return out
+    if metric not in METRICS:
+        out.append(("metric", f"unknown metric {metric!r}; one of {', '.join(METRICS)}"))
+        return out
+    if METRIC_TASK_TYPE[metric] != tt:
+        out.append(("metric", f"metric {metric!r} does not apply to task type {tt!r}"))
+        return out
+    imc = row.get("is_multiple_choice")
+    if imc is not None and (not isinstance(imc, bool) or imc != (tt == "multiple-choice")):
+        out.append(("is_multiple_choice", f"is {imc!r} but task_type is {tt!r}"))
+    gold = row.get("output_field")
+    if tt == "multiple-choice" and metric == "bool":
+        if not (isinstance(gold, str) and gold.strip().lower() in ("yes", "no")):
+            out.append(("output_field", f"bool metric needs 'yes' or 'no', got {gold!r}"))
+    elif tt == "multiple-choice":
+        if not _is_int(gold):
+            out.append(("output_field", f"multiple choice needs an int option, got "
+                                        f"{type(gold).__name__} {gold!r}"))
+        elif isinstance(inp, str):
+            opts = option_numbers(inp)
+            if opts and gold not in opts:
+                out.append(("output_field", f"option index {gold} out of range "
+                                            f"(options {min(opts)}-{max(opts)})"))
+            elif not opts and not 0 <= gold <= 9:
+                out.append(("output_field", f"answer {gold} is not a single digit"))
+    elif tt == "retrieval":
+        if not (isinstance(gold, list) and gold and all(_is_int(g) and g >= 0 for g in gold)):
+            out.append(("output_field", f"retrieval needs a non-empty list of ints >= 0, got {gold!r}"))
+        elif len(set(gold)) != len(gold):
+            out.append(("output_field", f"retrieval gold has duplicates: {gold!r}"))
+    elif tt == "ranking":
+        if not (isinstance(gold, list) and gold and all(
+                isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in gold)):
+            out.append(("output_field", f"ranking needs a non-empty list of relevance weights "
+                                        f">= 0, got {gold!r}"))
+    elif tt == "named_entity_recognition":
+        if not (isinstance(gold, list) and all(isinstance(g, str) for g in gold)):
+            out.append(("output_field", f"NER needs a list of strings, got {gold!r}"))
+    elif tt == "generation":
+        if not isinstance(gold, str):
+            out.append(("output_field", f"generation needs a string, got {type(gold).__name__}"))
+        elif not gold.strip():
+            out.append(("output_field", "is empty"))
+    return out
+
+
+# --------------------------------------------------------------------------- raw rows
+
+def _decode(raw: bytes, file: str, loc: str) -> tuple[str | None, DataIssue | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, DataIssue(file, loc, None, f"invalid UTF-8 at byte {e.start}")
+
+
+def iter_raw(path: Path) -> Iterator[tuple[str, dict | None, DataIssue | None]]:
+    """Yield (loc, row, issue) for each row of a JSON lines, JSON array or CSV file."""
+    file = str(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        yield "", None, DataIssue(file, "", None, f"cannot open: {e.strerror}")
+        return
+    with fh:
+        head = fh.read(4096)
+        fh.seek(0)
+        if head[:3] == b"\xef\xbb\xbf":
+            fh.read(3)
+        if not head.strip(b"\xef\xbb\xbf \t\r\n"):
+            yield "", None, DataIssue(file, "", None, "file is empty")
+            return
+        if path.suffix.lower() == ".csv":
+            yield from _iter_csv(fh, file)
+        elif head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+            yield from _iter_json_array(fh.read(), file)
+        else:
+            yield from _iter_jsonl(fh, file)
+
+
+def _iter_jsonl(fh, file: str):
+    for n, raw in enumerate(fh, 1):
+        loc = f"line {n}"
+        text, issue = _decode(raw, file, loc)
+        if issue:
+            yield loc, None, issue
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield loc, None, DataIssue(file, loc, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        if not isinstance(row, dict):
+            yield loc, None, DataIssue(file, loc, None,
+                                       f"expected a JSON object, got {type(row).__name__}")
+            continue
+        yield loc, row, None
+
+
+def _iter_json_array(raw: bytes, file: str):
+    text, issue = _decode(raw, file, "")
+    if issue:
+        bad = int(issue.message.rsplit(" ", 1)[1])
+        line = raw[:bad].count(b"\n") + 1
+        yield "", None, DataIssue(file, f"line {line}", None, issue.message)
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        yield "", None, DataIssue(file, f"line {e.lineno}", None,
+                                  f"invalid JSON: {e.msg} (column {e.colno})")
+        return
+    if not isinstance(rows, list):
+        yield "", None, DataIssue(file, "", None, "expected a JSON array of objects")
+        return
+    for i, row in enumerate(rows):
+        loc = f"index {i}"
+        if not isinstance(row, dict):
+            yield loc, None, DataIssue(file, loc, None,
+                                       f"expected a JSON object, got {type(row).__name__}")
+        else:
+            yield loc, row, None
+
+
+def _csv_value(key: str, value: str) -> Any:
+    if key == "output_field":
+        v = value.strip()
+        if v[:1] in "[{\"" or re.fullmatch(r"-?\d+", v):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError:
+                try:
+                    return ast.literal_eval(v)
+                except (ValueError, SyntaxError):
+                    return value
+        return value
+    if key == "is_multiple_choice":
+        return {"true": True, "false": False, "1": True, "0": False}.get(value.strip().lower(), value)
+    return value
+
+
+def _iter_csv(fh, file: str):
+    text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+    reader = csv.DictReader(text)
+    try:
+        for row in reader:
+            loc = f"line {reader.line_num}"
+            if None in row:
+                yield loc, None, DataIssue(file, loc, None, "more values than header columns")
+                continue
+            yield loc, {k: v or "" for k, v in row.items()}, None
+    except UnicodeDecodeError as e:
+        yield f"line {reader.line_num + 1}", None, DataIssue(
+            file, f"line {reader.line_num + 1}", None, f"invalid UTF-8 at byte {e.start}")
+    except csv.Error as e:
+        yield f"line {reader.line_num}", None, DataIssue(file, f"line {reader.line_num}", None,
+                                                         f"bad CSV: {e}")
+
+
+# --------------------------------------------------------------------------- layouts
+
+def _ec_guide_rel(path: Path) -> str | None:
+    if path.parent.name in EC_GUIDE_FOLDERS:
+        rel = f"{path.parent.name}/{path.name}"
+        if tasks.cards_for_file("ec-guide", rel):
+            return rel
+    return None
+
+
+_CAPABILITY_WORDS = (("concept", "concept_understanding"), ("reasoning", "knowledge_reasoning"),
+                     ("behavior", "user_behavior_alignment"), ("behaviour", "user_behavior_alignment"),
+                     ("lingual", "multilingual"))
+
+
+def _capability_from_path(path: Path) -> str | None:
+    for part in reversed(path.parts[:-1]):
+        low = part.lower()
+        for word, cap in _CAPABILITY_WORDS:
+            if word in low:
+                return cap
+    return None
+
+
+def _tag_row(row: dict, path: Path, loc: str, *, task: str | None,
+             mapping: dict[str, str] | None) -> tuple[Record | None, list[DataIssue]]:
+    """Turn a raw row into a tagged Record (task, capability, source), or issues."""
+    file = str(path)
+    if mapping:
+        row = {**row, **{dst: row[src] for dst, src in mapping.items() if src in row}}
+        missing = [src for src in mapping.values() if src not in row]
+        if missing:
+            return None, [DataIssue(file, loc, m, "mapped column is missing") for m in missing]
+    if path.suffix.lower() == ".csv":  # CSV cells are text: decode gold and flags after mapping
+        row = {k: _csv_value(k, v) if isinstance(v, str) else v for k, v in row.items()}
+    for key in ("input_field", "output_field"):
+        if key not in row:
+            return None, [DataIssue(file, loc, key, "missing")]
+    card = None
+    if task:
+        card = tasks.get_card(task)
+    elif (rel := _ec_guide_rel(path)) is not None:
+        cands = tasks.cards_for_file("ec-guide", rel)
+        if len(cands) == 1:
+            card = cands[0]
+        else:
+            for c in cands:
+                if ((c.source.task_type is None or c.source.task_type == row.get("task_type"))
+                        and (c.source.metric is None or c.source.metric == row.get("metric"))):
+                    card = c
+                    break
+            if card is None:
+                return None, [DataIssue(file, loc, "task_type/metric",
+                                        f"{row.get('task_type')!r}/{row.get('metric')!r} matches "
+                                        f"no task card of {rel}")]
+    elif isinstance(row.get("task_name"), str):
+        card = tasks.card_for_shopbench_task(row["task_name"])
+    row.setdefault("task_type", card.task_type if card else None)
+    row.setdefault("metric", card.metric if card else None)
+    if card:
+        name, capability = card.name, card.capability
+    else:
+        stem = path.stem.removesuffix("_dataset")
+        raw_name = row.get("task_name") or row.get("task") or stem
+        name = re.sub(r"[^a-z0-9_]+", "_", str(raw_name).lower()).strip("_")
+        capability = (TRACK_TO_CAPABILITY.get(row.get("track") or "") or row.get("capability")
+                      or _capability_from_path(path))
+        if capability not in CAPABILITIES:
+            return None, [DataIssue(file, loc, "track", "cannot tell the capability: give a ShopBench "
+                                    "track, a capability column, or a task card (--task)")]
+    issues = [DataIssue(file, loc, f, m) for f, m in check_fields(row)]
+    try:
+        rec = Record(
+            input_field=row["input_field"], output_field=row["output_field"],
+            task_type=row["task_type"], metric=row["metric"], task=name, capability=capability,
+            source=f"{file}:{loc}" if loc.startswith("line") else f"{file}#{loc.split()[-1]}",
+            id=str(row["id"]) if row.get("id") not in (None, "") else "",
+            is_multiple_choice=row["task_type"] == "multiple-choice",
+            task_name=row.get("task_name"), track=row.get("track"),
+            extra={"id_given": True} if row.get("id") not in (None, "") else {},
+        )
+    except TypeError as e:  # unhashable/odd types: already reported by check_fields
+        return None, issues or [DataIssue(file, loc, None, str(e))]
+    return rec, issues
+
+
+def data_files(path: Path) -> list[Path]:
+    """The data files under ``path`` (itself if a file), sorted; skips licences and READMEs."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def iter_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+                 task: str | None = None, mapping: dict[str, str] | None = None,
+                 check: bool = True, issues: list[DataIssue] | None = None) -> Iterator[Record]:
+    """Stream records from files or folders.
+
+    ``check``: drop rows that break the record rules (gold shape, metric...). Issues go to the
+    ``issues`` list when given; otherwise the first one raises :class:`DataValidationError`.
+    With ``check=False`` only unreadable rows are dropped (for statistics over raw files).
+    """
+    from shoptune.paths import resolve_data_path
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+
+    def report(found: list[DataIssue]) -> None:
+        if issues is None:
+            raise DataValidationError(found)
+        issues.extend(found)
+
+    for p in paths:
+        root = resolve_data_path(p)
+        files = data_files(root)
+        if not files:
+            report([DataIssue(str(root), "", None, "no .json/.jsonl/.csv data files here")])
+        for f in files:
+            for loc, row, issue in iter_raw(f):
+                if issue:
+                    report([issue])
+                    continue
+                rec, found = _tag_row(row, f, loc, task=task, mapping=mapping)
+                if rec is None:
+                    report(found)
+                    continue
+                if found and check:
+                    report(found)
+                    continue
+                yield rec
+
+
+def load_records(paths, *, task: str | None = None, mapping: dict[str, str] | None = None,
+                 check: bool = True) -> list[Record]:
+    """Load every record; raise :class:`DataValidationError` listing all problems, if any."""
+    issues: list[DataIssue] = []
+    recs = list(iter_records(paths, task=task, mapping=mapping, check=check, issues=issues))
+    if issues:
+        raise DataValidationError(issues)
+    return recs

@@ -109,6 +109,12 @@ def test_every_shipped_config_loads():
         load_config(p)
     for p in (REPO / "configs" / "mixtures").glob("*.yaml"):
         MixtureConfig.from_yaml(p)
+    import yaml
+    acc = list((REPO / "configs" / "accelerate").glob("*.yaml"))
+    assert len(acc) >= 3
+    for p in acc:
+        c = yaml.safe_load(p.read_text())
+        assert c["distributed_type"] in ("MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED") and c["num_processes"] >= 2
 
 
 def test_bad_overrides_are_clear():

@@ -70,3 +70,10 @@ def test_split_cli(tmp_path):
     n = {s: len((tmp_path / "s" / f"{s}.jsonl").read_text().splitlines())
          for s in ("train", "validation", "test")}
     assert sum(n.values()) == 200 and n["test"] > 20
+
+
+def test_models_pull_takes_the_name_as_argument(monkeypatch):
+    import shoptune.models as M
+    monkeypatch.setattr(M, "is_cached", lambda name: name == "smollm2-135m")
+    res = runner.invoke(app, ["models", "pull", "smollm2-135m"])
+    assert res.exit_code == 0 and "cached" in res.output

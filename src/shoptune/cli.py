@@ -294,7 +294,7 @@ def models_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 
 @models_app.command("pull")
-def models_pull(name: str = "smollm2-135m",
+def models_pull(name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m",
                 force: Annotated[bool, typer.Option(help="Rebuild the cache.")] = False) -> None:
     """Build the cached bf16 safetensors copy of an embedded model (idempotent)."""
     from shoptune.models import ModelNotFoundError, is_cached, pull

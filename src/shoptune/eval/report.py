@@ -53,10 +53,10 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
     width = 0.8 / max(1, len(runs))
     fig, ax = plt.subplots(figsize=(1.8 * len(labels) + 2, 4))
     for k, (name, s) in enumerate(runs.items()):
-        vals = [s["tracks"].get(t, 0.0) for t in tracks] + [s["overall"]]
+        vals = [s["tracks"].get(t, float("nan")) for t in tracks] + [s["overall"]]  # absent: no bar
         cis = [s.get("ci95", {}).get("tracks", {}).get(t) for t in tracks] + [s.get("ci95", {}).get("overall")]
-        err = np.array([[v - c[0] if c else 0 for v, c in zip(vals, cis)],
-                        [c[1] - v if c else 0 for v, c in zip(vals, cis)]])
+        err = np.array([[v - c[0] if c and v == v else 0 for v, c in zip(vals, cis)],
+                        [c[1] - v if c and v == v else 0 for v, c in zip(vals, cis)]])
         ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=err, capsize=3,
                label=Path(name).name or name)
     ax.set_xticks(x, labels, fontsize=8)

@@ -266,8 +266,7 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict:
     records, manifest = build_mixture(cfg.mixture)
     if not records:
         raise ValueError("the mixture selected no training rows; check sources and filters")
-    val = validation_records(cfg.mixture, cfg.eval_samples, cfg.seed) if cfg.eval_steps or \
-        cfg.curriculum == "three-stage" else []
+    val = validation_records(cfg.mixture, cfg.eval_samples, cfg.seed) if cfg.eval_steps else []
 
     # 2. model + LoRA
     model, tok = build_model(cfg)

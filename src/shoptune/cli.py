@@ -314,20 +314,24 @@ def models_pull(name: Annotated[str, typer.Argument(help="Embedded model name.")
 
 @app.command("demo")
 def demo(out: str = "runs/demo",
-         quick: Annotated[bool, typer.Option(help="A 1-minute version (10 steps, 24 questions).")] = False) -> None:
+         quick: Annotated[bool, typer.Option(help="A 1-minute version (10 steps, 24 questions).")] = False,
+         config: Annotated[Optional[Path], typer.Option(help="Training config (default: configs/train/demo.yaml).")] = None,
+         test_questions: Annotated[int, typer.Option(help="Held-out EC-Guide test-split questions to score.")] = 96) -> None:
     """Train on a small diverse mixture (~10 min CPU), then compare base and tuned."""
     from shoptune.demo import run_demo
 
-    run_demo(console, out=out, quick=quick)
+    run_demo(console, out=out, quick=quick, config=config, test_questions=test_questions)
 
 
 def _register_optional() -> None:
     """Sub-commands whose modules land in later steps register themselves here."""
     from shoptune.eval.cli import register as register_eval
+    from shoptune.serve.cli import register as register_serve
     from shoptune.train.cli import register as register_train
 
     register_eval(app)
     register_train(app, data_app)
+    register_serve(app)
 
 
 _register_optional()

@@ -13,7 +13,8 @@ from rich.console import Console
 from shoptune import REPO_CONFIGS
 
 
-def run_demo(console: Console, out: str = "runs/demo", quick: bool = False) -> dict:
+def run_demo(console: Console, out: str = "runs/demo", quick: bool = False,
+             config: str | Path | None = None, test_questions: int = 96) -> dict:
     from shoptune._io import write_jsonl
     from shoptune.eval.report import compare, plot_tracks
     from shoptune.eval.runner import evaluate
@@ -26,11 +27,11 @@ def run_demo(console: Console, out: str = "runs/demo", quick: bool = False) -> d
     console.rule("shoptune demo")
     console.print(f"{len(cards)} task cards over {len({c.capability for c in cards.values()})} capabilities")
     overrides = [f"output_dir={out}"] + (["max_steps=10", "mixture.total=40"] if quick else [])
-    cfg = load_config(REPO_CONFIGS / "train" / "demo.yaml", overrides)
+    cfg = load_config(config or REPO_CONFIGS / "train" / "demo.yaml", overrides)
     outp = Path(out)
     # held-out EC-Guide questions of the same tasks (the deterministic test split)
     test_cfg = MixtureConfig(**{**cfg.mixture.model_dump(), "split": "test",
-                                "total": 24 if quick else 96, "decontaminate_against": []})
+                                "total": 24 if quick else test_questions, "decontaminate_against": []})
     test_recs, _ = build_mixture(test_cfg)
     write_jsonl(outp / "ecguide-test.jsonl", (r.to_dict() for r in test_recs))
     console.rule(f"training ({cfg.max_steps} steps, mixture of {cfg.mixture.total} rows)")

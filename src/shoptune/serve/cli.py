@@ -1,0 +1,118 @@
+"""``shoptune serve``: one base model, many task adapters, an OpenAI-compatible HTTP API."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            fail(f"{what} {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def read_keys_file(path: Path) -> set[str]:
+    """One key per line; blank lines and '#' comments ignored."""
+    keys = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keys.add(line)
+    return keys
+
+
+def register(app: typer.Typer) -> None:
+    from shoptune.cli import console, fail
+
+    @app.command("serve")
+    def serve_cmd(
+        model: Annotated[str, typer.Option(help="Base model: a name from `shoptune models ls` or a folder.")] = "smollm2-135m",
+        adapter: Annotated[Optional[list[str]], typer.Option(
+            help="NAME=DIR, repeatable: a PEFT adapter served as model NAME.")] = None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: Annotated[Optional[list[str]], typer.Option(
+            help="Required bearer key (repeatable; also SHOPTUNE_API_KEY).")] = None,
+        api_keys_file: Annotated[Optional[Path], typer.Option(help="File with one key per line.")] = None,
+        adapters_dir: Annotated[Optional[Path], typer.Option(
+            help="Folder that runtime /v1/load_lora_adapter may load from (off without it).")] = None,
+        task_adapter: Annotated[Optional[list[str]], typer.Option(
+            help="TASK=NAME: the adapter /v1/tasks/TASK uses when the request names none.")] = None,
+        served_model_name: Annotated[Optional[str], typer.Option(help="Id of the base model in the API.")] = None,
+        merge: Annotated[bool, typer.Option(help="Merge the single --adapter into the weights and serve "
+                                            "only it (a single-task deployment).")] = False,
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        max_prompt_tokens: int = 2048,
+        max_new_tokens: Annotated[int, typer.Option(help="Most tokens a request may ask for.")] = 512,
+        max_body_bytes: int = 1 << 20,
+        request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 300.0,
+        protocol: Annotated[str, typer.Option(help="Task prompt protocol (as `shoptune eval`).")] = "starter-kit",
+        threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+        log_level: str = "info",
+    ) -> None:
+        """Serve the base model and its task adapters (OpenAI-compatible, dynamic batching)."""
+        import logging
+
+        import torch
+        import uvicorn
+
+        from shoptune.models import ModelNotFoundError, load
+        from shoptune.serve.app import ServeSettings, build_app
+        from shoptune.serve.engine import EngineError, Engine, check_adapter_dir
+
+        adapters = _pairs(adapter, "--adapter", fail)
+        keys = set(api_key or [])
+        if os.environ.get("SHOPTUNE_API_KEY"):
+            keys.add(os.environ["SHOPTUNE_API_KEY"])
+        if api_keys_file is not None:
+            try:
+                keys |= read_keys_file(api_keys_file)
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"{api_keys_file}: cannot read API keys: {e}")
+            if not keys:
+                fail(f"{api_keys_file}: no API keys in the file")
+        if adapters_dir is not None and not adapters_dir.is_dir():
+            fail(f"--adapters-dir {adapters_dir}: not a directory")
+        if merge and len(adapters) != 1:
+            fail("--merge needs exactly one --adapter")
+        if threads:
+            torch.set_num_threads(threads)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        try:
+            for name, folder in adapters.items():
+                check_adapter_dir(Path(folder))
+            with console.status(f"loading {model}"):
+                if merge:
+                    (name, folder), = adapters.items()
+                    lm, tok = load(model, adapter=folder, dtype=dtype)
+                    lm = lm.merge_and_unload()
+                    base_name, adapters = served_model_name or name, {}
+                else:
+                    lm, tok = load(model, dtype=dtype)
+                    base_name = served_model_name or model
+            engine = Engine(lm, tok, base_name=base_name, max_batch_size=max_batch_size,
+                            max_wait=max_wait_ms / 1000, max_queue=max_queue)
+            for name, folder in adapters.items():
+                engine.load_adapter(name, folder)
+        except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError) as e:
+            fail(str(getattr(e, "message", e)))
+        settings = ServeSettings(api_keys=frozenset(keys), adapters_dir=adapters_dir,
+                                 max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                                 default_max_tokens=min(256, max_new_tokens),
+                                 max_body_bytes=max_body_bytes, request_timeout=request_timeout,
+                                 protocol=protocol,
+                                 task_adapters=_pairs(task_adapter, "--task-adapter", fail))
+        console.print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1"
+                      f"{' (API key required)' if keys else ''}")
+        uvicorn.run(build_app(engine, settings), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=int(request_timeout))

@@ -255,6 +255,9 @@ class Engine:
         if not ADAPTER_NAME_RE.match(name) or name in (BASE, self.base_name):
             raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-'",
                                param="lora_name")
+        if name in "lora_":  # peft matches weights by substring: such names can clobber others
+            raise AdapterError(f"invalid adapter name {name!r}: peft cannot load an adapter whose "
+                               "name is part of 'lora_'", param="lora_name")
         path = Path(path)
         check_adapter_dir(path)
         if name in self.adapters or name in self.draining:

@@ -1,0 +1,157 @@
+"""Serving under load: dynamic batching vs one request at a time, same run, same machine.
+
+    .venv/bin/python benchmarks/serve_load.py [--requests 64] [--concurrency 16 32]
+
+A mix of task-endpoint requests (multiple choice, retrieval, ranking, NER) and chat requests
+(16 greedy tokens), spread over 4 LoRA adapters, sent by 16 and 32 concurrent clients to
+(a) `shoptune serve` (dynamic batching, mixed adapters per batch) and
+(b) the same server with --max-batch-size 1 (one request at a time, the baseline).
+Reports requests/s, p50/p99 latency and errors for each, the throughput ratio (target >= 4x),
+and (a)'s throughput with every request on one adapter vs spread over four (target >= 0.8x).
+Writes docs/results/serve_load.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from shoptune._io import write_json
+from shoptune.serve.testing import ServerProcess, make_adapters
+
+TASKS = [
+    ("shopbench_task2", {"question": "Which product category may have the attribute screen size?",
+                         "options": ["banana", "television", "sock", "pencil"]}),
+    ("shopbench_task3", {"question": "Select 3 snippets a customer would write about comfort. Output "
+                                     "three numbers separated by comma.",
+                         "candidates": ["very comfy", "fast shipping", "soft", "cheap", "comfortable",
+                                        "great fit", "arrived late"]}),
+    ("shopbench_task12", {"question": "Rank the products for the query 'red running shoes'.",
+                          "candidates": ["red running shoes", "blue hat", "red sneakers", "pen",
+                                         "shoe polish"]}),
+    ("shopbench_task4", {"text": "asus zenbook 14 inch laptop sleeve", "entity_type": "brand"}),
+]
+CHATS = ["Suggest a gift for a runner.", "What should I look for in a tent?",
+         "Describe a good kitchen knife.", "Which phone case protects best?"]
+
+
+def workload(n: int, adapters: list[str]) -> list[tuple[str, dict]]:
+    """Every other request a task, the rest chat; adapters in turn."""
+    out = []
+    for i in range(n):
+        model = adapters[i % len(adapters)]
+        if i % 2 == 0:
+            task, inp = TASKS[(i // 2) % len(TASKS)]
+            out.append((f"/v1/tasks/{task}", {"model": model, "input": inp}))
+        else:
+            out.append(("/v1/chat/completions", {
+                "model": model, "max_tokens": 16, "temperature": 0,
+                "messages": [{"role": "user", "content": CHATS[(i // 2) % len(CHATS)]}]}))
+    return out
+
+
+async def load(url: str, work: list[tuple[str, dict]], concurrency: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    latencies, errors = [], []
+
+    async def one(client, path, body):
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url + path, json=body)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+            latencies.append(time.perf_counter() - t0)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, p, b) for p, b in work))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"requests": len(work), "concurrency": concurrency, "wall_s": round(wall, 2),
+            "req_per_s": round(len(work) / wall, 3),
+            "p50_s": round(statistics.median(latencies), 3),
+            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+            "errors": len(errors), "first_errors": errors[:3]}
+
+
+def run_server(args, adapters, log, label, work_for, concurrencies, n, single=False) -> dict:
+    flags = sum((["--adapter", f"{k}={v}"] for k, v in adapters.items()), [])
+    s = ServerProcess(flags + args, log)
+    try:
+        asyncio.run(load(s.url, workload(8, list(adapters)), 8))  # warm-up
+        res = {}
+        for c in concurrencies:
+            res[f"mixed@{c}"] = asyncio.run(load(s.url, work_for(n, list(adapters)), c))
+            print(label, f"mixed@{c}", res[f"mixed@{c}"], flush=True)
+        if single:
+            c = max(concurrencies)
+            res[f"single@{c}"] = asyncio.run(load(s.url, work_for(n, list(adapters)[:1]), c))
+            print(label, f"single@{c}", res[f"single@{c}"], flush=True)
+        return res
+    finally:
+        s.stop()
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [k for k in results["shoptune"] if k.startswith("mixed")]
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([i - 0.2 for i in x], [results["baseline"][k]["req_per_s"] for k in labels], 0.4,
+           label="one request at a time")
+    ax.bar([i + 0.2 for i in x], [results["shoptune"][k]["req_per_s"] for k in labels], 0.4,
+           label="shoptune serve (dynamic batching)")
+    ax.set_xticks(list(x), [k.replace("mixed@", "") + " clients" for k in labels])
+    ax.set_ylabel("requests / s")
+    ax.set_title("4 adapters, task + chat mix")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--out", default="docs/results/serve_load.json")
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load-"))
+    adapters = make_adapters(tmp / "adapters", names=("shoes", "tents", "books", "phones"))
+    common = ["--max-new-tokens", "64"]
+    results = {
+        "shoptune": run_server(common + ["--max-batch-size", str(a.max_batch_size), "--max-wait-ms", "20"],
+                               adapters, tmp / "a.log", "shoptune", workload, a.concurrency, a.requests,
+                               single=True),
+        "baseline": run_server(common + ["--max-batch-size", "1", "--max-wait-ms", "0"],
+                               adapters, tmp / "b.log", "baseline", workload, a.concurrency, a.requests),
+    }
+    c = max(a.concurrency)
+    summary = {f"throughput_ratio@{k}": round(results["shoptune"][f"mixed@{k}"]["req_per_s"] /
+                                             results["baseline"][f"mixed@{k}"]["req_per_s"], 2)
+               for k in a.concurrency}
+    summary["mixed_vs_single_adapter"] = round(results["shoptune"][f"mixed@{c}"]["req_per_s"] /
+                                               results["shoptune"][f"single@{c}"]["req_per_s"], 2)
+    summary["errors"] = sum(r["errors"] for side in results.values() for r in side.values())
+    results["summary"] = summary
+    print(json.dumps(summary))
+    out = Path(a.out)
+    write_json(out, results)
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -380,6 +380,9 @@ class Engine:
             if job.cancelled.is_set():
                 job.done("cancelled")
                 self._release(job)
+            elif job.model is not None and job.model not in self.adapters:
+                job.fail(UnknownModel(f"adapter {job.model!r} was unloaded", param="model"))
+                self._release(job)  # (not reachable through the API: unloading waits for its jobs)
             else:
                 live.append(job)
         if not live:

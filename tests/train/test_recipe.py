@@ -1,6 +1,7 @@
 """Real (tiny) training runs on the embedded model: loss goes down, LoRA weights change, the
 adapter reloads with plain peft, and a run killed with SIGKILL resumes to the same result."""
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -144,3 +145,32 @@ def test_three_stage_curriculum(tmp_path):
         assert rep["final_task_weights"][t] == 0.0
     assert rep["final_task_weights"]["ecguide_sa"] in (0.0, 1.0)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_three_stage_resume_restores_early_stopping_state(tmp_path):
+    """Resuming stage 3 from a checkpoint continues with the same stopped tasks and patience."""
+    extra = ["curriculum=three-stage", "max_steps=8", "mixture.total=null", "mixture.max_per_task=8",
+             "mixture.per_task_caps={ecguide_ner: 3}", "three_stage.low_resource_rows=5",
+             "three_stage.probe_batches=1", "three_stage.min_transfer=-1.0", "three_stage.eval_every=1",
+             "three_stage.patience=0", "three_stage.val_rows_per_task=4", "save_steps=1",
+             "save_total_limit=10"]
+    main(tiny(tmp_path, *extra))
+    full = json.loads((tmp_path / "curriculum.json").read_text())
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert full["stopped"], "precondition: some task stops early"
+    first_stop = min(full["stopped"].values())
+    s3 = tmp_path / "stage3"
+    saved = json.loads((s3 / f"checkpoint-{first_stop}" / "early_stop.json").read_text())
+    assert saved["stopped"] and min(saved["task_weights"]) == 0.0
+    # as if killed right after the checkpoint where the first task stopped
+    for ck in s3.glob("checkpoint-*"):
+        if int(ck.name.split("-")[1]) > first_stop:
+            shutil.rmtree(ck)
+    (tmp_path / "curriculum.json").unlink()
+    shutil.rmtree(tmp_path / "adapter")
+    main(tiny(tmp_path, *extra), resume=True)
+    resumed = json.loads((tmp_path / "curriculum.json").read_text())
+    for key in ("stopped", "final_task_weights", "val_loss_history"):
+        assert resumed[key] == full[key], key
+    again = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)

@@ -13,6 +13,8 @@ Each stage is a Trainer run in ``OUT/stage2``, ``OUT/stage3`` (checkpointed, res
 """
 from __future__ import annotations
 
+import json
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -113,13 +115,38 @@ class PerTaskEarlyStop(TrainerCallback):
         self.report["val_loss_history"].append({"step": state.global_step, **{k: round(v, 4) for k, v in losses.items()}})
         trainer.log({f"val_loss/{k}": round(v, 4) for k, v in losses.items()})
 
+    # The early-stopping state travels with each checkpoint (written before its COMPLETE marker),
+    # so --resume continues with the same stopped tasks, best losses and patience counters.
+    STATE_FILE = "early_stop.json"
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.ref()
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and trainer is not None and ckpt.is_dir():
+            write_json(ckpt / self.STATE_FILE, {
+                "best": self.best, "bad": dict(self.bad), "stopped": self.report["stopped"],
+                "val_loss_history": self.report["val_loss_history"],
+                "task_weights": [float(w) for w in trainer.task_weights]})
+
+    def restore(self, ckpt: Path) -> bool:
+        path = ckpt / self.STATE_FILE
+        trainer = self.ref()
+        if trainer is None or not path.exists():
+            return False
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        self.best, self.bad = dict(saved["best"]), Counter(saved["bad"])
+        self.report["stopped"] = dict(saved["stopped"])
+        self.report["val_loss_history"] = list(saved["val_loss_history"])
+        trainer.task_weights = torch.tensor(saved["task_weights"], dtype=trainer.task_weights.dtype)
+        return True
+
 
 def run_three_stage(cfg, model, tok, records, val, examples, task_names, out: Path, *,
                     resume: bool, evaluator):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from shoptune.train.recipe import make_trainer, save_adapter, train
+    from shoptune.train.recipe import latest_complete_checkpoint, make_trainer, save_adapter, train
 
     st = cfg.three_stage
     counts = Counter(r.task for r in records)
@@ -165,11 +192,14 @@ def run_three_stage(cfg, model, tok, records, val, examples, task_names, out: Pa
     val_ex = encode_records(vrecs, tok, protocol=cfg.protocol, max_length=cfg.max_length,
                             task_index={t: i for i, t in enumerate(task_names)})
     d3 = out / "stage3"
+    stopper = PerTaskEarlyStop(None, val_ex, task_names, tok.pad_token_id, st.eval_every, st.patience,
+                               cfg.batch_size, report)
     t3 = make_trainer(cfg, model, tok, ex3, task_names, d3, max(1, cfg.max_steps - n2), evaluator,
-                      task_weights=weights)
-    import weakref
-    t3.add_callback(PerTaskEarlyStop(weakref.ref(t3), val_ex, task_names, tok.pad_token_id,
-                                     st.eval_every, st.patience, cfg.batch_size, report))
+                      task_weights=weights, before_complete=[stopper])
+    stopper.ref = weakref.ref(t3)
+    ckpt = latest_complete_checkpoint(d3) if resume else None
+    if ckpt is not None:
+        stopper.restore(ckpt)
     train(t3, d3, resume)
     report["final_task_weights"] = {t: float(w) for t, w in zip(task_names, t3.task_weights)}
     if t3.is_world_process_zero():

@@ -319,14 +319,18 @@ def main(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 
 def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: int, evaluator,
-                 task_weights: torch.Tensor | None = None) -> ShopTrainer:
+                 task_weights: torch.Tensor | None = None,
+                 before_complete: list[TrainerCallback] = ()) -> ShopTrainer:
+    """``before_complete``: callbacks whose ``on_save`` adds files to a checkpoint (they run
+    before the COMPLETE marker is written)."""
     from datasets import Dataset
 
     trainer = ShopTrainer(
         model=model, args=training_args(cfg, out, max_steps), train_dataset=Dataset.from_list(examples),
         data_collator=lambda f: collate(f, tok.pad_token_id), task_names=task_names,
         task_weights=task_weights,
-        callbacks=[JsonlLog(out / "log.jsonl"), MarkComplete()] + ([evaluator] if evaluator else []))
+        callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, MarkComplete()]
+        + ([evaluator] if evaluator else []))
     if evaluator:
         evaluator.trainer = trainer
     return trainer

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serve_load.py [--requests 64] [--concurrency 16 32]
 
 A mix of task-endpoint requests (multiple choice, retrieval, ranking, NER) and chat requests
-(16 greedy tokens), spread over 4 LoRA adapters, sent by 16 and 32 concurrent clients to
+(64 greedy tokens), spread over 4 LoRA adapters, sent by 16 and 32 concurrent clients to
 (a) `shoptune serve` (dynamic batching, mixed adapters per batch) and
 (b) the same server with --max-batch-size 1 (one request at a time, the baseline).
 Reports requests/s, p50/p99 latency and errors for each, the throughput ratio (target >= 4x),
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import tempfile
@@ -37,11 +38,12 @@ TASKS = [
                                          "shoe polish"]}),
     ("shopbench_task4", {"text": "asus zenbook 14 inch laptop sleeve", "entity_type": "brand"}),
 ]
+CHAT_TOKENS = 64  # a short chat answer (--chat-tokens)
 CHATS = ["Suggest a gift for a runner.", "What should I look for in a tent?",
          "Describe a good kitchen knife.", "Which phone case protects best?"]
 
 
-def workload(n: int, adapters: list[str]) -> list[tuple[str, dict]]:
+def workload(n: int, adapters: list[str], chat_tokens: int = CHAT_TOKENS) -> list[tuple[str, dict]]:
     """Every other request a task, the rest chat; adapters in turn."""
     out = []
     for i in range(n):
@@ -51,7 +53,7 @@ def workload(n: int, adapters: list[str]) -> list[tuple[str, dict]]:
             out.append((f"/v1/tasks/{task}", {"model": model, "input": inp}))
         else:
             out.append(("/v1/chat/completions", {
-                "model": model, "max_tokens": 16, "temperature": 0,
+                "model": model, "max_tokens": chat_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": CHATS[(i // 2) % len(CHATS)]}]}))
     return out
 
@@ -126,17 +128,19 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--chat-tokens", type=int, default=CHAT_TOKENS, help="max_tokens of chat requests")
     ap.add_argument("--out", default="docs/results/serve_load.json")
     a = ap.parse_args()
+    work = functools.partial(workload, chat_tokens=a.chat_tokens)
     tmp = Path(tempfile.mkdtemp(prefix="serve_load-"))
     adapters = make_adapters(tmp / "adapters", names=("shoes", "tents", "books", "phones"))
-    common = ["--max-new-tokens", "64"]
+    common = ["--max-new-tokens", str(max(64, a.chat_tokens))]
     results = {
         "shoptune": run_server(common + ["--max-batch-size", str(a.max_batch_size), "--max-wait-ms", "20"],
-                               adapters, tmp / "a.log", "shoptune", workload, a.concurrency, a.requests,
+                               adapters, tmp / "a.log", "shoptune", work, a.concurrency, a.requests,
                                single=True),
         "baseline": run_server(common + ["--max-batch-size", "1", "--max-wait-ms", "0"],
-                               adapters, tmp / "b.log", "baseline", workload, a.concurrency, a.requests),
+                               adapters, tmp / "b.log", "baseline", work, a.concurrency, a.requests),
     }
     c = max(a.concurrency)
     summary = {f"throughput_ratio@{k}": round(results["shoptune"][f"mixed@{k}"]["req_per_s"] /
@@ -145,6 +149,7 @@ def main() -> None:
     summary["mixed_vs_single_adapter"] = round(results["shoptune"][f"mixed@{c}"]["req_per_s"] /
                                                results["shoptune"][f"single@{c}"]["req_per_s"], 2)
     summary["errors"] = sum(r["errors"] for side in results.values() for r in side.values())
+    summary["chat_tokens"] = a.chat_tokens
     results["summary"] = summary
     print(json.dumps(summary))
     out = Path(a.out)

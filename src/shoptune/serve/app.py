@@ -375,7 +375,8 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
                         "choices": [], "usage": usage(jobs, all_prompts)}
             include = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(stream_events(jobs, chunk, usage_chunk if include else None),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         try:
             await wait_all(request, jobs)
         except ClientGone:
@@ -421,7 +422,8 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
                         "model": req.model, "choices": [], "usage": usage(jobs, prompts)}
             include = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(stream_events(jobs, chunk, usage_chunk if include else None),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         try:
             await wait_all(request, jobs)
         except ClientGone:

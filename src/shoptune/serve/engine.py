@@ -129,6 +129,8 @@ class RowLogits:
                 w.append(TopPLogitsWarper(j.top_p))
 
     def __call__(self, input_ids, scores):
+        if not self.sampling and not any(self.constraints):
+            return scores  # plain greedy batch: nothing to do per row
         for row, job in enumerate(self.jobs):
             s = scores[row:row + 1]
             if self.constraints[row] is not None:

@@ -319,6 +319,20 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
                                  "param": None, "code": None}})
         yield "data: [DONE]\n\n"
 
+    def stream_response(req, jobs: list[Job], prompts, rid: str, created: int, obj: str, choice):
+        """SSE reply: a chunk per delta and per finish (``choice(i, text, finish_reason)`` builds
+        the choice), then the usage chunk if ``stream_options.include_usage``, then [DONE]."""
+        head = {"id": rid, "object": obj, "created": created, "model": req.model}
+
+        def chunk(i, text, reason):
+            return {**head, "choices": [choice(i, text, None if reason is None else finish_reason(jobs[i]))]}
+
+        def usage_chunk():
+            return {**head, "choices": [], "usage": usage(jobs, prompts)}
+        include = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(stream_events(jobs, chunk, usage_chunk if include else None),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     def usage(jobs: list[Job], prompts: list[list[int]]) -> dict:
         p = sum(len(x) for x in prompts)
         c = sum(len(j.gen_ids) for j in jobs)
@@ -365,18 +379,9 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         all_prompts = [ids for ids in prompts for _ in range(req.n)]
         if req.stream:
-            def chunk(i, text, reason):
-                return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                        "choices": [{"index": i, "text": text or "", "logprobs": None,
-                                     "finish_reason": None if reason is None else finish_reason(jobs[i])}]}
-
-            def usage_chunk():
-                return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                        "choices": [], "usage": usage(jobs, all_prompts)}
-            include = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(stream_events(jobs, chunk, usage_chunk if include else None),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return stream_response(req, jobs, all_prompts, rid, created, "text_completion",
+                                   lambda i, text, reason: {"index": i, "text": text or "",
+                                                            "logprobs": None, "finish_reason": reason})
         try:
             await wait_all(request, jobs)
         except ClientGone:
@@ -407,23 +412,13 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         if req.stream:
             started = set()
 
-            def chunk(i, text, reason):
+            def choice(i, text, reason):
                 delta = {} if reason is not None else {"content": text}
-                if i not in started:
+                if i not in started:  # the first chunk of each choice carries the role
                     started.add(i)
                     delta = {"role": "assistant", **delta}
-                return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                        "model": req.model,
-                        "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                     "finish_reason": None if reason is None else finish_reason(jobs[i])}]}
-
-            def usage_chunk():
-                return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                        "model": req.model, "choices": [], "usage": usage(jobs, prompts)}
-            include = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(stream_events(jobs, chunk, usage_chunk if include else None),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return stream_response(req, jobs, prompts, rid, created, "chat.completion.chunk", choice)
         try:
             await wait_all(request, jobs)
         except ClientGone:

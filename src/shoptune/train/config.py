@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shoptune.train.mixture import MixtureConfig
 
@@ -17,9 +17,9 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
 class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     r: int = Field(default=16, ge=1)
-    alpha: float = 32.0
+    alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: Literal["attention", "attention+mlp"] | list[str] = "attention+mlp"
     use_rslora: bool = False
@@ -34,19 +34,21 @@ class LoraSettings(BaseModel):
 
 class CurriculumSettings(BaseModel):
     """Three-stage training (arXiv 2411.03644): filter tasks, high-resource first, then all."""
-    model_config = ConfigDict(extra="forbid")
-    low_resource_rows: int = 200  # tasks below this many training rows are low-resource
-    probe_batches: int = 2  # batches per task for the gradient-similarity probe
-    min_transfer: float = 0.0  # tasks whose gradient cosine to the others is below: excluded
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # tasks below this many training rows are low-resource
+    low_resource_rows: int = Field(default=200, ge=0)
+    probe_batches: int = Field(default=2, ge=1)  # batches per task for the gradient-similarity probe
+    # tasks whose gradient cosine to the others is below: excluded
+    min_transfer: float = Field(default=0.0, ge=-1, le=1)
     stage2_fraction: float = Field(default=0.5, gt=0, lt=1)  # share of max_steps for stage 2
-    low_resource_weight: float = 2.0  # loss weight of low-resource tasks in stage 3
-    eval_every: int = 10  # stage 3: per-task validation loss every N steps
-    patience: int = 2  # stop a task after this many evaluations without improvement
-    val_rows_per_task: int = 16
+    low_resource_weight: float = Field(default=2.0, gt=0)  # loss weight of low-resource tasks in stage 3
+    eval_every: int = Field(default=10, ge=1)  # stage 3: per-task validation loss every N steps
+    patience: int = Field(default=2, ge=1)  # stop a task after this many evaluations without improvement
+    val_rows_per_task: int = Field(default=16, ge=1)
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = "smollm2-135m"
     output_dir: str = "runs/train"
     mixture: MixtureConfig = MixtureConfig()
@@ -55,22 +57,47 @@ class TrainConfig(BaseModel):
     curriculum: Literal["none", "three-stage"] = "none"
     three_stage: CurriculumSettings = CurriculumSettings()
     max_steps: int = Field(default=100, ge=1)
-    learning_rate: float = 5e-4
+    learning_rate: float = Field(default=5e-4, gt=0, le=1)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     max_length: int = Field(default=512, ge=16)
     bf16: Literal["auto", True, False] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
-    logging_steps: int = 5
-    save_steps: int = 50
-    save_total_limit: int = 2
-    eval_steps: int = 0  # 0: no periodic evaluation during training
-    eval_samples: int = 32  # validation questions scored with the evaluation engine
+    logging_steps: int = Field(default=5, ge=1)
+    save_steps: int = Field(default=50, ge=1)
+    save_total_limit: int = Field(default=2, ge=1)
+    eval_steps: int = Field(default=0, ge=0)  # 0: no periodic evaluation during training
+    eval_samples: int = Field(default=32, ge=1)  # validation questions scored with the evaluation engine
     eval_data: list[str] = []  # extra evaluation files at the end (e.g. shopbench-dev)
     report_to: list[str] = ["tensorboard"]
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_a_folder(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        p = Path(v)
+        for q in (p, *p.parents):
+            if q.exists() and not q.is_dir():
+                raise ValueError(f"{q} exists and is not a folder")
+        return v
+
+
+class ConfigError(ValueError):
+    """A config that does not validate: one line per bad field, ``where: field: why (got X)``."""
+
+
+def _format_errors(where: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{where}: {field}: {msg}{got}")
+    return "\n".join(lines)
 
 
 def _set_dotted(d: dict, key: str, value) -> None:
@@ -89,12 +116,24 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such config")
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p}: a config must be a YAML mapping")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        _set_dotted(data, k.strip(), yaml.safe_load(v))
-    return TrainConfig(**data)
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: not a YAML value ({e.problem})") from None
+        _set_dotted(data, k.strip(), value)
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(str(path) if path else "config", e)) from None

@@ -257,9 +257,21 @@ def validation_records(mix: MixtureConfig, n: int, seed: int):
 # ----------------------------------------------------------------------------- recipe
 
 def main(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    t_start = time.time()
+    """Train; a run that fails before its first complete checkpoint leaves no output folder it
+    created behind."""
     out = Path(cfg.output_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _main(cfg, out, resume)
+    except BaseException:
+        if created and latest_complete_checkpoint(out) is None and not (out / "adapter").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
+    t_start = time.time()
     torch.manual_seed(cfg.seed)
 
     # 1. data: the mixture (plain data, fixed seeded order) and a validation sample

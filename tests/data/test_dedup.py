@@ -69,3 +69,77 @@ def test_dedup_cli_writes_report(tmp_path):
     removed = [json.loads(x) for x in (tmp_path / "clean.removed.jsonl").read_text().splitlines()]
     assert len(clean) == len(QUERIES) - 1
     assert sorted(r["reason"] for r in removed) == ["contaminated-exact", "exact-duplicate"]
+
+
+# ----------------------------------------------------------------------------- 13-gram overlap
+
+PRODUCTS = ("Anker PowerCore 10000 portable charger ultra compact high speed charging battery pack",
+            "Amazon Basics USB-C to lightning cable MFi certified white six feet braided")
+EXPLANATION = ("People who buy a compact power bank usually also need a certified fast charging "
+               "cable so they can top up their phone anywhere while travelling")
+
+
+def gen_row(products, explanation):
+    return {"input_field": "Given the products a user bought, explain why they were bought together.\n"
+            + "\n".join(f"Product {i + 1}: {p}" for i, p in enumerate(products)) + "\nExplanation: ",
+            "output_field": explanation, "task_type": "generation", "metric": "sent-transformer",
+            "task_name": "task1", "track": "amazon-kdd-cup-24-understanding-shopping-concepts"}
+
+
+def leaked_mcq(products, explanation):
+    """The same products and explanation, rewritten into a multiple-choice question."""
+    q = (f"A customer bought '{products[0]}' together with '{products[1]}'. "
+         "Which statement best explains the purchase?")
+    opts = [explanation, "They are gifts for two different people in the household",
+            "The customer is comparing two brands before returning one", "It was a mistake"]
+    return {"input_field": q + "\n" + "\n".join(f"{i}. {o}" for i, o in enumerate(opts)) + "\nAnswer: ",
+            "output_field": 0, "task_type": "multiple-choice", "metric": "accuracy",
+            "is_multiple_choice": True, "task_name": "task2",
+            "track": "amazon-kdd-cup-24-understanding-shopping-concepts"}
+
+
+def test_13gram_catches_a_leak_rewritten_into_another_template(tmp_path):
+    clean = [gen_row(("Logitech wireless mouse", "Logitech mouse pad"), "Both are desk accessories."),
+             gen_row(("Pampers size 3 diapers", "Huggies wipes"), "Parents buy baby care items together.")]
+    train = load_records(write_jsonl(tmp_path / "train.jsonl", clean + [gen_row(PRODUCTS, EXPLANATION)]))
+    ev = load_records(write_jsonl(tmp_path / "eval.jsonl", [leaked_mcq(PRODUCTS, EXPLANATION)]))
+    # the whole-question checks miss it: different template, different wording around the content
+    kept_old, removed_old = decontaminate(train, {"eval": ev}, ngram=0)
+    assert len(kept_old) == 3 and removed_old == []
+    kept, removed = decontaminate(train, {"eval": ev})
+    assert [r.id for r in kept] == [train[0].id, train[1].id]
+    (rem,) = removed
+    assert rem["reason"] == "contaminated-13gram" and rem["id"] == train[2].id
+    assert rem["eval_set"] == "eval" and rem["of"] == ev[0].id
+    assert len(rem["ngram"].split()) == 13 and rem["ngram"] in normalize(train[2].input_field + " " + EXPLANATION)
+    from shoptune.data.dedup import contamination_summary
+    assert contamination_summary({"eval": ev}, removed) == {"eval": {"questions": 1, "overlapping": 1}}
+
+
+def test_13gram_needs_13_consecutive_words_and_ignores_boilerplate(tmp_path):
+    from shoptune.data.dedup import ngram_overlap
+    twelve = " ".join(PRODUCTS[0].split()[:12])  # 12 shared words: not an overlap
+    rows = [gen_row((twelve + " extra", "other thing"), "A short unrelated explanation.")]
+    boiler = "please note that all prices include sales tax and shipping is free for prime members"
+    rows += [gen_row((f"item {chr(97 + i)}", "thing"), boiler) for i in range(11)]  # 13-gram in 11 rows
+    train = load_records(write_jsonl(tmp_path / "train.jsonl", rows))
+    ev = load_records(write_jsonl(tmp_path / "eval.jsonl", [
+        leaked_mcq((PRODUCTS[0], "x"), "none of these"), leaked_mcq(("y", "z"), boiler)]))
+    ov = ngram_overlap(train, {"eval": ev})
+    assert ov.train_hits == {} and ov.summary()["eval_sets"]["eval"]["overlapping"] == 0
+    ov = ngram_overlap(train, {"eval": ev}, max_doc_freq=11)  # boilerplate counted when allowed
+    assert sorted(ov.train_hits) == list(range(1, 12)) and ov.eval_hits["eval"] == {1}
+
+
+def test_dedup_cli_reports_overlap_per_eval_set(tmp_path):
+    from typer.testing import CliRunner
+
+    from shoptune.cli import app
+    src = write_jsonl(tmp_path / "t.jsonl", [gen_row(PRODUCTS, EXPLANATION), gen_row(("a", "b"), "c d")])
+    ev = write_jsonl(tmp_path / "ev.jsonl", [leaked_mcq(PRODUCTS, EXPLANATION), leaked_mcq(("q", "r"), "s")])
+    res = CliRunner().invoke(app, ["data", "dedup", str(src), "--against", str(ev),
+                                   "--out", str(tmp_path / "clean.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert f"{ev}: 1 of 2 questions overlap the training data" in " ".join(res.output.split())
+    removed = [json.loads(x) for x in (tmp_path / "clean.removed.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in removed] == ["contaminated-13gram"]

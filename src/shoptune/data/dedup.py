@@ -4,6 +4,17 @@ Near duplicates use MinHash + LSH (``datasketch``) over character 5-grams of a r
 the question with its task's template lines (lines shared by many rows of the task, such as the
 instruction or "Answer:") removed, so two different questions with one long shared template are
 not mistaken for copies. Every removal is reported with its reason and what it duplicates.
+
+Decontamination also runs the long n-gram overlap check of GPT-3 (Brown et al. 2020, App. C) and
+lm-evaluation-harness: an evaluation question overlaps the training data when one of its
+normalised word 13-grams occurs in a training row (question + answer). It catches a leak
+rewritten into another template (a generation row's products and explanation turned into a
+multiple-choice question), which whole-question near-duplicate checks miss. As in GPT-3,
+13-grams found in more than ``max_doc_freq`` (10) training rows are ignored (boilerplate), and
+both sides are taken without their task's template lines (instructions shared by many rows of a
+task, as for near duplicates); questions with fewer than 13
+words have no 13-grams and are left to the exact and near-duplicate checks. N-grams are 64-bit
+rolling hashes of per-word hashes (numpy), so full EC-Guide (52k rows) takes a few seconds.
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import xxhash
 from datasketch import MinHash, MinHashLSH
 
@@ -97,10 +109,119 @@ def dedup(records: Iterable[Record], *, threshold: float = 0.9, num_perm: int = 
     return kept, removed
 
 
+NGRAM = 13
+MAX_DOC_FREQ = 10
+_P = np.uint64(1099511628211)  # FNV prime: rolling-hash multiplier (arithmetic mod 2**64)
+
+
+class _WordHasher:
+    """Normalised words -> 64-bit hashes (cached), and the word n-gram hashes of a text."""
+
+    def __init__(self):
+        self.cache: dict[str, int] = {}
+
+    def words(self, text: str) -> list[str]:
+        return normalize(text).split()
+
+    def grams(self, words: list[str], n: int) -> np.ndarray:
+        if len(words) < n:
+            return np.empty(0, dtype=np.uint64)
+        c = self.cache
+        w = np.fromiter((c[x] if x in c else c.setdefault(x, xxhash.xxh64_intdigest(x.encode("utf-8", "surrogatepass"))) for x in words),
+                        dtype=np.uint64, count=len(words))
+        k = len(words) - n + 1
+        h = np.zeros(k, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):
+                h = h * _P + w[j:j + k]
+        return h
+
+
+def training_text(rec: Record, template: set[str] = frozenset()) -> str:
+    """What a training row shows the model, without its task's template lines: question + answer."""
+    gold = rec.output_field
+    ans = gold if isinstance(gold, str) else " ".join(map(str, gold)) if isinstance(gold, list) else str(gold)
+    return content(rec, template) + " " + ans
+
+
+def eval_text(rec: Record, template: set[str]) -> str:
+    """An evaluation question without its task's template lines, plus a text answer."""
+    gold = rec.output_field
+    return content(rec, template) + (" " + gold if isinstance(gold, str) else "")
+
+
+class Overlap:
+    """Result of :func:`ngram_overlap`: per training row index, the evaluation questions it
+    overlaps ((eval set, eval index, the shared 13-gram)); per evaluation set, which questions."""
+
+    def __init__(self, n: int, evals: dict[str, Sequence[Record]]):
+        self.n, self.evals = n, evals
+        self.train_hits: dict[int, list[tuple[str, int, str]]] = {}
+        self.eval_hits: dict[str, set[int]] = {name: set() for name in evals}
+
+    def summary(self) -> dict:
+        return {"ngram": self.n, "contaminated_training_rows": len(self.train_hits),
+                "eval_sets": {name: {"questions": len(recs), "overlapping": len(self.eval_hits[name]),
+                                     "ids": sorted(recs[i].id for i in self.eval_hits[name])}
+                              for name, recs in self.evals.items()}}
+
+
+def ngram_overlap(train: Sequence[Record], evals: dict[str, Sequence[Record]], *, n: int = NGRAM,
+                  max_doc_freq: int = MAX_DOC_FREQ) -> Overlap:
+    """Which training rows share a word ``n``-gram with which evaluation questions."""
+    hasher = _WordHasher()
+    index: dict[int, list[tuple[str, int, int]]] = defaultdict(list)  # gram -> (set, eval i, pos)
+    ewords: dict[tuple[str, int], list[str]] = {}
+    for name, recs in evals.items():
+        templates = _templates_by_task(recs)
+        for i, e in enumerate(recs):
+            words = hasher.words(eval_text(e, templates[e.task]))
+            ewords[(name, i)] = words
+            for pos, g in enumerate(hasher.grams(words, n).tolist()):
+                refs = index[g]
+                if not refs or refs[-1][:2] != (name, i):
+                    refs.append((name, i, pos))
+    matched: dict[int, set[int]] = {}
+    df: Counter[int] = Counter()
+    train_templates = _templates_by_task(train)
+    for ti, r in enumerate(train):
+        grams = hasher.grams(hasher.words(training_text(r, train_templates[r.task])), n)
+        if grams.size:
+            hit = {g for g in grams.tolist() if g in index}
+            if hit:
+                matched[ti] = hit
+                df.update(hit)
+    out = Overlap(n, evals)
+    for ti, hit in matched.items():
+        refs = [ref for g in sorted(hit) if df[g] <= max_doc_freq for ref in index[g]]
+        if not refs:
+            continue
+        seen = set()
+        for name, i, pos in refs:
+            if (name, i) not in seen:
+                seen.add((name, i))
+                out.eval_hits[name].add(i)
+                out.train_hits.setdefault(ti, []).append(
+                    (name, i, " ".join(ewords[(name, i)][pos:pos + n])))
+    return out
+
+
+def contamination_summary(evals: dict[str, Sequence[Record]], removed: Sequence[dict]) -> dict:
+    """Per evaluation set: how many of its questions overlap the training data (any check)."""
+    out = {}
+    for name, recs in evals.items():
+        hit = {r["of"] for r in removed if r.get("eval_set") == name}
+        hit |= {x[1] for r in removed for x in r.get("also", ()) if x[0] == name}
+        out[name] = {"questions": len(recs), "overlapping": len(hit)}
+    return out
+
+
 def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *,
-                  threshold: float = 0.8, num_perm: int = 64) -> tuple[list[Record], list[dict]]:
+                  threshold: float = 0.8, num_perm: int = 64, ngram: int = NGRAM,
+                  max_doc_freq: int = MAX_DOC_FREQ) -> tuple[list[Record], list[dict]]:
     """Drop training records whose question appears in any evaluation set: exactly (normalised
-    question) or nearly (content Jaccard >= ``threshold``, any task). Returns (kept, report)."""
+    question), nearly (content Jaccard >= ``threshold``, any task) or as a shared word
+    ``ngram``-gram (13; 0 turns it off). Returns (kept, report)."""
     train = list(train)
     exact: dict[str, tuple[str, Record]] = {}
     index = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -131,4 +252,19 @@ def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *
                             "of_source": e.source, "similarity": round(best[0], 4)})
             continue
         kept.append(r)
-    return kept, removed
+    if not ngram:
+        return kept, removed
+    ov = ngram_overlap(kept, evals, n=ngram, max_doc_freq=max_doc_freq)
+    still = []
+    for ti, r in enumerate(kept):
+        hits = ov.train_hits.get(ti)
+        if not hits:
+            still.append(r)
+            continue
+        name, i, gram = hits[0]
+        e = evals[name][i]
+        removed.append({"id": r.id, "task": r.task, "source": r.source,
+                        "reason": f"contaminated-{ngram}gram", "eval_set": name, "of": e.id,
+                        "of_source": e.source, "ngram": gram,
+                        "also": [[n2, evals[n2][i2].id] for n2, i2, _ in hits[1:]]})
+    return still, removed

@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
         adapter: Annotated[Optional[str], typer.Option(help="PEFT adapter folder (openai backend: "
                                                        "the adapter's served name).")] = None,
         data: Annotated[Optional[list[str]], typer.Option(help="Data file or folder (repeatable).")] = None,
+        suite: Annotated[Optional[str], typer.Option(help="Evaluation suite: a name under configs/eval "
+                                                     "(core, tiny) or a suite YAML; instead of --data.")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
         limit: Annotated[Optional[int], typer.Option(help="First N questions only.")] = None,
         backend: Annotated[str, typer.Option(help="local | openai")] = "local",
@@ -36,8 +38,9 @@ def register(app: typer.Typer) -> None:
         """shoptune eval --model M --data FILE --out DIR [--adapter DIR] [--backend openai ...]"""
         if ctx.invoked_subcommand is not None:
             return
-        if not (model and data and out):
-            fail("shoptune eval needs --model, --data and --out (or: shoptune eval compare DIR...)", 2)
+        if not (model and (data or suite) and out) or (data and suite):
+            fail("shoptune eval needs --model, --out and one of --data / --suite "
+                 "(or: shoptune eval compare DIR...)", 2)
         import os
 
         from shoptune.data.loaders import DataValidationError
@@ -47,7 +50,7 @@ def register(app: typer.Typer) -> None:
         if multilingual_st_model:
             os.environ["SHOPTUNE_MULTILINGUAL_ST_MODEL"] = str(multilingual_st_model)
         try:
-            s = evaluate(model=model, adapter=adapter, data=data, out=out, limit=limit,
+            s = evaluate(model=model, adapter=adapter, data=data or (), suite=suite, out=out, limit=limit,
                          backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
                          batch_size=batch_size, concurrency=concurrency, dtype=dtype)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
@@ -59,15 +62,72 @@ def register(app: typer.Typer) -> None:
 
     @eval_app.command("compare")
     def eval_compare(dirs: list[Path],
-                     plot: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = None) -> None:
-        """Side-by-side table (and plot) of several eval output folders."""
+                     plot: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = None,
+                     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+                     n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
+                     seed: int = 0,
+                     json_out: Annotated[Optional[Path], typer.Option(
+                         "--json", help="Write the paired statistics here.")] = None) -> None:
+        """Side-by-side table of eval folders run on the same questions, then each run minus the
+        first: paired bootstrap 95% CI and paired permutation p-value per task, track, all-around."""
+        import json
+
+        from shoptune.eval.paired import format_paired, paired_compare
         from shoptune.eval.report import compare, plot_tracks
+        from shoptune.eval.suite import ManifestMismatch, check_same_questions, manifest_of
 
         try:
+            check_same_questions({str(d): manifest_of(d) for d in dirs})
             table, runs = compare(dirs)
-        except FileNotFoundError as e:
-            fail(str(e))
+        except (FileNotFoundError, ManifestMismatch) as e:
+            fail(str(e), 2)
         console.print(table, markup=False, highlight=False)
+        results = {}
+        for d in dirs[1:]:
+            rows = [[json.loads(x) for x in (Path(r) / "predictions.jsonl").read_text().splitlines() if x]
+                    for r in (dirs[0], d)]
+            res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed)
+            results[str(d)] = res
+            console.print(format_paired(res, Path(dirs[0]).name or str(dirs[0]), Path(d).name or str(d)),
+                          markup=False, highlight=False)
+        if json_out:
+            from shoptune._io import write_json
+            write_json(json_out, {"a": str(dirs[0]), "paired": results})
         if plot:
             plot_tracks(runs, plot)
             console.print(f"plot: {plot}")
+
+    @eval_app.command("suite")
+    def eval_suite(name: Annotated[str, typer.Argument(help="Suite name (configs/eval) or YAML path.")],
+                   as_json: Annotated[bool, typer.Option("--json", help="The manifest as JSON.")] = False,
+                   overlap: Annotated[Optional[list[str]], typer.Option(
+                       help="Training data to check the suite against (13-gram overlap, repeatable).")] = None) -> None:
+        """What a suite holds: questions per part, capability and task type; its fingerprint."""
+        import json
+
+        from shoptune.data.loaders import DataValidationError
+        from shoptune.eval.suite import build_suite
+
+        try:
+            recs, m = build_suite(name)
+        except (FileNotFoundError, ValueError, DataValidationError) as e:
+            fail(str(e))
+        if overlap:
+            from shoptune.data.dedup import ngram_overlap
+            from shoptune.data.loaders import iter_records
+            train = list(iter_records(overlap, issues=[]))
+            rep = ngram_overlap(train, {m["suite"]: recs})
+            m["overlap"] = {"training_data": overlap, **rep.summary()}
+        if as_json:
+            print(json.dumps({k: v for k, v in m.items()}, indent=1))
+            return
+        console.print(f"suite {m['suite']} v{m['version']}: {m['n_questions']} questions, "
+                      f"fingerprint {m['fingerprint']}")
+        for part in m["parts"]:
+            console.print(f"  {part['name']}: {part['n']} questions over {len(part['tasks'])} tasks")
+        console.print("  capabilities: " + ", ".join(f"{k}={v}" for k, v in m["capabilities"].items()))
+        console.print("  task types: " + ", ".join(f"{k}={v}" for k, v in m["task_types"].items()))
+        if overlap:
+            for es, v in m["overlap"]["eval_sets"].items():
+                console.print(f"  13-gram overlap with {', '.join(overlap)}: {v['overlapping']} of "
+                              f"{v['questions']} questions")

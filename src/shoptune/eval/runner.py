@@ -22,6 +22,7 @@ from shoptune.data.loaders import load_records
 from shoptune.eval.backends import LocalBackend, OpenAIBackend, build_prompts, plan_for
 from shoptune.eval.report import plot_tracks, write_report
 from shoptune.eval.scoring import score_outputs, summarize
+from shoptune.eval.suite import build_suite, data_manifest, fingerprint
 from shoptune.paths import resolve_data_path
 
 
@@ -33,15 +34,26 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def evaluate(*, model: str, data: Sequence[str], out: str | Path, adapter: str | None = None,
+def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: str | None = None,
              limit: int | None = None, backend: str = "local", base_url: str | None = None,
              api_key: str = "EMPTY", protocol: str = "starter-kit", batch_size: int = 16,
              concurrency: int = 16, dtype: str = "auto", n_boot: int = 1000,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, suite: str | Path | None = None) -> dict:
+    """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders)."""
     out = Path(out)
-    records = load_records(list(data))
+    if bool(suite) == bool(data):
+        raise ValueError("give either --suite or --data")
+    if suite:
+        records, manifest = build_suite(suite)
+    else:
+        records = load_records(list(data))
     if limit:
         records = records[:limit]
+    if suite:
+        manifest.update(n_questions=len(records), ids=[r.id for r in records],
+                        fingerprint=fingerprint([r.id for r in records], manifest["sources"]))
+    else:
+        manifest = data_manifest(records, list(data))
     t0 = time.time()
     tok = None
     if backend == "local":
@@ -74,6 +86,7 @@ def evaluate(*, model: str, data: Sequence[str], out: str | Path, adapter: str |
         "data": [{"path": str(resolve_data_path(d)), "sha256_16": _file_hash(resolve_data_path(d))}
                  for d in data],
         "limit": limit,
+        "manifest": manifest,
         "timing": {"load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
                    "questions_per_s": round(len(records) / gen_s, 4) if gen_s else None,
                    "score_s": round(time.time() - t1 - gen_s, 3)},

@@ -50,6 +50,16 @@ def _task_value(rows: Sequence[dict]) -> float:
     return float(np.mean([r["score"] for r in rows]))
 
 
+def rollup(task_scores: dict, task_cap: dict[str, str]) -> tuple[dict, object, object]:
+    """Task scores -> (capability (track) scores, all-around = mean of tracks, mean over tasks).
+
+    Values may be floats or numpy arrays of equal shape (bootstrap resamples): means are taken
+    element-wise, so the paired comparison aggregates exactly as :func:`summarize` does."""
+    caps = [c for c in CAPABILITIES if c in {task_cap[t] for t in task_scores}]
+    tracks = {c: np.mean([s for t, s in task_scores.items() if task_cap[t] == c], axis=0) for c in caps}
+    return tracks, np.mean(list(tracks.values()), axis=0), np.mean(list(task_scores.values()), axis=0)
+
+
 def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Task, track (capability) and overall scores, with bootstrap CIs."""
     by_task: dict[str, list[dict]] = defaultdict(list)
@@ -59,12 +69,11 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dic
     tasks = {t: _task_value(rs) for t, rs in by_task.items()}
     caps = [c for c in CAPABILITIES if c in task_cap.values()]
 
-    def rollup(task_scores: dict[str, float]) -> tuple[dict[str, float], float, float]:
-        tracks = {c: float(np.mean([s for t, s in task_scores.items() if task_cap[t] == c]))
-                  for c in caps}
-        return tracks, float(np.mean(list(tracks.values()))), float(np.mean(list(task_scores.values())))
+    def rollup_(task_scores: dict[str, float]) -> tuple[dict[str, float], float, float]:
+        tracks, ov, ovt = rollup(task_scores, task_cap)
+        return {c: float(v) for c, v in tracks.items()}, float(ov), float(ovt)
 
-    tracks, overall, overall_tasks = rollup(tasks)
+    tracks, overall, overall_tasks = rollup_(tasks)
     rng = np.random.default_rng(seed)
     boot_tasks = {t: [] for t in tasks}
     boot = {"tracks": {c: [] for c in caps}, "overall": [], "overall_tasks": []}
@@ -74,7 +83,7 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dic
             pick = rng.integers(0, len(rs), len(rs))
             sample[t] = _task_value([rs[i] for i in pick])
             boot_tasks[t].append(sample[t])
-        tr, ov, ovt = rollup(sample)
+        tr, ov, ovt = rollup_(sample)
         for c in caps:
             boot["tracks"][c].append(tr[c])
         boot["overall"].append(ov)

@@ -1,0 +1,201 @@
+"""Paired comparison of evaluation runs on the same questions: B - A with a paired bootstrap CI
+and a paired permutation p-value, for every task, track (capability), the all-around score and
+the mean over tasks.
+
+    shoptune eval compare runs/base runs/tuned
+
+*Paired*: both runs answered the same questions (same suite manifest), so each bootstrap resample
+draws one set of question indices per task and scores A and B on it together; the noise shared by
+both runs (hard questions) cancels out of the difference. Resampling is within each task and the
+resampled task scores go through :func:`shoptune.eval.scoring.rollup` (task -> track -> all-around),
+exactly as :func:`~shoptune.eval.scoring.summarize` aggregates.
+
+*Seeds*: ``a`` and ``b`` may each hold several runs (one per training seed, paired by position).
+The statistic is then the mean over seeds of (B_s - A_s); resamples use the same question
+indices for every run, and the per-seed point differences are reported as the seed spread.
+
+*p-value*: two-sided paired permutation test (sign flip): under H0 "A and B are exchangeable on
+each question", each question's pair of scores is swapped with probability 1/2 (jointly across
+seeds) and the difference recomputed; p = (1 + #{|d*| >= |d|}) / (1 + n_perm).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from shoptune.eval.scoring import _natural, rollup
+
+METHOD = {"ci": "paired bootstrap, 95% percentile interval, questions resampled within each task",
+          "p_value": "two-sided paired permutation test (per-question swap of A and B)"}
+
+
+def _tasks(runs: Sequence[Sequence[dict]]) -> tuple[list[str], dict[str, str], dict[str, list[int]], dict[str, bool]]:
+    first = runs[0]
+    order: dict[str, list[int]] = {}
+    for i, r in enumerate(first):
+        order.setdefault(r["task_name"], []).append(i)
+    names = sorted(order, key=_natural)
+    cap = {t: first[order[t][0]]["capability"] for t in names}
+    f1 = {t: first[order[t][0]]["metric"] == "micro f1" for t in names}
+    return names, cap, order, f1
+
+
+def _check_aligned(runs: Sequence[Sequence[dict]]) -> None:
+    ref = runs[0]
+    for k, run in enumerate(runs[1:], 1):
+        if len(run) != len(ref):
+            raise ValueError(f"run {k} has {len(run)} questions, run 0 has {len(ref)}: not the same "
+                             "questions, cannot pair them")
+        for i, (x, y) in enumerate(zip(ref, run)):
+            if x.get("id") != y.get("id") or x["task_name"] != y["task_name"]:
+                raise ValueError(f"question {i}: id {y.get('id')} ({y['task_name']}) in run {k} but "
+                                 f"{x.get('id')} ({x['task_name']}) in run 0: not the same questions")
+
+
+def _values(runs, idx_rows: list[int], f1: bool) -> np.ndarray:
+    """(seeds, n) per-question scores, or (seeds, n, 3) micro-F1 counts."""
+    if f1:
+        return np.array([[run[i]["counts"] for i in idx_rows] for run in runs], dtype=np.float64)
+    return np.array([[run[i]["score"] for i in idx_rows] for run in runs], dtype=np.float64)
+
+
+def _task_score(v: np.ndarray, f1: bool) -> np.ndarray:
+    """Task value from resampled questions on the last axis (counts: the axis before the 3)."""
+    if not f1:
+        return v.mean(-1)
+    c = v.sum(-2)
+    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
+        r = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1e-300), 0.0)
+        return np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+
+
+def _aggregate(task_scores: dict[str, np.ndarray], cap: dict[str, str]) -> dict:
+    """Per-run task scores (seeds, X) -> seed-mean task/track/all-around/mean-over-tasks, each (X,)
+    plus the per-seed values (seeds, X)."""
+    tracks, overall, overall_tasks = rollup(task_scores, cap)
+    per_seed = {"overall": overall, "overall_tasks": overall_tasks,
+                **{f"capability:{c}": v for c, v in tracks.items()},
+                **{f"task:{t}": v for t, v in task_scores.items()}}
+    return per_seed
+
+
+def _stat_keys(names, cap) -> list[str]:
+    caps = list(dict.fromkeys(cap[t] for t in names))
+    from shoptune.records import CAPABILITIES
+    caps = [c for c in CAPABILITIES if c in caps]
+    return ["overall", "overall_tasks", *(f"capability:{c}" for c in caps), *(f"task:{t}" for t in names)]
+
+
+def _ci(x: np.ndarray) -> list[float] | None:
+    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))] if x.size else None
+
+
+def _nest(flat: dict[str, dict]) -> dict:
+    out = {"overall": flat["overall"], "overall_tasks": flat["overall_tasks"],
+           "capabilities": {}, "tasks": {}}
+    for k, v in flat.items():
+        if k.startswith("capability:"):
+            out["capabilities"][k.split(":", 1)[1]] = v
+        elif k.startswith("task:"):
+            out["tasks"][k.split(":", 1)[1]] = v
+    return out
+
+
+def bootstrap_scores(runs: Sequence[Sequence[dict]], *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Seed-averaged scores of one configuration with 95% bootstrap CIs (same resampling as
+    :func:`paired_compare`), plus each seed's point value (the seed spread)."""
+    runs = [list(r) for r in runs]
+    _check_aligned(runs)
+    names, cap, order, f1 = _tasks(runs)
+    vals = {t: _values(runs, order[t], f1[t]) for t in names}
+    point = _aggregate({t: _task_score(vals[t], f1[t]) for t in names}, cap)
+    rng = np.random.default_rng(seed)
+    boot = {}
+    for t in names:
+        idx = rng.integers(0, len(order[t]), (n_boot, len(order[t])))
+        boot[t] = _task_score(vals[t][:, idx], f1[t])  # (seeds, n_boot)
+    samples = _aggregate(boot, cap)
+    flat = {}
+    for k in _stat_keys(names, cap):
+        per_seed = np.atleast_1d(point[k]).astype(float)
+        flat[k] = {"score": float(per_seed.mean()), "ci95": _ci(samples[k].mean(0)),
+                   "seeds": [round(float(x), 6) for x in per_seed]}
+    res = _nest(flat)
+    res.update({"n_questions": len(runs[0]), "n_seeds": len(runs), "resamples": n_boot,
+                "seed": seed, "method": METHOD["ci"]})
+    return res
+
+
+def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
+                   n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> dict:
+    """B - A for every task, capability (track), the all-around score and the mean over tasks.
+
+    ``a``, ``b``: lists of runs (per-question rows as in ``predictions.jsonl``: ``id``,
+    ``task_name``, ``capability``, ``metric``, ``score``, ``counts`` for micro F1), one run per
+    seed, the same questions in the same order everywhere. Returns, per statistic, ``a``, ``b``,
+    ``diff``, ``ci95`` (paired bootstrap), ``p`` (paired permutation), ``seed_diffs``.
+    """
+    a, b = [list(r) for r in a], [list(r) for r in b]
+    if not a or len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same number of runs (seeds) on each side; "
+                         f"got {len(a)} and {len(b)}")
+    _check_aligned(a + b)
+    names, cap, order, f1 = _tasks(a)
+    va = {t: _values(a, order[t], f1[t]) for t in names}
+    vb = {t: _values(b, order[t], f1[t]) for t in names}
+    pa = _aggregate({t: _task_score(va[t], f1[t]) for t in names}, cap)
+    pb = _aggregate({t: _task_score(vb[t], f1[t]) for t in names}, cap)
+
+    rng = np.random.default_rng(seed)
+    ba, bb = {}, {}
+    for t in names:  # bootstrap: one index draw per task, shared by A, B and every seed
+        idx = rng.integers(0, len(order[t]), (n_boot, len(order[t])))
+        ba[t], bb[t] = _task_score(va[t][:, idx], f1[t]), _task_score(vb[t][:, idx], f1[t])
+    sa, sb = _aggregate(ba, cap), _aggregate(bb, cap)
+
+    pa_, pb_ = {}, {}
+    for t in names:  # permutation: swap A and B on a random half of the questions
+        swap = rng.random((n_perm, len(order[t]))) < 0.5
+        m = swap[None, :, :, None] if f1[t] else swap[None]
+        xa, xb = va[t][:, None], vb[t][:, None]
+        pa_[t] = _task_score(np.where(m, xb, xa), f1[t])
+        pb_[t] = _task_score(np.where(m, xa, xb), f1[t])
+    qa, qb = _aggregate(pa_, cap), _aggregate(pb_, cap)
+
+    flat = {}
+    for k in _stat_keys(names, cap):
+        seed_diffs = np.atleast_1d(pb[k] - pa[k]).astype(float)
+        d = float(seed_diffs.mean())
+        boot = (sb[k] - sa[k]).mean(0)
+        perm = (qb[k] - qa[k]).mean(0)
+        p = (1 + int(np.sum(np.abs(perm) >= abs(d) - 1e-12))) / (1 + n_perm)
+        flat[k] = {"a": float(np.mean(pa[k])), "b": float(np.mean(pb[k])), "diff": d,
+                   "ci95": _ci(boot), "p": min(1.0, p),
+                   "seed_diffs": [round(float(x), 6) for x in seed_diffs]}
+    res = _nest(flat)
+    res.update({"n_questions": len(a[0]), "n_seeds": len(a), "resamples": n_boot,
+                "permutations": n_perm, "seed": seed, "method": METHOD})
+    return res
+
+
+def format_paired(res: dict, a_name: str = "A", b_name: str = "B") -> str:
+    """Markdown table of :func:`paired_compare`'s result."""
+    def row(label, v):
+        ci = v["ci95"]
+        return (f"| {label} | {v['a']:.3f} | {v['b']:.3f} | {v['diff']:+.3f} | "
+                f"[{ci[0]:+.3f}, {ci[1]:+.3f}] | {v['p']:.3g} |")
+    lines = [f"Paired comparison, {b_name} - {a_name}, {res['n_questions']} questions"
+             + (f", {res['n_seeds']} seeds (mean of per-seed differences)" if res["n_seeds"] > 1 else "")
+             + f". CI: {res['method']['ci']} ({res['resamples']} resamples); "
+             f"p: {res['method']['p_value']} ({res['permutations']} permutations).", "",
+             f"| | {a_name} | {b_name} | diff | 95% CI | p |", "|---|---|---|---|---|---|"]
+    for c, v in res["capabilities"].items():
+        lines.append(row(c, v))
+    lines.append(row("**all-around**", res["overall"]))
+    lines.append(row("mean over tasks", res["overall_tasks"]))
+    for t, v in res["tasks"].items():
+        lines.append(row(t, v))
+    return "\n".join(lines) + "\n"

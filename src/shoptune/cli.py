@@ -227,8 +227,11 @@ def data_dedup(paths: Paths,
                    help="What was removed and why (.jsonl); default OUT.removed.jsonl")] = None,
                threshold: float = 0.9, contamination_threshold: float = 0.8,
                near: Annotated[bool, typer.Option(help="Near-duplicate (MinHash) pass.")] = True,
+               ngram: Annotated[int, typer.Option(help="Decontamination: word n-gram overlap "
+                                                  "(GPT-3 / lm-eval: 13; 0 = off).")] = 13,
                task: TaskOpt = None, map_: MapOpt = None) -> None:
-    """Drop exact and near duplicates, and anything that appears in an evaluation set."""
+    """Drop exact and near duplicates, and anything that appears in an evaluation set
+    (--against FILE or suite:NAME): exactly, nearly, or as a shared 13-gram."""
     from collections import Counter
 
     from shoptune._io import write_jsonl
@@ -238,10 +241,18 @@ def data_dedup(paths: Paths,
     with console.status("de-duplicating"):
         kept, removed = dedup(recs, threshold=threshold, near=near)
     if against:
-        evals = {a: _load([a]) for a in against}
+        from shoptune.data.dedup import contamination_summary
+        from shoptune.eval.suite import load_eval_set
+        try:
+            evals = {a: load_eval_set(a) if a.startswith("suite:") else _load([a]) for a in against}
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
         with console.status("decontaminating"):
-            kept, rem2 = decontaminate(kept, evals, threshold=contamination_threshold)
+            kept, rem2 = decontaminate(kept, evals, threshold=contamination_threshold, ngram=ngram)
         removed += rem2
+        for name, v in contamination_summary(evals, rem2).items():
+            console.print(f"{name}: {v['overlapping']} of {v['questions']} questions overlap the "
+                          f"training data (exact, near-duplicate or {ngram}-gram)")
     report = report or out.with_suffix(".removed.jsonl")
     write_jsonl(out, (r.to_dict() for r in kept))
     write_jsonl(report, removed)
@@ -326,12 +337,14 @@ def demo(out: str = "runs/demo",
 def _register_optional() -> None:
     """Sub-commands whose modules land in later steps register themselves here."""
     from shoptune.eval.cli import register as register_eval
+    from shoptune.experiment.cli import register as register_experiment
     from shoptune.serve.cli import register as register_serve
     from shoptune.train.cli import register as register_train
 
     register_eval(app)
     register_train(app, data_app)
     register_serve(app)
+    register_experiment(app)
 
 
 _register_optional()

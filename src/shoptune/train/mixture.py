@@ -12,7 +12,8 @@ A mixture is a YAML file::
     max_per_task: 400                # cap before sampling (per_task_caps overrides per task)
     upsample: false                  # allow repeating rows of small tasks to reach their quota
     dedup: true
-    decontaminate_against: [shopbench-dev]
+    decontaminate_against: [shopbench-dev]   # data, or suite:NAME (an evaluation suite)
+    decontaminate_ngram: 13          # also drop rows sharing a word 13-gram with them (0 = off)
     seed: 0
 
 ``shoptune data mix CONFIG --out FILE`` writes FILE (JSON lines) and FILE.manifest.json.
@@ -54,6 +55,7 @@ class MixtureConfig(BaseModel):
     upsample: bool = False
     dedup: bool = True
     decontaminate_against: list[str] = []
+    decontaminate_ngram: int = Field(default=13, ge=0)
     seed: int = 0
 
     @classmethod
@@ -107,16 +109,19 @@ def build_mixture(cfg: MixtureConfig) -> tuple[list[Record], dict]:
                     test=cfg.split_test) == cfg.split:
             pool[rec.task].append(rec)
     removed: list[dict] = []
+    contamination = None
     if cfg.dedup or cfg.decontaminate_against:
-        from shoptune.data.dedup import decontaminate, dedup
+        from shoptune.data.dedup import contamination_summary, decontaminate, dedup
+        from shoptune.eval.suite import load_eval_set
         flat = [r for t in sorted(pool) for r in pool[t]]
         if cfg.dedup:
             flat, rem = dedup(flat)
             removed += rem
         if cfg.decontaminate_against:
-            evals = {a: load_records([a]) for a in cfg.decontaminate_against}
-            flat, rem = decontaminate(flat, evals)
+            evals = {a: load_eval_set(a) for a in cfg.decontaminate_against}
+            flat, rem = decontaminate(flat, evals, ngram=cfg.decontaminate_ngram)
             removed += rem
+            contamination = contamination_summary(evals, rem)
         pool = defaultdict(list)
         for r in flat:
             pool[r.task].append(r)
@@ -134,6 +139,8 @@ def build_mixture(cfg: MixtureConfig) -> tuple[list[Record], dict]:
         chosen += [rows[i % len(rows)] for i in range(q)]
     rng.shuffle(chosen)
     manifest = make_manifest(chosen, cfg, removed=removed, skipped_invalid=len(issues))
+    if contamination is not None:  # per evaluation set: its questions found in the training pool
+        manifest["contamination"] = contamination
     return chosen, manifest
 
 
@@ -157,6 +164,6 @@ def make_manifest(records: list[Record], cfg: MixtureConfig, *, removed: list[di
         "removed": dict(Counter(r["reason"] for r in removed)),
         "skipped_invalid_rows": skipped_invalid,
         "sources": {s: _file_digest(resolve_data_path(s)) for s in
-                    cfg.sources + cfg.decontaminate_against},
+                    cfg.sources + cfg.decontaminate_against if not s.startswith("suite:")},
         "config": cfg.model_dump(),
     }

@@ -1,0 +1,67 @@
+"""``shoptune experiment run`` and ``shoptune experiment report``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from shoptune.cli import console, fail
+
+    exp_app = typer.Typer(help="Experiments: cells x seeds, trained and scored on a suite; "
+                               "paired statistics.", no_args_is_help=True)
+    app.add_typer(exp_app, name="experiment")
+
+    @exp_app.command("run")
+    def run_cmd(spec: Annotated[Path, typer.Argument(help="Experiment YAML (configs/experiments/*.yaml).")],
+                out: Annotated[Path, typer.Option(help="Working folder (checkpoints, adapters, logs).")],
+                results: Annotated[Optional[Path], typer.Option(
+                    help="Small result files (commit these), e.g. docs/results/experiments/NAME; "
+                         "default: OUT.")] = None,
+                workers: Annotated[int, typer.Option(min=1, help="Runs side by side.")] = 1,
+                dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done.")] = False,
+                report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True) -> None:
+        """Train and score every cell x seed; finished runs are skipped, killed ones resumed."""
+        from pydantic import ValidationError
+
+        from shoptune.data.loaders import DataValidationError
+        from shoptune.experiment.runner import is_done, plan, run_experiment
+
+        try:
+            if dry_run:
+                exp = plan(spec, out, results)
+                for r in exp["runs"]:
+                    state = "done" if is_done(results or out, r) else "to run"
+                    tokens = f", ~{r['planned_tokens']} tokens" if r["planned_tokens"] else ""
+                    console.print(f"{r['id']}: {r['max_steps']} steps{tokens} [{state}]")
+                return
+            res = run_experiment(spec, out, results=results, workers=workers, console=console)
+        except (FileNotFoundError, ValueError, ValidationError, DataValidationError) as e:
+            fail(str(e))
+        console.print(f"{res['runs']} runs: {len(res['skipped'])} already done, {len(res['done'])} "
+                      f"finished now, {len(res['failed'])} failed ({res['wall_time_s']} s); "
+                      f"results in {res['results_dir']}")
+        for rid in res["failed"]:
+            console.print(f"[red]failed[/]: {rid} (log: {out / 'cells' / rid / 'cell.log'})")
+        if report and (res["done"] or res["skipped"]):
+            from shoptune.experiment.report import write_report
+            write_report(res["results_dir"])
+            console.print(f"report: {Path(res['results_dir']) / 'report.md'}")
+        if res["failed"]:
+            raise typer.Exit(1)
+
+    @exp_app.command("report")
+    def report_cmd(results: Annotated[Path, typer.Argument(help="An experiment's results folder.")],
+                   n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> None:
+        """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over
+        tasks) with CIs; paired difference to the baseline with CI and p-value."""
+        from shoptune.experiment.report import report_markdown, write_report
+
+        try:
+            rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        console.print(report_markdown(rep), markup=False, highlight=False)
+        console.print(f"wrote {results}/report.md, results.json, scores.png, diff.png")

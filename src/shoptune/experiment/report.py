@@ -1,0 +1,195 @@
+"""``shoptune experiment report DIR``: one row per cell, paired differences to the baseline.
+
+Reads only the small files (``experiment.json``, ``suite.json``, ``cells/*/result.json``), so it
+works from a committed results folder on any machine. Writes ``report.md``, ``results.json``,
+``scores.png`` (all-around and tracks per cell, 95% CI) and ``diff.png`` (paired difference to
+the baseline with its CI).
+
+Scores of a cell are the mean over its seeds; CIs resample questions (within tasks) jointly for
+all seeds. The difference to the baseline is the mean over seeds of the per-seed paired
+difference (same seed on both sides), with a paired bootstrap CI and a paired permutation
+p-value (:mod:`shoptune.eval.paired`); the per-seed differences are listed as the seed spread.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shoptune._io import atomic_open, write_json
+from shoptune.eval.paired import bootstrap_scores, paired_compare
+from shoptune.records import CAPABILITIES
+
+COLUMNS = [*CAPABILITIES, "overall", "overall_tasks"]
+LABEL = {"concept_understanding": "concept", "knowledge_reasoning": "knowledge",
+         "user_behavior_alignment": "behavior", "multilingual": "multilingual",
+         "overall": "all-around", "overall_tasks": "mean over tasks"}
+
+
+def load_runs(results: str | Path) -> tuple[dict, dict[str, dict[int, list[dict]]], list[str]]:
+    """(experiment plan, {cell: {seed: per-question rows}}, run ids not finished)."""
+    results = Path(results)
+    for f in ("experiment.json", "suite.json"):
+        if not (results / f).exists():
+            raise FileNotFoundError(f"{results / f}: missing (is {results} an experiment results "
+                                    "folder? `shoptune experiment run ... --results` writes it)")
+    exp = json.loads((results / "experiment.json").read_text(encoding="utf-8"))
+    questions = json.loads((results / "suite.json").read_text(encoding="utf-8"))["questions"]
+    cells: dict[str, dict[int, list[dict]]] = {}
+    missing = []
+    for run in exp["runs"]:
+        f = results / "cells" / run["id"] / "result.json"
+        res = json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
+        if not res or res.get("key") != run["key"]:
+            missing.append(run["id"])
+            continue
+        pq = res["per_question"]
+        if len(pq["score"]) != len(questions):
+            raise ValueError(f"{f}: {len(pq['score'])} question scores, suite has {len(questions)}")
+        rows = []
+        for i, (q, sc) in enumerate(zip(questions, pq["score"])):
+            row = {**q, "score": sc}
+            if str(i) in pq["counts"]:
+                row["counts"] = pq["counts"][str(i)]
+            rows.append(row)
+        cells.setdefault(run["cell"], {})[run["seed"]] = rows
+    return exp, cells, missing
+
+
+def _pick(res: dict, col: str) -> dict:
+    return res["capabilities"].get(col) if col in CAPABILITIES else res[col]
+
+
+def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> dict:
+    exp, cells, missing = load_runs(results)
+    base = exp["baseline"]
+    out = {"experiment": exp["name"], "baseline": base, "suite": exp["suite"], "missing_runs": missing,
+           "cells": {}}
+    for cell in exp["cells"]:
+        if cell not in cells:
+            continue
+        seeds = sorted(cells[cell])
+        scores = bootstrap_scores([cells[cell][s] for s in seeds], n_boot=n_boot, seed=seed)
+        entry = {"seeds": seeds, "scores": {c: _pick(scores, c) for c in COLUMNS if _pick(scores, c)},
+                 "tasks": {t: v["score"] for t, v in scores["tasks"].items()}}
+        ref = exp.get("baselines", {}).get(cell, base)
+        if cell != ref and ref in cells:
+            common = sorted(set(seeds) & set(cells[ref]))
+            if common:
+                d = paired_compare([cells[ref][s] for s in common], [cells[cell][s] for s in common],
+                                   n_boot=n_boot, n_perm=n_perm, seed=seed)
+                entry["vs_baseline"] = {"baseline": ref, "seeds": common,
+                                        **{c: _pick(d, c) for c in COLUMNS if _pick(d, c)},
+                                        "tasks": d["tasks"], "method": d["method"]}
+        out["cells"][cell] = entry
+    return out
+
+
+def _fmt(v: dict | None) -> str:
+    if not v:
+        return "-"
+    ci = v.get("ci95")
+    s = f"{v['score']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    if len(v.get("seeds", [])) > 1:
+        s += f" (seeds {min(v['seeds']):.3f}..{max(v['seeds']):.3f})"
+    return s
+
+
+def _fmt_diff(v: dict | None) -> str:
+    if not v:
+        return "-"
+    ci = v["ci95"]
+    s = f"{v['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] p={v['p']:.3g}"
+    if len(v["seed_diffs"]) > 1:
+        s += f" (seeds {', '.join(f'{x:+.3f}' for x in v['seed_diffs'])})"
+    return s
+
+
+def report_markdown(rep: dict) -> str:
+    s = rep["suite"]
+    lines = [f"# Experiment {rep['experiment']}", "",
+             f"Suite `{s['name']}` v{s['version']} ({s['n_questions']} questions, fingerprint "
+             f"`{s['fingerprint']}`). Scores are means over seeds with 95% bootstrap CIs (questions "
+             "resampled within tasks, jointly for all seeds); the range of the per-seed values is in "
+             "parentheses.", "",
+             "| cell | seeds | " + " | ".join(LABEL[c] for c in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for cell, e in rep["cells"].items():
+        lines.append(f"| {cell}{' (baseline)' if cell == rep['baseline'] else ''} | {len(e['seeds'])} | "
+                     + " | ".join(_fmt(e["scores"].get(c)) for c in COLUMNS) + " |")
+    method = next((e["vs_baseline"]["method"] for e in rep["cells"].values() if "vs_baseline" in e), None)
+    if method:
+        lines += ["", f"## Paired difference to the baseline `{rep['baseline']}` (cell - baseline; "
+                      "`cell - other` where a cell names its own reference)", "",
+                  f"Mean over seeds of the per-seed difference (same seed on both sides). CI: "
+                  f"{method['ci']}; p: {method['p_value']}. Per-seed differences in parentheses.", "",
+                  "| cell | " + " | ".join(LABEL[c] for c in COLUMNS) + " |",
+                  "|---|" + "---|" * len(COLUMNS)]
+        for cell, e in rep["cells"].items():
+            if "vs_baseline" in e:
+                ref = e["vs_baseline"]["baseline"]
+                lines.append(f"| {cell}{'' if ref == rep['baseline'] else f' - {ref}'} | " + " | ".join(_fmt_diff(e["vs_baseline"].get(c)) for c in COLUMNS) + " |")
+    if rep["missing_runs"]:
+        lines += ["", f"Not finished yet ({len(rep['missing_runs'])}): " + ", ".join(rep["missing_runs"])]
+    lines += ["", "![scores](scores.png)", "", "![difference to the baseline](diff.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rep: dict, results: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = list(rep["cells"])
+    if not cells:
+        return
+    x = np.arange(len(COLUMNS))
+    width = 0.8 / len(cells)
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(COLUMNS), 4.2))
+    for k, cell in enumerate(cells):
+        sc = rep["cells"][cell]["scores"]
+        vals = [sc[c]["score"] if c in sc else np.nan for c in COLUMNS]
+        err = np.array([[v - sc[c]["ci95"][0] if c in sc else 0 for v, c in zip(vals, COLUMNS)],
+                        [sc[c]["ci95"][1] - v if c in sc else 0 for v, c in zip(vals, COLUMNS)]])
+        ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=cell)
+    ax.set_xticks(x, [LABEL[c] for c in COLUMNS], fontsize=8)
+    ax.set_ylabel("score")
+    ax.set_title(f"{rep['experiment']}: score per cell (mean over seeds, 95% CI)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, results / "scores.png")
+    plt.close(fig)
+
+    others = [c for c in cells if "vs_baseline" in rep["cells"][c]]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * max(1, len(others)) * 2))
+    cols = ["overall", "overall_tasks"]
+    for j, col in enumerate(cols):
+        for i, cell in enumerate(others):
+            d = rep["cells"][cell]["vs_baseline"][col]
+            y = i * (len(cols) + 1) + j
+            ax.errorbar(d["diff"], y, xerr=[[d["diff"] - d["ci95"][0]], [d["ci95"][1] - d["diff"]]],
+                        fmt="o", color=f"C{j}", capsize=3, label=LABEL[col] if i == 0 else None)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks([i * (len(cols) + 1) + 0.5 for i in range(len(others))],
+                  [f"{c} - {rep['cells'][c]['vs_baseline']['baseline']}" for c in others], fontsize=8)
+    ax.set_xlabel("paired difference to the reference cell (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, results / "diff.png")
+    plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+def write_report(results: str | Path, **kw) -> dict:
+    results = Path(results)
+    rep = build_report(results, **kw)
+    write_json(results / "results.json", rep)
+    with atomic_open(results / "report.md") as fh:
+        fh.write(report_markdown(rep))
+    _plots(rep, results)
+    return rep

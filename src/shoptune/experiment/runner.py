@@ -1,0 +1,289 @@
+"""Run an experiment: every cell x seed trains with the normal recipe, then is scored on the suite.
+
+    shoptune experiment run configs/experiments/rank.yaml --out runs/exp/rank \\
+        --results docs/results/experiments/rank [--workers 1] [--dry-run]
+
+Layout (heavy and light files apart, so the light ones can be committed):
+
+    RESULTS/experiment.json               the plan: runs (cell, seed, key, overrides, max_steps)
+    RESULTS/suite.json                    the suite manifest + per-question task/capability/metric
+    RESULTS/cells/<cell>.s<seed>.<key>/result.json
+                                          a finished run: config, training metrics, suite scores,
+                                          per-question scores (what paired statistics need); ~15 KB
+    OUT/cells/<run>/train/                checkpoints, adapter, log.jsonl, run.json (never commit)
+    OUT/cells/<run>/eval/                 predictions.jsonl, scores.json, report.md
+    OUT/cells/<run>/cell.log              the run's output
+
+``RESULTS`` defaults to ``OUT``. A run is finished when its ``result.json`` exists with its key,
+so committing ``RESULTS`` is all a later session needs: it re-plans, skips those runs and
+resumes the rest (a killed run continues from its newest complete checkpoint in ``OUT``).
+Each run is its own process (killed with the runner: PR_SET_PDEATHSIG on Linux).
+
+Budget: with ``budget: {tokens: N}`` each run gets ``max_steps = N / (mean tokens per row of its
+own mixture x batch_size x grad_accum)``, so a one-capability cell and a four-capability cell
+see the same number of training tokens ("more diverse" is not "more data"). The mean is taken
+over the cell's mixture as configured but without de-duplication/decontamination (fast; those
+remove a few rows only); ``result.json`` records the tokens actually seen.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shoptune._io import write_json
+from shoptune.experiment.spec import ExperimentSpec, load_spec, resolve_path, run_key, steps_for_budget
+
+
+# ----------------------------------------------------------------------------- plan
+
+def _avg_tokens_per_row(cfg, cache: dict) -> float:
+    from shoptune.models import load_tokenizer
+    from shoptune.train.format import encode_records
+    from shoptune.train.mixture import build_mixture
+
+    mix = cfg.mixture.model_copy(update={"dedup": False, "decontaminate_against": []})
+    key = json.dumps([mix.model_dump(), cfg.model, cfg.protocol, cfg.max_length], sort_keys=True)
+    if key not in cache:
+        recs, _ = build_mixture(mix)
+        if not recs:
+            raise ValueError("a cell's mixture selects no rows; check its overrides")
+        tok = cache.setdefault(("tok", cfg.model), load_tokenizer(cfg.model))
+        ex = encode_records(recs, tok, protocol=cfg.protocol, max_length=cfg.max_length,
+                            task_index={t: i for i, t in enumerate(sorted({r.task for r in recs}))})
+        cache[key] = sum(e["length"] for e in ex) / len(ex)
+    return cache[key]
+
+
+def _check_split(cfg, suite_cfg) -> None:
+    """A suite part drawn from a split of the training sources must use the same split settings,
+    else its questions could be in the training split."""
+    m = cfg.mixture
+    for part in suite_cfg.parts:
+        if part.split and set(part.sources) & set(m.sources):
+            mine = (m.split_seed, m.split_validation, m.split_test)
+            theirs = (part.split_seed, part.split_validation, part.split_test)
+            if mine != theirs or m.split == part.split:
+                raise ValueError(
+                    f"suite {suite_cfg.name} part {part.name}: split {part.split} with "
+                    f"(seed, validation, test) = {theirs}, but the training mixture draws split "
+                    f"{m.split} with {mine}: the suite's questions could be trained on")
+
+
+def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = None) -> dict:
+    """Expand the experiment into runs with their keys and step budgets; write the plan."""
+    from shoptune.eval.suite import build_suite, load_suite_config, suite_path
+    from shoptune.train.config import load_config
+
+    spec_path = Path(spec_path)
+    spec: ExperimentSpec = load_spec(spec_path)
+    out = Path(out)
+    results = Path(results) if results else out
+    base = resolve_path(spec.base, spec_path.parent)
+    suite_file = suite_path(spec.suite)
+    suite_cfg = load_suite_config(suite_file)
+    records, manifest = build_suite(suite_file)
+    runs, cache = [], {}
+    for cell in spec.expanded_cells():
+        for seed in spec.seeds:
+            overrides = [*spec.overrides, *cell.overrides, f"seed={seed}"]
+            try:
+                cfg = load_config(base, overrides)
+            except Exception as e:  # pydantic / override errors: name the cell
+                raise ValueError(f"cell {cell.name}: {e}") from None
+            _check_split(cfg, suite_cfg)
+            against = list(cfg.mixture.decontaminate_against)
+            if f"suite:{spec.suite}" not in against:  # never train on the suite's questions
+                overrides.append(f"mixture.decontaminate_against={json.dumps(against + [f'suite:{spec.suite}'])}")
+            avg = _avg_tokens_per_row(cfg, cache) if spec.budget and spec.budget.tokens else None
+            steps = steps_for_budget(spec.budget, cfg.max_steps, avg or 0.0,
+                                     cfg.batch_size * cfg.grad_accum)
+            overrides.append(f"max_steps={steps}")
+            cfg = load_config(base, overrides)
+            key = run_key(cfg.model_dump(), manifest["fingerprint"], spec.protocol)
+            runs.append({"id": f"{cell.name}.s{seed}.{key[:8]}", "cell": cell.name, "seed": seed,
+                         "key": key, "overrides": overrides, "max_steps": steps,
+                         "avg_tokens_per_row": round(avg, 2) if avg else None,
+                         "planned_tokens": round(avg * steps * cfg.batch_size * cfg.grad_accum) if avg else None})
+    exp = {"name": spec.name, "description": spec.description, "spec_file": str(spec_path),
+           "spec": spec.model_dump(), "base": str(base), "baseline": spec.baseline,
+           "cells": [c.name for c in spec.expanded_cells()], "seeds": spec.seeds,
+           "baselines": {c.name: c.baseline or spec.baseline for c in spec.expanded_cells()},
+           "suite": {"name": spec.suite, "version": manifest["version"],
+                     "fingerprint": manifest["fingerprint"], "n_questions": manifest["n_questions"]},
+           "protocol": spec.protocol, "runs": runs}
+    suite_doc = {**{k: v for k, v in manifest.items() if k != "ids"},
+                 "questions": [{"id": r.id, "task_name": r.task_name or r.task, "capability": r.capability,
+                                "metric": r.metric} for r in records]}
+    write_json(results / "experiment.json", exp)
+    write_json(results / "suite.json", suite_doc)
+    write_json(out / "plan.json", {**exp, "results_dir": str(results.resolve()), "out": str(out.resolve()),
+                                   "base": str(base.resolve()), "suite_file": str(suite_file.resolve())})
+    return exp
+
+
+def result_path(results: Path, run: dict) -> Path:
+    return Path(results) / "cells" / run["id"] / "result.json"
+
+
+def is_done(results: Path, run: dict) -> bool:
+    p = result_path(results, run)
+    if not p.exists():
+        return False
+    try:
+        return json.loads(p.read_text(encoding="utf-8")).get("key") == run["key"]
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- one run (child)
+
+def _complete_checkpoints(train_dir: Path) -> list[str]:
+    return sorted(str(p.parent.relative_to(train_dir)) for p in train_dir.rglob("checkpoint-*/COMPLETE"))
+
+
+def run_one(plan_file: str | Path, run_id: str) -> dict:
+    """Train (or resume) one run, evaluate its adapter on the suite, write its result.json."""
+    from shoptune.eval.runner import evaluate
+    from shoptune.train.config import load_config
+    from shoptune.train.recipe import main as train_main
+
+    p = json.loads(Path(plan_file).read_text(encoding="utf-8"))
+    run = next(r for r in p["runs"] if r["id"] == run_id)
+    work = Path(p["out"]) / "cells" / run_id
+    train_dir = work / "train"
+    cfg = load_config(p["base"], [*run["overrides"], f"output_dir={train_dir}"])
+    t0 = time.time()
+    resumed_from = None
+    if not ((train_dir / "run.json").exists() and (train_dir / "adapter").is_dir()):
+        ckpts = _complete_checkpoints(train_dir) if train_dir.exists() else []
+        resumed_from = ckpts[-1] if ckpts else None
+        train_main(cfg, resume=bool(ckpts) or (train_dir / "stage2").exists())
+    train_s = time.time() - t0
+    trained = json.loads((train_dir / "run.json").read_text(encoding="utf-8"))
+    t1 = time.time()
+    s = evaluate(model=cfg.model, adapter=str(train_dir / "adapter"), suite=p["suite_file"],
+                 out=work / "eval", protocol=p["protocol"], quiet=True)
+    if s["manifest"]["fingerprint"] != p["suite"]["fingerprint"]:
+        raise RuntimeError(f"suite {p['suite']['name']} changed since the plan (fingerprint "
+                           f"{s['manifest']['fingerprint']} vs {p['suite']['fingerprint']}); re-plan")
+    rows = [json.loads(x) for x in (work / "eval" / "predictions.jsonl").read_text().splitlines() if x]
+    mix = trained["mixture"]
+    result = {
+        "experiment": p["name"], "id": run_id, "cell": run["cell"], "seed": run["seed"],
+        "key": run["key"], "overrides": run["overrides"], "config": cfg.model_dump(),
+        "train": {"steps": trained["metrics"]["steps"], "tokens_seen": trained["metrics"]["tokens_seen"],
+                  "planned_tokens": run["planned_tokens"], "first_loss": trained["metrics"]["first_loss"],
+                  "final_loss": trained["metrics"]["final_loss"], "wall_time_s": trained["wall_time_s"],
+                  "resumed_from": resumed_from,
+                  "mixture": {k: mix.get(k) for k in ("rows", "tasks", "capabilities", "diversity",
+                                                      "tokens", "removed", "contamination")},
+                  "curriculum": {k: v for k, v in (trained.get("curriculum") or {}).items()
+                                 if k in ("low_resource", "excluded", "stopped", "final_task_weights")} or None},
+        "suite": {**p["suite"]},
+        "scores": {k: s[k] for k in ("overall", "overall_tasks", "tracks", "capabilities", "ci95")},
+        "tasks": {t: round(v["score"], 6) for t, v in s["tasks"].items()},
+        "per_question": {"ids_sha": s["manifest"]["fingerprint"],
+                         "score": [round(r["score"], 6) for r in rows],
+                         "counts": {str(i): r["counts"] for i, r in enumerate(rows) if "counts" in r}},
+        "eval_timing": s["timing"], "versions": trained.get("versions"), "git_commit": trained.get("git_commit"),
+        "wall_time_s": {"train": round(train_s, 1), "eval": round(time.time() - t1, 1)},
+    }
+    write_json(result_path(Path(p["results_dir"]), run), result)
+    return result
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def _progress_of(out: Path, run: dict) -> str:
+    work = out / "cells" / run["id"]
+    if (work / "train" / "run.json").exists():
+        return "evaluating"
+    step = 0
+    for log in (work / "train").rglob("log.jsonl") if (work / "train").exists() else []:
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines()[-3:]:
+            try:
+                step = max(step, int(json.loads(line).get("step", 0)))
+            except ValueError:
+                pass
+    return f"training {step}/{run['max_steps']}"
+
+
+def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Path | None = None,
+                   workers: int = 1, console=None, poll_s: float = 1.0) -> dict:
+    """Plan, skip finished runs, run the rest ``workers`` at a time; returns a status summary."""
+    from rich.live import Live
+    from rich.table import Table
+
+    out = Path(out)
+    exp = plan(spec_path, out, results)
+    results = Path(results) if results else out
+    plan_file = out / "plan.json"
+    todo = [r for r in exp["runs"] if not is_done(results, r)]
+    skipped = [r["id"] for r in exp["runs"] if r not in todo]
+    env = dict(os.environ)
+    if workers > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    running: dict[str, tuple[subprocess.Popen, float, dict]] = {}
+    done, failed, durations = [], [], []
+    t_start = time.time()
+
+    def view() -> Table:
+        left = len(todo) + len(running)
+        eta = "?"
+        if durations:
+            eta = f"{sum(durations) / len(durations) * left / max(1, workers) / 60:.1f} min"
+        t = Table(title=f"experiment {exp['name']}: {len(skipped) + len(done)} done "
+                        f"({len(skipped)} skipped), {len(running)} running, {len(todo)} waiting, "
+                        f"{len(failed)} failed; ETA {eta}")
+        t.add_column("run")
+        t.add_column("state")
+        t.add_column("elapsed", justify="right")
+        for rid, (_, t0, run) in running.items():
+            t.add_row(rid, _progress_of(out, run), f"{(time.time() - t0) / 60:.1f} min")
+        return t
+
+    with Live(view(), console=console, refresh_per_second=1, transient=False,
+              redirect_stdout=False, redirect_stderr=False) as live:
+        while todo or running:
+            while todo and len(running) < workers:
+                run = todo.pop(0)
+                work = out / "cells" / run["id"]
+                work.mkdir(parents=True, exist_ok=True)
+                log = open(work / "cell.log", "a", encoding="utf-8")
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "shoptune.experiment.runner", str(plan_file), run["id"]],
+                    stdout=log, stderr=subprocess.STDOUT, env=env,
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                log.close()
+                running[run["id"]] = (proc, time.time(), run)
+            for rid, (proc, t0, run) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[rid]
+                if proc.returncode == 0 and is_done(results, run):
+                    done.append(rid)
+                    durations.append(time.time() - t0)
+                else:
+                    failed.append(rid)
+            live.update(view())
+            if todo or running:
+                time.sleep(poll_s)
+    return {"runs": len(exp["runs"]), "skipped": skipped, "done": done, "failed": failed,
+            "results_dir": str(results), "wall_time_s": round(time.time() - t_start, 1)}
+
+
+if __name__ == "__main__":
+    run_one(sys.argv[1], sys.argv[2])

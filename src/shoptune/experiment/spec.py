@@ -1,0 +1,145 @@
+"""An experiment file (``configs/experiments/*.yaml``): plain data expanded into runs.
+
+    name: rank
+    base: configs/train/experiment.yaml     # a training config (repo-, file- or configs-relative)
+    overrides: [mixture.total=800]          # applied to every cell
+    suite: core                             # evaluation suite (configs/eval/NAME.yaml or a path)
+    seeds: [0, 1]                           # training seed of each repetition (`seed=S`)
+    budget: {tokens: 300000}                # equal training tokens per run (or {steps: N}; null:
+                                            #   the config's max_steps)
+    baseline: r16                           # the cell every other one is compared with
+    cells:                                  # name + `key=value` overrides (as `shoptune train`)
+      - {name: r16, overrides: [lora.r=16]}
+      - {name: r64, overrides: [lora.r=64], baseline: r16}   # optional: its own reference cell
+    grid:                                   # and/or: the product of these, one cell per point
+      lora.r: [8, 32]
+      mixture.include_capabilities: [[concept_understanding], []]
+
+A *run* is one cell at one seed. Its key is a hash of its resolved training config (everything
+but ``output_dir``), the suite's fingerprint and the evaluation protocol: change any of them and
+the run is new; change nothing and a finished run is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shoptune import REPO_CONFIGS
+from shoptune.paths import REPO_ROOT
+
+
+class Budget(BaseModel):
+    """Training budget per run: ``tokens`` (prompt + answer tokens, not padding; the default
+    way to make cells comparable) or ``steps``."""
+    model_config = ConfigDict(extra="forbid")
+    tokens: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("budget: give exactly one of tokens, steps")
+        return self
+
+
+class Cell(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$", max_length=80)
+    overrides: list[str] = []
+    baseline: str | None = None  # compare this cell with another than the experiment's baseline
+
+
+class ExperimentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    base: str
+    overrides: list[str] = []
+    suite: str = "core"
+    protocol: str = "starter-kit"
+    seeds: list[int] = Field(default=[0], min_length=1)
+    budget: Budget | None = None
+    baseline: str
+    cells: list[Cell] = []
+    grid: dict[str, list] = {}
+
+    def expanded_cells(self) -> list[Cell]:
+        cells = list(self.cells)
+        if self.grid:
+            keys = list(self.grid)
+            for values in itertools.product(*(self.grid[k] for k in keys)):
+                name = ",".join(f"{_short(k)}={_compact(v)}" for k, v in zip(keys, values))
+                cells.append(Cell(name=name, overrides=[f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]))
+        names = [c.name for c in cells]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"experiment {self.name}: cell names used twice: {', '.join(dup)}")
+        if not cells:
+            raise ValueError(f"experiment {self.name}: no cells (give cells: or grid:)")
+        for ref in [self.baseline, *(c.baseline for c in cells if c.baseline)]:
+            if ref not in names:
+                raise ValueError(f"experiment {self.name}: baseline {ref!r} is not a cell "
+                                 f"(cells: {', '.join(names)})")
+        return cells
+
+
+def _short(key: str) -> str:
+    return key.split(".")[-1]
+
+
+def _compact(v) -> str:
+    if isinstance(v, list):
+        return "+".join(_compact(x) for x in v) or "all"
+    return re.sub(r"[^A-Za-z0-9_.-]", "", str(v))
+
+
+def resolve_path(p: str | Path, relative_to: Path | None = None) -> Path:
+    """As given, else beside the experiment file, else in the repo, else under shipped configs."""
+    p = Path(p)
+    for cand in (p, *((relative_to / p,) if relative_to else ()), REPO_ROOT / p,
+                 REPO_CONFIGS / p, REPO_CONFIGS.parent / p):
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"{p}: no such file")
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such experiment file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: an experiment must be a YAML mapping")
+    try:
+        spec = ExperimentSpec(**data)
+    except ValidationError as e:
+        raise ValueError(f"{p}: {e}") from None
+    spec.expanded_cells()
+    return spec
+
+
+def run_key(config: dict, suite_fingerprint: str, protocol: str) -> str:
+    cfg = {k: v for k, v in config.items() if k != "output_dir"}
+    blob = json.dumps({"config": cfg, "suite": suite_fingerprint, "protocol": protocol},
+                      sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def steps_for_budget(budget: Budget | None, max_steps: int, avg_tokens_per_row: float,
+                     rows_per_step: int) -> int:
+    """Optimizer steps that spend the budget: tokens / (average tokens per row of this cell's
+    mixture x rows per step), rounded; at least 1."""
+    if budget is None:
+        return max_steps
+    if budget.steps is not None:
+        return budget.steps
+    return max(1, round(budget.tokens / (avg_tokens_per_row * rows_per_step)))

@@ -1,0 +1,101 @@
+"""Paired bootstrap / permutation comparison, checked against a direct loop that resamples
+question rows and aggregates them with summarize() (no model)."""
+import numpy as np
+import pytest
+
+from shoptune.eval.paired import bootstrap_scores, format_paired, paired_compare
+from shoptune.eval.scoring import summarize
+
+TASKS = [("t1", "concept_understanding", "accuracy", 5), ("t2", "concept_understanding", "rougel", 4),
+         ("t3", "knowledge_reasoning", "micro f1", 3), ("t10", "multilingual", "accuracy", 6)]
+
+
+def make_rows(seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t, cap, metric, n in TASKS:
+        for i in range(n):
+            row = {"id": f"{t}-{i}", "task_name": t, "capability": cap, "metric": metric}
+            if metric == "micro f1":
+                tp = int(rng.integers(0, 3))
+                row["counts"] = [tp, int(rng.integers(0, 2)), int(rng.integers(0, 2))]
+                row["score"] = 0.0  # not used for micro F1
+            elif metric == "accuracy":
+                row["score"] = float(rng.integers(0, 2))
+            else:
+                row["score"] = round(float(rng.random()), 3)
+            rows.append(row)
+    return rows
+
+
+def direct(a, b, n_boot, n_perm, seed):
+    """Resample rows with the same draws, aggregate each resample with summarize()."""
+    rng = np.random.default_rng(seed)
+    order = sorted({r["task_name"] for r in a}, key=lambda t: int(t[1:]))
+    pos = {t: [i for i, r in enumerate(a) if r["task_name"] == t] for t in order}
+    idx = {t: rng.integers(0, len(pos[t]), (n_boot, len(pos[t]))) for t in order}
+    boot = []
+    for k in range(n_boot):
+        pick = [pos[t][j] for t in order for j in idx[t][k]]
+        boot.append(summarize([b[i] for i in pick], n_boot=0)["overall"]
+                    - summarize([a[i] for i in pick], n_boot=0)["overall"])
+    swap = {t: rng.random((n_perm, len(pos[t]))) < 0.5 for t in order}
+    d = summarize(b, n_boot=0)["overall"] - summarize(a, n_boot=0)["overall"]
+    hits = 0
+    for k in range(n_perm):
+        sw = {pos[t][j]: swap[t][k][j] for t in order for j in range(len(pos[t]))}
+        a2 = [b[i] if sw[i] else a[i] for i in range(len(a))]
+        b2 = [a[i] if sw[i] else b[i] for i in range(len(a))]
+        dk = summarize(b2, n_boot=0)["overall"] - summarize(a2, n_boot=0)["overall"]
+        hits += abs(dk) >= abs(d) - 1e-12
+    return d, [np.percentile(boot, 2.5), np.percentile(boot, 97.5)], (1 + hits) / (1 + n_perm)
+
+
+def test_paired_ci_and_p_equal_a_direct_computation():
+    a, b = make_rows(1), make_rows(2)
+    res = paired_compare([a], [b], n_boot=300, n_perm=300, seed=7)
+    d, ci, p = direct(a, b, 300, 300, 7)
+    assert res["overall"]["diff"] == pytest.approx(d, abs=1e-12)
+    assert res["overall"]["ci95"] == pytest.approx(ci, abs=1e-12)
+    assert res["overall"]["p"] == pytest.approx(p, abs=1e-12)
+    sa, sb = summarize(a, n_boot=0), summarize(b, n_boot=0)
+    for cap, v in res["capabilities"].items():
+        assert v["a"] == pytest.approx(sa["capabilities"][cap]) and v["b"] == pytest.approx(sb["capabilities"][cap])
+    assert res["tasks"]["t3"]["b"] == pytest.approx(sb["tasks"]["t3"]["score"])  # micro F1 from counts
+    assert res["overall_tasks"]["diff"] == pytest.approx(sb["overall_tasks"] - sa["overall_tasks"])
+    assert list(res["tasks"]) == ["t1", "t2", "t3", "t10"]
+
+
+def test_identical_runs_and_a_constant_shift():
+    a = [r for r in make_rows(3) if r["metric"] == "rougel"]
+    same = paired_compare([a], [a], n_boot=200, n_perm=200)
+    assert same["overall"]["diff"] == 0 and same["overall"]["ci95"] == [0, 0] and same["overall"]["p"] == 1.0
+    b = [dict(r, score=r["score"] + 0.1) for r in a]  # B better by 0.1 on every question
+    up = paired_compare([a], [b], n_boot=200, n_perm=999)
+    assert up["overall"]["diff"] == pytest.approx(0.1)
+    assert up["overall"]["ci95"] == pytest.approx([0.1, 0.1])  # paired: question noise cancels
+    assert up["overall"]["p"] <= 0.15  # 4 questions: 2/16 of the sign flips are as extreme
+    assert "| **all-around** |" in format_paired(up) and "permutation" in format_paired(up)
+
+
+def test_seeds_are_averaged_after_pairing():
+    a0, a1, b0, b1 = make_rows(1), make_rows(4), make_rows(2), make_rows(5)
+    res = paired_compare([a0, a1], [b0, b1], n_boot=100, n_perm=100)
+    d0 = paired_compare([a0], [b0], n_boot=10, n_perm=10)["overall"]["diff"]
+    d1 = paired_compare([a1], [b1], n_boot=10, n_perm=10)["overall"]["diff"]
+    assert res["overall"]["seed_diffs"] == pytest.approx([d0, d1], abs=1e-6)
+    assert res["overall"]["diff"] == pytest.approx((d0 + d1) / 2)
+    sc = bootstrap_scores([a0, a1], n_boot=100)
+    assert sc["overall"]["score"] == pytest.approx(
+        (summarize(a0, n_boot=0)["overall"] + summarize(a1, n_boot=0)["overall"]) / 2)
+    assert sc["overall"]["ci95"][0] <= sc["overall"]["score"] <= sc["overall"]["ci95"][1]
+
+
+def test_different_questions_are_refused():
+    a = make_rows(1)
+    with pytest.raises(ValueError, match="not the same questions"):
+        paired_compare([a], [a[:-1]])
+    b = [dict(r) for r in a]
+    b[3]["id"] = "other"
+    with pytest.raises(ValueError, match="question 3: id other"):
+        paired_compare([a], [b])

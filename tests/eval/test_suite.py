@@ -1,0 +1,77 @@
+"""Suites: manifests, and `eval compare` refusing runs on different questions (no model)."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from shoptune.cli import app
+from shoptune.eval.suite import ManifestMismatch, check_same_questions, fingerprint
+from tests.conftest import needs_shared
+from tests.eval.test_paired import make_rows
+
+
+def fake_run(d, rows, suite="core", version=1, sources=None):
+    """An eval output folder as `shoptune eval` writes it (scores.json + predictions.jsonl)."""
+    from shoptune.eval.scoring import summarize
+    d.mkdir(parents=True)
+    sources = sources or {"shopbench-dev/development.json": "aaaa"}
+    ids = [r["id"] for r in rows]
+    s = summarize(rows, n_boot=20)
+    s["manifest"] = {"suite": suite, "version": version, "n_questions": len(rows), "ids": ids,
+                     "sources": sources, "fingerprint": fingerprint(ids, sources)}
+    (d / "scores.json").write_text(json.dumps(s))
+    (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_compare_of_different_suites_is_refused_with_a_clear_message(tmp_path):
+    a = fake_run(tmp_path / "a", make_rows(1))
+    b = fake_run(tmp_path / "b", make_rows(2)[:-2], suite="tiny")
+    res = CliRunner().invoke(app, ["eval", "compare", str(a), str(b)])
+    assert res.exit_code == 2
+    msg = " ".join(res.output.split())
+    assert f"{a} and {b} were not evaluated on the same questions" in msg
+    assert "suite core v1 vs tiny v1" in msg and "18 vs 16 questions" in msg
+    c = fake_run(tmp_path / "c", make_rows(2), sources={"shopbench-dev/development.json": "bbbb"})
+    res = CliRunner().invoke(app, ["eval", "compare", str(a), str(c)])
+    assert res.exit_code == 2 and "source files differ" in " ".join(res.output.split())
+
+
+def test_compare_of_the_same_questions_gives_paired_statistics(tmp_path):
+    a = fake_run(tmp_path / "a", make_rows(1))
+    b = fake_run(tmp_path / "b", make_rows(2))
+    res = CliRunner().invoke(app, ["eval", "compare", str(a), str(b), "--n-boot", "200", "--n-perm", "200",
+                                   "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "Paired comparison, b - a, 18 questions" in out and "paired permutation" in out
+    from shoptune.eval.paired import paired_compare
+    direct = paired_compare([make_rows(1)], [make_rows(2)], n_boot=200, n_perm=200)
+    got = json.loads((tmp_path / "p.json").read_text())["paired"][str(b)]
+    assert got["overall"]["ci95"] == direct["overall"]["ci95"] and got["overall"]["p"] == direct["overall"]["p"]
+    assert f"{direct['overall']['diff']:+.3f}" in out
+
+
+def test_manifest_check_names_what_differs():
+    ids = ["x", "y", "z"]
+    m = {"suite": "core", "version": 1, "n_questions": 3, "ids": ids, "sources": {"s": "1"},
+         "fingerprint": fingerprint(ids, {"s": "1"})}
+    check_same_questions({"a": m, "b": dict(m, sources={"other/path": "1"})})  # same content: fine
+    ids2 = ["x", "q", "z"]
+    with pytest.raises(ManifestMismatch, match="1 question ids differ"):
+        check_same_questions({"a": m, "b": dict(m, ids=ids2, fingerprint=fingerprint(ids2, {"s": "1"}))})
+
+
+@pytest.mark.slow
+@needs_shared
+def test_tiny_suite_is_deterministic_and_drawn_from_the_test_split():
+    from shoptune.data.splits import split_of
+    from shoptune.eval.suite import build_suite
+    recs, m = build_suite("tiny")
+    again, m2 = build_suite("tiny")
+    assert [r.id for r in recs] == [r.id for r in again] == m["ids"] and m["fingerprint"] == m2["fingerprint"]
+    ec = [r for r in recs if r.task.startswith("ecguide_")]
+    assert len(ec) == 12 and all(split_of(r) == "test" for r in ec)
+    assert set(m["capabilities"]) == {"concept_understanding", "knowledge_reasoning",
+                                      "user_behavior_alignment", "multilingual"}
+    assert m["parts"][0]["n"] == 17 and max(m["parts"][1]["tasks"].values()) == 2

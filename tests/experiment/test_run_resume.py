@@ -61,7 +61,7 @@ def test_experiment_killed_resumes_skips_finished_and_reports(tmp_path):
     assert done_a[0].read_bytes() == a_result and done_a[0].stat().st_mtime_ns == a_mtime  # skipped
     (b_file,) = res.glob("cells/b.s0.*/result.json")
     b = json.loads(b_file.read_text())
-    assert b["train"]["resumed_from"] is not None and b["train"]["resumed_from"].startswith("checkpoint-")
+    assert b["train"]["resumed_from"] is not None and b["train"]["resumed_from"].startswith("checkpoint-"), b["train"]
     assert int(b["train"]["resumed_from"].split("-")[1]) >= 2 and b["train"]["steps"] == 6
     assert b["config"]["lora"]["r"] == 8 and "suite:tiny" in b["config"]["mixture"]["decontaminate_against"]
     assert b_file.stat().st_size < 60_000  # small enough to commit

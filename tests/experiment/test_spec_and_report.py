@@ -100,3 +100,13 @@ def test_report_lists_unfinished_runs_and_stale_keys(tmp_path):
     assert rep["missing_runs"] == ["more.s0.k"] and list(rep["cells"]) == ["base"]
     with pytest.raises(FileNotFoundError, match="experiment.json: missing"):
         build_report(tmp_path / "nothing")
+
+
+def test_resume_point_is_the_newest_complete_checkpoint(tmp_path):
+    from shoptune.experiment.runner import _complete_checkpoints
+    for rel, done in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False),
+                      ("stage3/checkpoint-4", True)):
+        (tmp_path / rel).mkdir(parents=True)
+        if done:
+            (tmp_path / rel / "COMPLETE").write_text("x")
+    assert _complete_checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-10", "stage3/checkpoint-4"]

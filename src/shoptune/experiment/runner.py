@@ -143,7 +143,9 @@ def is_done(results: Path, run: dict) -> bool:
 # ----------------------------------------------------------------------------- one run (child)
 
 def _complete_checkpoints(train_dir: Path) -> list[str]:
-    return sorted(str(p.parent.relative_to(train_dir)) for p in train_dir.rglob("checkpoint-*/COMPLETE"))
+    """Complete checkpoints (``checkpoint-N`` or ``stage3/checkpoint-N``), oldest first."""
+    found = [p.parent.relative_to(train_dir) for p in train_dir.rglob("checkpoint-*/COMPLETE")]
+    return [str(p) for p in sorted(found, key=lambda p: (str(p.parent), int(p.name.split("-")[-1])))]
 
 
 def run_one(plan_file: str | Path, run_id: str) -> dict:

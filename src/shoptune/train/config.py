@@ -63,7 +63,12 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     max_length: int = Field(default=512, ge=16)
-    bf16: Literal["auto", True, False] = "auto"
+    bf16: Literal["auto", True, False] = "auto"  # bf16 autocast; auto = where the CPU/GPU has native bf16
+    # the frozen base weights: stored in bf16 when training in bf16 (LoRA weights and optimizer
+    # state stay fp32; the same products autocast computes, without re-casting every step)
+    base_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    answer_logits_only: bool = True  # run the LM head only where the loss is (identical loss)
+    torch_compile: bool = False  # torch.compile the model (pays off only on long runs)
     gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = Field(default=5, ge=1)

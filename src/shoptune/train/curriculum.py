@@ -19,11 +19,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from shoptune._io import write_json
-from shoptune.train.format import IGNORE, encode_records
+from shoptune.train.format import encode_records
+from shoptune.train.loss import mean_answer_loss
 from shoptune.train.mixture import build_mixture
 
 DONE = "STAGE_DONE"
@@ -38,14 +38,6 @@ def _batches(examples: list[dict], size: int):
         yield examples[k:k + size]
 
 
-def _mean_loss(model, batch, pad_id) -> torch.Tensor:
-    from shoptune.train.recipe import collate
-    b = collate(batch, pad_id)
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-    target = b["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
-
-
 def gradient_probe(model, examples: list[dict], task_names: list[str], *, batches: int,
                    batch_size: int, pad_id: int) -> dict[str, float]:
     """Cosine between each task's gradient and the mean unit gradient of the other tasks."""
@@ -58,7 +50,7 @@ def gradient_probe(model, examples: list[dict], task_names: list[str], *, batche
             continue
         model.zero_grad(set_to_none=True)
         for batch in _batches(rows, batch_size):
-            _mean_loss(model, batch, pad_id).backward()
+            mean_answer_loss(model, batch, pad_id).backward()
         grads[name] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                                  for p in params]).detach().clone()
     model.zero_grad(set_to_none=True)
@@ -80,7 +72,7 @@ def task_val_losses(model, val_examples: list[dict], task_names: list[str], pad_
     for tid, name in enumerate(task_names):
         rows = [e for e in val_examples if e["task_id"] == tid]
         if rows:
-            out[name] = float(sum(_mean_loss(model, b, pad_id) * len(b) for b in _batches(rows, batch_size))
+            out[name] = float(sum(mean_answer_loss(model, b, pad_id) * len(b) for b in _batches(rows, batch_size))
                               / len(rows))
     if was:
         model.train()

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from shoptune._io import atomic_open, write_json
 from shoptune.train.config import TrainConfig, load_config
 from shoptune.train.format import IGNORE, encode_records
+from shoptune.train.loss import answer_token_losses, collate  # noqa: F401  (collate: public here too)
 from shoptune.train.mixture import MixtureConfig, build_mixture
 
 COMPLETE = "COMPLETE"
@@ -36,29 +36,15 @@ COMPLETE = "COMPLETE"
 
 # ----------------------------------------------------------------------------- components
 
-def collate(features: list[dict], pad_id: int) -> dict:
-    """Right-pad a batch; labels -100 on padding; carry each row's task id."""
-    n = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(features), n), dtype=torch.long)
-    for i, f in enumerate(features):
-        k = len(f["input_ids"])
-        ids[i, :k] = torch.tensor(f["input_ids"])
-        labels[i, :k] = torch.tensor(f["labels"])
-        mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "task_ids": torch.tensor([f["task_id"] for f in features])}
-
-
 class ShopTrainer(Trainer):
     """Trainer with a per-task weighted, answer-only loss and per-task loss logging."""
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, task_names: list[str], task_weights: torch.Tensor | None = None,
-                 **kwargs):
+                 answer_logits_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.answer_logits_only = answer_logits_only
         self.model_accepts_loss_kwargs = True  # so Trainer counts answer tokens over the GA window
         self.task_names = task_names
         self.task_weights = task_weights if task_weights is not None else torch.ones(len(task_names))
@@ -69,16 +55,15 @@ class ShopTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         task_ids = inputs.pop("task_ids")
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        target = labels[:, 1:]
-        logits = out.logits[:, :-1].float()
-        tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                   ignore_index=IGNORE, reduction="none").view(target.shape)
-        valid = (target != IGNORE).float()
-        row_sum = (tok_loss * valid).sum(1)
+        tok_loss, rows = answer_token_losses(model, inputs["input_ids"], inputs["attention_mask"],
+                                             labels, answer_logits_only=self.answer_logits_only)
+        n_rows = labels.shape[0]
+        row_sum = torch.zeros(n_rows, dtype=tok_loss.dtype, device=tok_loss.device).index_add(
+            0, rows, tok_loss)
+        row_n = torch.bincount(rows, minlength=n_rows).to(tok_loss.dtype)
         weights = self.task_weights.to(row_sum.device)[task_ids]
         if num_items_in_batch is None:
-            denom = valid.sum().clamp(min=1) * self.args.gradient_accumulation_steps
+            denom = row_n.sum().clamp(min=1) * self.args.gradient_accumulation_steps
         else:
             denom = num_items_in_batch
         loss = (row_sum * weights).sum() / denom
@@ -86,8 +71,8 @@ class ShopTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         with torch.no_grad():
             self._task_sum.index_add_(0, task_ids.cpu(), row_sum.detach().double().cpu())
-            self._task_n.index_add_(0, task_ids.cpu(), valid.sum(1).double().cpu())
-        return (loss, out) if return_outputs else loss
+            self._task_n.index_add_(0, task_ids.cpu(), row_n.double().cpu())
+        return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
@@ -197,21 +182,37 @@ def training_args(cfg: TrainConfig, out: Path, max_steps: int) -> TrainingArgume
         train_sampling_strategy="group_by_length", length_column_name="length",
         remove_unused_columns=False, report_to=cfg.report_to, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", gradient_checkpointing=cfg.gradient_checkpointing,
-        disable_tqdm=False,
+        torch_compile=cfg.torch_compile, disable_tqdm=False,
     )
 
 
-def build_model(cfg: TrainConfig):
+def base_weights_dtype(cfg: TrainConfig) -> torch.dtype:
+    """bf16 frozen weights only under bf16 autocast (auto: whenever training runs in bf16)."""
+    bf16 = use_bf16(cfg.bf16)
+    if cfg.base_dtype == "bf16" and not bf16:
+        raise ValueError("base_dtype: bf16 needs bf16 training (bf16: true or auto on a bf16 machine)")
+    return torch.bfloat16 if bf16 and cfg.base_dtype != "fp32" else torch.float32
+
+
+def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float32,
+                gradient_checkpointing: bool = False):
+    """The base model with LoRA on ``lora.modules()``. ``base_dtype`` bf16 stores the frozen
+    decoder Linear weights in bf16 (what autocast would cast them to at every step); embeddings,
+    norms, LoRA weights and the optimizer state stay fp32."""
     from peft import LoraConfig, get_peft_model
 
     from shoptune.models import load
-    model, tok = load(cfg.model, dtype="fp32")
+    model, tok = load(model_name, dtype="fp32")
     model.train()
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.modules(), use_rslora=cfg.lora.use_rslora,
+    if base_dtype != torch.float32:
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(base_dtype)
+    lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.modules(), use_rslora=lora.use_rslora,
                       task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lcfg)
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tok
 
@@ -281,7 +282,8 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     val = validation_records(cfg.mixture, cfg.eval_samples, cfg.seed) if cfg.eval_steps else []
 
     # 2. model + LoRA
-    model, tok = build_model(cfg)
+    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg),
+                             gradient_checkpointing=cfg.gradient_checkpointing)
     task_names = sorted({r.task for r in records})
     task_index = {t: i for i, t in enumerate(task_names)}
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
@@ -340,7 +342,7 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
     trainer = ShopTrainer(
         model=model, args=training_args(cfg, out, max_steps), train_dataset=Dataset.from_list(examples),
         data_collator=lambda f: collate(f, tok.pad_token_id), task_names=task_names,
-        task_weights=task_weights,
+        task_weights=task_weights, answer_logits_only=cfg.answer_logits_only,
         callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, MarkComplete()]
         + ([evaluator] if evaluator else []))
     if evaluator:

@@ -1,0 +1,58 @@
+"""Batches and the answer-only loss, shared by the trainer and the curriculum's probes.
+
+The loss is on answer tokens only, so the 49k-wide LM head only has to run where an answer token
+is predicted: ``answer_token_losses`` passes the model a boolean ``logits_to_keep`` mask
+(transformers slices the hidden states before ``lm_head``), which gives the same loss as full
+logits with a fraction of the head's FLOPs and activation memory. It goes through the model's
+own ``forward``, so DDP/FSDP wrappers see a normal call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shoptune.train.format import IGNORE
+
+
+def collate(features: list[dict], pad_id: int) -> dict:
+    """Right-pad a batch; labels -100 on padding; carry each row's task id."""
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), n), dtype=torch.long)
+    for i, f in enumerate(features):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        labels[i, :k] = torch.tensor(f["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "task_ids": torch.tensor([f["task_id"] for f in features])}
+
+
+def answer_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: torch.Tensor, *, answer_logits_only: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every answer token, flat, and the batch row each one belongs to.
+
+    ``answer_logits_only=False`` computes logits at every position (the reference path)."""
+    target = labels[:, 1:]
+    keep = target != IGNORE  # (B, L-1): positions whose next token is an answer token
+    if answer_logits_only:
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = keep
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       logits_to_keep=mask).logits.float()  # (N, V), row-major order of mask
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep].float()
+    losses = F.cross_entropy(logits, target[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    return losses, rows
+
+
+def mean_answer_loss(model, batch: list[dict], pad_id: int, *, answer_logits_only: bool = True
+                     ) -> torch.Tensor:
+    """Mean answer-token loss of a list of encoded examples (probes, validation)."""
+    b = collate(batch, pad_id)
+    losses, _ = answer_token_losses(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                    answer_logits_only=answer_logits_only)
+    return losses.mean() if losses.numel() else losses.sum()

@@ -266,7 +266,7 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Pat
                 work.mkdir(parents=True, exist_ok=True)
                 log = open(work / "cell.log", "a", encoding="utf-8")
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "shoptune.experiment.runner", str(plan_file), run["id"]],
+                    [sys.executable, "-m", "shoptune.experiment._cell", str(plan_file), run["id"]],
                     stdout=log, stderr=subprocess.STDOUT, env=env,
                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
                 log.close()
@@ -285,7 +285,3 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Pat
                 time.sleep(poll_s)
     return {"runs": len(exp["runs"]), "skipped": skipped, "done": done, "failed": failed,
             "results_dir": str(results), "wall_time_s": round(time.time() - t_start, 1)}
-
-
-if __name__ == "__main__":
-    run_one(sys.argv[1], sys.argv[2])

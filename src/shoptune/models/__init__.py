@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +41,23 @@ DEFAULT_MODEL = "smollm2-135m"
 
 class ModelNotFoundError(FileNotFoundError):
     pass
+
+
+class InvalidAdapterError(ValueError):
+    """An adapter folder that cannot be applied to the base model; the message is one sentence."""
+
+
+class AdapterMismatchError(InvalidAdapterError):
+    """The adapter was trained for a different base model (module missing, or shapes differ)."""
+
+
+# Parts of a LoRA layer in a PEFT state dict, and which base dimension each one's shape carries:
+# (tensor axis, "in" | "out") -- lora_A is (r, in), lora_B is (out, r), the magnitude vector (out,).
+_LORA_PARTS = {"lora_A": (1, "in"), "lora_B": (0, "out"), "lora_embedding_A": (1, "in"),
+               "lora_embedding_B": (0, "out"), "lora_magnitude_vector": (0, "out")}
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>" + "|".join(_LORA_PARTS)
+                       + r")(?:\.weight)?$")
+SERVABLE_PEFT_TYPES = ("LORA",)
 
 
 def model_cache_dir(name: str) -> Path:
@@ -152,8 +170,13 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, adapter: str | os.Path
 
         if not (Path(adapter) / "adapter_config.json").exists():
             raise ModelNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name,
-                                          is_trainable=is_trainable)
+        check_adapter(model, adapter, base_name=str(name_or_path))
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name,
+                                              is_trainable=is_trainable)
+        except Exception as e:  # noqa: BLE001 - whatever slipped past the check: one line, not a wall
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise InvalidAdapterError(f"{adapter}: cannot load adapter: {first}") from None
     if device:
         model.to(device)
     model.eval()
@@ -161,6 +184,121 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, adapter: str | os.Path
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def _module_dims(module) -> tuple[int, int] | None:
+    """(in, out) sizes of a Linear / Embedding / Conv1D, looking through PEFT wrappers."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    w = getattr(module, "weight", None)
+    if w is None or w.dim() < 2:
+        return None
+    if type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
+        return w.shape[0], w.shape[1]
+    return w.shape[1], w.shape[0]
+
+
+def _base_of(base):
+    """The plain transformers model inside ``base`` (a model, a PeftModel, or a config)."""
+    from transformers import PretrainedConfig
+
+    if isinstance(base, PretrainedConfig):
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):  # shapes only, no memory
+            return AutoModelForCausalLM.from_config(base)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def check_adapter(base, adapter_dir: str | os.PathLike, *, base_name: str | None = None,
+                  peft_types: tuple[str, ...] = SERVABLE_PEFT_TYPES) -> dict:
+    """Check, without touching ``base``, that the PEFT adapter in ``adapter_dir`` fits it.
+
+    ``base`` is the base model (or a PeftModel around it, or its config). Checks: the config
+    parses and its ``peft_type`` is one of ``peft_types``; ``adapter_model.safetensors`` reads
+    (every tensor, all finite); every LoRA tensor names a module the base has, with the base's
+    input/output sizes; the ``target_modules`` match some module. Returns the adapter config.
+    Raises :class:`InvalidAdapterError` (unreadable, wrong type) or :class:`AdapterMismatchError`
+    ("trained for a different base model (X), not Y: ..."), each one clear sentence.
+    """
+    path = Path(adapter_dir)
+    cfg_file = path / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidAdapterError(f"{path}: no adapter_config.json (not a PEFT adapter folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidAdapterError(f"{cfg_file}: unreadable adapter config: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InvalidAdapterError(f"{cfg_file}: adapter config is not a JSON object")
+    ptype = str(cfg.get("peft_type"))
+    if ptype not in peft_types:
+        raise InvalidAdapterError(f"{path}: a {ptype} adapter; only {', '.join(peft_types)} adapters "
+                                  "can be used here (they are applied per row in a batch)")
+    inner = _base_of(base)
+    trained_for = cfg.get("base_model_name_or_path") or "an unrecorded base model"
+    here = base_name or getattr(getattr(inner, "config", None), "name_or_path", "") or "this base model"
+
+    def mismatch(detail: str) -> AdapterMismatchError:
+        return AdapterMismatchError(f"adapter {path} was trained for a different base model "
+                                    f"({trained_for}), not {here}: {detail}")
+
+    modules = dict(inner.named_modules())
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str):
+        hit = any(re.fullmatch(targets, name) for name in modules)
+    elif targets:
+        hit = any(name == t or name.endswith("." + t) for name in modules for t in targets)
+    else:
+        hit = True
+    if not hit:
+        raise mismatch(f"none of its target modules ({targets}) exists in the base")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            return cfg  # a pickled adapter: peft reads it (the server refuses such folders earlier)
+        raise InvalidAdapterError(f"{path}: no adapter_model.safetensors")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise InvalidAdapterError(f"{weights}: not a readable safetensors file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else 'corrupt'})") from None
+    params = None
+    bad, n_lora = [], 0
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InvalidAdapterError(f"{weights}: tensor {key} has NaN or infinite values")
+        m = _LORA_KEY.match(key)
+        if m is None:  # modules_to_save and similar: full tensors of base parameters
+            if params is None:
+                params = {n: p.shape for n, p in inner.named_parameters()}
+            name = key.removeprefix("base_model.model.")
+            if name in params and tuple(params[name]) != tuple(t.shape):
+                bad.append(f"{name} is {tuple(params[name])} in the base but {tuple(t.shape)} in the adapter")
+            continue
+        n_lora += 1
+        module = modules.get(m["module"])
+        if module is None:
+            raise mismatch(f"it has weights for {m['module']}, a module the base does not have")
+        dims = _module_dims(module)
+        axis, side = _LORA_PARTS[m["part"]]
+        if dims is None or t.dim() <= axis:
+            continue
+        want = dims[0] if side == "in" else dims[1]
+        if t.shape[axis] != want:
+            bad.append(f"{m['module']} has {side}put size {want} in the base but "
+                       f"{t.shape[axis]} in the adapter")
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise mismatch(bad[0] + more)
+    if n_lora == 0 and ptype == "LORA":
+        raise InvalidAdapterError(f"{weights}: no LoRA weights in the file")
+    return cfg
 
 
 def list_models() -> list[dict]:
@@ -179,4 +317,5 @@ def list_models() -> list[dict]:
 
 
 __all__ = ["load", "load_tokenizer", "pull", "resolve", "list_models", "is_cached",
-           "default_dtype", "EMBEDDED", "DEFAULT_MODEL", "ModelNotFoundError"]
+           "default_dtype", "check_adapter", "EMBEDDED", "DEFAULT_MODEL", "ModelNotFoundError",
+           "InvalidAdapterError", "AdapterMismatchError"]

@@ -7,7 +7,9 @@
     POST /v1/tasks/{task}            structured input -> card prompt -> constrained decoding -> answer
     POST /v1/load_lora_adapter       admin, as vLLM: {"lora_name", "lora_path"} inside --adapters-dir
     POST /v1/unload_lora_adapter     admin: drains the adapter's requests, then unloads it
-    GET  /health, GET /metrics       liveness; Prometheus metrics
+    GET  /health, /health/ready      readiness: 503 while the engine cannot serve (see Engine.health)
+    GET  /health/live                liveness: 503 once only a restart helps (worker dead, model broken)
+    GET  /metrics                    Prometheus metrics (labels: resolved model names only)
 
 Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -35,8 +38,10 @@ from shoptune.serve import tasks as task_io
 from shoptune.serve.engine import (ADAPTER_NAME_RE, AdapterError, Engine, EngineError, EngineStats,
                                    Job)
 from shoptune.serve.protocol import (ChatCompletionRequest, CompletionRequest, LoadAdapterRequest,
-                                     TaskRequest, UnloadAdapterRequest)
+                                     TaskRequest, UnloadAdapterRequest, find_invalid_text)
 from shoptune.tasks import all_cards
+
+log = logging.getLogger("shoptune.serve")
 
 
 @dataclass
@@ -47,15 +52,17 @@ class ServeSettings:
     max_new_tokens: int = 512  # upper bound a request may ask for
     default_max_tokens: int = 256  # chat requests without max_tokens
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds a client has to send the whole request body
     request_timeout: float = 300.0
     protocol: str = "starter-kit"  # how task prompts are built: as at training/evaluation time
     task_adapters: dict[str, str] = field(default_factory=dict)
 
 
 def error_body(status: int, message: str, type_: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None) -> JSONResponse:
+               param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 class Timeout(EngineError):
@@ -112,12 +119,15 @@ def _endpoint(path: str) -> str:
     if path.startswith("/v1/tasks/"):
         return "/v1/tasks/{task}"
     known = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/tasks",
-             "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics"}
+             "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/health/live",
+             "/health/ready", "/metrics"}
     return path if path in known else "other"
 
 
 class Gate:
-    """Pure-ASGI middleware: API-key check, body-size limit, request metrics.
+    """Pure-ASGI middleware: API-key check, body-size limit and read timeout, text that is not
+    Unicode (400 naming the field), request metrics, and the catch-all 500 (answered here so the
+    exception never reaches uvicorn, which would close the client's keep-alive connection).
 
     (Pure ASGI rather than BaseHTTPMiddleware, which would buffer streamed responses and hide
     client disconnects from the handlers.)
@@ -137,11 +147,11 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.monotonic(), {"code": 500}
+        start, status = time.monotonic(), {"code": 500, "started": False}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         try:
@@ -158,25 +168,56 @@ class Gate:
                     return await too_big(scope, receive, send_wrapper)
                 if scope["method"] in ("POST", "PUT", "PATCH"):
                     body, more = bytearray(), True
+                    timeout = self.settings.body_timeout
+                    deadline = time.monotonic() + timeout
                     while more:
-                        message = await receive()
+                        try:  # the whole body within the timeout: a trickle cannot hold a connection
+                            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                        except asyncio.TimeoutError:
+                            return await error_body(
+                                408, f"request body not received within {timeout:g} s", code="body_timeout",
+                                headers={"Connection": "close"})(scope, receive, send_wrapper)
                         if message["type"] == "http.disconnect":
                             return
                         body += message.get("body", b"")
                         more = message.get("more_body", False)
                         if len(body) > limit:
                             return await too_big(scope, receive, send_wrapper)
+                    bad = _invalid_text(bytes(body))
+                    if bad is not None:
+                        return await error_body(
+                            400, f"{bad}: invalid text: a lone UTF-16 surrogate is not a Unicode character",
+                            param=bad)(scope, receive, send_wrapper)
                     replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
                     inner = receive
 
                     async def receive():  # the body once, then the real channel (disconnects)
                         return replay.pop() if replay else await inner()
-            await self.app(scope, receive, send_wrapper)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception as exc:  # noqa: BLE001 - the catch-all: a 500, the connection stays usable
+                log.exception("internal error on %s %s", scope["method"], scope["path"])
+                if status["started"]:
+                    raise  # (streams report errors in-band; a response cut midway cannot be repaired)
+                await error_body(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")(
+                    scope, receive, send_wrapper)
         finally:
             endpoint = _endpoint(scope["path"])
-            model = scope.get("state", {}).get("model", "-")
+            model = scope.get("state", {}).get("model", "-")  # set by handlers once resolved
             self.metrics.requests.labels(endpoint, model, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint, model).observe(time.monotonic() - start)
+
+
+def _invalid_text(body: bytes) -> str | None:
+    """Where a JSON body holds a string that is not Unicode (a lone surrogate such as "\\ud800"),
+    as a dotted path (``messages.0.content``); None when it parses cleanly or does not parse (the
+    framework's own parser reports that)."""
+    if b"\\u" not in body and b"\xed" not in body:  # only as a \u escape or (bytes) as ED A0..BF
+        return None
+    try:
+        return find_invalid_text(json.loads(body))
+    except (ValueError, RecursionError):
+        return None
 
 
 def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
@@ -213,9 +254,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_body(exc.status_code, str(exc.detail), type_)
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        return error_body(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    # (the catch-all 500 lives in Gate: a handler registered here would re-raise to uvicorn)
 
     # ------------------------------------------------------------------ helpers
     def encode(text: str, *, special: bool, param: str) -> list[int]:
@@ -227,12 +266,26 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
             raise EngineError("prompt is empty", param=param)
         return ids
 
-    def check(req) -> tuple[str | None, float, float]:
+    def resolve(request: Request, model: str | None) -> str | None:
+        """The adapter for ``model``; labels the request's metrics with the resolved name only
+        (a client's junk never becomes a Prometheus label value)."""
+        adapter = engine.resolve_model(model)
+        request.state.model = adapter or engine.base_name
+        return adapter
+
+    def check(req, request: Request) -> tuple[str | None, float, float]:
         bad = req.unsupported()
         if bad:
             raise EngineError(f"{bad[0]} is not supported by this server", param=bad[0])
         temperature = 1.0 if req.temperature is None else req.temperature
-        return engine.resolve_model(req.model), temperature, 1.0 if req.top_p is None else req.top_p
+        return resolve(request, req.model), temperature, 1.0 if req.top_p is None else req.top_p
+
+    def check_fits(sequences: int) -> None:
+        """A request bigger than the whole queue can never be served: 400, not 429 "retry later"."""
+        limit = engine.queue.maxsize
+        if 0 < limit < sequences:
+            raise EngineError(f"this request needs {sequences} sequences (prompts x n), which exceeds "
+                              f"the server's limit of {limit} queued sequences", param="n")
 
     def max_tokens(value: int | None, default: int, param: str) -> int:
         value = default if value is None else value
@@ -242,6 +295,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         return value
 
     def submit_all(jobs: list[Job]) -> None:
+        check_fits(len(jobs))
         try:
             for j in jobs:
                 engine.submit(j)
@@ -354,9 +408,9 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        request.state.model = req.model
-        adapter, temperature, top_p = check(req)
+        adapter, temperature, top_p = check(req, request)
         p = req.prompt
+        check_fits(req.n * (len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1))
         if isinstance(p, str):
             prompts = [encode(p, special=True, param="prompt")]
         elif p and all(isinstance(x, str) for x in p):
@@ -393,8 +447,8 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        request.state.model = req.model
-        adapter, temperature, top_p = check(req)
+        adapter, temperature, top_p = check(req, request)
+        check_fits(req.n)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
@@ -455,8 +509,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         card = card_or_404(task)
         model = req.model or settings.task_adapters.get(task) or \
             (task if task in engine.adapters and task not in engine.draining else engine.base_name)
-        request.state.model = model
-        adapter = engine.resolve_model(model)
+        adapter = resolve(request, model)
         try:
             inp = task_io.input_model(card).model_validate(req.input)
         except ValidationError as e:
@@ -490,9 +543,14 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         if not ADAPTER_NAME_RE.match(name):
             raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-'",
                                param="lora_name")
+        if "\x00" in (given or ""):
+            raise AdapterError("lora_path contains a NUL byte", param="lora_path")
         root = root.resolve()
         path = Path(given) if given else Path(name)
-        full = (path if path.is_absolute() else root / path).resolve()
+        try:
+            full = (path if path.is_absolute() else root / path).resolve()
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"lora_path {given or name!r}: {e}", param="lora_path") from None
         if full == root or not full.is_relative_to(root):
             raise AdapterError(f"lora_path {given or name!r} is outside the adapters folder",
                                param="lora_path")
@@ -510,11 +568,27 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         return {"status": "ok", "lora_name": req.lora_name, "models": engine.models()}
 
     # ------------------------------------------------------------------ ops
+    def health_reply(check: str) -> JSONResponse:
+        h = engine.health()
+        ok = h[check]
+        body = {"status": "ok" if ok else "unavailable", "live": h["live"], "ready": h["ready"],
+                "reason": h["reason"], "model": engine.base_name, "adapters": engine.models()[1:],
+                "queue_depth": engine.queue_depth}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
     @app.get("/health")
     async def health():
-        body = {"status": "ok", "model": engine.base_name, "adapters": engine.models()[1:],
-                "queue_depth": engine.queue_depth}
-        return JSONResponse(body, status_code=503 if engine.stopping else 200)
+        """Readiness (as /health/ready): 503 while shutting down or while the engine cannot serve."""
+        return health_reply("ready")
+
+    @app.get("/health/ready")
+    async def health_ready():
+        return health_reply("ready")
+
+    @app.get("/health/live")
+    async def health_live():
+        """Liveness: 503 only when a restart is needed (engine worker dead, model state broken)."""
+        return health_reply("live")
 
     @app.get("/metrics")
     async def prometheus():

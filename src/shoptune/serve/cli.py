@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         max_prompt_tokens: int = 2048,
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens a request may ask for.")] = 512,
         max_body_bytes: int = 1 << 20,
+        body_timeout: Annotated[float, typer.Option(
+            help="Seconds a client has to send the whole request body (408 after).")] = 30.0,
         request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 300.0,
         protocol: Annotated[str, typer.Option(help="Task prompt protocol (as `shoptune eval`).")] = "starter-kit",
         threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
@@ -83,6 +85,8 @@ def register(app: typer.Typer) -> None:
                 fail(f"{api_keys_file}: no API keys in the file")
         if adapters_dir is not None and not adapters_dir.is_dir():
             fail(f"--adapters-dir {adapters_dir}: not a directory")
+        if not body_timeout > 0:
+            fail(f"--body-timeout {body_timeout}: must be a positive number of seconds")
         if merge and len(adapters) != 1:
             fail("--merge needs exactly one --adapter")
         if threads:
@@ -109,7 +113,8 @@ def register(app: typer.Typer) -> None:
         settings = ServeSettings(api_keys=frozenset(keys), adapters_dir=adapters_dir,
                                  max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                  default_max_tokens=min(256, max_new_tokens),
-                                 max_body_bytes=max_body_bytes, request_timeout=request_timeout,
+                                 max_body_bytes=max_body_bytes, body_timeout=body_timeout,
+                                 request_timeout=request_timeout,
                                  protocol=protocol,
                                  task_adapters=_pairs(task_adapter, "--task-adapter", fail))
         console.print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1"

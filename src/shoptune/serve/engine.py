@@ -69,6 +69,15 @@ class AdapterError(EngineError):
     status, type, code = 400, "invalid_request_error", "invalid_adapter"
 
 
+class RowFailed(EngineError):
+    """This request's row failed inside a batch (the other rows of the batch go on)."""
+    status, type, code = 500, "server_error", "generation_failed"
+
+
+class EngineUnavailable(EngineError):
+    status, type, code = 503, "server_error", "engine_unavailable"
+
+
 @dataclass(eq=False)
 class Job:
     """One sequence to produce. ``model`` is an adapter name or None for the base model."""
@@ -114,83 +123,173 @@ class Job:
             self._post(("error", exc))
 
 
-class RowLogits:
-    """Per-row logits control for one generate call: constraints, temperature, top-p, greedy."""
+def _kill_row(job: Job, scores, row: int, fallback_id: int, why: str) -> None:
+    """Fail one row and give it a harmless distribution (only ``fallback_id``), so the batch's
+    sampling step stays computable for every other row."""
+    job.fail(RowFailed(f"generation failed for this request: {why}"))
+    scores[row] = -float("inf")
+    scores[row, fallback_id] = 0.0
 
-    def __init__(self, jobs: list[Job], tok, prompt_len: int, sampling: bool):
-        self.jobs, self.sampling = jobs, sampling
+
+class RowLogits:
+    """Per-row logits control for one generate call: constraints, temperature, top-p, greedy.
+
+    A row whose processing raises or whose scores stop being computable (NaN, +inf, nothing
+    left) fails alone: its job gets the error and its row is pinned to ``fallback_id``.
+    """
+
+    def __init__(self, jobs: list[Job], tok, prompt_len: int, sampling: bool, fallback_id: int = 0):
+        self.jobs, self.sampling, self.fallback_id = jobs, sampling, fallback_id
         self.constraints = [NumberListProcessor(tok, prompt_len, j.plan.max_value, j.plan.count,
                                                 j.plan.unique) if j.plan and j.plan.numeric else None
                             for j in jobs]
-        self.warpers = [[TemperatureLogitsWarper(j.temperature)] if j.temperature not in (0, 1) else []
-                        for j in jobs]
-        for w, j in zip(self.warpers, jobs):
-            if 0 < j.top_p < 1:
-                w.append(TopPLogitsWarper(j.top_p))
+        self.warpers = []
+        for j in jobs:
+            w = []
+            try:
+                if j.temperature not in (0, 1):
+                    w.append(TemperatureLogitsWarper(j.temperature))
+                if 0 < j.top_p < 1:
+                    w.append(TopPLogitsWarper(j.top_p))
+            except Exception as e:  # noqa: BLE001 - e.g. a NaN temperature: this row only
+                j.fail(RowFailed(f"generation failed for this request: {e}"))
+            self.warpers.append(w)
 
     def __call__(self, input_ids, scores):
-        if not self.sampling and not any(self.constraints):
-            return scores  # plain greedy batch: nothing to do per row
-        for row, job in enumerate(self.jobs):
-            s = scores[row:row + 1]
-            if self.constraints[row] is not None:
-                s = self.constraints[row](input_ids[row:row + 1], s)
-            if self.sampling:
-                if job.temperature == 0:  # a greedy row in a sampled batch: only its argmax survives
-                    keep = s.argmax(-1, keepdim=True)
-                    s = torch.full_like(s, -float("inf")).scatter(-1, keep, 0.0)
+        if self.sampling or any(self.constraints):  # (a plain greedy batch needs nothing per row)
+            for row, job in enumerate(self.jobs):
+                if job.finish_reason is not None:
+                    continue
+                try:
+                    s = scores[row:row + 1]
+                    if self.constraints[row] is not None:
+                        s = self.constraints[row](input_ids[row:row + 1], s)
+                    if self.sampling:
+                        if job.temperature == 0:  # a greedy row in a sampled batch: its argmax only
+                            keep = s.argmax(-1, keepdim=True)
+                            s = torch.full_like(s, -float("inf")).scatter(-1, keep, 0.0)
+                        else:
+                            for w in self.warpers[row]:
+                                s = w(input_ids[row:row + 1], s)
+                    scores[row:row + 1] = s
+                except Exception as e:  # noqa: BLE001 - this row's failure, not the batch's
+                    log.exception("row %d failed", row)
+                    _kill_row(job, scores, row, self.fallback_id, f"{type(e).__name__}: {e}")
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+        if bad.any():
+            for row in bad.nonzero().flatten().tolist():
+                if self.jobs[row].finish_reason is None:
+                    _kill_row(self.jobs[row], scores, row, self.fallback_id,
+                              "the next-token scores are not finite numbers")
                 else:
-                    for w in self.warpers[row]:
-                        s = w(input_ids[row:row + 1], s)
-            scores[row:row + 1] = s
+                    scores[row] = -float("inf")
+                    scores[row, self.fallback_id] = 0.0
         return scores
 
 
+class StopMatcher:
+    """A request's stop strings as one Aho-Corasick automaton, fed only the new text each step.
+
+    ``feed(text)`` takes the row's whole decoded text so far and returns ``(start, streamable)``:
+    where the earliest stop string found in the text starts (-1: none), and how many characters
+    can be streamed (not a broken UTF-8 tail, not a tail that may grow into a stop string). The
+    work per step is the new characters, whatever the number of stop strings.
+    """
+
+    def __init__(self, stops):
+        self.goto: list[dict[str, int]] = [{}]
+        self.depth, self.longest_end = [0], [0]  # node string length; longest stop ending here
+        for s in stops:
+            node = 0
+            for ch in s:
+                if ch not in self.goto[node]:
+                    self.goto.append({})
+                    self.depth.append(self.depth[node] + 1)
+                    self.longest_end.append(0)
+                    self.goto[node][ch] = len(self.goto) - 1
+                node = self.goto[node][ch]
+            self.longest_end[node] = len(s)
+        self.fail = [0] * len(self.goto)
+        order = list(self.goto[0].values())
+        for node in order:  # breadth first: a node's failure link is known before its children's
+            for ch, child in self.goto[node].items():
+                f = self.fail[node]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[child] = self.goto[f].get(ch, 0)
+                if not self.longest_end[child]:
+                    self.longest_end[child] = self.longest_end[self.fail[child]]
+                order.append(child)
+        self.state, self.fed = 0, ""
+
+    def feed(self, text: str) -> tuple[int, int]:
+        end = len(text.rstrip("\ufffd"))
+        if end < len(self.fed) or not text.startswith(self.fed):  # decoding rewrote the tail
+            self.state, self.fed = 0, ""
+        state, start, goto, fail, longest = self.state, -1, self.goto, self.fail, self.longest_end
+        for i in range(len(self.fed), end):
+            ch = text[i]
+            while state and ch not in goto[state]:
+                state = fail[state]
+            state = goto[state].get(ch, 0)
+            if longest[state]:
+                at = i + 1 - longest[state]
+                start = at if start < 0 else min(start, at)
+        self.state, self.fed = state, text[:end]
+        return start, end - self.depth[state]
+
+
 class RowControl:
-    """Stopping criterion that also streams: per-row stop strings, limits and cancellation."""
+    """Stopping criterion that also streams: per-row stop strings, limits and cancellation.
+
+    A row whose bookkeeping raises fails alone (its job gets the error), as in :class:`RowLogits`.
+    """
 
     def __init__(self, jobs: list[Job], tok, eos_ids: set[int]):
         self.jobs, self.tok, self.eos = jobs, tok, eos_ids
         self.finished = [False] * len(jobs)
-
-    def _hold_back(self, job: Job, text: str) -> int:
-        """How much of ``text`` can be streamed: not a broken UTF-8 tail, not a stop-string prefix."""
-        end = len(text.rstrip("\ufffd"))
-        for s in job.stop:
-            for k in range(min(len(s) - 1, end), 0, -1):
-                if text[:end].endswith(s[:k]):
-                    end -= k
-                    break
-        return end
+        self.matchers = [StopMatcher(j.stop) if j.stop else None for j in jobs]
 
     def __call__(self, input_ids, scores, **kwargs):
         last = input_ids[:, -1].tolist()
         for row, job in enumerate(self.jobs):
             if self.finished[row]:
                 continue
-            if job.cancelled.is_set():
-                self._finish(row, "cancelled")
-                continue
-            if last[row] in self.eos:
-                job.emit(len(job.text))
-                self._finish(row, "stop")
-                continue
-            job.gen_ids.append(last[row])
-            job.text = self.tok.decode(job.gen_ids, skip_special_tokens=True)
-            hits = [i for i in (job.text.find(s) for s in job.stop) if i >= 0]
-            if hits:
-                job.text = job.text[:min(hits)]
-                job.emit(len(job.text))
-                self._finish(row, "stop")
-            elif job.plan is not None and job.plan.stop_newline and "\n" in job.text.lstrip():
-                job.emit(len(job.text))
-                self._finish(row, "stop")
-            elif len(job.gen_ids) >= job.max_new_tokens:
-                job.emit(len(job.text))
-                self._finish(row, "length")
-            else:
-                job.emit(self._hold_back(job, job.text))
+            try:
+                self._step(row, job, last[row])
+            except Exception as e:  # noqa: BLE001 - this row's failure, not the batch's
+                log.exception("row %d failed", row)
+                job.fail(RowFailed(f"generation failed for this request: {type(e).__name__}: {e}"))
+            if job.finish_reason is not None:  # done, cancelled or failed (here or in RowLogits)
+                self.finished[row] = True
         return torch.tensor(self.finished, device=input_ids.device)
+
+    def _step(self, row: int, job: Job, token: int) -> None:
+        if job.finish_reason is not None:
+            return
+        if job.cancelled.is_set():
+            self._finish(row, "cancelled")
+            return
+        if token in self.eos:
+            job.emit(len(job.text))
+            self._finish(row, "stop")
+            return
+        job.gen_ids.append(token)
+        job.text = self.tok.decode(job.gen_ids, skip_special_tokens=True)
+        start, streamable = (-1, len(job.text.rstrip("\ufffd"))) if self.matchers[row] is None \
+            else self.matchers[row].feed(job.text)
+        if start >= 0:
+            job.text = job.text[:start]
+            job.emit(len(job.text))
+            self._finish(row, "stop")
+        elif job.plan is not None and job.plan.stop_newline and "\n" in job.text.lstrip():
+            job.emit(len(job.text))
+            self._finish(row, "stop")
+        elif len(job.gen_ids) >= job.max_new_tokens:
+            job.emit(len(job.text))
+            self._finish(row, "length")
+        else:
+            job.emit(streamable)
 
     def _finish(self, row: int, reason: str) -> None:
         self.finished[row] = True
@@ -199,9 +298,27 @@ class RowControl:
     def close(self) -> None:
         """After generate returns: rows still open ran into the batch's token limit."""
         for row, job in enumerate(self.jobs):
-            if not self.finished[row]:
+            if not self.finished[row] and job.finish_reason is None:
                 job.emit(len(job.text))
                 self._finish(row, "length")
+
+
+def _strip_peft(model) -> None:
+    """Put every module PEFT wrapped back to its original, drop the ``peft_config`` it attached."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def walk(module):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                child = child.get_base_layer()
+                setattr(module, child_name, child)
+            elif hasattr(child, "original_module") and hasattr(child, "modules_to_save"):
+                child = child.original_module
+                setattr(module, child_name, child)
+            walk(child)
+    walk(model)
+    if "peft_config" in vars(model):
+        del model.peft_config
 
 
 def check_adapter_dir(path: Path) -> None:
@@ -236,8 +353,15 @@ class Engine:
         self.pending: Counter[str] = Counter()  # queued + running jobs per adapter
         self.running = 0
         self.model_lock = threading.Lock()
+        self._admin_lock = threading.Lock()  # one adapter load / unload at a time, name check included
         self._count_lock = threading.Lock()
         self._stopping = False
+        self.last_error: str | None = None  # the last batch failed as a whole (cleared by a good one)
+        self.broken: str | None = None  # the model is in an unknown state: only a restart helps
+        self.dead: str | None = None  # the worker thread ended with this error
+        self.probe_interval = 5.0
+        self._current: list[Job] = []
+        self._last_probe = 0.0
         self.stats = stats or EngineStats()
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
@@ -250,34 +374,74 @@ class Engine:
     # ------------------------------------------------------------------ adapters
     @property
     def is_peft(self) -> bool:
-        return hasattr(self.model, "peft_config")
+        """The live model is a PeftModel (a plain model with leftover LoRA layers never is)."""
+        from peft import PeftModel
+        return isinstance(self.model, PeftModel)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load an adapter folder under ``name`` (blocking; call from a thread)."""
+        """Load an adapter folder under ``name`` (blocking; call from a thread). All or nothing:
+        the adapter is checked against the base before the live model is touched, and any failure
+        while loading puts the model back exactly as it was."""
         if not ADAPTER_NAME_RE.match(name) or name in (BASE, self.base_name):
             raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-'",
                                param="lora_name")
         if name in "lora_":  # peft matches weights by substring: such names can clobber others
             raise AdapterError(f"invalid adapter name {name!r}: peft cannot load an adapter whose "
                                "name is part of 'lora_'", param="lora_name")
-        path = Path(path)
-        check_adapter_dir(path)
-        if name in self.adapters or name in self.draining:
-            raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
         from peft import PeftModel
-        with self.model_lock:
+
+        from shoptune.models import InvalidAdapterError, check_adapter
+        path = Path(path)
+        with self._admin_lock:  # the name check and the load are one step for concurrent callers
+            if name in self.adapters or name in self.draining:
+                raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
+            check_adapter_dir(path)
             try:
-                if self.is_peft:
-                    self.model.load_adapter(str(path), adapter_name=name)
-                else:
-                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
-            except Exception as e:  # shape mismatch, bad config, corrupt safetensors ...
-                if self.is_peft and name in self.model.peft_config:
-                    self.model.delete_adapter(name)
-                raise AdapterError(f"{path}: cannot load adapter: {e}") from e
-            self.model.eval()
-            self.adapters[name] = path
+                check_adapter(self.model, path, base_name=self.base_name)
+            except InvalidAdapterError as e:
+                raise AdapterError(str(e), param="lora_path") from None
+            with self.model_lock:
+                grads = {n: p.requires_grad for n, p in self.model.named_parameters()}
+                try:
+                    if self.is_peft:
+                        self.model.load_adapter(str(path), adapter_name=name)
+                    else:
+                        self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                except Exception as e:  # noqa: BLE001 - whatever slipped past check_adapter
+                    log.exception("loading adapter %s from %s failed; restoring the model", name, path)
+                    self._restore_after_failed_load(name)
+                    for n, p in self.model.named_parameters():
+                        p.requires_grad_(grads.get(n, p.requires_grad))
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                    raise AdapterError(f"{path}: cannot load adapter: {first}") from None
+                self.model.eval()
+                self.adapters[name] = path
         log.info("loaded adapter %s from %s", name, path)
+
+    def _restore_after_failed_load(self, name: str) -> None:
+        """Undo a partial load of ``name``: peft may have injected layers and configs already."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        if self.is_peft:  # adapters were loaded before: take out only this one
+            try:
+                if name in self.model.peft_config:
+                    self.model.delete_adapter(name)
+            except Exception:  # noqa: BLE001 - fall back to removing it layer by layer
+                log.exception("delete_adapter(%s) failed", name)
+                self.model.peft_config.pop(name, None)
+                for m in self.model.modules():
+                    if isinstance(m, BaseTunerLayer):
+                        try:
+                            m.delete_adapter(name)
+                        except Exception:  # noqa: BLE001
+                            pass
+            left = [n for n, m in self.model.named_modules()
+                    if isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {})]
+        else:  # the first adapter: the plain model must come back without any PEFT layer
+            _strip_peft(self.model)
+            left = [n for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
+        if left:
+            self.broken = f"a failed load of adapter {name!r} left layers behind ({left[0]} ...)"
+            log.error("engine broken: %s", self.broken)
 
     def begin_unload(self, name: str) -> None:
         if name not in self.adapters or name in self.draining:
@@ -286,7 +450,7 @@ class Engine:
 
     def finish_unload(self, name: str) -> None:
         """Remove a draining adapter once its queued and running requests are done."""
-        with self.model_lock:
+        with self._admin_lock, self.model_lock:
             if len(self.adapters) == 1:  # peft cannot hold zero adapters: back to the plain model
                 self.model = self.model.unload()
             else:
@@ -322,6 +486,8 @@ class Engine:
         """Queue a job (from the event loop). Raises QueueFull / ShuttingDown / UnknownModel."""
         if self._stopping:
             raise ShuttingDown("server is shutting down")
+        if self.dead or self.broken:
+            raise EngineUnavailable(f"the engine cannot serve: {self.dead or self.broken}")
         if job.model is not None and (job.model not in self.adapters or job.model in self.draining):
             raise UnknownModel(f"The model `{job.model}` does not exist", param="model")
         job.loop = asyncio.get_running_loop()
@@ -358,12 +524,29 @@ class Engine:
 
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - recorded for /health, then waiting jobs fail
+            self.dead = f"{type(e).__name__}: {e}"
+            log.exception("engine worker died")
+            gone = EngineUnavailable(f"the engine stopped: {self.dead}")
+            for j in self._current:
+                j.fail(gone)
+            while True:
+                try:
+                    self.queue.get_nowait().fail(gone)
+                except queue.Empty:
+                    break
+
+    def _loop(self) -> None:
         while True:
             try:
                 first = self.queue.get(timeout=0.05)
             except queue.Empty:
                 if self._stopping:
                     return
+                if self.last_error and time.monotonic() - self._last_probe > self.probe_interval:
+                    self._probe()
                 continue
             batch = [first]
             deadline = time.monotonic() + self.max_wait
@@ -374,7 +557,9 @@ class Engine:
                                  else self.queue.get_nowait())
                 except queue.Empty:
                     break
+            self._current = batch
             self._run(batch)
+            self._current = []
 
     def _run(self, batch: list[Job]) -> None:
         live = []
@@ -403,10 +588,15 @@ class Engine:
             log.exception("batch of %d failed", len(live))
             for j in live:
                 j.fail(e)
+            self.last_error = f"{type(e).__name__}: {e}"
+        else:
+            self.last_error = None
         finally:
             self.running = 0
             for j in live:
                 self._release(j)
+        if self.last_error:  # a request-specific failure, or can the model not compute at all?
+            self._probe()
         seconds = time.monotonic() - t0
         tokens = sum(len(j.gen_ids) or 1 for j in live)
         if self.stats.on_batch:
@@ -414,6 +604,35 @@ class Engine:
         if self.stats.on_tokens:
             for j in live:
                 self.stats.on_tokens(j.model or self.base_name, len(j.prompt_ids), len(j.gen_ids))
+
+    def _probe(self) -> None:
+        """One base-model forward pass of a one-token prompt: clears ``last_error`` if it works."""
+        self._last_probe = time.monotonic()
+        try:
+            with self.model_lock, torch.inference_mode():
+                inputs = self._inputs([Job([self.pad_id])])
+                logits = self.model(**inputs, logits_to_keep=1).logits
+                if not torch.isfinite(logits).all():
+                    raise RuntimeError("the probe's logits are not finite")
+        except Exception as e:  # noqa: BLE001 - reported by /health
+            log.warning("engine probe failed: %s: %s", type(e).__name__, e)
+            self.last_error = f"{type(e).__name__}: {e}"
+        else:
+            if self.last_error:
+                log.info("engine probe passed; ready again")
+            self.last_error = None
+
+    def health(self) -> dict:
+        """Liveness (the worker runs and the model is intact) and readiness (also: not shutting
+        down, and the last batch did not fail in a way a probe pass could not clear)."""
+        alive = self._thread.is_alive() or (self._stopping and self.dead is None)
+        reason = self.dead or self.broken or (None if alive else "the engine worker is not running")
+        live = reason is None
+        if live and self._stopping:
+            reason = "shutting down"
+        elif live and self.last_error:
+            reason = f"the last batch failed and the model check has not passed since: {self.last_error}"
+        return {"live": live, "ready": reason is None, "reason": reason}
 
     def _inputs(self, jobs: list[Job]) -> dict:
         """Left-padded batch with position ids that start at 0 on each row's first real token."""
@@ -433,7 +652,13 @@ class Engine:
         pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         logits = self.model(**inputs, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
         for row, job in enumerate(jobs):
-            job.text = best_choice(logits[row], job.choices, self.tok)
+            try:
+                if not torch.isfinite(logits[row]).all():
+                    raise ValueError("the scores are not finite numbers")
+                job.text = best_choice(logits[row], job.choices, self.tok)
+            except Exception as e:  # noqa: BLE001 - this row's failure, not the batch's
+                job.fail(RowFailed(f"generation failed for this request: {type(e).__name__}: {e}"))
+                continue
             job.gen_ids = [0]  # one decision
             job.emit(len(job.text))
             job.done("stop")
@@ -446,7 +671,7 @@ class Engine:
                                pad_token_id=self.pad_id,
                                eos_token_id=sorted(self.eos_ids))
         control = RowControl(jobs, self.tok, self.eos_ids)
-        logits = RowLogits(jobs, self.tok, inputs["input_ids"].shape[1], sampling)
+        logits = RowLogits(jobs, self.tok, inputs["input_ids"].shape[1], sampling, fallback_id=self.pad_id)
         self.model.generate(**inputs, generation_config=cfg,
                             logits_processor=LogitsProcessorList([logits]),
                             stopping_criteria=StoppingCriteriaList([control]))

@@ -8,7 +8,34 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MIN_TEMPERATURE = 0.01  # below it (other than 0, greedy) the logits / temperature overflow
+MAX_STOPS = 32  # stop strings per request ...
+MAX_STOP_CHARS = 4096  # ... and their total length
+
+
+def find_invalid_text(obj) -> str | None:
+    """Dotted path (``messages.0.content``) of the first string, key or value, in parsed JSON that
+    is not valid Unicode (a lone surrogate such as ``"\\ud800"``); None if all are."""
+    stack = [((), obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return ".".join(map(str, path)) or "body"
+        elif isinstance(value, dict):
+            for k, v in reversed(list(value.items())):
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:  # a bad key: reported at the object holding it
+                    return ".".join(map(str, path)) or "body"
+                stack.append(((*path, k), v))
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -18,8 +45,8 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -29,6 +56,25 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _computable_temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}; smaller values "
+                             "cannot be computed")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, v: str | list[str] | None):
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings (got {len(stops)})")
+        total = sum(map(len, stops))
+        if total > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings may total at most {MAX_STOP_CHARS} characters (got {total})")
+        return v
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:

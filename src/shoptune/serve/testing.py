@@ -79,3 +79,73 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def make_tiny_model(root: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0,
+                    tokenizer: str = "smollm2-135m") -> Path:
+    """A random tiny Llama (``hidden`` wide) with the real tokenizer, saved as a plain HF folder.
+
+    Loads and generates in milliseconds: what engine and HTTP tests use instead of the real model.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shoptune.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=4096, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root, safe_serialization=True)
+    tok.save_pretrained(root)
+    return root
+
+
+def make_tiny_lora(base_dir: Path, out: Path, *, seed: int = 0, targets=("q_proj", "v_proj"),
+                   r: int = 4) -> Path:
+    """A LoRA adapter with random (non-zero) B for the model in ``base_dir``, saved as PEFT folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                         init_lora_weights=False))
+    pm.save_pretrained(out)
+    return out
+
+
+def make_tiny_fixtures(root: Path) -> dict[str, Path]:
+    """A tiny base model plus adapters good and bad for it (what the hardening tests load):
+
+    ``base`` (hidden 64), ``good`` / ``good2`` (LoRA for it), ``mismatch`` (LoRA trained on a
+    hidden-32 model), ``prompt_tuning`` (a PEFT type the engine cannot batch), ``corrupt``
+    (a good config with a truncated ``adapter_model.safetensors``).
+    """
+    import shutil
+
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny_model(root / "tiny-64")
+    other = make_tiny_model(root / "tiny-32", hidden=32, seed=1)
+    ads = root / "adapters"
+    out = {"base": base, "good": make_tiny_lora(base, ads / "good", seed=1),
+           "good2": make_tiny_lora(base, ads / "good2", seed=2),
+           "mismatch": make_tiny_lora(other, ads / "mismatch", seed=3)}
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    pm.save_pretrained(ads / "prompt_tuning")
+    out["prompt_tuning"] = ads / "prompt_tuning"
+    shutil.copytree(out["good"], ads / "corrupt")
+    weights = ads / "corrupt" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    out["corrupt"] = ads / "corrupt"
+    return out

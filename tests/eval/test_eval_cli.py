@@ -126,3 +126,23 @@ def test_eval_bad_input_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["eval", "--model", "nope", "--data", str(DEV), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "not an embedded model" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_with_a_corrupt_or_foreign_adapter_is_one_clear_message(tmp_path):
+    """#9 item 12: no traceback, no wall of size-mismatch lines; nothing written."""
+    from shoptune.serve.testing import make_tiny_fixtures
+    from tests.conftest import mc, write_jsonl
+
+    fx = make_tiny_fixtures(tmp_path / "fx")
+    data = write_jsonl(tmp_path / "q.jsonl", [mc()])
+    for bad, fragment in (
+            ("mismatch", f"error: adapter {fx['mismatch']} was trained for a different base model "
+                         f"({fx['base'].parent / 'tiny-32'}), not {fx['base']}: model.layers.0."),
+            ("corrupt", f"error: {fx['corrupt'] / 'adapter_model.safetensors'}: not a readable "
+                        "safetensors file")):
+        res = CliRunner().invoke(app, ["eval", "--model", str(fx["base"]), "--adapter", str(fx[bad]),
+                                       "--data", str(data), "--out", str(tmp_path / "o"), "--dtype", "fp32"])
+        assert res.exit_code == 1, res.output
+        assert fragment in res.output, res.output
+        assert "Traceback" not in res.output and len(res.output) < 1000 and res.output.count("\n") <= 2
+        assert not (tmp_path / "o").exists()

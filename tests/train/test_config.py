@@ -22,7 +22,6 @@ SMOKE = REPO / "configs/train/smoke.yaml"
     ("save_steps=0", "save_steps"),
     ("logging_steps=0", "logging_steps"),
     ("weight_decay=-0.1", "weight_decay"),
-    ("three_stage.patience=0", "three_stage.patience"),
     ("three_stage.eval_every=0", "three_stage.eval_every"),
     ("mixture.total=0", "mixture.total"),
     ("mixture.temperature=-1", "mixture.temperature"),

@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = 16,
         concurrency: Annotated[int, typer.Option(help="Parallel requests (openai backend).")] = 16,
         dtype: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
+        merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (local "
+                                            "backend; same outputs within rounding, no per-token "
+                                            "LoRA cost).")] = True,
         multilingual_st_model: Annotated[Optional[Path], typer.Option(
             help="Local paraphrase-multilingual-MiniLM-L12-v2 folder.")] = None,
     ) -> None:
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
         try:
             s = evaluate(model=model, adapter=adapter, data=data or (), suite=suite, out=out, limit=limit,
                          backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
-                         batch_size=batch_size, concurrency=concurrency, dtype=dtype)
+                         batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             fail(str(e))

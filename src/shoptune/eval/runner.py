@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shoptune import __version__
@@ -38,8 +40,11 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
              limit: int | None = None, backend: str = "local", base_url: str | None = None,
              api_key: str = "EMPTY", protocol: str = "starter-kit", batch_size: int = 16,
              concurrency: int = 16, dtype: str = "auto", n_boot: int = 1000,
-             quiet: bool = False, suite: str | Path | None = None) -> dict:
-    """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders)."""
+             quiet: bool = False, suite: str | Path | None = None, merge: bool = True) -> dict:
+    """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders).
+
+    ``merge``: a single LoRA adapter is merged into the weights (in fp32, then cast to the
+    evaluation dtype), so it costs nothing per token; ``merge=False`` keeps it unmerged."""
     out = Path(out)
     if bool(suite) == bool(data):
         raise ValueError("give either --suite or --data")
@@ -58,7 +63,16 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     tok = None
     if backend == "local":
         from shoptune.models import load
-        mdl, tok = load(model, adapter=adapter, dtype=dtype)
+        if adapter and merge:
+            from shoptune.models import default_dtype
+            mdl, tok = load(model, adapter=adapter, dtype="fp32")
+            mdl = mdl.merge_and_unload()
+            target = {"auto": default_dtype(), "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
+            if target is None:
+                raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
+            mdl = mdl.to(target).eval()
+        else:
+            mdl, tok = load(model, adapter=adapter, dtype=dtype)
         runner = LocalBackend(mdl, tok, batch_size=batch_size)
         dtype_used = str(mdl.dtype).replace("torch.", "")
     elif backend == "openai":
@@ -81,7 +95,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     rows = score_outputs(records, outputs)
     summary = summarize(rows, n_boot=n_boot)
     summary.update({
-        "model": model, "adapter": adapter, "backend": backend, "base_url": base_url,
+        "model": model, "adapter": adapter, "adapter_merged": bool(adapter and merge and backend == "local"),
+        "backend": backend, "base_url": base_url,
         "protocol": protocol, "dtype": dtype_used, "batch_size": batch_size,
         "data": [{"path": str(resolve_data_path(d)), "sha256_16": _file_hash(resolve_data_path(d))}
                  for d in data],

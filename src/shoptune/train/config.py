@@ -20,7 +20,7 @@ class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     r: int = Field(default=16, ge=1)
     alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)  # > 0 costs ~1.4x step time on CPU (#14)
     target_modules: Literal["attention", "attention+mlp"] | list[str] = "attention+mlp"
     use_rslora: bool = False
 
@@ -43,7 +43,8 @@ class CurriculumSettings(BaseModel):
     stage2_fraction: float = Field(default=0.5, gt=0, lt=1)  # share of max_steps for stage 2
     low_resource_weight: float = Field(default=2.0, gt=0)  # loss weight of low-resource tasks in stage 3
     eval_every: int = Field(default=10, ge=1)  # stage 3: per-task validation loss every N steps
-    patience: int = Field(default=2, ge=1)  # stop a task after this many evaluations without improvement
+    # stop a task after more than this many evaluations without improvement (0: at the first)
+    patience: int = Field(default=2, ge=0)
     val_rows_per_task: int = Field(default=16, ge=1)
 
 

@@ -143,3 +143,25 @@ def test_dedup_cli_reports_overlap_per_eval_set(tmp_path):
     assert f"{ev}: 1 of 2 questions overlap the training data" in " ".join(res.output.split())
     removed = [json.loads(x) for x in (tmp_path / "clean.removed.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in removed] == ["contaminated-13gram"]
+
+
+def test_overlap_is_counted_in_every_eval_set_holding_the_question(tmp_path):
+    """A suite that contains the development set (suite:core holds all of ShopBench dev): a
+    training row copying a dev question, exactly or nearly, overlaps both evaluation sets."""
+    from shoptune.data.dedup import contamination_summary
+    train = load_records(write_jsonl(tmp_path / "train.jsonl", [
+        ner(QUERIES[1], ["asus"]), ner(LONG.replace("size 10", "size 11"), ["nike"]),
+        ner(QUERIES[4], ["dewalt"]), ner(QUERIES[2], ["lego"])]))
+    dev = load_records(write_jsonl(tmp_path / "dev.jsonl", [ner(q, [q.split()[0]]) for q in QUERIES[:2]]
+                                   + [ner(QUERIES[3], ["samsung"])]))
+    suite = load_records(write_jsonl(tmp_path / "suite.jsonl", [ner(QUERIES[5], ["kindle"])]
+                                     + [ner(q, [q.split()[0]]) for q in QUERIES[:2]]))
+    kept, removed = decontaminate(train, {"dev": dev, "suite": suite}, ngram=0)
+    assert [r.id for r in kept] == [train[2].id, train[3].id]
+    by_reason = {r["reason"]: r for r in removed}
+    def matched(r):
+        return sorted([[r["eval_set"], r["of"]], *r["also"]])
+    assert matched(by_reason["contaminated-exact"]) == [["dev", dev[1].id], ["suite", suite[2].id]]
+    assert matched(by_reason["contaminated-near"]) == [["dev", dev[0].id], ["suite", suite[1].id]]
+    assert contamination_summary({"dev": dev, "suite": suite}, removed) == {
+        "dev": {"questions": 3, "overlapping": 2}, "suite": {"questions": 3, "overlapping": 2}}

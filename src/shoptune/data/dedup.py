@@ -223,13 +223,15 @@ def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *
     question), nearly (content Jaccard >= ``threshold``, any task) or as a shared word
     ``ngram``-gram (13; 0 turns it off). Returns (kept, report)."""
     train = list(train)
-    exact: dict[str, tuple[str, Record]] = {}
+    exact: dict[str, list[tuple[str, Record]]] = {}  # every eval set holding the question
     index = MinHashLSH(threshold=threshold, num_perm=num_perm)
     hashes: dict[str, tuple[MinHash, str, Record]] = {}
     for name, recs in evals.items():
         template = _template_lines(recs)
         for i, e in enumerate(recs):
-            exact.setdefault(normalize(e.input_field), (name, e))
+            same = exact.setdefault(normalize(e.input_field), [])
+            if all(n != name for n, _ in same):
+                same.append((name, e))
             m = _minhash(content(e, template), num_perm)
             key = f"{name}\x00{i}"
             index.insert(key, m)
@@ -239,17 +241,20 @@ def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *
     for r in train:
         hit = exact.get(normalize(r.input_field))
         if hit:
+            (name, e), *others = hit
             removed.append({"id": r.id, "task": r.task, "source": r.source,
-                            "reason": "contaminated-exact", "eval_set": hit[0],
-                            "of": hit[1].id, "of_source": hit[1].source})
+                            "reason": "contaminated-exact", "eval_set": name,
+                            "of": e.id, "of_source": e.source,
+                            "also": [[n2, e2.id] for n2, e2 in others]})
             continue
         m = _minhash(content(r, templates[r.task]), num_perm)
-        best = max(((hashes[k][0].jaccard(m), k) for k in index.query(m)), default=None)
-        if best and best[0] >= threshold:
-            _, name, e = hashes[best[1]]
+        sims = sorted(((hashes[k][0].jaccard(m), k) for k in index.query(m)), reverse=True)
+        if sims and sims[0][0] >= threshold:
+            _, name, e = hashes[sims[0][1]]
             removed.append({"id": r.id, "task": r.task, "source": r.source,
                             "reason": "contaminated-near", "eval_set": name, "of": e.id,
-                            "of_source": e.source, "similarity": round(best[0], 4)})
+                            "of_source": e.source, "similarity": round(sims[0][0], 4),
+                            "also": [[hashes[k][1], hashes[k][2].id] for j, k in sims[1:] if j >= threshold]})
             continue
         kept.append(r)
     if not ngram:

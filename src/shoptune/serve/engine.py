@@ -478,7 +478,8 @@ class Engine:
             return None
         if model in self.adapters and model not in self.draining:
             return model
-        raise UnknownModel(f"The model `{model}` does not exist. Available: {', '.join(self.models())}",
+        shown = model if len(model) <= 100 else f"{model[:100]}... ({len(model)} characters)"  # no echo of junk
+        raise UnknownModel(f"The model `{shown}` does not exist. Available: {', '.join(self.models())}",
                            param="model")
 
     # ------------------------------------------------------------------ requests

@@ -88,8 +88,10 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
     suite_cfg = load_suite_config(suite_file)
     records, manifest = build_suite(suite_file)
     runs, cache = [], {}
-    for cell in spec.expanded_cells():
-        for seed in spec.seeds:
+    # seed-major: every cell's first seed runs before any second seed, so a partly finished
+    # experiment already holds one complete comparison
+    for seed in spec.seeds:
+        for cell in spec.expanded_cells():
             overrides = [*spec.overrides, *cell.overrides, f"seed={seed}"]
             try:
                 cfg = load_config(base, overrides)

@@ -1,16 +1,21 @@
-"""Training speed: shoptune's trainer vs TRL's SFTTrainer with its default settings, same run.
+"""Training speed: each throughput lever measured against the #4 recipe, and against TRL's
+SFTTrainer defaults, all in one run.
 
     .venv/bin/python benchmarks/train_speed.py [--steps 12] [--batch-size 8] [--max-length 256]
+        [--compile] [--no-trl] [--loss-steps 50]
 
 Same model (the embedded SmolLM2-135M), same rows (a diverse EC-Guide mixture rendered with the
-same prompts), same LoRA (r=16, attention+MLP) and batch size, same precision (what `bf16: auto`
-picks on this machine: TRL's own bf16 default would run bf16 autocast even on CPUs without native
-bf16). Everything else is each trainer's default: shoptune groups rows of similar length
-and computes the answer-only loss itself; TRL pads each batch as it comes.
+evaluator's prompts), same LoRA (r=16, attention+MLP), batch size and precision (what `bf16: auto`
+picks on this machine). Levers are cumulative, each on top of the ones before it:
+the #4 recipe (LoRA dropout 0.05, logits at every position, fp32 weights under bf16 autocast) ->
+LoRA dropout 0 -> LM head only at answer positions -> frozen base weights stored in bf16 (->
+torch.compile with --compile). The last one is the recipe's default now. TRL pads each batch as it comes and uses its own defaults.
 
-Reports non-pad tokens/s for both (steps after the first two, which warm up), the ratio, and MFU:
-4 x base-parameter FLOPs per token (forward 2N, backward to the activations 2N; LoRA needs no
-base-weight gradients) over the matmul peak measured in this run, for bf16 and for fp32.
+Reports non-pad tokens/s (steps after the first two, which warm up), the speed-up over the #4
+recipe, and MFU: 4 x base-parameter FLOPs per token (forward 2N, backward to the activations 2N;
+LoRA needs no base-weight gradients) over the matmul peak measured in this run, for bf16 and
+fp32. ``--loss-steps N`` also trains the #4 recipe and the new defaults N steps on the same rows
+and plots both loss curves (docs/results/train_speed.png).
 Writes docs/results/train_speed.json.
 """
 from __future__ import annotations
@@ -82,11 +87,56 @@ def measure(trainer, warmup: int = 2) -> dict:
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
+# Each lever is measured on top of the ones before it (cumulative), all in this one run.
+LEVERS = [
+    ("before (#4 recipe)", ["lora.dropout=0.05", "answer_logits_only=false", "base_dtype=fp32"]),
+    ("+ LoRA dropout 0", ["lora.dropout=0.0", "answer_logits_only=false", "base_dtype=fp32"]),
+    ("+ answer-only logits", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=fp32"]),
+    ("+ bf16 frozen weights", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto"]),
+]
+COMPILE = ("+ torch.compile", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto",
+                               "torch_compile=true"])
+
+
+def config(tmp: Path, name: str, a, extra: list[str]):
+    from shoptune.train.config import load_config
+    return load_config(REPO_CONFIGS / "train" / "demo.yaml", [
+        f"output_dir={tmp / name}", f"max_steps={a.steps}", f"batch_size={a.batch_size}",
+        f"max_length={a.max_length}", f"mixture.total={a.steps * a.batch_size}", "report_to=[]",
+        "save_steps=100000", "logging_steps=1", "lora.r=16", "lora.alpha=32",
+        "lora.target_modules=attention+mlp", *extra])
+
+
+def run_shoptune(cfg, records, steps: int):
+    """Train ``steps`` steps with the recipe's own trainer; timing + the per-step losses."""
+    from shoptune.train.format import encode_records
+    from shoptune.train.recipe import base_weights_dtype, build_model, make_trainer
+    torch.manual_seed(0)
+    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg))
+    names = sorted({r.task for r in records})
+    examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
+                              task_index={t: i for i, t in enumerate(names)})
+    trainer = make_trainer(cfg, model, tok, examples, names, Path(cfg.output_dir), steps, None)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    t0 = time.perf_counter()
+    r = measure(trainer)
+    r["wall_s"] = round(time.perf_counter() - t0, 1)
+    r["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return r, model, tok, examples
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL SFTTrainer baseline")
+    ap.add_argument("--loss-steps", type=int, default=0,
+                    help="also train 'before' and the new defaults this many steps on the same rows "
+                         "and plot both loss curves")
     ap.add_argument("--out", default="docs/results/train_speed.json")
     a = ap.parse_args()
 
@@ -96,68 +146,143 @@ def main() -> None:
 
     from shoptune.eval.backends import build_prompts
     from shoptune.models import load
-    from shoptune.train.config import load_config
-    from shoptune.train.format import IGNORE, answer_text, encode_records
+    from shoptune.train.format import IGNORE, answer_text
     from shoptune.train.mixture import build_mixture
-    from shoptune.train.recipe import build_model, make_trainer, use_bf16
+    from shoptune.train.recipe import use_bf16
 
     tmp = Path(tempfile.mkdtemp(prefix="train_speed-"))
-    rows = a.steps * a.batch_size
-    cfg = load_config(REPO_CONFIGS / "train" / "demo.yaml", [
-        f"output_dir={tmp / 'shoptune'}", f"max_steps={a.steps}", f"batch_size={a.batch_size}",
-        f"max_length={a.max_length}", f"mixture.total={rows}", "report_to=[]", "save_steps=100000",
-        "logging_steps=100000", "lora.r=16", "lora.alpha=32", "lora.target_modules=attention+mlp"])
-    records, _ = build_mixture(cfg.mixture)
-    bf16 = use_bf16(cfg.bf16)
+    base_cfg = config(tmp, "base", a, [])
+    records, _ = build_mixture(base_cfg.mixture)
+    bf16 = use_bf16(base_cfg.bf16)
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"matmul peak: bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s; "
           f"training precision: {'bf16' if bf16 else 'fp32'}", flush=True)
-
-    # (a) shoptune
-    torch.manual_seed(0)
-    model, tok = build_model(cfg)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    names = sorted({r.task for r in records})
-    examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
-                              task_index={t: i for i, t in enumerate(names)})
-    trainer = make_trainer(cfg, model, tok, examples, names, tmp / "shoptune", a.steps, None)
-    trainer.args.disable_tqdm = True
-    ours = measure(trainer)
-    print("shoptune:", ours, flush=True)
-    del trainer, model
-
-    # (b) TRL SFTTrainer, defaults except what must match
-    prompts = build_prompts(records, cfg.protocol, tok)
-    data = Dataset.from_list([{"prompt": p, "completion": answer_text(r)} for p, r in zip(prompts, records)])
-    base, tok = load(cfg.model, dtype="fp32")
-    targs = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=a.batch_size,
-                      max_steps=a.steps, max_length=a.max_length, learning_rate=cfg.learning_rate,
-                      bf16=bf16, report_to=[], save_strategy="no", logging_steps=100000,
-                      disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.modules(),
-                      task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    trl = SFTTrainer(model=base, args=targs, train_dataset=data, processing_class=tok, peft_config=lcfg)
-    theirs = measure(trl)
-    theirs["defaults_that_differ"] = {k: getattr(targs, k) for k in
-                                      ("gradient_checkpointing", "packing", "padding_free",
-                                       "completion_only_loss")}
-    print("trl:", theirs, flush=True)
-
+    n_params = None
+    levers = {}
+    for name, extra in LEVERS + ([COMPILE] if a.compile else []):
+        r, model, tok, examples = run_shoptune(config(tmp, f"lever{len(levers)}", a, extra), records, a.steps)
+        n_params = n_params or sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        r["overrides"] = extra
+        levers[name] = r
+        print(f"{name}: {r['tokens_per_s']} tok/s", flush=True)
+        del model
     flops_per_token = 4 * n_params
+    before = levers[LEVERS[0][0]]["tokens_per_s"]
+    for r in levers.values():
+        r["speedup_vs_before"] = round(r["tokens_per_s"] / before, 2)
+        r["mfu"] = {k: round(flops_per_token * r["tokens_per_s"] / v, 3) for k, v in peaks.items()}
+    default = levers[LEVERS[-1][0]]
+
     result = {
-        "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
+        "machine": machine(), "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
         "precision": "bf16" if bf16 else "fp32", "base_params": n_params,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
-        "shoptune": ours, "trl_sft_default": theirs,
-        "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
-        "mfu": {who: {k: round(flops_per_token * r["tokens_per_s"] / v, 3) for k, v in peaks.items()}
-                for who, r in (("shoptune", ours), ("trl", theirs))},
+        "levers": levers, "shoptune": {k: v for k, v in default.items() if k != "losses"},
+        "speedup_vs_before": default["speedup_vs_before"],
         "answer_tokens_check": sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples),
     }
-    print(json.dumps({"ratio": result["ratio"], "mfu": result["mfu"]}))
+
+    if not a.no_trl:  # TRL SFTTrainer, defaults except what must match
+        prompts = build_prompts(records, base_cfg.protocol, tok)
+        data = Dataset.from_list([{"prompt": p, "completion": answer_text(r)} for p, r in zip(prompts, records)])
+        base, tok = load(base_cfg.model, dtype="fp32")
+        targs = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=a.batch_size,
+                          max_steps=a.steps, max_length=a.max_length, learning_rate=base_cfg.learning_rate,
+                          bf16=bf16, report_to=[], save_strategy="no", logging_steps=100000,
+                          disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+        lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=base_cfg.lora.dropout,
+                          target_modules=base_cfg.lora.modules(), task_type="CAUSAL_LM")
+        torch.manual_seed(0)
+        trl = SFTTrainer(model=base, args=targs, train_dataset=data, processing_class=tok, peft_config=lcfg)
+        theirs = measure(trl)
+        theirs["defaults_that_differ"] = {k: getattr(targs, k) for k in
+                                          ("gradient_checkpointing", "packing", "padding_free",
+                                           "completion_only_loss")}
+        theirs["mfu"] = {k: round(flops_per_token * theirs["tokens_per_s"] / v, 3) for k, v in peaks.items()}
+        print("trl:", theirs, flush=True)
+        result["trl_sft_default"] = theirs
+        result["ratio"] = round(default["tokens_per_s"] / theirs["tokens_per_s"], 2)
+        del base, trl
+
+    write_json(Path(a.out), result)  # the lever numbers are kept even if what follows fails
+    if a.loss_steps:
+        curves = loss_curves(a, tmp)
+        result["loss_curves"] = curves
+        plot_curves(curves, Path(a.out).with_suffix(".png"))
+    print(json.dumps({k: result.get(k) for k in ("speedup_vs_before", "ratio")}))
     write_json(Path(a.out), result)
     print(f"wrote {a.out}")
+
+
+def loss_curves(a, tmp: Path) -> dict:
+    """'before' and the new defaults, ``--loss-steps`` steps on the same rows in the same order."""
+    from shoptune.train.mixture import build_mixture
+    b = argparse.Namespace(**{**vars(a), "steps": a.loss_steps})
+    curves, adapters = {}, {}
+    for name, extra in (LEVERS[0], ("new defaults", [])):
+        cfg = config(tmp, f"curve-{len(curves)}", b, extra)
+        records, _ = build_mixture(cfg.mixture)
+        r, model, _, _ = run_shoptune(cfg, records, a.loss_steps)
+        curves[name] = {"losses": r["losses"], "tokens_per_s": r["tokens_per_s"], "wall_s": r["wall_s"]}
+        from shoptune.train.recipe import save_adapter
+        adapters[name] = save_adapter(model, Path(cfg.output_dir))
+        print(f"curve {name}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, {r['tokens_per_s']} tok/s",
+              flush=True)
+        del model
+    x, y = (curves[k]["losses"] for k in curves)
+    diffs = [abs(p - q) for p, q in zip(x, y)]
+    curves["max_abs_step_diff"] = round(max(diffs), 4)
+    curves["mean_abs_step_diff"] = round(sum(diffs) / len(diffs), 4)
+    curves["dev_quality"] = dev_quality(adapters, tmp)
+    return curves
+
+
+def dev_quality(adapters: dict[str, Path], tmp: Path) -> dict:
+    """Both adapters on the ShopBench development set, paired comparison (new - before)."""
+    import json as _json
+
+    from shoptune.eval.paired import paired_compare
+    from shoptune.eval.runner import evaluate
+    rows, scores = {}, {}
+    for name, adapter in adapters.items():
+        out = tmp / f"dev-{name.split()[0]}"
+        s = evaluate(model="smollm2-135m", adapter=str(adapter), data=["shopbench-dev/development.json"],
+                     out=out, quiet=True)
+        scores[name] = round(s["overall"], 4)
+        rows[name] = [_json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    before, new = list(rows)
+    cmp = paired_compare([rows[before]], [rows[new]])["overall"]
+    res = {"overall": scores, "diff": round(cmp["diff"], 4), "ci95": [round(x, 4) for x in cmp["ci95"]],
+           "p": round(cmp["p"], 4)}
+    print(f"dev all-around: {scores}; new - before {res['diff']:+.3f} {res['ci95']} p={res['p']}", flush=True)
+    return res
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, c in curves.items():
+        if isinstance(c, dict) and "losses" in c:
+            ax.plot(range(1, len(c["losses"]) + 1), c["losses"], label=f"{name} ({c['tokens_per_s']} tok/s)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_title("Training loss: #4 recipe vs new defaults, same rows and order")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def machine() -> dict:
+    import platform
+    import subprocess
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    name = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True,
+                          text=True).stdout.strip()
+    return {"cpu": name or platform.processor(), "cores": torch.get_num_threads(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
 if __name__ == "__main__":

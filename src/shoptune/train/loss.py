@@ -49,10 +49,20 @@ def answer_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return losses, rows
 
 
+def autocast_for(model):
+    """bf16 autocast when the model holds bf16 weights (the recipe's frozen base under
+    ``base_dtype: bf16``), so code outside the Trainer's own autocast (probes, validation,
+    periodic evaluation) can run it; a no-op context otherwise."""
+    p = next(model.parameters())
+    has_bf16 = any(q.dtype == torch.bfloat16 for q in model.parameters())
+    return torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=has_bf16)
+
+
 def mean_answer_loss(model, batch: list[dict], pad_id: int, *, answer_logits_only: bool = True
                      ) -> torch.Tensor:
     """Mean answer-token loss of a list of encoded examples (probes, validation)."""
     b = collate(batch, pad_id)
-    losses, _ = answer_token_losses(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                    answer_logits_only=answer_logits_only)
+    with autocast_for(model):
+        losses, _ = answer_token_losses(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                        answer_logits_only=answer_logits_only)
     return losses.mean() if losses.numel() else losses.sum()

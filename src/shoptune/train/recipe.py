@@ -125,8 +125,10 @@ class PeriodicEval(TrainerCallback):
         from shoptune.eval.scoring import score_outputs, summarize
         was_training = model.training
         model.eval()
-        outs = LocalBackend(model, self.tok, batch_size=16).run(
-            build_prompts(self.records, self.protocol, self.tok), [plan_for(r) for r in self.records])
+        from shoptune.train.loss import autocast_for
+        with autocast_for(model):
+            outs = LocalBackend(model, self.tok, batch_size=16).run(
+                build_prompts(self.records, self.protocol, self.tok), [plan_for(r) for r in self.records])
         if was_training:
             model.train()
         s = summarize(score_outputs(self.records, outs), n_boot=0)

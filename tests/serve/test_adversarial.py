@@ -209,20 +209,14 @@ def normal_traffic(server, root) -> list[tuple[str, str]]:
     from peft import PeftModel
 
     from shoptune.models import load
+    from shoptune.serve.testing import greedy_reference
 
     client = OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
     model, tok = load("smollm2-135m")
     pm = PeftModel.from_pretrained(model, str(root / "alpha"), adapter_name="alpha").eval()
 
     def reference(adapter, prompt, n):
-        ids = tok(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            if adapter is None:
-                with pm.disable_adapter():
-                    out = pm.generate(**ids, max_new_tokens=n, do_sample=False)
-            else:
-                out = pm.generate(**ids, max_new_tokens=n, do_sample=False)
-        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        return greedy_reference(pm, tok, adapter, prompt, n)
 
     seen = []
     for model_name, adapter in (("smollm2-135m", None), ("shared", "alpha")):

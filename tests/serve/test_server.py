@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from shoptune.serve.testing import greedy_reference
+
 from tests.conftest import DEV, needs_shared
 from tests.serve.conftest import KEY
 
@@ -20,7 +22,6 @@ PROMPTS = ["The best running shoe is", "Customers who buy a tent also buy", "A g
 @pytest.fixture(scope="module")
 def reference(adapters):
     """In-process greedy generation with plain peft: what the server must answer."""
-    import torch
     from peft import PeftModel
 
     from shoptune.models import load
@@ -31,15 +32,7 @@ def reference(adapters):
     pm.eval()
 
     def generate(adapter: str | None, prompt: str, n: int) -> str:
-        ids = tok(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            if adapter is None:
-                with pm.disable_adapter():
-                    out = pm.generate(**ids, max_new_tokens=n, do_sample=False)
-            else:
-                pm.set_adapter(adapter)
-                out = pm.generate(**ids, max_new_tokens=n, do_sample=False)
-        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        return greedy_reference(pm, tok, adapter, prompt, n)
     return generate
 
 

@@ -149,3 +149,19 @@ def make_tiny_fixtures(root: Path) -> dict[str, Path]:
     weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
     out["corrupt"] = ads / "corrupt"
     return out
+
+
+def greedy_reference(pm, tok, adapter: str | None, prompt: str, n: int) -> str:
+    """What plain peft generates greedily for ``prompt`` with ``adapter`` (None: the base model);
+    the answer a served completion must equal."""
+    import torch
+
+    ids = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        if adapter is None:
+            with pm.disable_adapter():
+                out = pm.generate(**ids, max_new_tokens=n, do_sample=False)
+        else:
+            pm.set_adapter(adapter)
+            out = pm.generate(**ids, max_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

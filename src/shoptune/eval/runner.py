@@ -8,7 +8,6 @@ Writes ``predictions.jsonl``, ``scores.json``, ``report.md`` and ``tracks.png`` 
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from pathlib import Path

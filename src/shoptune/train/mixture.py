@@ -30,7 +30,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoptune.data.loaders import DataIssue, iter_records, load_records
+from shoptune.data.loaders import DataIssue, iter_records
 from shoptune.data.splits import split_of
 from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record

@@ -587,9 +587,10 @@ class Engine:
                     self._generate(gen)
         except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the worker lives
             log.exception("batch of %d failed", len(live))
+            # set before the clients wake: one that checks /health right after its 500 sees it
+            self.last_error = f"{type(e).__name__}: {e}"
             for j in live:
                 j.fail(e)
-            self.last_error = f"{type(e).__name__}: {e}"
         else:
             self.last_error = None
         finally:

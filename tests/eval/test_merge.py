@@ -26,3 +26,21 @@ def test_merged_adapter_answers_equal_unmerged(tmp_path):
     # and the adapter really is applied when merged (it changes answers vs the base model)
     base_out = [json.loads(x)["model_output"] for x in (tmp_path / "base" / "predictions.jsonl").read_text().splitlines()]
     assert base_out != [r["model_output"] for r in runs[True]]
+
+    # a per-task deployment: two tasks' questions go to the adapter, the rest to the base model
+    tasks = sorted({m["task_name"] for m, b in zip(runs[True], base_out) if m["model_output"] != b})[:2]
+    s = evaluate(model="smollm2-135m", data=[str(DEV)], out=tmp_path / "per-task", limit=16,
+                 dtype="fp32", quiet=True, n_boot=0, task_adapters={t: str(adapter) for t in tasks})
+    assert s["task_adapters"] == {t: str(adapter) for t in tasks}
+    routed = [json.loads(x) for x in (tmp_path / "per-task" / "predictions.jsonl").read_text().splitlines()]
+    want = [m["model_output"] if m["task_name"] in tasks else b
+            for m, b in zip(runs[True], base_out)]
+    agree = sum(r["model_output"] == w for r, w in zip(routed, want))
+    assert tasks and agree >= 15, (tasks, agree)
+    assert [r["model_output"] for r in routed] != base_out  # the adapter was really used
+
+
+def test_per_task_adapters_refuse_a_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        evaluate(model="smollm2-135m", data=[str(DEV)], out=tmp_path / "x", limit=2, quiet=True,
+                 task_adapters={"task1": str(tmp_path / "nope")})

@@ -35,6 +35,9 @@ def register(app: typer.Typer) -> None:
         merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (local "
                                             "backend; same outputs within rounding, no per-token "
                                             "LoRA cost).")] = True,
+        task_adapter: Annotated[Optional[list[str]], typer.Option(
+            help="TASK=DIR (repeatable): a per-task deployment; TASK's questions are answered by "
+                 "adapter DIR, the others by --adapter or the base model (local backend).")] = None,
         multilingual_st_model: Annotated[Optional[Path], typer.Option(
             help="Local paraphrase-multilingual-MiniLM-L12-v2 folder.")] = None,
     ) -> None:
@@ -50,12 +53,21 @@ def register(app: typer.Typer) -> None:
         from shoptune.eval.runner import evaluate
         from shoptune.models import ModelNotFoundError
 
+        task_adapters = {}
+        for item in task_adapter or []:
+            name, sep, folder = item.partition("=")
+            if not (sep and name.strip() and folder.strip()):
+                fail(f"--task-adapter {item!r}: expected TASK=DIR (e.g. ecguide_sap=runs/sap/adapter)", 2)
+            if name.strip() in task_adapters:
+                fail(f"--task-adapter: task {name.strip()!r} given twice", 2)
+            task_adapters[name.strip()] = folder.strip()
         if multilingual_st_model:
             os.environ["SHOPTUNE_MULTILINGUAL_ST_MODEL"] = str(multilingual_st_model)
         try:
             s = evaluate(model=model, adapter=adapter, data=data or (), suite=suite, out=out, limit=limit,
                          backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
-                         batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge)
+                         batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge,
+                         task_adapters=task_adapters or None)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             fail(str(e))

@@ -27,6 +27,54 @@ from shoptune.eval.suite import build_suite, data_manifest, fingerprint
 from shoptune.paths import resolve_data_path
 
 
+def _local_model(model: str, adapter: str | None, *, merge: bool, dtype: str):
+    """``(model, tokenizer)`` for the local backend; a single adapter merged when ``merge``."""
+    from shoptune.models import load
+    if adapter and merge:
+        from shoptune.models import default_dtype
+        target = {"auto": default_dtype(), "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
+        if target is None:
+            raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
+        mdl, tok = load(model, adapter=adapter, dtype="fp32")
+        return mdl.merge_and_unload().to(target).eval(), tok
+    return load(model, adapter=adapter, dtype=dtype)
+
+
+class _PerTaskBackend:
+    """Runs each task's questions on that task's adapter (one model in memory at a time)."""
+
+    def __init__(self, model: str, records, task_adapters: dict[str, str], default_adapter: str | None,
+                 *, merge: bool, dtype: str, batch_size: int):
+        self.model, self.merge, self.dtype, self.batch_size = model, merge, dtype, batch_size
+        self.default_adapter = default_adapter
+        self.route = [task_adapters.get(r.task_name or r.task, task_adapters.get(r.task, default_adapter))
+                      for r in records]
+        # the base (or default-adapter) model first: it gives the tokenizer and the dtype reported
+        self.base_model, self.tok = _local_model(model, default_adapter, merge=merge, dtype=dtype)
+
+    def run(self, prompts, plans, progress=None) -> list:
+        outputs: list = [None] * len(prompts)
+        groups: dict = {}
+        for i, a in enumerate(self.route):
+            groups.setdefault(a, []).append(i)
+        order = [self.default_adapter] + sorted(a for a in groups if a != self.default_adapter)
+        for a in order:
+            idx = groups.get(a)
+            if not idx:
+                continue
+            if a == self.default_adapter:
+                mdl = self.base_model
+            else:
+                mdl, _ = _local_model(self.model, a, merge=self.merge, dtype=self.dtype)
+            got = LocalBackend(mdl, self.tok, batch_size=self.batch_size).run(
+                [prompts[i] for i in idx], [plans[i] for i in idx], progress=progress)
+            for i, o in zip(idx, got):
+                outputs[i] = o
+            if mdl is not self.base_model:
+                del mdl
+        return outputs
+
+
 def _file_hash(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -39,14 +87,21 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
              limit: int | None = None, backend: str = "local", base_url: str | None = None,
              api_key: str = "EMPTY", protocol: str = "starter-kit", batch_size: int = 16,
              concurrency: int = 16, dtype: str = "auto", n_boot: int = 1000,
-             quiet: bool = False, suite: str | Path | None = None, merge: bool = True) -> dict:
+             quiet: bool = False, suite: str | Path | None = None, merge: bool = True,
+             task_adapters: dict[str, str] | None = None) -> dict:
     """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders).
 
     ``merge``: a single LoRA adapter is merged into the weights (in fp32, then cast to the
-    evaluation dtype), so it costs nothing per token; ``merge=False`` keeps it unmerged."""
+    evaluation dtype), so it costs nothing per token; ``merge=False`` keeps it unmerged.
+
+    ``task_adapters`` (local backend): evaluate a per-task deployment, one adapter per task.
+    Each question is answered by the adapter of its task (its ShopBench ``task_name``, else its
+    task card name); questions of other tasks by the base model, or by ``adapter`` when given."""
     out = Path(out)
     if bool(suite) == bool(data):
         raise ValueError("give either --suite or --data")
+    if task_adapters and backend != "local":
+        raise ValueError("per-task adapters (--task-adapter) need the local backend")
     if suite:
         records, manifest = build_suite(suite)
     else:
@@ -61,18 +116,16 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     t0 = time.time()
     tok = None
     if backend == "local":
-        from shoptune.models import load
-        if adapter and merge:
-            from shoptune.models import default_dtype
-            mdl, tok = load(model, adapter=adapter, dtype="fp32")
-            mdl = mdl.merge_and_unload()
-            target = {"auto": default_dtype(), "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
-            if target is None:
-                raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
-            mdl = mdl.to(target).eval()
+        if task_adapters:
+            missing = [str(d) for d in task_adapters.values() if not (Path(d) / "adapter_config.json").exists()]
+            if missing:  # before any model load: a typo should not cost minutes
+                raise ValueError(f"not a PEFT adapter folder (no adapter_config.json): {', '.join(missing)}")
+            runner = _PerTaskBackend(model, records, task_adapters, adapter, merge=merge,
+                                     dtype=dtype, batch_size=batch_size)
+            mdl, tok = runner.base_model, runner.tok
         else:
-            mdl, tok = load(model, adapter=adapter, dtype=dtype)
-        runner = LocalBackend(mdl, tok, batch_size=batch_size)
+            mdl, tok = _local_model(model, adapter, merge=merge, dtype=dtype)
+            runner = LocalBackend(mdl, tok, batch_size=batch_size)
         dtype_used = str(mdl.dtype).replace("torch.", "")
     elif backend == "openai":
         if not base_url:
@@ -94,7 +147,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     rows = score_outputs(records, outputs)
     summary = summarize(rows, n_boot=n_boot)
     summary.update({
-        "model": model, "adapter": adapter, "adapter_merged": bool(adapter and merge and backend == "local"),
+        "model": model, "adapter": adapter, "adapter_merged": bool((adapter or task_adapters) and merge and backend == "local"),
+        "task_adapters": dict(sorted(task_adapters.items())) if task_adapters else None,
         "backend": backend, "base_url": base_url,
         "protocol": protocol, "dtype": dtype_used, "batch_size": batch_size,
         "data": [{"path": str(resolve_data_path(d)), "sha256_16": _file_hash(resolve_data_path(d))}

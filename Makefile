@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup demo test test-fast clean-venv llama-server llama-cpp-source
 setup: $(STAMP) data
 	@$(BIN)/shoptune models pull smollm2-135m
 
@@ -39,3 +39,29 @@ test-fast: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# llama.cpp's llama-server (CPU serving engine behind `shoptune serve --upstream`), built from the
+# llama.cpp source inside a pinned llama-cpp-python sdist from PyPI: no other downloads, only the
+# server target (~12 min at -j2 on 2 cores), cached (nothing happens when the binary exists).
+# Not part of setup. Run heavy: `flock /tmp/shoptune-heavy.lock make llama-server`.
+LLAMA_CPP_PY  ?= 0.3.36
+LLAMA_ROOT    ?= $(SHOPTUNE_CACHE_DIR)/llama.cpp
+LLAMA_SRC     := $(LLAMA_ROOT)/llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
+LLAMA_SERVER  := $(LLAMA_ROOT)/build-$(LLAMA_CPP_PY)/bin/llama-server
+LLAMA_JOBS    ?= 2
+
+llama-cpp-source: $(LLAMA_SRC)/convert_hf_to_gguf.py
+$(LLAMA_SRC)/convert_hf_to_gguf.py:
+	mkdir -p $(LLAMA_ROOT)
+	$(PY) -m pip download -q --no-deps --no-binary :all: \
+	    llama-cpp-python==$(LLAMA_CPP_PY) -d $(LLAMA_ROOT)
+	tar -xzf $(LLAMA_ROOT)/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(LLAMA_ROOT)
+	test -f $@
+
+llama-server: $(LLAMA_SERVER)
+$(LLAMA_SERVER): | $(LLAMA_SRC)/convert_hf_to_gguf.py
+	cmake -S $(LLAMA_SRC) -B $(LLAMA_ROOT)/build-$(LLAMA_CPP_PY) -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+	    -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(LLAMA_ROOT)/build-$(LLAMA_CPP_PY) --target llama-server -j $(LLAMA_JOBS)
+	@echo "llama-server: $@ (export SHOPTUNE_LLAMA_SERVER=$@)"

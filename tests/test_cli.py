@@ -56,8 +56,8 @@ def test_validate_exit_codes(tmp_path):
     bad = write_jsonl(tmp_path / "b.jsonl", [mc(), "{oops", mc(gold=7)])
     res = runner.invoke(app, ["data", "validate", str(bad)])
     assert res.exit_code == 1
-    assert "b.jsonl:line 2: invalid JSON" in res.output
-    assert "b.jsonl:line 3: output_field: option index 7 out of range" in res.output
+    assert "b.jsonl:2: invalid JSON" in res.output
+    assert "b.jsonl:3: output_field: option index 7 out of range" in res.output
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["data", "validate", str(tmp_path / "missing.json")])
     assert res.exit_code == 1 and "shoptune data fetch" in res.output

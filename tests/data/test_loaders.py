@@ -126,7 +126,9 @@ def test_malformed_row_names_file_line_and_field(tmp_path, kind):
     i = issues[0]
     assert (i.file, i.loc, i.field) == (str(p), "line 2", field)
     assert msg in i.message
-    with pytest.raises(DataValidationError, match=f"d.jsonl:line 2"):
+    where = f"{p}:2: {field}: " if field else f"{p}:2: "  # path:LINE: field: reason
+    assert str(i) == where + i.message
+    with pytest.raises(DataValidationError, match=f"d.jsonl:2: {field + ': ' if field else ''}"):
         load_records(p)
 
 
@@ -149,6 +151,15 @@ def test_invalid_utf8_in_json_array(tmp_path):
     p.write_bytes(b'[\n{"input_field": "ok"},\n{"input_field": "caf\xe9"}\n]')
     _, issues = validate_records(p)
     assert issues[0].loc == "line 3"
+
+
+def test_json_array_issue_names_the_line_the_element_starts_on(tmp_path):
+    p = tmp_path / "arr.json"
+    p.write_text(json.dumps([mc("A"), mc("B", gold=7)], indent=2))
+    _, issues = validate_records(p)
+    assert issues[0].loc == "index 1"
+    start = [n for n, x in enumerate(p.read_text().splitlines(), 1) if x == "  {"][1]  # 2nd "{"
+    assert str(issues[0]).startswith(f"{p}:{start}: output_field: option index 7 out of range")
 
 
 def test_duplicate_explicit_ids(tmp_path):

@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,56 @@ _OPTION_RE = re.compile(r"^\s*(\d+)\.\s", re.MULTILINE)
 
 @dataclass(frozen=True, slots=True)
 class DataIssue:
+    """One problem with the data. ``str()`` is the editors' ``path:LINE: field: reason`` (no
+    ``LINE`` for a whole-file problem, no ``field`` for an unreadable row), so an editor or a CI
+    annotation jumps to the line; a JSON-array element is named by the line it starts on."""
     file: str
     loc: str  # "line 3", "index 5", or "" for the whole file
     field: str | None
     message: str
+    line: int | None = None  # 1-based line; derived from ``loc`` or looked up for array elements
+
+    @property
+    def lineno(self) -> int | None:
+        if self.line is not None:
+            return self.line
+        if self.loc.startswith("line "):
+            return int(self.loc.split()[1])
+        if self.loc.startswith("index "):
+            return array_element_line(self.file, int(self.loc.split()[1]))
+        return None
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.loc}" if self.loc else self.file
+        n = self.lineno
+        where = f"{self.file}:{n}" if n is not None else self.file
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+@lru_cache(maxsize=8)
+def _array_element_lines(file: str, mtime_ns: int) -> tuple[int, ...]:
+    """The 1-based line on which each element of a JSON-array file starts (one scan)."""
+    text = Path(file).read_text(encoding="utf-8-sig")
+    dec = json.JSONDecoder()
+    lines, pos, line = [], text.index("[") + 1, 1 + text[:text.index("[")].count("\n")
+    counted = text.index("[")
+    ws = re.compile(r"[\s,]*")
+    while True:
+        pos = ws.match(text, pos).end()
+        if pos >= len(text) or text[pos] == "]":
+            return tuple(lines)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
+        _, pos = dec.raw_decode(text, pos)
+
+
+def array_element_line(file: str, index: int) -> int | None:
+    """Line where element ``index`` of the JSON array in ``file`` starts (None if unknown)."""
+    try:
+        lines = _array_element_lines(file, os.stat(file).st_mtime_ns)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return lines[index] if 0 <= index < len(lines) else None
 
 
 class DataValidationError(ValueError):
@@ -317,6 +360,13 @@ def _tag_row(row: dict, path: Path, loc: str, *, task: str | None,
                                         f"no task card of {rel}")]
     elif isinstance(row.get("task_name"), str):
         card = tasks.card_for_shopbench_task(row["task_name"])
+    elif isinstance(row.get("task"), str) and row["task"] in tasks.all_cards():
+        # rows written by shoptune (split, mix, derive, synth) name their card
+        card = tasks.get_card(row["task"])
+        for key in ("task_type", "metric"):
+            if row.get(key) not in (None, getattr(card, key)):
+                return None, [DataIssue(file, loc, key, f"{row[key]!r} but task card {card.name!r} "
+                                        f"says {getattr(card, key)!r}")]
     row.setdefault("task_type", card.task_type if card else None)
     row.setdefault("metric", card.metric if card else None)
     if card:

@@ -59,6 +59,52 @@ def _avg_tokens_per_row(cfg, cache: dict) -> float:
     return cache[key]
 
 
+def _per_task_plan(cfg, budget, cache: dict) -> dict:
+    """Rows, mean tokens per row and steps of each task's adapter in a per-task cell: the
+    cell's mixture as it will be built (cleaned and decontaminated), each task's share of the
+    budget spent on that task's rows alone."""
+    from shoptune.models import load_tokenizer
+    from shoptune.train.format import encode_records
+    from shoptune.train.mixture import build_mixture
+
+    key = json.dumps(["per-task", cfg.mixture.model_dump(), cfg.model, cfg.protocol, cfg.max_length],
+                     sort_keys=True)
+    if key not in cache:
+        recs, _ = build_mixture(cfg.mixture)
+        if not recs:
+            raise ValueError("a cell's mixture selects no rows; check its overrides")
+        tok = cache.setdefault(("tok", cfg.model), load_tokenizer(cfg.model))
+        by_task: dict[str, list] = {}
+        for r in recs:
+            by_task.setdefault(r.task, []).append(r)
+        info = {}
+        for t, rows in sorted(by_task.items()):
+            ex = encode_records(rows, tok, protocol=cfg.protocol, max_length=cfg.max_length,
+                                task_index={t: 0})
+            info[t] = {"rows": len(rows), "avg_tokens_per_row": sum(e["length"] for e in ex) / len(ex)}
+        cache[key] = (len(recs), info)
+    n, info = cache[key]
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    plan_ = {}
+    for t, i in info.items():
+        if budget is None or budget.steps is not None:  # steps: split by the task's share of rows
+            total = budget.steps if budget is not None else cfg.max_steps
+            steps = max(1, round(total * i["rows"] / n))
+        else:
+            steps = steps_for_budget(budget.model_copy(update={"tokens": max(1, round(budget.tokens * i["rows"] / n))}),
+                                     cfg.max_steps, i["avg_tokens_per_row"], rows_per_step)
+        plan_[t] = {"rows": i["rows"], "avg_tokens_per_row": round(i["avg_tokens_per_row"], 2),
+                    "max_steps": steps,
+                    "planned_tokens": round(i["avg_tokens_per_row"] * steps * rows_per_step)}
+    return plan_
+
+
+def _task_overrides(run: dict, task: str, info: dict, output_dir) -> list[str]:
+    """One task's adapter in a per-task run: the run's config on that task's rows alone."""
+    return [*run["overrides"], f"mixture.include_tasks={json.dumps([task])}",
+            f"mixture.total={info['rows']}", f"max_steps={info['max_steps']}", f"output_dir={output_dir}"]
+
+
 def _check_split(cfg, suite_cfg) -> None:
     """A suite part drawn from a split of the training sources must use the same split settings,
     else its questions could be in the training split."""
@@ -106,11 +152,19 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
                                      cfg.batch_size * cfg.grad_accum)
             overrides.append(f"max_steps={steps}")
             cfg = load_config(base, overrides)
-            key = run_key(cfg.model_dump(), manifest["fingerprint"], spec.protocol)
-            runs.append({"id": f"{cell.name}.s{seed}.{key[:8]}", "cell": cell.name, "seed": seed,
-                         "key": key, "overrides": overrides, "max_steps": steps,
-                         "avg_tokens_per_row": round(avg, 2) if avg else None,
-                         "planned_tokens": round(avg * steps * cfg.batch_size * cfg.grad_accum) if avg else None})
+            key = run_key(cfg.model_dump(), manifest["fingerprint"], spec.protocol, per_task=cell.per_task)
+            run = {"id": f"{cell.name}.s{seed}.{key[:8]}", "cell": cell.name, "seed": seed,
+                   "key": key, "overrides": overrides, "max_steps": steps,
+                   "avg_tokens_per_row": round(avg, 2) if avg else None,
+                   "planned_tokens": round(avg * steps * cfg.batch_size * cfg.grad_accum) if avg else None}
+            if cell.per_task:
+                if cfg.curriculum != "none":
+                    raise ValueError(f"cell {cell.name}: per_task trains one plain adapter per task "
+                                     f"(curriculum={cfg.curriculum} does not apply)")
+                run["per_task"] = _per_task_plan(cfg, spec.budget, cache)
+                run["max_steps"] = sum(i["max_steps"] for i in run["per_task"].values())
+                run["planned_tokens"] = sum(i["planned_tokens"] for i in run["per_task"].values())
+            runs.append(run)
     exp = {"name": spec.name, "description": spec.description, "spec_file": str(spec_path),
            "spec": spec.model_dump(), "base": str(base), "baseline": spec.baseline,
            "cells": [c.name for c in spec.expanded_cells()], "seeds": spec.seeds,
@@ -162,16 +216,31 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     train_dir = work / "train"
     cfg = load_config(p["base"], [*run["overrides"], f"output_dir={train_dir}"])
     t0 = time.time()
-    resumed_from = None
-    if not ((train_dir / "run.json").exists() and (train_dir / "adapter").is_dir()):
-        ckpts = _complete_checkpoints(train_dir) if train_dir.exists() else []
-        resumed_from = ckpts[-1] if ckpts else None
-        train_main(cfg, resume=bool(ckpts) or (train_dir / "stage2").exists())
+
+    def train(cfg, train_dir: Path) -> tuple[dict, str | None]:
+        """Train (or resume, or skip when finished) one adapter; its run.json and checkpoint."""
+        resumed_from = None
+        if not ((train_dir / "run.json").exists() and (train_dir / "adapter").is_dir()):
+            ckpts = _complete_checkpoints(train_dir) if train_dir.exists() else []
+            resumed_from = ckpts[-1] if ckpts else None
+            train_main(cfg, resume=bool(ckpts) or (train_dir / "stage2").exists())
+        return json.loads((train_dir / "run.json").read_text(encoding="utf-8")), resumed_from
+
+    if run.get("per_task"):
+        per_task = {}
+        for t, info in run["per_task"].items():
+            tdir = train_dir / t
+            per_task[t] = (*train(load_config(p["base"], _task_overrides(run, t, info, tdir)), tdir), tdir)
+        trained = _combine_per_task({t: v[0] for t, v in per_task.items()})
+        resumed_from = next((f"{t}/{v[1]}" for t, v in per_task.items() if v[1]), None)
+        eval_kw = {"task_adapters": {t: str(v[2] / "adapter") for t, v in per_task.items()}}
+    else:
+        trained, resumed_from = train(cfg, train_dir)
+        eval_kw = {"adapter": str(train_dir / "adapter")}
     train_s = time.time() - t0
-    trained = json.loads((train_dir / "run.json").read_text(encoding="utf-8"))
     t1 = time.time()
-    s = evaluate(model=cfg.model, adapter=str(train_dir / "adapter"), suite=p["suite_file"],
-                 out=work / "eval", protocol=p["protocol"], quiet=True)
+    s = evaluate(model=cfg.model, suite=p["suite_file"], out=work / "eval", protocol=p["protocol"],
+                 quiet=True, **eval_kw)
     if s["manifest"]["fingerprint"] != p["suite"]["fingerprint"]:
         raise RuntimeError(f"suite {p['suite']['name']} changed since the plan (fingerprint "
                            f"{s['manifest']['fingerprint']} vs {p['suite']['fingerprint']}); re-plan")
@@ -184,6 +253,8 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
                   "planned_tokens": run["planned_tokens"], "first_loss": trained["metrics"]["first_loss"],
                   "final_loss": trained["metrics"]["final_loss"], "wall_time_s": trained["wall_time_s"],
                   "resumed_from": resumed_from,
+                  "per_task": ({t: {**run["per_task"][t], **v} for t, v in trained["metrics"]["per_task"].items()}
+                               if run.get("per_task") else None),
                   "mixture": {k: mix.get(k) for k in ("rows", "tasks", "capabilities", "diversity",
                                                       "tokens", "removed", "contamination")},
                   "curriculum": {k: v for k, v in (trained.get("curriculum") or {}).items()
@@ -199,6 +270,43 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     }
     write_json(result_path(Path(p["results_dir"]), run), result)
     return result
+
+
+def _combine_per_task(runs: dict[str, dict]) -> dict:
+    """One ``run.json``-like summary of a per-task run's adapters: steps, tokens and time add up,
+    losses are step-weighted means, the mixture is the union; each task's own numbers kept."""
+    m = {t: r["metrics"] for t, r in runs.items()}
+    steps = sum(x["steps"] for x in m.values()) or 1
+
+    def mean(k):
+        vals = [(x[k], x["steps"]) for x in m.values() if x.get(k) is not None]
+        return round(sum(v * w for v, w in vals) / max(1, sum(w for _, w in vals)), 6) if vals else None
+
+    mixes = [r["mixture"] for r in runs.values()]
+    tasks = {t: n for mx in mixes for t, n in mx.get("tasks", {}).items()}
+    caps: dict[str, int] = {}
+    for mx in mixes:
+        for c, n in mx.get("capabilities", {}).items():
+            caps[c] = caps.get(c, 0) + n
+    removed: dict[str, int] = {}
+    for mx in mixes:
+        for k, n in (mx.get("removed") or {}).items():
+            removed[k] = removed.get(k, 0) + n
+    first = next(iter(runs.values()))
+    return {
+        "metrics": {"steps": sum(x["steps"] for x in m.values()),
+                    "tokens_seen": sum(x.get("tokens_seen") or 0 for x in m.values()),
+                    "first_loss": mean("first_loss"), "final_loss": mean("final_loss"),
+                    "per_task": {t: {k: x.get(k) for k in ("steps", "tokens_seen", "first_loss", "final_loss")}
+                                 for t, x in m.items()}},
+        "wall_time_s": round(sum(r.get("wall_time_s") or 0 for r in runs.values()), 1),
+        "mixture": {"rows": sum(tasks.values()), "tasks": tasks, "capabilities": caps,
+                    "diversity": {"n_tasks": len(tasks), "adapters": len(runs)},
+                    "tokens": {"total": sum((mx.get("tokens") or {}).get("total", 0) for mx in mixes),
+                               "answer": sum((mx.get("tokens") or {}).get("answer", 0) for mx in mixes)},
+                    "removed": removed, "contamination": None},
+        "versions": first.get("versions"), "git_commit": first.get("git_commit"),
+    }
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

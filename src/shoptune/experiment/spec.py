@@ -11,6 +11,7 @@
     cells:                                  # name + `key=value` overrides (as `shoptune train`)
       - {name: r16, overrides: [lora.r=16]}
       - {name: r64, overrides: [lora.r=64], baseline: r16}   # optional: its own reference cell
+      - {name: per-task, per_task: true}    # one adapter per task, the same total budget
     grid:                                   # and/or: the product of these, one cell per point
       lora.r: [8, 32]
       mixture.include_capabilities: [[concept_understanding], []]
@@ -53,6 +54,10 @@ class Cell(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$", max_length=80)
     overrides: list[str] = []
     baseline: str | None = None  # compare this cell with another than the experiment's baseline
+    # one adapter per task of the cell's mixture instead of one for all (arXiv 2411.03644's
+    # single-task arm): each trains on its task's rows with its task's share of the budget, and
+    # each suite question is answered by its task's adapter (the base model for other tasks)
+    per_task: bool = False
 
 
 class ExperimentSpec(BaseModel):
@@ -127,10 +132,12 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     return spec
 
 
-def run_key(config: dict, suite_fingerprint: str, protocol: str) -> str:
+def run_key(config: dict, suite_fingerprint: str, protocol: str, *, per_task: bool = False) -> str:
     cfg = {k: v for k, v in config.items() if k != "output_dir"}
-    blob = json.dumps({"config": cfg, "suite": suite_fingerprint, "protocol": protocol},
-                      sort_keys=True, default=str).encode()
+    key = {"config": cfg, "suite": suite_fingerprint, "protocol": protocol}
+    if per_task:  # (only when set: keys of one-adapter runs stay what they were)
+        key["per_task"] = True
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -196,14 +196,48 @@ class OpenAIBackend:
     """Any OpenAI-compatible server (vLLM, shoptune serve, a hosted API), requests in parallel.
 
     Multiple choice asks for one token at temperature 0; with ``guided=True`` it also sends vLLM's
-    ``guided_choice`` so the server can only answer a valid option.
+    ``guided_choice`` so the server can only answer a valid option. When the server is shoptune's
+    (built-in engine or a gateway to vLLM / llama.cpp: it lists ``/v1/tasks`` and builds task
+    prompts with the same protocol), questions of the tasks it serves go to its task endpoint
+    instead: the server applies the evaluator's constrained decoding (valid option tokens,
+    number lists, line ends) whatever engine decodes.
     """
 
     def __init__(self, model: str, *, base_url: str, api_key: str = "EMPTY", concurrency: int = 16,
-                 chat: bool = False, guided: bool = False, timeout: float = 120.0):
+                 chat: bool = False, guided: bool = False, timeout: float = 120.0,
+                 protocol: str | None = None, task_endpoint: bool = True):
         from openai import OpenAI
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=3)
         self.model, self.concurrency, self.chat, self.guided = model, concurrency, chat, guided
+        self.protocol = protocol or ("chat" if chat else "starter-kit")
+        self.task_endpoint = task_endpoint
+        self.tasks_used = 0  # questions answered through the task endpoint (reported by the runner)
+
+    def served_tasks(self) -> set[str]:
+        """Tasks whose ``/v1/tasks/{task}`` builds the same prompt as this evaluation; empty when
+        the server has no task endpoint or builds task prompts with another protocol."""
+        import logging
+
+        import openai
+        if not self.task_endpoint or self.protocol == "fewshot":
+            return set()
+        try:
+            listing = self.client.get("/tasks", cast_to=object)
+        except (openai.NotFoundError, openai.UnprocessableEntityError, openai.BadRequestError):
+            return set()
+        if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+            return set()
+        if listing.get("protocol") != self.protocol:
+            logging.getLogger("shoptune.eval").warning(
+                "the server builds task prompts with protocol %r, this evaluation uses %r: "
+                "asking plain completions (no constrained decoding)", listing.get("protocol"), self.protocol)
+            return set()
+        return {t.get("id") for t in listing["data"] if isinstance(t, dict)}
+
+    def _task(self, rec: Record, plan: Plan) -> str:
+        r = self.client.post(f"/tasks/{rec.task}", cast_to=object,
+                             body={"model": self.model, "input": {"input_field": rec.input_field}})
+        return finish(r.get("raw") or "", plan)
 
     def _one(self, prompt: str, plan: Plan) -> str:
         max_tokens = 1 if plan.kind == "choice" else plan.max_new_tokens
@@ -221,9 +255,14 @@ class OpenAIBackend:
         return finish(text, plan)
 
     def run(self, prompts: Sequence[str], plans: Sequence[Plan],
-            progress: Callable[[int], None] | None = None) -> list[str]:
+            progress: Callable[[int], None] | None = None,
+            records: Sequence[Record] | None = None) -> list[str]:
+        served = self.served_tasks() if records is not None else set()
+        via_task = [records is not None and records[i].task in served for i in range(len(prompts))]
+        self.tasks_used = sum(via_task)
+
         def work(i):
-            out = self._one(prompts[i], plans[i])
+            out = self._task(records[i], plans[i]) if via_task[i] else self._one(prompts[i], plans[i])
             if progress:
                 progress(1)
             return out

@@ -131,7 +131,7 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         if not base_url:
             raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
         runner = OpenAIBackend(adapter or model, base_url=base_url, api_key=api_key,
-                               concurrency=concurrency, chat=protocol == "chat")
+                               concurrency=concurrency, chat=protocol == "chat", protocol=protocol)
         dtype_used = None
     else:
         raise ValueError(f"unknown backend {backend!r}; local or openai")
@@ -142,7 +142,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=quiet) as bar:
         task = bar.add_task("eval", total=len(records))
-        outputs = runner.run(prompts, plans, progress=lambda n: bar.advance(task, n))
+        extra = {"records": records} if isinstance(runner, OpenAIBackend) else {}
+        outputs = runner.run(prompts, plans, progress=lambda n: bar.advance(task, n), **extra)
     gen_s = time.time() - t1
     rows = score_outputs(records, outputs)
     summary = summarize(rows, n_boot=n_boot)

@@ -228,8 +228,12 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        if hasattr(engine, "start"):  # the gateway engine opens its upstream client on this loop
+            await engine.start()
         yield
         await asyncio.to_thread(engine.stop)  # uvicorn has drained the connections by now
+        if hasattr(engine, "aclose"):
+            await engine.aclose()
 
     app = FastAPI(title="shoptune", lifespan=lifespan)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
@@ -282,7 +286,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
 
     def check_fits(sequences: int) -> None:
         """A request bigger than the whole queue can never be served: 400, not 429 "retry later"."""
-        limit = engine.queue.maxsize
+        limit = engine.max_queue
         if 0 < limit < sequences:
             raise EngineError(f"this request needs {sequences} sequences (prompts x n), which exceeds "
                               f"the server's limit of {limit} queued sequences", param="n")
@@ -498,7 +502,8 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/v1/tasks")
     async def list_tasks():
-        return {"object": "list", "data": [task_info(c) for c in cards.values()]}
+        return {"object": "list", "protocol": settings.protocol,
+                "data": [task_info(c) for c in cards.values()]}
 
     @app.get("/v1/tasks/{task}")
     async def get_task(task: str):

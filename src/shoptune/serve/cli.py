@@ -60,6 +60,18 @@ def register(app: typer.Typer) -> None:
         request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 300.0,
         protocol: Annotated[str, typer.Option(help="Task prompt protocol (as `shoptune eval`).")] = "starter-kit",
         threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+        upstream: Annotated[Optional[str], typer.Option(
+            help="Gateway mode: decode on this OpenAI-compatible engine (vLLM, llama.cpp "
+                 "llama-server, ...) instead of in-process; --model names its base model "
+                 "(only its tokenizer is loaded), --adapter NAME=REF renames an upstream adapter.")] = None,
+        upstream_api_key_env: Annotated[Optional[str], typer.Option(
+            help="Name of the environment variable holding the upstream's API key.")] = None,
+        upstream_kind: Annotated[str, typer.Option(
+            help="auto | vllm | llama.cpp | openai (auto: detected from the upstream's endpoints).")] = "auto",
+        upstream_model: Annotated[Optional[str], typer.Option(
+            help="The upstream's id of the base model (default: the first it lists).")] = None,
+        upstream_concurrency: Annotated[int, typer.Option(
+            help="Requests in flight to the upstream at once (the rest wait in the queue).")] = 64,
         log_level: str = "info",
     ) -> None:
         """Serve the base model and its task adapters (OpenAI-compatible, dynamic batching)."""
@@ -92,24 +104,46 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        try:
-            for name, folder in adapters.items():
-                check_adapter_dir(Path(folder))
-            with console.status(f"loading {model}"):
-                if merge:
-                    (name, folder), = adapters.items()
-                    lm, tok = load(model, adapter=folder, dtype=dtype)
-                    lm = lm.merge_and_unload()
-                    base_name, adapters = served_model_name or name, {}
-                else:
-                    lm, tok = load(model, dtype=dtype)
-                    base_name = served_model_name or model
-            engine = Engine(lm, tok, base_name=base_name, max_batch_size=max_batch_size,
-                            max_wait=max_wait_ms / 1000, max_queue=max_queue)
-            for name, folder in adapters.items():
-                engine.load_adapter(name, folder)
-        except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError) as e:
-            fail(str(getattr(e, "message", e)))
+        if upstream is not None:
+            if merge:
+                fail("--merge serves an in-process model; with --upstream the engine holds the weights")
+            if upstream_concurrency < 1:
+                fail(f"--upstream-concurrency {upstream_concurrency}: must be at least 1")
+            upstream_key = None
+            if upstream_api_key_env:
+                upstream_key = os.environ.get(upstream_api_key_env)
+                if not upstream_key:
+                    fail(f"--upstream-api-key-env {upstream_api_key_env}: that environment variable is not set")
+            from shoptune.models import load_tokenizer
+            from shoptune.serve.upstream import UpstreamEngine
+            try:
+                tok = load_tokenizer(model)
+                engine = UpstreamEngine(upstream, tok, base_name=served_model_name or model,
+                                        kind=upstream_kind, api_key=upstream_key, adapters=adapters,
+                                        max_concurrency=upstream_concurrency, max_queue=max_queue,
+                                        timeout=request_timeout, upstream_model=upstream_model)
+            except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError, OSError) as e:
+                fail(str(getattr(e, "message", e)))
+            console.print(f"gateway to {engine.kind} at {upstream} (upstream model {engine.upstream_model})")
+        else:
+            try:
+                for name, folder in adapters.items():
+                    check_adapter_dir(Path(folder))
+                with console.status(f"loading {model}"):
+                    if merge:
+                        (name, folder), = adapters.items()
+                        lm, tok = load(model, adapter=folder, dtype=dtype)
+                        lm = lm.merge_and_unload()
+                        base_name, adapters = served_model_name or name, {}
+                    else:
+                        lm, tok = load(model, dtype=dtype)
+                        base_name = served_model_name or model
+                engine = Engine(lm, tok, base_name=base_name, max_batch_size=max_batch_size,
+                                max_wait=max_wait_ms / 1000, max_queue=max_queue)
+                for name, folder in adapters.items():
+                    engine.load_adapter(name, folder)
+            except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError) as e:
+                fail(str(getattr(e, "message", e)))
         settings = ServeSettings(api_keys=frozenset(keys), adapters_dir=adapters_dir,
                                  max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                  default_max_tokens=min(256, max_new_tokens),

@@ -692,3 +692,7 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self.queue.qsize()
+
+    @property
+    def max_queue(self) -> int:
+        return self.queue.maxsize

@@ -1,0 +1,604 @@
+"""Gateway engine: shoptune's API in front of another OpenAI-compatible engine.
+
+``shoptune serve --upstream URL`` keeps everything shoptune adds (task cards and the task
+endpoint, auth, limits, metrics, adapter names, prompts built and tokenized exactly as by the
+built-in engine) and leaves the decoding to a production engine: vLLM on GPUs, llama.cpp's
+``llama-server`` on CPUs, or any OpenAI-compatible server.
+
+:class:`UpstreamEngine` has the interface :func:`shoptune.serve.app.build_app` uses of the
+built-in :class:`~shoptune.serve.engine.Engine` (submit jobs, stream their events, adapters,
+health). Each job becomes one ``POST /v1/completions`` upstream with the prompt as *token ids*
+(the gateway tokenizes and applies the chat template, so prompts are identical across engines):
+
+* adapter: vLLM takes the adapter's name as ``model``; llama.cpp takes ``lora``, a scale for each
+  adapter it loaded (1 for the chosen one, 0 for the others, all 0 for the base model);
+* multiple choice (``kind="choice"``): one token at temperature 0 with a ``logit_bias`` of +100 on
+  every valid option token: the upstream's argmax is then the best valid option, which is what
+  the built-in engine's :func:`~shoptune.eval.backends.best_choice` picks;
+* number lists (retrieval, ranking): a GBNF grammar (llama.cpp) or a regex in vLLM's
+  ``structured_outputs``, both allowing exactly the strings the built-in
+  :class:`~shoptune.eval.backends.NumberListProcessor` allows; a plain OpenAI server has neither,
+  so there the list is not constrained (said at start-up);
+* single-line answers: the response is streamed and read only until a line end follows some
+  text (then the connection is closed, which stops the upstream's generation), as the built-in
+  engine stops such rows.
+
+Adapter load/unload map to vLLM's ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``;
+llama-server cannot load adapter files at run time, so there only adapters it was started with
+(``--lora FILE``) can be (re-)exposed or hidden, and other loads get a 501 saying so.
+Upstream errors come back in OpenAI's shape with a clear status: the upstream's own 4xx message,
+502 for its 5xx or a refused upstream key, 503 when it is unreachable, 504 on its timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import httpx
+
+from shoptune.eval.backends import _choice_token_ids
+from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats,
+                                   Job, QueueFull, ShuttingDown, UnknownModel)
+
+log = logging.getLogger("shoptune.serve")
+KINDS = ("auto", "vllm", "llama.cpp", "openai")
+CHOICE_BIAS = 100.0  # logit_bias for valid option tokens (OpenAI's and vLLM's maximum)
+MAX_PERMUTATIONS = 720  # unique number lists up to 6! are spelled out; longer ones drop uniqueness
+
+
+class UpstreamError(EngineError):
+    """The upstream engine answered with an error or could not be reached."""
+
+    def __init__(self, message: str, *, status: int = 502, type_: str = "server_error",
+                 code: str | None = "upstream_error", param: str | None = None):
+        super().__init__(message, param=param)
+        self.status, self.type, self.code = status, type_, code
+
+
+class NotSupported(EngineError):
+    status, type, code = 501, "invalid_request_error", "not_supported_by_upstream"
+
+
+# ----------------------------------------------------------------------------- constraints
+
+def _numbers(max_value: int) -> list[str]:
+    return [str(n) for n in range(1, max_value + 1)]
+
+
+def _number_lists(max_value: int, count: int, unique: bool) -> list[list[str]] | None:
+    """All allowed lists spelled out when uniqueness needs it and there are few; else None."""
+    n = min(count, max_value)
+    if not unique or n <= 1:
+        return None
+    total = 1
+    for k in range(n):
+        total *= max_value - k
+    if total > MAX_PERMUTATIONS:
+        return None
+    return [list(p) for p in itertools.permutations(_numbers(max_value), n)]
+
+
+def number_list_gbnf(max_value: int, count: int, unique: bool) -> str:
+    """GBNF (llama.cpp) for exactly ``min(count, max_value)`` numbers in 1..max_value joined by
+    ", " (no number twice when ``unique``): the strings NumberListProcessor lets through."""
+    n = min(count, max_value)
+    lists = _number_lists(max_value, count, unique)
+    if lists is not None:
+        return "root ::= " + " | ".join('"' + ", ".join(p) + '"' for p in lists) + "\n"
+    num = " | ".join(f'"{x}"' for x in _numbers(max_value))
+    return "root ::= num" + ' ", " num' * (n - 1) + f"\nnum ::= {num}\n"
+
+
+def number_list_regex(max_value: int, count: int, unique: bool) -> str:
+    """The same language as :func:`number_list_gbnf`, as a regex (vLLM structured outputs)."""
+    n = min(count, max_value)
+    lists = _number_lists(max_value, count, unique)
+    if lists is not None:
+        return "(" + "|".join(", ".join(p) for p in lists) + ")"
+    num = "(" + "|".join(sorted(_numbers(max_value), key=len, reverse=True)) + ")"
+    return num + f"(, {num})" * (n - 1)
+
+
+def choice_tokens(tok, choices) -> dict[int, str]:
+    """Valid option token id -> option, the tokens :func:`best_choice` compares."""
+    out: dict[int, str] = {}
+    for c in choices:
+        for t in _choice_token_ids(tok, c):
+            out.setdefault(t, c)
+    return out
+
+
+# ----------------------------------------------------------------------------- the engine
+
+@dataclass
+class _Adapter:
+    ref: str  # what the upstream calls it: vLLM's lora name, llama.cpp's adapter file path
+    lora_id: int | None = None  # llama.cpp's adapter id
+
+
+def _root(url: str) -> str:
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text.strip()[:300] or resp.reason_phrase
+    err = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("detail") or err)[:500]
+    return str(err)[:500]
+
+
+def upstream_error(resp: httpx.Response, kind: str) -> UpstreamError:
+    """The upstream's error answer as the gateway's: its 4xx message kept, statuses made clear."""
+    msg, s = _error_message(resp), resp.status_code
+    text = f"upstream {kind} returned {s}: {msg}"
+    if s in (400, 422):
+        return UpstreamError(text, status=400, type_="invalid_request_error", code="upstream_rejected")
+    if s in (401, 403):
+        return UpstreamError(f"the upstream {kind} refused the gateway's key ({s}): {msg}; "
+                             "check --upstream-api-key-env", status=502)
+    if s == 404:
+        return UpstreamError(text, status=404, type_="not_found_error", code="upstream_not_found")
+    if s == 429:
+        return UpstreamError(text, status=429, type_="rate_limit_error", code="upstream_busy")
+    if s == 503:
+        return UpstreamError(text, status=503, code="upstream_unavailable")
+    if s == 501:
+        return NotSupported(text)
+    return UpstreamError(text, status=502)
+
+
+def _transport_error(e: Exception, url: str) -> UpstreamError:
+    if isinstance(e, httpx.TimeoutException):
+        return UpstreamError(f"upstream {url} timed out ({type(e).__name__})", status=504,
+                             code="upstream_timeout")
+    return UpstreamError(f"upstream {url} unreachable: {type(e).__name__}: {e}", status=503,
+                         code="upstream_unreachable")
+
+
+class UpstreamEngine:
+    """Jobs answered by an OpenAI-compatible engine over HTTP (see the module docstring).
+
+    ``adapters`` maps the names served by the gateway to the upstream's own references (vLLM
+    lora name; llama.cpp adapter path, file name, stem or id); without it every adapter the
+    upstream has loaded is served under its own name (llama.cpp: the file stem).
+    """
+
+    def __init__(self, url: str, tokenizer, *, base_name: str, kind: str = "auto",
+                 api_key: str | None = None, adapters: dict[str, str] | None = None,
+                 max_concurrency: int = 64, max_queue: int = 256, timeout: float = 600.0,
+                 upstream_model: str | None = None, health_interval: float = 2.0):
+        if kind not in KINDS:
+            raise ValueError(f"--upstream-kind {kind!r}: one of {', '.join(KINDS)}")
+        self.url, self.root = url, _root(url)
+        self.tok, self.base_name = tokenizer, base_name
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.health_interval = health_interval
+        self.adapters: dict[str, str] = {}  # served name -> shown path/ref (as Engine.adapters)
+        self._lora: dict[str, _Adapter] = {}
+        self.draining: set[str] = set()
+        self.pending: Counter[str] = Counter()
+        self.running = 0
+        self._waiting = 0
+        self._stopping = False
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._admin_lock = threading.Lock()
+        self.stats = EngineStats()
+        self._sem: asyncio.Semaphore | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._poller: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.upstream_error: str | None = None  # the last health check's failure
+        self.all_lora_ids: list[int] = []
+        self._hidden: dict[str, _Adapter] = {}  # llama.cpp adapters unloaded from the gateway (still held)
+        eos = tokenizer.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        self.kind, self.upstream_model = self._discover(kind, upstream_model)
+        for name, ref in (adapters or {}).items():
+            self._alias(name, ref)
+        if self.kind == "openai":
+            log.warning("upstream %s is a plain OpenAI-compatible server: adapters cannot be "
+                        "loaded there, number lists are not constrained", self.url)
+
+    # ------------------------------------------------------------------ discovery
+    def _get(self, path: str, client: httpx.Client) -> httpx.Response:
+        try:
+            return client.get(self.root + path, headers=self.headers)
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.root + path) from None
+
+    def _discover(self, kind: str, upstream_model: str | None) -> tuple[str, str]:
+        """Detect the engine kind, the upstream's base model id and its adapters."""
+        with httpx.Client(timeout=30) as client:
+            r = self._get("/v1/models", client)
+            if r.status_code >= 400:
+                raise upstream_error(r, "engine")
+            models = r.json().get("data", [])
+            loras = None
+            if kind in ("auto", "llama.cpp"):
+                lr = self._get("/lora-adapters", client)
+                if lr.status_code == 200 and isinstance(lr.json(), list):
+                    loras, kind = lr.json(), "llama.cpp"
+                elif kind == "llama.cpp":
+                    raise upstream_error(lr, "llama.cpp") if lr.status_code >= 400 else \
+                        UpstreamError(f"{self.root}/lora-adapters is not llama-server's adapter list")
+            if kind == "auto":
+                kind = "vllm" if any(m.get("owned_by") == "vllm" for m in models) else "openai"
+        bases = [m for m in models if not m.get("parent")]
+        base = upstream_model or (bases or models or [{"id": self.base_name}])[0]["id"]
+        if kind == "llama.cpp":
+            self.all_lora_ids = [int(a["id"]) for a in loras]
+            for a in loras:
+                name = PurePath(a.get("path") or f"lora{a['id']}").name.removesuffix(".gguf")
+                self._add(name, _Adapter(a.get("path") or str(a["id"]), int(a["id"])))
+        elif kind == "vllm":
+            for m in models:
+                if m.get("parent"):
+                    self._add(m["id"], _Adapter(m["id"]))
+        return kind, base
+
+    def _add(self, name: str, adapter: _Adapter) -> None:
+        if not ADAPTER_NAME_RE.match(name) or name in (BASE, self.base_name):
+            log.warning("upstream adapter %r is not a valid served name; give it one with "
+                        "--adapter NAME=%s", name, adapter.ref)
+            return
+        self._lora[name] = adapter
+        self.adapters[name] = adapter.ref
+
+    def _find(self, ref: str) -> tuple[str, _Adapter] | None:
+        for name, a in self._lora.items():
+            p = PurePath(a.ref)
+            if ref in (name, a.ref, p.name, p.name.removesuffix(".gguf"), str(a.lora_id)):
+                return name, a
+        return None
+
+    def _alias(self, name: str, ref: str) -> None:
+        """``--adapter NAME=REF``: serve the upstream's adapter REF as NAME."""
+        found = self._find(ref)
+        if found is None:
+            have = ", ".join(f"{n} ({a.ref})" for n, a in self._lora.items()) or "none"
+            raise AdapterError(f"--adapter {name}={ref}: the upstream {self.kind} has no such "
+                               f"adapter (it has: {have})", param="adapter")
+        old, a = found
+        if old != name:
+            del self._lora[old], self.adapters[old]
+        self._add(name, a)
+
+    # ------------------------------------------------------------------ adapters
+    def models(self) -> list[str]:
+        return [self.base_name] + [n for n in self.adapters if n not in self.draining]
+
+    def resolve_model(self, model: str | None) -> str | None:
+        if model in (None, "", self.base_name):
+            return None
+        if model in self.adapters and model not in self.draining:
+            return model
+        shown = model if len(model) <= 100 else f"{model[:100]}... ({len(model)} characters)"
+        raise UnknownModel(f"The model `{shown}` does not exist. Available: {', '.join(self.models())}",
+                           param="model")
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Blocking (the app calls it in a thread). vLLM: its /v1/load_lora_adapter with the
+        folder's path (which must be the same on the upstream's machine); llama.cpp: only an
+        adapter llama-server already holds (e.g. one unloaded before) can be served again."""
+        if not ADAPTER_NAME_RE.match(name) or name in (BASE, self.base_name):
+            raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-'",
+                               param="lora_name")
+        with self._admin_lock:
+            if name in self.adapters or name in self.draining:
+                raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
+            if self.kind == "vllm":
+                with httpx.Client(timeout=self.timeout) as client:
+                    try:
+                        r = client.post(self.root + "/v1/load_lora_adapter", headers=self.headers,
+                                        json={"lora_name": name, "lora_path": str(path)})
+                    except httpx.HTTPError as e:
+                        raise _transport_error(e, self.root) from None
+                if r.status_code >= 400:
+                    err = upstream_error(r, "vllm")
+                    if r.status_code == 404:  # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+                        raise NotSupported(f"{err.message} (start vLLM with "
+                                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+                    raise err
+                self._add(name, _Adapter(name))
+            elif self.kind == "llama.cpp":
+                held = self._held(Path(path))
+                if held is None:
+                    raise NotSupported(
+                        f"llama-server cannot load adapters at run time; start it with "
+                        f"--lora {Path(path).name}.gguf (see `shoptune export gguf`); it holds: "
+                        f"{', '.join(self._held_paths) or 'none'}", param="lora_path")
+                self._add(name, held)
+            else:
+                raise NotSupported("the upstream is a plain OpenAI-compatible server: it has no "
+                                   "adapter loading", param="lora_name")
+        log.info("serving upstream adapter %s as %s", self.adapters[name], name)
+
+    @property
+    def _held_paths(self) -> list[str]:
+        return [a.ref for a in self._hidden.values()]
+
+    def _held(self, path: Path) -> _Adapter | None:
+        for key, a in list(self._hidden.items()):
+            p = PurePath(a.ref)
+            if path.name in (p.name, p.name.removesuffix(".gguf")) or str(path) == a.ref:
+                del self._hidden[key]
+                return a
+        return None
+
+    def begin_unload(self, name: str) -> None:
+        if name not in self.adapters or name in self.draining:
+            raise UnknownModel(f"adapter {name!r} is not loaded", param="lora_name")
+        self.draining.add(name)
+
+    def finish_unload(self, name: str) -> None:
+        with self._admin_lock:
+            a = self._lora[name]
+            if self.kind == "vllm":
+                with httpx.Client(timeout=self.timeout) as client:
+                    try:
+                        r = client.post(self.root + "/v1/unload_lora_adapter", headers=self.headers,
+                                        json={"lora_name": a.ref})
+                    except httpx.HTTPError as e:
+                        self.draining.discard(name)
+                        raise _transport_error(e, self.root) from None
+                if r.status_code >= 400:
+                    self.draining.discard(name)
+                    raise upstream_error(r, "vllm")
+            elif self.kind == "llama.cpp":  # llama-server keeps it in memory; the gateway hides it
+                self._hidden[name] = a
+            del self._lora[name], self.adapters[name]
+            self.draining.discard(name)
+        log.info("unloaded adapter %s", name)
+
+    async def unload_adapter(self, name: str, timeout: float = 600.0) -> None:
+        if self.kind == "openai":
+            raise NotSupported("the upstream is a plain OpenAI-compatible server: it has no "
+                               "adapter unloading", param="lora_name")
+        self.begin_unload(name)
+        deadline = time.monotonic() + timeout
+        while self.pending[name] > 0:
+            if time.monotonic() > deadline:
+                self.draining.discard(name)
+                raise EngineError(f"adapter {name!r} still busy after {timeout:.0f} s; not unloaded")
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(self.finish_unload, name)
+
+    # ------------------------------------------------------------------ requests
+    def payload(self, job: Job) -> dict:
+        """The upstream ``/v1/completions`` body for one job."""
+        a = self._lora.get(job.model) if job.model else None
+        body: dict = {"model": a.ref if (a and self.kind != "llama.cpp") else self.upstream_model,
+                      "prompt": list(job.prompt_ids), "temperature": job.temperature,
+                      "top_p": job.top_p}
+        if self.kind == "llama.cpp":
+            if self.all_lora_ids:  # every adapter's scale explicit: [] would mean "the defaults"
+                body["lora"] = [{"id": i, "scale": 1.0 if a and i == a.lora_id else 0.0}
+                                for i in self.all_lora_ids]
+            body.update(top_k=0, min_p=0.0, cache_prompt=True)  # plain OpenAI sampling
+        if job.kind == "choice":
+            body.update(max_tokens=1, temperature=0.0, logprobs=5, stream=False,
+                        logit_bias={str(t): CHOICE_BIAS for t in choice_tokens(self.tok, job.choices)})
+            return body
+        body.update(max_tokens=job.max_new_tokens, stream=True)
+        if self.kind in ("vllm", "openai"):
+            body["stream_options"] = {"include_usage": True}
+        if job.stop:
+            body["stop"] = list(job.stop)
+        plan = job.plan
+        if plan is not None and plan.numeric:
+            if self.kind == "llama.cpp":
+                body["grammar"] = number_list_gbnf(plan.max_value, plan.count, plan.unique)
+            elif self.kind == "vllm":
+                body["structured_outputs"] = {"regex": number_list_regex(plan.max_value, plan.count,
+                                                                         plan.unique)}
+        return body
+
+    def submit(self, job: Job) -> Job:
+        if self._stopping:
+            raise ShuttingDown("server is shutting down")
+        if job.model is not None and (job.model not in self.adapters or job.model in self.draining):
+            raise UnknownModel(f"The model `{job.model}` does not exist", param="model")
+        if self._waiting >= self.max_queue:
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+        job.loop = asyncio.get_running_loop()
+        job.events = asyncio.Queue()
+        job.enqueued = time.monotonic()
+        self._ensure_started()
+        self.pending[job.model or BASE] += 1
+        with self._inflight_lock:
+            self._inflight += 1
+        self._waiting += 1
+        asyncio.ensure_future(self._run(job))
+        return job
+
+    async def events(self, job: Job):
+        while True:
+            kind, value = await job.events.get()
+            if kind == "delta":
+                yield value
+            elif kind == "done":
+                return
+            else:
+                raise value
+
+    async def complete(self, job: Job) -> str:
+        async for _ in self.events(job):
+            pass
+        return job.text
+
+    async def _run(self, job: Job) -> None:
+        waiting = True
+        try:
+            async with self._sem:
+                self._waiting -= 1
+                waiting = False
+                if job.cancelled.is_set():
+                    job.done("cancelled")
+                    return
+                self.running += 1
+                try:
+                    work = asyncio.ensure_future(self._choose(job) if job.kind == "choice"
+                                                 else self._generate(job))
+                    while not work.done():  # the app flags cancellation on a threading.Event
+                        await asyncio.wait({work}, timeout=0.05)
+                        if job.cancelled.is_set() and not work.done():
+                            work.cancel()
+                            await asyncio.gather(work, return_exceptions=True)
+                            job.done("cancelled")
+                            return
+                    work.result()
+                finally:
+                    self.running -= 1
+        except EngineError as e:
+            job.fail(e)
+        except Exception as e:  # noqa: BLE001 - every failure reaches the client in OpenAI's shape
+            log.exception("upstream request failed")
+            job.fail(UpstreamError(f"upstream request failed: {type(e).__name__}: {e}"))
+        finally:
+            if waiting:
+                self._waiting -= 1
+            self.pending[job.model or BASE] -= 1
+            with self._inflight_lock:
+                self._inflight -= 1
+            if self.stats.on_tokens and job.finish_reason not in (None, "error"):
+                self.stats.on_tokens(job.model or self.base_name, len(job.prompt_ids),
+                                     len(job.gen_ids))
+
+    async def _post(self, body: dict) -> dict:
+        try:
+            r = await self._client.post(self.root + "/v1/completions", json=body, headers=self.headers)
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.root) from None
+        if r.status_code >= 400:
+            raise upstream_error(r, self.kind)
+        self.upstream_error = None
+        return r.json()
+
+    async def _choose(self, job: Job) -> None:
+        valid = choice_tokens(self.tok, job.choices)
+        out = await self._post(self.payload(job))
+        text = (out.get("choices") or [{}])[0].get("text") or ""
+        job.text = self._match_choice(text, valid, job.choices)
+        job.gen_ids = [0]
+        job.emit(len(job.text))
+        job.done("stop")
+
+    def _match_choice(self, text: str, valid: dict[int, str], choices) -> str:
+        """The option the upstream's one token stands for (its text is one of the valid tokens)."""
+        for t, c in valid.items():
+            if self.tok.decode([t]) == text:
+                return c
+        for c in choices:  # a different detokenization of the same token
+            if text.strip().lower() == c.lower() or text.strip().lower().startswith(c.lower()):
+                return c
+        raise UpstreamError(f"the upstream answered {text!r}, not one of the options "
+                            f"{list(choices)} (does it honour logit_bias?)")
+
+    async def _generate(self, job: Job) -> None:
+        body = self.payload(job)
+        plan, reason, usage = job.plan, "stop", None
+        try:
+            async with self._client.stream("POST", self.root + "/v1/completions", json=body,
+                                           headers=self.headers) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    raise upstream_error(r, self.kind)
+                self.upstream_error = None
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        err = chunk["error"]
+                        raise UpstreamError(f"upstream {self.kind} failed mid-stream: "
+                                            f"{err.get('message', err) if isinstance(err, dict) else err}")
+                    usage = chunk.get("usage") or usage
+                    for ch in chunk.get("choices") or []:
+                        delta = ch.get("text") or ""
+                        if delta:
+                            job.gen_ids.append(0)  # (a chunk per token; usage corrects it below)
+                            job.text += delta
+                            job.emit(len(job.text))
+                        if ch.get("finish_reason"):
+                            reason = "length" if ch["finish_reason"] == "length" else "stop"
+                    if plan is not None and plan.stop_newline and "\n" in job.text.lstrip():
+                        break  # as the built-in engine: the first line is the answer; closing stops it
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.root) from None
+        if usage and usage.get("completion_tokens"):
+            job.gen_ids = [0] * int(usage["completion_tokens"])  # (the app counts this list)
+        job.done(reason)
+
+    # ------------------------------------------------------------------ lifecycle, health
+    def _ensure_started(self) -> None:
+        if self._client is None:
+            self._loop = asyncio.get_running_loop()
+            limits = httpx.Limits(max_connections=self.max_concurrency + 8,
+                                  max_keepalive_connections=self.max_concurrency)
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=10.0),
+                                             limits=limits)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._poller = asyncio.ensure_future(self._poll_health())
+
+    async def start(self) -> None:
+        self._ensure_started()
+
+    async def _poll_health(self) -> None:
+        path = "/v1/models" if self.kind == "openai" else "/health"
+        while not self._stopping:
+            try:
+                r = await self._client.get(self.root + path, headers=self.headers, timeout=10)
+                self.upstream_error = None if r.status_code < 400 else \
+                    f"upstream {self.root}{path} answered {r.status_code}: {_error_message(r)}"
+            except httpx.HTTPError as e:
+                self.upstream_error = f"upstream {self.root} unreachable: {type(e).__name__}: {e}"
+            await asyncio.sleep(self.health_interval)
+
+    def health(self) -> dict:
+        """Live while the gateway runs (restarting it cannot fix its upstream); ready while the
+        upstream answers its health check."""
+        reason = "shutting down" if self._stopping else self.upstream_error
+        return {"live": True, "ready": reason is None, "reason": reason}
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Refuse new jobs, wait for the running ones (called from a thread at shutdown)."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        while self._inflight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    async def aclose(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def dead(self) -> str | None:
+        return None

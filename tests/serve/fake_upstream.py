@@ -1,0 +1,188 @@
+"""A fake upstream engine for gateway tests: a real HTTP server on loopback (FastAPI + uvicorn in
+a thread) speaking the subset of vLLM's or llama.cpp llama-server's API the gateway uses.
+
+It records every request body (``.requests``) and answers deterministically: a completion is the
+word naming the adapter that answered (" base", " alpha", ...) repeated once per token, so a test
+sees which adapter the gateway chose; ``script`` overrides the text for prompts that end with a
+given token id; ``fail_next`` makes the next completion fail with a status and message. A
+constrained request is answered with text that satisfies the constraint it carries (choice:
+the biased token with the highest ``choice_scores``; numbers: ``numbers_answer``).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from shoptune.serve.testing import free_port
+
+
+class FakeUpstream:
+    def __init__(self, kind: str, tok, *, loras=("alpha", "beta"), api_key: str | None = None,
+                 token_delay: float = 0.0):
+        self.kind, self.tok, self.api_key, self.token_delay = kind, tok, api_key, token_delay
+        self.requests: list[dict] = []
+        self.loras = list(loras)  # vLLM: names; llama.cpp: adapter files <name>.gguf with ids
+        self.fail_next: tuple[int, str] | None = None
+        self.choice_scores: dict[int, float] = {}  # token id -> score for logit-biased answers
+        self.numbers_answer = "2, 1, 3"
+        self.script: dict[int, str] = {}
+        self.closed_early = 0  # streams the client closed before the end
+        self.healthy = True
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = self._build()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    # ------------------------------------------------------------------ behaviour
+    def _adapter(self, body: dict) -> str:
+        if self.kind == "vllm":
+            return body["model"] if body["model"] in self.loras else "base"
+        active = [x["id"] for x in body.get("lora") or [] if x["scale"]]
+        if "lora" not in body:  # llama-server's default: every adapter at its global scale 1
+            return "+".join(self.loras) or "base"
+        return "+".join(self.loras[i] for i in active) or "base"
+
+    def _text(self, body: dict) -> list[str]:
+        """The answer as a list of per-token pieces."""
+        prompt = body["prompt"]
+        if body.get("logit_bias"):
+            ids = [int(t) for t in body["logit_bias"]]
+            best = max(ids, key=lambda t: (self.choice_scores.get(t, 0.0), -t))
+            return [self.tok.decode([best])]
+        if body.get("grammar") or body.get("structured_outputs"):
+            parts = re.findall(r"\d+|, ", self.numbers_answer)
+            return parts + ["\n", "ignored"]
+        if prompt and prompt[-1] in self.script:
+            return list(self.script[prompt[-1]])
+        return [f" {self._adapter(body)}"] * body["max_tokens"]
+
+    def _check_auth(self, request: Request):
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse({"error": {"message": "Invalid API Key", "type": "authentication_error",
+                                           "code": 401}}, status_code=401)
+        return None
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health():
+            if not self.healthy:
+                return JSONResponse({"error": {"code": 503, "message": "Loading model",
+                                               "type": "unavailable_error"}}, status_code=503)
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            if (bad := self._check_auth(request)) is not None:
+                return bad
+            if self.kind == "llama.cpp":
+                return {"object": "list", "data": [{"id": "smollm2.gguf", "object": "model",
+                                                    "owned_by": "llamacpp"}]}
+            return {"object": "list", "data": [
+                {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "object": "model", "owned_by": "vllm",
+                 "root": "/models/smollm2", "parent": None}] + [
+                {"id": n, "object": "model", "owned_by": "vllm", "root": f"/adapters/{n}",
+                 "parent": "HuggingFaceTB/SmolLM2-135M-Instruct"} for n in self.loras]}
+
+        if self.kind == "llama.cpp":
+            @app.get("/lora-adapters")
+            async def lora_adapters():
+                return [{"id": i, "path": f"/models/{n}.gguf", "scale": 1.0}
+                        for i, n in enumerate(self.loras)]
+
+        if self.kind == "vllm":
+            @app.post("/v1/load_lora_adapter")
+            async def load(request: Request):
+                body = await request.json()
+                self.requests.append({"path": "/v1/load_lora_adapter", **body})
+                if body["lora_name"] in self.loras:
+                    return JSONResponse({"error": {"message": f"The lora adapter '{body['lora_name']}' "
+                                                   "has already been loaded.", "type": "BadRequestError",
+                                                   "code": 400}}, status_code=400)
+                self.loras.append(body["lora_name"])
+                return f"Success: LoRA adapter '{body['lora_name']}' added successfully."
+
+            @app.post("/v1/unload_lora_adapter")
+            async def unload(request: Request):
+                body = await request.json()
+                self.requests.append({"path": "/v1/unload_lora_adapter", **body})
+                if body["lora_name"] not in self.loras:
+                    return JSONResponse({"error": {"message": "not found", "code": 404}}, status_code=404)
+                self.loras.remove(body["lora_name"])
+                return f"Success: LoRA adapter '{body['lora_name']}' removed successfully."
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            if (bad := self._check_auth(request)) is not None:
+                return bad
+            body = await request.json()
+            self.requests.append({"path": "/v1/completions", **body})
+            if self.fail_next is not None:
+                status, message = self.fail_next
+                self.fail_next = None
+                return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                               "code": status}}, status_code=status)
+            if self.kind == "vllm" and body["model"] not in self.loras and \
+                    body["model"] != "HuggingFaceTB/SmolLM2-135M-Instruct":
+                return JSONResponse({"error": {"message": f"The model `{body['model']}` does not exist.",
+                                               "type": "NotFoundError", "code": 404}}, status_code=404)
+            pieces = self._text(body)[:body.get("max_tokens", 16)]
+            text, reason = "".join(pieces), "length" if len(pieces) >= body.get("max_tokens", 16) else "stop"
+            for s in body.get("stop") or []:
+                if s in text:
+                    text, reason = text[:text.index(s)], "stop"
+            if not body.get("stream"):
+                return {"id": "cmpl-fake", "object": "text_completion", "model": body["model"],
+                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
+                        "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(pieces),
+                                  "total_tokens": len(body["prompt"]) + len(pieces)}}
+
+            async def stream():
+                sent = ""
+                try:
+                    for piece in pieces:
+                        if not text.startswith(sent + piece):  # cut by a stop string: the rest of it
+                            piece = text[len(sent):]
+                            if not piece:
+                                break
+                        sent += piece
+                        if self.token_delay:
+                            await asyncio.sleep(self.token_delay)
+                        yield "data: " + json.dumps({"choices": [{"index": 0, "text": piece,
+                                                                  "finish_reason": None}]}) + "\n\n"
+                    yield "data: " + json.dumps({"choices": [{"index": 0, "text": "",
+                                                              "finish_reason": reason}]}) + "\n\n"
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        yield "data: " + json.dumps({"choices": [], "usage": {
+                            "prompt_tokens": len(body["prompt"]), "completion_tokens": len(pieces),
+                            "total_tokens": len(body["prompt"]) + len(pieces)}}) + "\n\n"
+                    yield "data: [DONE]\n\n"
+                except (asyncio.CancelledError, GeneratorExit):
+                    self.closed_early += 1
+                    raise
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        return app

@@ -31,6 +31,32 @@ def read_keys_file(path: Path) -> set[str]:
 def register(app: typer.Typer) -> None:
     from shoptune.cli import console, fail
 
+    export_app = typer.Typer(help="Export models and adapters for other serving engines.")
+    app.add_typer(export_app, name="export")
+
+    @export_app.command("gguf")
+    def export_gguf_cmd(
+        model: Annotated[str, typer.Option(help="Base model: a name from `shoptune models ls` or a folder.")],
+        out: Annotated[Path, typer.Option(help="Folder for the .gguf files and manifest.json.")],
+        adapter: Annotated[Optional[list[str]], typer.Option(
+            help="PEFT adapter folder, or NAME=DIR (repeatable); written as NAME.gguf.")] = None,
+        outtype: Annotated[str, typer.Option(help="bf16 | f16 | f32 | q8_0")] = "bf16",
+    ) -> None:
+        """The base model and each adapter as the GGUF files llama.cpp's llama-server loads
+        (converted by llama.cpp's own convert_hf_to_gguf.py / convert_lora_to_gguf.py)."""
+        from shoptune.models import ModelNotFoundError
+        from shoptune.serve.gguf import ExportError, export_gguf
+        try:
+            with console.status("exporting") as st:
+                m = export_gguf(model, adapter or [], out, outtype=outtype,
+                                status=lambda msg: st.update(msg))
+        except (ExportError, ModelNotFoundError, FileNotFoundError) as e:
+            fail(str(e))
+        console.print(f"wrote {out}/{m['base']}" + "".join(f", {f}" for f in m["adapters"].values())
+                      + ", manifest.json")
+        console.print("serve with: " + " ".join(m["llama_server_command"]) + " -np 16 -c 32768",
+                      markup=False, highlight=False)
+
     @app.command("serve")
     def serve_cmd(
         model: Annotated[str, typer.Option(help="Base model: a name from `shoptune models ls` or a folder.")] = "smollm2-135m",

@@ -5,6 +5,8 @@
     shoptune data validate FILE...
     shoptune data split FILE... --out DIR
     shoptune data dedup FILE... --against data/shopbench-dev --out clean.jsonl
+    shoptune data synth SPEC.yaml --out FILE.jsonl --teacher-url URL --teacher-model NAME
+    shoptune data derive ranking --out FILE.jsonl | derive mcq FILE... --out FILE.jsonl
     shoptune models ls | pull
     shoptune eval --model smollm2-135m --data data/shopbench-dev/development.json --out runs/base
 """
@@ -336,11 +338,13 @@ def demo(out: str = "runs/demo",
 
 def _register_optional() -> None:
     """Sub-commands whose modules land in later steps register themselves here."""
+    from shoptune.data.cli import register as register_data
     from shoptune.eval.cli import register as register_eval
     from shoptune.experiment.cli import register as register_experiment
     from shoptune.serve.cli import register as register_serve
     from shoptune.train.cli import register as register_train
 
+    register_data(data_app)
     register_eval(app)
     register_train(app, data_app)
     register_serve(app)

@@ -166,9 +166,24 @@ class Overlap:
                               for name, recs in self.evals.items()}}
 
 
+def common_ngrams(records: Sequence[Record], *, n: int = NGRAM,
+                  max_doc_freq: int = MAX_DOC_FREQ) -> set[int]:
+    """The word ``n``-gram hashes found in more than ``max_doc_freq`` of ``records`` (boilerplate).
+
+    Checking a few new rows at a time (``data synth``) cannot see how common a 13-gram is among
+    rows like them; the pool they imitate can: pass this set as ``ignore`` to
+    :func:`ngram_overlap` / :func:`decontaminate`."""
+    hasher, df = _WordHasher(), Counter()
+    templates = _templates_by_task(records)
+    for r in records:
+        df.update(set(hasher.grams(hasher.words(training_text(r, templates[r.task])), n).tolist()))
+    return {g for g, c in df.items() if c > max_doc_freq}
+
+
 def ngram_overlap(train: Sequence[Record], evals: dict[str, Sequence[Record]], *, n: int = NGRAM,
-                  max_doc_freq: int = MAX_DOC_FREQ) -> Overlap:
-    """Which training rows share a word ``n``-gram with which evaluation questions."""
+                  max_doc_freq: int = MAX_DOC_FREQ, ignore: set[int] = frozenset()) -> Overlap:
+    """Which training rows share a word ``n``-gram with which evaluation questions (``ignore``:
+    n-gram hashes known to be boilerplate, see :func:`common_ngrams`)."""
     hasher = _WordHasher()
     index: dict[int, list[tuple[str, int, int]]] = defaultdict(list)  # gram -> (set, eval i, pos)
     ewords: dict[tuple[str, int], list[str]] = {}
@@ -187,7 +202,7 @@ def ngram_overlap(train: Sequence[Record], evals: dict[str, Sequence[Record]], *
     for ti, r in enumerate(train):
         grams = hasher.grams(hasher.words(training_text(r, train_templates[r.task])), n)
         if grams.size:
-            hit = {g for g in grams.tolist() if g in index}
+            hit = {g for g in grams.tolist() if g in index and g not in ignore}
             if hit:
                 matched[ti] = hit
                 df.update(hit)
@@ -218,10 +233,14 @@ def contamination_summary(evals: dict[str, Sequence[Record]], removed: Sequence[
 
 def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *,
                   threshold: float = 0.8, num_perm: int = 64, ngram: int = NGRAM,
-                  max_doc_freq: int = MAX_DOC_FREQ) -> tuple[list[Record], list[dict]]:
+                  max_doc_freq: int = MAX_DOC_FREQ, ignore_ngrams: set[int] = frozenset(),
+                  template_lines: set[str] = frozenset()) -> tuple[list[Record], list[dict]]:
     """Drop training records whose question appears in any evaluation set: exactly (normalised
     question), nearly (content Jaccard >= ``threshold``, any task) or as a shared word
-    ``ngram``-gram (13; 0 turns it off). Returns (kept, report)."""
+    ``ngram``-gram (13; 0 turns it off). Returns (kept, report).
+
+    ``ignore_ngrams`` / ``template_lines``: boilerplate learnt from a larger collection than
+    ``train`` (a synthesis pool), for checking a few rows at a time."""
     train = list(train)
     exact: dict[str, list[tuple[str, Record]]] = {}  # every eval set holding the question
     index = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -237,6 +256,8 @@ def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *
             index.insert(key, m)
             hashes[key] = (m, name, e)
     templates = _templates_by_task(train)
+    if template_lines:
+        templates = {t: lines | set(template_lines) for t, lines in templates.items()}
     kept, removed = [], []
     for r in train:
         hit = exact.get(normalize(r.input_field))
@@ -259,7 +280,7 @@ def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *
         kept.append(r)
     if not ngram:
         return kept, removed
-    ov = ngram_overlap(kept, evals, n=ngram, max_doc_freq=max_doc_freq)
+    ov = ngram_overlap(kept, evals, n=ngram, max_doc_freq=max_doc_freq, ignore=ignore_ngrams)
     still = []
     for ti, r in enumerate(kept):
         hits = ov.train_hits.get(ti)

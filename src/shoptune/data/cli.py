@@ -1,0 +1,197 @@
+"""``shoptune data synth`` and ``shoptune data derive {ranking,mcq}`` (registered on the
+``data`` group by :func:`register`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def _load(paths, *, task=None):
+    from shoptune.data.loaders import DataValidationError, load_records
+    try:
+        return load_records(paths, task=task)
+    except DataValidationError as e:
+        _fail(str(e))
+    except (FileNotFoundError, KeyError) as e:
+        _fail(str(e).strip("'\""))
+
+
+def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, description,
+                file) -> Path | None:
+    """A card for a derived/synthesized task unless one is registered; returns its path."""
+    from shoptune._io import atomic_open
+    from shoptune.data.derive import card_yaml
+    from shoptune.tasks import all_cards
+
+    if name in all_cards():
+        return None
+    path = cards_dir / f"{name}.yaml"
+    with atomic_open(path) as fh:
+        fh.write(card_yaml(name, capability=capability, task_type=task_type, metric=metric,
+                           description=description, file=file))
+    return path
+
+
+def _card_hint(path: Path | None) -> None:
+    if path:
+        console.print(f"task card -> {path} (add [bold]SHOPTUNE_TASKS_PATH={path.parent}[/] so "
+                      f"`data mix`, `tasks ls` and suites use it; rows also carry their task and "
+                      f"capability)")
+
+
+def register(data_app: typer.Typer) -> None:
+    derive_app = typer.Typer(help="Derived task formats from labelled data you already have.",
+                             no_args_is_help=True)
+    data_app.add_typer(derive_app, name="derive")
+
+    @data_app.command("synth")
+    def data_synth(
+            spec_path: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="Synthesis spec.")],
+            out: Annotated[Path, typer.Option(help="Kept rows (.jsonl, appended; rerun to resume).")],
+            teacher_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL "
+                                                     "(…/v1): hosted, vLLM, `shoptune serve`.")] = "https://api.openai.com/v1",
+            teacher_model: Annotated[str, typer.Option(help="Model name the teacher serves.")] = "gpt-4o",
+            api_key_env: Annotated[str, typer.Option(help="Environment variable holding the key.")] = "OPENAI_API_KEY",
+            rows: Annotated[Optional[int], typer.Option(help="Override the spec's rows.")] = None,
+            concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight.")] = None,
+            max_requests: Annotated[Optional[int], typer.Option(help="Budget: HTTP requests.")] = None,
+            max_total_tokens: Annotated[Optional[int], typer.Option(help="Budget: tokens.")] = None,
+            steering_check: Annotated[bool, typer.Option(help="Score the student on the rows made "
+                                                         "(hard vs easy).")] = True,
+            quiet: bool = False) -> None:
+        """Ask a teacher LLM for new rows of a task, steered by the examples shown; validate,
+        de-duplicate, decontaminate; FILE.rejected.jsonl, FILE.report.json."""
+        from shoptune.data.synth import SynthError, SynthSpec, run_synth, side_paths
+        from shoptune.data.teacher import TeacherError
+
+        over = {k: v for k, v in dict(rows=rows, concurrency=concurrency, max_requests=max_requests,
+                                      max_total_tokens=max_total_tokens).items() if v is not None}
+        try:
+            spec = SynthSpec.from_yaml(spec_path, over)
+            key = os.environ.get(api_key_env) or "EMPTY"
+            rep = run_synth(spec, out, teacher_url=teacher_url, teacher_model=teacher_model,
+                            api_key=key, quiet=quiet, check_steering=steering_check, console=console)
+        except (SynthError, TeacherError) as e:
+            _fail(str(e))
+        except (FileNotFoundError, KeyError) as e:
+            _fail(str(e).strip("'\""))
+        console.print(f"kept {rep['kept']} of {rep['rows_wanted']} -> {out}; rejected "
+                      f"{rep['rejected']} -> {side_paths(out)['rejected']}; requests "
+                      f"{rep['requests']['total']} ({rep['requests']['this_session']} this run, "
+                      f"{rep['requests']['cache_hits']} answers from the cache), {rep['wall_s']} s")
+        for reason, n in rep["rejected_by_reason"].items():
+            console.print(f"  {reason}: {n}", highlight=False)
+        if rep["steering"].get("difficulty"):
+            console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
+        if rep["stopped"]:
+            console.print(f"[yellow]stopped[/]: {rep['stopped']} (run the same command to continue)")
+        console.print(f"report -> {side_paths(out)['report']}")
+        from shoptune.tasks import get_card
+        card = get_card(spec.task)
+        _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
+                               task_type=card.task_type, metric=card.metric,
+                               description=f"Synthesized by a teacher LLM from {card.name} examples.",
+                               file=str(out)))
+
+    @derive_app.command("ranking")
+    def derive_ranking_cmd(
+            paths: Annotated[Optional[list[str]], typer.Argument(help="Query-product judgement "
+                                                                 "files (default: EC-Guide QPRP + QPRJ).")] = None,
+            out: Annotated[Path, typer.Option(help="Ranking questions (.jsonl).")] = Path("runs/derive/qpr_ranking.jsonl"),
+            fill: Annotated[int, typer.Option(help="At most this many candidates per question may be "
+                                              "products of other queries (taken as irrelevant); 0 = judged only.")] = 3,
+            seed: int = 0,
+            against: Annotated[Optional[list[str]], typer.Option(
+                help="Drop questions overlapping these evaluation sets (FILE or suite:NAME).")] = None) -> None:
+        """ShopBench-layout ranking questions (query, 5 candidates, NDCG) from query-product
+        judgements; says how many questions the data supports."""
+        from shoptune._io import write_json, write_jsonl
+        from shoptune.data.derive import derive_ranking
+
+        recs = _load(paths or ["ec-guide/MCQ/QPRP.json", "ec-guide/MCQ/QPRJ.json"])
+        try:
+            rows, rep = derive_ranking(recs, fill=fill, seed=seed)
+        except ValueError as e:
+            _fail(str(e))
+        rows, removed = _decontaminate(rows, against)
+        rep["decontaminated"] = len(removed)
+        write_jsonl(out, (r.to_dict() for r in rows))
+        write_json(out.with_suffix(".report.json"), rep)
+        s = rep["supported"]
+        console.print(f"{rep['judgements']} judgements over {rep['queries']} queries support "
+                      f"{s['max_0_fillers']} question(s) with all 5 candidates judged, "
+                      + ", ".join(f"{s[f'max_{k}_fillers']} with <= {k} fillers" for k in range(1, 5)))
+        console.print(f"wrote {len(rows)} questions (<= {fill} fillers"
+                      + (f", {len(removed)} dropped as contaminated" if removed else "")
+                      + f") -> {out}; report -> {out.with_suffix('.report.json')}")
+        console.print("more questions than the judgements support: `shoptune data synth "
+                      "configs/synth/qpr_ranking.yaml` (this file as the pool)")
+
+    @derive_app.command("mcq")
+    def derive_mcq_cmd(
+            paths: Annotated[list[str], typer.Argument(help="Generation rows (files/folders).")],
+            out: Annotated[Path, typer.Option(help="Multiple-choice rows (.jsonl).")],
+            task: Annotated[Optional[list[str]], typer.Option(help="Only these tasks (repeatable).")] = None,
+            options: Annotated[int, typer.Option(help="Options per question (2-10).")] = 4,
+            difficulty: Annotated[str, typer.Option(help="hard: nearest answers in embedding space; "
+                                                    "easy: random answers.")] = "hard",
+            max_similarity: Annotated[float, typer.Option(help="Skip distractors at least this "
+                                                          "similar to the gold (they may be right too).")] = 0.9,
+            limit: Annotated[Optional[int], typer.Option(help="At most this many rows per task.")] = None,
+            seed: int = 0,
+            against: Annotated[Optional[list[str]], typer.Option(
+                help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None) -> None:
+        """Multiple-choice versions of generation rows: distractors are other rows' answers of
+        the same task (near in embedding space = hard, random = easy)."""
+        from collections import Counter
+
+        from shoptune._io import write_json, write_jsonl
+        from shoptune.data.derive import derive_mcq
+
+        recs = _load(paths)
+        if task:
+            recs = [r for r in recs if r.task in task]
+        try:
+            rows, rep = derive_mcq(recs, options=options, difficulty=difficulty,
+                                   max_similarity=max_similarity, seed=seed, limit=limit)
+        except ValueError as e:
+            _fail(str(e))
+        rows, removed = _decontaminate(rows, against)
+        rep["decontaminated"] = len(removed)
+        write_jsonl(out, (r.to_dict() for r in rows))
+        write_json(out.with_suffix(".report.json"), rep)
+        console.print(f"wrote {len(rows)} multiple-choice rows ({difficulty}, {options} options; "
+                      f"mean distractor similarity {rep['distractor_similarity_mean']}) -> {out}")
+        console.print(f"gold positions: {rep['gold_positions']}")
+        for name, n in Counter(r.task for r in rows).items():
+            src = next(r for r in rows if r.task == name)
+            _card_hint(_write_card(out.parent / "cards", name, capability=src.capability,
+                                   task_type="multiple-choice", metric="accuracy",
+                                   description=f"Multiple-choice version of {src.extra['derived']['from_task']} "
+                                               f"(distractors from other rows, {difficulty}).",
+                                   file=str(out)))
+
+
+def _decontaminate(rows, against):
+    if not against:
+        return rows, []
+    from shoptune.data.dedup import decontaminate
+    from shoptune.eval.suite import load_eval_set
+    try:
+        evals = {a: load_eval_set(a) if a.startswith("suite:") else _load([a]) for a in against}
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    return decontaminate(rows, evals)
+

@@ -1,0 +1,642 @@
+"""Teacher-LLM data synthesis steered by the examples shown (arXiv 2504.08002's sample-output
+engineering), with validation, de-duplication, decontamination, provenance and resume.
+
+    shoptune data synth configs/synth/qpr_ranking.yaml --out runs/synth/qpr_ranking.jsonl \\
+        --teacher-url http://127.0.0.1:8000/v1 --teacher-model smollm2-135m
+
+A spec (YAML, :class:`SynthSpec`) names the target task card, a pool of real examples, how many
+rows to make and the characteristics to steer: difficulty (``hard``: pool examples the student
+model gets wrong, scored with the evaluation engine; ``easy``: ones it gets right), answer
+length (``short`` / ``medium`` / ``long``: the pool's answer-length terciles) and language (of
+the question). The instruction sent to the teacher is the same for every row; a characteristic
+is steered only by *which* pool examples are shown. Job ``i`` draws its characteristics and
+examples from a seeded generator of ``(seed, i)``, so a run is reproducible and resumable.
+
+Each generated row goes through (1) the format (``<question>``/``<answer>``), (2) the loaders'
+record checks (:func:`~shoptune.data.loaders.check_fields`), (3) the task type's own parser and
+metric: the gold, written as a training answer and parsed back by the ShopBench parser, must
+score 1 (option count and gold index for multiple choice, a permutation of the 5 candidates for
+ranking, valid numbers for retrieval, entities present in the text for NER), (4) exact and near
+duplicates against the pool and the rows kept so far, (5) decontamination against every
+evaluation set (exact, near, 13-gram; :mod:`shoptune.data.dedup`). Rejected rows go to
+``FILE.rejected.jsonl`` with the reason.
+
+Files (all append-only, one JSON object a line, fsync'd): ``FILE.jsonl`` (kept rows with
+``extra.provenance``), ``FILE.rejected.jsonl``, ``FILE.cache.jsonl`` (teacher answers keyed by a
+hash of the request). A killed run started again re-reads them: jobs already decided are
+skipped, answers already received are taken from the cache; nothing is asked twice.
+``FILE.report.json``: kept/rejected by reason, answer lengths, option positions, and the
+steering check (the student's score on rows made from hard vs easy examples).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shoptune.data.teacher import AppendLog, BudgetExhausted, Teacher, TeacherFailed, read_log
+from shoptune.records import Record
+
+DEFAULT_INSTRUCTION = ("Below are examples of one task from an online-shopping benchmark. Write "
+                       "one new example of the same task: a new question and its correct answer, "
+                       "in exactly the same format. Reply with the new example only.")
+DIFFICULTY = ("hard", "easy", "any")
+LENGTH = ("short", "medium", "long", "any")
+
+
+class SynthError(ValueError):
+    """A one-line problem with the spec, the pool or the teacher (no traceback for users)."""
+
+
+class Characteristics(BaseModel):
+    """Weights of each value; a row's value is drawn by weight, then shown examples match it."""
+    model_config = ConfigDict(extra="forbid")
+    difficulty: dict[Literal[DIFFICULTY], float] = {"any": 1.0}  # type: ignore[valid-type]
+    length: dict[Literal[LENGTH], float] = {"any": 1.0}  # type: ignore[valid-type]
+    language: dict[str, float] = {"any": 1.0}  # en, de, es, fr, it, ja, zh, ko, ru, ar, ... or any
+
+
+class StudentSpec(BaseModel):
+    """Who decides "hard": a predictions.jsonl of `shoptune eval` on the pool (id, score), or a
+    model the evaluation engine runs (local, or any OpenAI-compatible server)."""
+    model_config = ConfigDict(extra="forbid")
+    predictions: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    backend: Literal["local", "openai"] = "local"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    protocol: str = "starter-kit"
+    hard_below: float = 0.5  # a pool example is hard when the student scores below this
+
+
+class SynthSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str  # the target task card: task type, metric, capability
+    output_task: str | None = None  # task name of the rows made (default synth_<task>)
+    pool: list[str] = Field(min_length=1)  # files/folders of real examples
+    pool_tasks: list[str] = []  # default: rows of ``task`` (all rows when the pool has none)
+    pool_split: Literal["train", "validation", "test"] | None = None
+    pool_limit: int | None = Field(default=None, ge=1)
+    rows: int = Field(ge=1)
+    shots: int = Field(default=3, ge=1, le=16)
+    characteristics: Characteristics = Characteristics()
+    student: StudentSpec | None = None
+    decontaminate_against: list[str] = []
+    ngram: int = Field(default=13, ge=0)
+    dedup_threshold: float = Field(default=0.9, gt=0, le=1)
+    instruction: str = DEFAULT_INSTRUCTION
+    temperature: float = Field(default=0.8, ge=0, le=2)
+    max_tokens: int = Field(default=512, ge=1)
+    seed: int = 0
+    concurrency: int = Field(default=4, ge=1, le=256)
+    max_requests: int | None = Field(default=None, ge=1)  # budget: HTTP requests (retries count)
+    max_total_tokens: int | None = Field(default=None, ge=1)  # budget: prompt + completion tokens
+    max_jobs: int | None = Field(default=None, ge=1)  # give up after this many rows asked for
+    retries: int = Field(default=6, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=30.0, ge=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "SynthSpec":
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise SynthError(f"{p}: cannot read spec: {e}") from None
+        if not isinstance(data, dict):
+            raise SynthError(f"{p}: a synthesis spec must be a YAML mapping")
+        try:
+            return cls(**{**data, **(overrides or {})})
+        except ValidationError as e:
+            errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise SynthError(f"{p}: {errs}") from None
+
+
+# --------------------------------------------------------------------------- characteristics
+
+_SCRIPTS = (("ja", re.compile(r"[\u3040-\u30ff]")), ("ko", re.compile(r"[\uac00-\ud7af]")),
+            ("zh", re.compile(r"[\u4e00-\u9fff]")), ("ru", re.compile(r"[\u0400-\u04ff]")),
+            ("ar", re.compile(r"[\u0600-\u06ff]")))
+_STOP = {"en": {"the", "and", "of", "to", "is", "for", "with", "a", "in", "which"},
+         "de": {"der", "die", "und", "das", "ist", "mit", "für", "nicht", "ein", "eine"},
+         "es": {"el", "la", "los", "las", "y", "para", "con", "es", "una", "del"},
+         "fr": {"le", "la", "les", "et", "pour", "avec", "est", "une", "des", "du"},
+         "it": {"il", "la", "e", "per", "con", "è", "una", "della", "che", "di"}}
+
+
+def language_of(text: str) -> str:
+    """A coarse language tag: by script (ja, ko, zh, ru, ar), else by common words (en, de, es,
+    fr, it); 'other' when nothing matches."""
+    for lang, rx in _SCRIPTS:
+        if len(rx.findall(text)) >= 3:
+            return lang
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    counts = {lang: sum(w in stop for w in words) for lang, stop in _STOP.items()}
+    best = max(counts, key=lambda k: counts[k])
+    return best if counts[best] else "other"
+
+
+def answer_string(rec: Record) -> str:
+    """The gold as the teacher sees and writes it (parsed back by :func:`parse_answer`)."""
+    gold = rec.output_field
+    if rec.task_type == "multiple-choice":
+        return str(gold).strip().lower() if rec.metric == "bool" else str(gold)
+    if rec.task_type in ("retrieval", "ranking", "named_entity_recognition"):
+        return json.dumps(gold, ensure_ascii=False)
+    return str(gold).strip()
+
+
+def length_thresholds(pool: Sequence[Record]) -> tuple[float, float]:
+    import numpy as np
+    lens = [len(answer_string(r)) for r in pool] or [0]
+    return float(np.percentile(lens, 100 / 3)), float(np.percentile(lens, 200 / 3))
+
+
+def length_bucket(n: int, thresholds: tuple[float, float]) -> str:
+    return "short" if n <= thresholds[0] else "long" if n > thresholds[1] else "medium"
+
+
+# --------------------------------------------------------------------------- prompt and parse
+
+def render_example(rec: Record) -> str:
+    return (f"<example>\n<question>\n{rec.input_field.strip(chr(10))}\n</question>\n"
+            f"<answer>\n{answer_string(rec)}\n</answer>\n</example>")
+
+
+def build_prompt(instruction: str, shown: Sequence[Record]) -> str:
+    return instruction.strip() + "\n\n" + "\n\n".join(render_example(r) for r in shown) + "\n"
+
+
+_Q = re.compile(r"<question>\s*?\n?(.*?)\n?\s*</question>", re.DOTALL)
+_A = re.compile(r"<answer>\s*?\n?(.*?)\n?\s*</answer>", re.DOTALL)
+
+
+def parse_generated(text: str) -> tuple[str, str]:
+    """(question, answer string) from the teacher's reply; SynthReject('format') otherwise."""
+    q, a = _Q.search(text or ""), _A.search(text or "")
+    if not q or not a:
+        raise SynthReject("format", "no <question>...</question> and <answer>...</answer> in the reply")
+    question, answer = q.group(1).strip("\n"), a.group(1).strip()
+    if not question.strip() or not answer:
+        raise SynthReject("format", "empty question or answer")
+    return question, answer
+
+
+def parse_answer(task_type: str, metric: str, answer: str):
+    """The answer string -> output_field of the task type (SynthReject('answer') if it is not)."""
+    if task_type == "multiple-choice":
+        if metric == "bool":
+            return answer.strip().lower()
+        if not re.fullmatch(r"\d+", answer.strip()):
+            raise SynthReject("answer", f"multiple choice answer must be an option number, got {answer[:40]!r}")
+        return int(answer.strip())
+    if task_type in ("retrieval", "ranking", "named_entity_recognition"):
+        try:
+            return json.loads(answer)
+        except json.JSONDecodeError as e:
+            raise SynthReject("answer", f"not a JSON list: {e.msg}") from None
+    return answer
+
+
+class SynthReject(Exception):
+    def __init__(self, reason: str, detail: str = "", **info):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.info = reason, detail, info
+
+
+_LISTED = re.compile(r"^\s*(\d+)\.\s", re.MULTILINE)
+
+
+def check_row(rec: Record) -> None:
+    """Validate a generated row as the task's own data would be; SynthReject names why not."""
+    from shoptune.data.loaders import check_fields, option_numbers
+    from shoptune.eval.metrics import METRIC_FNS
+    from shoptune.eval.parsers import parse
+    from shoptune.train.format import answer_text
+
+    row = {"input_field": rec.input_field, "output_field": rec.output_field,
+           "task_type": rec.task_type, "metric": rec.metric}
+    problems = check_fields(row)
+    if problems:
+        f, m = problems[0]
+        raise SynthReject(f"invalid:{f}", m)
+    tt, gold, text = rec.task_type, rec.output_field, rec.input_field
+    if tt == "multiple-choice" and rec.metric != "bool":
+        opts = option_numbers(text)
+        if len(opts) < 2 or opts != list(range(len(opts))):
+            raise SynthReject("parser:options", f"options must be numbered 0..n-1 (n >= 2), found {opts}")
+        if gold not in opts:
+            raise SynthReject("parser:gold", f"gold {gold} is not one of the options 0-{opts[-1]}")
+    elif tt == "ranking":
+        listed = [int(x) for x in _LISTED.findall(text)]
+        if listed != [1, 2, 3, 4, 5] or len(gold) != 5:
+            raise SynthReject("parser:candidates", f"ranking needs candidates 1-5 and 5 weights, "
+                                                   f"found candidates {listed} and {len(gold)} weights")
+        if len(set(gold)) < 2:
+            raise SynthReject("parser:gold", "all candidates equally relevant (every order scores 1)")
+    elif tt == "retrieval":
+        listed = [int(x) for x in _LISTED.findall(text)]
+        bad = [g for g in gold if g not in listed]
+        if bad:
+            raise SynthReject("parser:gold", f"gold numbers {bad} are not listed candidates")
+    elif tt == "named_entity_recognition":
+        missing = [g for g in gold if g.lower() not in text.lower()]
+        if missing:
+            raise SynthReject("parser:entities", f"entities not in the text: {missing[:3]}")
+    if tt != "generation":  # the gold, answered as training teaches, must score perfectly
+        parsed = parse(tt, rec.metric, answer_text(rec))
+        fn = METRIC_FNS[rec.metric]
+        score = fn(parsed, [g.lower() for g in gold] if tt == "named_entity_recognition" else gold)
+        if tt == "named_entity_recognition":
+            score = float(score[1] == score[2] == 0)
+        if score < 1 - 1e-9:
+            raise SynthReject("parser:roundtrip", f"the gold answer parses to {parsed!r}, scoring {score:.3f}")
+
+
+def side_paths(out: Path) -> dict[str, Path]:
+    stem = out.with_suffix("") if out.suffix == ".jsonl" else out
+    return {k: Path(f"{stem}.{k}.jsonl") for k in ("rejected", "cache")} | {
+        "report": Path(f"{stem}.report.json"), "student": Path(f"{stem}.student")}
+
+
+# --------------------------------------------------------------------------- pool and student
+
+def load_pool(spec: SynthSpec) -> list[Record]:
+    from shoptune.data.loaders import iter_records
+    from shoptune.data.splits import split_of
+
+    rows = [r for r in iter_records(spec.pool, issues=[])
+            if spec.pool_split is None or split_of(r) == spec.pool_split]
+    tasks = spec.pool_tasks or ([spec.task] if any(r.task == spec.task for r in rows) else [])
+    if tasks:
+        rows = [r for r in rows if r.task in tasks]
+    if spec.pool_limit and len(rows) > spec.pool_limit:
+        pick = sorted(random.Random(spec.seed).sample(range(len(rows)), spec.pool_limit))
+        rows = [rows[i] for i in pick]
+    if not rows:
+        raise SynthError(f"pool {spec.pool}: no valid rows" + (f" of {tasks}" if tasks else ""))
+    return rows
+
+
+def student_scores(spec: SynthSpec, records: Sequence[Record], out_dir: Path,
+                   quiet: bool = True) -> dict[str, float]:
+    """Per record id: the student's score (the evaluation engine's per-question score)."""
+    st = spec.student
+    if st.predictions:
+        rows = read_log(Path(st.predictions))
+        return {r["id"]: float(r["score"]) for r in rows}
+    if not st.model:
+        raise SynthError("student: give predictions (a predictions.jsonl) or model")
+    from shoptune._io import write_jsonl
+    from shoptune.eval.runner import evaluate
+
+    pred = out_dir / "predictions.jsonl"
+    ids = [r.id for r in records]
+    if pred.exists():  # resume: the same questions were scored already
+        rows = read_log(pred)
+        if [r["id"] for r in rows] == ids:
+            return {r["id"]: float(r["score"]) for r in rows}
+    data = out_dir / "questions.jsonl"
+    write_jsonl(data, (dict(r.to_dict(), id=r.id) for r in records))
+    key = os.environ.get(st.api_key_env, "EMPTY") if st.api_key_env else "EMPTY"
+    evaluate(model=st.model, adapter=st.adapter, data=[str(data)], out=out_dir,
+             backend=st.backend, base_url=st.base_url, api_key=key, protocol=st.protocol,
+             quiet=quiet, n_boot=10)
+    return {r["id"]: float(r["score"]) for r in read_log(pred)}
+
+
+# --------------------------------------------------------------------------- plan
+
+def _draw(rng: random.Random, weights: dict[str, float]) -> str:
+    keys = sorted(weights)
+    return rng.choices(keys, weights=[weights[k] for k in keys])[0]
+
+
+@dataclass
+class Pool:
+    rows: list[Record]
+    difficulty: dict[str, str]  # id -> hard/easy (empty: no student)
+    length: dict[str, str]
+    language: dict[str, str]
+    thresholds: tuple[float, float]
+
+    def eligible(self, cell: dict[str, str]) -> list[Record]:
+        return [r for r in self.rows
+                if cell["difficulty"] in ("any", self.difficulty.get(r.id))
+                and cell["length"] in ("any", self.length[r.id])
+                and cell["language"] in ("any", self.language[r.id])]
+
+
+def make_pool(spec: SynthSpec, rows: list[Record], scores: dict[str, float] | None) -> Pool:
+    th = length_thresholds(rows)
+    diff = {}
+    if scores is not None:
+        diff = {r.id: ("hard" if scores[r.id] < spec.student.hard_below else "easy")
+                for r in rows if r.id in scores}
+    pool = Pool(rows, diff, {r.id: length_bucket(len(answer_string(r)), th) for r in rows},
+                {r.id: language_of(r.input_field) for r in rows}, th)
+    ch = spec.characteristics
+    if any(k != "any" for k in ch.difficulty) and not diff:
+        raise SynthError("characteristics.difficulty needs a student (spec: student: ...)")
+    problems = []
+    for name, values in (("difficulty", ch.difficulty), ("length", ch.length),
+                         ("language", ch.language)):
+        for v, w in values.items():
+            if w > 0 and v != "any":
+                cell = {"difficulty": "any", "length": "any", "language": "any", name: v}
+                if not pool.eligible(cell):
+                    have = Counter(getattr(pool, name).values())
+                    problems.append(f"{name}={v}: no pool example (pool has {dict(have)})")
+    if problems:
+        raise SynthError("cannot steer: " + "; ".join(problems))
+    return pool
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    cell: dict
+    shown: tuple[Record, ...]
+    prompt: str
+    seed: int
+    key: str  # hash of everything the teacher is asked: the cache key
+
+
+def plan_job(spec: SynthSpec, pool: Pool, index: int, teacher_model: str) -> Job:
+    rng = random.Random(f"{spec.seed}\x00job\x00{index}")
+    ch = spec.characteristics
+    cell = {"difficulty": _draw(rng, ch.difficulty), "length": _draw(rng, ch.length),
+            "language": _draw(rng, ch.language)}
+    cands = pool.eligible(cell)
+    if not cands:  # this combination is absent: keep the rarest-first characteristics
+        for relax in ("language", "length", "difficulty"):
+            cell_r = dict(cell, **{relax: "any"})
+            if pool.eligible(cell_r):
+                cell, cands = dict(cell, relaxed=relax), pool.eligible(cell_r)
+                break
+    shown = tuple(rng.sample(cands, min(spec.shots, len(cands))))
+    prompt = build_prompt(spec.instruction, shown)
+    seed = rng.randrange(2**31)
+    blob = json.dumps([teacher_model, prompt, spec.temperature, spec.max_tokens, seed])
+    return Job(index, cell, shown, prompt, seed, hashlib.sha256(blob.encode()).hexdigest()[:24])
+
+
+# --------------------------------------------------------------------------- accept / reject
+
+class Gate:
+    """Exact/near duplicates against the pool and kept rows, then decontamination."""
+
+    def __init__(self, spec: SynthSpec, pool: Sequence[Record], evals: dict[str, Sequence[Record]]):
+        from datasketch import MinHashLSH
+
+        from shoptune.data.dedup import _template_lines, common_ngrams
+
+        self.spec, self.evals = spec, evals
+        self.template = _template_lines(pool)
+        self.ignore = common_ngrams(pool, n=spec.ngram) if spec.ngram and evals else set()
+        self.exact: dict[str, str] = {}
+        self.lsh = MinHashLSH(threshold=spec.dedup_threshold, num_perm=64)
+        self.hashes: dict[str, tuple] = {}
+        for r in pool:
+            self.add(r, f"pool:{r.id}")
+
+    def _content(self, rec: Record) -> str:
+        from shoptune.data.dedup import content
+        return content(rec, self.template)
+
+    def add(self, rec: Record, label: str) -> None:
+        from shoptune.data.dedup import _minhash, normalize
+        self.exact.setdefault(normalize(rec.input_field), label)
+        key = str(len(self.hashes))
+        m = _minhash(self._content(rec), 64)
+        self.lsh.insert(key, m)
+        self.hashes[key] = (m, label)
+
+    def check(self, rec: Record) -> None:
+        from shoptune.data.dedup import _minhash, decontaminate, normalize
+        if (of := self.exact.get(normalize(rec.input_field))):
+            raise SynthReject("duplicate-exact", f"same question as {of}", of=of)
+        m = _minhash(self._content(rec), 64)
+        sims = [(self.hashes[k][0].jaccard(m), self.hashes[k][1]) for k in self.lsh.query(m)]
+        best = max(sims, default=None)
+        if best and best[0] >= self.spec.dedup_threshold:
+            raise SynthReject("duplicate-near", f"content Jaccard {best[0]:.2f} with {best[1]}",
+                              of=best[1])
+        if self.evals:
+            _, removed = decontaminate([rec], self.evals, ngram=self.spec.ngram,
+                                       ignore_ngrams=self.ignore, template_lines=self.template)
+            if removed:
+                x = removed[0]
+                raise SynthReject(x["reason"], f"{x['eval_set']} question {x['of']}"
+                                  + (f" (13-gram: {x['ngram']!r})" if "ngram" in x else ""),
+                                  of=x["of"], eval_set=x["eval_set"])
+
+
+def make_record(spec: SynthSpec, card, job: Job, text: str) -> Record:
+    question, answer = parse_generated(text)
+    gold = parse_answer(card.task_type, card.metric, answer)
+    rec = Record(input_field=question, output_field=gold, task_type=card.task_type,
+                 metric=card.metric, task=spec.output_task or f"synth_{card.name}",
+                 capability=card.capability, source=f"synth:job {job.index}",
+                 is_multiple_choice=card.task_type == "multiple-choice")
+    check_row(rec)
+    return rec
+
+
+# --------------------------------------------------------------------------- the run
+
+def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_model: str,
+              api_key: str, quiet: bool = False, check_steering: bool = True,
+              console=None) -> dict:
+    """Generate ``spec.rows`` rows into ``out`` (resuming what is there); return the report."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shoptune._io import write_json
+    from shoptune.tasks import get_card
+
+    t0 = time.time()
+    out = Path(out)
+    paths = side_paths(out)
+    try:
+        card = get_card(spec.task)
+    except KeyError as e:
+        raise SynthError(str(e).strip("'\"")) from None
+    # 1. the pool, the student's view of it, the evaluation sets
+    pool_rows = load_pool(spec)
+    scores = None
+    if spec.student and any(k != "any" for k in spec.characteristics.difficulty):
+        scores = student_scores(spec, pool_rows, paths["student"] / "pool", quiet=quiet)
+    pool = make_pool(spec, pool_rows, scores)
+    evals = _eval_sets(spec.decontaminate_against)
+    # 2. what earlier runs decided (append-only files) and the teacher's cached answers
+    kept_rows, rejected_rows = read_log(out), read_log(paths["rejected"])
+    cache = {c["key"]: c for c in read_log(paths["cache"])}
+    done = {r["extra"]["provenance"]["job"] for r in kept_rows} | {r["job"] for r in rejected_rows}
+    gate = Gate(spec, pool_rows, evals)
+    for r in kept_rows:
+        gate.add(Record.from_dict(r), f"synth:job {r['extra']['provenance']['job']}")
+    teacher = Teacher(teacher_url, teacher_model, api_key, retries=spec.retries,
+                      backoff_s=spec.backoff_s, max_backoff_s=spec.max_backoff_s,
+                      timeout_s=spec.timeout_s, max_requests=spec.max_requests,
+                      max_total_tokens=spec.max_total_tokens)
+    teacher.requests = sum(c.get("attempts", 1) for c in cache.values())  # the budget is per run
+    teacher.tokens = sum(c.get("usage", 0) for c in cache.values())
+    session = {"requests_before": teacher.requests, "cache_hits": 0, "teacher_errors": 0}
+    max_jobs = spec.max_jobs or 10 * spec.rows
+    kept_log, rej_log, cache_log = AppendLog(out), AppendLog(paths["rejected"]), AppendLog(paths["cache"])
+    stop_reason = None
+
+    def ask(job: Job) -> dict:
+        if job.key in cache:
+            session["cache_hits"] += 1
+            return cache[job.key]
+        ans = teacher.ask(job.prompt, temperature=spec.temperature, max_tokens=spec.max_tokens,
+                          seed=job.seed)
+        entry = {"key": job.key, "job": job.index, **ans}
+        cache_log.write(entry)
+        return entry
+
+    def decide(job: Job, entry: dict) -> None:
+        prov = {"teacher_model": teacher_model, "teacher_reply_model": entry.get("model"),
+                "prompt_hash": job.key, "shown": [r.id for r in job.shown], "seed": job.seed,
+                "characteristic": job.cell, "job": job.index, "spec_seed": spec.seed}
+        try:
+            rec = make_record(spec, card, job, entry["text"])
+            gate.check(rec)
+        except SynthReject as e:
+            row = {"job": job.index, "reason": e.reason, "detail": e.detail, **e.info,
+                   "text": entry["text"], "prompt_hash": job.key, "shown": prov["shown"],
+                   "characteristic": job.cell}
+            rej_log.write(row)
+            rejected_rows.append(row)
+            return
+        rec.extra = {"provenance": prov}
+        row = rec.to_dict()
+        kept_log.write(row)
+        kept_rows.append(row)
+        gate.add(rec, f"synth:job {job.index}")
+
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    next_job, inflight = 0, {}
+    cols = [TextColumn("synth {task.fields[name]}"), BarColumn(),
+            TextColumn("kept {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("rejected {task.fields[rejected]}"), TextColumn("requests {task.fields[requests]}"),
+            TimeElapsedColumn()]
+    try:
+        with Progress(*cols, disable=quiet, console=console) as bar, \
+                ThreadPoolExecutor(spec.concurrency) as ex:
+            pid = bar.add_task("synth", total=spec.rows, completed=min(len(kept_rows), spec.rows),
+                               name=card.name, rejected=len(rejected_rows), requests=teacher.requests)
+            while True:
+                while (stop_reason is None and len(inflight) < spec.concurrency
+                       and len(kept_rows) + len(inflight) < spec.rows and next_job < max_jobs):
+                    if next_job not in done:
+                        job = plan_job(spec, pool, next_job, teacher_model)
+                        inflight[ex.submit(ask, job)] = job
+                    next_job += 1
+                if not inflight:
+                    break
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    job = inflight.pop(fut)
+                    try:
+                        entry = fut.result()
+                    except BudgetExhausted as e:
+                        stop_reason = stop_reason or str(e)
+                        continue
+                    except TeacherFailed as e:
+                        session["teacher_errors"] += 1
+                        stop_reason = stop_reason or str(e)
+                        continue
+                    if len(kept_rows) < spec.rows:
+                        decide(job, entry)
+                bar.update(pid, completed=min(len(kept_rows), spec.rows), rejected=len(rejected_rows),
+                           requests=teacher.requests)
+    finally:
+        for log in (kept_log, rej_log, cache_log):
+            log.close()
+    if stop_reason is None and len(kept_rows) < spec.rows:
+        stop_reason = f"gave up after {max_jobs} jobs (max_jobs)"
+    report = make_report(spec, card, pool, kept_rows, rejected_rows, teacher=teacher,
+                         session=session, stop_reason=stop_reason, wall_s=time.time() - t0,
+                         teacher_url=teacher_url, teacher_model=teacher_model, out=out)
+    if check_steering and spec.student and kept_rows and pool.difficulty:
+        report["steering"]["difficulty"] = steering_check(spec, kept_rows, paths["student"] / "synth",
+                                                          quiet=quiet)
+    write_json(paths["report"], report)
+    return report
+
+
+def _eval_sets(names: Sequence[str]) -> dict[str, list[Record]]:
+    from shoptune.data.loaders import load_records
+    from shoptune.eval.suite import load_eval_set
+    return {a: load_eval_set(a) if a.startswith("suite:") else load_records([a]) for a in names}
+
+
+def make_report(spec, card, pool: Pool, kept: list[dict], rejected: list[dict], *, teacher,
+                session, stop_reason, wall_s, teacher_url, teacher_model, out) -> dict:
+    import numpy as np
+
+    recs = [Record.from_dict(r) for r in kept]
+    lens = [len(answer_string(r)) for r in recs]
+    by_cell = defaultdict(list)
+    for r, n in zip(kept, lens):
+        by_cell[r["extra"]["provenance"]["characteristic"]["length"]].append(n)
+    lang_cells = defaultdict(Counter)
+    for r in kept:
+        lang_cells[r["extra"]["provenance"]["characteristic"]["language"]][language_of(r["input_field"])] += 1
+
+    def dist(xs):
+        return ({"n": len(xs), "mean": round(float(np.mean(xs)), 1),
+                 "p50": float(np.percentile(xs, 50)), "p90": float(np.percentile(xs, 90))}
+                if xs else {"n": 0})
+
+    return {
+        "out": str(out), "task": card.name, "output_task": spec.output_task or f"synth_{card.name}",
+        "teacher": {"url": teacher_url, "model": teacher_model, "seed_sent": teacher.send_seed},
+        "rows_wanted": spec.rows, "kept": len(kept), "rejected": len(rejected),
+        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected).most_common()),
+        "requests": {"total": teacher.requests, "this_session": teacher.requests - session["requests_before"],
+                     "retried_by_status": dict(teacher.retried), "cache_hits": session["cache_hits"],
+                     "failed_jobs": session["teacher_errors"]},
+        "tokens": teacher.tokens, "stopped": stop_reason, "wall_s": round(wall_s, 2),
+        "answer_length_chars": {"all": dist(lens), "by_length_cell": {k: dist(v) for k, v in by_cell.items()},
+                                "pool_terciles": [round(x, 1) for x in pool.thresholds]},
+        "option_positions": (dict(sorted(Counter(r.output_field for r in recs).items()))
+                             if card.task_type == "multiple-choice" and card.metric != "bool" else None),
+        "cells": dict(Counter(json.dumps(r["extra"]["provenance"]["characteristic"], sort_keys=True)
+                              for r in kept)),
+        "steering": {"language": {k: dict(v) for k, v in lang_cells.items()},
+                     "length": {k: dist(v).get("mean") for k, v in by_cell.items()}},
+        "pool": {"rows": len(pool.rows), "difficulty": dict(Counter(pool.difficulty.values())),
+                 "length": dict(Counter(pool.length.values())),
+                 "language": dict(Counter(pool.language.values()))},
+        "spec": spec.model_dump(),
+    }
+
+
+def steering_check(spec: SynthSpec, kept: list[dict], out_dir: Path, quiet: bool = True) -> dict:
+    """The student's mean score on rows made from hard vs easy examples (measured, not assumed)."""
+    if not spec.student.model:
+        return {"skipped": "the student is given as predictions only: give student.model to "
+                           "score the rows made"}
+    recs = [Record.from_dict(r) for r in kept]
+    scores = student_scores(spec.model_copy(update={"student": spec.student.model_copy(
+        update={"predictions": None})}), recs, out_dir, quiet=quiet)
+    by = defaultdict(list)
+    for r, row in zip(recs, kept):
+        by[row["extra"]["provenance"]["characteristic"]["difficulty"]].append(scores[r.id])
+    return {k: {"n": len(v), "student_score": round(sum(v) / len(v), 4)} for k, v in sorted(by.items())}

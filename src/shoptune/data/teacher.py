@@ -1,0 +1,142 @@
+"""The teacher side of ``data synth``: an OpenAI-compatible client with a request and token
+budget and its own retries, and the append-only JSON-lines logs a resumable run keeps.
+
+Every HTTP request, retries included, is counted against the budget, so the client is the
+official ``openai`` client with ``max_retries=0`` and the back-off done here: 429 / 5xx /
+connection errors wait ``backoff_s * 2**attempt`` (half to full, seeded jitter; at least the
+server's ``Retry-After``), up to ``max_backoff_s``; other errors (400, 401, 404) stop the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TeacherError(ValueError):
+    """The teacher refused a request (not retryable): one line for the user."""
+
+
+# --------------------------------------------------------------------------- teacher client
+
+class BudgetExhausted(Exception):
+    pass
+
+
+class TeacherFailed(Exception):
+    pass
+
+
+@dataclass
+class Teacher:
+    """The official ``openai`` client with our own retries (so every request is counted against
+    the budget): 429 / 5xx / connection errors back off exponentially with jitter, honouring a
+    ``Retry-After`` header; other errors stop the run."""
+    url: str
+    model: str
+    api_key: str
+    retries: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    timeout_s: float = 300.0
+    max_requests: int | None = None
+    max_total_tokens: int | None = None
+    send_seed: bool = True  # OpenAI's ``seed``; dropped when the server refuses it
+    requests: int = 0
+    tokens: int = 0
+    retried: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        from openai import OpenAI
+        self.client = OpenAI(base_url=self.url, api_key=self.api_key, max_retries=0,
+                             timeout=self.timeout_s)
+
+    def _take_request(self) -> None:
+        with self._lock:
+            if self.max_requests is not None and self.requests >= self.max_requests:
+                raise BudgetExhausted(f"request budget reached ({self.max_requests})")
+            if self.max_total_tokens is not None and self.tokens >= self.max_total_tokens:
+                raise BudgetExhausted(f"token budget reached ({self.max_total_tokens})")
+            self.requests += 1
+
+    def ask(self, prompt: str, *, temperature: float, max_tokens: int, seed: int) -> dict:
+        import openai
+        rng = random.Random(seed)
+        attempt = 0
+        while True:
+            self._take_request()
+            try:
+                r = self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}],
+                    temperature=temperature, max_tokens=max_tokens,
+                    **({"seed": seed} if self.send_seed else {}))
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
+                    openai.APITimeoutError) as e:
+                status = getattr(e, "status_code", None) or type(e).__name__
+                with self._lock:
+                    self.retried[str(status)] += 1
+                if attempt == self.retries:
+                    raise TeacherFailed(f"teacher {self.url}: {status} after {attempt + 1} "
+                                        f"attempts: {_short(e)}") from None
+                wait = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + rng.random() / 2)
+                headers = getattr(getattr(e, "response", None), "headers", None) or {}
+                try:
+                    wait = max(wait, float(headers.get("retry-after", 0)))
+                except ValueError:
+                    pass
+                time.sleep(wait)
+                attempt += 1
+                continue
+            except openai.APIStatusError as e:
+                if e.status_code == 400 and self.send_seed and "seed" in _short(e).lower():
+                    self.send_seed = False  # e.g. `shoptune serve`: ask without it from now on
+                    continue
+                raise TeacherError(f"teacher {self.url} refused the request: {e.status_code} "
+                                   f"{_short(e)}") from None
+            usage = r.usage.total_tokens if r.usage else 0
+            with self._lock:
+                self.tokens += usage
+            return {"text": r.choices[0].message.content or "", "usage": usage,
+                    "finish_reason": r.choices[0].finish_reason, "model": r.model,
+                    "attempts": attempt + 1, "seed_sent": self.send_seed}
+
+
+def _short(e: Exception) -> str:
+    msg = getattr(e, "message", None) or str(e)
+    return " ".join(str(msg).split())[:200]
+
+
+# --------------------------------------------------------------------------- append-only logs
+
+def read_log(path: Path) -> list[dict]:
+    """Rows of an append-only JSON-lines log; a torn last line (killed mid-write) is cut off."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    good = raw[:raw.rfind(b"\n") + 1]
+    if len(good) != len(raw):
+        with open(path, "r+b") as fh:
+            fh.truncate(len(good))
+    return [json.loads(x) for x in good.decode("utf-8").splitlines() if x.strip()]
+
+
+class AppendLog:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(path, "a", encoding="utf-8")
+        self.lock = threading.Lock()
+
+    def write(self, row: dict) -> None:
+        with self.lock:
+            self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()

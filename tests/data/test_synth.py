@@ -1,0 +1,294 @@
+"""`data synth` against real loopback OpenAI-compatible servers: a scripted one (FastAPI +
+uvicorn, counting requests) and, once, `shoptune serve` itself."""
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from shoptune.cli import app
+from shoptune.data.loaders import load_records
+from shoptune.data.synth import SynthSpec, check_row, language_of, parse_generated, run_synth, side_paths
+from shoptune.records import Record
+from tests.data.scripted_teacher import ScriptedServer, prompt_of
+
+WORDS = ("anchor bamboo candle denim easel falcon garnet harbor indigo jasmine kettle lantern "
+         "marble nectar oyster pepper quartz ribbon saddle timber umbra velvet walnut xenon yarrow "
+         "zephyr amber basil cobalt dahlia ember fennel ginger hazel iris juniper kelp lilac mango").split()
+EVAL_Q = ("Given the query 'waterproof hiking boots for men with extra wide toe box and ankle "
+          "support', which of the following product best exact it?\n0. Boot A\n1. Boot B\n"
+          "2. Sandal C\n3. Slipper D\nAnswer: ")
+
+
+def question(seed: str, gold: int, hard: bool) -> str:
+    rng = random.Random(seed)
+    name = " ".join(rng.sample(WORDS, 4))
+    opts = "\n".join(f"{i}. {' '.join(rng.sample(WORDS, 5))} {seed}-{i}" for i in range(4))
+    return (f"Given the query '{name}' [g={gold}]{' HARD' if hard else ''}, which of the following "
+            f"product best exact it?\n{opts}\nAnswer: ")
+
+
+def pool_rows():
+    return [{"input_field": question(f"pool{i}", i % 4, hard=i % 2 == 1), "output_field": i % 4,
+             "task_type": "multiple-choice", "metric": "accuracy", "task": "ecguide_qprp"}
+            for i in range(12)]
+
+
+def write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def example(q: str, a) -> str:
+    return f"<example>\n<question>\n{q}\n</question>\n<answer>\n{a}\n</answer>\n</example>"
+
+
+def good_reply(prompt: str) -> str:
+    """A new, valid row in the style of the shown examples (HARD when they all are)."""
+    shown = re.findall(r"<question>\n(.*?)\n</question>", prompt, re.DOTALL)
+    hard = all("HARD" in q for q in shown)
+    h = hashlib.sha256(prompt.encode()).hexdigest()
+    gold = int(h[0], 16) % 4
+    return example(question(f"new{h[:8]}", gold, hard), gold)
+
+
+def student(body):
+    """The student answers from the [g=N] tag, wrongly when the question says HARD."""
+    q = body["prompt"]
+    g = int(re.findall(r"\[g=(\d)\]", q)[-1])
+    return 200, str((g + 1) % 4 if "HARD" in q else g)
+
+
+@pytest.fixture()
+def files(tmp_path):
+    pool = write(tmp_path / "pool.jsonl", pool_rows())
+    evals = write(tmp_path / "eval.jsonl", [{"input_field": EVAL_Q, "output_field": 0,
+                                             "task_type": "multiple-choice", "metric": "accuracy",
+                                             "task": "ecguide_qprp"}])
+    return {"pool": pool, "eval": evals, "dir": tmp_path}
+
+
+def spec_for(files, server, **kw) -> SynthSpec:
+    base = dict(task="ecguide_qprp", pool=[str(files["pool"])], rows=6, shots=2, concurrency=2,
+                decontaminate_against=[str(files["eval"])], dedup_threshold=0.7, backoff_s=0.01,
+                max_tokens=64, seed=0)
+    return SynthSpec(**{**base, **kw})
+
+
+def test_synth_validates_dedups_decontaminates_and_steers(files):
+    pool = pool_rows()
+    script = ["format", "out_of_range", "pool_copy", "near_copy", "eval_copy"]
+    seen: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def reply(body):
+        if "prompt" in body:
+            return student(body)
+        p = prompt_of(body)
+        with lock:  # the first 5 distinct prompts get one defect each, in arrival order
+            kind = seen.setdefault(p, script[len(seen)] if len(seen) < len(script) else "good")
+        if kind == "format":
+            return 200, "Sure! Here is a new question about shoes."
+        if kind == "out_of_range":
+            return 200, example(question("bad", 0, False), 7)
+        if kind == "pool_copy":
+            return 200, example(pool[0]["input_field"].rstrip(), pool[0]["output_field"])
+        if kind == "near_copy":
+            return 200, example(pool[2]["input_field"].replace("best exact", "best match"), 2)
+        if kind == "eval_copy":
+            return 200, example(EVAL_Q.rstrip(), 0)
+        return 200, good_reply(p)
+
+    srv = ScriptedServer(reply)
+    try:
+        spec = spec_for(files, srv, characteristics={"difficulty": {"hard": 1, "easy": 1}},
+                        student={"model": "student", "backend": "openai", "base_url": srv.url})
+        out = files["dir"] / "synth" / "qprp.jsonl"
+        rep = run_synth(spec, out, teacher_url=srv.url, teacher_model="teacher", api_key="k",
+                        quiet=True)
+    finally:
+        srv.stop()
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    rejected = [json.loads(x) for x in side_paths(out)["rejected"].read_text().splitlines()]
+    assert len(kept) == 6 and rep["kept"] == 6
+    assert sorted(r["reason"] for r in rejected) == sorted(
+        ["format", "invalid:output_field", "duplicate-exact", "duplicate-near", "contaminated-exact"])
+    assert next(r for r in rejected if r["reason"] == "invalid:output_field")["detail"].startswith(
+        "option index 7 out of range")
+    assert next(r for r in rejected if r["reason"] == "duplicate-exact")["of"].startswith("pool:")
+    # every request was decided exactly once (no retries, no repeats)
+    chat = srv.chat_requests()
+    assert len(chat) == len(kept) + len(rejected) == rep["requests"]["total"]
+    assert len({r["key"] for r in chat}) == len(chat)
+    # provenance, and the shown examples match the characteristic
+    recs = load_records([str(files["pool"])])
+    hard_ids = {r.id for r in recs if "HARD" in r.input_field}
+    for row in kept:
+        prov = row["extra"]["provenance"]
+        assert prov["teacher_model"] == "teacher" and len(prov["prompt_hash"]) == 24
+        assert isinstance(prov["seed"], int) and len(prov["shown"]) == 2
+        want_hard = prov["characteristic"]["difficulty"] == "hard"
+        assert all((i in hard_ids) == want_hard for i in prov["shown"])
+        assert row["task"] == "synth_ecguide_qprp"
+    # the steering check is measured: the student fails rows made from hard examples only
+    steer = rep["steering"]["difficulty"]
+    assert steer["hard"]["student_score"] == 0.0 and steer["easy"]["student_score"] == 1.0
+    assert sum(rep["option_positions"].values()) == 6
+    # the rows load, and flow into a mixture like any task's
+    from shoptune.train.mixture import MixtureConfig, build_mixture
+    assert {r.task for r in load_records([str(out)])} == {"synth_ecguide_qprp"}
+    mixed, manifest = build_mixture(MixtureConfig(sources=[str(out)], split="train",
+                                                  split_test=0.0, split_validation=0.0))
+    assert manifest["tasks"] == {"synth_ecguide_qprp": 6}
+
+
+def test_budget_stops_the_run_and_the_cli_says_so(files):
+    srv = ScriptedServer(lambda body: (200, good_reply(prompt_of(body))))
+    spec_path = files["dir"] / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_for(files, srv, rows=10, max_requests=3).model_dump()))
+    out = files["dir"] / "b.jsonl"
+    try:
+        res = CliRunner().invoke(app, ["data", "synth", str(spec_path), "--out", str(out),
+                                       "--teacher-url", srv.url, "--teacher-model", "t", "--quiet"])
+    finally:
+        srv.stop()
+    assert res.exit_code == 0, res.output
+    assert len(srv.chat_requests()) == 3
+    assert "request budget reached (3)" in res.output and "kept 3 of 10" in res.output
+    rep = json.loads(side_paths(out)["report"].read_text())
+    assert rep["stopped"] == "request budget reached (3)" and rep["requests"]["total"] == 3
+
+
+def test_429_and_500_back_off_then_succeed(files):
+    statuses = iter([(429, {"retry_after": 0.3}), (429, {"retry_after": 0.3}), (500, {})])
+
+    def reply(body):
+        nxt = next(statuses, None)
+        return nxt if nxt else (200, good_reply(prompt_of(body)))
+
+    srv = ScriptedServer(reply)
+    try:
+        rep = run_synth(spec_for(files, srv, rows=2, concurrency=1, decontaminate_against=[]),
+                        files["dir"] / "r.jsonl", teacher_url=srv.url, teacher_model="t",
+                        api_key="k", quiet=True)
+    finally:
+        srv.stop()
+    chat = srv.chat_requests()
+    assert [r["status"] for r in chat] == [429, 429, 500, 200, 200]
+    assert chat[1]["t"] - chat[0]["t"] >= 0.3 and chat[2]["t"] - chat[1]["t"] >= 0.3  # Retry-After
+    assert len({r["key"] for r in chat[:4]}) == 1  # the same request, retried
+    assert rep["kept"] == 2 and rep["requests"]["retried_by_status"] == {"429": 2, "500": 1}
+    assert rep["requests"]["total"] == 5
+
+
+def test_killed_run_resumes_without_asking_again(files):
+    answered = []
+    lock = threading.Lock()
+    srv = None
+
+    def reply(body):
+        with lock:
+            answered.append(prompt_of(body))
+            if len(answered) == 3:
+                srv.gate.clear()  # hold every later request: the run is killed while they wait
+        return 200, good_reply(prompt_of(body))
+
+    srv = ScriptedServer(reply)
+    spec_path = files["dir"] / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_for(files, srv, rows=8).model_dump()))
+    out = files["dir"] / "k.jsonl"
+    cmd = [sys.executable, "-m", "shoptune.cli", "data", "synth", str(spec_path), "--out", str(out),
+           "--teacher-url", srv.url, "--teacher-model", "t", "--quiet"]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cache = side_paths(out)["cache"]
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            lines = cache.read_text().splitlines() if cache.exists() else []
+            if len(lines) >= 3 and srv.held >= 1:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first_keys = {json.loads(x)["key"] for x in cache.read_text().splitlines()}
+        assert len(first_keys) == 3 and len(out.read_text().splitlines()) == 3
+        held = srv.held  # requests of the killed run that never got an answer to it
+        srv.gate.set()
+        while len(srv.chat_requests()) < 3 + held:
+            time.sleep(0.01)
+        answered_before_kill = {r["key"] for r in srv.chat_requests()[:3]}
+        n_first = len(srv.chat_requests())
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        second = srv.chat_requests()[n_first:]
+        # nothing answered before the kill is asked again; the rest is asked once each
+        assert not answered_before_kill & {r["key"] for r in second}
+        assert len(second) == 8 - 3 and len({r["key"] for r in second}) == 5
+        cache_rows = [json.loads(x) for x in cache.read_text().splitlines()]
+        assert len(cache_rows) == 8 and len({c["key"] for c in cache_rows}) == 8
+        kept = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(kept) == 8 and len({r["extra"]["provenance"]["job"] for r in kept}) == 8
+        # a third run has nothing left to do
+        n = len(srv.chat_requests())
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and len(srv.chat_requests()) == n
+    finally:
+        srv.stop()
+
+
+def test_row_checks_follow_the_task_type():
+    def rec(tt, metric, q, gold):
+        return Record(input_field=q, output_field=gold, task_type=tt, metric=metric, task="t",
+                      capability="concept_understanding", source="x")
+
+    from shoptune.data.synth import SynthReject
+    ranking_q = "Rank.\n" + "\n".join(f"{i}. p{i}" for i in range(1, 6)) + "\nOutput: "
+    check_row(rec("ranking", "ndcg", ranking_q, [1, 0.1, 0, 0.01, 0]))
+    for bad, reason in [([1, 1, 1, 1, 1], "parser:gold"), ([1, 0, 0], "parser:candidates")]:
+        with pytest.raises(SynthReject) as e:
+            check_row(rec("ranking", "ndcg", ranking_q, bad))
+        assert e.value.reason == reason
+    ner_q = "Find brands: I love Nike shoes and Adidas socks"
+    check_row(rec("named_entity_recognition", "micro f1", ner_q, ["Nike", "Adidas"]))
+    with pytest.raises(SynthReject, match="entities not in the text"):
+        check_row(rec("named_entity_recognition", "micro f1", ner_q, ["Puma"]))
+    with pytest.raises(SynthReject, match="not listed candidates"):
+        check_row(rec("retrieval", "hit rate@3", "Pick.\n1. a\n2. b\n3. c\n", [2, 9]))
+    with pytest.raises(SynthReject, match="numbered 0..n-1"):
+        check_row(rec("multiple-choice", "accuracy", "Q\n0. a\n2. b\n", 0))
+    with pytest.raises(SynthReject):
+        parse_generated("<question>\nQ\n</question>")
+    assert language_of("Welche Farbe hat die Jacke und ist sie nicht zu groß") == "de"
+    assert language_of("このジャケットは何色ですか") == "ja"
+
+
+@pytest.mark.slow
+def test_shoptune_serve_as_the_teacher(files, tmp_path):
+    from shoptune.serve.testing import ServerProcess
+    s = ServerProcess(["--model", "smollm2-135m", "--max-new-tokens", "64"], tmp_path / "serve.log")
+    try:
+        rep = run_synth(spec_for(files, s, rows=2, max_requests=3, concurrency=1, max_tokens=48,
+                                 temperature=0.7), tmp_path / "s.jsonl", teacher_url=s.url + "/v1",
+                        teacher_model="smollm2-135m", api_key="EMPTY", quiet=True)
+    finally:
+        s.stop()
+    # one request was refused for its OpenAI `seed` (shoptune serve has none); then every
+    # request gave one decided row
+    assert rep["teacher"]["seed_sent"] is False
+    assert rep["requests"]["total"] - 1 == rep["kept"] + rep["rejected"] == 2
+    assert rep["tokens"] > 0 and rep["teacher"]["model"] == "smollm2-135m"
+    rejected = side_paths(tmp_path / "s.jsonl")["rejected"]
+    for row in map(json.loads, rejected.read_text().splitlines() if rejected.exists() else []):
+        assert row["reason"] and row["text"] is not None

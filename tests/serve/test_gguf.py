@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from shoptune.serve.gguf import ExportError, export_gguf, llama_cpp_dir, llama_server_path
-from shoptune.serve.testing import free_port, make_tiny_lora, make_tiny_model
+from shoptune.serve.testing import LlamaServerProcess, make_tiny_lora, make_tiny_model
 
 
 def _have_source() -> bool:
@@ -90,35 +89,6 @@ def test_export_refuses_bad_input_with_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- real llama-server
 
-class LlamaServer:
-    def __init__(self, model: Path, loras: list[Path], log: Path, *, slots: int = 4):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(llama_server_path()), "-m", str(model), "--port", str(self.port), "--host", "127.0.0.1",
-               "-np", str(slots), "-c", str(2048 * slots), "-t", "2", "--lora-init-without-apply"]
-        if loras:
-            cmd += ["--lora", ",".join(map(str, loras))]
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(log.read_text()[-3000:])
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """smollm2-135m and two random adapters exported to bf16 GGUF, served by llama-server."""
@@ -128,8 +98,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     ads = make_adapters(root / "adapters", names=("alpha", "beta"))
     m = export_gguf("smollm2-135m", [f"{n}={p}" for n, p in ads.items()], root / "out")
-    srv = LlamaServer(root / "out" / m["base"], [root / "out" / f for f in m["adapters"].values()],
-                      root / "llama-server.log")
+    srv = LlamaServerProcess(root / "out" / m["base"], [root / "out" / f for f in m["adapters"].values()],
+                             root / "llama-server.log", slots=4)
     yield srv, ads
     srv.stop()
 

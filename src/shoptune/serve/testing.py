@@ -165,3 +165,48 @@ def greedy_reference(pm, tok, adapter: str | None, prompt: str, n: int) -> str:
             pm.set_adapter(adapter)
             out = pm.generate(**ids, max_new_tokens=n, do_sample=False)
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class LlamaServerProcess:
+    """llama.cpp's ``llama-server`` (``shoptune.serve.gguf.llama_server_path()``) on a free
+    loopback port with LoRA adapters loaded at scale 0 (chosen per request); waits for /health."""
+
+    def __init__(self, model: Path, loras: list[Path], log: Path, *, slots: int = 16,
+                 ctx_per_slot: int = 2048, threads: int = 2, startup_timeout: float = 120.0):
+        import httpx
+
+        from shoptune.serve.gguf import llama_server_path
+        binary = llama_server_path()
+        if binary is None:
+            raise RuntimeError("no llama-server binary: run `make llama-server` or set SHOPTUNE_LLAMA_SERVER")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+               "-np", str(slots), "-c", str(ctx_per_slot * slots), "-t", str(threads)]
+        if loras:
+            cmd += ["--lora", ",".join(map(str, loras)), "--lora-init-without-apply"]
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"llama-server did not come up:\n{log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

@@ -1,0 +1,114 @@
+"""Do the task endpoint's answers through llama.cpp equal the built-in engine's? (#12)
+
+    flock /tmp/shoptune-heavy.lock .venv/bin/python benchmarks/engine_agreement.py \
+        [--adapter DIR] [--limit N] [--outtype bf16]
+
+Every ShopBench development question is answered twice with the same constrained decoding:
+(a) in-process, as `shoptune eval` and the built-in engine's task endpoint do (LocalBackend,
+greedy, transformers), and (b) through `shoptune serve --upstream` -> llama.cpp `llama-server`
+on the same weights exported by `shoptune export gguf` (the eval openai backend, which sends each
+question to the gateway's task endpoint). Reports the share of equal answers (target >= 95%),
+both all-around scores, and for every difference the logit gap at the first point the two
+answers part, measured with the in-process model (a near tie is a small gap: bf16 rounding in
+llama.cpp can flip it). Writes docs/results/engine_agreement.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from shoptune._io import write_json
+from shoptune.data.loaders import load_records
+from shoptune.eval.backends import (LocalBackend, OpenAIBackend, _choice_token_ids, build_prompts,
+                                    plan_for)
+from shoptune.eval.scoring import score_outputs, summarize
+from shoptune.models import load
+from shoptune.serve.gguf import export_gguf, llama_server_path
+from shoptune.serve.testing import LlamaServerProcess, ServerProcess
+
+DEV = Path("data/shopbench-dev/development.json")
+
+
+@torch.inference_mode()
+def gap(model, tok, prompt: str, plan, ours: str, theirs: str) -> dict:
+    """Logit of our choice minus theirs where the answers part (>= 0 for a greedy decision)."""
+    ids = tok.encode(prompt, add_special_tokens=False)
+    if plan.kind == "choice":
+        logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        score = {c: max(logits[t].item() for t in _choice_token_ids(tok, c)) for c in plan.choices}
+        return {"where": "option", "gap": round(score[ours] - score.get(theirs, float("-inf")), 4)}
+    common = 0
+    while common < min(len(ours), len(theirs)) and ours[common] == theirs[common]:
+        common += 1
+    prefix = ids + tok.encode(ours[:common], add_special_tokens=False) if common else ids
+    logits = model(torch.tensor([prefix]), logits_to_keep=1).logits[0, -1].float()
+    a = tok.encode(ours[common:], add_special_tokens=False)[:1] or [tok.eos_token_id]
+    b = tok.encode(theirs[common:], add_special_tokens=False)[:1] or [tok.eos_token_id]
+    return {"where": f"character {common}", "gap": round(logits[a[0]].item() - logits[b[0]].item(), 4),
+            "tokens": [tok.decode(a), tok.decode(b)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--adapter", type=Path, help="a trained PEFT adapter (default: the base model)")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--outtype", default="bf16")
+    ap.add_argument("--out", default="docs/results/engine_agreement.json")
+    a = ap.parse_args()
+    if llama_server_path() is None:
+        sys.exit("no llama-server: run `flock /tmp/shoptune-heavy.lock make llama-server` first")
+    records = load_records([str(DEV)])[:a.limit]
+    prompts = build_prompts(records, "starter-kit")
+    plans = [plan_for(r) for r in records]
+
+    model, tok = load("smollm2-135m", adapter=a.adapter)  # unmerged, as the built-in engine serves it
+    t0 = time.time()
+    local = LocalBackend(model, tok).run(prompts, plans)
+    local_s = time.time() - t0
+
+    tmp = Path(tempfile.mkdtemp(prefix="engine_agreement-"))
+    m = export_gguf("smollm2-135m", [f"tuned={a.adapter}"] if a.adapter else [], tmp / "gguf",
+                    outtype=a.outtype)
+    ls = LlamaServerProcess(tmp / "gguf" / m["base"], [tmp / "gguf" / f for f in m["adapters"].values()],
+                            tmp / "llama.log", slots=8)
+    try:
+        gw = ServerProcess(["--upstream", ls.url], tmp / "gateway.log")
+        try:
+            backend = OpenAIBackend("tuned" if a.adapter else "smollm2-135m", base_url=gw.url + "/v1",
+                                    concurrency=8, protocol="starter-kit")
+            t0 = time.time()
+            remote = backend.run(prompts, plans, records=records)
+            remote_s = time.time() - t0
+            assert backend.tasks_used == len(records), "some questions did not go to the task endpoint"
+        finally:
+            gw.stop()
+    finally:
+        ls.stop()
+
+    diffs = []
+    for i, (x, y) in enumerate(zip(local, remote)):
+        if x != y:
+            diffs.append({"task": records[i].task, "task_type": records[i].task_type, "builtin": x,
+                          "llama_cpp": y, **gap(model, tok, prompts[i], plans[i], x, y)})
+    s_local = summarize(score_outputs(records, local), n_boot=200)
+    s_remote = summarize(score_outputs(records, remote), n_boot=200)
+    res = {"command": " ".join(sys.argv), "questions": len(records), "adapter": str(a.adapter),
+           "outtype": a.outtype, "equal": len(records) - len(diffs),
+           "agreement": round(1 - len(diffs) / len(records), 4),
+           "all_around": {"builtin": s_local["overall"], "llama_cpp_via_gateway": s_remote["overall"]},
+           "seconds": {"builtin_local": round(local_s, 1), "gateway_llama_cpp": round(remote_s, 1)},
+           "largest_gap": max((abs(d["gap"]) for d in diffs), default=0.0), "differences": diffs}
+    write_json(Path(a.out), res)
+    print(json.dumps({k: v for k, v in res.items() if k != "differences"}, indent=1))
+    for d in diffs:
+        print(d)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ from shoptune.serve.testing import free_port
 
 class FakeUpstream:
     def __init__(self, kind: str, tok, *, loras=("alpha", "beta"), api_key: str | None = None,
-                 token_delay: float = 0.0):
+                 token_delay: float = 0.0, port: int | None = None):
         self.kind, self.tok, self.api_key, self.token_delay = kind, tok, api_key, token_delay
         self.requests: list[dict] = []
         self.loras = list(loras)  # vLLM: names; llama.cpp: adapter files <name>.gguf with ids
@@ -35,7 +35,7 @@ class FakeUpstream:
         self.script: dict[int, str] = {}
         self.closed_early = 0  # streams the client closed before the end
         self.healthy = True
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = self._build()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
@@ -186,3 +186,33 @@ class FakeUpstream:
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         return app
+
+
+def main(argv=None) -> None:
+    """A stand-in ``llama-server`` binary (tests of `serve --engine llama.cpp`): takes its flags
+    (-m, --lora, --port), checks the files exist, serves FakeUpstream("llama.cpp") until killed.
+    Writes its pid to $FAKE_LLAMA_PID_FILE."""
+    import argparse
+    import os
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-m", required=True)
+    ap.add_argument("--lora", default="")
+    ap.add_argument("--port", type=int, required=True)
+    a, _ = ap.parse_known_args(argv)
+    files = [a.m] + [x for x in a.lora.split(",") if x]
+    for f in files:
+        if not Path(f).is_file():
+            raise SystemExit(f"error: failed to load {f}")
+    if os.environ.get("FAKE_LLAMA_PID_FILE"):
+        Path(os.environ["FAKE_LLAMA_PID_FILE"]).write_text(str(os.getpid()))
+    tok = AutoTokenizer.from_pretrained(os.environ["FAKE_LLAMA_TOKENIZER"])
+    up = FakeUpstream("llama.cpp", tok, loras=[Path(x).name.removesuffix(".gguf") for x in files[1:]],
+                      port=a.port)
+    up.server.run()
+
+
+if __name__ == "__main__":
+    main()

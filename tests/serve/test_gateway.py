@@ -368,3 +368,62 @@ def test_cli_gateway_and_eval_backend_openai(llama, tmp_path):
 def srv_tok():
     from shoptune.models import load_tokenizer
     return load_tokenizer("smollm2-135m")
+
+
+# ----------------------------------------------------------------------------- --engine llama.cpp
+
+def test_engine_llama_cpp_exports_starts_restarts_and_stops_llama_server(tmp_path, monkeypatch):
+    """`shoptune serve --engine llama.cpp`: export (cached), start llama-server, restart it when it
+    dies, stop it on SIGTERM. llama-server is the fake (a real one is tested in test_gguf.py)."""
+    import os
+    import signal
+
+    from shoptune.serve.gguf import ExportError, llama_cpp_dir
+    from shoptune.serve.testing import ServerProcess, make_tiny_lora, make_tiny_model
+    try:
+        src = llama_cpp_dir(fetch=False)
+    except ExportError as e:
+        pytest.skip(str(e))
+    base = make_tiny_model(tmp_path / "tiny")
+    ad = make_tiny_lora(base, tmp_path / "shop", seed=1)
+    fake = tmp_path / "llama-server"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -m tests.serve.fake_upstream \"$@\"\n")
+    fake.chmod(0o755)
+    pid_file = tmp_path / "pid"
+    for k, v in {"SHOPTUNE_LLAMA_SERVER": str(fake), "SHOPTUNE_LLAMA_CPP_DIR": str(src),
+                 "SHOPTUNE_CACHE_DIR": str(tmp_path / "cache"), "FAKE_LLAMA_PID_FILE": str(pid_file),
+                 "FAKE_LLAMA_TOKENIZER": str(base)}.items():
+        monkeypatch.setenv(k, v)
+    args = ["--engine", "llama.cpp", "--model", str(base), "--adapter", f"shop={ad}", "--api-key", KEY]
+    gw = ServerProcess(args, tmp_path / "gw.log", startup_timeout=180)
+    try:
+        http = httpx.Client(base_url=gw.url, headers=AUTH, timeout=30)
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [str(base), "shop"]
+        r = http.post("/v1/completions", json={"model": "shop", "prompt": "x", "max_tokens": 2})
+        assert r.json()["choices"][0]["text"] == " shop shop"
+        first = int(pid_file.read_text())
+        os.kill(first, signal.SIGKILL)  # llama-server crashes ...
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ... and comes back on the same port
+            if pid_file.read_text() != str(first):
+                r = http.post("/v1/completions", json={"model": "shop", "prompt": "x", "max_tokens": 1})
+                if r.status_code == 200:
+                    break
+            time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == " shop"
+        second = int(pid_file.read_text())
+        assert second != first
+    finally:
+        gw.stop()
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # SIGTERM to shoptune stopped its llama-server
+        os.kill(second, 0)
+    text = (tmp_path / "gw.log").read_text()
+    assert "restarting" in text and "Traceback" not in text
+    exports = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(exports) == 1 and (exports[0] / "shop.gguf").is_file()
+    # a second start reuses the export
+    stamp = (exports[0] / "manifest.json").stat().st_mtime_ns
+    gw = ServerProcess(args, tmp_path / "gw2.log", startup_timeout=180)
+    gw.stop()
+    assert (exports[0] / "manifest.json").stat().st_mtime_ns == stamp

@@ -86,6 +86,9 @@ def register(app: typer.Typer) -> None:
         request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 300.0,
         protocol: Annotated[str, typer.Option(help="Task prompt protocol (as `shoptune eval`).")] = "starter-kit",
         threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+        engine_kind: Annotated[str, typer.Option("--engine", help=(
+            "builtin (in-process, no build) | llama.cpp (export to GGUF, start and supervise "
+            "llama-server, serve through the gateway; needs `make llama-server`)."))] = "builtin",
         upstream: Annotated[Optional[str], typer.Option(
             help="Gateway mode: decode on this OpenAI-compatible engine (vLLM, llama.cpp "
                  "llama-server, ...) instead of in-process; --model names its base model "
@@ -130,6 +133,27 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        supervisor = None
+        if engine_kind not in ("builtin", "llama.cpp"):
+            fail(f"--engine {engine_kind!r}: builtin or llama.cpp")
+        if engine_kind == "llama.cpp":
+            if upstream is not None or merge:
+                fail("--engine llama.cpp starts its own upstream: no --upstream / --merge with it")
+            from shoptune.serve.gguf import ExportError
+            from shoptune.serve.supervise import LlamaServerSupervisor, export_cached
+            try:
+                for name, folder in adapters.items():
+                    check_adapter_dir(Path(folder))
+                with console.status("exporting to GGUF") as st:
+                    folder, manifest = export_cached(model, adapters, status=lambda m: st.update(m))
+                supervisor = LlamaServerSupervisor(folder, manifest, slots=max_batch_size, threads=threads)
+                with console.status("starting llama-server"):
+                    upstream = supervisor.start()
+            except (ExportError, EngineError, ModelNotFoundError, FileNotFoundError) as e:
+                if supervisor is not None:
+                    supervisor.stop()
+                fail(str(getattr(e, "message", e)))
+            adapters, upstream_kind = {}, "llama.cpp"  # (served under their names: NAME.gguf)
         if upstream is not None:
             if merge:
                 fail("--merge serves an in-process model; with --upstream the engine holds the weights")
@@ -149,7 +173,11 @@ def register(app: typer.Typer) -> None:
                                         max_concurrency=upstream_concurrency, max_queue=max_queue,
                                         timeout=request_timeout, upstream_model=upstream_model)
             except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError, OSError) as e:
+                if supervisor is not None:
+                    supervisor.stop()
                 fail(str(getattr(e, "message", e)))
+            if supervisor is not None:  # (uvicorn re-raises SIGTERM after shutdown: stop it in the lifespan)
+                engine.on_close.append(supervisor.stop)
             console.print(f"gateway to {engine.kind} at {upstream} (upstream model {engine.upstream_model})")
         else:
             try:
@@ -179,5 +207,9 @@ def register(app: typer.Typer) -> None:
                                  task_adapters=_pairs(task_adapter, "--task-adapter", fail))
         console.print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1"
                       f"{' (API key required)' if keys else ''}")
-        uvicorn.run(build_app(engine, settings), host=host, port=port, log_level=log_level,
-                    timeout_graceful_shutdown=int(request_timeout))
+        try:
+            uvicorn.run(build_app(engine, settings), host=host, port=port, log_level=log_level,
+                        timeout_graceful_shutdown=int(request_timeout))
+        finally:
+            if supervisor is not None:
+                supervisor.stop()

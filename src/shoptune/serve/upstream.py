@@ -205,6 +205,7 @@ class UpstreamEngine:
         self.upstream_error: str | None = None  # the last health check's failure
         self.all_lora_ids: list[int] = []
         self._hidden: dict[str, _Adapter] = {}  # llama.cpp adapters unloaded from the gateway (still held)
+        self.on_close: list = []  # called (in a thread) at shutdown, e.g. stopping a supervised upstream
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self.kind, self.upstream_model = self._discover(kind, upstream_model)
@@ -590,6 +591,8 @@ class UpstreamEngine:
             self._poller.cancel()
         if self._client is not None:
             await self._client.aclose()
+        for close in self.on_close:
+            await asyncio.to_thread(close)
 
     @property
     def stopping(self) -> bool:

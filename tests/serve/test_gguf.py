@@ -154,7 +154,9 @@ def test_gateway_in_front_of_real_llama_server(served, tmp_path):
     import openai
 
     from shoptune.serve.testing import ServerProcess
+    from shoptune.models import load_tokenizer
     srv, _ = served
+    tok = load_tokenizer("smollm2-135m")
     gw = ServerProcess(["--upstream", srv.url], tmp_path / "gw.log", startup_timeout=120)
     try:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -164,7 +166,7 @@ def test_gateway_in_front_of_real_llama_server(served, tmp_path):
             r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
             outs[model] = r.choices[0].text
             direct = httpx.post(srv.url + "/v1/completions", timeout=60, json={
-                "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0,
+                "prompt": tok.encode(PROMPTS[0]), "max_tokens": 8, "temperature": 0,
                 "lora": [{"id": i, "scale": 1.0 if model == n else 0.0}
                          for i, n in enumerate(("alpha", "beta"))]}).json()
             assert r.choices[0].text == direct["choices"][0]["text"], model

@@ -358,6 +358,7 @@ def test_cli_gateway_and_eval_backend_openai(llama, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         preds = [_json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
         assert [p["model_output"] for p in preds] == ["1", "1"]
+        assert _json.loads((out / "scores.json").read_text())["task_endpoint_questions"] == 2
         sent = [x for x in completions(llama)]
         assert len(sent) == 2 and all(s["max_tokens"] == 1 and s["logit_bias"] for s in sent)
     finally:

@@ -151,6 +151,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         "model": model, "adapter": adapter, "adapter_merged": bool((adapter or task_adapters) and merge and backend == "local"),
         "task_adapters": dict(sorted(task_adapters.items())) if task_adapters else None,
         "backend": backend, "base_url": base_url,
+        # questions a shoptune server answered at its task endpoint (its constrained decoding)
+        "task_endpoint_questions": getattr(runner, "tasks_used", None),
         "protocol": protocol, "dtype": dtype_used, "batch_size": batch_size,
         "data": [{"path": str(resolve_data_path(d)), "sha256_16": _file_hash(resolve_data_path(d))}
                  for d in data],

@@ -286,9 +286,19 @@ def test_shoptune_serve_as_the_teacher(files, tmp_path):
         s.stop()
     # one request was refused for its OpenAI `seed` (shoptune serve has none); then every
     # request gave one decided row
-    assert rep["teacher"]["seed_sent"] is False
+    assert rep["teacher"]["seed_sent"] is False and rep["requests"]["retried_by_status"] == {"400-seed": 1}
     assert rep["requests"]["total"] - 1 == rep["kept"] + rep["rejected"] == 2
     assert rep["tokens"] > 0 and rep["teacher"]["model"] == "smollm2-135m"
     rejected = side_paths(tmp_path / "s.jsonl")["rejected"]
     for row in map(json.loads, rejected.read_text().splitlines() if rejected.exists() else []):
         assert row["reason"] and row["text"] is not None
+
+
+def test_every_shipped_synth_spec_loads():
+    from tests.conftest import REPO
+    specs = sorted((REPO / "configs" / "synth").glob("*.yaml"))
+    assert specs
+    for p in specs:
+        spec = SynthSpec.from_yaml(p)
+        from shoptune.tasks import get_card
+        get_card(spec.task)

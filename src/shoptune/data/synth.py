@@ -88,6 +88,8 @@ class SynthSpec(BaseModel):
     pool: list[str] = Field(min_length=1)  # files/folders of real examples
     pool_tasks: list[str] = []  # default: rows of ``task`` (all rows when the pool has none)
     pool_split: Literal["train", "validation", "test"] | None = None
+    pool_split_test: float = 0.05  # the deterministic split's settings (as mixtures and suites)
+    pool_split_validation: float = 0.02
     pool_limit: int | None = Field(default=None, ge=1)
     rows: int = Field(ge=1)
     shots: int = Field(default=3, ge=1, le=16)
@@ -279,7 +281,8 @@ def load_pool(spec: SynthSpec) -> list[Record]:
     from shoptune.data.splits import split_of
 
     rows = [r for r in iter_records(spec.pool, issues=[])
-            if spec.pool_split is None or split_of(r) == spec.pool_split]
+            if spec.pool_split is None or split_of(r, test=spec.pool_split_test,
+                                                   validation=spec.pool_split_validation) == spec.pool_split]
     tasks = spec.pool_tasks or ([spec.task] if any(r.task == spec.task for r in rows) else [])
     if tasks:
         rows = [r for r in rows if r.task in tasks]

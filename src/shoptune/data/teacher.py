@@ -71,11 +71,12 @@ class Teacher:
         attempt = 0
         while True:
             self._take_request()
+            sent_seed = self.send_seed
             try:
                 r = self.client.chat.completions.create(
                     model=self.model, messages=[{"role": "user", "content": prompt}],
                     temperature=temperature, max_tokens=max_tokens,
-                    **({"seed": seed} if self.send_seed else {}))
+                    **({"seed": seed} if sent_seed else {}))
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
                     openai.APITimeoutError) as e:
                 status = getattr(e, "status_code", None) or type(e).__name__
@@ -94,8 +95,10 @@ class Teacher:
                 attempt += 1
                 continue
             except openai.APIStatusError as e:
-                if e.status_code == 400 and self.send_seed and "seed" in _short(e).lower():
+                if e.status_code == 400 and sent_seed and "seed" in _short(e).lower():
                     self.send_seed = False  # e.g. `shoptune serve`: ask without it from now on
+                    with self._lock:
+                        self.retried["400-seed"] += 1
                     continue
                 raise TeacherError(f"teacher {self.url} refused the request: {e.status_code} "
                                    f"{_short(e)}") from None

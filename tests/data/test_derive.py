@@ -192,3 +192,18 @@ def test_derive_ranking_on_ec_guide_says_how_many_questions(tmp_path):
     assert rep["supported"]["max_0_fillers"] == 1 and rep["supported"]["max_3_fillers"] == 402
     assert len(out.read_text().splitlines()) == rep["questions"] == 402
     assert "support 1 question(s) with all 5 candidates" in " ".join(res.output.split())
+
+
+def test_derived_rows_flow_through_a_suite_and_a_mixture(judged, tmp_path):
+    from shoptune.eval.suite import build_suite
+    from shoptune.train.mixture import MixtureConfig, build_mixture
+
+    rows, _ = derive_ranking(judged, fill=3)
+    data = tmp_path / "rank.jsonl"
+    data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: s\nparts:\n  - name: derived\n    sources: [{data}]\n")
+    recs, manifest = build_suite(suite)
+    assert [r.task for r in recs] == ["derived_qpr_ranking"] * 2 and manifest["n_questions"] == 2
+    mixed, man = build_mixture(MixtureConfig(sources=[str(data)], split_test=0.0, split_validation=0.0))
+    assert man["tasks"] == {"derived_qpr_ranking": 2} and man["task_types"] == {"ranking": 2}

@@ -1,7 +1,9 @@
 """A per-task cell (arXiv 2411.03644's single-task arm): one adapter per task of the cell's
 mixture, the budget split by each task's share, and each suite question answered by its task's
-adapter — the rest by the base model."""
+adapter — the rest by the base model. Training runs under a launcher (the GPU path's
+`accelerate launch`), here a recording wrapper around this interpreter."""
 import json
+import sys
 
 import pytest
 import yaml
@@ -26,7 +28,13 @@ def test_per_task_cell_trains_one_adapter_per_task_and_routes_questions(tmp_path
     spec = tmp_path / "pertask.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     out, res = tmp_path / "out", tmp_path / "res"
-    exp = plan(spec, out, res)
+    # training under a launcher (as `accelerate launch ...` on a GPU machine): a wrapper that
+    # records its arguments, then runs them with this interpreter
+    calls = tmp_path / "launched.txt"
+    launcher = tmp_path / "launch.sh"
+    launcher.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {sys.executable} "$@"\n')
+    launcher.chmod(0o755)
+    exp = plan(spec, out, res, launcher=str(launcher))
     one, per = exp["runs"]
     assert "per_task" not in one and one["max_steps"] == 6
     assert per["key"] != one["key"]  # same config, but a different kind of run
@@ -43,6 +51,8 @@ def test_per_task_cell_trains_one_adapter_per_task_and_routes_questions(tmp_path
         assert run["mixture"]["tasks"] == {t: rows[t]}
         assert run["metrics"]["steps"] == per["per_task"][t]["max_steps"]
         assert (train / t / "adapter" / "adapter_model.safetensors").exists()
+    launched = calls.read_text().splitlines()
+    assert len(launched) == len(TASKS) and all(c.startswith("-m shoptune.train.recipe ") for c in launched)
     assert result["train"]["steps"] == sum(i["max_steps"] for i in per["per_task"].values())
     assert set(result["train"]["per_task"]) == set(TASKS)
     scores = json.loads((out / "cells" / per["id"] / "eval" / "scores.json").read_text())

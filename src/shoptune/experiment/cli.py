@@ -21,6 +21,10 @@ def register(app: typer.Typer) -> None:
                     help="Small result files (commit these), e.g. docs/results/experiments/NAME; "
                          "default: OUT.")] = None,
                 workers: Annotated[int, typer.Option(min=1, help="Runs side by side.")] = 1,
+                launcher: Annotated[Optional[str], typer.Option(
+                    help="Start each run's training under this command prefix, e.g. \"accelerate "
+                         "launch --config_file configs/accelerate/ddp_gpu.yaml\" (GPU machines); "
+                         "default: in the run's process.")] = None,
                 dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done.")] = False,
                 report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True) -> None:
         """Train and score every cell x seed; finished runs are skipped, killed ones resumed."""
@@ -31,13 +35,14 @@ def register(app: typer.Typer) -> None:
 
         try:
             if dry_run:
-                exp = plan(spec, out, results)
+                exp = plan(spec, out, results, launcher=launcher)
                 for r in exp["runs"]:
                     state = "done" if is_done(results or out, r) else "to run"
                     tokens = f", ~{r['planned_tokens']} tokens" if r["planned_tokens"] else ""
                     console.print(f"{r['id']}: {r['max_steps']} steps{tokens} [{state}]")
                 return
-            res = run_experiment(spec, out, results=results, workers=workers, console=console)
+            res = run_experiment(spec, out, results=results, workers=workers, console=console,
+                                 launcher=launcher)
         except (FileNotFoundError, ValueError, ValidationError, DataValidationError) as e:
             fail(str(e))
         console.print(f"{res['runs']} runs: {len(res['skipped'])} already done, {len(res['done'])} "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -120,7 +121,8 @@ def _check_split(cfg, suite_cfg) -> None:
                     f"{m.split} with {mine}: the suite's questions could be trained on")
 
 
-def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = None) -> dict:
+def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = None, *,
+         launcher: str | None = None) -> dict:
     """Expand the experiment into runs with their keys and step budgets; write the plan."""
     from shoptune.eval.suite import build_suite, load_suite_config, suite_path
     from shoptune.train.config import load_config
@@ -178,6 +180,7 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
     write_json(results / "experiment.json", exp)
     write_json(results / "suite.json", suite_doc)
     write_json(out / "plan.json", {**exp, "results_dir": str(results.resolve()), "out": str(out.resolve()),
+                                   "launcher": launcher,
                                    "base": str(base.resolve()), "suite_file": str(suite_file.resolve())})
     return exp
 
@@ -217,25 +220,33 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     cfg = load_config(p["base"], [*run["overrides"], f"output_dir={train_dir}"])
     t0 = time.time()
 
-    def train(cfg, train_dir: Path) -> tuple[dict, str | None]:
-        """Train (or resume, or skip when finished) one adapter; its run.json and checkpoint."""
+    def train(overrides: list[str], train_dir: Path) -> tuple[dict, str | None]:
+        """Train (or resume, or skip when finished) one adapter; its run.json and checkpoint.
+        With a launcher (e.g. ``accelerate launch ...``) the recipe runs under it as a child."""
         resumed_from = None
         if not ((train_dir / "run.json").exists() and (train_dir / "adapter").is_dir()):
             ckpts = _complete_checkpoints(train_dir) if train_dir.exists() else []
             resumed_from = ckpts[-1] if ckpts else None
-            train_main(cfg, resume=bool(ckpts) or (train_dir / "stage2").exists())
+            resume = bool(ckpts) or (train_dir / "stage2").exists()
+            if p.get("launcher"):
+                cmd = [*shlex.split(p["launcher"]), "-m", "shoptune.train.recipe", p["base"],
+                       *overrides, *(["--resume"] if resume else [])]
+                print("launching:", shlex.join(cmd), flush=True)
+                subprocess.run(cmd, check=True)
+            else:
+                train_main(load_config(p["base"], overrides), resume=resume)
         return json.loads((train_dir / "run.json").read_text(encoding="utf-8")), resumed_from
 
     if run.get("per_task"):
         per_task = {}
         for t, info in run["per_task"].items():
             tdir = train_dir / t
-            per_task[t] = (*train(load_config(p["base"], _task_overrides(run, t, info, tdir)), tdir), tdir)
+            per_task[t] = (*train(_task_overrides(run, t, info, tdir), tdir), tdir)
         trained = _combine_per_task({t: v[0] for t, v in per_task.items()})
         resumed_from = next((f"{t}/{v[1]}" for t, v in per_task.items() if v[1]), None)
         eval_kw = {"task_adapters": {t: str(v[2] / "adapter") for t, v in per_task.items()}}
     else:
-        trained, resumed_from = train(cfg, train_dir)
+        trained, resumed_from = train([*run["overrides"], f"output_dir={train_dir}"], train_dir)
         eval_kw = {"adapter": str(train_dir / "adapter")}
     train_s = time.time() - t0
     t1 = time.time()
@@ -334,13 +345,15 @@ def _progress_of(out: Path, run: dict) -> str:
 
 
 def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Path | None = None,
-                   workers: int = 1, console=None, poll_s: float = 1.0) -> dict:
-    """Plan, skip finished runs, run the rest ``workers`` at a time; returns a status summary."""
+                   workers: int = 1, console=None, poll_s: float = 1.0, launcher: str | None = None) -> dict:
+    """Plan, skip finished runs, run the rest ``workers`` at a time; returns a status summary.
+    ``launcher``: a command prefix each run's training is started with (``accelerate launch
+    --config_file ...`` on a multi-GPU machine); evaluation stays in the run's own process."""
     from rich.live import Live
     from rich.table import Table
 
     out = Path(out)
-    exp = plan(spec_path, out, results)
+    exp = plan(spec_path, out, results, launcher=launcher)
     results = Path(results) if results else out
     plan_file = out / "plan.json"
     todo = [r for r in exp["runs"] if not is_done(results, r)]

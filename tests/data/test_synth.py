@@ -169,6 +169,26 @@ def test_budget_stops_the_run_and_the_cli_says_so(files):
     assert rep["stopped"] == "request budget reached (3)" and rep["requests"]["total"] == 3
 
 
+def test_teacher_errors_end_with_one_line(files):
+    srv = ScriptedServer(lambda body: (401, {}))
+    spec_path = files["dir"] / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_for(files, srv, rows=2).model_dump()))
+    try:
+        res = CliRunner().invoke(app, ["data", "synth", str(spec_path), "--out",
+                                       str(files["dir"] / "e.jsonl"), "--teacher-url", srv.url, "--quiet"])
+        assert res.exit_code == 1 and "refused the request: 401" in res.output
+        assert "Traceback" not in res.output
+        srv.reply = lambda body: (503, {})  # retried, then the run stops: exit 1, resumable
+        spec_path.write_text(yaml.safe_dump(spec_for(files, srv, rows=2, retries=1).model_dump()))
+        res = CliRunner().invoke(app, ["data", "synth", str(spec_path), "--out",
+                                       str(files["dir"] / "e.jsonl"), "--teacher-url", srv.url, "--quiet"])
+        assert res.exit_code == 1 and "503 after 2 attempts" in " ".join(res.output.split())
+    finally:
+        srv.stop()
+    res = CliRunner().invoke(app, ["data", "synth", str(files["dir"] / "missing.yaml"), "--out", "x.jsonl"])
+    assert res.exit_code == 1 and "cannot read spec" in res.output
+
+
 def test_429_and_500_back_off_then_succeed(files):
     statuses = iter([(429, {"retry_after": 0.3}), (429, {"retry_after": 0.3}), (500, {})])
 

@@ -95,8 +95,6 @@ def register(data_app: typer.Typer) -> None:
             console.print(f"  {reason}: {n}", highlight=False)
         if rep["steering"].get("difficulty"):
             console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
-        if rep["stopped"]:
-            console.print(f"[yellow]stopped[/]: {rep['stopped']} (run the same command to continue)")
         console.print(f"report -> {side_paths(out)['report']}")
         from shoptune.tasks import get_card
         card = get_card(spec.task)
@@ -104,6 +102,11 @@ def register(data_app: typer.Typer) -> None:
                                task_type=card.task_type, metric=card.metric,
                                description=f"Synthesized by a teacher LLM from {card.name} examples.",
                                file=str(out)))
+        if rep["stopped"]:
+            console.print(f"[yellow]stopped[/]: {rep['stopped']} (run the same command to continue)",
+                          highlight=False)
+            if rep["requests"]["failed_jobs"]:  # the teacher kept failing: not a budget stop
+                raise typer.Exit(1)
 
     @derive_app.command("ranking")
     def derive_ranking_cmd(

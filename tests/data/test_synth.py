@@ -322,3 +322,41 @@ def test_every_shipped_synth_spec_loads():
         spec = SynthSpec.from_yaml(p)
         from shoptune.tasks import get_card
         get_card(spec.task)
+
+
+def ranking_reply(body):
+    """A new, valid ranking question in task12's layout (candidates and weights from a hash of
+    the prompt and the request's seed: one pool of 2 questions gives the same prompts often)."""
+    from shoptune.data.derive import RANKING_TEMPLATES
+    h = hashlib.sha256(f"{prompt_of(body)}{body.get('seed')}".encode()).hexdigest()
+    rng = random.Random(h)
+    products = "\n".join(f"{i}. {' '.join(rng.sample(WORDS, 6))} {h[:6]}" for i in range(1, 6))
+    text = RANKING_TEMPLATES[0].replace("{query}", " ".join(rng.sample(WORDS, 3))).replace(
+        "{products}", products)
+    gold = [1, 0.1, 0, 0.01, 0]
+    rng.shuffle(gold)
+    return 200, example(text.rstrip(), json.dumps(gold))
+
+
+def test_derive_ranking_target_synthesizes_what_the_data_lacks(tmp_path):
+    from tests.data.test_derive import judgement_rows
+    data = write(tmp_path / "qpr.jsonl", judgement_rows())
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"task": "derived_qpr_ranking", "output_task": "synth_qpr_ranking",
+                                    "pool": ["x"], "rows": 1, "shots": 2, "concurrency": 2,
+                                    "characteristics": {"language": {"en": 1}}}))
+    srv = ScriptedServer(ranking_reply)
+    out = tmp_path / "d" / "rank.jsonl"
+    try:
+        res = CliRunner().invoke(app, ["data", "derive", "ranking", str(data), "--out", str(out),
+                                       "--target", "5", "--synth-spec", str(spec), "--teacher-url",
+                                       srv.url, "--teacher-model", "t", "--quiet"])
+    finally:
+        srv.stop()
+    assert res.exit_code == 0, res.output
+    assert "the data supports 2 of 5: synthesizing 3" in " ".join(res.output.split())
+    made = load_records([str(tmp_path / "d" / "rank.synth.jsonl")])
+    assert len(made) == 3 and {r.task for r in made} == {"synth_qpr_ranking"}
+    assert all(r.task_type == "ranking" and len(r.output_field) == 5 for r in made)
+    assert len(srv.chat_requests()) == 3
+    assert (tmp_path / "d" / "cards" / "synth_qpr_ranking.yaml").exists()

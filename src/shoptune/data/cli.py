@@ -73,40 +73,10 @@ def register(data_app: typer.Typer) -> None:
             quiet: bool = False) -> None:
         """Ask a teacher LLM for new rows of a task, steered by the examples shown; validate,
         de-duplicate, decontaminate; FILE.rejected.jsonl, FILE.report.json."""
-        from shoptune.data.synth import SynthError, SynthSpec, run_synth, side_paths
-        from shoptune.data.teacher import TeacherError
-
         over = {k: v for k, v in dict(rows=rows, concurrency=concurrency, max_requests=max_requests,
                                       max_total_tokens=max_total_tokens).items() if v is not None}
-        try:
-            spec = SynthSpec.from_yaml(spec_path, over)
-            key = os.environ.get(api_key_env) or "EMPTY"
-            rep = run_synth(spec, out, teacher_url=teacher_url, teacher_model=teacher_model,
-                            api_key=key, quiet=quiet, check_steering=steering_check, console=console)
-        except (SynthError, TeacherError) as e:
-            _fail(str(e))
-        except (FileNotFoundError, KeyError) as e:
-            _fail(str(e).strip("'\""))
-        console.print(f"kept {rep['kept']} of {rep['rows_wanted']} -> {out}; rejected "
-                      f"{rep['rejected']} -> {side_paths(out)['rejected']}; requests "
-                      f"{rep['requests']['total']} ({rep['requests']['this_session']} this run, "
-                      f"{rep['requests']['cache_hits']} answers from the cache), {rep['wall_s']} s")
-        for reason, n in rep["rejected_by_reason"].items():
-            console.print(f"  {reason}: {n}", highlight=False)
-        if rep["steering"].get("difficulty"):
-            console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
-        console.print(f"report -> {side_paths(out)['report']}")
-        from shoptune.tasks import get_card
-        card = get_card(spec.task)
-        _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
-                               task_type=card.task_type, metric=card.metric,
-                               description=f"Synthesized by a teacher LLM from {card.name} examples.",
-                               file=str(out)))
-        if rep["stopped"]:
-            console.print(f"[yellow]stopped[/]: {rep['stopped']} (run the same command to continue)",
-                          highlight=False)
-            if rep["requests"]["failed_jobs"]:  # the teacher kept failing: not a budget stop
-                raise typer.Exit(1)
+        _synth(spec_path, over, out, teacher_url=teacher_url, teacher_model=teacher_model,
+               api_key_env=api_key_env, quiet=quiet, steering_check=steering_check)
 
     @derive_app.command("ranking")
     def derive_ranking_cmd(
@@ -117,9 +87,19 @@ def register(data_app: typer.Typer) -> None:
                                               "products of other queries (taken as irrelevant); 0 = judged only.")] = 3,
             seed: int = 0,
             against: Annotated[Optional[list[str]], typer.Option(
-                help="Drop questions overlapping these evaluation sets (FILE or suite:NAME).")] = None) -> None:
+                help="Drop questions overlapping these evaluation sets (FILE or suite:NAME).")] = None,
+            target: Annotated[Optional[int], typer.Option(
+                help="Questions wanted: the ones the data does not support are synthesized by the "
+                     "teacher (--synth-spec, the derived questions as the pool) into OUT.synth.jsonl.")] = None,
+            synth_spec: Annotated[Optional[Path], typer.Option(
+                help="Spec for --target (default configs/synth/qpr_ranking.yaml).")] = None,
+            teacher_url: Annotated[str, typer.Option(help="For --target: OpenAI-compatible base URL.")] = "https://api.openai.com/v1",
+            teacher_model: Annotated[str, typer.Option(help="For --target: the teacher model.")] = "gpt-4o",
+            api_key_env: Annotated[str, typer.Option(help="For --target: variable with the key.")] = "OPENAI_API_KEY",
+            quiet: bool = False) -> None:
         """ShopBench-layout ranking questions (query, 5 candidates, NDCG) from query-product
-        judgements; says how many questions the data supports."""
+        judgements; says how many questions the data supports (--target: the teacher makes the
+        rest)."""
         from shoptune._io import write_json, write_jsonl
         from shoptune.data.derive import derive_ranking
 
@@ -139,8 +119,18 @@ def register(data_app: typer.Typer) -> None:
         console.print(f"wrote {len(rows)} questions (<= {fill} fillers"
                       + (f", {len(removed)} dropped as contaminated" if removed else "")
                       + f") -> {out}; report -> {out.with_suffix('.report.json')}")
-        console.print("more questions than the judgements support: `shoptune data synth "
-                      "configs/synth/qpr_ranking.yaml` (this file as the pool)")
+        if target is None or target <= len(rows):
+            console.print("more questions than the judgements support: --target N, or `shoptune "
+                          "data synth configs/synth/qpr_ranking.yaml` (this file as the pool)")
+            return
+        synth_out = out.with_name(out.stem + ".synth.jsonl")
+        console.print(f"the data supports {len(rows)} of {target}: synthesizing "
+                      f"{target - len(rows)} -> {synth_out}")
+        from shoptune import REPO_CONFIGS
+        _synth(synth_spec or REPO_CONFIGS / "synth" / "qpr_ranking.yaml",
+               {"pool": [str(out)], "rows": target - len(rows)}, synth_out,
+               teacher_url=teacher_url, teacher_model=teacher_model, api_key_env=api_key_env,
+               quiet=quiet, steering_check=True)
 
     @derive_app.command("mcq")
     def derive_mcq_cmd(
@@ -185,6 +175,44 @@ def register(data_app: typer.Typer) -> None:
                                    description=f"Multiple-choice version of {src.extra['derived']['from_task']} "
                                                f"(distractors from other rows, {difficulty}).",
                                    file=str(out)))
+
+
+def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_model: str,
+           api_key_env: str, quiet: bool, steering_check: bool) -> dict:
+    """Run a synthesis spec (with overrides), print the summary, write the output's card."""
+    from shoptune.data.synth import SynthError, SynthSpec, run_synth, side_paths
+    from shoptune.data.teacher import TeacherError
+    from shoptune.tasks import get_card
+
+    try:
+        spec = SynthSpec.from_yaml(spec_path, over)
+        key = os.environ.get(api_key_env) or "EMPTY"
+        rep = run_synth(spec, out, teacher_url=teacher_url, teacher_model=teacher_model,
+                        api_key=key, quiet=quiet, check_steering=steering_check, console=console)
+    except (SynthError, TeacherError) as e:
+        _fail(str(e))
+    except (FileNotFoundError, KeyError) as e:
+        _fail(str(e).strip("'\""))
+    console.print(f"kept {rep['kept']} of {rep['rows_wanted']} -> {out}; rejected "
+                  f"{rep['rejected']} -> {side_paths(out)['rejected']}; requests "
+                  f"{rep['requests']['total']} ({rep['requests']['this_session']} this run, "
+                  f"{rep['requests']['cache_hits']} answers from the cache), {rep['wall_s']} s")
+    for reason, n in rep["rejected_by_reason"].items():
+        console.print(f"  {reason}: {n}", highlight=False)
+    if rep["steering"].get("difficulty"):
+        console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
+    console.print(f"report -> {side_paths(out)['report']}")
+    card = get_card(spec.task)
+    _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
+                           task_type=card.task_type, metric=card.metric,
+                           description=f"Synthesized by a teacher LLM from {card.name} examples.",
+                           file=str(out)))
+    if rep["stopped"]:
+        console.print(f"[yellow]stopped[/]: {rep['stopped']} (run the same command to continue)",
+                      highlight=False)
+        if rep["requests"]["failed_jobs"]:  # the teacher kept failing: not a budget stop
+            raise typer.Exit(1)
+    return rep
 
 
 def _decontaminate(rows, against):

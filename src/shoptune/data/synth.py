@@ -517,8 +517,11 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
                 "prompt_hash": job.key, "shown": [r.id for r in job.shown], "seed": job.seed,
                 "characteristic": job.cell, "job": job.index, "spec_seed": spec.seed}
         try:
-            rec = make_record(spec, card, job, entry["text"])
-            gate.check(rec)
+            try:
+                rec = make_record(spec, card, job, entry["text"])
+                gate.check(rec)
+            except (TypeError, ValueError, KeyError, IndexError) as e:  # a reply nothing foresaw
+                raise SynthReject("invalid:other", f"{type(e).__name__}: {e}") from None
         except SynthReject as e:
             row = {"job": job.index, "reason": e.reason, "detail": e.detail, **e.info,
                    "text": entry["text"], "prompt_hash": job.key, "shown": prov["shown"],

@@ -120,6 +120,8 @@ def derive_ranking(records: Iterable[Record], *, fill: int = 3, candidates: int 
     how many questions the judgements support (with and without fillers)."""
     if candidates != 5:
         raise ValueError("ShopBench ranking questions have exactly 5 candidates")
+    if not 0 <= fill <= candidates - 1:
+        raise ValueError(f"--fill {fill}: 0-{candidates - 1} (a question needs a judged product)")
     js, layouts = judgements(records)
     by_query: dict[str, dict[str, Judgement]] = defaultdict(dict)
     conflicts = 0

@@ -159,6 +159,12 @@ def test_three_stage_curriculum(tmp_path):
         t: 0.0 if t in expect_stopped else 2.0 if t in rep["low_resource"] else 1.0
         for t in rep["transfer_cosine"]}
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    # the run's metrics cover both training stages (steps and tokens add up)
+    run = json.loads((tmp_path / "run.json").read_text())
+    last = {st: json.loads((tmp_path / st / "log.jsonl").read_text().splitlines()[-1]) for st in ("stage2", "stage3")}
+    assert run["metrics"]["steps"] == 6 == last["stage2"]["step"] + last["stage3"]["step"]
+    assert run["metrics"]["tokens_seen"] == sum(v["num_input_tokens_seen"] for v in last.values())
+    assert run["curriculum"]["stages"]["stage2"]["steps"] == 3
 
 
 def test_three_stage_resume_restores_early_stopping_state(tmp_path):

@@ -171,7 +171,14 @@ def run_three_stage(cfg, model, tok, records, val, examples, task_names, out: Pa
         train(t2, d2, resume)
         if t2.is_world_process_zero():
             save_adapter(t2.model, d2)
+            hist = [h for h in t2.state.log_history if "loss" in h]
+            write_json(d2 / "stage.json", {
+                "steps": t2.state.global_step, "tokens_seen": int(t2.state.num_input_tokens_seen or 0),
+                "first_loss": hist[0]["loss"] if hist else None,
+                "final_loss": hist[-1]["loss"] if hist else None})
             (d2 / DONE).write_text("ok")
+    if (d2 / "stage.json").exists():  # (a stage 2 finished before this file existed: not counted)
+        report["stages"] = {"stage2": json.loads((d2 / "stage.json").read_text(encoding="utf-8"))}
 
     # Stage 3: all kept tasks, low-resource up-weighted, per-task early stopping
     weights = torch.tensor([0.0 if t in excluded else st.low_resource_weight if t in low else 1.0
@@ -186,8 +193,10 @@ def run_three_stage(cfg, model, tok, records, val, examples, task_names, out: Pa
     d3 = out / "stage3"
     stopper = PerTaskEarlyStop(None, val_ex, task_names, tok.pad_token_id, st.eval_every, st.patience,
                                cfg.batch_size, report)
+    # stage 3 draws its own data order: with the stage 2 seed it would replay stage 2's first
+    # batches (the same rows again whenever the task sets overlap)
     t3 = make_trainer(cfg, model, tok, ex3, task_names, d3, max(1, cfg.max_steps - n2), evaluator,
-                      task_weights=weights, before_complete=[stopper])
+                      task_weights=weights, before_complete=[stopper], data_seed=cfg.seed + 1)
     stopper.ref = weakref.ref(t3)
     ckpt = latest_complete_checkpoint(d3) if resume else None
     if ckpt is not None:

@@ -172,7 +172,7 @@ def use_bf16(setting) -> bool:
     return bool(setting)
 
 
-def training_args(cfg: TrainConfig, out: Path, max_steps: int) -> TrainingArguments:
+def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | None = None) -> TrainingArguments:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))  # transformers 5 reads it here
     return TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
@@ -180,7 +180,7 @@ def training_args(cfg: TrainConfig, out: Path, max_steps: int) -> TrainingArgume
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
-        data_seed=cfg.seed, bf16=use_bf16(cfg.bf16), use_cpu=not torch.cuda.is_available(),
+        data_seed=cfg.seed if data_seed is None else data_seed, bf16=use_bf16(cfg.bf16), use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", length_column_name="length",
         remove_unused_columns=False, report_to=cfg.report_to, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", gradient_checkpointing=cfg.gradient_checkpointing,
@@ -311,14 +311,18 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     if is_main:
         adapter = save_adapter(trainer.model, out)
         hist = [h for h in trainer.state.log_history if "loss" in h]
+        earlier = [st for st in ((curriculum_report or {}).get("stages") or {}).values()]
         result = {
             "config": cfg.model_dump(), "mixture": manifest, "curriculum": curriculum_report,
             "adapter": str(adapter), "git_commit": _git_commit(), "versions": _versions(),
             "argv": sys.argv, "world_size": trainer.args.world_size,
-            "metrics": {"first_loss": hist[0]["loss"] if hist else None,
+            # a curriculum's earlier stages count: steps and tokens add up, first loss is stage 2's
+            "metrics": {"first_loss": next((st["first_loss"] for st in earlier), None)
+                        if earlier else (hist[0]["loss"] if hist else None),
                         "final_loss": hist[-1]["loss"] if hist else None,
-                        "steps": trainer.state.global_step,
-                        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+                        "steps": trainer.state.global_step + sum(st["steps"] for st in earlier),
+                        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0)
+                        + sum(st["tokens_seen"] for st in earlier),
                         **({"val": evaluator.evaluate(trainer.model)} if evaluator else {})},
             "wall_time_s": round(time.time() - t_start, 1),
         }
@@ -336,13 +340,14 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
 
 def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: int, evaluator,
                  task_weights: torch.Tensor | None = None,
-                 before_complete: list[TrainerCallback] = ()) -> ShopTrainer:
+                 before_complete: list[TrainerCallback] = (), data_seed: int | None = None) -> ShopTrainer:
     """``before_complete``: callbacks whose ``on_save`` adds files to a checkpoint (they run
-    before the COMPLETE marker is written)."""
+    before the COMPLETE marker is written). ``data_seed``: the data order's seed (default: the
+    config's seed; a later stage passes another so it does not replay the earlier stage's order)."""
     from datasets import Dataset
 
     trainer = ShopTrainer(
-        model=model, args=training_args(cfg, out, max_steps), train_dataset=Dataset.from_list(examples),
+        model=model, args=training_args(cfg, out, max_steps, data_seed), train_dataset=Dataset.from_list(examples),
         data_collator=lambda f: collate(f, tok.pad_token_id), task_names=task_names,
         task_weights=task_weights, answer_logits_only=cfg.answer_logits_only,
         callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, MarkComplete()]

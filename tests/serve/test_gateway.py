@@ -426,5 +426,15 @@ def test_engine_llama_cpp_exports_starts_restarts_and_stops_llama_server(tmp_pat
     # a second start reuses the export
     stamp = (exports[0] / "manifest.json").stat().st_mtime_ns
     gw = ServerProcess(args, tmp_path / "gw2.log", startup_timeout=180)
-    gw.stop()
+    third = int(pid_file.read_text())
+    gw.stop(signal.SIGKILL)  # shoptune killed outright: its llama-server goes too (PDEATHSIG)
     assert (exports[0] / "manifest.json").stat().st_mtime_ns == stamp
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(third, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(third, 0)

@@ -124,7 +124,7 @@ def test_llama_server_next_token_logprobs_match_transformers(served):
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
             lora = [{"id": i, "scale": 1.0 if i == lora_id else 0.0} for i in (0, 1)]
-            r = httpx.post(srv.url + "/completion", timeout=60, json={
+            r = httpx.post(srv.url + "/completion", timeout=300, json={
                 "prompt": ids, "n_predict": 1, "n_probs": 5, "temperature": 0, "lora": lora,
                 "cache_prompt": False}).json()
             top = r["completion_probabilities"][0]["top_logprobs"]
@@ -159,13 +159,13 @@ def test_gateway_in_front_of_real_llama_server(served, tmp_path):
     tok = load_tokenizer("smollm2-135m")
     gw = ServerProcess(["--upstream", srv.url], tmp_path / "gw.log", startup_timeout=120)
     try:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=300)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m", "alpha", "beta"]
         outs = {}
         for model in ("smollm2-135m", "alpha", "beta"):
             r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
             outs[model] = r.choices[0].text
-            direct = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            direct = httpx.post(srv.url + "/v1/completions", timeout=300, json={
                 "prompt": tok.encode(PROMPTS[0]), "max_tokens": 8, "temperature": 0,
                 "lora": [{"id": i, "scale": 1.0 if model == n else 0.0}
                          for i, n in enumerate(("alpha", "beta"))]}).json()
@@ -173,7 +173,7 @@ def test_gateway_in_front_of_real_llama_server(served, tmp_path):
         assert len(set(outs.values())) == 3, outs  # the adapters change the answer
         from tests.serve.test_server import TASK_INPUTS
         for task, inp in TASK_INPUTS.items():
-            r = httpx.post(f"{gw.url}/v1/tasks/{task}", json={"model": "alpha", "input": inp}, timeout=120)
+            r = httpx.post(f"{gw.url}/v1/tasks/{task}", json={"model": "alpha", "input": inp}, timeout=300)
             assert r.status_code == 200, (task, r.text)
             ans = r.json()["answer"]
             if task == "shopbench_task2":

@@ -53,6 +53,17 @@ def export_cached(model: str, adapters: dict[str, str], *, outtype: str = "bf16"
                             status=status)
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGTERM when the thread that started it ends, e.g. shoptune killed
+    with SIGKILL; no orphaned llama-server keeps its port and memory."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LlamaServerSupervisor:
     """Runs ``llama-server`` for an export folder on a fixed loopback port; restarts it on exit."""
 
@@ -86,7 +97,8 @@ class LlamaServerSupervisor:
     def _spawn(self) -> None:
         with open(self.log_path, "a") as fh:
             self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # (a ctrl-C goes to us, not it)
+                                         start_new_session=True,  # (a ctrl-C goes to us, not it)
+                                         preexec_fn=_die_with_parent)
         log.info("llama-server pid %d: %s", self.proc.pid, " ".join(self.cmd))
 
     def _wait_ready(self) -> None:

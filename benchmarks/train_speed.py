@@ -110,7 +110,7 @@ def config(tmp: Path, name: str, a, extra: list[str]):
 def run_shoptune(cfg, records, steps: int):
     """Train ``steps`` steps with the recipe's own trainer; timing + the per-step losses."""
     from shoptune.train.format import encode_records
-    from shoptune.train.recipe import base_weights_dtype, build_model, make_trainer
+    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer
     torch.manual_seed(0)
     model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg))
     names = sorted({r.task for r in records})
@@ -148,7 +148,7 @@ def main() -> None:
     from shoptune.models import load
     from shoptune.train.format import IGNORE, answer_text
     from shoptune.train.mixture import build_mixture
-    from shoptune.train.recipe import use_bf16
+    from shoptune.train.trainer import use_bf16
 
     tmp = Path(tempfile.mkdtemp(prefix="train_speed-"))
     base_cfg = config(tmp, "base", a, [])
@@ -224,7 +224,7 @@ def loss_curves(a, tmp: Path) -> dict:
         records, _ = build_mixture(cfg.mixture)
         r, model, _, _ = run_shoptune(cfg, records, a.loss_steps)
         curves[name] = {"losses": r["losses"], "tokens_per_s": r["tokens_per_s"], "wall_s": r["wall_s"]}
-        from shoptune.train.recipe import save_adapter
+        from shoptune.train.trainer import save_adapter
         adapters[name] = save_adapter(model, Path(cfg.output_dir))
         print(f"curve {name}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, {r['tokens_per_s']} tok/s",
               flush=True)

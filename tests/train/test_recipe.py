@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from shoptune.train.config import load_config
-from shoptune.train.recipe import collate, latest_complete_checkpoint, main
+from shoptune.train.loss import collate
+from shoptune.train.recipe import main
+from shoptune.train.trainer import latest_complete_checkpoint
 from tests.conftest import REPO, needs_shared
 
 pytestmark = [pytest.mark.slow, needs_shared]

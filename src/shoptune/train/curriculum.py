@@ -25,6 +25,7 @@ from shoptune._io import write_json
 from shoptune.train.format import encode_records
 from shoptune.train.loss import mean_answer_loss
 from shoptune.train.mixture import build_mixture
+from shoptune.train.trainer import latest_complete_checkpoint, make_trainer, save_adapter, train
 
 DONE = "STAGE_DONE"
 
@@ -137,8 +138,6 @@ def run_three_stage(cfg, model, tok, records, val, examples, task_names, out: Pa
                     resume: bool, evaluator):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-
-    from shoptune.train.recipe import latest_complete_checkpoint, make_trainer, save_adapter, train
 
     st = cfg.three_stage
     counts = Counter(r.task for r in records)

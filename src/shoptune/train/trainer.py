@@ -1,0 +1,247 @@
+"""The training machinery the recipe and the three-stage curriculum share: the multi-task
+``Trainer`` (answer-only, per-task weighted loss), its callbacks (JSON-lines log, checkpoint
+``COMPLETE`` markers, periodic evaluation), training arguments, the LoRA model, atomic adapter
+saving and exact resume. ``recipe`` (setup -> train -> save) and ``curriculum`` (three stages)
+both build on it; neither imports the other's internals.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from shoptune._io import atomic_open
+from shoptune.train.config import TrainConfig
+from shoptune.train.loss import answer_token_losses, collate
+
+COMPLETE = "COMPLETE"
+
+
+# ----------------------------------------------------------------------------- components
+
+class ShopTrainer(Trainer):
+    """Trainer with a per-task weighted, answer-only loss and per-task loss logging."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, task_names: list[str], task_weights: torch.Tensor | None = None,
+                 answer_logits_only: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answer_logits_only = answer_logits_only
+        self.model_accepts_loss_kwargs = True  # so Trainer counts answer tokens over the GA window
+        self.task_names = task_names
+        self.task_weights = task_weights if task_weights is not None else torch.ones(len(task_names))
+        self._task_sum = torch.zeros(len(task_names), dtype=torch.float64)
+        self._task_n = torch.zeros(len(task_names), dtype=torch.float64)
+        self._last_log = (time.time(), 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        task_ids = inputs.pop("task_ids")
+        tok_loss, rows = answer_token_losses(model, inputs["input_ids"], inputs["attention_mask"],
+                                             labels, answer_logits_only=self.answer_logits_only)
+        n_rows = labels.shape[0]
+        row_sum = torch.zeros(n_rows, dtype=tok_loss.dtype, device=tok_loss.device).index_add(
+            0, rows, tok_loss)
+        row_n = torch.bincount(rows, minlength=n_rows).to(tok_loss.dtype)
+        weights = self.task_weights.to(row_sum.device)[task_ids]
+        if num_items_in_batch is None:
+            denom = row_n.sum().clamp(min=1) * self.args.gradient_accumulation_steps
+        else:
+            denom = num_items_in_batch
+        loss = (row_sum * weights).sum() / denom
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        with torch.no_grad():
+            self._task_sum.index_add_(0, task_ids.cpu(), row_sum.detach().double().cpu())
+            self._task_n.index_add_(0, task_ids.cpu(), row_n.double().cpu())
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            for i, name in enumerate(self.task_names):
+                if self._task_n[i] > 0:
+                    logs[f"loss/{name}"] = round(float(self._task_sum[i] / self._task_n[i]), 4)
+            self._task_sum.zero_()
+            self._task_n.zero_()
+            now, seen = time.time(), int(self.state.num_input_tokens_seen or 0)
+            t0, s0 = self._last_log
+            if now > t0 and seen > s0:
+                logs["tokens_per_s"] = round((seen - s0) / (now - t0), 1)
+            self._last_log = (now, seen)
+        super().log(logs, *args, **kwargs)
+
+
+class JsonlLog(TrainerCallback):
+    """Every log line, as JSON lines, in OUT/log.jsonl (process 0)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class MarkComplete(TrainerCallback):
+    """A checkpoint counts only once its COMPLETE marker exists (written after everything else)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                with atomic_open(ckpt / COMPLETE) as fh:
+                    fh.write(str(state.global_step))
+
+
+class PeriodicEval(TrainerCallback):
+    """Score a small validation sample with the evaluation engine every ``every`` steps."""
+
+    def __init__(self, records, tok, protocol: str, every: int):
+        self.records, self.tok, self.protocol, self.every = records, tok, protocol, every
+        self.trainer: Trainer | None = None
+        self.last: dict = {}
+
+    def evaluate(self, model) -> dict:
+        from shoptune.eval.backends import LocalBackend, build_prompts, plan_for
+        from shoptune.eval.scoring import score_outputs, summarize
+        was_training = model.training
+        model.eval()
+        from shoptune.train.loss import autocast_for
+        with autocast_for(model):
+            outs = LocalBackend(model, self.tok, batch_size=16).run(
+                build_prompts(self.records, self.protocol, self.tok), [plan_for(r) for r in self.records])
+        if was_training:
+            model.train()
+        s = summarize(score_outputs(self.records, outs), n_boot=0)
+        self.last = {"val/overall": round(s["overall"], 4),
+                     **{f"val/{k}": round(v, 4) for k, v in s["capabilities"].items()}}
+        return self.last
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and self.records and \
+                state.is_world_process_zero and self.trainer is not None:
+            self.trainer.log(self.evaluate(self.trainer.model))
+
+
+def latest_complete_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint with its COMPLETE marker; incomplete ones newer than it are removed."""
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    best = None
+    for p in ckpts:
+        if (p / COMPLETE).exists():
+            best = p
+    for p in ckpts:
+        if best is None or int(p.name.split("-")[-1]) > int(best.name.split("-")[-1]):
+            shutil.rmtree(p, ignore_errors=True)
+    return best
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines from after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+    with atomic_open(path) as fh:
+        fh.write("".join(k + "\n" for k in keep))
+
+
+def use_bf16(setting) -> bool:
+    if setting == "auto":
+        from shoptune.models import default_dtype
+        return default_dtype() == torch.bfloat16
+    return bool(setting)
+
+
+def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | None = None) -> TrainingArguments:
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))  # transformers 5 reads it here
+    return TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
+        data_seed=cfg.seed if data_seed is None else data_seed, bf16=use_bf16(cfg.bf16), use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length", length_column_name="length",
+        remove_unused_columns=False, report_to=cfg.report_to, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", gradient_checkpointing=cfg.gradient_checkpointing,
+        torch_compile=cfg.torch_compile, disable_tqdm=False,
+    )
+
+
+def base_weights_dtype(cfg: TrainConfig) -> torch.dtype:
+    """bf16 frozen weights only under bf16 autocast (auto: whenever training runs in bf16)."""
+    bf16 = use_bf16(cfg.bf16)
+    if cfg.base_dtype == "bf16" and not bf16:
+        raise ValueError("base_dtype: bf16 needs bf16 training (bf16: true or auto on a bf16 machine)")
+    return torch.bfloat16 if bf16 and cfg.base_dtype != "fp32" else torch.float32
+
+
+def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float32,
+                gradient_checkpointing: bool = False):
+    """The base model with LoRA on ``lora.modules()``. ``base_dtype`` bf16 stores the frozen
+    decoder Linear weights in bf16 (what autocast would cast them to at every step); embeddings,
+    norms, LoRA weights and the optimizer state stay fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    from shoptune.models import load
+    model, tok = load(model_name, dtype="fp32")
+    model.train()
+    if base_dtype != torch.float32:
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(base_dtype)
+    lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.modules(), use_rslora=lora.use_rslora,
+                      task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, lcfg)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model, tok
+
+
+def save_adapter(model, out: Path) -> Path:
+    """OUT/adapter written into a temp folder, then renamed: never half-written."""
+    dest = out / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: int, evaluator,
+                 task_weights: torch.Tensor | None = None,
+                 before_complete: list[TrainerCallback] = (), data_seed: int | None = None) -> ShopTrainer:
+    """``before_complete``: callbacks whose ``on_save`` adds files to a checkpoint (they run
+    before the COMPLETE marker is written). ``data_seed``: the data order's seed (default: the
+    config's seed; a later stage passes another so it does not replay the earlier stage's order)."""
+    from datasets import Dataset
+
+    trainer = ShopTrainer(
+        model=model, args=training_args(cfg, out, max_steps, data_seed), train_dataset=Dataset.from_list(examples),
+        data_collator=lambda f: collate(f, tok.pad_token_id), task_names=task_names,
+        task_weights=task_weights, answer_logits_only=cfg.answer_logits_only,
+        callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, MarkComplete()]
+        + ([evaluator] if evaluator else []))
+    if evaluator:
+        evaluator.trainer = trainer
+    return trainer
+
+
+def train(trainer: ShopTrainer, out: Path, resume: bool) -> None:
+    ckpt = latest_complete_checkpoint(out) if resume else None
+    if ckpt is not None:
+        _trim_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
+    elif trainer.is_world_process_zero() and (out / "log.jsonl").exists() and not resume:
+        (out / "log.jsonl").unlink()
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

@@ -19,8 +19,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from shoptune.console import console, err, fail
+from shoptune.data.cli import register as register_data
+from shoptune.eval.cli import register as register_eval
+from shoptune.experiment.cli import register as register_experiment
+from shoptune.serve.cli import register as register_serve
+from shoptune.train.cli import register as register_train
 
 app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, evaluation, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -33,8 +39,6 @@ app.add_typer(tasks_app, name="tasks")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 
-console = Console()
-err = Console(stderr=True)
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: "
                                                  "$SHOPTUNE_DATA_DIR, else ./data).")]
@@ -44,11 +48,6 @@ MapOpt = Annotated[Optional[list[str]], typer.Option(
     "--map", help="Column mapping for your own files: FIELD=COLUMN (e.g. input_field=question).")]
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Task card to tag your own rows "
                                                 "with (gives type, metric, capability).")]
-
-
-def fail(msg: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _set_data_dir(data_dir: Path | None) -> None:
@@ -336,22 +335,12 @@ def demo(out: str = "runs/demo",
     run_demo(console, out=out, quick=quick, config=config, test_questions=test_questions)
 
 
-def _register_optional() -> None:
-    """Sub-commands whose modules land in later steps register themselves here."""
-    from shoptune.data.cli import register as register_data
-    from shoptune.eval.cli import register as register_eval
-    from shoptune.experiment.cli import register as register_experiment
-    from shoptune.serve.cli import register as register_serve
-    from shoptune.train.cli import register as register_train
-
-    register_data(data_app)
-    register_eval(app)
-    register_train(app, data_app)
-    register_serve(app)
-    register_experiment(app)
-
-
-_register_optional()
+# sub-commands that live beside their code (each module adds its commands or sub-app)
+register_data(data_app)
+register_eval(app)
+register_train(app, data_app)
+register_serve(app)
+register_experiment(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

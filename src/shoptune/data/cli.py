@@ -7,15 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True, markup=True)
-    raise typer.Exit(code)
+from shoptune.console import console
+from shoptune.console import fail as _fail
 
 
 def _load(paths, *, task=None):

@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from shoptune.console import console, fail
+
 
 def register(app: typer.Typer) -> None:
-    from shoptune.cli import console, fail
 
     eval_app = typer.Typer(help="Evaluate with the exact KDD Cup 2024 ShopBench rules.")
     app.add_typer(eval_app, name="eval")

@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from shoptune.console import console, fail
+
 
 def register(app: typer.Typer) -> None:
-    from shoptune.cli import console, fail
 
     exp_app = typer.Typer(help="Experiments: cells x seeds, trained and scored on a suite; "
                                "paired statistics.", no_args_is_help=True)

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from shoptune.console import console, fail
+
 
 def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
     out = {}
@@ -29,7 +31,6 @@ def read_keys_file(path: Path) -> set[str]:
 
 
 def register(app: typer.Typer) -> None:
-    from shoptune.cli import console, fail
 
     export_app = typer.Typer(help="Export models and adapters for other serving engines.")
     app.add_typer(export_app, name="export")

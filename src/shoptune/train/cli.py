@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from shoptune.console import console, fail
+
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from shoptune.cli import console, fail
 
     @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def train_cmd(config: Annotated[Path, typer.Argument(help="Training YAML (configs/train/*.yaml).")],

@@ -190,7 +190,8 @@ def test_derive_ranking_on_ec_guide_says_how_many_questions(tmp_path):
     rep = json.loads(out.with_suffix(".report.json").read_text())
     assert rep["judgements"] == 2262 and rep["queries"] == 1693
     assert rep["supported"]["max_0_fillers"] == 1 and rep["supported"]["max_3_fillers"] == 402
-    assert len(out.read_text().splitlines()) == rep["questions"] == 402
+    assert rep["decontaminated_against"] == ["shopbench-dev"]  # the default
+    assert len(out.read_text().splitlines()) == rep["questions"] - rep["decontaminated"] == 400
     assert "support 1 question(s) with all 5 candidates" in " ".join(res.output.split())
 
 
@@ -207,3 +208,27 @@ def test_derived_rows_flow_through_a_suite_and_a_mixture(judged, tmp_path):
     assert [r.task for r in recs] == ["derived_qpr_ranking"] * 2 and manifest["n_questions"] == 2
     mixed, man = build_mixture(MixtureConfig(sources=[str(data)], split_test=0.0, split_validation=0.0))
     assert man["tasks"] == {"derived_qpr_ranking": 2} and man["task_types"] == {"ranking": 2}
+
+
+def test_ranking_experiment_holds_the_derived_test_questions_out():
+    """Both arms train on ec-guide, whose QPRP/QPRJ judgements the derived test questions are
+    built from: the mixture must be decontaminated against the whole ranking suite."""
+    from shoptune.experiment.runner import load_spec
+    from shoptune.train.config import load_config
+    from tests.conftest import REPO
+    spec = load_spec(REPO / "configs" / "experiments" / "ranking.yaml")
+    for cell in spec.cells:
+        cfg = load_config(REPO / "configs" / "train" / "demo.yaml", spec.overrides + cell.overrides)
+        assert "suite:ranking" in cfg.mixture.decontaminate_against and spec.suite == "ranking"
+
+
+def test_derive_ranking_hint_only_offers_more(judged, tmp_path):
+    p = tmp_path / "qpr.jsonl"
+    p.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in judged))
+    res = CliRunner().invoke(app, ["data", "derive", "ranking", str(p), "--out", str(tmp_path / "r.jsonl"),
+                                   "--against", "none"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 0 and "to have more than 2 questions: --target N" in out, res.output
+    res = CliRunner().invoke(app, ["data", "derive", "ranking", str(p), "--out", str(tmp_path / "r.jsonl"),
+                                   "--against", "none", "--target", "2"])
+    assert "the data supports 2, nothing to synthesize" in " ".join(res.output.split())

@@ -360,3 +360,199 @@ def test_derive_ranking_target_synthesizes_what_the_data_lacks(tmp_path):
     assert all(r.task_type == "ranking" and len(r.output_field) == 5 for r in made)
     assert len(srv.chat_requests()) == 3
     assert (tmp_path / "d" / "cards" / "synth_qpr_ranking.yaml").exists()
+
+
+# ---------------------------------------------------------------- review of #13: regressions
+
+def ranking_rows(n, tag, template=1):
+    from shoptune.data.derive import RANKING_TEMPLATES
+    rng = random.Random(tag)
+    out = []
+    for i in range(n):
+        products = "\n".join(f"{j}. {' '.join(rng.sample(WORDS, 4))} {tag}{i}" for j in range(1, 6))
+        text = RANKING_TEMPLATES[template].replace("{query}", " ".join(rng.sample(WORDS, 2))).replace(
+            "{products}", products)
+        out.append(Record(input_field=text, output_field=[1, 0.1, 0, 0.01, 0], task_type="ranking",
+                          metric="ndcg", task="derived_qpr_ranking", capability="user_behavior_alignment",
+                          source=f"{tag}:{i}"))
+    return out
+
+
+@pytest.mark.parametrize("pool_size", [1, 8, 15])
+def test_small_pool_template_wording_is_not_contamination_but_a_leak_is(pool_size):
+    """A template whose query shares a line with fixed wording: its 13-grams are the task's,
+    not one evaluation question's, even when the pool is too small to show they are common."""
+    from shoptune.data.synth import Gate, SynthReject
+    pool = ranking_rows(pool_size, "pool")
+    evals = {"dev": ranking_rows(2, "dev") + [Record(
+        input_field="Write a title for: " + " ".join(WORDS[:20]), output_field="t",
+        task_type="generation", metric="rougel", task="t", capability="concept_understanding",
+        source="dev:leak")]}
+    gate = Gate(SynthSpec(task="derived_qpr_ranking", pool=["x"], rows=1), pool, evals)
+    gate.check(ranking_rows(1, "new")[0])  # same template, new query and products: kept
+    leak = ranking_rows(1, "leak")[0]
+    leak.input_field = leak.input_field.replace("1. ", "1. " + " ".join(WORDS[3:17]) + " ", 1)
+    with pytest.raises(SynthReject) as e:
+        gate.check(leak)
+    assert e.value.reason == "contaminated-13gram" and e.value.info["of"] == evals["dev"][2].id
+
+
+def test_ranking_gold_must_be_shopbench_relevance_levels():
+    from shoptune.data.synth import SynthReject
+    q = ranking_rows(1, "g")[0]
+    check_row(q)
+    for gold, msg in [([2, 4, 1, 3, 5], "permutation"), ([5, 4, 3, 2, 1], "permutation"),
+                      ([100, 0, 0, 0, 0], "levels"), ([0.5, 0.3, 0, 0, 0], "levels")]:
+        q.output_field = gold
+        with pytest.raises(SynthReject, match=msg) as e:
+            check_row(q)
+        assert e.value.reason == "parser:gold"
+
+
+def test_read_log_cuts_only_its_own_torn_line(tmp_path):
+    from shoptune.data.teacher import LogError, read_log
+    pred = tmp_path / "predictions.jsonl"
+    body = '{"id": "a", "score": 1}\n{"id": "b", "score": 0}'  # no final newline: still a row
+    pred.write_text(body)
+    assert [r["id"] for r in read_log(pred)] == ["a", "b"] and pred.read_text() == body
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"job": 0}\n{"job": 1')
+    with pytest.raises(LogError, match=r"torn.jsonl:2: not a JSON line"):
+        read_log(torn)  # not ours: reported, not cut
+    assert torn.read_text() == '{"job": 0}\n{"job": 1'
+    assert read_log(torn, own=True) == [{"job": 0}] and torn.read_text() == '{"job": 0}\n'
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"job": 0}\n{"job": 1}')  # complete last row: kept, newline added
+    assert len(read_log(own, own=True)) == 2 and own.read_text().endswith("}\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"job": 0}\nnot json\n{"job": 2}\n')
+    with pytest.raises(LogError, match=r"bad.jsonl:2: not a JSON line"):
+        read_log(bad, own=True)
+
+
+def test_a_student_predictions_file_is_not_modified(files):
+    pool = load_records([str(files["pool"])])
+    pred = files["dir"] / "predictions.jsonl"
+    body = "\n".join(json.dumps({"id": r.id, "score": float(i % 2)}) for i, r in enumerate(pool))
+    pred.write_text(body)  # no final newline, as some tools write
+    srv = ScriptedServer(lambda body: (200, good_reply(prompt_of(body))))
+    try:
+        rep = run_synth(spec_for(files, srv, rows=2, characteristics={"difficulty": {"hard": 1}},
+                                 student={"predictions": str(pred)}),
+                        files["dir"] / "p.jsonl", teacher_url=srv.url, teacher_model="t",
+                        api_key="k", quiet=True)
+    finally:
+        srv.stop()
+    assert pred.read_text() == body and rep["pool"]["difficulty"] == {"easy": 6, "hard": 6}
+
+
+def test_token_budget_spans_resumes_and_the_cli_says_how_to_continue(files):
+    srv = ScriptedServer(lambda body: (200, good_reply(prompt_of(body))))  # 15 tokens a reply
+    spec_path = files["dir"] / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_for(files, srv, rows=6, concurrency=1,
+                                                 max_total_tokens=40).model_dump()))
+    out = files["dir"] / "t.jsonl"
+    cmd = ["data", "synth", str(spec_path), "--out", str(out), "--teacher-url", srv.url, "--quiet"]
+    try:
+        res = CliRunner().invoke(app, cmd)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 0 and "token budget reached (40)" in text, res.output
+        assert len(srv.chat_requests()) == 3 and "kept 3 of 6" in text  # 0, 15, 30 < 40; 45 >= 40
+        assert "raise --max-requests / --max-total-tokens" in text and "same command" not in text
+        res = CliRunner().invoke(app, cmd)  # the same budget: spent already, nothing is asked
+        assert res.exit_code == 0 and len(srv.chat_requests()) == 3
+        assert "token budget reached (40)" in " ".join(res.output.split())
+        res = CliRunner().invoke(app, cmd + ["--max-total-tokens", "1000"])
+        assert res.exit_code == 0 and "kept 6 of 6" in " ".join(res.output.split()), res.output
+        assert len(srv.chat_requests()) == 6
+        rep = json.loads(side_paths(out)["report"].read_text())
+        assert rep["tokens"] == 90 and rep["requests"]["total"] == 6
+    finally:
+        srv.stop()
+
+
+def test_a_400_rejects_one_job_and_retry_after_is_capped(files):
+    calls = {"n": 0}
+    lock = threading.Lock()
+
+    def reply(body):
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n == 1:
+            return 429, {"retry_after": 100}  # capped by max_backoff_s
+        if n == 2:
+            return 400, {}  # e.g. the prompt is longer than the context: this job only
+        return 200, good_reply(prompt_of(body))
+
+    srv = ScriptedServer(reply)
+    try:
+        t0 = time.monotonic()
+        rep = run_synth(spec_for(files, srv, rows=2, concurrency=1, max_backoff_s=0.2,
+                                 decontaminate_against=[]),
+                        files["dir"] / "f.jsonl", teacher_url=srv.url, teacher_model="t",
+                        api_key="k", quiet=True)
+        assert time.monotonic() - t0 < 30
+    finally:
+        srv.stop()
+    assert rep["kept"] == 2 and rep["rejected_by_reason"] == {"teacher:400": 1}
+    assert rep["requests"]["total"] == 4 and rep["stopped"] is None
+    cache = [json.loads(x) for x in side_paths(files["dir"] / "f.jsonl")["cache"].read_text().splitlines()]
+    assert sum(c["attempts"] for c in cache) == 4  # the refused job's 2 requests are on record
+
+
+def _cli(args):
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 2, res.output
+    return " ".join(res.output.split())
+
+
+def test_bad_input_is_one_line_naming_file_and_line(files, monkeypatch):
+    d = files["dir"]
+    srv = ScriptedServer(lambda body: (200, good_reply(prompt_of(body))))
+
+    def spec(**kw):
+        p = d / "spec.yaml"
+        p.write_text(yaml.safe_dump(spec_for(files, srv, rows=2, **kw).model_dump()))
+        return ["data", "synth", str(p), "--teacher-url", srv.url, "--quiet"]
+
+    try:
+        bad_eval = write(d / "bad_eval.jsonl", [{"input_field": "Q\n0. a\n1. b", "output_field": 7,
+                                                 "task_type": "multiple-choice", "metric": "accuracy",
+                                                 "task": "ecguide_qprp"}])
+        out = _cli(spec(decontaminate_against=[str(bad_eval)]) + ["--out", str(d / "a.jsonl")])
+        assert f"{bad_eval}:1: output_field" in out
+        log = d / "m.jsonl"
+        log.write_text('{"job": 0}\n')
+        side_paths(log)["cache"].write_text('{"job": 0, "key": "k", "text": "x"}\nbroken\n{"job": 1}\n')
+        out = _cli(spec() + ["--out", str(log)])
+        assert f"{log}:1: extra.provenance.job: missing" in out
+        log.unlink()
+        assert f"{side_paths(log)['cache']}:2: not a JSON line" in _cli(spec() + ["--out", str(log)])
+        foreign = write(d / "mine.jsonl", pool_rows()[:1])
+        assert f"{foreign}:1: extra.provenance.job: missing" in _cli(spec() + ["--out", str(foreign)])
+        pred = write(d / "pred.jsonl", [{"id": "x", "score": 1}, {"score": 0}])
+        steer = {"characteristics": {"difficulty": {"hard": 1}}}
+        out = _cli(spec(student={"predictions": str(pred)}, **steer) + ["--out", str(d / "b.jsonl")])
+        assert f"{pred}:2: id: missing" in out
+        pred = write(d / "pred.jsonl", [{"id": "x", "score": 1}])
+        out = _cli(spec(student={"predictions": str(pred)}, **steer) + ["--out", str(d / "c.jsonl")])
+        assert "none of its 1 ids is a pool row" in out and "needs a student" not in out
+        bad_pool = write(d / "bad_pool.jsonl", [dict(pool_rows()[0], output_field=9)])
+        out = _cli(spec(pool=[str(bad_pool)]) + ["--out", str(d / "e.jsonl")])
+        assert f"{bad_pool}:1: output_field" in out
+        monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+        out = _cli(spec() + ["--out", str(d / "g.jsonl"), "--teacher-url", "https://api.example.invalid/v1",
+                             "--api-key-env", "NO_SUCH_KEY_VAR"])
+        assert "--api-key-env NO_SUCH_KEY_VAR: the variable is not set" in out
+        assert srv.chat_requests() == []
+    finally:
+        srv.stop()
+
+
+def test_language_of_uses_a_language_model():
+    cases = {"la table de la maison": "fr", "Quale colore ha la giacca": "it",
+             "東京都内で使用可能": "ja", "Dieser Schuh passt gut": "de",
+             "Red running shoes size 10": "en", "这个手机壳质量很好": "zh"}
+    assert {t: language_of(t) for t in cases} == cases

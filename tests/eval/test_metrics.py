@@ -75,7 +75,7 @@ class FakeEncoder:
 
 
 def test_sent_transformer_floor_and_list_mean(monkeypatch):
-    monkeypatch.setattr(M, "_encoder", lambda path: FakeEncoder())
+    monkeypatch.setattr(M, "encoder", lambda path: FakeEncoder())
     got = M.embedding_similarity(["p"] * 5, ["same", "opp", ["same", "orth"], ["same", "opp", "opp"], "mid"], "x")
     assert got == pytest.approx([1.0, 0.0, 0.5, 0.0, 0.6])
 

@@ -12,14 +12,48 @@ from shoptune.console import console
 from shoptune.console import fail as _fail
 
 
+def _issues_line(e) -> str:
+    """A DataValidationError as one line: its first ``path:LINE: field: reason`` and a count."""
+    more = len(e.issues) - 1
+    return str(e.issues[0]) + (f" (and {more} more data error(s))" if more > 0 else "")
+
+
 def _load(paths, *, task=None):
     from shoptune.data.loaders import DataValidationError, load_records
     try:
         return load_records(paths, task=task)
     except DataValidationError as e:
-        _fail(str(e))
+        _fail(_issues_line(e))
     except (FileNotFoundError, KeyError) as e:
         _fail(str(e).strip("'\""))
+
+
+def _api_key(env: str, url: str) -> str:
+    """The key in ``$env``. Unset: "EMPTY" for a server on loopback (`shoptune serve`, a local
+    vLLM need none), else a one-line error (a hosted API would answer 401 after the pool is
+    scored)."""
+    from urllib.parse import urlparse
+
+    key = os.environ.get(env)
+    if key:
+        return key
+    if (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1"):
+        return "EMPTY"
+    _fail(f"--api-key-env {env}: the variable is not set (the key for {url}); export it, or "
+          f"name the variable holding the key")
+
+
+def _write_derived(rows, rep: dict, out: Path, against, ignore=frozenset()) -> tuple[list, list[dict]]:
+    """Decontaminate derived rows against ``against`` (``ignore``: n-grams of the rows' fixed
+    wording), write them and their report."""
+    from shoptune._io import write_json, write_jsonl
+
+    rows, removed = _decontaminate(rows, [a for a in (against or []) if a != "none"], ignore)
+    rep["decontaminated"] = len(removed)
+    rep["decontaminated_against"] = [a for a in (against or []) if a != "none"]
+    write_jsonl(out, (r.to_dict() for r in rows))
+    write_json(out.with_suffix(".report.json"), rep)
+    return rows, removed
 
 
 def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, description,
@@ -80,8 +114,9 @@ def register(data_app: typer.Typer) -> None:
             fill: Annotated[int, typer.Option(help="At most this many candidates per question may be "
                                               "products of other queries (taken as irrelevant); 0 = judged only.")] = 3,
             seed: int = 0,
-            against: Annotated[Optional[list[str]], typer.Option(
-                help="Drop questions overlapping these evaluation sets (FILE or suite:NAME).")] = None,
+            against: Annotated[list[str], typer.Option(
+                help="Drop questions overlapping these evaluation sets (FILE or suite:NAME; "
+                     "repeatable; 'none': no check).")] = ["shopbench-dev"],
             target: Annotated[Optional[int], typer.Option(
                 help="Questions wanted: the ones the data does not support are synthesized by the "
                      "teacher (--synth-spec, the derived questions as the pool) into OUT.synth.jsonl.")] = None,
@@ -94,18 +129,14 @@ def register(data_app: typer.Typer) -> None:
         """ShopBench-layout ranking questions (query, 5 candidates, NDCG) from query-product
         judgements; says how many questions the data supports (--target: the teacher makes the
         rest)."""
-        from shoptune._io import write_json, write_jsonl
-        from shoptune.data.derive import derive_ranking
+        from shoptune.data.derive import derive_ranking, ranking_boilerplate
 
         recs = _load(paths or ["ec-guide/MCQ/QPRP.json", "ec-guide/MCQ/QPRJ.json"])
         try:
             rows, rep = derive_ranking(recs, fill=fill, seed=seed)
         except ValueError as e:
             _fail(str(e))
-        rows, removed = _decontaminate(rows, against)
-        rep["decontaminated"] = len(removed)
-        write_jsonl(out, (r.to_dict() for r in rows))
-        write_json(out.with_suffix(".report.json"), rep)
+        rows, removed = _write_derived(rows, rep, out, against, ranking_boilerplate())
         s = rep["supported"]
         console.print(f"{rep['judgements']} judgements over {rep['queries']} queries support "
                       f"{s['max_0_fillers']} question(s) with all 5 candidates judged, "
@@ -113,9 +144,13 @@ def register(data_app: typer.Typer) -> None:
         console.print(f"wrote {len(rows)} questions (<= {fill} fillers"
                       + (f", {len(removed)} dropped as contaminated" if removed else "")
                       + f") -> {out}; report -> {out.with_suffix('.report.json')}")
-        if target is None or target <= len(rows):
-            console.print("more questions than the judgements support: --target N, or `shoptune "
-                          "data synth configs/synth/qpr_ranking.yaml` (this file as the pool)")
+        if target is None:
+            console.print(f"to have more than {len(rows)} questions: --target N (a teacher writes "
+                          f"the rest), or `shoptune data synth configs/synth/qpr_ranking.yaml` "
+                          f"(this file as the pool)")
+            return
+        if target <= len(rows):
+            console.print(f"--target {target}: the data supports {len(rows)}, nothing to synthesize")
             return
         synth_out = out.with_name(out.stem + ".synth.jsonl")
         console.print(f"the data supports {len(rows)} of {target}: synthesizing "
@@ -144,7 +179,6 @@ def register(data_app: typer.Typer) -> None:
         the same task (near in embedding space = hard, random = easy)."""
         from collections import Counter
 
-        from shoptune._io import write_json, write_jsonl
         from shoptune.data.derive import derive_mcq
 
         recs = _load(paths)
@@ -155,10 +189,7 @@ def register(data_app: typer.Typer) -> None:
                                    max_similarity=max_similarity, seed=seed, limit=limit)
         except ValueError as e:
             _fail(str(e))
-        rows, removed = _decontaminate(rows, against)
-        rep["decontaminated"] = len(removed)
-        write_jsonl(out, (r.to_dict() for r in rows))
-        write_json(out.with_suffix(".report.json"), rep)
+        rows, removed = _write_derived(rows, rep, out, against)
         console.print(f"wrote {len(rows)} multiple-choice rows ({difficulty}, {options} options; "
                       f"mean distractor similarity {rep['distractor_similarity_mean']}) -> {out}")
         console.print(f"gold positions: {rep['gold_positions']}")
@@ -174,17 +205,20 @@ def register(data_app: typer.Typer) -> None:
 def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_model: str,
            api_key_env: str, quiet: bool, steering_check: bool) -> dict:
     """Run a synthesis spec (with overrides), print the summary, write the output's card."""
+    from shoptune.data.loaders import DataValidationError
     from shoptune.data.synth import SynthError, SynthSpec, run_synth, side_paths
-    from shoptune.data.teacher import TeacherError
+    from shoptune.data.teacher import LogError, TeacherError
     from shoptune.tasks import get_card
 
     try:
         spec = SynthSpec.from_yaml(spec_path, over)
-        key = os.environ.get(api_key_env) or "EMPTY"
+        key = _api_key(api_key_env, teacher_url)
         rep = run_synth(spec, out, teacher_url=teacher_url, teacher_model=teacher_model,
                         api_key=key, quiet=quiet, check_steering=steering_check, console=console)
-    except (SynthError, TeacherError) as e:
+    except (SynthError, TeacherError, LogError) as e:
         _fail(str(e))
+    except DataValidationError as e:
+        _fail(_issues_line(e))
     except (FileNotFoundError, KeyError) as e:
         _fail(str(e).strip("'\""))
     console.print(f"kept {rep['kept']} of {rep['rows_wanted']} -> {out}; rejected "
@@ -202,21 +236,29 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
                            description=f"Synthesized by a teacher LLM from {card.name} examples.",
                            file=str(out)))
     if rep["stopped"]:
-        console.print(f"[yellow]stopped[/]: {rep['stopped']} (run the same command to continue)",
-                      highlight=False)
+        if "budget" in rep["stopped"]:  # the budget counts every request made for OUT, resumes too
+            hint = ("the budget covers every request made for this output, resumes included: "
+                    "raise --max-requests / --max-total-tokens (or the spec's max_requests / "
+                    "max_total_tokens) and run again to continue")
+        else:
+            hint = "run the same command to continue"
+        console.print(f"[yellow]stopped[/]: {rep['stopped']} ({hint})", highlight=False)
         if rep["requests"]["failed_jobs"]:  # the teacher kept failing: not a budget stop
             raise typer.Exit(1)
     return rep
 
 
-def _decontaminate(rows, against):
+def _decontaminate(rows, against, ignore=frozenset()):
     if not against:
         return rows, []
     from shoptune.data.dedup import decontaminate
     from shoptune.eval.suite import load_eval_set
+    from shoptune.data.loaders import DataValidationError
     try:
         evals = {a: load_eval_set(a) if a.startswith("suite:") else _load([a]) for a in against}
+    except DataValidationError as e:
+        _fail(_issues_line(e))
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    return decontaminate(rows, evals)
+    return decontaminate(rows, evals, ignore_ngrams=set(ignore))
 

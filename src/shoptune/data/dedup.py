@@ -40,7 +40,7 @@ def normalize(text: str) -> str:
     return _WS.sub(" ", _PUNCT.sub(" ", text)).strip()
 
 
-def _template_lines(records: Sequence[Record], min_count: int = 3, min_frac: float = 0.01) -> set[str]:
+def template_lines(records: Sequence[Record], min_count: int = 3, min_frac: float = 0.01) -> set[str]:
     """Lines shared by many rows of a collection: instructions, "Answer:", fixed options."""
     counts: Counter[str] = Counter()
     for r in records:
@@ -55,7 +55,7 @@ def content(rec: Record, template: set[str]) -> str:
     return " ".join(kept) if kept else " ".join(x for x in lines if x)
 
 
-def _minhash(text: str, num_perm: int, k: int = 5) -> MinHash:
+def minhash(text: str, num_perm: int, k: int = 5) -> MinHash:
     m = MinHash(num_perm=num_perm, seed=1, hashfunc=xxhash.xxh32_intdigest)
     grams = {text[i:i + k] for i in range(max(1, len(text) - k + 1))}
     m.update_batch([g.encode("utf-8", "surrogatepass") for g in grams])
@@ -66,7 +66,7 @@ def _templates_by_task(records: Sequence[Record]) -> dict[str, set[str]]:
     by_task: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_task[r.task].append(r)
-    return {t: _template_lines(rs) for t, rs in by_task.items()}
+    return {t: template_lines(rs) for t, rs in by_task.items()}
 
 
 def dedup(records: Iterable[Record], *, threshold: float = 0.9, num_perm: int = 64,
@@ -90,7 +90,7 @@ def dedup(records: Iterable[Record], *, threshold: float = 0.9, num_perm: int = 
         seen_exact[key] = r
         if near:
             # Question content plus answer: one question with several distinct answers is kept.
-            m = _minhash(content(r, templates[r.task]) + " || " + normalize(key[2]), num_perm)
+            m = minhash(content(r, templates[r.task]) + " || " + normalize(key[2]), num_perm)
             if r.task not in lsh:
                 lsh[r.task] = MinHashLSH(threshold=threshold, num_perm=num_perm)
             index = lsh[r.task]
@@ -168,7 +168,8 @@ class Overlap:
 
 def common_ngrams(records: Sequence[Record], *, n: int = NGRAM,
                   max_doc_freq: int = MAX_DOC_FREQ) -> set[int]:
-    """The word ``n``-gram hashes found in more than ``max_doc_freq`` of ``records`` (boilerplate).
+    """The word ``n``-gram hashes found in more than ``max_doc_freq`` of ``records`` (boilerplate;
+    for a small collection pass a smaller ``max_doc_freq``, see :func:`pool_doc_freq`).
 
     Checking a few new rows at a time (``data synth``) cannot see how common a 13-gram is among
     rows like them; the pool they imitate can: pass this set as ``ignore`` to
@@ -180,35 +181,125 @@ def common_ngrams(records: Sequence[Record], *, n: int = NGRAM,
     return {g for g, c in df.items() if c > max_doc_freq}
 
 
-def ngram_overlap(train: Sequence[Record], evals: dict[str, Sequence[Record]], *, n: int = NGRAM,
-                  max_doc_freq: int = MAX_DOC_FREQ, ignore: set[int] = frozenset()) -> Overlap:
-    """Which training rows share a word ``n``-gram with which evaluation questions (``ignore``:
-    n-gram hashes known to be boilerplate, see :func:`common_ngrams`)."""
+class EvalIndex:
+    """Evaluation sets indexed once for decontamination: normalised questions (exact), MinHash
+    LSH of their content (near) and their word ``ngram``-grams (0: none). :func:`decontaminate`
+    and :func:`ngram_overlap` build one per call; ``data synth`` keeps one for a whole run and
+    checks each new row against it."""
+
+    def __init__(self, evals: dict[str, Sequence[Record]], *, threshold: float = 0.8,
+                 num_perm: int = 64, ngram: int = NGRAM):
+        self.evals, self.threshold, self.num_perm, self.n = evals, threshold, num_perm, ngram
+        self.hasher = _WordHasher()
+        self.exact: dict[str, list[tuple[str, Record]]] = {}  # every eval set holding the question
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.hashes: dict[str, tuple[MinHash, str, Record]] = {}
+        self.grams: dict[int, list[tuple[str, int, int]]] = defaultdict(list)  # gram -> (set, i, pos)
+        self.ewords: dict[tuple[str, int], list[str]] = {}
+        for name, recs in evals.items():
+            template = template_lines(recs)
+            templates = _templates_by_task(recs)
+            for i, e in enumerate(recs):
+                same = self.exact.setdefault(normalize(e.input_field), [])
+                if all(n != name for n, _ in same):
+                    same.append((name, e))
+                key = f"{name}\x00{i}"
+                m = minhash(content(e, template), num_perm)
+                self.lsh.insert(key, m)
+                self.hashes[key] = (m, name, e)
+                if ngram:
+                    words = self.hasher.words(eval_text(e, templates[e.task]))
+                    self.ewords[(name, i)] = words
+                    for pos, g in enumerate(self.hasher.grams(words, ngram).tolist()):
+                        refs = self.grams[g]
+                        if not refs or refs[-1][:2] != (name, i):
+                            refs.append((name, i, pos))
+
+    def match(self, rec: Record, template: set[str]) -> dict | None:
+        """The removal row when ``rec``'s question is an evaluation question, exactly or nearly."""
+        hit = self.exact.get(normalize(rec.input_field))
+        if hit:
+            (name, e), *others = hit
+            return {"id": rec.id, "task": rec.task, "source": rec.source,
+                    "reason": "contaminated-exact", "eval_set": name, "of": e.id,
+                    "of_source": e.source, "also": [[n2, e2.id] for n2, e2 in others]}
+        m = minhash(content(rec, template), self.num_perm)
+        sims = sorted(((self.hashes[k][0].jaccard(m), k) for k in self.lsh.query(m)), reverse=True)
+        if sims and sims[0][0] >= self.threshold:
+            _, name, e = self.hashes[sims[0][1]]
+            return {"id": rec.id, "task": rec.task, "source": rec.source,
+                    "reason": "contaminated-near", "eval_set": name, "of": e.id,
+                    "of_source": e.source, "similarity": round(sims[0][0], 4),
+                    "also": [[self.hashes[k][1], self.hashes[k][2].id]
+                             for j, k in sims[1:] if j >= self.threshold]}
+        return None
+
+    def ngram_hits(self, rec: Record, template: set[str], ignore: set[int] = frozenset()) -> set[int]:
+        """The hashes of ``rec``'s training-text n-grams found in an evaluation question."""
+        if not self.n:
+            return set()
+        grams = self.hasher.grams(self.hasher.words(training_text(rec, template)), self.n)
+        return {g for g in grams.tolist() if g in self.grams and g not in ignore}
+
+    def shared_ngrams(self, min_questions: int = 2) -> set[int]:
+        """N-grams found in ``min_questions`` or more questions of one evaluation task: the
+        task's own wording (a prompt template whose variable part shares its line), not a leak
+        of any one question."""
+        out = set()
+        for g, refs in self.grams.items():
+            per_task = Counter((name, self.evals[name][i].task) for name, i, _ in refs)
+            if any(c >= min_questions for c in per_task.values()):
+                out.add(g)
+        return out
+
+    def removal(self, rec: Record, hits: set[int]) -> dict:
+        """The removal row of an n-gram overlap (the evaluation questions its ``hits`` occur in)."""
+        refs = [ref for g in sorted(hits) for ref in self.grams[g]]
+        seen, uniq = set(), []
+        for name, i, pos in refs:
+            if (name, i) not in seen:
+                seen.add((name, i))
+                uniq.append((name, i, " ".join(self.ewords[(name, i)][pos:pos + self.n])))
+        name, i, gram = uniq[0]
+        e = self.evals[name][i]
+        return {"id": rec.id, "task": rec.task, "source": rec.source,
+                "reason": f"contaminated-{self.n}gram", "eval_set": name, "of": e.id,
+                "of_source": e.source, "ngram": gram,
+                "also": [[n2, self.evals[n2][i2].id] for n2, i2, _ in uniq[1:]]}
+
+
+def text_ngrams(texts: Iterable[str], n: int = NGRAM) -> set[int]:
+    """The word ``n``-gram hashes of fixed texts (e.g. the parts of a prompt template between its
+    placeholders): boilerplate to pass as ``ignore_ngrams``, however few rows use it."""
     hasher = _WordHasher()
-    index: dict[int, list[tuple[str, int, int]]] = defaultdict(list)  # gram -> (set, eval i, pos)
-    ewords: dict[tuple[str, int], list[str]] = {}
-    for name, recs in evals.items():
-        templates = _templates_by_task(recs)
-        for i, e in enumerate(recs):
-            words = hasher.words(eval_text(e, templates[e.task]))
-            ewords[(name, i)] = words
-            for pos, g in enumerate(hasher.grams(words, n).tolist()):
-                refs = index[g]
-                if not refs or refs[-1][:2] != (name, i):
-                    refs.append((name, i, pos))
+    return {g for t in texts for g in hasher.grams(hasher.words(t), n).tolist()}
+
+
+def pool_doc_freq(n_rows: int, share: float = 0.1) -> int:
+    """``max_doc_freq`` for boilerplate learnt from ``n_rows`` examples: GPT-3's 10 rows, or
+    ``share`` of a smaller collection, at least 1 (so a 13-gram in 2 of 8 rows is wording the
+    task repeats, not one question's content)."""
+    return max(1, min(MAX_DOC_FREQ, int(share * n_rows)))
+
+
+def ngram_overlap(train: Sequence[Record], evals: dict[str, Sequence[Record]], *, n: int = NGRAM,
+                  max_doc_freq: int = MAX_DOC_FREQ, ignore: set[int] = frozenset(),
+                  index: EvalIndex | None = None) -> Overlap:
+    """Which training rows share a word ``n``-gram with which evaluation questions (``ignore``:
+    n-gram hashes known to be boilerplate, see :func:`common_ngrams`; ``index``: the evaluation
+    sets already indexed with this ``n``)."""
+    index = index or EvalIndex(evals, ngram=n)
     matched: dict[int, set[int]] = {}
     df: Counter[int] = Counter()
     train_templates = _templates_by_task(train)
     for ti, r in enumerate(train):
-        grams = hasher.grams(hasher.words(training_text(r, train_templates[r.task])), n)
-        if grams.size:
-            hit = {g for g in grams.tolist() if g in index and g not in ignore}
-            if hit:
-                matched[ti] = hit
-                df.update(hit)
+        hit = index.ngram_hits(r, train_templates[r.task], ignore)
+        if hit:
+            matched[ti] = hit
+            df.update(hit)
     out = Overlap(n, evals)
     for ti, hit in matched.items():
-        refs = [ref for g in sorted(hit) if df[g] <= max_doc_freq for ref in index[g]]
+        refs = [ref for g in sorted(hit) if df[g] <= max_doc_freq for ref in index.grams[g]]
         if not refs:
             continue
         seen = set()
@@ -217,7 +308,7 @@ def ngram_overlap(train: Sequence[Record], evals: dict[str, Sequence[Record]], *
                 seen.add((name, i))
                 out.eval_hits[name].add(i)
                 out.train_hits.setdefault(ti, []).append(
-                    (name, i, " ".join(ewords[(name, i)][pos:pos + n])))
+                    (name, i, " ".join(index.ewords[(name, i)][pos:pos + n])))
     return out
 
 
@@ -234,53 +325,30 @@ def contamination_summary(evals: dict[str, Sequence[Record]], removed: Sequence[
 def decontaminate(train: Iterable[Record], evals: dict[str, Sequence[Record]], *,
                   threshold: float = 0.8, num_perm: int = 64, ngram: int = NGRAM,
                   max_doc_freq: int = MAX_DOC_FREQ, ignore_ngrams: set[int] = frozenset(),
-                  template_lines: set[str] = frozenset()) -> tuple[list[Record], list[dict]]:
+                  template_lines: set[str] = frozenset(),
+                  index: EvalIndex | None = None) -> tuple[list[Record], list[dict]]:
     """Drop training records whose question appears in any evaluation set: exactly (normalised
     question), nearly (content Jaccard >= ``threshold``, any task) or as a shared word
     ``ngram``-gram (13; 0 turns it off). Returns (kept, report).
 
     ``ignore_ngrams`` / ``template_lines``: boilerplate learnt from a larger collection than
-    ``train`` (a synthesis pool), for checking a few rows at a time."""
+    ``train``; ``index``: the evaluation sets indexed once (:class:`EvalIndex`)."""
     train = list(train)
-    exact: dict[str, list[tuple[str, Record]]] = {}  # every eval set holding the question
-    index = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    hashes: dict[str, tuple[MinHash, str, Record]] = {}
-    for name, recs in evals.items():
-        template = _template_lines(recs)
-        for i, e in enumerate(recs):
-            same = exact.setdefault(normalize(e.input_field), [])
-            if all(n != name for n, _ in same):
-                same.append((name, e))
-            m = _minhash(content(e, template), num_perm)
-            key = f"{name}\x00{i}"
-            index.insert(key, m)
-            hashes[key] = (m, name, e)
+    index = index or EvalIndex(evals, threshold=threshold, num_perm=num_perm, ngram=ngram)
     templates = _templates_by_task(train)
     if template_lines:
         templates = {t: lines | set(template_lines) for t, lines in templates.items()}
     kept, removed = [], []
     for r in train:
-        hit = exact.get(normalize(r.input_field))
+        hit = index.match(r, templates[r.task])
         if hit:
-            (name, e), *others = hit
-            removed.append({"id": r.id, "task": r.task, "source": r.source,
-                            "reason": "contaminated-exact", "eval_set": name,
-                            "of": e.id, "of_source": e.source,
-                            "also": [[n2, e2.id] for n2, e2 in others]})
-            continue
-        m = _minhash(content(r, templates[r.task]), num_perm)
-        sims = sorted(((hashes[k][0].jaccard(m), k) for k in index.query(m)), reverse=True)
-        if sims and sims[0][0] >= threshold:
-            _, name, e = hashes[sims[0][1]]
-            removed.append({"id": r.id, "task": r.task, "source": r.source,
-                            "reason": "contaminated-near", "eval_set": name, "of": e.id,
-                            "of_source": e.source, "similarity": round(sims[0][0], 4),
-                            "also": [[hashes[k][1], hashes[k][2].id] for j, k in sims[1:] if j >= threshold]})
-            continue
-        kept.append(r)
+            removed.append(hit)
+        else:
+            kept.append(r)
     if not ngram:
         return kept, removed
-    ov = ngram_overlap(kept, evals, n=ngram, max_doc_freq=max_doc_freq, ignore=ignore_ngrams)
+    ov = ngram_overlap(kept, evals, n=ngram, max_doc_freq=max_doc_freq, ignore=ignore_ngrams,
+                       index=index)
     still = []
     for ti, r in enumerate(kept):
         hits = ov.train_hits.get(ti)

@@ -56,6 +56,15 @@ RANKING_TEMPLATES = (
     "Each product and its number should appear only once in the output. Only respond with the "
     "ranking results. Do not say any word or explanations.\nOutput: ",
 )
+
+
+def ranking_boilerplate(n: int = 13) -> set[int]:
+    """The word n-grams of the templates' fixed wording (task12's own): not a leak of any one
+    question, however few questions a file holds."""
+    from shoptune.data.dedup import text_ngrams
+    return text_ngrams((part for t in RANKING_TEMPLATES for part in re.split(r"\{\w+\}", t)), n)
+
+
 _REL_MCQ = re.compile(r"^Given the query '(.*)', which of the following product best "
                       r"(exact|substitute|complement|irrelevant) it\?$")
 _ESCI_MCQ = re.compile(r'query:"(.*)"\. product:"(.*)"\n')
@@ -218,8 +227,8 @@ def mcq_question(input_field: str, options: Sequence[str]) -> str:
 
 
 def _embed(texts: Sequence[str]):
-    from shoptune.eval.metrics import _encoder, minilm_path
-    return _encoder(minilm_path()).encode(list(texts), convert_to_numpy=True,
+    from shoptune.eval.metrics import encoder, minilm_path
+    return encoder(minilm_path()).encode(list(texts), convert_to_numpy=True,
                                           normalize_embeddings=True, batch_size=64)
 
 

@@ -45,7 +45,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shoptune.data.teacher import AppendLog, BudgetExhausted, Teacher, TeacherFailed, read_log
+from shoptune.data.teacher import (AppendLog, BudgetExhausted, JobRefused, Teacher, TeacherError,
+                                   TeacherFailed, read_log)
 from shoptune.records import Record
 
 DEFAULT_INSTRUCTION = ("Below are examples of one task from an online-shopping benchmark. Write "
@@ -64,7 +65,7 @@ class Characteristics(BaseModel):
     model_config = ConfigDict(extra="forbid")
     difficulty: dict[Literal[DIFFICULTY], float] = {"any": 1.0}  # type: ignore[valid-type]
     length: dict[Literal[LENGTH], float] = {"any": 1.0}  # type: ignore[valid-type]
-    language: dict[str, float] = {"any": 1.0}  # en, de, es, fr, it, ja, zh, ko, ru, ar, ... or any
+    language: dict[str, float] = {"any": 1.0}  # ISO 639-1 (en, de, ja, zh, ...; py3langid) or any
 
 
 class StudentSpec(BaseModel):
@@ -129,26 +130,16 @@ class SynthSpec(BaseModel):
 
 # --------------------------------------------------------------------------- characteristics
 
-_SCRIPTS = (("ja", re.compile(r"[\u3040-\u30ff]")), ("ko", re.compile(r"[\uac00-\ud7af]")),
-            ("zh", re.compile(r"[\u4e00-\u9fff]")), ("ru", re.compile(r"[\u0400-\u04ff]")),
-            ("ar", re.compile(r"[\u0600-\u06ff]")))
-_STOP = {"en": {"the", "and", "of", "to", "is", "for", "with", "a", "in", "which"},
-         "de": {"der", "die", "und", "das", "ist", "mit", "für", "nicht", "ein", "eine"},
-         "es": {"el", "la", "los", "las", "y", "para", "con", "es", "una", "del"},
-         "fr": {"le", "la", "les", "et", "pour", "avec", "est", "une", "des", "du"},
-         "it": {"il", "la", "e", "per", "con", "è", "una", "della", "che", "di"}}
+_KANA = re.compile(r"[\u3040-\u30ff]")
 
 
 def language_of(text: str) -> str:
-    """A coarse language tag: by script (ja, ko, zh, ru, ar), else by common words (en, de, es,
-    fr, it); 'other' when nothing matches."""
-    for lang, rx in _SCRIPTS:
-        if len(rx.findall(text)) >= 3:
-            return lang
-    words = re.findall(r"[^\W\d_]+", text.lower())
-    counts = {lang: sum(w in stop for w in words) for lang, stop in _STOP.items()}
-    best = max(counts, key=lambda k: counts[k])
-    return best if counts[best] else "other"
+    """The ISO 639-1 language of a question (py3langid's 97-language model); text with kana is
+    Japanese (the model takes kanji-heavy Japanese for Chinese)."""
+    import py3langid
+
+    lang = py3langid.classify(text)[0]
+    return "ja" if lang == "zh" and _KANA.search(text) else lang
 
 
 def answer_string(rec: Record) -> str:
@@ -219,6 +210,9 @@ class SynthReject(Exception):
         self.reason, self.detail, self.info = reason, detail, info
 
 
+# ShopBench's relevance weights (dev task12 golds): exact 1, substitute 0.1, complement 0.01,
+# irrelevant 0 (shoptune.data.derive.GAINS)
+RELEVANCE_LEVELS = (1, 0.1, 0.01, 0)
 _LISTED = re.compile(r"^\s*(\d+)\.\s", re.MULTILINE)
 
 
@@ -247,6 +241,12 @@ def check_row(rec: Record) -> None:
         if listed != [1, 2, 3, 4, 5] or len(gold) != 5:
             raise SynthReject("parser:candidates", f"ranking needs candidates 1-5 and 5 weights, "
                                                    f"found candidates {listed} and {len(gold)} weights")
+        if rec.metric == "ndcg" and sorted(gold) == [1, 2, 3, 4, 5]:
+            raise SynthReject("parser:gold", f"gold {gold} is a ranking (a permutation of 1-5), not "
+                                             f"relevance weights per candidate")
+        if rec.metric == "ndcg" and (bad := [g for g in gold if g not in RELEVANCE_LEVELS]):
+            raise SynthReject("parser:gold", f"relevance weights must be ShopBench's levels "
+                                             f"{list(RELEVANCE_LEVELS)}, found {bad}")
         if len(set(gold)) < 2:
             raise SynthReject("parser:gold", "all candidates equally relevant (every order scores 1)")
     elif tt == "retrieval":
@@ -280,7 +280,8 @@ def load_pool(spec: SynthSpec) -> list[Record]:
     from shoptune.data.loaders import iter_records
     from shoptune.data.splits import split_of
 
-    rows = [r for r in iter_records(spec.pool, issues=[])
+    issues: list = []
+    rows = [r for r in iter_records(spec.pool, issues=issues)
             if spec.pool_split is None or split_of(r, test=spec.pool_split_test,
                                                    validation=spec.pool_split_validation) == spec.pool_split]
     tasks = spec.pool_tasks or ([spec.task] if any(r.task == spec.task for r in rows) else [])
@@ -290,7 +291,8 @@ def load_pool(spec: SynthSpec) -> list[Record]:
         pick = sorted(random.Random(spec.seed).sample(range(len(rows)), spec.pool_limit))
         rows = [rows[i] for i in pick]
     if not rows:
-        raise SynthError(f"pool {spec.pool}: no valid rows" + (f" of {tasks}" if tasks else ""))
+        why = (f" ({len(issues)} invalid row(s); first: {issues[0]})" if issues else "")
+        raise SynthError(f"pool {spec.pool}: no valid rows" + (f" of {tasks}" if tasks else "") + why)
     return rows
 
 
@@ -299,8 +301,7 @@ def student_scores(spec: SynthSpec, records: Sequence[Record], out_dir: Path,
     """Per record id: the student's score (the evaluation engine's per-question score)."""
     st = spec.student
     if st.predictions:
-        rows = read_log(Path(st.predictions))
-        return {r["id"]: float(r["score"]) for r in rows}
+        return _read_scores(Path(st.predictions))
     if not st.model:
         raise SynthError("student: give predictions (a predictions.jsonl) or model")
     from shoptune._io import write_jsonl
@@ -319,6 +320,22 @@ def student_scores(spec: SynthSpec, records: Sequence[Record], out_dir: Path,
              backend=st.backend, base_url=st.base_url, api_key=key, protocol=st.protocol,
              quiet=quiet, n_boot=10)
     return {r["id"]: float(r["score"]) for r in read_log(pred)}
+
+
+def _read_scores(path: Path) -> dict[str, float]:
+    """id -> score of a predictions.jsonl (`shoptune eval`), read only; one line per bad row."""
+    if not path.exists():
+        raise SynthError(f"student.predictions {path}: no such file")
+    out = {}
+    for n, row in enumerate(read_log(path), 1):
+        if not isinstance(row.get("id"), str):
+            raise SynthError(f"{path}:{n}: id: missing (a predictions.jsonl of `shoptune eval` has "
+                             f"id and score per question)")
+        score = row.get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise SynthError(f"{path}:{n}: score: must be a number, got {score!r}")
+        out[row["id"]] = float(score)
+    return out
 
 
 # --------------------------------------------------------------------------- plan
@@ -353,7 +370,12 @@ def make_pool(spec: SynthSpec, rows: list[Record], scores: dict[str, float] | No
                 {r.id: language_of(r.input_field) for r in rows}, th)
     ch = spec.characteristics
     if any(k != "any" for k in ch.difficulty) and not diff:
-        raise SynthError("characteristics.difficulty needs a student (spec: student: ...)")
+        if scores is None:
+            raise SynthError("characteristics.difficulty needs a student (spec: student: ...)")
+        src = spec.student.predictions or "the student's predictions"
+        raise SynthError(f"student.predictions {src}: none of its {len(scores)} ids is a pool row "
+                         f"(pool ids look like {rows[0].id!r}; score the same pool file with "
+                         f"`shoptune eval`)")
     problems = []
     for name, values in (("difficulty", ch.difficulty), ("length", ch.length),
                          ("language", ch.language)):
@@ -400,16 +422,24 @@ def plan_job(spec: SynthSpec, pool: Pool, index: int, teacher_model: str) -> Job
 # --------------------------------------------------------------------------- accept / reject
 
 class Gate:
-    """Exact/near duplicates against the pool and kept rows, then decontamination."""
+    """Exact/near duplicates against the pool and kept rows, then decontamination against the
+    evaluation sets (indexed once for the run)."""
 
     def __init__(self, spec: SynthSpec, pool: Sequence[Record], evals: dict[str, Sequence[Record]]):
         from datasketch import MinHashLSH
 
-        from shoptune.data.dedup import _template_lines, common_ngrams
+        from shoptune.data.dedup import EvalIndex, common_ngrams, pool_doc_freq, template_lines
 
         self.spec, self.evals = spec, evals
-        self.template = _template_lines(pool)
-        self.ignore = common_ngrams(pool, n=spec.ngram) if spec.ngram and evals else set()
+        self.template = template_lines(pool)
+        self.index = EvalIndex(evals, ngram=spec.ngram) if evals else None
+        # 13-grams that are the task's wording, not one question's content: common in the pool
+        # (more than 10 rows, or 10% of a small pool) or shared by two questions of one
+        # evaluation task (a template whose query sits on the same line as its fixed words)
+        self.ignore = set()
+        if spec.ngram and evals:
+            self.ignore = (common_ngrams(pool, n=spec.ngram, max_doc_freq=pool_doc_freq(len(pool)))
+                           | self.index.shared_ngrams())
         self.exact: dict[str, str] = {}
         self.lsh = MinHashLSH(threshold=spec.dedup_threshold, num_perm=64)
         self.hashes: dict[str, tuple] = {}
@@ -421,31 +451,32 @@ class Gate:
         return content(rec, self.template)
 
     def add(self, rec: Record, label: str) -> None:
-        from shoptune.data.dedup import _minhash, normalize
+        from shoptune.data.dedup import minhash, normalize
         self.exact.setdefault(normalize(rec.input_field), label)
         key = str(len(self.hashes))
-        m = _minhash(self._content(rec), 64)
+        m = minhash(self._content(rec), 64)
         self.lsh.insert(key, m)
         self.hashes[key] = (m, label)
 
     def check(self, rec: Record) -> None:
-        from shoptune.data.dedup import _minhash, decontaminate, normalize
+        from shoptune.data.dedup import minhash, normalize
         if (of := self.exact.get(normalize(rec.input_field))):
             raise SynthReject("duplicate-exact", f"same question as {of}", of=of)
-        m = _minhash(self._content(rec), 64)
+        m = minhash(self._content(rec), 64)
         sims = [(self.hashes[k][0].jaccard(m), self.hashes[k][1]) for k in self.lsh.query(m)]
         best = max(sims, default=None)
         if best and best[0] >= self.spec.dedup_threshold:
             raise SynthReject("duplicate-near", f"content Jaccard {best[0]:.2f} with {best[1]}",
                               of=best[1])
-        if self.evals:
-            _, removed = decontaminate([rec], self.evals, ngram=self.spec.ngram,
-                                       ignore_ngrams=self.ignore, template_lines=self.template)
-            if removed:
-                x = removed[0]
-                raise SynthReject(x["reason"], f"{x['eval_set']} question {x['of']}"
-                                  + (f" (13-gram: {x['ngram']!r})" if "ngram" in x else ""),
-                                  of=x["of"], eval_set=x["eval_set"])
+        if self.index is None:
+            return
+        x = self.index.match(rec, self.template)
+        if x is None and (hits := self.index.ngram_hits(rec, self.template, self.ignore)):
+            x = self.index.removal(rec, hits)
+        if x:
+            raise SynthReject(x["reason"], f"{x['eval_set']} question {x['of']}"
+                              + (f" ({self.spec.ngram}-gram: {x['ngram']!r})" if "ngram" in x else ""),
+                              of=x["of"], eval_set=x["eval_set"])
 
 
 def make_record(spec: SynthSpec, card, job: Job, text: str) -> Record:
@@ -485,8 +516,8 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
     pool = make_pool(spec, pool_rows, scores)
     evals = _eval_sets(spec.decontaminate_against)
     # 2. what earlier runs decided (append-only files) and the teacher's cached answers
-    kept_rows, rejected_rows = read_log(out), read_log(paths["rejected"])
-    cache = {c["key"]: c for c in read_log(paths["cache"])}
+    kept_rows, rejected_rows, spent = _read_run(out, paths)
+    cache = {c["key"]: c for c in spent if "text" in c}  # answers; other rows: requests spent
     done = {r["extra"]["provenance"]["job"] for r in kept_rows} | {r["job"] for r in rejected_rows}
     gate = Gate(spec, pool_rows, evals)
     for r in kept_rows:
@@ -495,9 +526,12 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
                       backoff_s=spec.backoff_s, max_backoff_s=spec.max_backoff_s,
                       timeout_s=spec.timeout_s, max_requests=spec.max_requests,
                       max_total_tokens=spec.max_total_tokens)
-    teacher.requests = sum(c.get("attempts", 1) for c in cache.values())  # the budget is per run
-    teacher.tokens = sum(c.get("usage", 0) for c in cache.values())
-    session = {"requests_before": teacher.requests, "cache_hits": 0, "teacher_errors": 0}
+    # The budget covers the whole output file, resumes included: every request ever sent for it
+    # (answers, retries, seed re-asks, refused and failed jobs) is in FILE.cache.jsonl.
+    teacher.requests = sum(c.get("attempts", 1) for c in spent)
+    teacher.tokens = sum(c.get("usage", 0) for c in spent)
+    session = {"requests_before": teacher.requests, "cache_hits": 0, "teacher_errors": 0,
+               "refused_in_a_row": 0}
     max_jobs = spec.max_jobs or 10 * spec.rows
     kept_log, rej_log, cache_log = AppendLog(out), AppendLog(paths["rejected"]), AppendLog(paths["cache"])
     stop_reason = None
@@ -506,8 +540,14 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
         if job.key in cache:
             session["cache_hits"] += 1
             return cache[job.key]
-        ans = teacher.ask(job.prompt, temperature=spec.temperature, max_tokens=spec.max_tokens,
-                          seed=job.seed)
+        try:
+            ans = teacher.ask(job.prompt, temperature=spec.temperature, max_tokens=spec.max_tokens,
+                              seed=job.seed)
+        except (BudgetExhausted, TeacherFailed, JobRefused) as e:
+            if e.sent:  # requests without an answer still count against the budget on resume
+                cache_log.write({"job": job.index, "attempts": e.sent, "usage": 0,
+                                 "error": str(e)[:200]})
+            raise
         entry = {"key": job.key, "job": job.index, **ans}
         cache_log.write(entry)
         return entry
@@ -567,6 +607,18 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
                         session["teacher_errors"] += 1
                         stop_reason = stop_reason or str(e)
                         continue
+                    except JobRefused as e:  # a 400 about this request: reject the job
+                        session["refused_in_a_row"] += 1
+                        if session["refused_in_a_row"] >= REFUSED_IN_A_ROW:
+                            raise TeacherError(f"teacher {teacher_url} refused {REFUSED_IN_A_ROW} "
+                                               f"requests in a row: {e}") from None
+                        row = {"job": job.index, "reason": "teacher:400", "detail": str(e)[:300],
+                               "text": None, "prompt_hash": job.key,
+                               "shown": [r.id for r in job.shown], "characteristic": job.cell}
+                        rej_log.write(row)
+                        rejected_rows.append(row)
+                        continue
+                    session["refused_in_a_row"] = 0
                     if len(kept_rows) < spec.rows:
                         decide(job, entry)
                 bar.update(pid, completed=min(len(kept_rows), spec.rows), rejected=len(rejected_rows),
@@ -584,6 +636,27 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
                                                           quiet=quiet)
     write_json(paths["report"], report)
     return report
+
+
+REFUSED_IN_A_ROW = 5  # this many 400s in a row is the request shape, not one job: stop
+
+
+def _read_run(out: Path, paths: dict[str, Path]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(kept, rejected, cache rows) of an earlier run on ``out``; a file `data synth` did not
+    write is named with its first foreign line."""
+    kept = read_log(out, own=True)
+    for n, r in enumerate(kept, 1):
+        prov = (r.get("extra") or {}).get("provenance") if isinstance(r.get("extra"), dict) else None
+        if not isinstance(prov, dict) or not isinstance(prov.get("job"), int):
+            raise SynthError(f"{out}:{n}: extra.provenance.job: missing; this file was not written "
+                             f"by `data synth` (resume appends to --out): choose another --out")
+    rejected = read_log(paths["rejected"], own=True)
+    cache = read_log(paths["cache"], own=True)
+    for path, rows in ((paths["rejected"], rejected), (paths["cache"], cache)):
+        for n, r in enumerate(rows, 1):
+            if not isinstance(r.get("job"), int):
+                raise SynthError(f"{path}:{n}: job: missing; not a `data synth` log")
+    return kept, rejected, cache
 
 
 def _eval_sets(names: Sequence[str]) -> dict[str, list[Record]]:

@@ -4,7 +4,9 @@ budget and its own retries, and the append-only JSON-lines logs a resumable run 
 Every HTTP request, retries included, is counted against the budget, so the client is the
 official ``openai`` client with ``max_retries=0`` and the back-off done here: 429 / 5xx /
 connection errors wait ``backoff_s * 2**attempt`` (half to full, seeded jitter; at least the
-server's ``Retry-After``), up to ``max_backoff_s``; other errors (400, 401, 404) stop the run.
+server's ``Retry-After``), never more than ``max_backoff_s``. A 400 is about the one request
+(e.g. its prompt is longer than the model's context): :class:`JobRefused`, the run rejects that
+row and goes on; other errors (401, 403, 404) stop the run (:class:`TeacherError`).
 """
 from __future__ import annotations
 
@@ -24,12 +26,28 @@ class TeacherError(ValueError):
 
 # --------------------------------------------------------------------------- teacher client
 
-class BudgetExhausted(Exception):
+class _Spent(Exception):
+    """An ``ask`` that ended without an answer; ``sent``: the requests it cost (budget)."""
+
+    def __init__(self, msg: str, sent: int = 0):
+        super().__init__(msg)
+        self.sent = sent
+
+
+class BudgetExhausted(_Spent):
     pass
 
 
-class TeacherFailed(Exception):
-    pass
+class TeacherFailed(_Spent):
+    """Retries used up on 429 / 5xx / connection errors."""
+
+
+class JobRefused(_Spent):
+    """A 400 about this one request (not the seed): the job is rejected, the run goes on."""
+
+
+class LogError(ValueError):
+    """A line of a JSON-lines file that is not a JSON object: ``path:LINE: reason``."""
 
 
 @dataclass
@@ -68,9 +86,14 @@ class Teacher:
     def ask(self, prompt: str, *, temperature: float, max_tokens: int, seed: int) -> dict:
         import openai
         rng = random.Random(seed)
-        attempt = 0
+        attempt = sent = 0
         while True:
-            self._take_request()
+            try:
+                self._take_request()
+            except BudgetExhausted as e:
+                e.sent = sent
+                raise
+            sent += 1
             sent_seed = self.send_seed
             try:
                 r = self.client.chat.completions.create(
@@ -84,11 +107,11 @@ class Teacher:
                     self.retried[str(status)] += 1
                 if attempt == self.retries:
                     raise TeacherFailed(f"teacher {self.url}: {status} after {attempt + 1} "
-                                        f"attempts: {_short(e)}") from None
+                                        f"attempts: {_short(e)}", sent) from None
                 wait = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + rng.random() / 2)
                 headers = getattr(getattr(e, "response", None), "headers", None) or {}
-                try:
-                    wait = max(wait, float(headers.get("retry-after", 0)))
+                try:  # the server's Retry-After, within our own cap
+                    wait = min(self.max_backoff_s, max(wait, float(headers.get("retry-after", 0))))
                 except ValueError:
                     pass
                 time.sleep(wait)
@@ -100,6 +123,8 @@ class Teacher:
                     with self._lock:
                         self.retried["400-seed"] += 1
                     continue
+                if e.status_code == 400:
+                    raise JobRefused(f"400 {_short(e)}", sent) from None
                 raise TeacherError(f"teacher {self.url} refused the request: {e.status_code} "
                                    f"{_short(e)}") from None
             usage = r.usage.total_tokens if r.usage else 0
@@ -107,7 +132,7 @@ class Teacher:
                 self.tokens += usage
             return {"text": r.choices[0].message.content or "", "usage": usage,
                     "finish_reason": r.choices[0].finish_reason, "model": r.model,
-                    "attempts": attempt + 1, "seed_sent": self.send_seed}
+                    "attempts": sent, "seed_sent": self.send_seed}
 
 
 def _short(e: Exception) -> str:
@@ -117,16 +142,48 @@ def _short(e: Exception) -> str:
 
 # --------------------------------------------------------------------------- append-only logs
 
-def read_log(path: Path) -> list[dict]:
-    """Rows of an append-only JSON-lines log; a torn last line (killed mid-write) is cut off."""
+def read_log(path: Path, *, own: bool = False) -> list[dict]:
+    """Rows (JSON objects) of a JSON-lines file; :class:`LogError` names ``path:LINE`` of a bad one.
+
+    ``own``: an append-only log this run writes. A killed writer can leave a torn last line
+    (no newline, not JSON): only then is that line cut off the file, so appends start clean.
+    Any other file (a predictions.jsonl, say) is only read, never written."""
     if not path.exists():
         return []
-    raw = path.read_bytes()
-    good = raw[:raw.rfind(b"\n") + 1]
-    if len(good) != len(raw):
-        with open(path, "r+b") as fh:
-            fh.truncate(len(good))
-    return [json.loads(x) for x in good.decode("utf-8").splitlines() if x.strip()]
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LogError(f"{path}: cannot read: {e.strerror}") from None
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail.strip():
+        try:
+            json.loads(tail)
+            torn = False
+        except ValueError:
+            torn = True
+        if torn and own:
+            with open(path, "r+b") as fh:
+                fh.truncate(len(raw) - len(tail))
+        elif torn:
+            lines.append(tail)  # reported below, with its line number
+        else:
+            lines.append(tail)  # a complete last row without its newline
+            if own:
+                with open(path, "ab") as fh:
+                    fh.write(b"\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LogError(f"{path}:{n}: not a JSON line: {getattr(e, 'msg', e)}") from None
+        if not isinstance(row, dict):
+            raise LogError(f"{path}:{n}: not a JSON object")
+        rows.append(row)
+    return rows
 
 
 class AppendLog:

@@ -113,14 +113,15 @@ def multilingual_path() -> str:
 
 
 @lru_cache(maxsize=2)
-def _encoder(path: str):
+def encoder(path: str):
+    """The sentence-transformers model at ``path`` (cached; shared with ``data derive mcq``)."""
     from sentence_transformers import SentenceTransformer
     return SentenceTransformer(path, device="cpu")
 
 
 def embedding_similarity(preds: Sequence[str], golds: Sequence, model_path: str) -> list[float]:
     """Cosine similarity floored at 0; a list of golds scores the mean similarity, floored."""
-    enc = _encoder(model_path)
+    enc = encoder(model_path)
     flat, owner = [], []
     for i, g in enumerate(golds):
         for x in (g if isinstance(g, list) else [g]):

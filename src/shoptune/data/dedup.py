@@ -10,7 +10,8 @@ lm-evaluation-harness: an evaluation question overlaps the training data when on
 normalised word 13-grams occurs in a training row (question + answer). It catches a leak
 rewritten into another template (a generation row's products and explanation turned into a
 multiple-choice question), which whole-question near-duplicate checks miss. As in GPT-3,
-13-grams found in more than ``max_doc_freq`` (10) training rows are ignored (boilerplate), and
+13-grams found in more than ``max_doc_freq`` (10) training rows are ignored (boilerplate; a few
+rows at a time are checked against boilerplate learnt elsewhere: ``ignore_ngrams``), and
 both sides are taken without their task's template lines (instructions shared by many rows of a
 task, as for near duplicates); questions with fewer than 13
 words have no 13-grams and are left to the exact and near-duplicate checks. N-grams are 64-bit

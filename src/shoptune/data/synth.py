@@ -15,8 +15,8 @@ examples from a seeded generator of ``(seed, i)``, so a run is reproducible and 
 Each generated row goes through (1) the format (``<question>``/``<answer>``), (2) the loaders'
 record checks (:func:`~shoptune.data.loaders.check_fields`), (3) the task type's own parser and
 metric: the gold, written as a training answer and parsed back by the ShopBench parser, must
-score 1 (option count and gold index for multiple choice, a permutation of the 5 candidates for
-ranking, valid numbers for retrieval, entities present in the text for NER), (4) exact and near
+score 1 (option count and gold index for multiple choice, 5 candidates with ShopBench relevance
+weights for ranking, valid numbers for retrieval, entities present in the text for NER), (4) exact and near
 duplicates against the pool and the rows kept so far, (5) decontamination against every
 evaluation set (exact, near, 13-gram; :mod:`shoptune.data.dedup`). Rejected rows go to
 ``FILE.rejected.jsonl`` with the reason.
@@ -25,7 +25,8 @@ Files (all append-only, one JSON object a line, fsync'd): ``FILE.jsonl`` (kept r
 ``extra.provenance``), ``FILE.rejected.jsonl``, ``FILE.cache.jsonl`` (teacher answers keyed by a
 hash of the request). A killed run started again re-reads them: jobs already decided are
 skipped, answers already received are taken from the cache; nothing is asked twice.
-``FILE.report.json``: kept/rejected by reason, answer lengths, option positions, and the
+The request and token budgets cover ``FILE`` over all its runs (every request is on record in
+the cache). ``FILE.report.json``: kept/rejected by reason, answer lengths, option positions, and the
 steering check (the student's score on rows made from hard vs easy examples).
 """
 from __future__ import annotations

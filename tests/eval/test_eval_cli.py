@@ -122,7 +122,7 @@ def test_eval_bad_input_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_field": "x"}\n')
     res = CliRunner().invoke(app, ["eval", "--model", "smollm2-135m", "--data", str(bad), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 1 and "bad.jsonl:line 1: output_field: missing" in res.output
+    assert res.exit_code == 1 and "bad.jsonl:1: output_field: missing" in res.output
     res = CliRunner().invoke(app, ["eval", "--model", "nope", "--data", str(DEV), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "not an embedded model" in res.output
     assert not (tmp_path / "o").exists()

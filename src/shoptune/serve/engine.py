@@ -341,7 +341,27 @@ class EngineStats:
     on_tokens: object = None  # (model, prompt_tokens, generated_tokens)
 
 
-class Engine:
+class JobStream:
+    """How a request handler reads a submitted job, whatever engine runs it."""
+
+    async def events(self, job: Job):
+        """Yield ("delta", text) events until the job ends; returns on ("done", reason)."""
+        while True:
+            kind, value = await job.events.get()
+            if kind == "delta":
+                yield value
+            elif kind == "done":
+                return
+            else:
+                raise value
+
+    async def complete(self, job: Job) -> str:
+        async for _ in self.events(job):
+            pass
+        return job.text
+
+
+class Engine(JobStream):
     def __init__(self, model, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
                  max_wait: float = 0.005, max_queue: int = 256, stats: EngineStats | None = None):
         self.model, self.tok = model, tokenizer
@@ -506,22 +526,6 @@ class Engine:
     def _release(self, job: Job) -> None:
         with self._count_lock:
             self.pending[job.model or BASE] -= 1
-
-    async def events(self, job: Job):
-        """Yield ("delta", text) events until the job ends; returns on ("done", reason)."""
-        while True:
-            kind, value = await job.events.get()
-            if kind == "delta":
-                yield value
-            elif kind == "done":
-                return
-            else:
-                raise value
-
-    async def complete(self, job: Job) -> str:
-        async for _ in self.events(job):
-            pass
-        return job.text
 
     # ------------------------------------------------------------------ worker
     def _worker(self) -> None:

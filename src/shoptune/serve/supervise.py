@@ -64,6 +64,23 @@ def _die_with_parent() -> None:
         pass
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, *, poll: float = 0.3,
+                 stop: threading.Event | None = None) -> str:
+    """Poll ``URL/health`` until it answers 200 (``"up"``), the process ends (``"exited"``), or
+    the timeout passes or ``stop`` is set (``"timeout"``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        if proc.poll() is not None:
+            return "exited"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return "up"
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    return "timeout"
+
+
 class LlamaServerSupervisor:
     """Runs ``llama-server`` for an export folder on a fixed loopback port; restarts it on exit."""
 
@@ -102,18 +119,13 @@ class LlamaServerSupervisor:
         log.info("llama-server pid %d: %s", self.proc.pid, " ".join(self.cmd))
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline and not self._stopping.is_set():
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise ExportError(f"llama-server exited {self.proc.returncode}: {tail[0][:300]} "
-                                  f"(log: {self.log_path})")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        state = wait_healthy(self.proc, self.url, self.startup_timeout, poll=0.2, stop=self._stopping)
+        if state == "up":
+            return
+        if state == "exited":
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise ExportError(f"llama-server exited {self.proc.returncode}: {tail[0][:300]} "
+                              f"(log: {self.log_path})")
         raise ExportError(f"llama-server not ready within {self.startup_timeout:.0f} s (log: {self.log_path})")
 
     def _watch(self) -> None:

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -44,7 +43,7 @@ class ServerProcess:
     """`python -m shoptune.cli serve ARGS` on a free loopback port; waits for /health."""
 
     def __init__(self, args: list[str], log: Path, *, startup_timeout: float = 180.0):
-        import httpx
+        from shoptune.serve.supervise import wait_healthy
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,16 +52,11 @@ class ServerProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "shoptune.cli", "serve", "--port", str(self.port),
                                       "--log-level", "warning", *args],
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        state = wait_healthy(self.proc, self.url, startup_timeout)
+        if state == "up":
+            return
+        if state == "exited":
+            raise RuntimeError(f"server exited {self.proc.returncode}:\n{log.read_text()}")
         self.stop()
         raise RuntimeError(f"server did not come up:\n{log.read_text()}")
 
@@ -173,9 +167,8 @@ class LlamaServerProcess:
 
     def __init__(self, model: Path, loras: list[Path], log: Path, *, slots: int = 16,
                  ctx_per_slot: int = 2048, threads: int = 2, startup_timeout: float = 120.0):
-        import httpx
-
         from shoptune.serve.gguf import llama_server_path
+        from shoptune.serve.supervise import wait_healthy
         binary = llama_server_path()
         if binary is None:
             raise RuntimeError("no llama-server binary: run `make llama-server` or set SHOPTUNE_LLAMA_SERVER")
@@ -188,16 +181,11 @@ class LlamaServerProcess:
             cmd += ["--lora", ",".join(map(str, loras)), "--lora-init-without-apply"]
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        state = wait_healthy(self.proc, self.url, startup_timeout)
+        if state == "up":
+            return
+        if state == "exited":
+            raise RuntimeError(f"llama-server exited {self.proc.returncode}:\n{log.read_text()[-3000:]}")
         self.stop()
         raise RuntimeError(f"llama-server did not come up:\n{log.read_text()[-3000:]}")
 

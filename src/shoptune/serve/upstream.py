@@ -44,7 +44,7 @@ from pathlib import Path, PurePath
 import httpx
 
 from shoptune.eval.backends import _choice_token_ids
-from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats,
+from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
 
 log = logging.getLogger("shoptune.serve")
@@ -167,7 +167,7 @@ def _transport_error(e: Exception, url: str) -> UpstreamError:
                          code="upstream_unreachable")
 
 
-class UpstreamEngine:
+class UpstreamEngine(JobStream):
     """Jobs answered by an OpenAI-compatible engine over HTTP (see the module docstring).
 
     ``adapters`` maps the names served by the gateway to the upstream's own references (vLLM
@@ -426,21 +426,6 @@ class UpstreamEngine:
         self._waiting += 1
         asyncio.ensure_future(self._run(job))
         return job
-
-    async def events(self, job: Job):
-        while True:
-            kind, value = await job.events.get()
-            if kind == "delta":
-                yield value
-            elif kind == "done":
-                return
-            else:
-                raise value
-
-    async def complete(self, job: Job) -> str:
-        async for _ in self.events(job):
-            pass
-        return job.text
 
     async def _run(self, job: Job) -> None:
         waiting = True

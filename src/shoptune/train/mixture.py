@@ -77,7 +77,8 @@ def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
     if cfg.total is None:
         return dict(sizes)
     if cfg.weights:
-        raw = {t: cfg.weights.get(t, 0.0) for t in sizes}
+        # unlisted tasks get the "*" weight (0 when there is none: weights then select tasks)
+        raw = {t: cfg.weights.get(t, cfg.weights.get("*", 0.0)) for t in sizes}
     else:
         raw = {t: n ** (1.0 / cfg.temperature) for t, n in sizes.items()}
     z = sum(raw.values()) or 1.0

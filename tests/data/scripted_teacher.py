@@ -61,7 +61,8 @@ class ScriptedServer:
                                   "key": key, "status": status, "seed": body.get("seed")})
         if status != 200:
             headers = {"retry-after": str(out.get("retry_after"))} if isinstance(out, dict) and "retry_after" in out else {}
-            return JSONResponse({"error": {"message": f"scripted {status}", "type": "scripted",
+            message = out.get("message", f"scripted {status}") if isinstance(out, dict) else f"scripted {status}"
+            return JSONResponse({"error": {"message": message, "type": "scripted",
                                            "param": None, "code": None}}, status_code=status,
                                 headers=headers)
         text = out

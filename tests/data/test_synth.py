@@ -211,6 +211,25 @@ def test_429_and_500_back_off_then_succeed(files):
     assert rep["requests"]["total"] == 5
 
 
+def test_a_teacher_that_refuses_seed_is_asked_without_it(files):
+    def reply(body):
+        if "seed" in body:
+            return 400, {"message": "seed is not supported by this server"}
+        return 200, good_reply(prompt_of(body))
+
+    srv = ScriptedServer(reply)
+    try:
+        rep = run_synth(spec_for(files, srv, rows=2, concurrency=1, decontaminate_against=[]),
+                        files["dir"] / "r.jsonl", teacher_url=srv.url, teacher_model="t",
+                        api_key="k", quiet=True)
+    finally:
+        srv.stop()
+    chat = srv.chat_requests()
+    assert [(r["status"], r["seed"] is None) for r in chat] == [(400, False), (200, True), (200, True)]
+    assert rep["teacher"]["seed_sent"] is False and rep["requests"]["retried_by_status"] == {"400-seed": 1}
+    assert rep["kept"] == 2
+
+
 def test_killed_run_resumes_without_asking_again(files):
     answered = []
     lock = threading.Lock()
@@ -304,10 +323,10 @@ def test_shoptune_serve_as_the_teacher(files, tmp_path):
                         teacher_model="smollm2-135m", api_key="EMPTY", quiet=True)
     finally:
         s.stop()
-    # one request was refused for its OpenAI `seed` (shoptune serve has none); then every
-    # request gave one decided row
-    assert rep["teacher"]["seed_sent"] is False and rep["requests"]["retried_by_status"] == {"400-seed": 1}
-    assert rep["requests"]["total"] - 1 == rep["kept"] + rep["rejected"] == 2
+    # shoptune serve honours OpenAI's `seed`: it is sent, and each of the 3 requests the budget
+    # allows gave one decided row
+    assert rep["teacher"]["seed_sent"] is True and rep["requests"]["retried_by_status"] == {}
+    assert rep["requests"]["total"] == rep["kept"] + rep["rejected"] == 3
     assert rep["tokens"] > 0 and rep["teacher"]["model"] == "smollm2-135m"
     rejected = side_paths(tmp_path / "s.jsonl")["rejected"]
     for row in map(json.loads, rejected.read_text().splitlines() if rejected.exists() else []):

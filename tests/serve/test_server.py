@@ -64,7 +64,7 @@ def test_completions_list_prompt_n_and_stop(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_sampling_is_seedless_but_valid(client):
+def test_sampling_without_a_seed_is_valid(client):
     r = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=5, temperature=0.8,
                                   top_p=0.9, n=3)
     assert len(r.choices) == 3 and all(c.finish_reason in ("stop", "length") for c in r.choices)
@@ -224,7 +224,7 @@ def test_unknown_adapter_is_404(client):
     ({"model": "alpha", "prompt": "hi", "temperature": 5}, "temperature"),
     ({"model": "alpha"}, "prompt"),
     ({"model": "alpha", "prompt": "hi", "max_tokens": 100000}, "max_tokens"),
-    ({"model": "alpha", "prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"model": "alpha", "prompt": "hi", "logprobs": 2, "stream": True}, "logprobs"),
     ({"model": "alpha", "prompt": [[1, 2, 99999999]]}, "prompt"),
 ])
 def test_bad_completion_bodies_are_400_naming_the_field(server, body, param):

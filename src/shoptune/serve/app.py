@@ -220,6 +220,35 @@ def _invalid_text(body: bytes) -> str | None:
         return None
 
 
+# ----------------------------------------------------------------------------- logprobs
+def kept_tokens(tok, ids: list[int], text: str) -> int:
+    """How many of ``ids`` produced ``text`` (generation cut by a stop string drops the rest)."""
+    full = tok.decode(ids, skip_special_tokens=True)
+    if len(text) >= len(full):
+        return len(ids)
+    return sum(1 for k in range(len(ids)) if len(tok.decode(ids[:k], skip_special_tokens=True)) < len(text))
+
+
+def completion_logprobs(tok, ids: list[int], lps: list, tops: list, start: int = 0) -> dict:
+    """OpenAI's ``/v1/completions`` logprobs object for tokens ``ids`` (their text starting at
+    character ``start`` of the choice's text); ``lps``/``tops`` may hold None (a prompt's first
+    token has no log-probability)."""
+    offsets = [start + len(tok.decode(ids[:k], skip_special_tokens=True)) for k in range(len(ids))]
+    return {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": list(lps),
+            "top_logprobs": [None if top is None else {tok.decode([t]): lp for t, lp in top}
+                             for top in tops],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tok, ids: list[int], lps: list[float], tops: list, k: int) -> dict:
+    """OpenAI's chat ``logprobs`` object: ``content`` entries with ``k`` alternatives each."""
+    def entry(t: int, lp: float) -> dict:
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top[:k]]}
+                        for t, lp, top in zip(ids, lps, tops)]}
+
+
 def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     metrics = Metrics(engine)
@@ -279,6 +308,9 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
 
     def check(req, request: Request) -> tuple[str | None, float, float]:
         bad = req.unsupported()
+        if bad == ["logprobs"]:
+            raise EngineError("logprobs is not supported with stream by this server; ask without "
+                              "stream", param="logprobs")
         if bad:
             raise EngineError(f"{bad[0]} is not supported by this server", param=bad[0])
         temperature = 1.0 if req.temperature is None else req.temperature
@@ -396,6 +428,10 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         c = sum(len(j.gen_ids) for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    def trimmed(job: Job) -> tuple[list[int], list[float], list]:
+        n = kept_tokens(tok, job.gen_ids, job.text)
+        return job.gen_ids[:n], job.token_logprobs[:n], job.top_logprobs[:n]
+
     def finish_reason(job: Job) -> str:
         return "length" if job.finish_reason == "length" else "stop"
 
@@ -431,23 +467,62 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
                 raise EngineError(f"each prompt needs 1..{settings.max_prompt_tokens} valid tokens",
                                   param="prompt")
         limit = max_tokens(req.max_tokens, 16, "max_tokens")
-        jobs = [Job(ids, adapter, max_new_tokens=limit, temperature=temperature, top_p=top_p,
-                    stop=req.stops()) for ids in prompts for _ in range(req.n)]
-        submit_all(jobs)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if limit == 0 and req.stream:
+            raise EngineError("max_tokens 0 (prompt logprobs only) needs stream false", param="max_tokens")
         all_prompts = [ids for ids in prompts for _ in range(req.n)]
+        # choice k of a seeded request samples with seed + k: reproducible, and the n differ
+        jobs = [Job(ids, adapter, max_new_tokens=limit, temperature=temperature, top_p=top_p,
+                    stop=req.stops(), logprobs=req.logprobs,
+                    seed=None if req.seed is None else req.seed + k)
+                for ids in prompts for k in range(req.n)] if limit > 0 else []
+        scored = [Job(ids, adapter, kind="score", logprobs=req.logprobs) for ids in prompts] \
+            if req.echo and req.logprobs is not None else []
+        submit_all(scored + jobs)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if isinstance(p, str):
+            echoed = [p]
+        elif p and all(isinstance(x, str) for x in p):
+            echoed = list(p)
+        else:
+            echoed = [tok.decode(ids) for ids in prompts]
+        echoed = [echoed[i // req.n] if req.echo else "" for i in range(len(all_prompts))]
         if req.stream:
-            return stream_response(req, jobs, all_prompts, rid, created, "text_completion",
-                                   lambda i, text, reason: {"index": i, "text": text or "",
-                                                            "logprobs": None, "finish_reason": reason})
+            started = set()
+
+            def choice(i, text, reason):
+                if i not in started:  # the echoed prompt leads the first chunk
+                    started.add(i)
+                    text = echoed[i] + (text or "")
+                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return stream_response(req, jobs, all_prompts, rid, created, "text_completion", choice)
         try:
-            await wait_all(request, jobs)
+            await wait_all(request, scored + jobs)
         except ClientGone:
             return Response(status_code=499)
+
+        def logprobs(i: int) -> dict | None:
+            if req.logprobs is None:
+                return None
+            parts = []  # (ids, logprobs, alternatives, where their text starts in the choice's)
+            if scored:  # the echoed prompt; its first token has no log-probability
+                sj = scored[i // req.n]
+                parts.append((sj.prompt_ids, [None, *sj.token_logprobs], [None, *sj.top_logprobs], 0))
+            if jobs:
+                j = jobs[i]
+                n = kept_tokens(tok, j.gen_ids, j.text)
+                parts.append((j.gen_ids[:n], j.token_logprobs[:n], j.top_logprobs[:n], len(echoed[i])))
+            out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for part in parts:
+                for key, values in completion_logprobs(tok, *part).items():
+                    out[key] += values
+            return out
+
+        choices = [{"index": i, "text": echoed[i] + (jobs[i].text if jobs else ""),
+                    "logprobs": logprobs(i),
+                    "finish_reason": finish_reason(jobs[i]) if jobs else "length"}
+                   for i in range(len(all_prompts))]
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": j.text, "logprobs": None,
-                             "finish_reason": finish_reason(j)} for i, j in enumerate(jobs)],
-                "usage": usage(jobs, all_prompts)}
+                "choices": choices, "usage": usage(jobs, all_prompts)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -463,7 +538,8 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
         limit = max_tokens(req.max_completion_tokens or req.max_tokens, settings.default_max_tokens,
                            "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         jobs = [Job(ids, adapter, max_new_tokens=limit, temperature=temperature, top_p=top_p,
-                    stop=req.stops()) for _ in range(req.n)]
+                    stop=req.stops(), logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                    seed=None if req.seed is None else req.seed + k) for k in range(req.n)]
         submit_all(jobs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         prompts = [ids] * req.n
@@ -483,7 +559,9 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
             return Response(status_code=499)
         return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": j.text},
-                             "logprobs": None, "finish_reason": finish_reason(j)}
+                             "logprobs": chat_logprobs(tok, *trimmed(j), req.top_logprobs or 0)
+                             if req.logprobs else None,
+                             "finish_reason": finish_reason(j)}
                             for i, j in enumerate(jobs)],
                 "usage": usage(jobs, prompts)}
 

@@ -10,9 +10,14 @@ Two kinds of job, decided like the evaluator's :class:`~shoptune.eval.backends.P
 
 * ``choice``: one forward pass, the answer is the best-scoring valid option token (multiple choice);
 * ``generate``: ``model.generate`` with per-row control. A logits processor applies each row's
-  constraint (the evaluator's :class:`NumberListProcessor` for ranked ids), temperature and top-p;
+  constraint (the evaluator's :class:`NumberListProcessor` for ranked ids), temperature, top-p
+  and seed (a seeded row samples with its own generator, so its tokens do not depend on the
+  batch it shares), and records the raw log-probabilities a row asked for (``logprobs``);
   a stopping criterion detokenizes each row incrementally, streams its new text to the waiting
-  handler, honours its stop strings / token limit, and ends rows whose client went away.
+  handler, honours its stop strings / token limit, and ends rows whose client went away;
+* ``score``: one forward pass over the prompt, the log-probability of each prompt token given the
+  ones before it and the top-k alternatives (``echo`` with ``logprobs``: how lm-evaluation-harness
+  and similar clients score multiple choice through ``/v1/completions``).
 
 Adapters are loaded and unloaded between batches (the worker holds ``model_lock`` while a batch
 runs); an adapter being unloaded first stops taking new requests and waits for its queued and
@@ -83,13 +88,15 @@ class Job:
     """One sequence to produce. ``model`` is an adapter name or None for the base model."""
     prompt_ids: list[int]
     model: str | None = None
-    kind: str = "generate"  # or "choice"
+    kind: str = "generate"  # or "choice" or "score"
     max_new_tokens: int = 16
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     plan: Plan | None = None  # the evaluator's plan (task endpoint): constraints, line-end stop
     choices: tuple[str, ...] = ()
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives
+    seed: int | None = None  # a sampled row's own generator seed
     # filled in by the engine
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -100,6 +107,10 @@ class Job:
     finish_reason: str | None = None
     enqueued: float = 0.0
     first_token: float | None = None
+    # logprobs: per generated token (kind "generate") or per prompt token after the first ("score")
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    _step_logprobs: torch.Tensor | None = None  # this step's raw log-softmax, until its token is known
 
     def _post(self, event) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -143,6 +154,8 @@ class RowLogits:
         self.constraints = [NumberListProcessor(tok, prompt_len, j.plan.max_value, j.plan.count,
                                                 j.plan.unique) if j.plan and j.plan.numeric else None
                             for j in jobs]
+        self.generators = [torch.Generator().manual_seed(j.seed) if j.seed is not None and j.temperature > 0
+                           else None for j in jobs]
         self.warpers = []
         for j in jobs:
             w = []
@@ -156,6 +169,9 @@ class RowLogits:
             self.warpers.append(w)
 
     def __call__(self, input_ids, scores):
+        for row, job in enumerate(self.jobs):  # the model's own distribution, before any control
+            if job.logprobs is not None and job.finish_reason is None:
+                job._step_logprobs = torch.log_softmax(scores[row].float(), -1)
         if self.sampling or any(self.constraints):  # (a plain greedy batch needs nothing per row)
             for row, job in enumerate(self.jobs):
                 if job.finish_reason is not None:
@@ -171,6 +187,10 @@ class RowLogits:
                         else:
                             for w in self.warpers[row]:
                                 s = w(input_ids[row:row + 1], s)
+                            if self.generators[row] is not None:  # its own draw: batch-independent
+                                pick = torch.multinomial(torch.softmax(s.float(), -1), 1,
+                                                         generator=self.generators[row])
+                                s = torch.full_like(s, -float("inf")).scatter(-1, pick, 0.0)
                     scores[row:row + 1] = s
                 except Exception as e:  # noqa: BLE001 - this row's failure, not the batch's
                     log.exception("row %d failed", row)
@@ -239,6 +259,24 @@ class StopMatcher:
         return start, end - self.depth[state]
 
 
+def top_k(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def record_logprobs(job: Job, logprobs: torch.Tensor, token: int) -> None:
+    """Append ``token``'s log-probability and the row's top ``job.logprobs`` alternatives (plus the
+    token itself when it is not among them, as vLLM reports it)."""
+    lp = logprobs[token].item()
+    top = top_k(logprobs, job.logprobs or 0)
+    if job.logprobs and token not in {t for t, _ in top}:
+        top.append((token, lp))
+    job.token_logprobs.append(lp)
+    job.top_logprobs.append(top)
+
+
 class RowControl:
     """Stopping criterion that also streams: per-row stop strings, limits and cancellation.
 
@@ -275,6 +313,9 @@ class RowControl:
             self._finish(row, "stop")
             return
         job.gen_ids.append(token)
+        if job._step_logprobs is not None:
+            record_logprobs(job, job._step_logprobs, token)
+            job._step_logprobs = None
         job.text = self.tok.decode(job.gen_ids, skip_special_tokens=True)
         start, streamable = (-1, len(job.text.rstrip("\ufffd"))) if self.matchers[row] is None \
             else self.matchers[row].feed(job.text)
@@ -584,9 +625,12 @@ class Engine(JobStream):
         try:
             with self.model_lock, torch.inference_mode():
                 choice = [j for j in live if j.kind == "choice"]
-                gen = [j for j in live if j.kind != "choice"]
+                score = [j for j in live if j.kind == "score"]
+                gen = [j for j in live if j.kind == "generate"]
                 if choice:
                     self._choose(choice)
+                if score:
+                    self._score(score)
                 if gen:
                     self._generate(gen)
         except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the worker lives
@@ -668,6 +712,34 @@ class Engine(JobStream):
             job.gen_ids = [0]  # one decision
             job.emit(len(job.text))
             job.done("stop")
+
+    SCORE_TOKENS = 2048  # padded prompt tokens per scoring forward pass (bounds the logits' memory)
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Prompt-token log-probabilities: token i given tokens < i, from one forward pass."""
+        jobs = sorted(jobs, key=lambda j: len(j.prompt_ids))
+        while jobs:
+            n = 1
+            while n < len(jobs) and (n + 1) * len(jobs[n].prompt_ids) <= self.SCORE_TOKENS:
+                n += 1
+            part, jobs = jobs[:n], jobs[n:]
+            inputs = self._inputs(part)
+            pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(**inputs, position_ids=pos).logits
+            width = logits.shape[1]
+            for row, job in enumerate(part):
+                try:
+                    m = len(job.prompt_ids)
+                    lps = torch.log_softmax(logits[row, width - m:width - 1].float(), -1)
+                    if not torch.isfinite(lps).all():
+                        raise ValueError("the scores are not finite numbers")
+                    for i, token in enumerate(job.prompt_ids[1:]):
+                        record_logprobs(job, lps[i], token)
+                except Exception as e:  # noqa: BLE001 - this row's failure, not the batch's
+                    job.fail(RowFailed(f"scoring failed for this request: {type(e).__name__}: {e}"))
+                    continue
+                job.done("length")
+            del logits
 
     def _generate(self, jobs: list[Job]) -> None:
         inputs = self._inputs(jobs)

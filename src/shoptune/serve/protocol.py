@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API (the fields vLLM's server takes that we honour).
 
 Unknown fields are accepted and ignored, as by OpenAI's and vLLM's servers; fields we know but do
-not implement (logprobs, echo, tools, penalties ...) are refused with a 400 naming the field
-instead of being silently ignored.
+not implement (tools, penalties, logit_bias, best_of, suffix, logprobs on a stream) are refused
+with a 400 naming the field instead of being silently ignored.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MIN_TEMPERATURE = 0.01  # below it (other than 0, greedy) the logits / temperature overflow
 MAX_STOPS = 32  # stop strings per request ...
 MAX_STOP_CHARS = 4096  # ... and their total length
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs)
 
 
 def find_invalid_text(obj) -> str | None:
@@ -90,23 +91,21 @@ class _Sampling(BaseModel):
             bad.append("frequency_penalty")
         if self.logit_bias:
             bad.append("logit_bias")
-        if self.seed is not None and (self.temperature or 0) > 0:
-            bad.append("seed")  # sampled rows share a batch RNG: per-request seeds cannot be honoured
         return bad
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: only the prompt's logprobs (with echo)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        bad += [k for k, v in (("echo", self.echo), ("logprobs", self.logprobs is not None),
-                               ("best_of", self.best_of not in (None, 1)), ("suffix", self.suffix))
+        bad += [k for k, v in (("best_of", self.best_of not in (None, 1)), ("suffix", self.suffix),
+                               ("logprobs", self.logprobs is not None and self.stream))
                 if v]
         return bad
 
@@ -134,12 +133,20 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict | None = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return v
+
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        if self.logprobs:
+        if self.logprobs and self.stream:
             bad.append("logprobs")
         if self.tools:
             bad.append("tools")

@@ -396,6 +396,8 @@ class UpstreamEngine(JobStream):
                         logit_bias={str(t): CHOICE_BIAS for t in choice_tokens(self.tok, job.choices)})
             return body
         body.update(max_tokens=job.max_new_tokens, stream=True)
+        if job.seed is not None:  # vLLM and llama-server both take a per-request seed
+            body["seed"] = job.seed
         if self.kind in ("vllm", "openai"):
             body["stream_options"] = {"include_usage": True}
         if job.stop:
@@ -414,6 +416,9 @@ class UpstreamEngine(JobStream):
             raise ShuttingDown("server is shutting down")
         if job.model is not None and (job.model not in self.adapters or job.model in self.draining):
             raise UnknownModel(f"The model `{job.model}` does not exist", param="model")
+        if job.kind == "score" or job.logprobs is not None:
+            raise NotSupported("logprobs and echo are not passed through the gateway yet; ask the "
+                               f"upstream {self.kind} engine directly", param="logprobs")
         if self._waiting >= self.max_queue:
             raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
         job.loop = asyncio.get_running_loop()

@@ -25,8 +25,8 @@ import torch
 
 from shoptune._io import write_json
 from shoptune.data.loaders import load_records
-from shoptune.eval.backends import (LocalBackend, OpenAIBackend, _choice_token_ids, build_prompts,
-                                    plan_for)
+from shoptune.decoding import build_prompts, choice_token_ids, plan_for
+from shoptune.eval.backends import LocalBackend, OpenAIBackend
 from shoptune.eval.scoring import score_outputs, summarize
 from shoptune.models import load
 from shoptune.serve.gguf import export_gguf, llama_server_path
@@ -41,7 +41,7 @@ def gap(model, tok, prompt: str, plan, ours: str, theirs: str) -> dict:
     ids = tok.encode(prompt, add_special_tokens=False)
     if plan.kind == "choice":
         logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
-        score = {c: max(logits[t].item() for t in _choice_token_ids(tok, c)) for c in plan.choices}
+        score = {c: max(logits[t].item() for t in choice_token_ids(tok, c)) for c in plan.choices}
         return {"where": "option", "gap": round(score[ours] - score.get(theirs, float("-inf")), 4)}
     common = 0
     while common < min(len(ours), len(theirs)) and ours[common] == theirs[common]:

@@ -19,7 +19,8 @@ import torch
 
 from shoptune._io import write_json
 from shoptune.data.loaders import load_records
-from shoptune.eval.backends import STARTER_KIT_PREFIX, LocalBackend, build_prompts, plan_for
+from shoptune.decoding import STARTER_KIT_PREFIX, build_prompts, plan_for
+from shoptune.eval.backends import LocalBackend
 from shoptune.eval.scoring import score_outputs, summarize
 from shoptune.models import load
 

@@ -144,7 +144,7 @@ def main() -> None:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from shoptune.eval.backends import build_prompts
+    from shoptune.decoding import build_prompts
     from shoptune.models import load
     from shoptune.train.format import IGNORE, answer_text
     from shoptune.train.mixture import build_mixture

@@ -14,7 +14,7 @@ import openai
 import pytest
 import uvicorn
 
-from shoptune.eval.backends import NumberListProcessor
+from shoptune.decoding import NumberListProcessor
 from shoptune.serve.app import ServeSettings, build_app
 from shoptune.serve.testing import free_port
 from shoptune.serve.upstream import (UpstreamEngine, choice_tokens, number_list_gbnf,
@@ -126,7 +126,7 @@ def test_choice_tokens_are_best_choice_tokens(tok):
     that token scores highest (ties included: " " starts " 0" and " 1", best_choice takes "0")."""
     import torch
 
-    from shoptune.eval.backends import best_choice
+    from shoptune.decoding import best_choice
     for choices in (("0", "1", "2", "3"), ("yes", "no")):
         m = choice_tokens(tok, choices)
         assert set(m.values()) == set(choices)

@@ -33,7 +33,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shoptune.eval.backends import build_prompts
+from shoptune.decoding import build_prompts
 from shoptune.serve import tasks as task_io
 from shoptune.serve.engine import (ADAPTER_NAME_RE, AdapterError, Engine, EngineError, EngineStats,
                                    Job)

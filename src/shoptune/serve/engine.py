@@ -39,7 +39,7 @@ import torch
 from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
-from shoptune.eval.backends import NumberListProcessor, Plan, best_choice
+from shoptune.decoding import NumberListProcessor, Plan, best_choice
 
 log = logging.getLogger("shoptune.serve")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shoptune.eval.backends import Plan, finish, plan_for
+from shoptune.decoding import Plan, finish, plan_for
 from shoptune.eval.parsers import parse
 from shoptune.records import Record
 from shoptune.tasks import TaskCard

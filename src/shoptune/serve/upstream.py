@@ -43,7 +43,7 @@ from pathlib import Path, PurePath
 
 import httpx
 
-from shoptune.eval.backends import _choice_token_ids
+from shoptune.decoding import choice_token_ids
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
 
@@ -110,7 +110,7 @@ def choice_tokens(tok, choices) -> dict[int, str]:
     """Valid option token id -> option, the tokens :func:`best_choice` compares."""
     out: dict[int, str] = {}
     for c in choices:
-        for t in _choice_token_ids(tok, c):
+        for t in choice_token_ids(tok, c):
             out.setdefault(t, c)
     return out
 

@@ -101,6 +101,11 @@ def all_cards() -> dict[str, TaskCard]:
     return dict(sorted(reg.items(), key=lambda kv: (order[kv[1].capability], natural(kv[0]))))
 
 
+def find_card(name: str) -> TaskCard | None:
+    """The card of task ``name``, or None (cheap: no sorting; called per question)."""
+    return _registry(tuple(_card_dirs())).get(name)
+
+
 def get_card(name: str) -> TaskCard:
     cards = all_cards()
     if name not in cards:

@@ -6,7 +6,7 @@ comma-separated entities for NER, the text for generation. Loss is on answer tok
 """
 from __future__ import annotations
 
-from shoptune.eval.backends import build_prompts
+from shoptune.decoding import build_prompts
 from shoptune.records import Record
 
 IGNORE = -100

@@ -110,7 +110,8 @@ class PeriodicEval(TrainerCallback):
         self.last: dict = {}
 
     def evaluate(self, model) -> dict:
-        from shoptune.eval.backends import LocalBackend, build_prompts, plan_for
+        from shoptune.decoding import build_prompts, plan_for
+        from shoptune.eval.backends import LocalBackend
         from shoptune.eval.scoring import score_outputs, summarize
         was_training = model.training
         model.eval()

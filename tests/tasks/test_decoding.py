@@ -1,0 +1,43 @@
+"""The shared decoding core: a task card's prompt and length limit reach training, evaluation
+and serving alike (one function each builds the prompt and the plan for all three)."""
+from shoptune.decoding import STARTER_KIT_PREFIX, build_prompts, card_render, plan_for
+from shoptune.records import Record
+
+CARD = """name: shout_summary
+version: 1
+capability: concept_understanding
+task_type: generation
+metric: rougel
+description: summaries, asked loudly
+source: {dataset: custom}
+prompt: "SUMMARISE THIS:\\n{input_field}\\nSUMMARY:"
+max_new_tokens: 7
+"""
+
+
+def rec(task: str, text: str = "A red jacket, waterproof, size M.") -> Record:
+    return Record(input_field=text, output_field="red jacket", task_type="generation",
+                  metric="rougel", task=task, capability="concept_understanding", source="t")
+
+
+def test_card_prompt_and_limit_reach_every_user(tmp_path, monkeypatch):
+    (tmp_path / "shout.yaml").write_text(CARD)
+    monkeypatch.setenv("SHOPTUNE_TASKS_PATH", str(tmp_path))
+    r = rec("shout_summary")
+    want = "SUMMARISE THIS:\nA red jacket, waterproof, size M.\nSUMMARY:"
+    assert card_render(r) == want
+    assert build_prompts([r], "starter-kit") == [STARTER_KIT_PREFIX + want]  # training and eval
+    assert plan_for(r).max_new_tokens == 7 and plan_for(r, 3).max_new_tokens == 3
+    from shoptune.serve import tasks as task_io
+    from shoptune.tasks import get_card
+    card = get_card("shout_summary")
+    inp = task_io.input_model(card).model_validate({"input_field": r.input_field})
+    served = task_io.to_record(card, inp)
+    assert build_prompts([served], "starter-kit") == build_prompts([r], "starter-kit")
+    assert task_io.plan(card, inp, served) == plan_for(r)  # the task endpoint decodes the same way
+
+
+def test_a_task_without_a_card_is_its_input_field_and_the_type_default():
+    r = rec("no_such_task_card")
+    assert card_render(r) == r.input_field
+    assert plan_for(r).max_new_tokens == 32  # rougel's default

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -150,6 +151,118 @@ def best_choice(logits: torch.Tensor, choices: Sequence[str], tok) -> str:
 
 
 # ----------------------------------------------------------------------------- prompts
+
+# ----------------------------------------------------------------------------- batches
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> dict:
+    """``input_ids``/``attention_mask`` of token-id rows, left-padded to the longest."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, n - len(r):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every row shares (each row keeps at least one token after it)."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    k = 0
+    while k < n and all(r[k] == first[k] for r in rows):
+        k += 1
+    return k
+
+
+class PrefixCache:
+    """Key/value states of shared prompt prefixes, computed once per (adapter, prefix) and reused.
+
+    Prompts of one batch that start with the same tokens (the evaluation protocol's preamble, a
+    task's instructions, a chat system prompt) skip that part of prefill: its KV comes from here
+    (an LRU bounded by ``max_tokens`` cached prefix tokens), and only the rest of each prompt is
+    run. :meth:`inputs` builds the batch: ``[prefix][left padding][suffix]`` with the padding
+    masked out and positions continuing from the prefix, which is what ``model(...)`` and
+    ``model.generate(...)`` take with ``past_key_values``.
+    """
+
+    def __init__(self, max_tokens: int = 16384, min_prefix: int = 16):
+        self.max_tokens, self.min_prefix = max_tokens, min_prefix
+        self.entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.tokens = 0
+        self.hits = self.misses = self.saved_tokens = 0
+        self._lock = threading.Lock()
+
+    def _kv(self, model, adapter, prefix: tuple[int, ...], forward_kwargs) -> list:
+        key = (adapter, prefix)
+        with self._lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return self.entries[key]
+        from transformers import DynamicCache
+        cache = DynamicCache(config=getattr(model, "config", None))
+        ids = torch.tensor([list(prefix)], device=model.device)
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+              **forward_kwargs(adapter))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        with self._lock:
+            self.misses += 1
+            self.entries[key] = kv
+            self.tokens += len(prefix)
+            while self.tokens > self.max_tokens and len(self.entries) > 1:
+                (_, old), _ = self.entries.popitem(last=False)
+                self.tokens -= len(old)
+        return kv
+
+    def inputs(self, model, rows: Sequence[Sequence[int]], pad_id: int, adapters: Sequence | None = None,
+               forward_kwargs=lambda adapter: {}) -> dict:
+        """Batch inputs for ``rows`` (token ids); with ``past_key_values`` when they share a
+        prefix of at least ``min_prefix`` tokens. ``adapters[i]`` names row i's adapter (the
+        cache key; None for one model), ``forward_kwargs(adapter)`` what the model needs to run
+        one adapter (peft's ``adapter_names``)."""
+        adapters = list(adapters) if adapters is not None else [None] * len(rows)
+        p = common_prefix(rows)
+        if p < self.min_prefix:
+            out = left_padded(rows, pad_id, model.device)
+            out["prefix_len"] = 0
+            return out
+        from transformers import DynamicCache
+        prefix = tuple(rows[0][:p])
+        per_adapter = {a: self._kv(model, a, prefix, forward_kwargs) for a in dict.fromkeys(adapters)}
+        cache = DynamicCache(config=getattr(model, "config", None))
+        for layer in range(len(per_adapter[adapters[0]])):
+            k = torch.cat([per_adapter[a][layer][0] for a in adapters])
+            v = torch.cat([per_adapter[a][layer][1] for a in adapters])
+            cache.update(k, v, layer)
+        rest = left_padded([r[p:] for r in rows], pad_id)
+        n = len(rows)
+        ids = torch.cat([torch.tensor([list(prefix)] * n, dtype=torch.long), rest["input_ids"]], 1)
+        mask = torch.cat([torch.ones((n, p), dtype=torch.long), rest["attention_mask"]], 1)
+        with self._lock:
+            self.saved_tokens += p * n
+        return {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device),
+                "past_key_values": cache, "prefix_len": p}
+
+    def stats(self) -> dict:
+        return {"entries": len(self.entries), "tokens": self.tokens, "hits": self.hits,
+                "misses": self.misses, "saved_prefill_tokens": self.saved_tokens}
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens (0 on each row's first one)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def last_logits(model, batch: dict, **kwargs) -> torch.Tensor:
+    """Next-token logits after each row of ``batch`` (from :meth:`PrefixCache.inputs` or
+    :func:`left_padded`): one forward pass over what the cache does not hold."""
+    p = batch.get("prefix_len", 0)
+    pos = positions(batch["attention_mask"])
+    out = model(input_ids=batch["input_ids"][:, p:], attention_mask=batch["attention_mask"],
+                position_ids=pos[:, p:], past_key_values=batch.get("past_key_values"),
+                logits_to_keep=1, **kwargs)
+    return out.logits[:, -1, :].float()
+
 
 PROTOCOLS = ("starter-kit", "chat", "fewshot")
 

@@ -39,7 +39,8 @@ import torch
 from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
-from shoptune.decoding import NumberListProcessor, Plan, best_choice
+from shoptune.decoding import (NumberListProcessor, Plan, PrefixCache, best_choice, last_logits,
+                               left_padded)
 
 log = logging.getLogger("shoptune.serve")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -404,7 +405,8 @@ class JobStream:
 
 class Engine(JobStream):
     def __init__(self, model, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
-                 max_wait: float = 0.005, max_queue: int = 256, stats: EngineStats | None = None):
+                 max_wait: float = 0.005, max_queue: int = 256, stats: EngineStats | None = None,
+                 prefix_cache: PrefixCache | None | bool = True):
         self.model, self.tok = model, tokenizer
         self.base_name = base_name
         self.max_batch_size, self.max_wait = max_batch_size, max_wait
@@ -424,6 +426,9 @@ class Engine(JobStream):
         self._current: list[Job] = []
         self._last_probe = 0.0
         self.stats = stats or EngineStats()
+        # prompts of a batch that share a prefix (chat template + system prompt, the task
+        # protocol's preamble) reuse its KV; cleared whenever the adapters change
+        self.prefix_cache = PrefixCache(max_tokens=4096) if prefix_cache is True else (prefix_cache or None)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -477,7 +482,13 @@ class Engine(JobStream):
                     raise AdapterError(f"{path}: cannot load adapter: {first}") from None
                 self.model.eval()
                 self.adapters[name] = path
+                self._forget_prefixes()
         log.info("loaded adapter %s from %s", name, path)
+
+    def _forget_prefixes(self) -> None:
+        """Cached prefix KV belongs to the model as it was: drop it when adapters change."""
+        if self.prefix_cache is not None:
+            self.prefix_cache = PrefixCache(self.prefix_cache.max_tokens, self.prefix_cache.min_prefix)
 
     def _restore_after_failed_load(self, name: str) -> None:
         """Undo a partial load of ``name``: peft may have injected layers and configs already."""
@@ -518,6 +529,7 @@ class Engine(JobStream):
                 self.model.delete_adapter(name)
             del self.adapters[name]
             self.draining.discard(name)
+            self._forget_prefixes()
         log.info("unloaded adapter %s", name)
 
     async def unload_adapter(self, name: str, timeout: float = 600.0) -> None:
@@ -660,7 +672,8 @@ class Engine(JobStream):
         self._last_probe = time.monotonic()
         try:
             with self.model_lock, torch.inference_mode():
-                inputs = self._inputs([Job([self.pad_id])])
+                inputs = self._inputs([Job([self.pad_id])], prefix=False)
+                inputs.pop("prefix_len")
                 logits = self.model(**inputs, logits_to_keep=1).logits
                 if not torch.isfinite(logits).all():
                     raise RuntimeError("the probe's logits are not finite")
@@ -684,23 +697,25 @@ class Engine(JobStream):
             reason = f"the last batch failed and the model check has not passed since: {self.last_error}"
         return {"live": live, "ready": reason is None, "reason": reason}
 
-    def _inputs(self, jobs: list[Job]) -> dict:
-        """Left-padded batch with position ids that start at 0 on each row's first real token."""
-        n = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), n), dtype=torch.long)
-        for row, j in enumerate(jobs):
-            ids[row, n - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-            mask[row, n - len(j.prompt_ids):] = 1
-        out = {"input_ids": ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
-        if self.is_peft:
+    def _inputs(self, jobs: list[Job], *, prefix: bool = True) -> dict:
+        """The batch: left-padded prompts, and with ``prefix`` (and the cache on) a shared prompt
+        prefix's KV from the prefix cache (``past_key_values``, ``prefix_len``)."""
+        rows = [j.prompt_ids for j in jobs]
+        peft = self.is_peft
+        if prefix and self.prefix_cache is not None:
+            out = self.prefix_cache.inputs(
+                self.model, rows, self.pad_id, adapters=[j.model or BASE for j in jobs],
+                forward_kwargs=lambda a: {"adapter_names": [a]} if peft else {})
+        else:
+            out = {**left_padded(rows, self.pad_id, self.model.device), "prefix_len": 0}
+        if peft:
             out["adapter_names"] = [j.model or BASE for j in jobs]
         return out
 
     def _choose(self, jobs: list[Job]) -> None:
         inputs = self._inputs(jobs)
-        pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(**inputs, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
+        extra = {"adapter_names": inputs["adapter_names"]} if "adapter_names" in inputs else {}
+        logits = last_logits(self.model, inputs, **extra)
         for row, job in enumerate(jobs):
             try:
                 if not torch.isfinite(logits[row]).all():
@@ -723,7 +738,8 @@ class Engine(JobStream):
             while n < len(jobs) and (n + 1) * len(jobs[n].prompt_ids) <= self.SCORE_TOKENS:
                 n += 1
             part, jobs = jobs[:n], jobs[n:]
-            inputs = self._inputs(part)
+            inputs = self._inputs(part, prefix=False)  # every position's logits: no prefix skipped
+            inputs.pop("prefix_len")
             pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = self.model(**inputs, position_ids=pos).logits
             width = logits.shape[1]
@@ -748,6 +764,7 @@ class Engine(JobStream):
                                top_k=0 if sampling else None, top_p=1.0, temperature=1.0,
                                pad_token_id=self.pad_id,
                                eos_token_id=sorted(self.eos_ids))
+        inputs.pop("prefix_len")
         control = RowControl(jobs, self.tok, self.eos_ids)
         logits = RowLogits(jobs, self.tok, inputs["input_ids"].shape[1], sampling, fallback_id=self.pad_id)
         self.model.generate(**inputs, generation_config=cfg,

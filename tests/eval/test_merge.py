@@ -21,6 +21,12 @@ def test_merged_adapter_answers_equal_unmerged(tmp_path):
         runs[merge] = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     base = evaluate(model="smollm2-135m", data=[str(DEV)], out=tmp_path / "base", limit=16,
                     dtype="fp32", quiet=True, n_boot=0)
+    # the prefix cache (shared preamble's KV reused) answers the same development questions
+    cached = evaluate(model="smollm2-135m", data=[str(DEV)], out=tmp_path / "cached", limit=16,
+                      dtype="fp32", quiet=True, n_boot=0, prefix_cache=True)
+    assert cached["prefix_cache"] is True and base["prefix_cache"] is False
+    assert (tmp_path / "cached" / "predictions.jsonl").read_text() == \
+        (tmp_path / "base" / "predictions.jsonl").read_text()
     same = [a["model_output"] == b["model_output"] for a, b in zip(runs[False], runs[True])]
     assert sum(same) >= 15, [(a["model_output"], b["model_output"]) for a, b in zip(runs[False], runs[True])]
     # and the adapter really is applied when merged (it changes answers vs the base model)

@@ -85,3 +85,28 @@ def test_adapter_reload_under_the_same_name_drops_its_cached_prefixes(engines, t
     asyncio.run(e.unload_adapter("good2"))
     assert e.prefix_cache.stats()["entries"] == 0
     e.load_adapter("good2", tiny["good2"])
+
+
+def test_eval_backend_answers_equal_with_and_without_the_cache(tiny):
+    """``shoptune eval --prefix-cache``: every plan kind (option choice, number lists under the
+    constraint, line-end generation) gives the same answers."""
+    from shoptune.decoding import build_prompts, plan_for
+    from shoptune.eval.backends import LocalBackend
+    from shoptune.models import load
+    from shoptune.records import Record
+
+    def rec(task_type, metric, text):
+        return Record(input_field=text, output_field=None, task_type=task_type, metric=metric,
+                      task="t", capability="concept_understanding", source="test")
+    recs = [rec("multiple-choice", "accuracy", "Which is a shoe?\n0. tent\n1. sneaker\n2. pot\nAnswer: "),
+            rec("multiple-choice", "accuracy", "Which is warm?\n0. ice\n1. wool\n2. fan\n3. snow\nAnswer: "),
+            rec("retrieval", "hit rate@3", "Pick 3 for a hiker:\n1. boots\n2. map\n3. lamp\n4. sofa\nOutput: "),
+            rec("ranking", "ndcg", "Rank for 'tent':\n1. tent\n2. pole\n3. cup\n4. pen\n5. rope\nOutput: "),
+            rec("generation", "rougel", "Summarise: a red waterproof jacket in size M."),
+            rec("generation", "rougel", "Summarise: blue running shoes with foam soles.")]
+    prompts, plans = build_prompts(recs, "starter-kit"), [plan_for(r) for r in recs]
+    model, tok = load(str(tiny["base"]), dtype="fp32")
+    plain = LocalBackend(model, tok, batch_size=8).run(prompts, plans)
+    cached = LocalBackend(model, tok, batch_size=8, prefix_cache=True)
+    assert cached.run(prompts, plans) == plain
+    assert cached.prefix_stats["saved_prefill_tokens"] > 0 and cached.prefix_stats["misses"] >= 1

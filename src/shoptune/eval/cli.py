@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
         merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (local "
                                             "backend; same outputs within rounding, no per-token "
                                             "LoRA cost).")] = True,
+        prefix_cache: Annotated[bool, typer.Option(help="Run the prompts' shared prefix once and "
+                                                   "reuse its KV (local backend; answers equal "
+                                                   "within rounding).")] = False,
         task_adapter: Annotated[Optional[list[str]], typer.Option(
             help="TASK=DIR (repeatable): a per-task deployment; TASK's questions are answered by "
                  "adapter DIR, the others by --adapter or the base model (local backend).")] = None,
@@ -68,7 +71,7 @@ def register(app: typer.Typer) -> None:
             s = evaluate(model=model, adapter=adapter, data=data or (), suite=suite, out=out, limit=limit,
                          backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
                          batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge,
-                         task_adapters=task_adapters or None)
+                         task_adapters=task_adapters or None, prefix_cache=prefix_cache)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             fail(str(e))

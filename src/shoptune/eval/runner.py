@@ -45,8 +45,9 @@ class _PerTaskBackend:
     """Runs each task's questions on that task's adapter (one model in memory at a time)."""
 
     def __init__(self, model: str, records, task_adapters: dict[str, str], default_adapter: str | None,
-                 *, merge: bool, dtype: str, batch_size: int):
+                 *, merge: bool, dtype: str, batch_size: int, prefix_cache: bool = False):
         self.model, self.merge, self.dtype, self.batch_size = model, merge, dtype, batch_size
+        self.prefix_cache = prefix_cache
         self.default_adapter = default_adapter
         self.route = [task_adapters.get(r.task_name or r.task, task_adapters.get(r.task, default_adapter))
                       for r in records]
@@ -67,7 +68,8 @@ class _PerTaskBackend:
                 mdl = self.base_model
             else:
                 mdl, _ = _local_model(self.model, a, merge=self.merge, dtype=self.dtype)
-            got = LocalBackend(mdl, self.tok, batch_size=self.batch_size).run(
+            got = LocalBackend(mdl, self.tok, batch_size=self.batch_size,
+                               prefix_cache=self.prefix_cache).run(
                 [prompts[i] for i in idx], [plans[i] for i in idx], progress=progress)
             for i, o in zip(idx, got):
                 outputs[i] = o
@@ -89,7 +91,7 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
              api_key: str = "EMPTY", protocol: str = "starter-kit", batch_size: int = 16,
              concurrency: int = 16, dtype: str = "auto", n_boot: int = 1000,
              quiet: bool = False, suite: str | Path | None = None, merge: bool = True,
-             task_adapters: dict[str, str] | None = None) -> dict:
+             task_adapters: dict[str, str] | None = None, prefix_cache: bool = False) -> dict:
     """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders).
 
     ``merge``: a single LoRA adapter is merged into the weights (in fp32, then cast to the
@@ -97,7 +99,10 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
 
     ``task_adapters`` (local backend): evaluate a per-task deployment, one adapter per task.
     Each question is answered by the adapter of its task (its ShopBench ``task_name``, else its
-    task card name); questions of other tasks by the base model, or by ``adapter`` when given."""
+    task card name); questions of other tasks by the base model, or by ``adapter`` when given.
+
+    ``prefix_cache`` (local backend): the prompts' shared prefix is run once per model and its KV
+    reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding."""
     out = Path(out)
     if bool(suite) == bool(data):
         raise ValueError("give either --suite or --data")
@@ -122,11 +127,11 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
             if missing:  # before any model load: a typo should not cost minutes
                 raise ValueError(f"not a PEFT adapter folder (no adapter_config.json): {', '.join(missing)}")
             runner = _PerTaskBackend(model, records, task_adapters, adapter, merge=merge,
-                                     dtype=dtype, batch_size=batch_size)
+                                     dtype=dtype, batch_size=batch_size, prefix_cache=prefix_cache)
             mdl, tok = runner.base_model, runner.tok
         else:
             mdl, tok = _local_model(model, adapter, merge=merge, dtype=dtype)
-            runner = LocalBackend(mdl, tok, batch_size=batch_size)
+            runner = LocalBackend(mdl, tok, batch_size=batch_size, prefix_cache=prefix_cache)
         dtype_used = str(mdl.dtype).replace("torch.", "")
     elif backend == "openai":
         if not base_url:
@@ -155,6 +160,7 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         # questions a shoptune server answered at its task endpoint (its constrained decoding)
         "task_endpoint_questions": getattr(runner, "tasks_used", None),
         "protocol": protocol, "dtype": dtype_used, "batch_size": batch_size,
+        "prefix_cache": bool(prefix_cache and backend == "local"),
         "data": [{"path": str(resolve_data_path(d)), "sha256_16": _file_hash(resolve_data_path(d))}
                  for d in data],
         "limit": limit,

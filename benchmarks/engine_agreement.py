@@ -8,9 +8,9 @@ Every ShopBench development question is answered twice with the same constrained
 greedy, transformers), and (b) through `shoptune serve --upstream` -> llama.cpp `llama-server`
 on the same weights exported by `shoptune export gguf` (the eval openai backend, which sends each
 question to the gateway's task endpoint). Reports the share of equal answers (target >= 95%),
-both all-around scores, and for every difference the logit gap at the first point the two
-answers part, measured with the in-process model (a near tie is a small gap: bf16 rounding in
-llama.cpp can flip it). Writes docs/results/engine_agreement.json.
+both all-around scores, and for every difference how close a call it was for the in-process
+model (see ``gap``: a near tie is a small gap that bf16 rounding in llama.cpp can flip).
+Writes docs/results/engine_agreement.json.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from shoptune._io import write_json
 from shoptune.data.loaders import load_records
-from shoptune.decoding import build_prompts, choice_token_ids, plan_for
+from shoptune.decoding import NumberListProcessor, build_prompts, choice_token_ids, finish, plan_for
 from shoptune.eval.backends import LocalBackend, OpenAIBackend
 from shoptune.eval.scoring import score_outputs, summarize
 from shoptune.models import load
@@ -37,7 +37,14 @@ DEV = Path("data/shopbench-dev/development.json")
 
 @torch.inference_mode()
 def gap(model, tok, prompt: str, plan, ours: str, theirs: str) -> dict:
-    """Logit of our choice minus theirs where the answers part (>= 0 for a greedy decision)."""
+    """How close a call the difference is, measured with the in-process model.
+
+    Multiple choice: the logit of our option minus theirs. Generation: answers are compared after
+    ``finish`` (leading blank lines stripped, first line kept), so the step where the two raw
+    generations part cannot be read off the answers; instead our greedy path is replayed token by
+    token (same constraint) and the smallest top-1 minus top-2 logit margin up to the token where
+    our answer passes the first differing character is reported: a small value is a near tie that
+    bf16 rounding in another engine can flip, a large one is a real disagreement."""
     ids = tok.encode(prompt, add_special_tokens=False)
     if plan.kind == "choice":
         logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
@@ -46,12 +53,25 @@ def gap(model, tok, prompt: str, plan, ours: str, theirs: str) -> dict:
     common = 0
     while common < min(len(ours), len(theirs)) and ours[common] == theirs[common]:
         common += 1
-    prefix = ids + tok.encode(ours[:common], add_special_tokens=False) if common else ids
-    logits = model(torch.tensor([prefix]), logits_to_keep=1).logits[0, -1].float()
-    a = tok.encode(ours[common:], add_special_tokens=False)[:1] or [tok.eos_token_id]
-    b = tok.encode(theirs[common:], add_special_tokens=False)[:1] or [tok.eos_token_id]
-    return {"where": f"character {common}", "gap": round(logits[a[0]].item() - logits[b[0]].item(), 4),
-            "tokens": [tok.decode(a), tok.decode(b)]}
+    kwargs = {}
+    if plan.numeric:
+        from transformers import LogitsProcessorList
+        kwargs["logits_processor"] = LogitsProcessorList([NumberListProcessor(
+            tok, len(ids), plan.max_value, plan.count, plan.unique)])
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=plan.max_new_tokens, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=tok.pad_token_id, **kwargs)
+    gen = out.sequences[0, len(ids):].tolist()
+    margins, upto = [], len(gen)
+    for step, scores in enumerate(out.scores):
+        top = scores[0].float().topk(2).values
+        margins.append((top[0] - top[1]).item())
+        if len(finish(tok.decode(gen[:step + 1], skip_special_tokens=True), plan)) > common:
+            upto = step + 1
+            break
+    k = min(range(upto), key=lambda i: margins[i]) if margins else 0
+    return {"where": f"character {common}, step {k} of {upto}", "gap": round(margins[k], 4) if margins else None,
+            "replayed": finish(tok.decode(gen, skip_special_tokens=True), plan) == ours}
 
 
 def main() -> None:
@@ -103,7 +123,9 @@ def main() -> None:
            "agreement": round(1 - len(diffs) / len(records), 4),
            "all_around": {"builtin": s_local["overall"], "llama_cpp_via_gateway": s_remote["overall"]},
            "seconds": {"builtin_local": round(local_s, 1), "gateway_llama_cpp": round(remote_s, 1)},
-           "largest_gap": max((abs(d["gap"]) for d in diffs), default=0.0), "differences": diffs}
+           "largest_gap": max((abs(d["gap"]) for d in diffs if d["gap"] is not None), default=0.0),
+           "gaps_below_1": sum(d["gap"] is not None and abs(d["gap"]) < 1 for d in diffs),
+           "differences": diffs}
     write_json(Path(a.out), res)
     print(json.dumps({k: v for k, v in res.items() if k != "differences"}, indent=1))
     for d in diffs:

@@ -78,7 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", type=Path, help="a trained PEFT adapter (default: the base model)")
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--outtype", default="bf16")
+    ap.add_argument("--outtype", default="bf16", help="GGUF weights: bf16 | f32")
+    ap.add_argument("--dtype", default="auto", help="in-process model: auto | bf16 | fp32")
     ap.add_argument("--out", default="docs/results/engine_agreement.json")
     a = ap.parse_args()
     if llama_server_path() is None:
@@ -87,7 +88,7 @@ def main() -> None:
     prompts = build_prompts(records, "starter-kit")
     plans = [plan_for(r) for r in records]
 
-    model, tok = load("smollm2-135m", adapter=a.adapter)  # unmerged, as the built-in engine serves it
+    model, tok = load("smollm2-135m", adapter=a.adapter, dtype=a.dtype)  # unmerged, as the built-in engine serves it
     t0 = time.time()
     local = LocalBackend(model, tok).run(prompts, plans)
     local_s = time.time() - t0
@@ -119,7 +120,7 @@ def main() -> None:
     s_local = summarize(score_outputs(records, local), n_boot=200)
     s_remote = summarize(score_outputs(records, remote), n_boot=200)
     res = {"command": " ".join(sys.argv), "questions": len(records), "adapter": str(a.adapter),
-           "outtype": a.outtype, "equal": len(records) - len(diffs),
+           "outtype": a.outtype, "dtype": str(model.dtype).replace("torch.", ""), "equal": len(records) - len(diffs),
            "agreement": round(1 - len(diffs) / len(records), 4),
            "all_around": {"builtin": s_local["overall"], "llama_cpp_via_gateway": s_remote["overall"]},
            "seconds": {"builtin_local": round(local_s, 1), "gateway_llama_cpp": round(remote_s, 1)},

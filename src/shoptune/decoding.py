@@ -79,8 +79,9 @@ def plan_for(rec: Record, max_new_tokens: int | None = None) -> Plan:
 
 
 def finish(text: str, plan: Plan) -> str:
-    """Single-line answers: leading blank lines dropped, cut at the first line end."""
-    return text.strip().split("\n", 1)[0] if plan.stop_newline else text
+    """Single-line answers: the first non-blank line, stripped (the same answer whether the
+    generation stopped at the line end or ran past it; the parsers strip anyway)."""
+    return text.strip().split("\n", 1)[0].strip() if plan.stop_newline else text
 
 
 class NumberListProcessor:

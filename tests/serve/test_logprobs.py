@@ -9,6 +9,7 @@ import torch
 
 from shoptune.serve.testing import ServerProcess as Server
 
+from tests.conftest import DEV, needs_shared
 from tests.serve.conftest import KEY
 
 pytestmark = pytest.mark.slow
@@ -171,3 +172,29 @@ def test_chat_top_logprobs_needs_logprobs(server):
     r = http.post(server.url + "/v1/chat/completions", headers=AUTH, json={
         "model": "alpha", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+@needs_shared
+def test_plain_completions_give_the_evaluators_answers(client, ref):
+    """A development question sent as a plain /v1/completions request (the evaluation prompt,
+    greedy, the plan's token limit) gives `shoptune eval`'s answer once `finish` is applied, for
+    the unconstrained task types (generation, NER); the constrained ones go through the task
+    endpoint (tests/serve/test_server.py)."""
+    from shoptune.data.loaders import load_records
+    from shoptune.decoding import build_prompts, finish, plan_for
+    from shoptune.eval.backends import LocalBackend
+
+    pm, tok, _ = ref
+    pm.set_adapter("alpha")
+    picked, seen = [], {}
+    for r in load_records(DEV):
+        if r.task_type in ("generation", "named_entity_recognition") and seen.get(r.metric, 0) < 1:
+            seen[r.metric] = seen.get(r.metric, 0) + 1
+            picked.append(r)
+    prompts, plans = build_prompts(picked, "starter-kit"), [plan_for(r) for r in picked]
+    want = LocalBackend(pm, tok, batch_size=1).run(prompts, plans)
+    for prompt, plan, expected in zip(prompts, plans, want):
+        r = client.completions.create(model="alpha", prompt=prompt, max_tokens=plan.max_new_tokens,
+                                      temperature=0)
+        assert finish(r.choices[0].text, plan) == expected
+    assert len(picked) >= 3 and any(w.strip() for w in want)

@@ -41,3 +41,12 @@ def test_a_task_without_a_card_is_its_input_field_and_the_type_default():
     r = rec("no_such_task_card")
     assert card_render(r) == r.input_field
     assert plan_for(r).max_new_tokens == 32  # rougel's default
+
+
+def test_finish_gives_the_same_line_wherever_generation_stopped():
+    from shoptune.decoding import Plan, finish
+    line = Plan("generate", stop_newline=True)
+    stopped = "\n The entity is a product type. \n"          # stopped at the line end
+    ran_on = "\n The entity is a product type. \nMore text"  # a client without stop strings
+    assert finish(stopped, line) == finish(ran_on, line) == "The entity is a product type."
+    assert finish(" keep  spacing \n", Plan("generate")) == " keep  spacing \n"  # not a line task

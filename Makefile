@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-fast clean-venv llama-server llama-cpp-source
+.PHONY: setup demo test test-fast clean-venv llama-server llama-server-path llama-cpp-source llama-cpp-source-path
 setup: $(STAMP) data
 	@$(BIN)/shoptune models pull smollm2-135m
 
@@ -57,6 +57,12 @@ $(LLAMA_SRC)/convert_hf_to_gguf.py:
 	    llama-cpp-python==$(LLAMA_CPP_PY) -d $(LLAMA_ROOT)
 	tar -xzf $(LLAMA_ROOT)/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz -C $(LLAMA_ROOT)
 	test -f $@
+
+llama-server-path:  # where `make llama-server` puts (or has put) the binary
+	@echo $(LLAMA_SERVER)
+
+llama-cpp-source-path:  # the llama.cpp source folder (converters) `make llama-cpp-source` unpacks
+	@echo $(LLAMA_SRC)
 
 llama-server: $(LLAMA_SERVER)
 $(LLAMA_SERVER): | $(LLAMA_SRC)/convert_hf_to_gguf.py

@@ -189,13 +189,8 @@ def test_teacher_errors_end_with_one_line(files):
     assert res.exit_code == 1 and "cannot read spec" in res.output
 
 
-def test_429_and_500_back_off_then_succeed(files):
-    statuses = iter([(429, {"retry_after": 0.3}), (429, {"retry_after": 0.3}), (500, {})])
-
-    def reply(body):
-        nxt = next(statuses, None)
-        return nxt if nxt else (200, good_reply(prompt_of(body)))
-
+def two_rows_from(files, reply) -> tuple[dict, list[dict]]:
+    """Two rows from a scripted teacher, one request at a time: (report, chat requests seen)."""
     srv = ScriptedServer(reply)
     try:
         rep = run_synth(spec_for(files, srv, rows=2, concurrency=1, decontaminate_against=[]),
@@ -203,7 +198,17 @@ def test_429_and_500_back_off_then_succeed(files):
                         api_key="k", quiet=True)
     finally:
         srv.stop()
-    chat = srv.chat_requests()
+    return rep, srv.chat_requests()
+
+
+def test_429_and_500_back_off_then_succeed(files):
+    statuses = iter([(429, {"retry_after": 0.3}), (429, {"retry_after": 0.3}), (500, {})])
+
+    def reply(body):
+        nxt = next(statuses, None)
+        return nxt if nxt else (200, good_reply(prompt_of(body)))
+
+    rep, chat = two_rows_from(files, reply)
     assert [r["status"] for r in chat] == [429, 429, 500, 200, 200]
     assert chat[1]["t"] - chat[0]["t"] >= 0.3 and chat[2]["t"] - chat[1]["t"] >= 0.3  # Retry-After
     assert len({r["key"] for r in chat[:4]}) == 1  # the same request, retried
@@ -217,14 +222,7 @@ def test_a_teacher_that_refuses_seed_is_asked_without_it(files):
             return 400, {"message": "seed is not supported by this server"}
         return 200, good_reply(prompt_of(body))
 
-    srv = ScriptedServer(reply)
-    try:
-        rep = run_synth(spec_for(files, srv, rows=2, concurrency=1, decontaminate_against=[]),
-                        files["dir"] / "r.jsonl", teacher_url=srv.url, teacher_model="t",
-                        api_key="k", quiet=True)
-    finally:
-        srv.stop()
-    chat = srv.chat_requests()
+    rep, chat = two_rows_from(files, reply)
     assert [(r["status"], r["seed"] is None) for r in chat] == [(400, False), (200, True), (200, True)]
     assert rep["teacher"]["seed_sent"] is False and rep["requests"]["retried_by_status"] == {"400-seed": 1}
     assert rep["kept"] == 2

@@ -40,7 +40,7 @@ from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteri
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
 from shoptune.decoding import (NumberListProcessor, Plan, PrefixCache, best_choice, last_logits,
-                               left_padded)
+                               left_padded, positions)
 
 log = logging.getLogger("shoptune.serve")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -740,7 +740,7 @@ class Engine(JobStream):
             part, jobs = jobs[:n], jobs[n:]
             inputs = self._inputs(part, prefix=False)  # every position's logits: no prefix skipped
             inputs.pop("prefix_len")
-            pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            pos = positions(inputs["attention_mask"])
             logits = self.model(**inputs, position_ids=pos).logits
             width = logits.shape[1]
             for row, job in enumerate(part):

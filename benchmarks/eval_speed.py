@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from shoptune import machine
 from shoptune._io import write_json
 from shoptune.data.loaders import load_records
 from shoptune.decoding import STARTER_KIT_PREFIX, build_prompts, plan_for
@@ -75,7 +75,7 @@ def main() -> None:
     model, tok = load(args.model)
     res = {"command": "benchmarks/eval_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                              vars(args).items() if v is not None),
-           "machine": platform.processor() or platform.machine(), "questions": len(recs),
+           "machine": machine.describe(), "questions": len(recs),
            "model": args.model, "dtype": str(model.dtype), "threads": torch.get_num_threads()}
     res["naive"], _ = arm(lambda: naive(model, tok, recs))
     res["shoptune"], outs_b = arm(local(model, tok, False))

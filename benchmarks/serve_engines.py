@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import load  # noqa: E402  (same client loop as the load benchmark)
 
+from shoptune import machine  # noqa: E402
 from shoptune._io import write_json  # noqa: E402
 from shoptune.serve.gguf import export_gguf, llama_server_path  # noqa: E402
 from shoptune.serve.testing import LlamaServerProcess, ServerProcess  # noqa: E402
@@ -120,7 +120,7 @@ def main() -> None:
     t0 = time.time()
     gg = export_gguf("smollm2-135m", [f"{n}={p}" for n, p in adapters.items()], tmp / "gguf")
     export_s = round(time.time() - t0, 1)
-    results = {"machine": {"cpu": _cpu(), "cores": _cores(), "python": platform.python_version()},
+    results = {"machine": machine.describe(),
                "command": " ".join(sys.argv), "requests": a.requests, "concurrency": a.concurrency,
                "max_tokens": a.max_tokens, "adapter": str(a.adapter or "random rank-32 attention+mlp"),
                "gguf_export_s": export_s}
@@ -191,23 +191,6 @@ def table(results: dict) -> str:
             r = results[e][key]
             rows.append(f"| {label} | {what} | {r['req_per_s']} | {r['p50_s']} | {r['p99_s']} | {r['errors']} |")
     return "\n".join(rows)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                bf16 = "avx512_bf16" in flags
-                return line.split(":", 1)[1].strip() + (" (AVX512-BF16)" if bf16 else " (no native bf16)")
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cores() -> int:
-    import os
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

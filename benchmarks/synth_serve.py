@@ -15,24 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from shoptune import machine
 from shoptune._io import atomic_open, write_json
 from shoptune.data.synth import SynthSpec, run_synth, side_paths
 from shoptune.paths import REPO_ROOT
 from shoptune.serve.testing import ServerProcess
-
-
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    return f"{cpu}, {os.cpu_count()} cores, {'native bf16' if 'avx512_bf16' in flags else 'no native bf16'}"
 
 
 def main() -> None:
@@ -75,7 +67,7 @@ def main() -> None:
     rejected = [json.loads(x) for x in side_paths(out)["rejected"].read_text().splitlines()] \
         if side_paths(out)["rejected"].exists() else []
     cmd = "flock /tmp/shoptune-heavy.lock .venv/bin/python benchmarks/synth_serve.py " + " ".join(sys.argv[1:])
-    result = {"command": cmd, "machine": machine(), "derive_s": round(derive_s, 1),
+    result = {"command": cmd, "machine": machine.summary(), "derive_s": round(derive_s, 1),
               "server_start_s": round(up_s, 1), "report": rep}
     write_json(Path(a.results).with_suffix(".json"), result)
     lines = [

@@ -30,6 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from shoptune import REPO_CONFIGS
+from shoptune import machine
 from shoptune._io import write_json
 
 
@@ -174,7 +175,7 @@ def main() -> None:
     default = levers[LEVERS[-1][0]]
 
     result = {
-        "machine": machine(), "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
+        "machine": machine.describe(), "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
         "precision": "bf16" if bf16 else "fp32", "base_params": n_params,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "levers": levers, "shoptune": {k: v for k, v in default.items() if k != "losses"},
@@ -273,16 +274,6 @@ def plot_curves(curves: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
-
-
-def machine() -> dict:
-    import platform
-    import subprocess
-    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    name = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True,
-                          text=True).stdout.strip()
-    return {"cpu": name or platform.processor(), "cores": torch.get_num_threads(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
 if __name__ == "__main__":

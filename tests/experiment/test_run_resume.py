@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from shoptune import machine
 from shoptune.eval.paired import paired_compare
 from tests.conftest import REPO, needs_shared
 
@@ -65,6 +66,7 @@ def test_experiment_killed_resumes_skips_finished_and_reports(tmp_path):
     assert int(b["train"]["resumed_from"].split("-")[1]) >= 2 and b["train"]["steps"] == 6
     assert b["config"]["lora"]["r"] == 8 and "suite:tiny" in b["config"]["mixture"]["decontaminate_against"]
     assert b_file.stat().st_size < 60_000  # small enough to commit
+    assert b["machine"] == machine.describe()  # every result names the machine it ran on
 
     # the report (written at the end of the run) vs a direct computation from the predictions
     rows = {c: [json.loads(x) for x in next(out.glob(f"cells/{c}.s0.*/eval/predictions.jsonl")).read_text().splitlines()]
@@ -76,6 +78,7 @@ def test_experiment_killed_resumes_skips_finished_and_reports(tmp_path):
         assert got[col]["diff"] == pytest.approx(direct[col]["diff"], abs=1e-5)
         assert got[col]["ci95"] == pytest.approx(direct[col]["ci95"], abs=1e-5)
     assert (res / "report.md").exists() and (res / "diff.png").exists()
+    assert f"Machines: {machine.summary()} (2 runs)" in (res / "report.md").read_text()
     # a third run has nothing to do
     proc = start(spec, out, res)
     log = proc.communicate(timeout=300)[0]

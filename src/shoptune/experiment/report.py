@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shoptune import machine
 from shoptune._io import atomic_open, write_json
 from shoptune.eval.paired import bootstrap_scores, paired_compare
 from shoptune.records import CAPABILITIES
@@ -81,7 +82,19 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
                                         **{c: _pick(d, c) for c in COLUMNS if _pick(d, c)},
                                         "tasks": d["tasks"], "method": d["method"]}
         out["cells"][cell] = entry
+    out["machines"] = _machines(Path(results), exp)
     return out
+
+
+def _machines(results: Path, exp: dict) -> dict[str, list[str]]:
+    """{machine summary: [run ids]} of the finished runs (older results did not record it)."""
+    seen: dict[str, list[str]] = {}
+    for run in exp["runs"]:
+        f = results / "cells" / run["id"] / "result.json"
+        if f.exists():
+            m = json.loads(f.read_text(encoding="utf-8")).get("machine")
+            seen.setdefault(machine.summary(m) if m else "not recorded", []).append(run["id"])
+    return seen
 
 
 def _fmt(v: dict | None) -> str:
@@ -128,6 +141,8 @@ def report_markdown(rep: dict) -> str:
             if "vs_baseline" in e:
                 ref = e["vs_baseline"]["baseline"]
                 lines.append(f"| {cell}{'' if ref == rep['baseline'] else f' - {ref}'} | " + " | ".join(_fmt_diff(e["vs_baseline"].get(c)) for c in COLUMNS) + " |")
+    if rep.get("machines"):
+        lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} runs)" for m, ids in rep["machines"].items())]
     if rep["missing_runs"]:
         lines += ["", f"Not finished yet ({len(rep['missing_runs'])}): " + ", ".join(rep["missing_runs"])]
     lines += ["", "![scores](scores.png)", "", "![difference to the baseline](diff.png)"]

@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from shoptune import machine
 from shoptune._io import write_json
 from shoptune.experiment.spec import ExperimentSpec, load_spec, resolve_path, run_key, steps_for_budget
 
@@ -277,6 +278,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
                          "score": [round(r["score"], 6) for r in rows],
                          "counts": {str(i): r["counts"] for i, r in enumerate(rows) if "counts" in r}},
         "eval_timing": s["timing"], "versions": trained.get("versions"), "git_commit": trained.get("git_commit"),
+        "machine": machine.describe(),
         "wall_time_s": {"train": round(train_s, 1), "eval": round(time.time() - t1, 1)},
     }
     write_json(result_path(Path(p["results_dir"]), run), result)
@@ -287,7 +289,6 @@ def _combine_per_task(runs: dict[str, dict]) -> dict:
     """One ``run.json``-like summary of a per-task run's adapters: steps, tokens and time add up,
     losses are step-weighted means, the mixture is the union; each task's own numbers kept."""
     m = {t: r["metrics"] for t, r in runs.items()}
-    steps = sum(x["steps"] for x in m.values()) or 1
 
     def mean(k):
         vals = [(x[k], x["steps"]) for x in m.values() if x.get(k) is not None]

@@ -91,11 +91,12 @@ def main() -> None:
         unmerged.eval()
         res["adapter"] = {"path": str(args.adapter)}
         res["adapter"]["naive_unmerged"], _ = arm(lambda: naive(unmerged, tok, recs))
-        res["adapter"]["shoptune_unmerged"], _ = arm(local(unmerged, tok, True))
+        res["adapter"]["shoptune_unmerged"], outs_u = arm(local(unmerged, tok, True))
         merged, tok = _local_model(args.model, str(args.adapter), merge=True, dtype="auto")  # as eval does
         res["adapter"]["naive_merged"], _ = arm(lambda: naive(merged, tok, recs))
-        res["adapter"]["shoptune_merged"], _ = arm(local(merged, tok, True))
+        res["adapter"]["shoptune_merged"], outs_m = arm(local(merged, tok, True))
         a = res["adapter"]
+        a["merged_same_answers"] = sum(x == y for x, y in zip(outs_u, outs_m))  # rounding may flip near ties
         a["speedup_vs_naive_unmerged"] = round(a["naive_unmerged"]["seconds"] / a["shoptune_merged"]["seconds"], 2)
         a["merge_gain"] = round(a["shoptune_unmerged"]["seconds"] / a["shoptune_merged"]["seconds"], 2)
     for k in ("naive", "shoptune", "shoptune_prefix_cache"):

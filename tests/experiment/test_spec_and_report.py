@@ -6,6 +6,7 @@ import pytest
 from shoptune.eval.paired import paired_compare
 from shoptune.eval.suite import load_suite_config
 from shoptune.experiment.report import build_report, write_report
+from shoptune.experiment.runner import check_only, is_done, reuse_finished, selected
 from shoptune.experiment.spec import Budget, ExperimentSpec, load_spec, run_key, steps_for_budget
 from shoptune.train.config import load_config
 from tests.conftest import REPO
@@ -111,3 +112,34 @@ def test_resume_point_is_the_newest_complete_checkpoint(tmp_path):
         if done:
             (tmp_path / rel / "COMPLETE").write_text("x")
     assert _complete_checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-10", "stage3/checkpoint-4"]
+
+
+def test_only_selects_runs_by_cell_or_cell_and_seed():
+    runs = [{"cell": c, "seed": s} for c in ("narrow-r8", "diverse-r8", "diverse-r32") for s in (0, 1)]
+    pick = lambda *only: [(r["cell"], r["seed"]) for r in runs if selected(r, list(only))]  # noqa: E731
+    assert pick() == [(r["cell"], r["seed"]) for r in runs]
+    assert pick("diverse-r32") == [("diverse-r32", 0), ("diverse-r32", 1)]
+    assert pick("*.s1", "narrow-r8.s0") == [("narrow-r8", 0), ("narrow-r8", 1), ("diverse-r8", 1), ("diverse-r32", 1)]
+    with pytest.raises(ValueError, match="no run matches.*narrow-r8.s0"):
+        check_only({"runs": [{**r, "id": f"{r['cell']}.s{r['seed']}.abcd1234"} for r in runs]}, ["r8"])
+
+
+def test_a_run_finished_by_another_experiment_is_reused_not_retrained(tmp_path):
+    def result(exp, rid, key, fingerprint="f"):
+        f = tmp_path / exp / "cells" / rid / "result.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"experiment": exp, "id": rid, "cell": rid.split(".")[0], "key": key,
+                                 "suite": {"fingerprint": fingerprint}, "scores": {"overall": 0.25}}))
+    result("capabilities", "cap1.s1.72c55465", "72c55465abcd")
+    result("capabilities", "cap4.s1.bbe93ac8", "bbe93ac8ffff")  # same id prefix, another key
+    result("other-suite", "x.s0.0000aaaa", "0000aaaa1111", fingerprint="g")
+    exp = {"name": "rank", "suite": {"fingerprint": "f"}}
+    runs = [{"id": "narrow-r16.s1.72c55465", "cell": "narrow-r16", "key": "72c55465abcd"},
+            {"id": "diverse-r16.s1.bbe93ac8", "cell": "diverse-r16", "key": "bbe93ac8eeee"},
+            {"id": "y.s0.0000aaaa", "cell": "y", "key": "0000aaaa1111"}]
+    assert reuse_finished(tmp_path / "rank", exp, runs) == ["narrow-r16.s1.72c55465"]
+    got = json.loads((tmp_path / "rank/cells/narrow-r16.s1.72c55465/result.json").read_text())
+    assert got["experiment"] == "rank" and got["cell"] == "narrow-r16" and got["id"] == runs[0]["id"]
+    assert got["reused_from"] == "capabilities/cap1.s1.72c55465" and got["scores"] == {"overall": 0.25}
+    assert is_done(tmp_path / "rank", runs[0]) and not is_done(tmp_path / "rank", runs[1])
+    assert reuse_finished(tmp_path / "rank", exp, runs[1:]) == []  # another key; another suite

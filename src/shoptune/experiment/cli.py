@@ -26,28 +26,37 @@ def register(app: typer.Typer) -> None:
                     help="Start each run's training under this command prefix, e.g. \"accelerate "
                          "launch --config_file configs/accelerate/ddp_gpu.yaml\" (GPU machines); "
                          "default: in the run's process.")] = None,
+                only: Annotated[Optional[list[str]], typer.Option(
+                    help="Run only the runs matching this pattern (repeatable; shell-style, "
+                         "against CELL or CELL.sSEED: --only diverse-r32 --only '*.s1'); the "
+                         "others stay for a later run.")] = None,
                 dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done.")] = False,
                 report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True) -> None:
         """Train and score every cell x seed; finished runs are skipped, killed ones resumed."""
         from pydantic import ValidationError
 
         from shoptune.data.loaders import DataValidationError
-        from shoptune.experiment.runner import is_done, plan, run_experiment
+        from shoptune.experiment.runner import check_only, is_done, plan, run_experiment, selected
 
         try:
             if dry_run:
                 exp = plan(spec, out, results, launcher=launcher)
+                check_only(exp, only)
                 for r in exp["runs"]:
-                    state = "done" if is_done(results or out, r) else "to run"
+                    state = "done" if is_done(results or out, r) else "to run" if selected(r, only) else "not selected"
                     tokens = f", ~{r['planned_tokens']} tokens" if r["planned_tokens"] else ""
-                    console.print(f"{r['id']}: {r['max_steps']} steps{tokens} [{state}]")
+                    console.print(f"{r['id']}: {r['max_steps']} steps{tokens} \\[{state}]")
                 return
             res = run_experiment(spec, out, results=results, workers=workers, console=console,
-                                 launcher=launcher)
+                                 launcher=launcher, only=only)
         except (FileNotFoundError, ValueError, ValidationError, DataValidationError) as e:
             fail(str(e))
+        for rid in res["reused"]:
+            console.print(f"{rid}: the same run (key) was finished by another experiment: result copied")
         console.print(f"{res['runs']} runs: {len(res['skipped'])} already done, {len(res['done'])} "
-                      f"finished now, {len(res['failed'])} failed ({res['wall_time_s']} s); "
+                      f"finished now, {len(res['failed'])} failed"
+                      + (f", {len(res['not_selected'])} not selected" if res["not_selected"] else "")
+                      + f" ({res['wall_time_s']} s); "
                       f"results in {res['results_dir']}")
         for rid in res["failed"]:
             console.print(f"[red]failed[/]: {rid} (log: {out / 'cells' / rid / 'cell.log'})")

@@ -200,6 +200,34 @@ def is_done(results: Path, run: dict) -> bool:
         return False
 
 
+def reuse_finished(results: Path, exp: dict, runs: list[dict]) -> list[str]:
+    """Copy in the results of ``runs`` already finished by another experiment whose results
+    folder sits beside this one: the same key (resolved training config and seed) scored on the
+    same suite is the same run, so it is not trained again. The copy names its source in
+    ``reused_from``. Returns the run ids filled."""
+    results = Path(results)
+    by_key: dict[str, list[Path]] = {}
+    for f in results.parent.glob("*/cells/*/result.json"):
+        if f.parents[2].resolve() != results.resolve():
+            by_key.setdefault(f.parent.name.rsplit(".", 1)[-1], []).append(f)
+    reused = []
+    for run in runs:
+        for f in sorted(by_key.get(run["id"].rsplit(".", 1)[-1], [])):
+            try:
+                res = json.loads(f.read_text(encoding="utf-8"))
+            except ValueError:
+                continue
+            if res.get("key") != run["key"] or \
+                    (res.get("suite") or {}).get("fingerprint") != exp["suite"]["fingerprint"]:
+                continue
+            write_json(result_path(results, run), {
+                **res, "experiment": exp["name"], "id": run["id"], "cell": run["cell"],
+                "reused_from": res.get("reused_from") or f"{f.parents[2].name}/{f.parent.name}"})
+            reused.append(run["id"])
+            break
+    return reused
+
+
 # ----------------------------------------------------------------------------- one run (child)
 
 def _complete_checkpoints(train_dir: Path) -> list[str]:
@@ -345,11 +373,27 @@ def _progress_of(out: Path, run: dict) -> str:
     return f"training {step}/{run['max_steps']}"
 
 
+def selected(run: dict, only: list[str] | None) -> bool:
+    """Whether ``run`` matches one of the ``only`` patterns (shell-style, against the cell name
+    and ``CELL.sSEED``: ``diverse-r32``, ``*.s1``, ``narrow-r8.s0``); no patterns: every run."""
+    from fnmatch import fnmatchcase
+    names = (run["cell"], f"{run['cell']}.s{run['seed']}")
+    return not only or any(fnmatchcase(n, pat) for pat in only for n in names)
+
+
+def check_only(exp: dict, only: list[str] | None) -> None:
+    if only and not any(selected(r, only) for r in exp["runs"]):
+        raise ValueError(f"--only {' '.join(only)}: no run matches; runs are named CELL.sSEED: "
+                         + ", ".join(r["id"].rsplit(".", 1)[0] for r in exp["runs"]))
+
+
 def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Path | None = None,
-                   workers: int = 1, console=None, poll_s: float = 1.0, launcher: str | None = None) -> dict:
+                   workers: int = 1, console=None, poll_s: float = 1.0, launcher: str | None = None,
+                   only: list[str] | None = None) -> dict:
     """Plan, skip finished runs, run the rest ``workers`` at a time; returns a status summary.
     ``launcher``: a command prefix each run's training is started with (``accelerate launch
-    --config_file ...`` on a multi-GPU machine); evaluation stays in the run's own process."""
+    --config_file ...`` on a multi-GPU machine); evaluation stays in the run's own process.
+    ``only``: run just the runs these patterns select (see :func:`selected`); the rest wait."""
     from rich.live import Live
     from rich.table import Table
 
@@ -357,8 +401,12 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Pat
     exp = plan(spec_path, out, results, launcher=launcher)
     results = Path(results) if results else out
     plan_file = out / "plan.json"
-    todo = [r for r in exp["runs"] if not is_done(results, r)]
-    skipped = [r["id"] for r in exp["runs"] if r not in todo]
+    check_only(exp, only)
+    reused = reuse_finished(results, exp, [r for r in exp["runs"] if selected(r, only) and not is_done(results, r)])
+    unfinished = [r for r in exp["runs"] if not is_done(results, r)]
+    todo = [r for r in unfinished if selected(r, only)]
+    skipped = [r["id"] for r in exp["runs"] if r not in unfinished]
+    left_out = [r["id"] for r in unfinished if r not in todo]
     env = dict(os.environ)
     if workers > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
@@ -408,4 +456,4 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Pat
             if todo or running:
                 time.sleep(poll_s)
     return {"runs": len(exp["runs"]), "skipped": skipped, "done": done, "failed": failed,
-            "results_dir": str(results), "wall_time_s": round(time.time() - t_start, 1)}
+            "not_selected": left_out, "reused": reused, "results_dir": str(results), "wall_time_s": round(time.time() - t_start, 1)}

@@ -111,8 +111,9 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from shoptune.models import ModelNotFoundError, load
-        from shoptune.serve.app import ServeSettings, build_app
+        from shoptune.serve.app import build_app
         from shoptune.serve.engine import EngineError, Engine, check_adapter_dir
+        from shoptune.serve.handlers import ServeSettings
 
         adapters = _pairs(adapter, "--adapter", fail)
         keys = set(api_key or [])

@@ -6,9 +6,9 @@ with a 400 naming the field instead of being silently ignored.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 MIN_TEMPERATURE = 0.01  # below it (other than 0, greedy) the logits / temperature overflow
 MAX_STOPS = 32  # stop strings per request ...
@@ -173,3 +173,180 @@ class LoadAdapterRequest(BaseModel):
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str
+
+
+# ----------------------------------------------------------------------------- responses
+# What the handlers return (vLLM's protocol.py shape), serialised with the keys OpenAI's API sends:
+# null where OpenAI sends null (``logprobs``), absent where it omits the key (``usage`` on a stream
+# chunk, an empty chat ``delta``): the fields in ``_omit_if_none``.
+
+class _Reply(BaseModel):
+    _omit_if_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler):
+        out = handler(self)
+        for key in self._omit_if_none:
+            if out.get(key, 0) is None:
+                del out[key]
+        return out
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "shoptune"
+    root: str
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionLogProbs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(_Reply):
+    _omit_if_none = ("usage",)
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # absent on stream chunks, set on replies and the usage chunk
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(_Reply):
+    _omit_if_none = ("role", "content")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_Reply):
+    _omit_if_none = ("usage",)
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class TaskInfo(BaseModel):
+    id: str
+    object: Literal["task"] = "task"
+    capability: str
+    task_type: str
+    metric: str
+    description: str
+    adapter: str | None = Field(description="The adapter that answers it by default (None: the base model).")
+    input_schema: dict[str, Any]
+
+
+class TaskList(BaseModel):
+    object: Literal["list"] = "list"
+    protocol: str
+    data: list[TaskInfo]
+
+
+class TaskResult(_Reply):
+    _omit_if_none = ("answer_text", "answer_items")
+    id: str
+    object: Literal["task.result"] = "task.result"
+    task: str
+    task_type: str
+    metric: str
+    model: str
+    answer: Any = Field(description="The parsed answer, as the evaluator parses it (None: unparseable).")
+    raw: str = Field(description="The model's answer line.")
+    answer_text: str | None = Field(default=None, description="Multiple choice: the chosen option.")
+    answer_items: list[str] | None = Field(default=None, description="Ranking/retrieval: the chosen candidates.")
+    usage: UsageInfo
+
+
+class AdapterStatus(BaseModel):
+    status: Literal["ok"] = "ok"
+    lora_name: str
+    models: list[str]
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "unavailable"]
+    live: bool
+    ready: bool
+    reason: str | None = None
+    model: str
+    adapters: list[str]
+    queue_depth: int

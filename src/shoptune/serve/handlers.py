@@ -1,0 +1,489 @@
+"""Request handlers of the OpenAI-compatible server, one class per API area (vLLM's
+``serving_completion`` / ``serving_chat`` shape): :class:`Completions`, :class:`Chat`,
+:class:`Tasks` and :class:`Admin`.
+
+Each takes the engine and the :class:`ServeSettings`, and is called with a parsed request model
+from :mod:`shoptune.serve.protocol` and the caller (anything with ``state`` and ``async
+is_disconnected()``: Starlette's ``Request`` in the app, a stand-in in unit tests). It returns a
+response model, a ``StreamingResponse`` (``stream: true``) or a bare 499 when the client went
+away; errors are raised as :class:`~shoptune.serve.engine.EngineError` with the request field
+they concern. :mod:`shoptune.serve.app` only routes HTTP to them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from shoptune.decoding import build_prompts
+from shoptune.serve import tasks as task_io
+from shoptune.serve.engine import ADAPTER_NAME_RE, AdapterError, Engine, EngineError, Job
+from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice,
+                                     ChatCompletionChunk, ChatCompletionRequest,
+                                     ChatCompletionResponse, ChatLogprobs, ChatStreamChoice,
+                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
+                                     CompletionResponse, DeltaMessage, HealthStatus,
+                                     LoadAdapterRequest, ModelCard, ModelList, TaskInfo, TaskList,
+                                     TaskRequest, TaskResult, TokenLogprob, TopLogprob,
+                                     UnloadAdapterRequest, UsageInfo)
+from shoptune.tasks import all_cards
+
+
+@dataclass
+class ServeSettings:
+    api_keys: frozenset[str] = frozenset()
+    adapters_dir: Path | None = None
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512  # upper bound a request may ask for
+    default_max_tokens: int = 256  # chat requests without max_tokens
+    max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0  # seconds a client has to send the whole request body
+    request_timeout: float = 300.0
+    protocol: str = "starter-kit"  # how task prompts are built: as at training/evaluation time
+    task_adapters: dict[str, str] = field(default_factory=dict)
+
+
+class Timeout(EngineError):
+    status, type, code = 504, "server_error", "timeout"
+
+
+class NotFound(EngineError):
+    status, type, code = 404, "not_found_error", "task_not_found"
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Caller(Protocol):
+    """What a handler needs of the HTTP request: a ``state`` to label metrics with the resolved
+    model, and whether the client is still there."""
+    state: Any
+
+    async def is_disconnected(self) -> bool: ...
+
+
+CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the metrics count it
+
+
+def sse(obj: BaseModel | dict) -> str:
+    body = obj.model_dump() if isinstance(obj, BaseModel) else obj
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+# ----------------------------------------------------------------------------- logprobs
+def kept_tokens(tok, ids: list[int], text: str) -> int:
+    """How many of ``ids`` produced ``text`` (generation cut by a stop string drops the rest)."""
+    full = tok.decode(ids, skip_special_tokens=True)
+    if len(text) >= len(full):
+        return len(ids)
+    return sum(1 for k in range(len(ids)) if len(tok.decode(ids[:k], skip_special_tokens=True)) < len(text))
+
+
+def completion_logprobs(tok, ids: list[int], lps: list, tops: list, start: int = 0) -> CompletionLogProbs:
+    """OpenAI's ``/v1/completions`` logprobs object for tokens ``ids`` (their text starting at
+    character ``start`` of the choice's text); ``lps``/``tops`` may hold None (a prompt's first
+    token has no log-probability)."""
+    offsets = [start + len(tok.decode(ids[:k], skip_special_tokens=True)) for k in range(len(ids))]
+    return CompletionLogProbs(
+        tokens=[tok.decode([t]) for t in ids], token_logprobs=list(lps),
+        top_logprobs=[None if top is None else {tok.decode([t]): lp for t, lp in top} for top in tops],
+        text_offset=offsets)
+
+
+def chat_logprobs(tok, ids: list[int], lps: list[float], tops: list, k: int) -> ChatLogprobs:
+    """OpenAI's chat ``logprobs`` object: ``content`` entries with ``k`` alternatives each."""
+    def entry(t: int, lp: float) -> dict:
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+    return ChatLogprobs(content=[TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(a, b)) for a, b in top[:k]])
+                                 for t, lp, top in zip(ids, lps, tops)])
+
+
+def finish_reason(job: Job) -> str:
+    return "length" if job.finish_reason == "length" else "stop"
+
+
+def usage(jobs: list[Job], prompts: list[list[int]]) -> UsageInfo:
+    p = sum(len(x) for x in prompts)
+    c = sum(len(j.gen_ids) for j in jobs)
+    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+class Serving:
+    """What every handler shares: prompt limits, model resolution, submitting jobs and waiting
+    for them (cancelled when the client goes or the request times out), and streaming."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings):
+        self.engine, self.settings, self.tok = engine, settings, engine.tok
+
+    def encode(self, text: str, *, special: bool, param: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=special)
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise EngineError(f"prompt is {len(ids)} tokens; this server takes at most "
+                              f"{self.settings.max_prompt_tokens}", param=param)
+        if not ids:
+            raise EngineError("prompt is empty", param=param)
+        return ids
+
+    def resolve(self, caller: Caller, model: str | None) -> str | None:
+        """The adapter for ``model``; labels the request's metrics with the resolved name only
+        (a client's junk never becomes a Prometheus label value)."""
+        adapter = self.engine.resolve_model(model)
+        caller.state.model = adapter or self.engine.base_name
+        return adapter
+
+    def check(self, req, caller: Caller) -> tuple[str | None, float, float]:
+        """(adapter, temperature, top_p) of an OpenAI request; refuses what is not implemented."""
+        bad = req.unsupported()
+        if bad == ["logprobs"]:
+            raise EngineError("logprobs is not supported with stream by this server; ask without "
+                              "stream", param="logprobs")
+        if bad:
+            raise EngineError(f"{bad[0]} is not supported by this server", param=bad[0])
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return self.resolve(caller, req.model), temperature, 1.0 if req.top_p is None else req.top_p
+
+    def check_fits(self, sequences: int) -> None:
+        """A request bigger than the whole queue can never be served: 400, not 429 "retry later"."""
+        limit = self.engine.max_queue
+        if 0 < limit < sequences:
+            raise EngineError(f"this request needs {sequences} sequences (prompts x n), which exceeds "
+                              f"the server's limit of {limit} queued sequences", param="n")
+
+    def max_tokens(self, value: int | None, default: int, param: str) -> int:
+        value = default if value is None else value
+        if value > self.settings.max_new_tokens:
+            raise EngineError(f"{param}={value} is above this server's limit of "
+                              f"{self.settings.max_new_tokens}", param=param)
+        return value
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """All or nothing: a job refused (queue full, shutting down) cancels the ones before it."""
+        self.check_fits(len(jobs))
+        try:
+            for j in jobs:
+                self.engine.submit(j)
+        except EngineError:
+            for j in jobs:
+                j.cancelled.set()
+            raise
+
+    async def wait_all(self, caller: Caller, jobs: list[Job]) -> None:
+        """Wait for every job; cancel them if the client disconnects (:class:`ClientGone`) or the
+        timeout passes (:class:`Timeout`)."""
+        gathered = asyncio.ensure_future(asyncio.gather(*(self.engine.complete(j) for j in jobs)))
+        deadline = time.monotonic() + self.settings.request_timeout
+        try:
+            while True:
+                done, _ = await asyncio.wait({gathered}, timeout=0.1)
+                if done:
+                    gathered.result()
+                    return
+                if await caller.is_disconnected():
+                    raise ClientGone()
+                if time.monotonic() > deadline:
+                    raise Timeout(f"request took longer than {self.settings.request_timeout:.0f} s")
+        finally:
+            if not gathered.done():
+                for j in jobs:
+                    j.cancelled.set()
+                gathered.cancel()
+
+    async def merged(self, jobs: list[Job]):
+        """(index, kind, value) events of several jobs as they come, kind in delta/done."""
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, job: Job):
+            try:
+                async for delta in self.engine.events(job):
+                    await q.put((i, "delta", delta))
+                await q.put((i, "done", job.finish_reason))
+            except Exception as e:  # noqa: BLE001 - reported on the stream
+                await q.put((i, "error", e))
+
+        pumps = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
+        deadline = time.monotonic() + self.settings.request_timeout
+        open_ = len(jobs)
+        try:
+            while open_:
+                try:
+                    item = await asyncio.wait_for(q.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise Timeout(f"request took longer than {self.settings.request_timeout:.0f} s") from None
+                if item[1] == "error":
+                    raise item[2]
+                if item[1] == "done":
+                    open_ -= 1
+                yield item
+        finally:  # client gone, timeout or error: stop the rest
+            for j in jobs:
+                j.cancelled.set()
+            for p in pumps:
+                p.cancel()
+
+    async def stream_events(self, jobs: list[Job], chunk, usage_chunk):
+        try:
+            async for i, kind, value in self.merged(jobs):
+                yield sse(chunk(i, value if kind == "delta" else None, value if kind == "done" else None))
+            if usage_chunk is not None:
+                yield sse(usage_chunk())
+        except EngineError as e:
+            yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        except Exception as e:  # noqa: BLE001 - the status line is already sent: report in-band
+            yield sse({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
+                                 "param": None, "code": None}})
+        yield "data: [DONE]\n\n"
+
+    def stream_response(self, req, jobs: list[Job], prompts, chunk_model, head: dict, choice) -> StreamingResponse:
+        """SSE reply: a chunk per delta and per finish (``choice(i, text, finish_reason)`` builds
+        the choice), then the usage chunk if ``stream_options.include_usage``, then [DONE]."""
+        def chunk(i, text, reason):
+            return chunk_model(**head, choices=[choice(i, text, None if reason is None else finish_reason(jobs[i]))])
+
+        def usage_chunk():
+            return chunk_model(**head, choices=[], usage=usage(jobs, prompts))
+        include = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(self.stream_events(jobs, chunk, usage_chunk if include else None),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class Completions(Serving):
+    """``POST /v1/completions``: text, token ids or batches of either; ``n``, ``stop``, ``seed``,
+    ``logprobs`` (top-k), ``echo`` (with prompt logprobs; ``max_tokens: 0`` scores only)."""
+
+    def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """(token ids, text to echo) per prompt."""
+        p, tok, limit = req.prompt, self.tok, self.settings.max_prompt_tokens
+        if isinstance(p, str):
+            prompts, texts = [self.encode(p, special=True, param="prompt")], [p]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts, texts = [self.encode(x, special=True, param="prompt") for x in p], list(p)
+        elif p and all(isinstance(x, int) for x in p):
+            prompts, texts = [list(p)], None
+        elif p:
+            prompts, texts = [list(x) for x in p], None
+        else:
+            raise EngineError("prompt is empty", param="prompt")
+        for ids in prompts:
+            if not ids or len(ids) > limit or any(not 0 <= t < len(tok) for t in ids):
+                raise EngineError(f"each prompt needs 1..{limit} valid tokens", param="prompt")
+        return prompts, texts if texts is not None else [tok.decode(ids) for ids in prompts]
+
+    async def create(self, req: CompletionRequest, caller: Caller) -> CompletionResponse | Response:
+        adapter, temperature, top_p = self.check(req, caller)
+        p = req.prompt
+        self.check_fits(req.n * (len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1))
+        prompts, texts = self.prompts(req)
+        limit = self.max_tokens(req.max_tokens, 16, "max_tokens")
+        if limit == 0 and req.stream:
+            raise EngineError("max_tokens 0 (prompt logprobs only) needs stream false", param="max_tokens")
+        all_prompts = [ids for ids in prompts for _ in range(req.n)]
+        # choice k of a seeded request samples with seed + k: reproducible, and the n differ
+        jobs = [Job(ids, adapter, max_new_tokens=limit, temperature=temperature, top_p=top_p,
+                    stop=req.stops(), logprobs=req.logprobs,
+                    seed=None if req.seed is None else req.seed + k)
+                for ids in prompts for k in range(req.n)] if limit > 0 else []
+        scored = [Job(ids, adapter, kind="score", logprobs=req.logprobs) for ids in prompts] \
+            if req.echo and req.logprobs is not None else []
+        self.submit_all(scored + jobs)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        echoed = [texts[i // req.n] if req.echo else "" for i in range(len(all_prompts))]
+        if req.stream:
+            started = set()
+
+            def choice(i, text, reason):
+                if i not in started:  # the echoed prompt leads the first chunk
+                    started.add(i)
+                    text = echoed[i] + (text or "")
+                return CompletionChoice(index=i, text=text or "", logprobs=None, finish_reason=reason)
+            return self.stream_response(req, jobs, all_prompts, CompletionResponse, head, choice)
+        try:
+            await self.wait_all(caller, scored + jobs)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+
+        def logprobs(i: int) -> CompletionLogProbs | None:
+            if req.logprobs is None:
+                return None
+            parts = []  # (ids, logprobs, alternatives, where their text starts in the choice's)
+            if scored:  # the echoed prompt; its first token has no log-probability
+                sj = scored[i // req.n]
+                parts.append((sj.prompt_ids, [None, *sj.token_logprobs], [None, *sj.top_logprobs], 0))
+            if jobs:
+                j = jobs[i]
+                n = kept_tokens(self.tok, j.gen_ids, j.text)
+                parts.append((j.gen_ids[:n], j.token_logprobs[:n], j.top_logprobs[:n], len(echoed[i])))
+            out = CompletionLogProbs()
+            for part in parts:
+                got = completion_logprobs(self.tok, *part)
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(out, key).extend(getattr(got, key))
+            return out
+
+        choices = [CompletionChoice(index=i, text=echoed[i] + (jobs[i].text if jobs else ""),
+                                    logprobs=logprobs(i),
+                                    finish_reason=finish_reason(jobs[i]) if jobs else "length")
+                   for i in range(len(all_prompts))]
+        return CompletionResponse(**head, choices=choices, usage=usage(jobs, all_prompts))
+
+
+class Chat(Serving):
+    """``POST /v1/chat/completions`` through the tokenizer's chat template."""
+
+    async def create(self, req: ChatCompletionRequest, caller: Caller) -> ChatCompletionResponse | Response:
+        adapter, temperature, top_p = self.check(req, caller)
+        self.check_fits(req.n)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the client's
+            raise EngineError(f"cannot apply the chat template: {e}", param="messages") from e
+        ids = self.encode(text, special=False, param="messages")
+        limit = self.max_tokens(req.max_completion_tokens or req.max_tokens, self.settings.default_max_tokens,
+                                "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        jobs = [Job(ids, adapter, max_new_tokens=limit, temperature=temperature, top_p=top_p,
+                    stop=req.stops(), logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                    seed=None if req.seed is None else req.seed + k) for k in range(req.n)]
+        self.submit_all(jobs)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        prompts = [ids] * req.n
+        if req.stream:
+            started = set()
+
+            def choice(i, text, reason):
+                first = i not in started  # the first chunk of each choice carries the role
+                started.add(i)
+                delta = DeltaMessage(role="assistant" if first else None,
+                                     content=text if reason is None else None)
+                return ChatStreamChoice(index=i, delta=delta, logprobs=None, finish_reason=reason)
+            return self.stream_response(req, jobs, prompts, ChatCompletionChunk, head, choice)
+        try:
+            await self.wait_all(caller, jobs)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+
+        def logprobs(j: Job) -> ChatLogprobs | None:
+            if not req.logprobs:
+                return None
+            n = kept_tokens(self.tok, j.gen_ids, j.text)
+            return chat_logprobs(self.tok, j.gen_ids[:n], j.token_logprobs[:n], j.top_logprobs[:n],
+                                 req.top_logprobs or 0)
+        return ChatCompletionResponse(
+            **head, choices=[ChatChoice(index=i, message=AssistantMessage(content=j.text),
+                                        logprobs=logprobs(j), finish_reason=finish_reason(j))
+                             for i, j in enumerate(jobs)],
+            usage=usage(jobs, prompts))
+
+
+class Tasks(Serving):
+    """``/v1/tasks``: task cards with input schemas, and structured input -> the card's prompt
+    (as at evaluation) -> constrained decoding -> the parsed answer."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings):
+        super().__init__(engine, settings)
+        self.cards = all_cards()
+
+    def info(self, card) -> TaskInfo:
+        s, e = self.settings, self.engine
+        return TaskInfo(id=card.name, capability=card.capability, task_type=card.task_type,
+                        metric=card.metric, description=card.description,
+                        adapter=s.task_adapters.get(card.name) or (card.name if card.name in e.adapters else None),
+                        input_schema=task_io.input_model(card).model_json_schema())
+
+    def card(self, task: str):
+        if task not in self.cards:
+            raise NotFound(f"unknown task {task!r}; GET /v1/tasks lists them", param="task")
+        return self.cards[task]
+
+    def list(self) -> TaskList:
+        return TaskList(protocol=self.settings.protocol, data=[self.info(c) for c in self.cards.values()])
+
+    def get(self, task: str) -> TaskInfo:
+        return self.info(self.card(task))
+
+    async def run(self, task: str, req: TaskRequest, caller: Caller) -> TaskResult | Response:
+        card, engine = self.card(task), self.engine
+        model = req.model or self.settings.task_adapters.get(task) or \
+            (task if task in engine.adapters and task not in engine.draining else engine.base_name)
+        adapter = self.resolve(caller, model)
+        schema = task_io.input_model(card)
+        try:
+            inp = schema.model_validate(req.input)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in ("input", *first.get("loc", ())))
+            raise EngineError(f"{loc}: {first['msg']} (task {task} takes: "
+                              f"{', '.join(schema.model_fields)})", param=loc) from None
+        rec = task_io.to_record(card, inp)
+        plan = task_io.plan(card, inp, rec)
+        prompt = build_prompts([rec], self.settings.protocol, self.tok,
+                               render=lambda r: card.render(r.input_field))[0]
+        ids = self.encode(prompt, special=False, param="input")
+        job = (Job(ids, adapter, kind="choice", choices=plan.choices) if plan.kind == "choice" else
+               Job(ids, adapter, max_new_tokens=plan.max_new_tokens, temperature=0.0, plan=plan))
+        self.submit_all([job])
+        try:
+            await self.wait_all(caller, [job])
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+        return TaskResult(id=f"task-{uuid.uuid4().hex}", task=card.name, task_type=card.task_type,
+                          metric=card.metric, model=model, **task_io.answer(card, inp, job.text, plan),
+                          usage=usage([job], [ids]))
+
+
+class Admin(Serving):
+    """Models, runtime adapters (vLLM's ``/v1/load_lora_adapter`` contract, confined to
+    ``--adapters-dir``) and health."""
+
+    def models(self) -> ModelList:
+        e, now = self.engine, int(time.time())
+        return ModelList(data=[ModelCard(id=e.base_name, created=now, root=e.base_name, parent=None)]
+                         + [ModelCard(id=name, created=now, root=str(e.adapters[name]), parent=e.base_name)
+                            for name in e.models()[1:]])
+
+    def adapter_path(self, name: str, given: str | None) -> Path:
+        root = self.settings.adapters_dir
+        if root is None:
+            raise EngineError("runtime adapter loading is off: start the server with --adapters-dir",
+                              param="lora_path")
+        if not ADAPTER_NAME_RE.match(name):
+            raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-'",
+                               param="lora_name")
+        if "\x00" in (given or ""):
+            raise AdapterError("lora_path contains a NUL byte", param="lora_path")
+        root = root.resolve()
+        path = Path(given) if given else Path(name)
+        try:
+            full = (path if path.is_absolute() else root / path).resolve()
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"lora_path {given or name!r}: {e}", param="lora_path") from None
+        if full == root or not full.is_relative_to(root):
+            raise AdapterError(f"lora_path {given or name!r} is outside the adapters folder",
+                               param="lora_path")
+        return full
+
+    async def load_adapter(self, req: LoadAdapterRequest) -> AdapterStatus:
+        path = self.adapter_path(req.lora_name, req.lora_path)
+        await asyncio.to_thread(self.engine.load_adapter, req.lora_name, path)
+        return AdapterStatus(lora_name=req.lora_name, models=self.engine.models())
+
+    async def unload_adapter(self, req: UnloadAdapterRequest) -> AdapterStatus:
+        await self.engine.unload_adapter(req.lora_name)
+        return AdapterStatus(lora_name=req.lora_name, models=self.engine.models())
+
+    def health(self, check: str) -> HealthStatus:
+        """``check`` is "ready" or "live"; the reply's ``status`` says whether it passed."""
+        e = self.engine
+        h = e.health()
+        return HealthStatus(status="ok" if h[check] else "unavailable", live=h["live"], ready=h["ready"],
+                            reason=h["reason"], model=e.base_name, adapters=e.models()[1:],
+                            queue_depth=e.queue_depth)

@@ -1,0 +1,185 @@
+"""The request handlers called directly (no HTTP, no subprocess): an in-process engine on the tiny
+model, a stand-in for the HTTP request, and the response models they return."""
+import asyncio
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from shoptune.serve.engine import EngineError, UnknownModel
+from shoptune.serve.handlers import (Admin, Chat, ClientGone, Completions, NotFound,
+                                     ServeSettings, Serving, Tasks, Timeout)
+from shoptune.serve.protocol import (AdapterStatus, ChatCompletionRequest, ChatCompletionResponse,
+                                     CompletionRequest, CompletionResponse, LoadAdapterRequest,
+                                     TaskRequest, TaskResult, UnloadAdapterRequest)
+
+pytestmark = pytest.mark.slow  # the tiny fixtures need the real tokenizer (model cache)
+PROMPT = "The best running shoe is"
+
+
+class Caller:
+    """What a handler reads of the HTTP request."""
+
+    def __init__(self, gone: bool = False):
+        self.state, self.gone, self.polls = SimpleNamespace(), gone, 0
+
+    async def is_disconnected(self) -> bool:
+        self.polls += 1
+        return self.gone
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    from shoptune.models import load
+    from shoptune.serve.engine import Engine
+
+    model, tok = load(str(tiny["base"]), dtype="fp32")
+    engine = Engine(model, tok, base_name="tiny", max_queue=8, max_wait=0.02)
+    engine.load_adapter("good", tiny["good"])
+    settings = ServeSettings(adapters_dir=tiny["good"].parent, max_new_tokens=64)
+    yield SimpleNamespace(engine=engine, settings=settings, tok=tok,
+                          completions=Completions(engine, settings), chat=Chat(engine, settings),
+                          tasks=Tasks(engine, settings), admin=Admin(engine, settings))
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Plain peft on the same weights: what a greedy answer must equal."""
+    from peft import PeftModel
+
+    from shoptune.models import load
+    model, tok = load(str(tiny["base"]), dtype="fp32")
+    return PeftModel.from_pretrained(model, str(tiny["good"]), adapter_name="good"), tok
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize("model", ["tiny", "good"])
+def test_completion_equals_plain_peft_and_labels_the_resolved_model(served, reference, model):
+    from shoptune.serve.testing import greedy_reference
+    caller = Caller()
+    out = run(served.completions.create(
+        CompletionRequest(model=model, prompt=PROMPT, max_tokens=8, temperature=0), caller))
+    assert isinstance(out, CompletionResponse)
+    pm, tok = reference
+    assert out.choices[0].text == greedy_reference(pm, tok, None if model == "tiny" else model, PROMPT, 8)
+    assert out.choices[0].finish_reason == "length" and out.choices[0].logprobs is None
+    n_prompt = len(tok(PROMPT)["input_ids"])
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (n_prompt, 8, n_prompt + 8)
+    assert caller.state.model == model  # the metrics label is the resolved name
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt_only(served):
+    req = CompletionRequest(model="good", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    out = run(served.completions.create(req, Caller()))
+    (choice,) = out.choices
+    lp = choice.logprobs
+    n_prompt = len(served.tok(PROMPT)["input_ids"])
+    assert choice.text == PROMPT and out.usage.completion_tokens == 0
+    assert len(lp.tokens) == n_prompt and "".join(lp.tokens) == PROMPT
+    assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+    assert lp.top_logprobs[0] is None
+    for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert len(top) in (2, 3) and top[token] == logprob  # the top 2, plus the prompt's own token
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_chat_reply_and_its_stream_say_the_same(served):
+    req = dict(model="good", messages=[{"role": "user", "content": "Name a shoe."}], max_tokens=6, temperature=0)
+    whole = run(served.chat.create(ChatCompletionRequest(**req), Caller()))
+    assert isinstance(whole, ChatCompletionResponse) and whole.choices[0].message.role == "assistant"
+
+    async def stream():
+        resp = await served.chat.create(ChatCompletionRequest(**req, stream=True,
+                                                              stream_options={"include_usage": True}), Caller())
+        return [c if isinstance(c, str) else c.decode() async for c in resp.body_iterator]
+    events = [e.removeprefix("data: ").strip() for e in run(stream())]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
+        whole.choices[0].message.content
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["choices"][0]["delta"] == {} and "usage" not in finish[0]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole.usage.model_dump()
+
+
+class Stuck:
+    """An engine whose jobs never finish."""
+    tok = None
+
+    async def complete(self, job):
+        await asyncio.Event().wait()
+
+
+def test_waiting_stops_the_jobs_when_the_client_leaves_or_time_runs_out():
+    jobs = [SimpleNamespace(cancelled=threading.Event()) for _ in range(3)]
+    caller = Caller(gone=True)
+    with pytest.raises(ClientGone):
+        run(Serving(Stuck(), ServeSettings()).wait_all(caller, jobs))
+    assert caller.polls == 1 and all(j.cancelled.is_set() for j in jobs)
+
+    jobs = [SimpleNamespace(cancelled=threading.Event()) for _ in range(2)]
+    t0 = time.monotonic()
+    with pytest.raises(Timeout) as e:
+        run(Serving(Stuck(), ServeSettings(request_timeout=0.3)).wait_all(Caller(), jobs))
+    assert 0.3 <= time.monotonic() - t0 < 5 and e.value.status == 504
+    assert all(j.cancelled.is_set() for j in jobs)
+
+
+def test_bad_requests_raise_errors_naming_the_field(served):
+    c = served.completions
+    for req, param in ((dict(max_tokens=65), "max_tokens"),  # above --max-new-tokens 64
+                       (dict(n=3, prompt=[PROMPT] * 3), "n"),  # 9 sequences > queue of 8
+                       (dict(prompt=[[10**9]]), "prompt"),  # not a token id
+                       (dict(presence_penalty=0.5), "presence_penalty"),
+                       (dict(max_tokens=0, stream=True), "max_tokens")):
+        with pytest.raises(EngineError) as e:
+            run(c.create(CompletionRequest(**{"model": "tiny", "prompt": PROMPT, **req}), Caller()))
+        assert e.value.param == param and e.value.status == 400, (req, e.value.message)
+    with pytest.raises(UnknownModel):
+        run(c.create(CompletionRequest(model="nope", prompt=PROMPT), Caller()))
+    with pytest.raises(EngineError) as e:
+        run(served.chat.create(ChatCompletionRequest(
+            model="tiny", messages=[{"role": "user", "content": "x " * 3000}]), Caller()))
+    assert e.value.param == "messages" and "2048" in e.value.message
+
+
+def test_task_answers_are_parsed_and_bad_input_names_its_field(served):
+    inp = {"question": "Which is a shoe?", "options": ["apple", "sneaker", "lamp"]}
+    out = run(served.tasks.run("shopbench_task2", TaskRequest(model="good", input=inp), Caller()))
+    assert isinstance(out, TaskResult) and out.task == "shopbench_task2" and out.model == "good"
+    assert out.answer in (0, 1, 2) and out.answer_text == inp["options"][out.answer]
+    assert "answer_items" not in out.model_dump()  # absent, not null: it is not a ranking task
+    with pytest.raises(EngineError) as e:
+        run(served.tasks.run("shopbench_task2", TaskRequest(input={"question": "q", "options": ["one"]}), Caller()))
+    assert e.value.param == "input.options" and "question, options" in e.value.message
+    with pytest.raises(NotFound):
+        served.tasks.get("no_such_task")
+    info = served.tasks.get("shopbench_task2")
+    assert info.task_type == "multiple-choice" and "options" in info.input_schema["properties"]
+    assert {t.id for t in served.tasks.list().data} >= {"shopbench_task2", "shopbench_task12"}
+
+
+def test_admin_confines_adapters_to_their_folder_and_loads_and_unloads(served, tiny):
+    admin = served.admin
+    for name, path, param in (("x", "../outside", "lora_path"), ("x", "/etc", "lora_path"),
+                              ("x", "a\x00b", "lora_path"), ("bad name", None, "lora_name")):
+        with pytest.raises(EngineError) as e:
+            run(admin.load_adapter(LoadAdapterRequest(lora_name=name, lora_path=path)))
+        assert e.value.param == param, (name, path, e.value.message)
+    with pytest.raises(EngineError) as e:
+        Admin(served.engine, ServeSettings()).adapter_path("x", None)
+    assert "--adapters-dir" in e.value.message
+    got = run(admin.load_adapter(LoadAdapterRequest(lora_name="second", lora_path="good2")))
+    assert isinstance(got, AdapterStatus) and "second" in got.models
+    assert [m.id for m in admin.models().data] == served.engine.models()
+    assert admin.models().data[0].parent is None and admin.models().data[-1].parent == "tiny"
+    assert "second" not in run(admin.unload_adapter(UnloadAdapterRequest(lora_name="second"))).models
+    h = admin.health("ready")
+    assert h.status == "ok" and h.ready and h.live and h.adapters == ["good"]

@@ -142,7 +142,7 @@ def report_markdown(rep: dict) -> str:
                 ref = e["vs_baseline"]["baseline"]
                 lines.append(f"| {cell}{'' if ref == rep['baseline'] else f' - {ref}'} | " + " | ".join(_fmt_diff(e["vs_baseline"].get(c)) for c in COLUMNS) + " |")
     if rep.get("machines"):
-        lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} runs)" for m, ids in rep["machines"].items())]
+        lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} run{'s' if len(ids) != 1 else ''})" for m, ids in rep["machines"].items())]
     if rep["missing_runs"]:
         lines += ["", f"Not finished yet ({len(rep['missing_runs'])}): " + ", ".join(rep["missing_runs"])]
     lines += ["", "![scores](scores.png)", "", "![difference to the baseline](diff.png)"]

@@ -137,9 +137,10 @@ def test_a_run_finished_by_another_experiment_is_reused_not_retrained(tmp_path):
     runs = [{"id": "narrow-r16.s1.72c55465", "cell": "narrow-r16", "key": "72c55465abcd"},
             {"id": "diverse-r16.s1.bbe93ac8", "cell": "diverse-r16", "key": "bbe93ac8eeee"},
             {"id": "y.s0.0000aaaa", "cell": "y", "key": "0000aaaa1111"}]
-    assert reuse_finished(tmp_path / "rank", exp, runs) == ["narrow-r16.s1.72c55465"]
+    assert reuse_finished(tmp_path / "rank", exp, runs) == {
+        "narrow-r16.s1.72c55465": "capabilities/cap1.s1.72c55465 @ unknown commit"}
     got = json.loads((tmp_path / "rank/cells/narrow-r16.s1.72c55465/result.json").read_text())
     assert got["experiment"] == "rank" and got["cell"] == "narrow-r16" and got["id"] == runs[0]["id"]
     assert got["reused_from"] == "capabilities/cap1.s1.72c55465" and got["scores"] == {"overall": 0.25}
     assert is_done(tmp_path / "rank", runs[0]) and not is_done(tmp_path / "rank", runs[1])
-    assert reuse_finished(tmp_path / "rank", exp, runs[1:]) == []  # another key; another suite
+    assert reuse_finished(tmp_path / "rank", exp, runs[1:]) == {}  # another key; another suite

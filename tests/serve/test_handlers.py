@@ -183,3 +183,30 @@ def test_admin_confines_adapters_to_their_folder_and_loads_and_unloads(served, t
     assert "second" not in run(admin.unload_adapter(UnloadAdapterRequest(lora_name="second"))).models
     h = admin.health("ready")
     assert h.status == "ok" and h.ready and h.live and h.adapters == ["good"]
+
+
+def test_http_replies_keep_openai_keys_null_where_openai_sends_null(served):
+    """Through the app (routes + response models), in process: the keys of each reply, with
+    ``logprobs: null`` present and ``usage`` / empty ``delta`` keys absent where OpenAI omits them."""
+    from fastapi.testclient import TestClient
+
+    from shoptune.serve.app import build_app
+    http = TestClient(build_app(served.engine, served.settings))  # no `with`: the engine outlives it
+    r = http.post("/v1/completions", json={"model": "good", "prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and list(r.json()) == ["id", "object", "created", "model", "choices", "usage"]
+    assert r.json()["choices"][0] == {"index": 0, "text": r.json()["choices"][0]["text"], "logprobs": None,
+                                      "finish_reason": "length"}
+    r = http.post("/v1/completions", json={"model": "good", "prompt": PROMPT, "max_tokens": 2, "stream": True})
+    chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    assert all("usage" not in c and list(c["choices"][0]) == ["index", "text", "logprobs", "finish_reason"]
+               for c in chunks)
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "stream": True,
+                                                "messages": [{"role": "user", "content": "hi"}]})
+    deltas = [json.loads(x[6:])["choices"][0]["delta"] for x in r.text.split("\n\n") if x.startswith("data: {")]
+    assert deltas[0]["role"] == "assistant" and deltas[-1] == {} and r.text.endswith("data: [DONE]\n\n")
+    r = http.post("/v1/tasks/shopbench_task4", json={"input": {"text": "asus zenbook sleeve", "entity_type": "brand"}})
+    assert r.status_code == 200 and "answer" in r.json() and "answer_text" not in r.json(), r.json()
+    r = http.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["adapters"] == ["good"]
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 999})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -30,29 +30,37 @@ def register(app: typer.Typer) -> None:
                     help="Run only the runs matching this pattern (repeatable; shell-style, "
                          "against CELL or CELL.sSEED: --only diverse-r32 --only '*.s1'); the "
                          "others stay for a later run.")] = None,
+                reuse: Annotated[bool, typer.Option(
+                    help="Copy in a run another experiment (results folder beside this one) already "
+                         "finished with the same key, instead of training it again.")] = True,
                 dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done.")] = False,
                 report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True) -> None:
         """Train and score every cell x seed; finished runs are skipped, killed ones resumed."""
         from pydantic import ValidationError
 
         from shoptune.data.loaders import DataValidationError
-        from shoptune.experiment.runner import check_only, is_done, plan, run_experiment, selected
+        from shoptune.experiment.runner import (check_only, is_done, plan, reusable, run_experiment,
+                                                selected)
 
         try:
             if dry_run:
                 exp = plan(spec, out, results, launcher=launcher)
                 check_only(exp, only)
+                found = reusable(results or out, exp, exp["runs"]) if reuse else {}
                 for r in exp["runs"]:
-                    state = "done" if is_done(results or out, r) else "to run" if selected(r, only) else "not selected"
+                    state = ("done" if is_done(results or out, r) else "not selected" if not selected(r, only)
+                             else f"reuse {found[r['id']][0].parents[2].name}/{found[r['id']][0].parent.name}"
+                             if r["id"] in found else "to run")
                     tokens = f", ~{r['planned_tokens']} tokens" if r["planned_tokens"] else ""
                     console.print(f"{r['id']}: {r['max_steps']} steps{tokens} \\[{state}]")
                 return
             res = run_experiment(spec, out, results=results, workers=workers, console=console,
-                                 launcher=launcher, only=only)
+                                 launcher=launcher, only=only, reuse=reuse)
         except (FileNotFoundError, ValueError, ValidationError, DataValidationError) as e:
             fail(str(e))
-        for rid in res["reused"]:
-            console.print(f"{rid}: the same run (key) was finished by another experiment: result copied")
+        for rid, source in res["reused"].items():
+            console.print(f"{rid}: the same run (key) was finished as {source}: result copied "
+                          "(--no-reuse trains it again)")
         console.print(f"{res['runs']} runs: {len(res['skipped'])} already done, {len(res['done'])} "
                       f"finished now, {len(res['failed'])} failed"
                       + (f", {len(res['not_selected'])} not selected" if res["not_selected"] else "")

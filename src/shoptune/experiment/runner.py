@@ -200,32 +200,45 @@ def is_done(results: Path, run: dict) -> bool:
         return False
 
 
-def reuse_finished(results: Path, exp: dict, runs: list[dict]) -> list[str]:
-    """Copy in the results of ``runs`` already finished by another experiment whose results
-    folder sits beside this one: the same key (resolved training config and seed) scored on the
-    same suite is the same run, so it is not trained again. The copy names its source in
-    ``reused_from``. Returns the run ids filled."""
-    results = Path(results)
+def reusable(results: Path, exp: dict, runs: list[dict]) -> dict[str, tuple[Path, dict]]:
+    """{run id: (result file, result)} for ``runs`` already finished by another experiment whose
+    results folder sits beside this one: the same key (resolved training config, seed, suite
+    fingerprint, protocol) is the same run. The code version is not in the key: the caller
+    shows the source's commit (``git_commit``) and ``--no-reuse`` retrains instead."""
+    results = Path(results).resolve()
     by_key: dict[str, list[Path]] = {}
     for f in results.parent.glob("*/cells/*/result.json"):
-        if f.parents[2].resolve() != results.resolve():
+        if f.parents[2].resolve() != results:
             by_key.setdefault(f.parent.name.rsplit(".", 1)[-1], []).append(f)
-    reused = []
+    found = {}
     for run in runs:
         for f in sorted(by_key.get(run["id"].rsplit(".", 1)[-1], [])):
             try:
                 res = json.loads(f.read_text(encoding="utf-8"))
-            except ValueError:
+            except (OSError, ValueError):
                 continue
-            if res.get("key") != run["key"] or \
-                    (res.get("suite") or {}).get("fingerprint") != exp["suite"]["fingerprint"]:
-                continue
-            write_json(result_path(results, run), {
-                **res, "experiment": exp["name"], "id": run["id"], "cell": run["cell"],
-                "reused_from": res.get("reused_from") or f"{f.parents[2].name}/{f.parent.name}"})
-            reused.append(run["id"])
-            break
-    return reused
+            if res.get("key") == run["key"] and \
+                    (res.get("suite") or {}).get("fingerprint") == exp["suite"]["fingerprint"]:
+                found[run["id"]] = (f, res)
+                break
+    return found
+
+
+def reuse_finished(results: Path, exp: dict, runs: list[dict]) -> dict[str, str]:
+    """Copy in the results :func:`reusable` finds; the copy names its source in ``reused_from``.
+    Returns {run id: "experiment/run id @ commit"}."""
+    done = {}
+    for run in runs:
+        hit = reusable(results, exp, [run]).get(run["id"])
+        if hit is None:
+            continue
+        f, res = hit
+        source = res.get("reused_from") or f"{f.parents[2].name}/{f.parent.name}"
+        write_json(result_path(results, run), {**res, "experiment": exp["name"], "id": run["id"],
+                                               "cell": run["cell"], "reused_from": source})
+        commit = res.get("git_commit")
+        done[run["id"]] = f"{source} @ {commit[:10] if commit else 'unknown commit'}"
+    return done
 
 
 # ----------------------------------------------------------------------------- one run (child)
@@ -389,11 +402,12 @@ def check_only(exp: dict, only: list[str] | None) -> None:
 
 def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Path | None = None,
                    workers: int = 1, console=None, poll_s: float = 1.0, launcher: str | None = None,
-                   only: list[str] | None = None) -> dict:
+                   only: list[str] | None = None, reuse: bool = True) -> dict:
     """Plan, skip finished runs, run the rest ``workers`` at a time; returns a status summary.
     ``launcher``: a command prefix each run's training is started with (``accelerate launch
     --config_file ...`` on a multi-GPU machine); evaluation stays in the run's own process.
-    ``only``: run just the runs these patterns select (see :func:`selected`); the rest wait."""
+    ``only``: run just the runs these patterns select (see :func:`selected`); the rest wait.
+    ``reuse``: copy in runs another experiment already finished (:func:`reuse_finished`)."""
     from rich.live import Live
     from rich.table import Table
 
@@ -402,7 +416,8 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Pat
     results = Path(results) if results else out
     plan_file = out / "plan.json"
     check_only(exp, only)
-    reused = reuse_finished(results, exp, [r for r in exp["runs"] if selected(r, only) and not is_done(results, r)])
+    reused = reuse_finished(results, exp, [r for r in exp["runs"] if selected(r, only) and not is_done(results, r)]) \
+        if reuse else {}
     unfinished = [r for r in exp["runs"] if not is_done(results, r)]
     todo = [r for r in unfinished if selected(r, only)]
     skipped = [r["id"] for r in exp["runs"] if r not in unfinished]

@@ -322,6 +322,7 @@ class TaskList(BaseModel):
 
 
 class TaskResult(_Reply):
+    model_config = ConfigDict(extra="forbid")  # a key the answer parser adds must be declared here
     _omit_if_none = ("answer_text", "answer_items")
     id: str
     object: Literal["task.result"] = "task.result"

@@ -99,3 +99,32 @@ def test_different_questions_are_refused():
     b[3]["id"] = "other"
     with pytest.raises(ValueError, match="question 3: id other"):
         paired_compare([a], [b])
+
+
+def test_interaction_of_two_gains_by_hand_and_against_paired_compare():
+    from shoptune.eval.paired import interaction
+
+    def rows(scores):
+        return [{"id": f"q{i}", "task_name": "t1", "capability": "concept_understanding",
+                 "metric": "accuracy", "score": float(s)} for i, s in enumerate(scores)]
+    lo = rows([0, 0, 0, 0])
+    a_hi, b_hi = rows([1, 0, 0, 0]), rows([1, 1, 1, 0])  # gains 0.25 (A) and 0.75 (B)
+    res = interaction([lo], [a_hi], [lo], [b_hi], n_boot=500, seed=1)
+    t = res["tasks"]["t1"]
+    assert (t["gain_a"], t["gain_b"], t["diff"]) == pytest.approx((0.25, 0.75, 0.5))
+    assert res["overall"]["diff"] == pytest.approx(0.5) and res["overall"]["seed_diffs"] == [0.5]
+    lo_ci, hi_ci = res["overall"]["ci95"]
+    assert lo_ci <= 0.5 <= hi_ci and hi_ci - lo_ci > 0  # four questions: a wide interval
+    same = interaction([lo], [lo], [lo], [lo], n_boot=200)
+    assert same["overall"]["diff"] == 0 and same["overall"]["ci95"] == [0.0, 0.0]
+
+    # with A's two groups equal it is B's paired difference: same point value and CI
+    a, b0, b1 = make_rows(1), make_rows(2), make_rows(3)
+    got = interaction([a, a], [a, a], [b0, b1], [b1, b0], n_boot=300, seed=7)
+    want = paired_compare([b0, b1], [b1, b0], n_boot=300, n_perm=10, seed=7)
+    for k in ("overall", "overall_tasks"):
+        assert got[k]["diff"] == pytest.approx(want[k]["diff"], abs=1e-12)
+        assert got[k]["ci95"] == pytest.approx(want[k]["ci95"], abs=1e-12)
+        assert got[k]["seed_diffs"] == want[k]["seed_diffs"]
+    with pytest.raises(ValueError, match="same number of runs"):
+        interaction([a], [a], [a, a], [a, a])

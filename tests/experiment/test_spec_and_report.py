@@ -38,8 +38,11 @@ def test_grid_expands_into_named_cells_and_bad_specs_are_clear():
     assert cells[1].overrides == ["lora.r=8", 'mixture.include_capabilities=["multilingual"]']
     cfg = load_config(REPO / "configs/train/smoke.yaml", cells[1].overrides)
     assert cfg.lora.r == 8 and cfg.mixture.include_capabilities == ["multilingual"]
-    with pytest.raises(ValueError, match="baseline 'nope' is not a cell"):
+    with pytest.raises(ValueError, match=r"'nope' \(a baseline or contrast cell\) is not a cell"):
         ExperimentSpec(name="g", base="x", baseline="nope", cells=[{"name": "a"}]).expanded_cells()
+    with pytest.raises(ValueError, match=r"'b' \(a baseline or contrast cell\) is not a cell \(cells: a\)"):
+        ExperimentSpec(name="g", base="x", baseline="a", cells=[{"name": "a"}],
+                       contrasts=[{"name": "c", "a": ["a", "a"], "b": ["a", "b"]}]).expanded_cells()
     with pytest.raises(ValueError, match="cell names used twice: a"):
         ExperimentSpec(name="g", base="x", baseline="a", cells=[{"name": "a"}, {"name": "a"}]).expanded_cells()
     with pytest.raises(ValueError, match="exactly one of tokens, steps"):
@@ -144,3 +147,20 @@ def test_a_run_finished_by_another_experiment_is_reused_not_retrained(tmp_path):
     assert got["reused_from"] == "capabilities/cap1.s1.72c55465" and got["scores"] == {"overall": 0.25}
     assert is_done(tmp_path / "rank", runs[0]) and not is_done(tmp_path / "rank", runs[1])
     assert reuse_finished(tmp_path / "rank", exp, runs[1:]) == {}  # another key; another suite
+
+
+def test_report_contrast_equals_a_direct_interaction(tmp_path):
+    from shoptune.eval.paired import interaction
+    cells = ["n8", "n32", "d8", "d32"]
+    rows = _fake_results(tmp_path, cells, [0, 1])
+    exp = json.loads((tmp_path / "experiment.json").read_text())
+    exp["contrasts"] = [{"name": "rank", "a": ["n8", "n32"], "b": ["d8", "d32"]}]
+    (tmp_path / "experiment.json").write_text(json.dumps(exp))
+    rep = write_report(tmp_path, n_boot=300, n_perm=300, seed=3)
+    want = interaction(*([rows[(c, s)] for s in (0, 1)] for c in cells), n_boot=300, seed=3)
+    got = rep["contrasts"]["rank"]
+    assert got["seeds"] == [0, 1] and got["a"] == ["n8", "n32"]
+    for col in ("overall", "overall_tasks"):
+        assert got[col]["diff"] == pytest.approx(want[col]["diff"], abs=1e-6)
+        assert got[col]["ci95"] == pytest.approx(want[col]["ci95"], abs=1e-6)
+    assert "| rank | n8 -> n32 | d8 -> d32 |" in (tmp_path / "report.md").read_text()

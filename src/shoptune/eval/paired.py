@@ -181,6 +181,49 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
     return res
 
 
+def interaction(a_lo: Sequence[Sequence[dict]], a_hi: Sequence[Sequence[dict]],
+                b_lo: Sequence[Sequence[dict]], b_hi: Sequence[Sequence[dict]], *,
+                n_boot: int = 2000, seed: int = 0) -> dict:
+    """Difference of two paired gains on the same questions: (B_hi - B_lo) - (A_hi - A_lo), e.g.
+    "does r8 -> r32 gain more on the diverse mixture (B) than on the narrow one (A)?".
+
+    Four groups of runs (one per seed each, paired by position). Every bootstrap resample draws
+    one set of question indices per task, shared by all four groups and all seeds, so the
+    statistic's CI carries the question noise of all four runs jointly. Returns, per statistic,
+    ``gain_a``, ``gain_b``, ``diff``, ``ci95``, ``seed_diffs`` (no p-value: the permutation test
+    of :func:`paired_compare` has no single exchangeable pair here). With ``a_lo`` = ``a_hi`` it
+    is :func:`paired_compare` (``b_lo``, ``b_hi``): same point value and, for the same seed, CI.
+    """
+    groups = [[list(r) for r in g] for g in (a_lo, a_hi, b_lo, b_hi)]
+    k = len(groups[0])
+    if not k or any(len(g) != k for g in groups):
+        raise ValueError(f"an interaction needs the same number of runs (seeds) in all four groups; "
+                         f"got {', '.join(str(len(g)) for g in groups)}")
+    _check_aligned([r for g in groups for r in g])
+    names, cap, order, f1 = _tasks(groups[0])
+    vals = [{t: _values(g, order[t], f1[t]) for t in names} for g in groups]
+    point = [_aggregate({t: _task_score(v[t], f1[t]) for t in names}, cap) for v in vals]
+    rng = np.random.default_rng(seed)
+    boots: list[dict] = [{} for _ in groups]
+    for t in names:  # one index draw per task, shared by every group and seed
+        idx = rng.integers(0, len(order[t]), (n_boot, len(order[t])))
+        for v, b in zip(vals, boots):
+            b[t] = _task_score(v[t][:, idx], f1[t])
+    samples = [_aggregate(b, cap) for b in boots]
+    flat = {}
+    for key in _stat_keys(names, cap):
+        gain_a = np.atleast_1d(point[1][key] - point[0][key]).astype(float)
+        gain_b = np.atleast_1d(point[3][key] - point[2][key]).astype(float)
+        boot = ((samples[3][key] - samples[2][key]) - (samples[1][key] - samples[0][key])).mean(0)
+        flat[key] = {"gain_a": float(gain_a.mean()), "gain_b": float(gain_b.mean()),
+                     "diff": float((gain_b - gain_a).mean()), "ci95": _ci(boot),
+                     "seed_diffs": [round(float(x), 6) for x in gain_b - gain_a]}
+    res = _nest(flat)
+    res.update({"n_questions": len(groups[0][0]), "n_seeds": k, "resamples": n_boot, "seed": seed,
+                "method": {"ci": METHOD["ci"] + ", shared by all four groups"}})
+    return res
+
+
 def format_paired(res: dict, a_name: str = "A", b_name: str = "B") -> str:
     """Markdown table of :func:`paired_compare`'s result."""
     def row(label, v):

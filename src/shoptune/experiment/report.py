@@ -17,7 +17,7 @@ from pathlib import Path
 
 from shoptune import machine
 from shoptune._io import atomic_open, write_json
-from shoptune.eval.paired import bootstrap_scores, paired_compare
+from shoptune.eval.paired import bootstrap_scores, interaction, paired_compare
 from shoptune.records import CAPABILITIES
 
 COLUMNS = [*CAPABILITIES, "overall", "overall_tasks"]
@@ -82,6 +82,17 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
                                         **{c: _pick(d, c) for c in COLUMNS if _pick(d, c)},
                                         "tasks": d["tasks"], "method": d["method"]}
         out["cells"][cell] = entry
+    out["contrasts"] = {}
+    for c in exp.get("contrasts", []):
+        four = [*c["a"], *c["b"]]
+        if not all(x in cells for x in four):
+            continue
+        common = sorted(set.intersection(*(set(cells[x]) for x in four)))
+        if common:
+            d = interaction(*([cells[x][s] for s in common] for x in four), n_boot=n_boot, seed=seed)
+            out["contrasts"][c["name"]] = {"a": list(c["a"]), "b": list(c["b"]), "seeds": common,
+                                           **{col: _pick(d, col) for col in COLUMNS if _pick(d, col)},
+                                           "method": d["method"]}
     out["machines"] = _machines(Path(results), exp)
     return out
 
@@ -117,6 +128,14 @@ def _fmt_diff(v: dict | None) -> str:
     return s
 
 
+def _fmt_contrast(v: dict | None) -> str:
+    if not v:
+        return "-"
+    ci = v["ci95"]
+    return (f"{v['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] ({v['gain_a']:+.3f} vs {v['gain_b']:+.3f}; "
+            f"seeds {', '.join(f'{x:+.3f}' for x in v['seed_diffs'])})")
+
+
 def report_markdown(rep: dict) -> str:
     s = rep["suite"]
     lines = [f"# Experiment {rep['experiment']}", "",
@@ -141,6 +160,16 @@ def report_markdown(rep: dict) -> str:
             if "vs_baseline" in e:
                 ref = e["vs_baseline"]["baseline"]
                 lines.append(f"| {cell}{'' if ref == rep['baseline'] else f' - {ref}'} | " + " | ".join(_fmt_diff(e["vs_baseline"].get(c)) for c in COLUMNS) + " |")
+    if rep.get("contrasts"):
+        lines += ["", "## Contrasts: does one gain differ from another? (b_to - b_from) - (a_to - a_from)", "",
+                  "Each gain is a paired difference on the same questions and seeds; CI: "
+                  + next(iter(rep["contrasts"].values()))["method"]["ci"]
+                  + ". In parentheses: the two gains, then the per-seed differences.", "",
+                  "| contrast | a | b | " + " | ".join(LABEL[c] for c in COLUMNS) + " |",
+                  "|---|---|---|" + "---|" * len(COLUMNS)]
+        for name, e in rep["contrasts"].items():
+            lines.append(f"| {name} | {' -> '.join(e['a'])} | {' -> '.join(e['b'])} | "
+                         + " | ".join(_fmt_contrast(e.get(c)) for c in COLUMNS) + " |")
     if rep.get("machines"):
         lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} run{'s' if len(ids) != 1 else ''})" for m, ids in rep["machines"].items())]
     if rep["missing_runs"]:

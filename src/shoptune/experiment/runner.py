@@ -172,6 +172,7 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
            "spec": spec.model_dump(), "base": str(base), "baseline": spec.baseline,
            "cells": [c.name for c in spec.expanded_cells()], "seeds": spec.seeds,
            "baselines": {c.name: c.baseline or spec.baseline for c in spec.expanded_cells()},
+           "contrasts": [c.model_dump() for c in spec.contrasts],
            "suite": {"name": spec.suite, "version": manifest["version"],
                      "fingerprint": manifest["fingerprint"], "n_questions": manifest["n_questions"]},
            "protocol": spec.protocol, "runs": runs}

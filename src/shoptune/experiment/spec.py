@@ -60,6 +60,16 @@ class Cell(BaseModel):
     per_task: bool = False
 
 
+class Contrast(BaseModel):
+    """Does one gain differ from another? ``(b[1] - b[0]) - (a[1] - a[0])``, each a (from, to)
+    pair of cells, e.g. ``{name: rank-pays-more-on-diverse, a: [narrow-r8, narrow-r32],
+    b: [diverse-r8, diverse-r32]}``; reported with a paired bootstrap CI over the same questions."""
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$", max_length=80)
+    a: tuple[str, str]
+    b: tuple[str, str]
+
+
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -73,6 +83,7 @@ class ExperimentSpec(BaseModel):
     baseline: str
     cells: list[Cell] = []
     grid: dict[str, list] = {}
+    contrasts: list[Contrast] = []
 
     def expanded_cells(self) -> list[Cell]:
         cells = list(self.cells)
@@ -87,9 +98,10 @@ class ExperimentSpec(BaseModel):
             raise ValueError(f"experiment {self.name}: cell names used twice: {', '.join(dup)}")
         if not cells:
             raise ValueError(f"experiment {self.name}: no cells (give cells: or grid:)")
-        for ref in [self.baseline, *(c.baseline for c in cells if c.baseline)]:
+        for ref in [self.baseline, *(c.baseline for c in cells if c.baseline),
+                    *(x for c in self.contrasts for x in (*c.a, *c.b))]:
             if ref not in names:
-                raise ValueError(f"experiment {self.name}: baseline {ref!r} is not a cell "
+                raise ValueError(f"experiment {self.name}: {ref!r} (a baseline or contrast cell) is not a cell "
                                  f"(cells: {', '.join(names)})")
         return cells
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
 
 from shoptune import machine
 from shoptune._io import write_json
@@ -78,6 +79,7 @@ async def load(url: str, work: list[tuple[str, dict]], concurrency: int,
     """Send ``work`` with ``concurrency`` clients. ``hot_load`` = (name, folder): loaded through
     the admin API once half the requests are answered; requests for it wait until then."""
     sem = asyncio.Semaphore(concurrency)
+    progress = tqdm(total=len(work), desc=f"{concurrency} clients", unit="req", disable=len(work) < 200)
     latencies, ttft, errors = [], [], []
     lost = answered = 0
     loaded = asyncio.Event()
@@ -134,6 +136,7 @@ async def load(url: str, work: list[tuple[str, dict]], concurrency: int,
             finally:
                 latencies.append(time.perf_counter() - t0)
                 answered += 1
+                progress.update(1)
                 if hot_load and answered >= len(work) // 2 and "at_answered" not in hot:
                     hot["at_answered"] = answered
                     background.append(asyncio.create_task(do_load(client)))
@@ -143,6 +146,7 @@ async def load(url: str, work: list[tuple[str, dict]], concurrency: int,
         await asyncio.gather(*(one(client, p, b) for p, b in work))
         await asyncio.gather(*background)
         wall = time.perf_counter() - t0
+    progress.close()
     out = {"requests": len(work), "concurrency": concurrency, "wall_s": round(wall, 2),
            "req_per_s": round(len(work) / wall, 3),
            "p50_s": round(statistics.median(latencies), 3), "p99_s": pct(latencies, 0.99),

@@ -229,11 +229,11 @@ def reuse_finished(results: Path, exp: dict, runs: list[dict]) -> dict[str, str]
     """Copy in the results :func:`reusable` finds; the copy names its source in ``reused_from``.
     Returns {run id: "experiment/run id @ commit"}."""
     done = {}
+    found = reusable(results, exp, runs)  # one scan of the sibling folders for all runs
     for run in runs:
-        hit = reusable(results, exp, [run]).get(run["id"])
-        if hit is None:
+        if run["id"] not in found:
             continue
-        f, res = hit
+        f, res = found[run["id"]]
         source = res.get("reused_from") or f"{f.parents[2].name}/{f.parent.name}"
         write_json(result_path(results, run), {**res, "experiment": exp["name"], "id": run["id"],
                                                "cell": run["cell"], "reused_from": source})

@@ -210,3 +210,24 @@ def test_http_replies_keep_openai_keys_null_where_openai_sends_null(served):
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["adapters"] == ["good"]
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 999})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_non_finite_logprobs_are_clamped_as_vllm_does():
+    """A masked token's log-probability is -inf, which JSON cannot carry: it is written as
+    -9999.0 (vLLM's floor), in both the completions and the chat shape; finite values and a
+    prompt's leading None pass through unchanged."""
+    from shoptune.serve.handlers import LOGPROB_FLOOR, chat_logprobs, completion_logprobs
+
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "".join(f"<{i}>" for i in ids))
+    inf, nan = float("inf"), float("nan")
+    comp = completion_logprobs(tok, [1, 2, 3], [None, -inf, -0.5], [None, [(2, -inf), (4, nan)], [(3, -0.5)]])
+    assert comp.token_logprobs == [None, LOGPROB_FLOOR, -0.5]
+    assert comp.top_logprobs == [None, {"<2>": LOGPROB_FLOOR, "<4>": LOGPROB_FLOOR}, {"<3>": -0.5}]
+    chat = chat_logprobs(tok, [2, 3], [-inf, -1e5], [[(2, -inf)], [(3, -1e5)]], k=1)
+    assert [c.logprob for c in chat.content] == [LOGPROB_FLOOR, LOGPROB_FLOOR]
+    assert [c.top_logprobs[0].logprob for c in chat.content] == [LOGPROB_FLOOR, LOGPROB_FLOOR]
+
+    def strict(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    for obj in (comp, chat):
+        json.loads(obj.model_dump_json(), parse_constant=strict)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -87,14 +88,24 @@ def kept_tokens(tok, ids: list[int], text: str) -> int:
     return sum(1 for k in range(len(ids)) if len(tok.decode(ids[:k], skip_special_tokens=True)) < len(text))
 
 
+LOGPROB_FLOOR = -9999.0  # vLLM's clamp: JSON has no -inf, and clients parse -9999.0 where null would break them
+
+
+def finite(lp: float | None) -> float | None:
+    """A log-probability fit for JSON: -inf (a masked token) and nan become ``LOGPROB_FLOOR``."""
+    if lp is None:
+        return None
+    return LOGPROB_FLOOR if math.isnan(lp) or lp < LOGPROB_FLOOR else float(lp)
+
+
 def completion_logprobs(tok, ids: list[int], lps: list, tops: list, start: int = 0) -> CompletionLogProbs:
     """OpenAI's ``/v1/completions`` logprobs object for tokens ``ids`` (their text starting at
     character ``start`` of the choice's text); ``lps``/``tops`` may hold None (a prompt's first
     token has no log-probability)."""
     offsets = [start + len(tok.decode(ids[:k], skip_special_tokens=True)) for k in range(len(ids))]
     return CompletionLogProbs(
-        tokens=[tok.decode([t]) for t in ids], token_logprobs=list(lps),
-        top_logprobs=[None if top is None else {tok.decode([t]): lp for t, lp in top} for top in tops],
+        tokens=[tok.decode([t]) for t in ids], token_logprobs=[finite(lp) for lp in lps],
+        top_logprobs=[None if top is None else {tok.decode([t]): finite(lp) for t, lp in top} for top in tops],
         text_offset=offsets)
 
 
@@ -102,7 +113,7 @@ def chat_logprobs(tok, ids: list[int], lps: list[float], tops: list, k: int) -> 
     """OpenAI's chat ``logprobs`` object: ``content`` entries with ``k`` alternatives each."""
     def entry(t: int, lp: float) -> dict:
         s = tok.decode([t])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": finite(lp), "bytes": list(s.encode("utf-8"))}
     return ChatLogprobs(content=[TokenLogprob(**entry(t, lp), top_logprobs=[TopLogprob(**entry(a, b)) for a, b in top[:k]])
                                  for t, lp, top in zip(ids, lps, tops)])
 

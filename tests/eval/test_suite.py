@@ -75,3 +75,5 @@ def test_tiny_suite_is_deterministic_and_drawn_from_the_test_split():
     assert set(m["capabilities"]) == {"concept_understanding", "knowledge_reasoning",
                                       "user_behavior_alignment", "multilingual"}
     assert m["parts"][0]["n"] == 17 and max(m["parts"][1]["tasks"].values()) == 2
+    # a shipped suite is named the same wherever the package lives (committed manifests stay put)
+    assert m["config"] == "configs/eval/tiny.yaml"

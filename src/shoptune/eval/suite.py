@@ -65,6 +65,15 @@ def suite_path(name_or_path: str | Path) -> Path:
     return cand
 
 
+def _shown(path: Path) -> str:
+    """A shipped suite as ``configs/eval/NAME.yaml`` (the same on every machine and checkout, so
+    committed manifests do not change with where the package lives); another file as given."""
+    try:
+        return str(path.resolve().relative_to(SUITES_DIR.parent.parent.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def load_suite_config(name_or_path: str | Path) -> SuiteConfig:
     p = suite_path(name_or_path)
     data = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -132,7 +141,7 @@ def build_suite(name_or_path: str | Path) -> tuple[list[Record], dict]:
         records += recs
     ids = [r.id for r in records]
     manifest = {
-        "suite": cfg.name, "version": cfg.version, "config": str(suite_path(name_or_path)),
+        "suite": cfg.name, "version": cfg.version, "config": _shown(suite_path(name_or_path)),
         "n_questions": len(records), "fingerprint": fingerprint(ids, sources),
         "sources": sources, "parts": parts,
         "capabilities": dict(Counter(r.capability for r in records)),

@@ -69,7 +69,7 @@ def _shown(path: Path) -> str:
     """A shipped suite as ``configs/eval/NAME.yaml`` (the same on every machine and checkout, so
     committed manifests do not change with where the package lives); another file as given."""
     try:
-        return str(path.resolve().relative_to(SUITES_DIR.parent.parent.resolve()))
+        return "configs/" + path.resolve().relative_to(REPO_CONFIGS.resolve()).as_posix()
     except ValueError:
         return str(path)
 

@@ -92,10 +92,11 @@ LOGPROB_FLOOR = -9999.0  # vLLM's clamp: JSON has no -inf, and clients parse -99
 
 
 def finite(lp: float | None) -> float | None:
-    """A log-probability fit for JSON: -inf (a masked token) and nan become ``LOGPROB_FLOOR``."""
+    """A log-probability fit for JSON: -inf (a token masked by a logits processor, or an overflow)
+    and nan become ``LOGPROB_FLOOR``; nothing above 0 (a log-probability) gets through."""
     if lp is None:
         return None
-    return LOGPROB_FLOOR if math.isnan(lp) or lp < LOGPROB_FLOOR else float(lp)
+    return LOGPROB_FLOOR if math.isnan(lp) or lp < LOGPROB_FLOOR else min(float(lp), 0.0)
 
 
 def completion_logprobs(tok, ids: list[int], lps: list, tops: list, start: int = 0) -> CompletionLogProbs:

@@ -216,7 +216,7 @@ def test_non_finite_logprobs_are_clamped_as_vllm_does():
     """A masked token's log-probability is -inf, which JSON cannot carry: it is written as
     -9999.0 (vLLM's floor), in both the completions and the chat shape; finite values and a
     prompt's leading None pass through unchanged."""
-    from shoptune.serve.handlers import LOGPROB_FLOOR, chat_logprobs, completion_logprobs
+    from shoptune.serve.handlers import LOGPROB_FLOOR, chat_logprobs, completion_logprobs, finite
 
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "".join(f"<{i}>" for i in ids))
     inf, nan = float("inf"), float("nan")
@@ -226,6 +226,7 @@ def test_non_finite_logprobs_are_clamped_as_vllm_does():
     chat = chat_logprobs(tok, [2, 3], [-inf, -1e5], [[(2, -inf)], [(3, -1e5)]], k=1)
     assert [c.logprob for c in chat.content] == [LOGPROB_FLOOR, LOGPROB_FLOOR]
     assert [c.top_logprobs[0].logprob for c in chat.content] == [LOGPROB_FLOOR, LOGPROB_FLOOR]
+    assert finite(float("inf")) == 0.0 and finite(-0.0) == 0.0  # nothing above a log-probability's 0
 
     def strict(constant):
         raise AssertionError(f"{constant} is not JSON")

@@ -96,6 +96,25 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert la == lb
 
 
+def test_resume_from_the_final_checkpoint_trains_no_extra_step(tmp_path):
+    """Killed after the last checkpoint, before the adapter was written: resuming must not run a
+    step past max_steps (Trainer checks max_steps only after a step; issue #20 item 18)."""
+    main(tiny(tmp_path, "max_steps=3", "save_steps=1", "save_total_limit=5"))
+    run = json.loads((tmp_path / "run.json").read_text())
+    log = (tmp_path / "log.jsonl").read_text()
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    shutil.rmtree(tmp_path / "adapter")
+    (tmp_path / "run.json").unlink()
+    again = main(tiny(tmp_path, "max_steps=3", "save_steps=1", "save_total_limit=5"), resume=True)
+    assert again["metrics"]["steps"] == run["metrics"]["steps"] == 3
+    assert again["metrics"]["tokens_seen"] == run["metrics"]["tokens_seen"]
+    assert again["metrics"]["final_loss"] == run["metrics"]["final_loss"]
+    assert (tmp_path / "log.jsonl").read_text() == log
+    assert not (tmp_path / "checkpoint-4").exists()
+    resumed = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
 def test_incomplete_checkpoints_are_ignored(tmp_path):
     for step, done in ((2, True), (4, True), (6, False)):
         d = tmp_path / f"checkpoint-{step}"

@@ -242,7 +242,28 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
 def train(trainer: ShopTrainer, out: Path, resume: bool) -> None:
     ckpt = latest_complete_checkpoint(out) if resume else None
     if ckpt is not None:
-        _trim_log(out / "log.jsonl", int(ckpt.name.split("-")[-1]))
+        step = int(ckpt.name.split("-")[-1])
+        _trim_log(out / "log.jsonl", step)
+        if step >= trainer.args.max_steps:
+            _restore_finished(trainer, ckpt)
+            return
     elif trainer.is_world_process_zero() and (out / "log.jsonl").exists() and not resume:
         (out / "log.jsonl").unlink()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+
+def _restore_finished(trainer: ShopTrainer, ckpt: Path) -> None:
+    """A run killed after its last checkpoint: take the weights and state from it, train nothing.
+
+    ``Trainer.train(resume_from_checkpoint=...)`` checks ``max_steps`` only after a step, so
+    resuming at ``global_step == max_steps`` would run one step more (at the schedule's final
+    learning rate, with the callbacks seeing a step that the uninterrupted run never had)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    weights = load_file(ckpt / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(trainer.model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{ckpt}: adapter weights do not fit the model: {result.unexpected_keys[:3]}")
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))

@@ -26,7 +26,7 @@ def reference(adapters):
 
     from shoptune.models import load
 
-    model, tok = load("smollm2-135m")
+    model, tok = load("smollm2-135m", dtype="fp32")
     pm = PeftModel.from_pretrained(model, str(adapters["alpha"]), adapter_name="alpha")
     pm.load_adapter(str(adapters["beta"]), adapter_name="beta")
     pm.eval()
@@ -180,7 +180,7 @@ def test_task_endpoint_answers_like_the_evaluator(server):
         if r.task_type not in seen and r.metric != "jp-bleu":
             seen.add(r.task_type)
             picked.append(r)
-    model, tok = load("smollm2-135m")
+    model, tok = load("smollm2-135m", dtype="fp32")
     outs = LocalBackend(model, tok).run(build_prompts(picked, "starter-kit"), [plan_for(r) for r in picked])
     for rec, expected in zip(picked, outs):
         card = all_cards()[rec.task]

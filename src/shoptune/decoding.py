@@ -135,20 +135,37 @@ class StopAtLineEnd:
 
 def choice_token_ids(tok, choice: str) -> list[int]:
     """The tokens that stand for an option: the word with and without a leading space, as is
-    and capitalised (a multi-token word by its first token)."""
+    and capitalised (a multi-token word by its first token, unless that token is only
+    whitespace: SmolLM2 spells " 2" as " " + "2", and the bare space says nothing about which
+    option follows)."""
     ids = set()
     for variant in (choice, " " + choice, choice.capitalize(), " " + choice.capitalize()):
         enc = tok.encode(variant, add_special_tokens=False)
-        if len(enc) == 1:
-            ids.add(enc[0])
-        elif enc:  # multi-token word: its first token stands for it
+        if enc and (len(enc) == 1 or tok.decode(enc[:1]).strip()):
             ids.add(enc[0])
     return sorted(ids)
 
 
+def choice_tokens(tok, choices: Sequence[str]) -> dict[int, str]:
+    """Token id -> the option it stands for, over all ``choices``. A token that starts more than
+    one option (e.g. a shared first piece of two multi-token words) stands for none of them: it
+    would make those options tie whatever the model prefers."""
+    owners: dict[int, set[str]] = defaultdict(set)
+    for c in choices:
+        for t in choice_token_ids(tok, c):
+            owners[t].add(c)
+    return {t: next(iter(cs)) for t, cs in owners.items() if len(cs) == 1}
+
+
 def best_choice(logits: torch.Tensor, choices: Sequence[str], tok) -> str:
-    """The option whose token(s) score highest in one position's logits."""
-    return max(choices, key=lambda c: max(logits[t].item() for t in choice_token_ids(tok, c)))
+    """The option whose token(s) score highest in one position's logits (the first option when
+    no token stands for any option alone)."""
+    tokens = choice_tokens(tok, choices)
+    if not tokens:
+        return choices[0]
+    ids = list(tokens)
+    best = ids[int(torch.argmax(logits[ids]))]
+    return tokens[best]
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -123,7 +123,7 @@ def test_number_list_constraints_allow_exactly_what_the_built_in_processor_allow
 
 def test_choice_tokens_are_best_choice_tokens(tok):
     """The upstream's argmax among the biased tokens maps to the option best_choice picks when
-    that token scores highest (ties included: " " starts " 0" and " 1", best_choice takes "0")."""
+    that token scores highest; no biased token stands for two options (" " starts " 0" and " 1")."""
     import torch
 
     from shoptune.decoding import best_choice

@@ -50,3 +50,25 @@ def test_finish_gives_the_same_line_wherever_generation_stopped():
     ran_on = "\n The entity is a product type. \nMore text"  # a client without stop strings
     assert finish(stopped, line) == finish(ran_on, line) == "The entity is a product type."
     assert finish(" keep  spacing \n", Plan("generate")) == " keep  spacing \n"  # not a line task
+
+
+def test_best_choice_ignores_a_bare_space_that_starts_every_option():
+    """SmolLM2 spells " 2" as " " + "2": the space token must not stand for any option, or a
+    model whose top token is " " answers the first option whatever it prefers among the digits
+    (what cost the trained adapter 2 of 8 multiple-choice answers on task2/task18; #21 item 5)."""
+    import torch
+
+    from shoptune.decoding import best_choice, choice_token_ids, choice_tokens
+    from shoptune.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m")
+    space = tok.encode(" ", add_special_tokens=False)[0]
+    choices = ("0", "1", "2", "3")
+    assert all(space not in choice_token_ids(tok, c) for c in choices)
+    logits = torch.zeros(len(tok))
+    logits[space] = 9.0                          # the model's top token: a bare space
+    logits[tok.convert_tokens_to_ids("2")] = 5.0  # among the options it prefers "2"
+    assert best_choice(logits, choices, tok) == "2"
+    # a token two options share stands for neither
+    shared = choice_tokens(tok, ("Apple pie", "Apple tart", "banana"))
+    first = tok.encode("Apple pie", add_special_tokens=False)[0]
+    assert tok.encode("Apple tart", add_special_tokens=False)[0] == first and first not in shared

@@ -43,7 +43,7 @@ from pathlib import Path, PurePath
 
 import httpx
 
-from shoptune.decoding import choice_token_ids
+from shoptune.decoding import choice_tokens  # noqa: F401 (the tokens best_choice compares)
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
 
@@ -104,15 +104,6 @@ def number_list_regex(max_value: int, count: int, unique: bool) -> str:
         return "(" + "|".join(", ".join(p) for p in lists) + ")"
     num = "(" + "|".join(sorted(_numbers(max_value), key=len, reverse=True)) + ")"
     return num + f"(, {num})" * (n - 1)
-
-
-def choice_tokens(tok, choices) -> dict[int, str]:
-    """Valid option token id -> option, the tokens :func:`best_choice` compares."""
-    out: dict[int, str] = {}
-    for c in choices:
-        for t in choice_token_ids(tok, c):
-            out.setdefault(t, c)
-    return out
 
 
 # ----------------------------------------------------------------------------- the engine

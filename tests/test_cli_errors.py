@@ -69,6 +69,17 @@ def test_data_mix_junk_sources_say_why(tmp_path):
     assert "no valid rows (1 problem(s); first: " in msg and "junk.jsonl:1: invalid JSON" in msg
 
 
+def test_a_mixture_that_is_not_text_or_not_a_file_is_one_line(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_bytes(b"sources: [\xff\xfe]\n")
+    assert one_line(invoke("data", "mix", cfg, "--out", tmp_path / "o.jsonl")) == \
+        f"error: {cfg}: not UTF-8 text (byte 10)"
+    assert one_line(invoke("data", "mix", tmp_path, "--out", tmp_path / "o.jsonl")) == \
+        f"error: {tmp_path}: Is a directory"
+    assert one_line(invoke("data", "mix", tmp_path / "nope.yaml", "--out", tmp_path / "o.jsonl")) == \
+        f"error: {tmp_path / 'nope.yaml'}: No such file or directory"
+
+
 @pytest.mark.parametrize("override, expect", [
     ("=5", "override '=5': the key is empty"),
     ("total", "override 'total': expected key=value"),

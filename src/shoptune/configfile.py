@@ -31,7 +31,10 @@ def read_yaml(path: str | Path, what: str = "config") -> tuple[dict, dict[tuple,
     by index). ConfigError names ``path:LINE`` for broken YAML, ``path`` for an empty file or
     one that is not a mapping; FileNotFoundError / IsADirectoryError as ``open`` raises them."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()

@@ -213,12 +213,11 @@ def register(data_app: typer.Typer) -> None:
 def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_model: str,
            api_key_env: str, quiet: bool, steering_check: bool) -> dict:
     """Run a synthesis spec (with overrides), print the summary, write the output's card."""
+    from shoptune._io import check_out_file
     from shoptune.data.loaders import DataValidationError
     from shoptune.data.synth import SynthError, SynthSpec, run_synth, side_paths
     from shoptune.data.teacher import LogError, TeacherError
     from shoptune.tasks import get_card
-
-    from shoptune._io import check_out_file
 
     try:
         check_out_file(out)

@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from shoptune.console import console, err, fail
+from shoptune.console import OneLineErrors, console, err, fail
 from shoptune.data.cli import register as register_data
 from shoptune.eval.cli import register as register_eval
 from shoptune.experiment.cli import register as register_experiment
@@ -29,7 +29,7 @@ from shoptune.serve.cli import register as register_serve
 from shoptune.train.cli import register as register_train
 
 app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, evaluation, serving.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)
 tasks_app = typer.Typer(help="Task cards (capability, task type, metric, prompt).",
                         no_args_is_help=True)
 data_app = typer.Typer(help="Load, validate, split, de-duplicate task data.", no_args_is_help=True)
@@ -206,9 +206,10 @@ def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for 
                seed: int = 0, validation: float = 0.02, test: float = 0.05,
                task: TaskOpt = None, map_: MapOpt = None) -> None:
     """Deterministic per-task splits (stable when files grow) -> OUT/{train,validation,test}.jsonl."""
-    from shoptune._io import write_jsonl
+    from shoptune._io import check_out_dir, write_jsonl
     from shoptune.data.splits import split_records
 
+    check_out_dir(out)  # a file in the way: one line now, not after the work
     recs = _load(paths, task=task, mapping=_mapping(map_))
     try:
         parts = split_records(recs, seed=seed, validation=validation, test=test)
@@ -235,9 +236,11 @@ def data_dedup(paths: Paths,
     (--against FILE or suite:NAME): exactly, nearly, or as a shared 13-gram."""
     from collections import Counter
 
-    from shoptune._io import write_jsonl
+    from shoptune._io import check_out_file, write_jsonl
     from shoptune.data.dedup import decontaminate, dedup
 
+    check_out_file(out)
+    report = check_out_file(report or out.with_suffix(".removed.jsonl"))
     recs = _load(paths, task=task, mapping=_mapping(map_))
     with console.status("de-duplicating"):
         kept, removed = dedup(recs, threshold=threshold, near=near)
@@ -254,7 +257,6 @@ def data_dedup(paths: Paths,
         for name, v in contamination_summary(evals, rem2).items():
             console.print(f"{name}: {v['overlapping']} of {v['questions']} questions overlap the "
                           f"training data (exact, near-duplicate or {ngram}-gram)")
-    report = report or out.with_suffix(".removed.jsonl")
     write_jsonl(out, (r.to_dict() for r in kept))
     write_jsonl(report, removed)
     console.print(f"kept {len(kept)} of {len(recs)} -> {out}; removed {len(removed)} -> {report}")

@@ -573,3 +573,45 @@ def test_language_of_uses_a_language_model():
              "東京都内で使用可能": "ja", "Dieser Schuh passt gut": "de",
              "Red running shoes size 10": "en", "这个手机壳质量很好": "zh"}
     assert {t: language_of(t) for t in cases} == cases
+
+
+def test_an_unreachable_teacher_costs_no_budget_and_fails_naming_it(files):
+    """#20 item 15: attempts that never connect are not spent; exit 1 naming the teacher; nothing
+    but the report written; once the teacher is up, the whole budget is there."""
+    from shoptune.serve.testing import free_port
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    spec_path = files["dir"] / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_for(files, None, rows=3, max_requests=3, retries=2,
+                                                 decontaminate_against=[]).model_dump()))
+    out = files["dir"] / "u" / "rows.jsonl"
+    cmd = ["data", "synth", str(spec_path), "--out", str(out), "--teacher-model", "t", "--quiet"]
+    res = CliRunner().invoke(app, cmd + ["--teacher-url", url])
+    assert res.exit_code == 1, res.output
+    assert [ln for ln in res.output.splitlines() if ln.startswith("error:")] == [
+        f"error: teacher {url}: cannot connect ([Errno 111] Connection refused) after 3 attempts; "
+        "run the same command to continue"], res.output
+    rep = json.loads(side_paths(out)["report"].read_text())
+    assert rep["requests"]["total"] == 0 and rep["requests"]["failed_jobs"] >= 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rows.report.json"]  # no rows, no card
+    srv = ScriptedServer(lambda body: (200, good_reply(prompt_of(body))))
+    try:
+        res = CliRunner().invoke(app, cmd + ["--teacher-url", srv.url])
+    finally:
+        srv.stop()
+    assert res.exit_code == 0 and "kept 3 of 3" in " ".join(res.output.split()), res.output
+    assert len(srv.chat_requests()) == 3
+
+
+def test_characteristic_weights_must_not_be_negative(files):
+    """A negative weight is named as such (it used to read as "needs a student")."""
+    from shoptune.data.synth import SynthError
+    p = files["dir"] / "neg.yaml"
+    p.write_text(f"task: ecguide_qprp\npool: [{files['pool']}]\nrows: 2\ncharacteristics:\n"
+                 "  difficulty: {hard: -1, easy: 1}\n")
+    with pytest.raises(SynthError) as e:
+        SynthSpec.from_yaml(p)
+    assert str(e.value) == (f"{p}:5: characteristics.difficulty.hard: Input should be greater than "
+                            "or equal to 0 (got -1)")
+    p.write_text(f"task: ecguide_qprp\npool: [{files['pool']}]\nrows: 2\ncharacteristics:\n"
+                 "  difficulty: {hard: 0, any: 1}\n")
+    assert not SynthSpec.from_yaml(p).characteristics.steers_difficulty()  # no student needed

@@ -2,7 +2,9 @@
 import json
 
 import pytest
+from typer.testing import CliRunner
 
+from shoptune.cli import app
 from shoptune.eval.paired import paired_compare
 from shoptune.eval.suite import load_suite_config
 from shoptune.experiment.report import build_report, write_report
@@ -164,3 +166,16 @@ def test_report_contrast_equals_a_direct_interaction(tmp_path):
         assert got[col]["diff"] == pytest.approx(want[col]["diff"], abs=1e-6)
         assert got[col]["ci95"] == pytest.approx(want[col]["ci95"], abs=1e-6)
     assert "| rank | n8 -> n32 | d8 -> d32 |" in (tmp_path / "report.md").read_text()
+
+
+def test_experiment_seeds_must_be_distinct_and_errors_name_the_line(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text("name: e\nbase: configs/train/smoke.yaml\nbaseline: a\nseeds: [0, 0]\n"
+                 "cells:\n  - {name: a, overrides: [lora.r=8]}\n  - {name: b, bogus: 1}\n")
+    with pytest.raises(ValueError) as e:
+        load_spec(p)
+    assert str(e.value).splitlines() == [
+        f"{p}:4: seeds: seed 0 is listed twice (each seed is one repetition of every cell) (got [0, 0])",
+        f"{p}:7: cells.1.bogus: Extra inputs are not permitted (got 1)"]
+    res = CliRunner().invoke(app, ["experiment", "run", str(p), "--out", str(tmp_path / "x"), "--dry-run"])
+    assert res.exit_code == 1 and "seed 0 is listed twice" in res.output and "Traceback" not in res.output

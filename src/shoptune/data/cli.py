@@ -49,6 +49,10 @@ def _write_derived(rows, rep: dict, out: Path, against, ignore=frozenset()) -> t
     from shoptune._io import write_json, write_jsonl
 
     rows, removed = _decontaminate(rows, [a for a in (against or []) if a != "none"], ignore)
+    if not rows:
+        _fail(f"all {len(removed)} derived rows overlap the evaluation sets "
+              f"({', '.join(against or [])}); nothing written to {out}" if removed else
+              f"no rows derived; nothing written to {out}")
     rep["decontaminated"] = len(removed)
     rep["decontaminated_against"] = [a for a in (against or []) if a != "none"]
     write_jsonl(out, (r.to_dict() for r in rows))
@@ -129,8 +133,10 @@ def register(data_app: typer.Typer) -> None:
         """ShopBench-layout ranking questions (query, 5 candidates, NDCG) from query-product
         judgements; says how many questions the data supports (--target: the teacher makes the
         rest)."""
+        from shoptune._io import check_out_file
         from shoptune.data.derive import derive_ranking, ranking_boilerplate
 
+        check_out_file(out)
         recs = _load(paths or ["ec-guide/MCQ/QPRP.json", "ec-guide/MCQ/QPRJ.json"])
         try:
             rows, rep = derive_ranking(recs, fill=fill, seed=seed)
@@ -171,7 +177,7 @@ def register(data_app: typer.Typer) -> None:
                                                     "easy: random answers.")] = "hard",
             max_similarity: Annotated[float, typer.Option(help="Skip distractors at least this "
                                                           "similar to the gold (they may be right too).")] = 0.9,
-            limit: Annotated[Optional[int], typer.Option(help="At most this many rows per task.")] = None,
+            limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many rows per task.")] = None,
             seed: int = 0,
             against: Annotated[Optional[list[str]], typer.Option(
                 help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None) -> None:
@@ -179,8 +185,10 @@ def register(data_app: typer.Typer) -> None:
         the same task (near in embedding space = hard, random = easy)."""
         from collections import Counter
 
+        from shoptune._io import check_out_file
         from shoptune.data.derive import derive_mcq
 
+        check_out_file(out)
         recs = _load(paths)
         if task:
             recs = [r for r in recs if r.task in task]
@@ -205,12 +213,14 @@ def register(data_app: typer.Typer) -> None:
 def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_model: str,
            api_key_env: str, quiet: bool, steering_check: bool) -> dict:
     """Run a synthesis spec (with overrides), print the summary, write the output's card."""
+    from shoptune._io import check_out_file
     from shoptune.data.loaders import DataValidationError
     from shoptune.data.synth import SynthError, SynthSpec, run_synth, side_paths
     from shoptune.data.teacher import LogError, TeacherError
     from shoptune.tasks import get_card
 
     try:
+        check_out_file(out)
         spec = SynthSpec.from_yaml(spec_path, over)
         key = _api_key(api_key_env, teacher_url)
         rep = run_synth(spec, out, teacher_url=teacher_url, teacher_model=teacher_model,
@@ -231,10 +241,11 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
         console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
     console.print(f"report -> {side_paths(out)['report']}")
     card = get_card(spec.task)
-    _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
-                           task_type=card.task_type, metric=card.metric,
-                           description=f"Synthesized by a teacher LLM from {card.name} examples.",
-                           file=str(out)))
+    if rep["kept"]:  # (a card for rows that exist)
+        _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
+                               task_type=card.task_type, metric=card.metric,
+                               description=f"Synthesized by a teacher LLM from {card.name} examples.",
+                               file=str(out)))
     if rep["stopped"]:
         if "budget" in rep["stopped"]:  # the budget counts every request made for OUT, resumes too
             hint = ("the budget covers every request made for this output, resumes included: "
@@ -242,9 +253,9 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
                     "max_total_tokens) and run again to continue")
         else:
             hint = "run the same command to continue"
+        if rep["requests"]["failed_jobs"]:  # the teacher kept failing (or is unreachable)
+            _fail(f"{rep['stopped']}; run the same command to continue")
         console.print(f"[yellow]stopped[/]: {rep['stopped']} ({hint})", highlight=False)
-        if rep["requests"]["failed_jobs"]:  # the teacher kept failing: not a budget stop
-            raise typer.Exit(1)
     return rep
 
 

@@ -291,6 +291,14 @@ def derive_mcq(records: Sequence[Record], *, options: int = 4, difficulty: str =
                 extra={"derived": {"from": r.id, "from_task": task, "difficulty": difficulty,
                                    "distractor_similarity": [round(float(sims[j]), 4) for j in picks],
                                    "seed": seed}}))
+    if not out:  # nothing to write: say why instead of an empty file
+        if not by_task:
+            types = Counter(r.task_type for r in records)
+            raise ValueError(f"no generation rows to make multiple-choice questions from "
+                             f"({len(records)} rows; task types: "
+                             f"{', '.join(f'{k}={v}' for k, v in types.items()) or 'none'})")
+        raise ValueError("no multiple-choice question could be made: "
+                         + "; ".join(f"{k} ({v} rows)" for k, v in skipped.items()))
     sims_all = [s for r in out for s in r.extra["derived"]["distractor_similarity"]]
     report = {"rows": len(out), "difficulty": difficulty, "options": options,
               "tasks": dict(Counter(r.task for r in out)),

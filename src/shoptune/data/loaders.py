@@ -338,9 +338,13 @@ def _tag_row(row: dict, path: Path, loc: str, *, task: str | None,
             return None, [DataIssue(file, loc, m, "mapped column is missing") for m in missing]
     if path.suffix.lower() == ".csv":  # CSV cells are text: decode gold and flags after mapping
         row = {k: _csv_value(k, v) if isinstance(v, str) else v for k, v in row.items()}
-    for key in ("input_field", "output_field"):
-        if key not in row:
-            return None, [DataIssue(file, loc, key, "missing")]
+    missing = [key for key in ("input_field", "output_field") if key not in row]
+    if missing:  # every problem of the row, not only the first missing key
+        found = [DataIssue(file, loc, key, "missing") for key in missing]
+        if "input_field" in row and not isinstance(row["input_field"], str):
+            found.insert(0, DataIssue(file, loc, "input_field",
+                                      f"must be a string, got {type(row['input_field']).__name__}"))
+        return None, found
     card = None
     if task:
         card = tasks.get_card(task)

@@ -41,10 +41,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shoptune.data.teacher import (AppendLog, BudgetExhausted, JobRefused, Teacher, TeacherError,
                                    TeacherFailed, read_log)
@@ -61,12 +60,25 @@ class SynthError(ValueError):
     """A one-line problem with the spec, the pool or the teacher (no traceback for users)."""
 
 
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class Characteristics(BaseModel):
     """Weights of each value; a row's value is drawn by weight, then shown examples match it."""
     model_config = ConfigDict(extra="forbid")
-    difficulty: dict[Literal[DIFFICULTY], float] = {"any": 1.0}  # type: ignore[valid-type]
-    length: dict[Literal[LENGTH], float] = {"any": 1.0}  # type: ignore[valid-type]
-    language: dict[str, float] = {"any": 1.0}  # ISO 639-1 (en, de, ja, zh, ...; py3langid) or any
+    difficulty: dict[Literal[DIFFICULTY], Weight] = {"any": 1.0}  # type: ignore[valid-type]
+    length: dict[Literal[LENGTH], Weight] = {"any": 1.0}  # type: ignore[valid-type]
+    language: dict[str, Weight] = {"any": 1.0}  # ISO 639-1 (en, de, ja, zh, ...; py3langid) or any
+
+    @field_validator("difficulty", "length", "language")
+    @classmethod
+    def _some_weight(cls, v: dict) -> dict:
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("needs a value with a weight above 0")
+        return v
+
+    def steers_difficulty(self) -> bool:
+        return any(k != "any" and w > 0 for k, w in self.difficulty.items())
 
 
 class StudentSpec(BaseModel):
@@ -115,18 +127,18 @@ class SynthSpec(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "SynthSpec":
+        """The spec in ``path`` with top-level ``overrides``; SynthError names file, line and
+        field of each problem (one line each)."""
+        from shoptune.configfile import ConfigError, read_yaml, validate
         p = Path(path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise SynthError(f"{p}: cannot read spec: {e}") from None
-        if not isinstance(data, dict):
-            raise SynthError(f"{p}: a synthesis spec must be a YAML mapping")
-        try:
-            return cls(**{**data, **(overrides or {})})
-        except ValidationError as e:
-            errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            raise SynthError(f"{p}: {errs}") from None
+            data, lines = read_yaml(p, "synthesis spec")
+            return validate(cls, {**data, **(overrides or {})}, str(p), lines,
+                            [(k,) for k in overrides or {}])
+        except OSError as e:
+            raise SynthError(f"{p}: cannot read spec: {e.strerror or e}") from None
+        except ConfigError as e:
+            raise SynthError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- characteristics
@@ -370,7 +382,7 @@ def make_pool(spec: SynthSpec, rows: list[Record], scores: dict[str, float] | No
     pool = Pool(rows, diff, {r.id: length_bucket(len(answer_string(r)), th) for r in rows},
                 {r.id: language_of(r.input_field) for r in rows}, th)
     ch = spec.characteristics
-    if any(k != "any" for k in ch.difficulty) and not diff:
+    if ch.steers_difficulty() and not diff:
         if scores is None:
             raise SynthError("characteristics.difficulty needs a student (spec: student: ...)")
         src = spec.student.predictions or "the student's predictions"
@@ -512,7 +524,7 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
     # 1. the pool, the student's view of it, the evaluation sets
     pool_rows = load_pool(spec)
     scores = None
-    if spec.student and any(k != "any" for k in spec.characteristics.difficulty):
+    if spec.student and spec.characteristics.steers_difficulty():
         scores = student_scores(spec, pool_rows, paths["student"] / "pool", quiet=quiet)
     pool = make_pool(spec, pool_rows, scores)
     evals = _eval_sets(spec.decontaminate_against)
@@ -604,9 +616,10 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
                     except BudgetExhausted as e:
                         stop_reason = stop_reason or str(e)
                         continue
-                    except TeacherFailed as e:
+                    except TeacherFailed as e:  # the cause to report, even after a budget stop
                         session["teacher_errors"] += 1
-                        stop_reason = stop_reason or str(e)
+                        if session["teacher_errors"] == 1:
+                            stop_reason = str(e)
                         continue
                     except JobRefused as e:  # a 400 about this request: reject the job
                         session["refused_in_a_row"] += 1

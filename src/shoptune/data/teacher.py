@@ -1,7 +1,8 @@
 """The teacher side of ``data synth``: an OpenAI-compatible client with a request and token
 budget and its own retries, and the append-only JSON-lines logs a resumable run keeps.
 
-Every HTTP request, retries included, is counted against the budget, so the client is the
+Every HTTP request, retries included, is counted against the budget (except an attempt that
+could not connect at all: it cost the teacher nothing), so the client is the
 official ``openai`` client with ``max_retries=0`` and the back-off done here: 429 / 5xx /
 connection errors wait ``backoff_s * 2**attempt`` (half to full, seeded jitter; at least the
 server's ``Retry-After``), never more than ``max_backoff_s``. A 400 is about the one request
@@ -40,6 +41,16 @@ class BudgetExhausted(_Spent):
 
 class TeacherFailed(_Spent):
     """Retries used up on 429 / 5xx / connection errors."""
+
+
+def _never_connected(e: Exception) -> str | None:
+    """Why the request never reached the teacher (no connection made: refused, no such host,
+    connect timeout), else None. Such an attempt costs nothing and is not counted."""
+    cause = e.__cause__ or e.__context__
+    if cause is not None and any(c.__name__ in ("ConnectError", "ConnectTimeout")
+                                 for c in type(cause).__mro__):
+        return " ".join(str(cause).split()) or type(cause).__name__
+    return None
 
 
 class JobRefused(_Spent):
@@ -103,9 +114,17 @@ class Teacher:
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError,
                     openai.APITimeoutError) as e:
                 status = getattr(e, "status_code", None) or type(e).__name__
+                unreachable = _never_connected(e)
                 with self._lock:
                     self.retried[str(status)] += 1
+                    if unreachable:  # never sent: not spent (the budget is for the teacher's work)
+                        self.requests -= 1
+                if unreachable:
+                    sent -= 1
                 if attempt == self.retries:
+                    if unreachable:
+                        raise TeacherFailed(f"teacher {self.url}: cannot connect ({unreachable}) "
+                                            f"after {attempt + 1} attempts", sent) from None
                     raise TeacherFailed(f"teacher {self.url}: {status} after {attempt + 1} "
                                         f"attempts: {_short(e)}", sent) from None
                 wait = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + rng.random() / 2)
@@ -187,16 +206,21 @@ def read_log(path: Path, *, own: bool = False) -> list[dict]:
 
 
 class AppendLog:
+    """A JSON-lines file appended to row by row (fsync'd); created by its first row."""
+
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(path, "a", encoding="utf-8")
+        self.path, self.fh = path, None
         self.lock = threading.Lock()
 
     def write(self, row: dict) -> None:
         with self.lock:
+            if self.fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fh = open(self.path, "a", encoding="utf-8")
             self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.fh.flush()
             os.fsync(self.fh.fileno())
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()

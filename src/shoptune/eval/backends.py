@@ -96,6 +96,22 @@ class LocalBackend:
 
 # ----------------------------------------------------------------------------- openai
 
+class BackendError(RuntimeError):
+    """The server cannot be reached, or refuses the requests (401, 404, ...): one line naming
+    it; the evaluation stops at the first such error (the other questions are not sent)."""
+
+
+def _server_error(e: Exception, base_url: str) -> BackendError:
+    import openai
+    if isinstance(e, openai.APIConnectionError):
+        cause = e.__cause__ or e.__context__
+        why = " ".join(str(cause).split()) if cause is not None and str(cause) else type(e).__name__
+        kind = "timed out" if isinstance(e, openai.APITimeoutError) else "cannot connect"
+        return BackendError(f"--base-url {base_url}: {kind} ({why})")
+    msg = " ".join(str(getattr(e, "message", None) or e).split())[:300]
+    return BackendError(f"--base-url {base_url}: the server answered {e.status_code}: {msg}")
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible server (vLLM, shoptune serve, a hosted API), requests in parallel.
 
@@ -111,6 +127,7 @@ class OpenAIBackend:
                  chat: bool = False, guided: bool = False, timeout: float = 120.0,
                  protocol: str | None = None, task_endpoint: bool = True):
         from openai import OpenAI
+        self.base_url = base_url
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=3)
         self.model, self.concurrency, self.chat, self.guided = model, concurrency, chat, guided
         self.protocol = protocol or ("chat" if chat else "starter-kit")
@@ -161,6 +178,15 @@ class OpenAIBackend:
     def run(self, prompts: Sequence[str], plans: Sequence[Plan],
             progress: Callable[[int], None] | None = None,
             records: Sequence[Record] | None = None) -> list[str]:
+        """Every prompt's answer; :class:`BackendError` at the first connection failure or
+        error status (after the client's retries)."""
+        import openai
+        try:
+            return self._run(prompts, plans, progress, records)
+        except (openai.APIConnectionError, openai.APIStatusError) as e:
+            raise _server_error(e, self.base_url) from None
+
+    def _run(self, prompts, plans, progress, records) -> list[str]:
         served = self.served_tasks() if records is not None else set()
         via_task = [records is not None and records[i].task in served for i in range(len(prompts))]
         self.tasks_used = sum(via_task)
@@ -172,4 +198,10 @@ class OpenAIBackend:
             return out
 
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(work, range(len(prompts))))
+            futures = [pool.submit(work, i) for i in range(len(prompts))]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:  # stop at the first failure: do not send the rest
+                    f.cancel()
+                raise

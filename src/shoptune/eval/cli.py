@@ -25,13 +25,13 @@ def register(app: typer.Typer) -> None:
         suite: Annotated[Optional[str], typer.Option(help="Evaluation suite: a name under configs/eval "
                                                      "(core, tiny) or a suite YAML; instead of --data.")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
-        limit: Annotated[Optional[int], typer.Option(help="First N questions only.")] = None,
+        limit: Annotated[Optional[int], typer.Option(min=1, help="First N questions only.")] = None,
         backend: Annotated[str, typer.Option(help="local | openai")] = "local",
         base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL.")] = None,
         api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY")] = "EMPTY",
         protocol: Annotated[str, typer.Option(help="starter-kit | chat | fewshot")] = "starter-kit",
-        batch_size: int = 16,
-        concurrency: Annotated[int, typer.Option(help="Parallel requests (openai backend).")] = 16,
+        batch_size: Annotated[int, typer.Option(min=1)] = 16,
+        concurrency: Annotated[int, typer.Option(min=1, help="Parallel requests (openai backend).")] = 16,
         dtype: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
         merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (local "
                                             "backend; same outputs within rounding, no per-token "

@@ -18,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shoptune import __version__
-from shoptune._io import write_json, write_jsonl
+from shoptune._io import check_out_dir, write_json, write_jsonl
 from shoptune.data.loaders import load_records
 from shoptune.decoding import build_prompts, plan_for
 from shoptune.eval.backends import LocalBackend, OpenAIBackend
@@ -103,16 +103,18 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
 
     ``prefix_cache`` (local backend): the prompts' shared prefix is run once per model and its KV
     reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding."""
-    out = Path(out)
+    out = check_out_dir(out)  # before any work: a file in the way, an unwritable place
     if bool(suite) == bool(data):
         raise ValueError("give either --suite or --data")
+    if limit is not None and limit < 1:  # (records[:-1] would score all but one)
+        raise ValueError(f"limit {limit}: must be at least 1")
     if task_adapters and backend != "local":
         raise ValueError("per-task adapters (--task-adapter) need the local backend")
     if suite:
         records, manifest = build_suite(suite)
     else:
         records = load_records(list(data))
-    if limit:
+    if limit is not None:
         records = records[:limit]
     if suite:
         manifest.update(n_questions=len(records), ids=[r.id for r in records],

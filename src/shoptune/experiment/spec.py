@@ -28,8 +28,7 @@ import json
 import re
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shoptune import REPO_CONFIGS
 from shoptune.paths import REPO_ROOT
@@ -78,12 +77,20 @@ class ExperimentSpec(BaseModel):
     overrides: list[str] = []
     suite: str = "core"
     protocol: str = "starter-kit"
-    seeds: list[int] = Field(default=[0], min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)  # distinct: a seed is one repetition
     budget: Budget | None = None
     baseline: str
     cells: list[Cell] = []
     grid: dict[str, list] = {}
     contrasts: list[Contrast] = []
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"seed {dup[0]} is listed twice (each seed is one repetition of every cell)")
+        return v
 
     def expanded_cells(self) -> list[Cell]:
         cells = list(self.cells)
@@ -127,19 +134,12 @@ def resolve_path(p: str | Path, relative_to: Path | None = None) -> Path:
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
+    """The experiment in ``path``; ConfigError (a ValueError) names file, line and field."""
+    from shoptune.configfile import load
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such experiment file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: an experiment must be a YAML mapping")
-    try:
-        spec = ExperimentSpec(**data)
-    except ValidationError as e:
-        raise ValueError(f"{p}: {e}") from None
+    spec = load(ExperimentSpec, p, what="experiment")
     spec.expanded_cells()
     return spec
 

@@ -11,7 +11,6 @@ distribution on PyPI (the same one ``make llama-server`` builds from), found at
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -75,13 +74,53 @@ def llama_server_path() -> Path | None:
 
 
 def _adapter_name(spec: str) -> tuple[str, Path]:
-    """NAME=DIR, or DIR (named after the folder; ``runs/x/adapter`` is named ``x``)."""
+    """NAME=DIR, or DIR (named after the folder; ``runs/x/adapter`` is named ``x``). The name
+    follows the server's rule for adapter names (it becomes NAME.gguf in OUT, and llama-server's
+    adapter); ExportError for any other (``../x``, empty, hidden, a path)."""
+    from shoptune.serve.engine import ADAPTER_NAME_RE
+
     name, sep, folder = spec.partition("=")
     if not sep:
         folder = spec
         p = Path(folder).resolve()
         name = p.parent.name if p.name == "adapter" else p.name
+    if not folder.strip():
+        raise ExportError(f"--adapter {spec!r}: no adapter folder (expected NAME=DIR or DIR)")
+    if not ADAPTER_NAME_RE.fullmatch(name):
+        raise ExportError(f"--adapter {spec!r}: {name!r} cannot be an adapter name (written as "
+                          f"NAME.gguf in --out): letters, digits, '.', '_' and '-', starting with a "
+                          f"letter or digit, at most 128; name it with --adapter NAME=DIR")
     return name, Path(folder)
+
+
+def _base_file_name(model: str, base_dir: Path) -> str:
+    """``NAME.gguf`` of the base model: the embedded name, or its folder's name."""
+    from shoptune.serve.engine import ADAPTER_NAME_RE
+
+    name = Path(model).name or base_dir.resolve().name
+    return f"{name if ADAPTER_NAME_RE.fullmatch(name) else 'base'}.gguf"
+
+
+def check_adapters_fit(base_dir: Path, named: list[tuple[str, Path]], model: str) -> None:
+    """Each adapter folder is loadable (safetensors, no pickles) and was trained for this base
+    (the project's own adapter-vs-base check, on the base's config: no weights loaded), so a
+    mismatch is named here, not by the converter's reshape error."""
+    from transformers import AutoConfig
+
+    from shoptune.models import InvalidAdapterError, check_adapter
+    from shoptune.serve.engine import AdapterError, check_adapter_dir
+
+    config = None
+    for name, folder in named:
+        try:
+            check_adapter_dir(folder)
+        except AdapterError as e:
+            raise ExportError(f"--adapter {name}={folder}: {e.message}") from None
+        config = config or AutoConfig.from_pretrained(str(base_dir))
+        try:
+            check_adapter(config, folder, base_name=model)
+        except InvalidAdapterError as e:
+            raise ExportError(f"--adapter {name}={folder}: {e}") from None
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -95,50 +134,54 @@ def _run(cmd: list[str], what: str) -> None:
 def export_gguf(model: str, adapters: list[str], out: Path, *, outtype: str = "bf16",
                 status=None) -> dict:
     """Convert ``model`` and each adapter into ``out``; returns (and writes as manifest.json) the
-    files and the llama-server command line that serves them."""
+    files and the llama-server command line that serves them.
+
+    Names and adapters are checked before anything is converted. The files are made in a temp
+    folder inside ``out`` and moved into place only when every conversion succeeded, the
+    manifest last: a failed export leaves ``out`` as it was (an earlier export's files stay)."""
+    from shoptune._io import check_out_dir, make_temp_dir, write_json
     from shoptune.models import resolve
-    from shoptune.serve.engine import AdapterError, check_adapter_dir
 
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype!r}: one of {', '.join(OUTTYPES)}")
-    base_dir = resolve(model)
+    out = check_out_dir(out)
     named = [_adapter_name(a) for a in adapters]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise ExportError(f"two adapters would both be named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
                           "name them with --adapter NAME=DIR")
+    base_dir = resolve(model)
+    files = {"base": _base_file_name(model, base_dir), "adapters": {}}
     for name, folder in named:
-        try:
-            check_adapter_dir(folder)
-        except AdapterError as e:
-            raise ExportError(f"--adapter {name}={folder}: {e.message}") from None
+        if f"{name}.gguf" == files["base"]:
+            raise ExportError(f"--adapter {name}={folder}: {name}.gguf is the base model's file; "
+                              "name the adapter with --adapter NAME=DIR")
+    check_adapters_fit(base_dir, named, model)
     src = llama_cpp_dir()
-    out.mkdir(parents=True, exist_ok=True)
     say = status or (lambda msg: None)
-    base_name = Path(model).name
-    files = {"base": f"{base_name}.gguf", "adapters": {}}
+    stage = make_temp_dir(out, ".export-")
+    try:
+        def convert(script: str, args: list[str], file: str, what: str) -> None:
+            say(f"converting {what} -> {out / file}")
+            _run([sys.executable, str(src / script), *args, "--outtype", outtype,
+                  "--outfile", str(stage / file)], what)
 
-    def convert(script: str, args: list[str], target: Path, what: str) -> None:
-        tmp = target.with_name(f".{target.name}.tmp")
-        say(f"converting {what} -> {target}")
-        try:
-            _run([sys.executable, str(src / script), *args, "--outtype", outtype, "--outfile", str(tmp)], what)
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    convert("convert_hf_to_gguf.py", [str(base_dir)], out / files["base"], f"base model {model}")
-    for name, folder in named:
-        files["adapters"][name] = f"{name}.gguf"  # (the gateway serves it as NAME)
-        convert("convert_lora_to_gguf.py", [str(folder), "--base", str(base_dir)],
-                out / files["adapters"][name], f"adapter {name} ({folder})")
-    loras = ",".join(str(out / f) for f in files["adapters"].values())
-    cmd = ["llama-server", "-m", str(out / files["base"])] + (["--lora", loras] if loras else []) + \
-        ["--lora-init-without-apply"] * bool(loras)
-    manifest = {"model": model, "base_dir": str(base_dir), "outtype": outtype,
-                "llama_cpp_python": LLAMA_CPP_PYTHON, **files, "llama_server_command": cmd,
-                "adapter_ids": {n: i for i, n in enumerate(files["adapters"])}}
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / "manifest.json")
+        convert("convert_hf_to_gguf.py", [str(base_dir)], files["base"], f"base model {model}")
+        for name, folder in named:
+            files["adapters"][name] = f"{name}.gguf"  # (the gateway serves it as NAME)
+            convert("convert_lora_to_gguf.py", [str(folder), "--base", str(base_dir)],
+                    files["adapters"][name], f"adapter {name} ({folder})")
+        loras = ",".join(str(out / f) for f in files["adapters"].values())
+        cmd = ["llama-server", "-m", str(out / files["base"])] + (["--lora", loras] if loras else []) + \
+            ["--lora-init-without-apply"] * bool(loras)
+        manifest = {"model": model, "base_dir": str(base_dir), "outtype": outtype,
+                    "llama_cpp_python": LLAMA_CPP_PYTHON, **files, "llama_server_command": cmd,
+                    "adapter_ids": {n: i for i, n in enumerate(files["adapters"])}}
+        # an old manifest would describe a mix of old and new files while they are moved in
+        (out / "manifest.json").unlink(missing_ok=True)
+        for f in [files["base"], *files["adapters"].values()]:
+            os.replace(stage / f, out / f)
+        write_json(out / "manifest.json", manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest

@@ -42,21 +42,21 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                 out: Annotated[Path, typer.Option(help="Training set (.jsonl); manifest beside it.")],
                 overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value")] = None) -> None:
         """Build a training set from a mixture: FILE + FILE.manifest.json (counts, tokens, diversity, hashes)."""
-        import yaml
-        from pydantic import ValidationError
-
-        from shoptune._io import write_json, write_jsonl
-        from shoptune.data.loaders import DataValidationError
+        from shoptune._io import check_out_file, write_json, write_jsonl
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
         from shoptune.train.format import answer_text
-        from shoptune.train.mixture import MixtureConfig, build_mixture
+        from shoptune.train.mixture import MixtureConfig, MixtureError, build_mixture
 
+        # before any work: a folder as --out, a bad config or override (one line each, exit 1)
+        manifest_path = check_out_file(out.with_name(out.name + ".manifest.json"))
+        check_out_file(out)
+        cfg = MixtureConfig.from_yaml(config, overrides or [])
         try:
-            extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides or [])}
-            cfg = MixtureConfig.from_yaml(config, extra)
             with console.status("building mixture"):
                 recs, manifest = build_mixture(cfg)
-        except (FileNotFoundError, ValueError, ValidationError, DataValidationError) as e:
+        except MixtureError as e:
+            fail(f"{config}: {e}")
+        except ValueError as e:  # e.g. a decontamination suite that selects nothing
             fail(str(e))
         tok = load_tokenizer(DEFAULT_MODEL)
         manifest["tokens"] = {
@@ -64,7 +64,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             "answer": sum(len(x) for x in tok([answer_text(r) for r in recs], add_special_tokens=False)["input_ids"]),
         } if recs else {"input": 0, "answer": 0}
         write_jsonl(out, (r.to_dict() for r in recs))
-        write_json(out.with_name(out.name + ".manifest.json"), manifest)
+        write_json(manifest_path, manifest)
         console.print(f"{len(recs)} rows over {manifest['diversity']['n_tasks']} tasks / "
                       f"{manifest['diversity']['n_capabilities']} capabilities -> {out}")
         for cap, n in manifest["capabilities"].items():

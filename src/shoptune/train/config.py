@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shoptune.configfile import ConfigError, load
 from shoptune.train.mixture import MixtureConfig
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -92,54 +92,12 @@ class TrainConfig(BaseModel):
         return v
 
 
-class ConfigError(ValueError):
-    """A config that does not validate: one line per bad field, ``where: field: why (got X)``."""
-
-
-def _format_errors(where: str, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(x) for x in e["loc"]) or "(config)"
-        msg = e["msg"].removeprefix("Value error, ")
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {field}: {msg}{got}")
-    return "\n".join(lines)
-
-
-def _set_dotted(d: dict, key: str, value) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-        if not isinstance(d, dict):
-            raise ValueError(f"override {key}: {p} is not a section")
-    d[parts[-1]] = value
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file (optional) plus ``key=value`` overrides (values parsed as YAML: 32, true, [a,b])."""
-    data = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: no such config")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: a config must be a YAML mapping")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        try:
-            value = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: not a YAML value ({e.problem})") from None
-        _set_dotted(data, k.strip(), value)
-    try:
-        return TrainConfig(**data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(str(path) if path else "config", e)) from None
+    """YAML file (optional) plus ``key=value`` overrides (values parsed as YAML: 32, true, [a,b]);
+    :class:`ConfigError` with one line per problem (``file[:line]: field: why (got X)``)."""
+    if path and not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such config")
+    return load(TrainConfig, path, overrides, what="training config")
+
+
+__all__ = ["ConfigError", "TrainConfig", "LoraSettings", "CurriculumSettings", "load_config"]

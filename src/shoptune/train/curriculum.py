@@ -186,7 +186,7 @@ def run_three_stage(cfg, model, tok, records, val, examples, task_names, out: Pa
     vcfg = cfg.mixture.model_copy(update={"split": "validation", "total": None, "upsample": False,
                                           "max_per_task": st.val_rows_per_task,
                                           "include_tasks": kept, "decontaminate_against": []})
-    vrecs = [r for r in build_mixture(vcfg)[0] if r.task in kept]
+    vrecs = [r for r in build_mixture(vcfg, allow_empty=True)[0] if r.task in kept]
     val_ex = encode_records(vrecs, tok, protocol=cfg.protocol, max_length=cfg.max_length,
                             task_index={t: i for i, t in enumerate(task_names)})
     d3 = out / "stage3"

@@ -25,10 +25,9 @@ import math
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shoptune.data.loaders import DataIssue, iter_records
 from shoptune.data.splits import split_of
@@ -36,32 +35,49 @@ from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record
 
 
+class MixtureError(ValueError):
+    """A mixture that cannot be built as asked (nothing selected, an unknown task): one line."""
+
+
 class MixtureConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    sources: list[str] = ["ec-guide"]
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    sources: list[str] = Field(default=["ec-guide"], min_length=1)
     include_capabilities: list[str] = []
     exclude_capabilities: list[str] = []
     include_tasks: list[str] = []
     exclude_tasks: list[str] = []
     split: Literal["train", "validation", "test"] = "train"
-    split_validation: float = 0.02
-    split_test: float = 0.05
+    split_validation: float = Field(default=0.02, ge=0, lt=1)
+    split_test: float = Field(default=0.05, ge=0, lt=1)
     split_seed: int = 0
     total: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, gt=0)
-    weights: dict[str, float] = {}
+    weights: dict[str, Annotated[float, Field(ge=0)]] = {}
     max_per_task: int | None = Field(default=None, ge=1)
-    per_task_caps: dict[str, int] = {}
+    per_task_caps: dict[str, Annotated[int, Field(ge=0)]] = {}  # 0: none of that task
     upsample: bool = False
     dedup: bool = True
     decontaminate_against: list[str] = []
     decontaminate_ngram: int = Field(default=13, ge=0)
     seed: int = 0
 
+    @field_validator("weights")
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "MixtureConfig":
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        return cls(**{**data, **(overrides or {})})
+    def _some_weight(cls, v: dict[str, float]) -> dict[str, float]:
+        if v and not any(w > 0 for w in v.values()):
+            raise ValueError("every weight is 0: the mixture would select nothing")
+        return v
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | dict | None = None) -> "MixtureConfig":
+        """The mixture in ``path`` with ``key=value`` overrides (or a dict of top-level values);
+        ConfigError names file, line and field."""
+        from shoptune.configfile import load, read_yaml, validate
+        if isinstance(overrides, dict):
+            data, lines = read_yaml(path, "mixture")
+            return validate(cls, {**data, **overrides}, str(path), lines,
+                            [(k,) for k in overrides])
+        return load(cls, path, overrides or (), what="mixture")
 
 
 def _file_digest(path: Path) -> str:
@@ -92,14 +108,18 @@ def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
     return quota
 
 
-def build_mixture(cfg: MixtureConfig) -> tuple[list[Record], dict]:
-    """Select, split, clean and sample the records; return them (seeded order) and a manifest."""
+def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False) -> tuple[list[Record], dict]:
+    """Select, split, clean and sample the records; return them (seeded order) and a manifest.
+    :class:`MixtureError` when nothing is selected (unless ``allow_empty``: a validation
+    sample, say) or a task list names a task the sources lack."""
     for cap in cfg.include_capabilities + cfg.exclude_capabilities:
         if cap not in CAPABILITIES:
-            raise ValueError(f"unknown capability {cap!r}; one of {', '.join(CAPABILITIES)}")
+            raise MixtureError(f"unknown capability {cap!r}; one of {', '.join(CAPABILITIES)}")
     issues: list[DataIssue] = []
     pool: dict[str, list[Record]] = defaultdict(list)
+    present: Counter[str] = Counter()  # valid rows of each task in the sources
     for rec in iter_records(cfg.sources, issues=issues):
+        present[rec.task] += 1
         if cfg.include_capabilities and rec.capability not in cfg.include_capabilities:
             continue
         if rec.capability in cfg.exclude_capabilities or rec.task in cfg.exclude_tasks:
@@ -109,6 +129,7 @@ def build_mixture(cfg: MixtureConfig) -> tuple[list[Record], dict]:
         if split_of(rec, seed=cfg.split_seed, validation=cfg.split_validation,
                     test=cfg.split_test) == cfg.split:
             pool[rec.task].append(rec)
+    _check_tasks(cfg, present, issues)
     removed: list[dict] = []
     contamination = None
     if cfg.dedup or cfg.decontaminate_against:
@@ -130,7 +151,7 @@ def build_mixture(cfg: MixtureConfig) -> tuple[list[Record], dict]:
     for t in sorted(pool):
         rng.shuffle(pool[t])
         cap = cfg.per_task_caps.get(t, cfg.max_per_task)
-        if cap:
+        if cap is not None:
             pool[t] = pool[t][:cap]
     sizes = {t: len(v) for t, v in sorted(pool.items()) if v}
     quotas = _quotas(sizes, cfg)
@@ -138,11 +159,36 @@ def build_mixture(cfg: MixtureConfig) -> tuple[list[Record], dict]:
     for t, q in quotas.items():
         rows = pool[t]
         chosen += [rows[i % len(rows)] for i in range(q)]
+    if not chosen and not allow_empty:
+        raise MixtureError(f"the mixture selects no rows: {sum(present.values())} "
+                           f"valid rows in the sources, none left after the capability/task "
+                           f"filters, the {cfg.split} split, dedup and decontamination"
+                           + (", and the weights" if cfg.weights else ""))
     rng.shuffle(chosen)
     manifest = make_manifest(chosen, cfg, removed=removed, skipped_invalid=len(issues))
     if contamination is not None:  # per evaluation set: its questions found in the training pool
         manifest["contamination"] = contamination
     return chosen, manifest
+
+
+def _check_tasks(cfg: MixtureConfig, present: Counter, issues: list[DataIssue]) -> None:
+    """Refuse what would make a mixture silently empty or other than asked: sources without a
+    valid row, ``include_tasks`` naming a task the sources lack, and other task lists naming a
+    task that neither the sources nor the task cards know (a typo)."""
+    if not present:
+        first = f"; first: {issues[0]}" if issues else ""
+        raise MixtureError(f"sources {cfg.sources}: no valid rows ({len(issues)} problem(s){first})")
+    from shoptune.tasks import all_cards
+    known = set(all_cards()) | set(present)
+    have = ", ".join(sorted(present)[:12]) + (", ..." if len(present) > 12 else "")
+    for field, names in (("include_tasks", cfg.include_tasks), ("exclude_tasks", cfg.exclude_tasks),
+                         ("weights", [t for t in cfg.weights if t != "*"]),
+                         ("per_task_caps", list(cfg.per_task_caps))):
+        pool = present if field == "include_tasks" else known
+        bad = [t for t in names if t not in pool]
+        if bad:
+            why = "has no rows in the sources" if field == "include_tasks" else "is not a known task"
+            raise MixtureError(f"{field}: {bad[0]!r} {why} (tasks in the sources: {have})")
 
 
 def make_manifest(records: list[Record], cfg: MixtureConfig, *, removed: list[dict],

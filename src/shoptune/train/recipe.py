@@ -52,7 +52,7 @@ def validation_records(mix: MixtureConfig, n: int, seed: int):
     """A fixed sample of the mixture's validation split (same tasks, never trained on)."""
     vcfg = mix.model_copy(update={"split": "validation", "total": n, "temperature": 1e6,
                                   "upsample": False, "decontaminate_against": []})
-    recs, _ = build_mixture(vcfg)
+    recs, _ = build_mixture(vcfg, allow_empty=True)
     return recs
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from shoptune._io import atomic_open
+from shoptune._io import atomic_open, make_temp_dir
 from shoptune.train.config import TrainConfig
 from shoptune.train.loss import answer_token_losses, collate
 
@@ -212,7 +211,7 @@ def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float3
 def save_adapter(model, out: Path) -> Path:
     """OUT/adapter written into a temp folder, then renamed: never half-written."""
     dest = out / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+    tmp = make_temp_dir(out, ".adapter-")  # (mode as mkdir gives, not mkdtemp's 0700)
     model.save_pretrained(str(tmp), safe_serialization=True)
     if dest.exists():
         shutil.rmtree(dest)

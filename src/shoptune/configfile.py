@@ -1,0 +1,155 @@
+"""Config files (YAML mappings) and ``key=value`` overrides, validated by a pydantic model, with
+errors a user can act on: one line per problem, no pydantic URL::
+
+    configs/train/x.yaml:7: lora.r: Input should be greater than or equal to 1 (got 0)
+    configs/train/x.yaml: learning_rate: Input should be greater than 0 (got -1)   (an override)
+    override '=5': the key is empty (expected key=value)
+
+Shared by training configs, mixtures, synthesis specs and experiment files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: one line per problem (``where: field: why (got X)``)."""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(e, "problem", None) or e).split())
+
+
+def read_yaml(path: str | Path, what: str = "config") -> tuple[dict, dict[tuple, int]]:
+    """The mapping in ``path`` and the 1-based line of every key in it (by key path, list items
+    by index). ConfigError names ``path:LINE`` for broken YAML, ``path`` for an empty file or
+    one that is not a mapping; FileNotFoundError / IsADirectoryError as ``open`` raises them."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ConfigError(f"{p}: empty {what} (a YAML mapping of settings is wanted)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}:{node.start_mark.line + 1}: a {what} must be a YAML mapping "
+                          f"(key: value lines), not a {type(data).__name__}")
+    lines: dict[tuple, int] = {}
+
+    def walk(n, at: tuple) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = at + (k.value,)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[at + (i,)] = v.start_mark.line + 1
+                walk(v, at + (i,))
+    walk(node, ())
+    return data, lines
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """``a.b=VALUE`` -> (("a", "b"), VALUE parsed as YAML: 32, true, [a, b], null)."""
+    key, sep, raw = item.partition("=")
+    parts = tuple(k.strip() for k in key.split("."))
+    if not sep:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: the key {'is empty' if not key.strip() else 'has an empty part'} "
+                          "(expected key=value, e.g. lora.r=32)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: {'.'.join(parts)}: not a YAML value "
+                          f"({_yaml_problem(e)})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, items) -> dict:
+    """Set each ``key=value`` of ``items`` in ``data`` (nested by dots); returns ``data``."""
+    for item in items or ():
+        parts, value = parse_override(item)
+        d = data
+        for i, p in enumerate(parts[:-1]):
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+        d[parts[-1]] = value
+    return data
+
+
+def format_errors(where: str, err: ValidationError, data: Any = None,
+                  lines: dict[tuple, int] | None = None, overridden=()) -> str:
+    """One line per bad field: ``where[:LINE]: field: why (got X)``. The field is named by the
+    keys of ``data`` it sits at (pydantic's union and validator tags are dropped, and a field
+    failing every branch of a union is one line). ``LINE``: where the key is in the file,
+    unless it (or a section above it) was set by an override (key paths ``overridden``)."""
+    merged: dict[tuple, list[str]] = {}
+    got: dict[tuple, str] = {}
+    for e in err.errors(include_url=False):
+        at, cur = [], data
+        for i, x in enumerate(e["loc"]):
+            if isinstance(cur, dict) and x in cur:
+                at.append(x)
+                cur = cur[x]
+            elif isinstance(cur, list) and isinstance(x, int) and 0 <= x < len(cur):
+                at.append(x)
+                cur = cur[x]
+            elif (cur is data or isinstance(cur, dict)) and e["type"] == "missing" \
+                    and i == len(e["loc"]) - 1:
+                at.append(x)  # a required key that is not there
+            elif data is None:
+                at.append(x)
+            else:
+                continue  # a union branch or validator tag, not a key
+        key = tuple(at)
+        msg = e["msg"].removeprefix("Value error, ")
+        if msg not in merged.setdefault(key, []):
+            merged[key].append(msg)
+        inp = e.get("input")
+        if e["type"] != "missing" and not isinstance(inp, dict):
+            got[key] = repr(inp) if len(repr(inp)) <= 80 else repr(inp)[:77] + "..."
+    out = []
+    for key, msgs in merged.items():
+        line = None
+        if lines and not any(key[:len(o)] == o for o in overridden):
+            line = next((lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in lines), None)
+        place = f"{where}:{line}" if line else where
+        field = ".".join(map(str, key)) or "(config)"
+        out.append(f"{place}: {field}: {'; or '.join(msgs)}" + (f" (got {got[key]})" if key in got else ""))
+    return "\n".join(out)
+
+
+def validate(model: type[M], data: dict, where: str, lines: dict[tuple, int] | None = None,
+             overridden=()) -> M:
+    """``model(**data)``, or ConfigError with :func:`format_errors`'s lines."""
+    try:
+        return model(**data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(where, e, data, lines, overridden)) from None
+
+
+def load(model: type[M], path: str | Path | None, overrides=(), what: str = "config") -> M:
+    """``model`` from the YAML file ``path`` (None: defaults) with ``key=value`` overrides."""
+    data, lines = read_yaml(path, what) if path else ({}, {})
+    apply_overrides(data, overrides)
+    overridden = [parse_override(item)[0] for item in overrides or ()]
+    return validate(model, data, str(path) if path else "config", lines, overridden)

@@ -507,8 +507,10 @@ class Engine(JobStream):
                     log.exception("adapter %s loaded but a mixed batch with it fails; unloading it", name)
                     self._restore_after_failed_load(name, plain, grads)
                     why = f"{type(e).__name__}: {load_error_line(e)}"
+                    others = f" and {', '.join(self.adapters)}" if self.adapters else ""
                     raise AdapterError(f"{path}: cannot be served next to other adapters: a one-token "
-                                       f"batch with it failed ({why}); it was not loaded",
+                                       f"batch of it with the base model{others} failed ({why}); it "
+                                       "was not loaded",
                                        param="lora_path") from None
                 self.adapters[name] = path
                 self._forget_prefixes()
@@ -763,12 +765,12 @@ class Engine(JobStream):
         for j in jobs:
             groups.setdefault(j.model, []).append(j)
         parts = list(groups.values()) if len(groups) > 1 else [[j] for j in jobs] if len(jobs) > 1 else []
-        log.warning("batch of %d failed (%s: %s); running its %d parts apart", len(jobs),
-                    type(error).__name__, error, len(parts))
         if not parts:
             log.error("request failed", exc_info=error)
             self._fail(jobs[0], error)
             return error
+        log.warning("batch of %d failed (%s: %s); running its %d parts apart", len(jobs),
+                    type(error).__name__, error, len(parts))
         last = None
         for part in parts:
             fresh = []

@@ -158,7 +158,7 @@ class ChatMessage(BaseModel):
                 return key, (f"{key} is not supported by this server (it serves no tools); send the "
                              "assistant's earlier answer as content")
         if self.content is None or self.content == []:
-            return "content", f"a {self.role} message needs content"
+            return "content", f"{'an' if self.role == 'assistant' else 'a'} {self.role} message needs content"
         return None
 
     def text(self) -> str:

@@ -132,6 +132,12 @@ def test_loose_types_are_400_not_coerced(http, path, body, param):
     assert "must be" in r.json()["error"]["message"] or "should be" in r.json()["error"]["message"]
 
 
+def test_errors_inside_a_union_name_the_field_not_the_member_tried(http):
+    r = chat(http, [{"role": "user", "content": [{"type": "text"}]}])
+    assert_400(r, "messages.0.content", "messages.0.content.0.text: Field required")
+    assert "list[" not in r.text
+
+
 def test_whole_numbers_stay_valid_floats(http):
     assert complete(http, temperature=1, top_p=1, seed=3).status_code == 200
 

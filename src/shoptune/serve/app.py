@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -208,6 +209,15 @@ def _invalid_text(body: bytes) -> tuple[str | None, str] | None:
     return field, f"{field}: invalid text: a lone UTF-16 surrogate is not a Unicode character"
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")  # pydantic's name of a union member
+
+
+def field_path(loc) -> str:
+    """A validation error's location as the request field (``messages.0.content``): without the
+    ``body`` prefix and without the union member pydantic tried (``list[TextPart]``)."""
+    return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and _UNION_TAG.match(x)))
+
+
 # ----------------------------------------------------------------------------- routes
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500, 503, 504)}
 
@@ -243,10 +253,8 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
             why = (first.get("ctx") or {}).get("error", "JSON decode error")
             return error_body(400, f"the request body is not valid JSON: {why} (at character "
                                    f"{first['loc'][-1]})", param=None)
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: "
-                        f"{e.get('msg')}" for e in errs[:5])
-        return error_body(400, msg, param=".".join(loc) or None)
+        msg = "; ".join(f"{field_path(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errs[:5])
+        return error_body(400, msg, param=field_path(first.get("loc", ())) or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):

@@ -64,7 +64,7 @@ class LocalBackend:
         if plan.numeric:
             from transformers import LogitsProcessorList
             kwargs["logits_processor"] = LogitsProcessorList([NumberListProcessor(
-                self.tok, n, plan.max_value, plan.count, plan.unique)])
+                self.tok, n, plan.max_value, plan.count, plan.unique, plan.values)])
         if plan.stop_newline:
             from transformers import StoppingCriteriaList
             kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtLineEnd(self.tok, n)])

@@ -58,6 +58,37 @@ def register(app: typer.Typer) -> None:
         console.print("serve with: " + " ".join(m["llama_server_command"]) + " -np 16 -c 32768",
                       markup=False, highlight=False)
 
+    @export_app.command("experts")
+    def export_experts_cmd(
+        run: Annotated[Path, typer.Argument(help="A `peft: poly` training run (or its adapter/ folder).")],
+        out: Annotated[Path, typer.Option(help="Folder for one PEFT LoRA folder per expert + experts.json.")],
+    ) -> None:
+        """A Poly adapter's experts as plain LoRA adapters: one per trained task (or capability),
+        and one per capability for tasks it was not trained on; any engine serves them
+        (`shoptune serve --experts OUT`, llama.cpp, vLLM)."""
+        from shoptune.experts import export_run_experts
+        with console.status("exporting experts"):
+            meta = export_run_experts(run, out)
+        console.print(f"wrote {len(meta['experts'])} experts ({meta['routing']['route_by']} routing) -> {out}; "
+                      f"{len(meta['task_experts'])} task cards routed (experts.json)")
+
+    @export_app.command("merge")
+    def export_merge_cmd(
+        adapters: Annotated[list[str], typer.Argument(help="LoRA adapter folders, or NAME=DIR (2 or more).")],
+        out: Annotated[Path, typer.Option(help="Folder for the merged PEFT LoRA adapter.")],
+        model: Annotated[str, typer.Option(help="Their base model.")] = "smollm2-135m",
+        method: Annotated[str, typer.Option(help="peft's add_weighted_adapter combination_type: ties, "
+                                            "dare_ties, linear, cat, svd, ties_svd, ...")] = "ties",
+        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare).")] = 0.2,
+    ) -> None:
+        """Several LoRA adapters merged into one with peft's add_weighted_adapter (equal weights)."""
+        from shoptune.experts import merge_adapters
+        from shoptune.serve.gguf import _adapter_name
+        named = dict(_adapter_name(a) for a in adapters)
+        with console.status(f"merging {len(named)} adapters ({method})"):
+            dest = merge_adapters(named, out, model=model, method=method, density=density)
+        console.print(f"merged {', '.join(named)} -> {dest}")
+
     @app.command("serve")
     def serve_cmd(
         model: Annotated[str, typer.Option(help="Base model: a name from `shoptune models ls` or a folder.")] = "smollm2-135m",

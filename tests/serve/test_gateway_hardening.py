@@ -162,14 +162,14 @@ def test_a_cut_stream_ends_the_clients_stream_with_an_error_never_stop(gw, vllm)
 def test_upstream_key_and_bearer_tokens_are_redacted(gw, vllm):
     vllm.misbehave_next = "echo-auth"
     r = gw.http.post("/v1/completions", json=CMPL)
-    assert r.status_code == 400 and UP_KEY not in r.text and "Bearer [redacted]" in r.text, r.text
+    assert r.status_code == 400 and UP_KEY not in r.text and "Bearer [redacted]\"" in r.text, r.text
     vllm.misbehave_next = "echo-auth-500"
     r = gw.http.post("/v1/completions", json=CMPL)
     assert r.status_code == 502 and UP_KEY not in r.text and "[redacted]" in r.text, r.text
     vllm.misbehave_next = "echo-auth-stream"
     with gw.http.stream("POST", "/v1/completions", json={**CMPL, "stream": True}) as s:
         text = "".join(s.iter_text())
-    assert UP_KEY not in text and "died; Bearer [redacted]" in text, text
+    assert UP_KEY not in text and "died; Bearer [redacted]\"" in text, text
     from shoptune.serve.upstream_wire import redact
     assert redact("GET http://bob:hunter2@host/v1 Authorization: bearer abc.def") == \
         "GET http://[redacted]@host/v1 Authorization: bearer [redacted]"
@@ -251,3 +251,36 @@ def test_an_empty_configured_key_lets_nobody_in(vllm, tok):
     with TestClient(build_app(engine, ServeSettings(api_keys=frozenset({""})))) as c:
         for h in (b"Bearer ", b"Bearer \xa0", b"Bearer x"):
             assert c.get("/v1/models", headers={"Authorization": h}).status_code == 401
+
+
+# ----------------------------------------------------------------------------- item 6 (start-up)
+
+@pytest.mark.parametrize("args,env,fragment", [
+    (["--api-key", ""], {}, "--api-key: the API key is empty"),
+    (["--api-key", " \t"], {}, "--api-key: the API key is empty"),
+    (["--api-key", "sk a"], {}, "--api-key: an API key must be printable ASCII without spaces"),
+    (["--api-key", "sk-\u00e9t\u00e9"], {}, "printable ASCII"),
+    ([], {"SHOPTUNE_API_KEY": ""}, "SHOPTUNE_API_KEY: the API key is empty"),
+    (["--api-keys-file", "{keys}"], {}, "keys.txt:3: an API key must be printable ASCII"),
+    (["--api-keys-file", "{empty}"], {}, "empty.txt: no API keys in the file"),
+])
+def test_empty_or_malformed_api_keys_are_refused_at_start(tmp_path, args, env, fragment):
+    from typer.testing import CliRunner
+
+    from shoptune.cli import app
+    (tmp_path / "keys.txt").write_text("# keys\nsk-good\nsk bad\n")
+    (tmp_path / "empty.txt").write_text("# none yet\n\n")
+    args = [a.format(keys=tmp_path / "keys.txt", empty=tmp_path / "empty.txt") for a in args]
+    res = CliRunner().invoke(app, ["serve", "--model", "/nonexistent", *args], env=env)
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert fragment in lines[0] and "sk-good" not in lines[0], lines[0]
+
+
+def test_api_key_help_says_what_happens_without_one():
+    from typer.testing import CliRunner
+
+    from shoptune.cli import app
+    res = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    text = " ".join(res.output.split())
+    assert "Required bearer key" not in text and "Without any key the API is open" in text, text

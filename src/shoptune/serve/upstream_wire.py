@@ -31,7 +31,7 @@ ERROR_BODY_BYTES = 64 << 10  # an error reply is read this far (its message is c
 NO_COMPRESSION = {"Accept-Encoding": "identity"}  # byte limits count what the upstream sent
 
 _SECRETS: set[str] = set()  # upstream keys this process uses (redacted from any upstream text)
-_BEARER = re.compile(r"(?i)\b(bearer)(\s+)[^\s\"',;}\]]+")
+_BEARER = re.compile(r"(?i)\b(bearer)(\s+)(?!\[redacted\])[^\s\"',;}\]]+")
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"']+@")
 
 

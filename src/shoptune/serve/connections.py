@@ -100,6 +100,10 @@ def guarded_h11(max_connections: int, header_timeout: float) -> type[H11Protocol
             elif self._header_timer is None and not self.transport.is_closing():
                 self._await_request()  # a new cycle began here (an early reply, then the body's end)
 
+        def handle_websocket_upgrade(self, event) -> None:
+            self._forget()  # (the websocket protocol takes the transport over)
+            super().handle_websocket_upgrade(event)
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE \

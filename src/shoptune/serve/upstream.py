@@ -27,13 +27,16 @@ Adapter load/unload map to vLLM's ``/v1/load_lora_adapter`` / ``/v1/unload_lora_
 llama-server cannot load adapter files at run time, so there only adapters it was started with
 (``--lora FILE``) can be (re-)exposed or hidden, and other loads get a 501 saying so.
 Upstream errors come back in OpenAI's shape with a clear status: the upstream's own 4xx message,
-502 for its 5xx or a refused upstream key, 503 when it is unreachable, 504 on its timeout.
+502 for its 5xx or a refused upstream key, 503 when it is unreachable, 504 on its timeout. Replies
+are bounded and checked (:mod:`~shoptune.serve.upstream_wire`): a reply that cannot be trusted
+(not JSON of OpenAI's shape, not an event stream, a stream cut before ``[DONE]`` or a
+``finish_reason``, more than ``max_tokens`` tokens, more than ``max_reply_bytes``) is a 502, and
+upstream text is redacted (its key, ``Bearer`` tokens) before it reaches a client or the log.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import threading
 import time
@@ -48,9 +51,10 @@ from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineEr
                                    Job, QueueFull, ShuttingDown, UnknownModel)
 from shoptune.serve.upstream_wire import (ERROR_BODY_BYTES, NO_COMPRESSION, NotSupported, Reply,
                                           UpstreamError, aread_capped, bad_reply, describe,
-                                          describe_bytes, error_message,
+                                          describe_bytes, error_message, error_text, finish_reason,
                                           number_list_gbnf, number_list_regex, read_capped, redact,
-                                          register_secret, sse_lines, transport_error, upstream_error)
+                                          register_secret, sse_lines, stream_event, transport_error,
+                                          upstream_error)
 
 __all__ = ["UpstreamEngine", "UpstreamError", "NotSupported", "choice_tokens", "number_list_gbnf",
            "number_list_regex"]
@@ -87,17 +91,6 @@ def choice_tokens(tok, choices) -> dict[int, str]:
 class _Adapter:
     ref: str  # what the upstream calls it: vLLM's lora name, llama.cpp's adapter file path
     lora_id: int | None = None  # llama.cpp's adapter id
-
-
-def _message(err) -> str:
-    """An upstream error object's message (OpenAI's ``{"message": ...}`` or anything else)."""
-    return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
-
-
-def _finish_reason(value, what: str) -> str:
-    if value in ("abort", "error"):  # (vLLM: the request was aborted upstream; not an answer)
-        raise UpstreamError(f"{what}: the upstream ended the completion with finish_reason {value!r}")
-    return "length" if value == "length" else "stop"
 
 
 def _root(url: str) -> str:
@@ -439,7 +432,7 @@ class UpstreamEngine(JobStream):
             raise upstream_error(reply, self.kind)
         out = reply.json(what)
         if "error" in out:
-            raise UpstreamError(f"{what} failed: {_message(out['error'])}")
+            raise UpstreamError(f"{what} failed: {error_text(out['error'])}")
         self.upstream_error = None
         return out
 
@@ -503,7 +496,7 @@ class UpstreamEngine(JobStream):
                     if events > max_events:
                         raise bad_reply(what, f"more than {max_events} events for max_tokens="
                                               f"{job.max_new_tokens}")
-                    choices, usage = self._chunk(data, what, usage)
+                    choices, usage = stream_event(data, what, self.kind, usage)
                     for ch in choices:
                         delta = ch.get("text") or ""
                         if delta:
@@ -515,7 +508,7 @@ class UpstreamEngine(JobStream):
                             job.text += delta
                             job.emit(len(job.text))
                         if ch.get("finish_reason"):
-                            reason = _finish_reason(ch["finish_reason"], what)
+                            reason = finish_reason(ch["finish_reason"], what)
                     if plan is not None and plan.stop_newline and "\n" in job.text.lstrip():
                         ended = True
                         break  # as the built-in engine: the first line is the answer; closing stops it
@@ -528,22 +521,6 @@ class UpstreamEngine(JobStream):
         if isinstance(tokens, int) and not isinstance(tokens, bool) and 0 < tokens <= max_deltas:
             job.gen_ids = [0] * tokens  # (the app counts this list)
         job.done(reason or "stop")
-
-    def _chunk(self, data: str, what: str, usage: dict | None) -> tuple[list[dict], dict | None]:
-        """One event's choices (each a JSON object with a text) and the usage so far."""
-        try:
-            chunk = json.loads(data)
-        except (ValueError, RecursionError):
-            raise bad_reply(what, f"an event that is not JSON ({describe_bytes(data.encode())})") from None
-        if not isinstance(chunk, dict):
-            raise bad_reply(what, f"an event that is {describe(chunk)}, not a JSON object")
-        if "error" in chunk:
-            raise UpstreamError(f"upstream {self.kind} failed mid-stream: {_message(chunk['error'])}")
-        choices = chunk.get("choices") or []
-        if not isinstance(choices, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("text") or "", str) for c in choices):
-            raise bad_reply(what, "an event whose choices are not OpenAI completion choices")
-        return choices, (chunk["usage"] if isinstance(chunk.get("usage"), dict) else usage)
 
     # ------------------------------------------------------------------ lifecycle, health
     def _ensure_started(self) -> None:

@@ -242,6 +242,31 @@ async def sse_lines(r: httpx.Response, limit: int, what: str) -> AsyncIterator[s
         yield _line(bytes(buf), what)
 
 
+def stream_event(data: str, what: str, kind: str, usage: dict | None) -> tuple[list[dict], dict | None]:
+    """One ``data:`` event of a completion stream: its choices (each a JSON object whose text is
+    a string) and the usage so far; an in-band error or any other shape raises."""
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError):
+        raise bad_reply(what, f"an event that is not JSON ({describe_bytes(data.encode())})") from None
+    if not isinstance(chunk, dict):
+        raise bad_reply(what, f"an event that is {describe(chunk)}, not a JSON object")
+    if "error" in chunk:
+        raise UpstreamError(f"upstream {kind} failed mid-stream: {error_text(chunk['error'])}")
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("text") or "", str) for c in choices):
+        raise bad_reply(what, "an event whose choices are not OpenAI completion choices")
+    return choices, (chunk["usage"] if isinstance(chunk.get("usage"), dict) else usage)
+
+
+def finish_reason(value, what: str) -> str:
+    """The gateway's finish reason for the upstream's; an aborted completion is no answer."""
+    if value in ("abort", "error"):  # (vLLM: the request was aborted upstream)
+        raise UpstreamError(f"{what}: the upstream ended the completion with finish_reason {value!r}")
+    return "length" if value == "length" else "stop"
+
+
 def _line(raw: bytes, what: str) -> str:
     try:
         return raw.rstrip(b"\r").decode("utf-8")
@@ -250,6 +275,11 @@ def _line(raw: bytes, what: str) -> str:
 
 
 # ----------------------------------------------------------------------------- errors
+
+def error_text(err) -> str:
+    """An upstream error object's message (OpenAI's ``{"message": ...}`` or anything else)."""
+    return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
+
 
 def error_message(reply: Reply) -> str:
     """The upstream's own error message (OpenAI's shape, or its text), at most 500 characters."""

@@ -110,14 +110,18 @@ class Gate:
 
     def __init__(self, app, *, settings: ServeSettings, metrics: Metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.keys = [k.encode() for k in settings.api_keys if k]  # (an empty key matches nothing)
 
     def _authorized(self, scope) -> bool:
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if not auth.lower().startswith("bearer "):
+        """``Authorization: Bearer KEY`` with KEY exactly one of the keys (RFC 6750: the scheme
+        in any case, then spaces; nothing else is stripped), compared in constant time."""
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":
             return False
-        given = auth[7:].strip().encode()
-        return any(hmac.compare_digest(given, k.encode()) for k in self.settings.api_keys)
+        given, ok = given.lstrip(b" "), False
+        for k in self.keys:
+            ok |= hmac.compare_digest(given, k)
+        return ok
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -20,13 +20,53 @@ def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
     return out
 
 
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be an API key (None if it can): clients send it as ``Authorization:
+    Bearer KEY`` and it is compared exactly, so it must be printable ASCII without spaces."""
+    if not key.strip():
+        return "the API key is empty (an unset variable?)"
+    if any(not "!" <= c <= "~" for c in key):
+        return "an API key must be printable ASCII without spaces (this one has a space, a control " \
+               "or a non-ASCII character)"
+    return None
+
+
 def read_keys_file(path: Path) -> set[str]:
-    """One key per line; blank lines and '#' comments ignored."""
+    """One key per line (surrounding whitespace ignored); blank lines and '#' comments ignored.
+    Raises ValueError naming the line of a key that cannot be one (see :func:`key_problem`)."""
     keys = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
+            if (why := key_problem(line)) is not None:
+                raise ValueError(f"{path}:{n}: {why}")
             keys.add(line)
+    return keys
+
+
+def collect_keys(api_key: list[str] | None, api_keys_file: Path | None, fail) -> set[str]:
+    """The keys clients must present: ``--api-key`` values, ``SHOPTUNE_API_KEY`` (when set) and
+    ``--api-keys-file``; an empty or malformed one is an error (one line), never "no key"."""
+    keys = set()
+    for k in api_key or []:
+        if (why := key_problem(k)) is not None:
+            fail(f"--api-key: {why}; give a key, or leave --api-key out to serve without one")
+        keys.add(k)
+    env = os.environ.get("SHOPTUNE_API_KEY")
+    if env is not None:
+        if (why := key_problem(env)) is not None:
+            fail(f"SHOPTUNE_API_KEY: {why}; set a key, or unset it to serve without one")
+        keys.add(env)
+    if api_keys_file is not None:
+        try:
+            from_file = read_keys_file(api_keys_file)
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"{api_keys_file}: cannot read API keys: {e}")
+        except ValueError as e:
+            fail(str(e))
+        if not from_file:
+            fail(f"{api_keys_file}: no API keys in the file")
+        keys |= from_file
     return keys
 
 
@@ -97,8 +137,11 @@ def register(app: typer.Typer) -> None:
         host: str = "127.0.0.1",
         port: int = 8000,
         api_key: Annotated[Optional[list[str]], typer.Option(
-            help="Required bearer key (repeatable; also SHOPTUNE_API_KEY).")] = None,
-        api_keys_file: Annotated[Optional[Path], typer.Option(help="File with one key per line.")] = None,
+            help="A key clients must send as `Authorization: Bearer KEY` (repeatable; also "
+                 "SHOPTUNE_API_KEY and --api-keys-file). Without any key the API is open to anyone "
+                 "who can reach the port; an empty key is an error.")] = None,
+        api_keys_file: Annotated[Optional[Path], typer.Option(
+            help="File with one API key per line ('#' comments).")] = None,
         adapters_dir: Annotated[Optional[Path], typer.Option(
             help="Folder that runtime /v1/load_lora_adapter may load from (off without it).")] = None,
         task_adapter: Annotated[Optional[list[str]], typer.Option(
@@ -133,6 +176,16 @@ def register(app: typer.Typer) -> None:
             help="The upstream's id of the base model (default: the first it lists).")] = None,
         upstream_concurrency: Annotated[int, typer.Option(
             help="Requests in flight to the upstream at once (the rest wait in the queue).")] = 64,
+        upstream_max_bytes: Annotated[int, typer.Option(
+            help="Largest upstream reply the gateway reads: one body, or one whole stream (502 above).")] = 8 << 20,
+        max_connections: Annotated[int, typer.Option(
+            help="Open client connections at most; over it the oldest idle one is closed (kept "
+                 "under the open-files limit).")] = 1000,
+        header_timeout: Annotated[float, typer.Option(
+            help="Seconds a connection has to send a request's headers, from connecting or from "
+                 "its previous response (closed after).")] = 10.0,
+        keep_alive_timeout: Annotated[float, typer.Option(
+            help="Seconds an idle keep-alive connection stays open.")] = 5.0,
         log_level: str = "info",
     ) -> None:
         """Serve the base model and its task adapters (OpenAI-compatible, dynamic batching)."""
@@ -146,17 +199,16 @@ def register(app: typer.Typer) -> None:
         from shoptune.serve.engine import EngineError, Engine, check_adapter_dir
         from shoptune.serve.handlers import ServeSettings
 
+        from shoptune.serve.connections import fit_open_files, guarded_h11, install_accept_log_limit
+
         adapters = _pairs(adapter, "--adapter", fail)
-        keys = set(api_key or [])
-        if os.environ.get("SHOPTUNE_API_KEY"):
-            keys.add(os.environ["SHOPTUNE_API_KEY"])
-        if api_keys_file is not None:
-            try:
-                keys |= read_keys_file(api_keys_file)
-            except (OSError, UnicodeDecodeError) as e:
-                fail(f"{api_keys_file}: cannot read API keys: {e}")
-            if not keys:
-                fail(f"{api_keys_file}: no API keys in the file")
+        keys = collect_keys(api_key, api_keys_file, fail)
+        for name, value in (("--max-connections", max_connections), ("--upstream-max-bytes", upstream_max_bytes)):
+            if value < 1:
+                fail(f"{name} {value}: must be at least 1")
+        for name, value in (("--header-timeout", header_timeout), ("--keep-alive-timeout", keep_alive_timeout)):
+            if not value > 0:
+                fail(f"{name} {value}: must be a positive number of seconds")
         if adapters_dir is not None and not adapters_dir.is_dir():
             fail(f"--adapters-dir {adapters_dir}: not a directory")
         if not body_timeout > 0:
@@ -166,6 +218,9 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # (one line per upstream request, health polls too)
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+        install_accept_log_limit()
         supervisor = None
         if engine_kind not in ("builtin", "llama.cpp"):
             fail(f"--engine {engine_kind!r}: builtin or llama.cpp")
@@ -204,7 +259,8 @@ def register(app: typer.Typer) -> None:
                 engine = UpstreamEngine(upstream, tok, base_name=served_model_name or model,
                                         kind=upstream_kind, api_key=upstream_key, adapters=adapters,
                                         max_concurrency=upstream_concurrency, max_queue=max_queue,
-                                        timeout=request_timeout, upstream_model=upstream_model)
+                                        timeout=request_timeout, upstream_model=upstream_model,
+                                        max_reply_bytes=upstream_max_bytes)
             except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError, OSError) as e:
                 if supervisor is not None:
                     supervisor.stop()
@@ -238,11 +294,16 @@ def register(app: typer.Typer) -> None:
                                  request_timeout=request_timeout,
                                  protocol=protocol,
                                  task_adapters=_pairs(task_adapter, "--task-adapter", fail))
+        fitting, nofile = fit_open_files(max_connections, reserve=128 + upstream_concurrency)
+        if fitting < max_connections:
+            console.print(f"--max-connections {max_connections}: only {fitting} fit under the open-files "
+                          f"limit ({nofile}, `ulimit -n`); serving at most {fitting}", markup=False)
         console.print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1"
-                      f"{' (API key required)' if keys else ''}")
+                      f"{' (API key required)' if keys else ' (no API key: open to anyone who can reach it)'}")
         try:
             uvicorn.run(build_app(engine, settings), host=host, port=port, log_level=log_level,
-                        timeout_graceful_shutdown=int(request_timeout))
+                        timeout_graceful_shutdown=int(request_timeout),
+                        http=guarded_h11(fitting, header_timeout), timeout_keep_alive=keep_alive_timeout)
         finally:
             if supervisor is not None:
                 supervisor.stop()

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from shoptune.console import console, fail
+from shoptune.serve.launch import ENGINES
 
 
 def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
@@ -68,6 +69,27 @@ def collect_keys(api_key: list[str] | None, api_keys_file: Path | None, fail) ->
             fail(f"{api_keys_file}: no API keys in the file")
         keys |= from_file
     return keys
+
+
+def _experts(folder: Path, adapters: dict, fail) -> tuple[dict, dict]:
+    """``--experts DIR``: its experts added to ``adapters`` and the task card -> expert routing."""
+    import json
+    meta_path = folder / "experts.json"
+    if not meta_path.is_file():
+        fail(f"--experts {folder}: no experts.json (write one with `shoptune export experts`)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    out = dict(adapters)
+    for name in meta.get("experts", {}):
+        if name in out:
+            fail(f"--experts {folder}: expert {name!r} has the name of an --adapter")
+        out[name] = str(folder / name)
+    return out, dict(meta.get("task_experts") or {})
+
+
+def _remove(folder) -> None:
+    import shutil
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -163,7 +185,12 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
         engine_kind: Annotated[str, typer.Option("--engine", help=(
             "builtin (in-process, no build) | llama.cpp (export to GGUF, start and supervise "
-            "llama-server, serve through the gateway; needs `make llama-server`)."))] = "builtin",
+            "llama-server, serve through the gateway; needs `make llama-server`) | vllm (start and "
+            "supervise vLLM with the adapters as LoRA modules, run-time loads included; needs "
+            "`make vllm`)."))] = "builtin",
+        experts: Annotated[Optional[Path], typer.Option(
+            help="A folder from `shoptune export experts`: every expert served as an adapter, and "
+                 "/v1/tasks/TASK answered by its task's expert.")] = None,
         upstream: Annotated[Optional[str], typer.Option(
             help="Gateway mode: decode on this OpenAI-compatible engine (vLLM, llama.cpp "
                  "llama-server, ...) instead of in-process; --model names its base model "
@@ -221,27 +248,42 @@ def register(app: typer.Typer) -> None:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # (one line per upstream request, health polls too)
             logging.getLogger("httpx").setLevel(logging.WARNING)
         install_accept_log_limit()
-        supervisor = None
-        if engine_kind not in ("builtin", "llama.cpp"):
-            fail(f"--engine {engine_kind!r}: builtin or llama.cpp")
-        if engine_kind == "llama.cpp":
-            if upstream is not None or merge:
-                fail("--engine llama.cpp starts its own upstream: no --upstream / --merge with it")
+        supervisor = merged_dir = None
+        if experts is not None:  # exported Poly experts: every expert an adapter, tasks routed to theirs
+            adapters, routed = _experts(experts, adapters, fail)
+            task_adapter = [f"{t}={n}" for t, n in routed.items()] + list(task_adapter or [])
+        if engine_kind not in ENGINES:
+            fail(f"--engine {engine_kind!r}: one of {', '.join(ENGINES)}")
+        if engine_kind != "builtin":
+            if upstream is not None:
+                fail(f"--engine {engine_kind} starts its own upstream: no --upstream with it")
+            if merge and engine_kind != "vllm":
+                fail("--merge with --engine llama.cpp: llama-server applies adapters per request; "
+                     "serve the adapter as it is")
             from shoptune.serve.gguf import ExportError
-            from shoptune.serve.supervise import LlamaServerSupervisor, export_cached
+            from shoptune.serve.launch import merged_model, start_engine
             try:
-                for name, folder in adapters.items():
+                served = served_model_name or model
+                if merge:  # vLLM's LoRA path on CPUs costs several times the merged weights
+                    (name, folder), = adapters.items()
                     check_adapter_dir(Path(folder))
-                with console.status("exporting to GGUF") as st:
-                    folder, manifest = export_cached(model, adapters, status=lambda m: st.update(m))
-                supervisor = LlamaServerSupervisor(folder, manifest, slots=max_batch_size, threads=threads)
-                with console.status("starting llama-server"):
-                    upstream = supervisor.start()
+                    with console.status(f"merging {name} into {model}"):
+                        merged_dir = merged_model(model, folder)
+                    model, adapters, served = str(merged_dir), {}, served_model_name or name
+                with console.status(f"starting {engine_kind}") as st:
+                    supervisor = start_engine(engine_kind, model, adapters, dtype=dtype, served_name=served,
+                                              slots=max_batch_size, threads=threads,
+                                              status=lambda m: st.update(m))
+                upstream = supervisor.url
             except (ExportError, EngineError, ModelNotFoundError, FileNotFoundError) as e:
                 if supervisor is not None:
                     supervisor.stop()
+                _remove(merged_dir)
                 fail(str(getattr(e, "message", e)))
-            adapters, upstream_kind = {}, "llama.cpp"  # (served under their names: NAME.gguf)
+            if engine_kind == "llama.cpp":
+                adapters, upstream_kind = {}, "llama.cpp"  # (served under their names: NAME.gguf)
+            else:
+                adapters, upstream_kind, served_model_name = {}, "vllm", served
         if upstream is not None:
             if merge:
                 fail("--merge serves an in-process model; with --upstream the engine holds the weights")
@@ -267,6 +309,12 @@ def register(app: typer.Typer) -> None:
                 fail(str(getattr(e, "message", e)))
             if supervisor is not None:  # (uvicorn re-raises SIGTERM after shutdown: stop it in the lifespan)
                 engine.on_close.append(supervisor.stop)
+                if merged_dir is not None:
+                    engine.on_close.append(lambda: _remove(merged_dir))
+                if hasattr(supervisor, "loaded"):  # vLLM: a restart brings back run-time loads
+                    engine.before_load.append(supervisor.check_load)
+                    engine.on_load.append(supervisor.loaded)
+                    engine.on_unload.append(supervisor.unloaded)
             console.print(f"gateway to {engine.kind} at {upstream} (upstream model {engine.upstream_model})")
         else:
             try:
@@ -307,3 +355,4 @@ def register(app: typer.Typer) -> None:
         finally:
             if supervisor is not None:
                 supervisor.stop()
+            _remove(merged_dir)

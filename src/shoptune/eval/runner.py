@@ -117,7 +117,10 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
 
     ``limit`` keeps the first N questions; ``limit_per_task`` the first N of each task (as
     lm-evaluation-harness's limit); the report marks scores from partial coverage."""
-    out = Path(out)
+    out = check_out_dir(out)  # before any work: a file in the way, an unwritable place
+    for name, value in (("limit", limit), ("limit_per_task", limit_per_task)):
+        if value is not None and value < 1:  # (records[:-1] would score all but one)
+            raise ValueError(f"{name} {value}: must be at least 1")
     if backend is not None:
         if backend not in _BACKEND_ENGINE:
             raise ValueError(f"unknown backend {backend!r}; local or openai (or use engine=)")

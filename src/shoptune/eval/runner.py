@@ -190,8 +190,10 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
             with Console(stderr=True, quiet=quiet).status(f"starting {engine}") as st:
                 served.status = lambda m: st.update(m)
                 url, request_model = served.__enter__()
+            # an engine this process started: nothing else queues there, and on a machine shared
+            # with other jobs a request may wait long; a failed one still stops the evaluation
             runner = OpenAIBackend(request_model, base_url=url, concurrency=concurrency,
-                                   chat=protocol == "chat", protocol=protocol)
+                                   chat=protocol == "chat", protocol=protocol, timeout=1800.0)
             engine_info.update(served.info)
             dtype_used = engine_info["dtype"]
         load_s = time.time() - t0

@@ -32,7 +32,7 @@ demo: setup
 	$(BIN)/shoptune demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -191,7 +191,9 @@ def prepare(a, tmp: Path) -> dict:
     else:
         experts_dir = random_experts(tmp / "experts", a.model)
         folders, task_experts = read_experts(experts_dir)
-    merged = a.merged or merge_adapters(folders, tmp / "merged", model=a.model, method="ties", density=0.2)
+    merged = a.merged
+    if merged is None and {"merged_adapter", "merged_weights"} & set(a.arms):
+        merged = merge_adapters(folders, tmp / "merged", model=a.model, method="ties", density=0.2)
     ad = {"experts": experts_dir, "task_experts": task_experts, "merged": merged,
           "n_experts": len({task_experts[path.rsplit("/", 1)[1]]
                             for path, _ in workload(a.requests, task_experts, None)})}  # experts the traffic hits

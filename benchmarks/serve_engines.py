@@ -47,14 +47,16 @@ NAMES = ("shoes", "tents", "books", "phones")
 DEV = Path("data/shopbench-dev/development.json")
 
 
-def random_adapters(root: Path, r: int = 32) -> dict[str, Path]:
+def random_adapters(root: Path, r: int = 32, names=NAMES, model: str = "smollm2-135m",
+                    first_seed: int = 0) -> dict[str, Path]:
+    """Random LoRA adapters (attention+MLP, rank ``r``, non-zero B) for ``model``, one per name."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from shoptune.models import load as load_model
-    base, _ = load_model("smollm2-135m", dtype="fp32")
+    base, _ = load_model(model, dtype="fp32")
     out = {}
-    for seed, name in enumerate(NAMES):
+    for seed, name in enumerate(names, first_seed):
         torch.manual_seed(seed)
         pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj",

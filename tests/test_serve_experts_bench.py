@@ -1,0 +1,26 @@
+"""benchmarks/serve_experts.py end to end on a tiny model: the routed experts and the floor measured."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO, needs_shared
+
+
+@needs_shared
+def test_serve_experts_smoke_on_a_tiny_model(tmp_path):
+    from shoptune.serve.testing import make_tiny_model
+    tiny = make_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "benchmarks/serve_experts.py", "--model", str(tiny), "--engines", "builtin",
+                        "--arms", "base", "experts", "--requests", "4", "--concurrency", "2", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == 0 and res["failed_arms"] == [] and res["n_experts"] == 4
+    for arm in ("base", "experts"):
+        got = res["builtin"][arm]
+        assert got["requests"] == 4 and got["req_per_s"] > 0 and got["peak_rss_mb"] > 0
+    assert "--experts" in res["builtin"]["experts"]["command"]
+    assert out.with_suffix(".png").is_file()

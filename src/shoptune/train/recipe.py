@@ -84,7 +84,8 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
 
     # 2. model + LoRA
     model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg),
-                             gradient_checkpointing=cfg.gradient_checkpointing)
+                             gradient_checkpointing=cfg.gradient_checkpointing,
+                             quantization=cfg.quantization, packing=cfg.packing)
     task_names = sorted({r.task for r in records})
     task_index = {t: i for i, t in enumerate(task_names)}
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from shoptune._io import atomic_open, make_temp_dir
 from shoptune.train.config import TrainConfig
 from shoptune.train.loss import answer_token_losses, collate
+from shoptune.train.packing import collate_packed
 
 COMPLETE = "COMPLETE"
 
@@ -43,9 +44,11 @@ class ShopTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         task_ids = inputs.pop("task_ids")
-        tok_loss, rows = answer_token_losses(model, inputs["input_ids"], inputs["attention_mask"],
-                                             labels, answer_logits_only=self.answer_logits_only)
-        n_rows = labels.shape[0]
+        packed = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        tok_loss, rows = answer_token_losses(model, inputs["input_ids"], inputs.get("attention_mask"),
+                                             labels, answer_logits_only=self.answer_logits_only,
+                                             **packed)  # packed batches: position ids, boundaries
+        n_rows = task_ids.shape[0]  # one per example (a packed row holds several)
         row_sum = torch.zeros(n_rows, dtype=tok_loss.dtype, device=tok_loss.device).index_add(
             0, rows, tok_loss)
         row_n = torch.bincount(rows, minlength=n_rows).to(tok_loss.dtype)
@@ -172,7 +175,9 @@ def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | 
         data_seed=cfg.seed if data_seed is None else data_seed, bf16=use_bf16(cfg.bf16), use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", length_column_name="length",
         remove_unused_columns=False, report_to=cfg.report_to, dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding", gradient_checkpointing=cfg.gradient_checkpointing,
+        # a packed batch has no padding (and no attention mask to count it by)
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
+        gradient_checkpointing=cfg.gradient_checkpointing,
         torch_compile=cfg.torch_compile, disable_tqdm=False,
     )
 
@@ -186,19 +191,30 @@ def base_weights_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float32,
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False, quantization: str = "none",
+                packing: bool = False):
     """The base model with LoRA on ``lora.modules()``. ``base_dtype`` bf16 stores the frozen
     decoder Linear weights in bf16 (what autocast would cast them to at every step); embeddings,
-    norms, LoRA weights and the optimizer state stay fp32."""
+    norms, LoRA weights and the optimizer state stay fp32. ``quantization`` nf4/int8 loads those
+    Linear weights k-bit instead (QLoRA, ``quant.py``; ``base_dtype`` is then the compute dtype);
+    ``packing`` switches attention to one that keeps packed examples apart (``packing.py``)."""
     from peft import LoraConfig, get_peft_model
 
     from shoptune.models import load
-    model, tok = load(model_name, dtype="fp32")
-    model.train()
-    if base_dtype != torch.float32:
-        for module in model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.to(base_dtype)
+    if quantization != "none":
+        from shoptune.train.quant import load_quantized
+        model, tok = load_quantized(model_name, quantization, compute_dtype=base_dtype,
+                                    gradient_checkpointing=gradient_checkpointing)
+    else:
+        model, tok = load(model_name, dtype="fp32")
+        model.train()
+        if base_dtype != torch.float32:
+            for module in model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(base_dtype)
+    if packing:
+        from shoptune.train.packing import use_packed_attention
+        use_packed_attention(model)
     lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.modules(), use_rslora=lora.use_rslora,
                       task_type="CAUSAL_LM", bias="none")
@@ -229,7 +245,8 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
 
     trainer = ShopTrainer(
         model=model, args=training_args(cfg, out, max_steps, data_seed), train_dataset=Dataset.from_list(examples),
-        data_collator=lambda f: collate(f, tok.pad_token_id), task_names=task_names,
+        data_collator=collate_packed if cfg.packing else lambda f: collate(f, tok.pad_token_id),
+        task_names=task_names,
         task_weights=task_weights, answer_logits_only=cfg.answer_logits_only,
         callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, MarkComplete()]
         + ([evaluator] if evaluator else []))

@@ -25,6 +25,7 @@ from shoptune._io import write_json
 from shoptune.train.config import TrainConfig, load_config
 from shoptune.train.format import IGNORE, encode_records
 from shoptune.train.mixture import MixtureConfig, build_mixture
+from shoptune.train.sharded import full_state_dict
 from shoptune.train.trainer import (PeriodicEval, base_weights_dtype, build_model,
                                     latest_complete_checkpoint, make_trainer, save_adapter, train)
 
@@ -106,10 +107,11 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         curriculum_report = None
 
     # 4. save + report
+    gathered = full_state_dict(trainer)  # sharded (FSDP) weights: every process takes part
     is_main = trainer.is_world_process_zero()
     result: dict = {}
     if is_main:
-        adapter = save_adapter(trainer.model, out)
+        adapter = save_adapter(trainer.model, out, gathered)
         hist = [h for h in trainer.state.log_history if "loss" in h]
         earlier = [st for st in ((curriculum_report or {}).get("stages") or {}).values()]
         result = {

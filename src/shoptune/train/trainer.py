@@ -224,11 +224,13 @@ def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float3
     return model, tok
 
 
-def save_adapter(model, out: Path) -> Path:
-    """OUT/adapter written into a temp folder, then renamed: never half-written."""
+def save_adapter(model, out: Path, state_dict: dict | None = None) -> Path:
+    """OUT/adapter written into a temp folder, then renamed: never half-written. ``state_dict``:
+    the gathered weights of a sharded (FSDP) model (``sharded.full_state_dict``)."""
     dest = out / "adapter"
     tmp = make_temp_dir(out, ".adapter-")  # (mode as mkdir gives, not mkdtemp's 0700)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
@@ -252,6 +254,8 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
         + ([evaluator] if evaluator else []))
     if evaluator:
         evaluator.trainer = trainer
+    from shoptune.train.sharded import fsdp_on_cpu
+    fsdp_on_cpu(trainer)
     return trainer
 
 

@@ -80,3 +80,37 @@ def test_fsdp_config_shards_on_two_cpu_processes_and_saves_the_gathered_adapter(
     a, b = (json.loads((d / "adapter_config.json").read_text()) for d in (out / "adapter", single))
     assert set(a.pop("target_modules")) == set(b.pop("target_modules"))  # a set, saved in hash order
     assert a == b
+
+
+def test_deepspeed_zero2_config_runs_on_two_cpu_processes(tmp_path):
+    """configs/accelerate/deepspeed_zero2.yaml on 2 CPU processes (DeepSpeed's CPU accelerator,
+    gloo): the optimizer state is partitioned across the two processes (ZeRO-2), and the adapter
+    saved equals the LoRA weights in DeepSpeed's own checkpoint of the model."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "zero2"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no",
+           "-m", "shoptune.train.recipe", str(REPO / "configs/train/smoke.yaml"), f"output_dir={out}",
+           "max_steps=2", "mixture.total=16", "logging_steps=1", "report_to=[]", "batch_size=2", "bf16=false",
+           "save_steps=2", "warmup_ratio=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["metrics"]["steps"] == 2
+    step = out / "checkpoint-2" / "global_step2"
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    n_lora = sum(v.numel() for v in adapter.values())
+    parts = [torch.load(step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
+             ["optimizer_state_dict"] for r in (0, 1)]
+    assert all(o["zero_stage"] == 2 and o["partition_count"] == [2] for o in parts)
+    sizes = [sum(t.numel() for t in o["single_partition_of_fp32_groups"]) for o in parts]
+    assert sizes[0] < n_lora and sum(sizes) - n_lora < 64  # half each (plus alignment padding)
+    module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert adapter.keys() and all(torch.equal(v, module[k.replace(".weight", ".default.weight")])
+                                  for k, v in adapter.items())
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)

@@ -8,7 +8,8 @@
   - multiple choice: the answer is the highest-scoring *valid option token* after one forward
     pass (:func:`best_choice`; options found in the prompt, yes/no for EC-Guide's bool metric);
   - retrieval / ranking: only digit/comma/space tokens may be generated
-    (:class:`NumberListProcessor`), short limit, stop at "\\n";
+    (:class:`NumberListProcessor`): numbers of the question's list (retrieval) or 1..5 (ranking),
+    a limit long enough to write them, stop at "\\n";
   - NER: short limit, stop at "\\n"; generation: the task's own length limit (BLEU/ROUGE-L
     tasks stop at "\\n", since BLEU scores the first line only).
 
@@ -42,6 +43,30 @@ STARTER_KIT_PREFIX = ("You are a helpful online shopping assistant. Please answe
                       "question about online shopping and follow the given instructions.\n\n")
 _LIST_RE = re.compile(r"^\s*(\d+)\.", re.MULTILINE)
 GEN_LIMITS = {"rougel": 32, "bleu": 64, "jp-bleu": 64}  # others: 100, as the starter kit
+# A numbered line ("12. ...") of a multiple-choice, retrieval or ranking question may start with at
+# most this many digits: list numbers are written out as answers (retrieval: 3 of them, one token
+# per digit, about 125 tokens at this length), and Python's int() refuses more than 4,300 digits.
+MAX_LIST_DIGITS = 40
+
+
+class PlanError(ValueError):
+    """A question that cannot be decoded as its task type asks (one sentence, naming the line)."""
+
+
+def check_list_numbers(text: str) -> None:
+    """Raise :class:`PlanError` when a numbered line starts with more than ``MAX_LIST_DIGITS``
+    digits."""
+    for m in _LIST_RE.finditer(text):
+        if len(m[1]) > MAX_LIST_DIGITS:
+            line = text.count("\n", 0, m.start(1)) + 1
+            raise PlanError(f"line {line} starts with a {len(m[1])}-digit number; numbered lines "
+                            f"(options, candidates) may start with at most {MAX_LIST_DIGITS} digits")
+
+
+def number_list_tokens(numbers: int, max_value: int) -> int:
+    """Tokens an answer of ``numbers`` numbers up to ``max_value`` takes at most: a token per
+    digit (how NumberListProcessor writes them), ", " between them, the line end."""
+    return numbers * len(str(max_value)) + 2 * (numbers - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -54,12 +79,16 @@ class Plan:
     max_value: int = 99  # numeric answers: the largest valid number
     count: int = 3  # numeric answers: how many numbers
     unique: bool = False
+    values: tuple[int, ...] = ()  # numeric answers: exactly these numbers (empty: 1..max_value)
 
 
 def plan_for(rec: Record, max_new_tokens: int | None = None) -> Plan:
     """How a question is decoded; ``max_new_tokens`` defaults to the task card's, then the task
-    type's."""
+    type's. Raises :class:`PlanError` for a numbered line of an unusable number (see
+    :func:`check_list_numbers`)."""
     card = find_card(rec.task)
+    if rec.task_type in ("multiple-choice", "retrieval", "ranking"):
+        check_list_numbers(rec.input_field)
     max_new_tokens = max_new_tokens or (card.max_new_tokens if card else None)
     if rec.task_type == "multiple-choice":
         if rec.metric == "bool":
@@ -68,10 +97,14 @@ def plan_for(rec: Record, max_new_tokens: int | None = None) -> Plan:
         return Plan("choice", tuple(str(o) for o in opts if o < 10) or tuple("0123456789"))
     if rec.task_type in ("retrieval", "ranking"):
         listed = option_numbers(rec.input_field) or [int(n) for n in _LIST_RE.findall(rec.input_field)]
-        ranking = rec.task_type == "ranking"
-        return Plan("generate", max_new_tokens=max_new_tokens or 16, numeric=True, stop_newline=True,
-                    max_value=5 if ranking else max(listed, default=99), count=5 if ranking else 3,
-                    unique=ranking)
+        if rec.task_type == "ranking":
+            return Plan("generate", max_new_tokens=max_new_tokens or 16, numeric=True,
+                        stop_newline=True, max_value=5, count=5, unique=True)
+        values = tuple(sorted({n for n in listed if n >= 1}))  # (a list numbered from 0: not 0)
+        max_value = max(listed, default=99)
+        needed = number_list_tokens(min(3, len(values) or max_value), max(values, default=max_value))
+        return Plan("generate", max_new_tokens=max(max_new_tokens or 16, needed), numeric=True,
+                    stop_newline=True, max_value=max_value, count=3, values=values)
     if rec.task_type == "named_entity_recognition":
         return Plan("generate", max_new_tokens=max_new_tokens or 32, stop_newline=True)
     limit = max_new_tokens or GEN_LIMITS.get(rec.metric, 100)
@@ -87,21 +120,39 @@ def finish(text: str, plan: Plan) -> str:
 class NumberListProcessor:
     """Logits processor for retrieval/ranking answers: only "n, n, n" lists of valid numbers.
 
-    Numbers stay within 1..``max_value`` (the prompt's numbered list); ranking answers are a
-    permutation (no number twice). After ``count`` numbers the answer may only end. The output
-    is still parsed by the unchanged rules; this only keeps the model on the answer format.
+    Numbers stay within 1..``max_value`` (the prompt's numbered list), or with ``values`` are
+    exactly those numbers (the list's own, however large); ranking answers are a permutation (no
+    number twice). After ``count`` numbers the answer may only end. The output is still parsed by
+    the unchanged rules; this only keeps the model on the answer format.
     """
 
-    def __init__(self, tok, prompt_len: int, max_value: int, count: int, unique: bool):
+    def __init__(self, tok, prompt_len: int, max_value: int, count: int, unique: bool,
+                 values: Sequence[int] = ()):
         self.tok, self.prompt_len = tok, prompt_len
         self.max_value, self.count, self.unique = max_value, count, unique
+        self.values = {str(v) for v in values if v >= 1}
         self.digit = {str(d): tok.convert_tokens_to_ids(str(d)) for d in range(10)}
         self.comma = tok.encode(",", add_special_tokens=False)[0]
         self.space = tok.encode(" ", add_special_tokens=False)[0]
         self.end = [tok.eos_token_id] + tok.encode("\n", add_special_tokens=False)
 
+    def _allowed_values(self, text: str, nums: list[str]) -> list[int]:
+        """``allowed`` for a list of given numbers: digits that keep the number a prefix of one."""
+        if text.endswith(","):
+            return [self.space]
+        part = nums[-1] if text and text[-1].isdigit() else ""
+        used = set(nums[:-1] if part else nums) if self.unique else set()
+        open_ = [v for v in self.values if v.startswith(part) and v not in used]
+        ids = [self.digit[d] for d in sorted({v[len(part)] for v in open_ if len(v) > len(part)})]
+        if part and part in open_:  # a whole number: the list goes on or ends
+            more = len(nums) < min(self.count, len(self.values))
+            ids += [self.comma] if more else self.end
+        return ids or self.end
+
     def allowed(self, text: str) -> list[int]:
         nums = re.findall(r"\d+", text)
+        if self.values:
+            return self._allowed_values(text, nums)
         if text and text[-1].isdigit():
             part = nums[-1]
             ids = [t for d, t in self.digit.items() if int(part + d) <= self.max_value

@@ -38,6 +38,43 @@ def _read_config(folder: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def routing_table(records, route_by: str) -> dict:
+    """Poly's routes for a training mixture: one per task (``route_by: task``) or per capability;
+    ``task_route`` maps each training task to its route id. Saved as ``adapter/routing.json``."""
+    from shoptune.records import CAPABILITIES
+    caps = {r.task: r.capability for r in records}
+    tasks = sorted(caps)
+    if route_by == "task":
+        routes = tasks
+        task_route = {t: i for i, t in enumerate(tasks)}
+    elif route_by == "capability":
+        routes = [c for c in CAPABILITIES if c in set(caps.values())]
+        task_route = {t: routes.index(caps[t]) for t in tasks}
+    else:
+        raise ExpertError(f"route_by {route_by!r}: task or capability")
+    return {"route_by": route_by, "routes": routes, "task_route": task_route, "task_capability": caps}
+
+
+def expert_routes(routing: dict) -> dict[str, list[int]]:
+    """The experts to export for a routing table: one per route, and with ``route_by: task`` one
+    per capability too (the mean mixing weights of its tasks: the expert for a task the adapter
+    was not trained on, e.g. ShopBench's own tasks)."""
+    routes = {name: [i] for i, name in enumerate(routing["routes"])}
+    if routing["route_by"] == "task":
+        by_cap: dict[str, list[int]] = {}
+        for task, cap in sorted(routing["task_capability"].items()):
+            by_cap.setdefault(cap, []).append(routing["task_route"][task])
+        routes.update(by_cap)
+    return routes
+
+
+def expert_for(routing: dict, task: str, capability: str) -> str:
+    """The expert that answers a question of ``task`` (its card name) and ``capability``."""
+    if routing["route_by"] == "task" and task in routing["task_route"]:
+        return task
+    return capability
+
+
 def mixing_weights(module_logits: torch.Tensor, n_splits: int, n_skills: int) -> torch.Tensor:
     """Poly's router in eval mode: (n_tasks, n_splits, n_skills) weights, summing to 1 per split."""
     w = torch.sigmoid(module_logits.double()).view(-1, n_splits, n_skills)
@@ -111,6 +148,28 @@ def export_experts(poly_dir: Path, out: Path, routes: dict[str, list[int]]) -> d
     write_json(out / "experts.json", {"poly_adapter": str(poly_dir), "routes": routes,
                                       "experts": {n: str(p) for n, p in written.items()}})
     return written
+
+
+def export_run_experts(run: Path, out: Path) -> dict:
+    """``shoptune export experts RUN``: the experts of a Poly training run (its ``adapter/`` and
+    ``adapter/routing.json``), and ``experts.json`` naming the expert of every known task card
+    (``task_experts``: a trained task's own expert, else its capability's)."""
+    from shoptune.tasks import all_cards
+    run = Path(run)
+    adapter = run / "adapter" if (run / "adapter" / "adapter_config.json").exists() else run
+    if not (adapter / "routing.json").is_file():
+        raise ExpertError(f"{adapter}: no routing.json (not the adapter of a `peft: poly` run)")
+    routing = json.loads((adapter / "routing.json").read_text(encoding="utf-8"))
+    written = export_experts(adapter, out, expert_routes(routing))
+    task_experts = {}
+    for card in all_cards().values():
+        name = expert_for(routing, card.name, card.capability)
+        if name in written:
+            task_experts[card.name] = name
+    meta = json.loads((Path(out) / "experts.json").read_text(encoding="utf-8"))
+    meta.update(routing=routing, task_experts=dict(sorted(task_experts.items())))
+    write_json(Path(out) / "experts.json", meta)
+    return meta
 
 
 def merge_adapters(adapters: dict[str, Path], out: Path, *, model: str, method: str = "ties",

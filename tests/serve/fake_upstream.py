@@ -6,7 +6,12 @@ word naming the adapter that answered (" base", " alpha", ...) repeated once per
 sees which adapter the gateway chose; ``script`` overrides the text for prompts that end with a
 given token id; ``fail_next`` makes the next completion fail with a status and message. A
 constrained request is answered with text that satisfies the constraint it carries (choice:
-the biased token with the highest ``choice_scores``; numbers: ``numbers_answer``).
+the biased token with the highest ``choice_scores``; numbers: ``numbers_answer``, which must
+match a vLLM regex fully, else a 400 as from an engine that enforces it).
+
+Misbehaviour for the gateway's hardening tests: ``misbehave_next`` = one of :data:`BROKEN`
+makes the next completion answer that way; ``models_reply = "list"`` makes ``/v1/models``
+answer a JSON list; ``body_sizes`` records the size of each completion request body.
 """
 from __future__ import annotations
 
@@ -18,9 +23,24 @@ import time
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from shoptune.serve.testing import free_port
+
+BROKEN = {
+    "text": "200 with a plain-text body",
+    "json-list": "200 with a JSON list",
+    "sse-list": "200 event stream whose event is a JSON list",
+    "sse-not-json": "200 event stream whose event is not JSON",
+    "cut": "200 event stream cut after two tokens (no finish_reason, no [DONE])",
+    "abort": "200 event stream ending with finish_reason 'abort'",
+    "echo-auth": "400 whose message echoes the Authorization header",
+    "echo-auth-500": "500 plain text echoing every request header",
+    "echo-auth-stream": "an in-band stream error echoing the Authorization header",
+    "huge": "200 body of huge_bytes (streamed lazily)",
+    "endless": "200 event stream of tokens that ignores max_tokens (until the client leaves)",
+    "usage-bomb": "200 event stream whose usage claims 10**12 completion tokens",
+}
 
 
 class FakeUpstream:
@@ -35,6 +55,11 @@ class FakeUpstream:
         self.script: dict[int, str] = {}
         self.closed_early = 0  # streams the client closed before the end
         self.healthy = True
+        self.misbehave_next: str | None = None  # one of BROKEN, for the next completion
+        self.models_reply: str | None = None  # "list": /v1/models answers a JSON list
+        self.huge_bytes = 50 << 20
+        self.body_sizes: list[int] = []
+        self.check_regex = True  # answer 400 when numbers_answer does not match a vLLM regex
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = self._build()
@@ -98,6 +123,8 @@ class FakeUpstream:
         async def models(request: Request):
             if (bad := self._check_auth(request)) is not None:
                 return bad
+            if self.models_reply == "list":
+                return JSONResponse([{"id": "m"}])
             if self.kind == "llama.cpp":
                 return {"object": "list", "data": [{"id": "smollm2.gguf", "object": "model",
                                                     "owned_by": "llamacpp"}]}
@@ -138,8 +165,17 @@ class FakeUpstream:
         async def completions(request: Request):
             if (bad := self._check_auth(request)) is not None:
                 return bad
-            body = await request.json()
+            raw = await request.body()
+            self.body_sizes.append(len(raw))
+            body = json.loads(raw)
             self.requests.append({"path": "/v1/completions", **body})
+            if self.misbehave_next is not None:
+                mode, self.misbehave_next = self.misbehave_next, None
+                return self._broken(mode, body, request)
+            regex = (body.get("structured_outputs") or {}).get("regex")
+            if self.check_regex and regex is not None and not re.fullmatch(regex, self.numbers_answer):
+                return JSONResponse({"error": {"message": f"answer {self.numbers_answer!r} does not match "
+                                               "the regex", "code": 400}}, status_code=400)
             if self.fail_next is not None:
                 status, message = self.fail_next
                 self.fail_next = None
@@ -186,6 +222,64 @@ class FakeUpstream:
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         return app
+
+    def _broken(self, mode: str, body: dict, request: Request):
+        auth = request.headers.get("authorization", "")
+        sse = "text/event-stream"
+
+        def event(obj) -> str:
+            return "data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n"
+
+        def token(text, reason=None):
+            return event({"choices": [{"index": 0, "text": text, "finish_reason": reason}]})
+
+        async def events(*items):
+            for x in items:
+                yield x
+
+        if mode == "text":
+            return PlainTextResponse("upstream hiccup")
+        if mode == "json-list":
+            return JSONResponse([1, 2, 3])
+        if mode == "sse-list":
+            return StreamingResponse(events(event([1, 2]), event("[DONE]")), media_type=sse)
+        if mode == "sse-not-json":
+            return StreamingResponse(events(event("hello"), event("[DONE]")), media_type=sse)
+        if mode == "cut":
+            return StreamingResponse(events(token(" half"), token(" way")), media_type=sse)
+        if mode == "abort":
+            return StreamingResponse(events(token(" half"), token("", "abort"), event("[DONE]")),
+                                     media_type=sse)
+        if mode == "echo-auth":
+            return JSONResponse({"error": {"message": f"bad request; you sent Authorization: {auth}",
+                                           "code": 400}}, status_code=400)
+        if mode == "echo-auth-500":
+            return PlainTextResponse(f"crash; headers: {dict(request.headers)}", status_code=500)
+        if mode == "echo-auth-stream":
+            return StreamingResponse(events(token(" ok"), event({"error": {"message": f"died; {auth}"}}),
+                                            event("[DONE]")), media_type=sse)
+        if mode == "huge":
+            async def huge():
+                yield '{"choices": [{"text": "' if not body.get("stream") else 'data: {"choices": [{"text": "'
+                for _ in range(self.huge_bytes >> 16):
+                    yield "x" * (1 << 16)
+                yield '"}]}'
+            return StreamingResponse(huge(), media_type=sse if body.get("stream") else "application/json")
+        if mode == "endless":
+            async def endless():
+                try:
+                    while True:
+                        yield token(" more")
+                        await asyncio.sleep(0)
+                except (asyncio.CancelledError, GeneratorExit):
+                    self.closed_early += 1
+                    raise
+            return StreamingResponse(endless(), media_type=sse)
+        if mode == "usage-bomb":
+            return StreamingResponse(events(token(" one", "stop"), event({"choices": [], "usage": {
+                "prompt_tokens": 1, "completion_tokens": 10 ** 12, "total_tokens": 10 ** 12}}),
+                event("[DONE]")), media_type=sse)
+        raise ValueError(f"unknown misbehaviour {mode!r}: one of {', '.join(BROKEN)}")
 
 
 def main(argv=None) -> None:

@@ -72,3 +72,63 @@ def test_best_choice_ignores_a_bare_space_that_starts_every_option():
     shared = choice_tokens(tok, ("Apple pie", "Apple tart", "banana"))
     first = tok.encode("Apple pie", add_special_tokens=False)[0]
     assert tok.encode("Apple tart", add_special_tokens=False)[0] == first and first not in shared
+
+
+# ----------------------------------------------------------------------------- issue #20: list numbers
+
+class CharTok:
+    """A tokenizer with one token per character (digits, ',', ' ', newline) and an end token."""
+    eos_token_id = 0
+    chars = "0123456789, \n"
+
+    def convert_tokens_to_ids(self, t):
+        return self.chars.index(t) + 1
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.chars.index(c) + 1 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.chars[int(i) - 1] for i in ids if int(i))
+
+
+def retrieval(text: str) -> Record:
+    return Record(input_field=text, output_field=[1], task_type="retrieval", metric="hit rate@3",
+                  task="no_such_task_card", capability="shopping_reasoning", source="t")
+
+
+BIG = 123456789012345678901234567890
+
+
+def test_retrieval_answers_are_the_listed_numbers_and_fit_the_limit():
+    from shoptune.decoding import NumberListProcessor, number_list_tokens
+    plan = plan_for(retrieval(f"Which one?\n1. hat\n{BIG}. shoe\n7. bag\nOutput: "))
+    assert plan.values == (1, 7, BIG) and plan.max_value == BIG and plan.count == 3
+    assert plan.max_new_tokens >= number_list_tokens(3, BIG) == 3 * 30 + 5  # room for three of them
+    assert plan_for(retrieval("Which?\n1. a\n2. b\n3. c\nOutput: ")).max_new_tokens == 16  # as before
+    tok = CharTok()
+    p = NumberListProcessor(tok, 0, plan.max_value, plan.count, plan.unique, plan.values)
+
+    def allowed(text):
+        return "".join(sorted(tok.decode([t]) if t else "<end>" for t in p.allowed(text)))
+    assert allowed("") == "17"  # the first digits of 1, 7 and BIG (never 9999...)
+    assert allowed("1") == ",2"  # 1 is whole (a comma follows), or BIG goes on
+    assert allowed("12") == "3" and allowed(str(BIG)[:-1]) == "0" and allowed(str(BIG)) == ","
+    assert allowed(f"{BIG},") == " " and allowed(f"{BIG}, 7, ") == "17"
+    assert allowed(f"{BIG}, 7, 1") == "\n2<end>"  # three numbers: the answer ends (or BIG goes on)
+    ranked = NumberListProcessor(tok, 0, 5, 3, True, (2, 12, 5))  # unique: no number twice
+    assert "".join(sorted(tok.decode([t]) for t in ranked.allowed("12, 2, "))) == "5"
+    old = NumberListProcessor(tok, 0, 12, 3, False)  # without values: 1..max_value, as before
+    assert "".join(sorted(tok.decode([t]) for t in old.allowed("1"))) == ",012"
+
+
+def test_a_numbered_line_with_too_many_digits_is_a_plan_error_naming_the_line():
+    import pytest
+
+    from shoptune.decoding import MAX_LIST_DIGITS, PlanError
+    for task_type in ("retrieval", "multiple-choice", "ranking"):
+        r = Record(input_field="Pick one.\n0. a\n" + "7" * 4301 + ". b\n", output_field=0,
+                   task_type=task_type, metric="accuracy", task="t", capability="c", source="t")
+        with pytest.raises(PlanError, match=f"line 3 starts with a 4301-digit number; numbered lines "
+                                            f"\\(options, candidates\\) may start with at most {MAX_LIST_DIGITS}"):
+            plan_for(r)
+    assert plan_for(retrieval("q\n" + "9" * MAX_LIST_DIGITS + ". fine\n")).values == (10**MAX_LIST_DIGITS - 1,)

@@ -64,7 +64,7 @@ class LocalBackend:
         if plan.numeric:
             from transformers import LogitsProcessorList
             kwargs["logits_processor"] = LogitsProcessorList([NumberListProcessor(
-                self.tok, n, plan.max_value, plan.count, plan.unique)])
+                self.tok, n, plan.max_value, plan.count, plan.unique, plan.values)])
         if plan.stop_newline:
             from transformers import StoppingCriteriaList
             kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtLineEnd(self.tok, n)])
@@ -156,8 +156,10 @@ class OpenAIBackend:
         return {t.get("id") for t in listing["data"] if isinstance(t, dict)}
 
     def _task(self, rec: Record, plan: Plan) -> str:
-        r = self.client.post(f"/tasks/{rec.task}", cast_to=object,
-                             body={"model": self.model, "input": {"input_field": rec.input_field}})
+        body = {"input": {"input_field": rec.input_field}}
+        if self.model is not None:  # (None: the server routes each task to its own adapter)
+            body["model"] = self.model
+        r = self.client.post(f"/tasks/{rec.task}", cast_to=object, body=body)
         return finish(r.get("raw") or "", plan)
 
     def _one(self, prompt: str, plan: Plan) -> str:

@@ -18,34 +18,40 @@ def register(app: typer.Typer) -> None:
     def eval_main(
         ctx: typer.Context,
         model: Annotated[Optional[str], typer.Option(help="Embedded name or local HF folder "
-                                                     "(openai backend: the served model name).")] = None,
-        adapter: Annotated[Optional[str], typer.Option(help="PEFT adapter folder (openai backend: "
+                                                     "(--engine openai: the served model name).")] = None,
+        adapter: Annotated[Optional[str], typer.Option(help="PEFT adapter folder (--engine openai: "
                                                        "the adapter's served name).")] = None,
         data: Annotated[Optional[list[str]], typer.Option(help="Data file or folder (repeatable).")] = None,
         suite: Annotated[Optional[str], typer.Option(help="Evaluation suite: a name under configs/eval "
                                                      "(core, tiny) or a suite YAML; instead of --data.")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
         limit: Annotated[Optional[int], typer.Option(min=1, help="First N questions only.")] = None,
-        backend: Annotated[str, typer.Option(help="local | openai")] = "local",
-        base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL.")] = None,
+        engine: Annotated[str, typer.Option(help=(
+            "builtin (this process) | llama.cpp | vllm (started for this evaluation, asked through "
+            "shoptune's task endpoint: the same constrained decoding; `make llama-server` / "
+            "`make vllm`) | openai (a server already running at --base-url)"))] = "builtin",
+        backend: Annotated[Optional[str], typer.Option(hidden=True, help="Former name: local = "
+                                                       "--engine builtin, openai = --engine openai.")] = None,
+        base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL (--engine openai).")] = None,
+        limit_per_task: Annotated[Optional[int], typer.Option(min=1, help="First N questions of each task.")] = None,
         api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY")] = "EMPTY",
         protocol: Annotated[str, typer.Option(help="starter-kit | chat | fewshot")] = "starter-kit",
         batch_size: Annotated[int, typer.Option(min=1)] = 16,
-        concurrency: Annotated[int, typer.Option(min=1, help="Parallel requests (openai backend).")] = 16,
+        concurrency: Annotated[int, typer.Option(min=1, help="Parallel requests (llama.cpp, vllm, openai).")] = 16,
         dtype: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
-        merge: Annotated[bool, typer.Option(help="Merge the adapter into the weights (local "
-                                            "backend; same outputs within rounding, no per-token "
-                                            "LoRA cost).")] = True,
+        merge: Annotated[bool, typer.Option(help="Merge a single adapter into the weights (builtin, "
+                                            "vllm; same outputs within rounding, no per-token LoRA "
+                                            "cost). llama.cpp applies it per request.")] = True,
         prefix_cache: Annotated[bool, typer.Option(help="Run the prompts' shared prefix once and "
                                                    "reuse its KV (local backend; answers equal "
                                                    "within rounding).")] = False,
         task_adapter: Annotated[Optional[list[str]], typer.Option(
             help="TASK=DIR (repeatable): a per-task deployment; TASK's questions are answered by "
-                 "adapter DIR, the others by --adapter or the base model (local backend).")] = None,
+                 "adapter DIR, the others by --adapter or the base model.")] = None,
         multilingual_st_model: Annotated[Optional[Path], typer.Option(
             help="Local paraphrase-multilingual-MiniLM-L12-v2 folder.")] = None,
     ) -> None:
-        """shoptune eval --model M --data FILE --out DIR [--adapter DIR] [--backend openai ...]"""
+        """shoptune eval --model M --data FILE --out DIR [--adapter DIR] [--engine vllm ...]"""
         if ctx.invoked_subcommand is not None:
             return
         if not (model and (data or suite) and out) or (data and suite):
@@ -69,7 +75,8 @@ def register(app: typer.Typer) -> None:
             os.environ["SHOPTUNE_MULTILINGUAL_ST_MODEL"] = str(multilingual_st_model)
         try:
             s = evaluate(model=model, adapter=adapter, data=data or (), suite=suite, out=out, limit=limit,
-                         backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
+                         engine=engine, backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
+                         limit_per_task=limit_per_task,
                          batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge,
                          task_adapters=task_adapters or None, prefix_cache=prefix_cache)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,

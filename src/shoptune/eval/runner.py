@@ -86,35 +86,70 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+ENGINES = ("builtin", "llama.cpp", "vllm", "openai")
+_BACKEND_ENGINE = {"local": "builtin", "openai": "openai"}  # the former --backend
+
+
 def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: str | None = None,
-             limit: int | None = None, backend: str = "local", base_url: str | None = None,
+             limit: int | None = None, engine: str = "builtin", base_url: str | None = None,
              api_key: str = "EMPTY", protocol: str = "starter-kit", batch_size: int = 16,
              concurrency: int = 16, dtype: str = "auto", n_boot: int = 1000,
              quiet: bool = False, suite: str | Path | None = None, merge: bool = True,
-             task_adapters: dict[str, str] | None = None, prefix_cache: bool = False) -> dict:
+             task_adapters: dict[str, str] | None = None, prefix_cache: bool = False,
+             backend: str | None = None, limit_per_task: int | None = None) -> dict:
     """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders).
+
+    ``engine``: ``builtin`` (this process: transformers, length-sorted batches), ``llama.cpp`` /
+    ``vllm`` (started for this evaluation and stopped after, asked through shoptune's task
+    endpoint so the same constrained decoding applies; :mod:`shoptune.eval.engines`), or
+    ``openai`` (an OpenAI-compatible server already running at ``base_url``; a shoptune server's
+    task endpoint is used when it has one). ``backend`` (``local``/``openai``) is the former name.
 
     ``merge``: a single LoRA adapter is merged into the weights (in fp32, then cast to the
     evaluation dtype), so it costs nothing per token; ``merge=False`` keeps it unmerged.
 
-    ``task_adapters`` (local backend): evaluate a per-task deployment, one adapter per task.
-    Each question is answered by the adapter of its task (its ShopBench ``task_name``, else its
-    task card name); questions of other tasks by the base model, or by ``adapter`` when given.
+    ``task_adapters``: evaluate a per-task deployment, one adapter per task. Each question is
+    answered by the adapter of its task (its ShopBench ``task_name``, else its task card name);
+    questions of other tasks by the base model, or by ``adapter`` when given.
 
-    ``prefix_cache`` (local backend): the prompts' shared prefix is run once per model and its KV
-    reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding."""
-    out = check_out_dir(out)  # before any work: a file in the way, an unwritable place
+    ``prefix_cache`` (builtin): the prompts' shared prefix is run once per model and its KV
+    reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding.
+
+    ``limit`` keeps the first N questions; ``limit_per_task`` the first N of each task (as
+    lm-evaluation-harness's limit); the report marks scores from partial coverage."""
+    out = Path(out)
+    if backend is not None:
+        if backend not in _BACKEND_ENGINE:
+            raise ValueError(f"unknown backend {backend!r}; local or openai (or use engine=)")
+        engine = _BACKEND_ENGINE[backend]
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: one of {', '.join(ENGINES)}")
     if bool(suite) == bool(data):
         raise ValueError("give either --suite or --data")
-    if limit is not None and limit < 1:  # (records[:-1] would score all but one)
-        raise ValueError(f"limit {limit}: must be at least 1")
-    if task_adapters and backend != "local":
-        raise ValueError("per-task adapters (--task-adapter) need the local backend")
+    if task_adapters and engine == "openai":
+        raise ValueError("per-task adapters (--task-adapter) need an engine shoptune starts "
+                         "(builtin, llama.cpp, vllm)")
+    if engine == "openai" and not base_url:
+        raise ValueError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    if task_adapters:
+        missing = [str(d) for d in task_adapters.values() if not (Path(d) / "adapter_config.json").exists()]
+        if missing:  # before any model load: a typo should not cost minutes
+            raise ValueError(f"not a PEFT adapter folder (no adapter_config.json): {', '.join(missing)}")
     if suite:
         records, manifest = build_suite(suite)
     else:
         records = load_records(list(data))
-    if limit is not None:
+    n_all = len(records)
+    if limit_per_task:
+        seen: dict[str, int] = {}
+        kept = []
+        for r in records:
+            k = r.task_name or r.task
+            if seen.get(k, 0) < limit_per_task:
+                seen[k] = seen.get(k, 0) + 1
+                kept.append(r)
+        records = kept
+    if limit:
         records = records[:limit]
     if suite:
         manifest.update(n_questions=len(records), ids=[r.id for r in records],
@@ -123,11 +158,10 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         manifest = data_manifest(records, list(data))
     t0 = time.time()
     tok = None
-    if backend == "local":
+    served = None
+    engine_info: dict = {"name": engine}
+    if engine == "builtin":
         if task_adapters:
-            missing = [str(d) for d in task_adapters.values() if not (Path(d) / "adapter_config.json").exists()]
-            if missing:  # before any model load: a typo should not cost minutes
-                raise ValueError(f"not a PEFT adapter folder (no adapter_config.json): {', '.join(missing)}")
             runner = _PerTaskBackend(model, records, task_adapters, adapter, merge=merge,
                                      dtype=dtype, batch_size=batch_size, prefix_cache=prefix_cache)
             mdl, tok = runner.base_model, runner.tok
@@ -135,37 +169,61 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
             mdl, tok = _local_model(model, adapter, merge=merge, dtype=dtype)
             runner = LocalBackend(mdl, tok, batch_size=batch_size, prefix_cache=prefix_cache)
         dtype_used = str(mdl.dtype).replace("torch.", "")
-    elif backend == "openai":
-        if not base_url:
-            raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        import transformers
+        engine_info.update(version=f"transformers {transformers.__version__}", dtype=dtype_used,
+                           adapter=("merged" if merge else "lora") if (adapter or task_adapters) else None)
+    elif engine == "openai":
         runner = OpenAIBackend(adapter or model, base_url=base_url, api_key=api_key,
                                concurrency=concurrency, chat=protocol == "chat", protocol=protocol)
         dtype_used = None
+        engine_info.update(version=None, dtype=None, adapter=None, base_url=base_url)
     else:
-        raise ValueError(f"unknown backend {backend!r}; local or openai")
-    load_s = time.time() - t0
-    prompts = build_prompts(records, protocol, tok if backend == "local" else None)
-    plans = [plan_for(r) for r in records]
-    t1 = time.time()
-    with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=quiet) as bar:
-        task = bar.add_task("eval", total=len(records))
-        extra = {"records": records} if isinstance(runner, OpenAIBackend) else {}
-        outputs = runner.run(prompts, plans, progress=lambda n: bar.advance(task, n), **extra)
-    gen_s = time.time() - t1
+        from shoptune.eval.engines import EngineServer
+        served = EngineServer(engine, model, adapter=adapter, task_adapters=task_adapters, dtype=dtype,
+                              merge=merge, concurrency=concurrency, protocol=protocol)
+    try:
+        if served is not None:
+            from rich.console import Console
+            with Console(stderr=True, quiet=quiet).status(f"starting {engine}") as st:
+                served.status = lambda m: st.update(m)
+                url, request_model = served.__enter__()
+            runner = OpenAIBackend(request_model, base_url=url, concurrency=concurrency,
+                                   chat=protocol == "chat", protocol=protocol)
+            engine_info.update(served.info)
+            dtype_used = engine_info["dtype"]
+        load_s = time.time() - t0
+        prompts = build_prompts(records, protocol, tok if engine == "builtin" else None)
+        plans = [plan_for(r) for r in records]
+        t1 = time.time()
+        with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=quiet) as bar:
+            task = bar.add_task("eval", total=len(records))
+            extra = {"records": records} if isinstance(runner, OpenAIBackend) else {}
+            outputs = runner.run(prompts, plans, progress=lambda n: bar.advance(task, n), **extra)
+        gen_s = time.time() - t1
+    finally:
+        if served is not None:
+            served.__exit__(None, None, None)
+    if served is not None and getattr(runner, "tasks_used", 0) != len(records):
+        raise RuntimeError(f"{engine}: {len(records) - runner.tasks_used} questions were not answered at "
+                           "the task endpoint (no constrained decoding for them)")
     rows = score_outputs(records, outputs)
     summary = summarize(rows, n_boot=n_boot)
+    manifest["engine"] = engine_info
     summary.update({
-        "model": model, "adapter": adapter, "adapter_merged": bool((adapter or task_adapters) and merge and backend == "local"),
+        "model": model, "adapter": adapter,
+        "adapter_merged": bool((adapter or task_adapters) and merge and engine_info.get("adapter") == "merged"),
         "task_adapters": dict(sorted(task_adapters.items())) if task_adapters else None,
-        "backend": backend, "base_url": base_url,
+        "engine": engine_info,
+        "backend": {"builtin": "local", "openai": "openai"}.get(engine, engine), "base_url": base_url,
         # questions a shoptune server answered at its task endpoint (its constrained decoding)
         "task_endpoint_questions": getattr(runner, "tasks_used", None),
         "protocol": protocol, "dtype": dtype_used, "batch_size": batch_size,
-        "prefix_cache": bool(prefix_cache and backend == "local"),
+        "prefix_cache": bool(prefix_cache and engine == "builtin"),
         "data": [{"path": str(resolve_data_path(d)), "sha256_16": _file_hash(resolve_data_path(d))}
                  for d in data],
-        "limit": limit,
+        "limit": limit, "limit_per_task": limit_per_task,
+        "coverage": {"questions": len(records), "of": n_all, "partial": len(records) < n_all},
         "manifest": manifest,
         "timing": {"load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
                    "questions_per_s": round(len(records) / gen_s, 4) if gen_s else None,

@@ -56,7 +56,7 @@ class AdapterMismatchError(InvalidAdapterError):
 _LORA_PARTS = {"lora_A": (1, "in"), "lora_B": (0, "out"), "lora_embedding_A": (1, "in"),
                "lora_embedding_B": (0, "out"), "lora_magnitude_vector": (0, "out")}
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>" + "|".join(_LORA_PARTS)
-                       + r")(?:\.weight)?$")
+                       + r")(?:\.weight|\.bias)?$")  # (lora_B.bias: LoraConfig(lora_bias=True))
 SERVABLE_PEFT_TYPES = ("LORA",)
 
 
@@ -175,8 +175,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, adapter: str | os.Path
             model = PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name,
                                               is_trainable=is_trainable)
         except Exception as e:  # noqa: BLE001 - whatever slipped past the check: one line, not a wall
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise InvalidAdapterError(f"{adapter}: cannot load adapter: {first}") from None
+            raise InvalidAdapterError(f"{adapter}: cannot load adapter: {load_error_line(e)}") from None
     if device:
         model.to(device)
     model.eval()
@@ -184,6 +183,84 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, adapter: str | os.Path
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def load_error_line(e: BaseException, limit: int = 400) -> str:
+    """One line for an exception from loading an adapter: its first line, and when that is only a
+    heading ("Error(s) in loading state_dict for PeftModel:") the first reason under it (which
+    tensor, which shapes) and how many more there are."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()] or [type(e).__name__]
+    out = lines[0]
+    if out.endswith(":") and len(lines) > 1:
+        out += " " + lines[1] + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
+# What peft's mixed-adapter batches (``adapter_names=[...]``, one adapter per row) cannot apply
+# per row, as (adapter_config.json field, why). Such an adapter would fail its batch-mates or
+# change the shared model for every adapter (peft.tuners.lora: LoraLayer._check_forward_args,
+# ModulesToSaveWrapper._mixed_batch_forward, ParamWrapper).
+_NOT_PER_ROW = {
+    "use_dora": "it is a DoRA adapter (use_dora: {value}), which peft cannot apply per row in a "
+                "mixed batch",
+    "modules_to_save": "it replaces whole base modules (modules_to_save: {value}); every other "
+                       "adapter's rows would run through them",
+    "trainable_token_indices": "it trains token embeddings of the base (trainable_token_indices), "
+                               "which every other adapter's rows would see",
+    "layer_replication": "it replicates base layers (layer_replication), which changes the model "
+                         "every other adapter runs on",
+    "target_parameters": "it targets parameters directly (target_parameters: {value}), which peft "
+                         "cannot apply per row in a mixed batch",
+    "alora_invocation_tokens": "it is an activated LoRA (alora_invocation_tokens), which needs "
+                               "its own offsets per row",
+}
+
+
+def _lora_variants() -> tuple[set[str], set[str]]:
+    """LoraConfig fields that select a LoRA variant (peft tags them ``is_lora_variant``), and the
+    ``init_lora_weights`` values that do; a variant's forward is its own, not plain LoRA's."""
+    import dataclasses
+
+    try:
+        from peft import LoraConfig
+        fields = dataclasses.fields(LoraConfig)
+    except (ImportError, TypeError):
+        return set(), set()
+    flags = {f.name for f in fields if f.metadata.get("is_lora_variant")}
+    inits = {str(v) for f in fields if f.name == "init_lora_weights" for v in f.metadata.get("lora_variants", ())}
+    return flags, inits
+
+
+def per_row_problems(cfg: dict) -> list[str]:
+    """Why a LoRA adapter config cannot be applied per row of a mixed batch (empty: it can)."""
+    out = []
+    for key, why in _NOT_PER_ROW.items():
+        value = cfg.get(key)
+        if value:
+            out.append(f"{why.format(value=value)}")
+    if cfg.get("bias", "none") not in ("none", None):
+        out.append(f"it trains the base model's biases (bias: {cfg['bias']!r}), which every other "
+                   "adapter's rows would see")
+    flags, inits = _lora_variants()
+    for key in sorted(flags - set(_NOT_PER_ROW)):
+        if cfg.get(key):
+            out.append(f"it is a LoRA variant ({key}), which peft cannot apply per row in a mixed batch")
+    if str(cfg.get("init_lora_weights")) in inits:
+        out.append(f"it is a LoRA variant (init_lora_weights: {cfg['init_lora_weights']!r}), which "
+                   "peft cannot apply per row in a mixed batch")
+    return out
+
+
+def _configured_rank(cfg: dict, module: str) -> tuple[int, str] | None:
+    """The rank ``adapter_config.json`` gives ``module`` and the field that says so."""
+    r = cfg.get("r")
+    pattern = cfg.get("rank_pattern") or {}
+    if isinstance(pattern, dict) and pattern:
+        from peft.utils.other import get_pattern_key
+        key = get_pattern_key(list(pattern), module)
+        if key in pattern:
+            return pattern[key], f"rank_pattern[{key!r}]={pattern[key]}"
+    return (r, f"r={r}") if isinstance(r, int) and not isinstance(r, bool) else None
 
 
 def _module_dims(module) -> tuple[int, int] | None:
@@ -214,15 +291,19 @@ def _base_of(base):
 
 
 def check_adapter(base, adapter_dir: str | os.PathLike, *, base_name: str | None = None,
-                  peft_types: tuple[str, ...] = SERVABLE_PEFT_TYPES) -> dict:
+                  peft_types: tuple[str, ...] = SERVABLE_PEFT_TYPES, per_row: bool = False) -> dict:
     """Check, without touching ``base``, that the PEFT adapter in ``adapter_dir`` fits it.
 
     ``base`` is the base model (or a PeftModel around it, or its config). Checks: the config
     parses and its ``peft_type`` is one of ``peft_types``; ``adapter_model.safetensors`` reads
     (every tensor, all finite); every LoRA tensor names a module the base has, with the base's
-    input/output sizes; the ``target_modules`` match some module. Returns the adapter config.
-    Raises :class:`InvalidAdapterError` (unreadable, wrong type) or :class:`AdapterMismatchError`
-    ("trained for a different base model (X), not Y: ..."), each one clear sentence.
+    input/output sizes and the rank the config gives it (``r``, ``rank_pattern``); the
+    ``target_modules`` match some module. With ``per_row`` (an adapter served next to others in
+    mixed batches), also: no feature peft cannot apply per row (:func:`per_row_problems`) and no
+    tensor but LoRA factors (nothing that would replace a base weight every adapter shares).
+    Returns the adapter config. Raises :class:`InvalidAdapterError` (unreadable, wrong type,
+    config and weights disagree, not per row) or :class:`AdapterMismatchError` ("trained for a
+    different base model (X), not Y: ..."), each one clear sentence.
     """
     path = Path(adapter_dir)
     cfg_file = path / "adapter_config.json"
@@ -238,6 +319,12 @@ def check_adapter(base, adapter_dir: str | os.PathLike, *, base_name: str | None
     if ptype not in peft_types:
         raise InvalidAdapterError(f"{path}: a {ptype} adapter; only {', '.join(peft_types)} adapters "
                                   "can be used here (they are applied per row in a batch)")
+    if per_row:
+        problems = per_row_problems(cfg)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise InvalidAdapterError(f"{path}: cannot be served next to other adapters: "
+                                      f"{problems[0]}{more}; serve it alone with --merge")
     inner = _base_of(base)
     trained_for = cfg.get("base_model_name_or_path") or "an unrecorded base model"
     here = base_name or getattr(getattr(inner, "config", None), "name_or_path", "") or "this base model"
@@ -269,11 +356,16 @@ def check_adapter(base, adapter_dir: str | os.PathLike, *, base_name: str | None
         raise InvalidAdapterError(f"{weights}: not a readable safetensors file ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else 'corrupt'})") from None
     params = None
-    bad, n_lora = [], 0
+    bad, n_lora, rank_bad = [], 0, []
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidAdapterError(f"{weights}: tensor {key} has NaN or infinite values")
         m = _LORA_KEY.match(key)
+        if per_row and (m is None or m["part"] == "lora_magnitude_vector"):
+            what = "a DoRA magnitude vector" if m is not None else "a full weight, not LoRA factors"
+            raise InvalidAdapterError(f"{path}: cannot be served next to other adapters: its tensor "
+                                      f"{key} is {what}, which would change the model every other "
+                                      "adapter's rows run on; serve it alone with --merge")
         if m is None:  # modules_to_save and similar: full tensors of base parameters
             if params is None:
                 params = {n: p.shape for n, p in inner.named_parameters()}
@@ -282,6 +374,11 @@ def check_adapter(base, adapter_dir: str | os.PathLike, *, base_name: str | None
                 bad.append(f"{name} is {tuple(params[name])} in the base but {tuple(t.shape)} in the adapter")
             continue
         n_lora += 1
+        rank_axis = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}.get(m["part"])
+        want_r = _configured_rank(cfg, m["module"]) if rank_axis is not None and t.dim() == 2 else None
+        if want_r is not None and t.shape[rank_axis] != want_r[0]:
+            rank_bad.append(f"adapter_config.json says {want_r[1]} but tensor {key} has rank "
+                            f"{t.shape[rank_axis]} (shape {tuple(t.shape)})")
         module = modules.get(m["module"])
         if module is None:
             raise mismatch(f"it has weights for {m['module']}, a module the base does not have")
@@ -296,6 +393,10 @@ def check_adapter(base, adapter_dir: str | os.PathLike, *, base_name: str | None
     if bad:
         more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
         raise mismatch(bad[0] + more)
+    if rank_bad:
+        more = f" (and {len(rank_bad) - 1} more tensors)" if len(rank_bad) > 1 else ""
+        raise InvalidAdapterError(f"{path}: its config and weights do not belong together: "
+                                  f"{rank_bad[0]}{more}")
     if n_lora == 0 and ptype == "LORA":
         raise InvalidAdapterError(f"{weights}: no LoRA weights in the file")
     return cfg
@@ -317,5 +418,6 @@ def list_models() -> list[dict]:
 
 
 __all__ = ["load", "load_tokenizer", "pull", "resolve", "list_models", "is_cached",
-           "default_dtype", "check_adapter", "EMBEDDED", "DEFAULT_MODEL", "ModelNotFoundError",
+           "default_dtype", "check_adapter", "per_row_problems", "load_error_line", "EMBEDDED",
+           "DEFAULT_MODEL", "ModelNotFoundError",
            "InvalidAdapterError", "AdapterMismatchError"]

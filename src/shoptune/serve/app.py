@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -109,14 +110,18 @@ class Gate:
 
     def __init__(self, app, *, settings: ServeSettings, metrics: Metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.keys = [k.encode() for k in settings.api_keys if k]  # (an empty key matches nothing)
 
     def _authorized(self, scope) -> bool:
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if not auth.lower().startswith("bearer "):
+        """``Authorization: Bearer KEY`` with KEY exactly one of the keys (RFC 6750: the scheme
+        in any case, then spaces; nothing else is stripped), compared in constant time."""
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer":
             return False
-        given = auth[7:].strip().encode()
-        return any(hmac.compare_digest(given, k.encode()) for k in self.settings.api_keys)
+        given, ok = given.lstrip(b" "), False
+        for k in self.keys:
+            ok |= hmac.compare_digest(given, k)
+        return ok
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -159,9 +164,8 @@ class Gate:
                             return await too_big(scope, receive, send_wrapper)
                     bad = _invalid_text(bytes(body))
                     if bad is not None:
-                        return await error_body(
-                            400, f"{bad}: invalid text: a lone UTF-16 surrogate is not a Unicode character",
-                            param=bad)(scope, receive, send_wrapper)
+                        param, message = bad
+                        return await error_body(400, message, param=param)(scope, receive, send_wrapper)
                     replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
                     inner = receive
 
@@ -182,16 +186,40 @@ class Gate:
             self.metrics.latency.labels(endpoint, model).observe(time.monotonic() - start)
 
 
-def _invalid_text(body: bytes) -> str | None:
-    """Where a JSON body holds a string that is not Unicode (a lone surrogate such as "\\ud800"),
-    as a dotted path (``messages.0.content``); None when it parses cleanly or does not parse (the
-    framework's own parser reports that)."""
-    if b"\\u" not in body and b"\xed" not in body:  # only as a \u escape or (bytes) as ED A0..BF
+def _invalid_text(body: bytes) -> tuple[str | None, str] | None:
+    """(param, message) when a JSON body holds text that is not Unicode: bytes that are not UTF-8
+    (named by the field that holds them, else the body as a whole) or a lone surrogate escape such
+    as "\\ud800" (named by its field, a dotted path like ``messages.0.content``); None when the text
+    is fine or the body does not parse (the framework's own parser reports that)."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"byte 0x{body[e.start]:02x} at offset {e.start}"
+        try:  # the undecodable bytes become lone surrogates: find_invalid_text names their field
+            field = find_invalid_text(json.loads(body.decode("utf-8", "surrogateescape")))
+        except (ValueError, RecursionError):
+            field = None
+        if field in (None, "body"):
+            return None, f"the request body is not valid UTF-8 ({where})"
+        return field, f"{field}: invalid text: not valid UTF-8 ({where} of the body)"
+    if b"\\u" not in body:  # a lone surrogate can only come as a \u escape now
         return None
     try:
-        return find_invalid_text(json.loads(body))
+        field = find_invalid_text(json.loads(body))
     except (ValueError, RecursionError):
         return None
+    if field is None:
+        return None
+    return field, f"{field}: invalid text: a lone UTF-16 surrogate is not a Unicode character"
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")  # pydantic's name of a union member
+
+
+def field_path(loc) -> str:
+    """A validation error's location as the request field (``messages.0.content``): without the
+    ``body`` prefix and without the union member pydantic tried (``list[TextPart]``)."""
+    return ".".join(str(x) for x in loc if x != "body" and not (isinstance(x, str) and _UNION_TAG.match(x)))
 
 
 # ----------------------------------------------------------------------------- routes
@@ -219,16 +247,18 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.exception_handler(EngineError)
     async def _engine_error(request, exc: EngineError):
-        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: "
-                        f"{e.get('msg')}" for e in errs[:5])
-        return error_body(400, msg, param=".".join(loc) or None)
+        if first.get("type") == "json_invalid":  # (its loc is the character offset, not a field)
+            why = (first.get("ctx") or {}).get("error", "JSON decode error")
+            return error_body(400, f"the request body is not valid JSON: {why} (at character "
+                                   f"{first['loc'][-1]})", param=None)
+        msg = "; ".join(f"{field_path(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errs[:5])
+        return error_body(400, msg, param=field_path(first.get("loc", ())) or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):

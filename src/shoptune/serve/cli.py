@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from shoptune.console import console, fail
+from shoptune.serve.launch import ENGINES
 
 
 def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
@@ -20,14 +21,75 @@ def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
     return out
 
 
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be an API key (None if it can): clients send it as ``Authorization:
+    Bearer KEY`` and it is compared exactly, so it must be printable ASCII without spaces."""
+    if not key.strip():
+        return "the API key is empty (an unset variable?)"
+    if any(not "!" <= c <= "~" for c in key):
+        return "an API key must be printable ASCII without spaces (this one has a space, a control " \
+               "or a non-ASCII character)"
+    return None
+
+
 def read_keys_file(path: Path) -> set[str]:
-    """One key per line; blank lines and '#' comments ignored."""
+    """One key per line (surrounding whitespace ignored); blank lines and '#' comments ignored.
+    Raises ValueError naming the line of a key that cannot be one (see :func:`key_problem`)."""
     keys = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
+            if (why := key_problem(line)) is not None:
+                raise ValueError(f"{path}:{n}: {why}")
             keys.add(line)
     return keys
+
+
+def collect_keys(api_key: list[str] | None, api_keys_file: Path | None, fail) -> set[str]:
+    """The keys clients must present: ``--api-key`` values, ``SHOPTUNE_API_KEY`` (when set) and
+    ``--api-keys-file``; an empty or malformed one is an error (one line), never "no key"."""
+    keys = set()
+    for k in api_key or []:
+        if (why := key_problem(k)) is not None:
+            fail(f"--api-key: {why}; give a key, or leave --api-key out to serve without one")
+        keys.add(k)
+    env = os.environ.get("SHOPTUNE_API_KEY")
+    if env is not None:
+        if (why := key_problem(env)) is not None:
+            fail(f"SHOPTUNE_API_KEY: {why}; set a key, or unset it to serve without one")
+        keys.add(env)
+    if api_keys_file is not None:
+        try:
+            from_file = read_keys_file(api_keys_file)
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"{api_keys_file}: cannot read API keys: {e}")
+        except ValueError as e:
+            fail(str(e))
+        if not from_file:
+            fail(f"{api_keys_file}: no API keys in the file")
+        keys |= from_file
+    return keys
+
+
+def _experts(folder: Path, adapters: dict, fail) -> tuple[dict, dict]:
+    """``--experts DIR``: its experts added to ``adapters`` and the task card -> expert routing."""
+    import json
+    meta_path = folder / "experts.json"
+    if not meta_path.is_file():
+        fail(f"--experts {folder}: no experts.json (write one with `shoptune export experts`)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    out = dict(adapters)
+    for name in meta.get("experts", {}):
+        if name in out:
+            fail(f"--experts {folder}: expert {name!r} has the name of an --adapter")
+        out[name] = str(folder / name)
+    return out, dict(meta.get("task_experts") or {})
+
+
+def _remove(folder) -> None:
+    import shutil
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -58,6 +120,37 @@ def register(app: typer.Typer) -> None:
         console.print("serve with: " + " ".join(m["llama_server_command"]) + " -np 16 -c 32768",
                       markup=False, highlight=False)
 
+    @export_app.command("experts")
+    def export_experts_cmd(
+        run: Annotated[Path, typer.Argument(help="A `peft: poly` training run (or its adapter/ folder).")],
+        out: Annotated[Path, typer.Option(help="Folder for one PEFT LoRA folder per expert + experts.json.")],
+    ) -> None:
+        """A Poly adapter's experts as plain LoRA adapters: one per trained task (or capability),
+        and one per capability for tasks it was not trained on; any engine serves them
+        (`shoptune serve --experts OUT`, llama.cpp, vLLM)."""
+        from shoptune.experts import export_run_experts
+        with console.status("exporting experts"):
+            meta = export_run_experts(run, out)
+        console.print(f"wrote {len(meta['experts'])} experts ({meta['routing']['route_by']} routing) -> {out}; "
+                      f"{len(meta['task_experts'])} task cards routed (experts.json)")
+
+    @export_app.command("merge")
+    def export_merge_cmd(
+        adapters: Annotated[list[str], typer.Argument(help="LoRA adapter folders, or NAME=DIR (2 or more).")],
+        out: Annotated[Path, typer.Option(help="Folder for the merged PEFT LoRA adapter.")],
+        model: Annotated[str, typer.Option(help="Their base model.")] = "smollm2-135m",
+        method: Annotated[str, typer.Option(help="peft's add_weighted_adapter combination_type: ties, "
+                                            "dare_ties, linear, cat, svd, ties_svd, ...")] = "ties",
+        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare).")] = 0.2,
+    ) -> None:
+        """Several LoRA adapters merged into one with peft's add_weighted_adapter (equal weights)."""
+        from shoptune.experts import merge_adapters
+        from shoptune.serve.gguf import _adapter_name
+        named = dict(_adapter_name(a) for a in adapters)
+        with console.status(f"merging {len(named)} adapters ({method})"):
+            dest = merge_adapters(named, out, model=model, method=method, density=density)
+        console.print(f"merged {', '.join(named)} -> {dest}")
+
     @app.command("serve")
     def serve_cmd(
         model: Annotated[str, typer.Option(help="Base model: a name from `shoptune models ls` or a folder.")] = "smollm2-135m",
@@ -66,8 +159,11 @@ def register(app: typer.Typer) -> None:
         host: str = "127.0.0.1",
         port: int = 8000,
         api_key: Annotated[Optional[list[str]], typer.Option(
-            help="Required bearer key (repeatable; also SHOPTUNE_API_KEY).")] = None,
-        api_keys_file: Annotated[Optional[Path], typer.Option(help="File with one key per line.")] = None,
+            help="A key clients must send as `Authorization: Bearer KEY` (repeatable; also "
+                 "SHOPTUNE_API_KEY and --api-keys-file). Without any key the API is open to anyone "
+                 "who can reach the port; an empty key is an error.")] = None,
+        api_keys_file: Annotated[Optional[Path], typer.Option(
+            help="File with one API key per line ('#' comments).")] = None,
         adapters_dir: Annotated[Optional[Path], typer.Option(
             help="Folder that runtime /v1/load_lora_adapter may load from (off without it).")] = None,
         task_adapter: Annotated[Optional[list[str]], typer.Option(
@@ -89,7 +185,12 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
         engine_kind: Annotated[str, typer.Option("--engine", help=(
             "builtin (in-process, no build) | llama.cpp (export to GGUF, start and supervise "
-            "llama-server, serve through the gateway; needs `make llama-server`)."))] = "builtin",
+            "llama-server, serve through the gateway; needs `make llama-server`) | vllm (start and "
+            "supervise vLLM with the adapters as LoRA modules, run-time loads included; needs "
+            "`make vllm`)."))] = "builtin",
+        experts: Annotated[Optional[Path], typer.Option(
+            help="A folder from `shoptune export experts`: every expert served as an adapter, and "
+                 "/v1/tasks/TASK answered by its task's expert.")] = None,
         upstream: Annotated[Optional[str], typer.Option(
             help="Gateway mode: decode on this OpenAI-compatible engine (vLLM, llama.cpp "
                  "llama-server, ...) instead of in-process; --model names its base model "
@@ -102,6 +203,16 @@ def register(app: typer.Typer) -> None:
             help="The upstream's id of the base model (default: the first it lists).")] = None,
         upstream_concurrency: Annotated[int, typer.Option(
             help="Requests in flight to the upstream at once (the rest wait in the queue).")] = 64,
+        upstream_max_bytes: Annotated[int, typer.Option(
+            help="Largest upstream reply the gateway reads: one body, or one whole stream (502 above).")] = 8 << 20,
+        max_connections: Annotated[int, typer.Option(
+            help="Open client connections at most; over it the oldest idle one is closed (kept "
+                 "under the open-files limit).")] = 1000,
+        header_timeout: Annotated[float, typer.Option(
+            help="Seconds a connection has to send a request's headers, from connecting or from "
+                 "its previous response (closed after).")] = 10.0,
+        keep_alive_timeout: Annotated[float, typer.Option(
+            help="Seconds an idle keep-alive connection stays open.")] = 5.0,
         log_level: str = "info",
     ) -> None:
         """Serve the base model and its task adapters (OpenAI-compatible, dynamic batching)."""
@@ -115,17 +226,16 @@ def register(app: typer.Typer) -> None:
         from shoptune.serve.engine import EngineError, Engine, check_adapter_dir
         from shoptune.serve.handlers import ServeSettings
 
+        from shoptune.serve.connections import fit_open_files, guarded_h11, install_accept_log_limit
+
         adapters = _pairs(adapter, "--adapter", fail)
-        keys = set(api_key or [])
-        if os.environ.get("SHOPTUNE_API_KEY"):
-            keys.add(os.environ["SHOPTUNE_API_KEY"])
-        if api_keys_file is not None:
-            try:
-                keys |= read_keys_file(api_keys_file)
-            except (OSError, UnicodeDecodeError) as e:
-                fail(f"{api_keys_file}: cannot read API keys: {e}")
-            if not keys:
-                fail(f"{api_keys_file}: no API keys in the file")
+        keys = collect_keys(api_key, api_keys_file, fail)
+        for name, value in (("--max-connections", max_connections), ("--upstream-max-bytes", upstream_max_bytes)):
+            if value < 1:
+                fail(f"{name} {value}: must be at least 1")
+        for name, value in (("--header-timeout", header_timeout), ("--keep-alive-timeout", keep_alive_timeout)):
+            if not value > 0:
+                fail(f"{name} {value}: must be a positive number of seconds")
         if adapters_dir is not None and not adapters_dir.is_dir():
             fail(f"--adapters-dir {adapters_dir}: not a directory")
         if not body_timeout > 0:
@@ -135,27 +245,45 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        supervisor = None
-        if engine_kind not in ("builtin", "llama.cpp"):
-            fail(f"--engine {engine_kind!r}: builtin or llama.cpp")
-        if engine_kind == "llama.cpp":
-            if upstream is not None or merge:
-                fail("--engine llama.cpp starts its own upstream: no --upstream / --merge with it")
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # (one line per upstream request, health polls too)
+            logging.getLogger("httpx").setLevel(logging.WARNING)
+        install_accept_log_limit()
+        supervisor = merged_dir = None
+        if experts is not None:  # exported Poly experts: every expert an adapter, tasks routed to theirs
+            adapters, routed = _experts(experts, adapters, fail)
+            task_adapter = [f"{t}={n}" for t, n in routed.items()] + list(task_adapter or [])
+        if engine_kind not in ENGINES:
+            fail(f"--engine {engine_kind!r}: one of {', '.join(ENGINES)}")
+        if engine_kind != "builtin":
+            if upstream is not None:
+                fail(f"--engine {engine_kind} starts its own upstream: no --upstream with it")
+            if merge and engine_kind != "vllm":
+                fail("--merge with --engine llama.cpp: llama-server applies adapters per request; "
+                     "serve the adapter as it is")
             from shoptune.serve.gguf import ExportError
-            from shoptune.serve.supervise import LlamaServerSupervisor, export_cached
+            from shoptune.serve.launch import merged_model, start_engine
             try:
-                for name, folder in adapters.items():
+                served = served_model_name or model
+                if merge:  # vLLM's LoRA path on CPUs costs several times the merged weights
+                    (name, folder), = adapters.items()
                     check_adapter_dir(Path(folder))
-                with console.status("exporting to GGUF") as st:
-                    folder, manifest = export_cached(model, adapters, status=lambda m: st.update(m))
-                supervisor = LlamaServerSupervisor(folder, manifest, slots=max_batch_size, threads=threads)
-                with console.status("starting llama-server"):
-                    upstream = supervisor.start()
+                    with console.status(f"merging {name} into {model}"):
+                        merged_dir = merged_model(model, folder)
+                    model, adapters, served = str(merged_dir), {}, served_model_name or name
+                with console.status(f"starting {engine_kind}") as st:
+                    supervisor = start_engine(engine_kind, model, adapters, dtype=dtype, served_name=served,
+                                              slots=max_batch_size, threads=threads,
+                                              status=lambda m: st.update(m))
+                upstream = supervisor.url
             except (ExportError, EngineError, ModelNotFoundError, FileNotFoundError) as e:
                 if supervisor is not None:
                     supervisor.stop()
+                _remove(merged_dir)
                 fail(str(getattr(e, "message", e)))
-            adapters, upstream_kind = {}, "llama.cpp"  # (served under their names: NAME.gguf)
+            if engine_kind == "llama.cpp":
+                adapters, upstream_kind = {}, "llama.cpp"  # (served under their names: NAME.gguf)
+            else:
+                adapters, upstream_kind, served_model_name = {}, "vllm", served
         if upstream is not None:
             if merge:
                 fail("--merge serves an in-process model; with --upstream the engine holds the weights")
@@ -173,13 +301,20 @@ def register(app: typer.Typer) -> None:
                 engine = UpstreamEngine(upstream, tok, base_name=served_model_name or model,
                                         kind=upstream_kind, api_key=upstream_key, adapters=adapters,
                                         max_concurrency=upstream_concurrency, max_queue=max_queue,
-                                        timeout=request_timeout, upstream_model=upstream_model)
+                                        timeout=request_timeout, upstream_model=upstream_model,
+                                        max_reply_bytes=upstream_max_bytes)
             except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError, OSError) as e:
                 if supervisor is not None:
                     supervisor.stop()
                 fail(str(getattr(e, "message", e)))
             if supervisor is not None:  # (uvicorn re-raises SIGTERM after shutdown: stop it in the lifespan)
                 engine.on_close.append(supervisor.stop)
+                if merged_dir is not None:
+                    engine.on_close.append(lambda: _remove(merged_dir))
+                if hasattr(supervisor, "loaded"):  # vLLM: a restart brings back run-time loads
+                    engine.before_load.append(supervisor.check_load)
+                    engine.on_load.append(supervisor.loaded)
+                    engine.on_unload.append(supervisor.unloaded)
             console.print(f"gateway to {engine.kind} at {upstream} (upstream model {engine.upstream_model})")
         else:
             try:
@@ -207,11 +342,17 @@ def register(app: typer.Typer) -> None:
                                  request_timeout=request_timeout,
                                  protocol=protocol,
                                  task_adapters=_pairs(task_adapter, "--task-adapter", fail))
+        fitting, nofile = fit_open_files(max_connections, reserve=128 + upstream_concurrency)
+        if fitting < max_connections:
+            console.print(f"--max-connections {max_connections}: only {fitting} fit under the open-files "
+                          f"limit ({nofile}, `ulimit -n`); serving at most {fitting}", markup=False)
         console.print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1"
-                      f"{' (API key required)' if keys else ''}")
+                      f"{' (API key required)' if keys else ' (no API key: open to anyone who can reach it)'}")
         try:
             uvicorn.run(build_app(engine, settings), host=host, port=port, log_level=log_level,
-                        timeout_graceful_shutdown=int(request_timeout))
+                        timeout_graceful_shutdown=int(request_timeout),
+                        http=guarded_h11(fitting, header_timeout), timeout_keep_alive=keep_alive_timeout)
         finally:
             if supervisor is not None:
                 supervisor.stop()
+            _remove(merged_dir)

@@ -53,6 +53,7 @@ class EngineError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    headers: dict[str, str] | None = None  # extra response headers (429: Retry-After)
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
@@ -65,6 +66,7 @@ class UnknownModel(EngineError):
 
 class QueueFull(EngineError):
     status, type, code = 429, "rate_limit_error", "queue_full"
+    headers = {"Retry-After": "1"}  # a batch takes about that long; the queue drains batch by batch
 
 
 class ShuttingDown(EngineError):
@@ -153,20 +155,21 @@ class RowLogits:
     def __init__(self, jobs: list[Job], tok, prompt_len: int, sampling: bool, fallback_id: int = 0):
         self.jobs, self.sampling, self.fallback_id = jobs, sampling, fallback_id
         self.constraints = [NumberListProcessor(tok, prompt_len, j.plan.max_value, j.plan.count,
-                                                j.plan.unique) if j.plan and j.plan.numeric else None
-                            for j in jobs]
-        self.generators = [torch.Generator().manual_seed(j.seed) if j.seed is not None and j.temperature > 0
-                           else None for j in jobs]
-        self.warpers = []
-        for j in jobs:
-            w = []
+                                                j.plan.unique, j.plan.values)
+                            if j.plan and j.plan.numeric else None for j in jobs]
+        self.generators, self.warpers = [], []
+        for j in jobs:  # each row's own setup: a value that cannot be used fails that row only
+            g, w = None, []
             try:
+                if j.seed is not None and j.temperature > 0:
+                    g = torch.Generator().manual_seed(j.seed)
                 if j.temperature not in (0, 1):
                     w.append(TemperatureLogitsWarper(j.temperature))
                 if 0 < j.top_p < 1:
                     w.append(TopPLogitsWarper(j.top_p))
-            except Exception as e:  # noqa: BLE001 - e.g. a NaN temperature: this row only
+            except Exception as e:  # noqa: BLE001 - e.g. a NaN temperature, a seed out of range
                 j.fail(RowFailed(f"generation failed for this request: {e}"))
+            self.generators.append(g)
             self.warpers.append(w)
 
     def __call__(self, input_ids, scores):
@@ -363,6 +366,22 @@ def _strip_peft(model) -> None:
         del model.peft_config
 
 
+def _unwrap_empty_wrappers(model) -> None:
+    """Put back the original module of every peft training wrapper (modules_to_save, trainable
+    tokens) that holds no adapter any more: an empty one still fails every adapter's rows."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, AuxiliaryTrainingWrapper):
+                try:
+                    empty = not child._get_available_adapters()
+                except Exception:  # noqa: BLE001 - unknown wrapper kind: leave it
+                    continue
+                if empty:
+                    setattr(parent, child_name, child.original_module)
+
+
 def check_adapter_dir(path: Path) -> None:
     """A loadable adapter folder: PEFT config + safetensors weights, and no pickled weights."""
     if not path.is_dir():
@@ -446,8 +465,10 @@ class Engine(JobStream):
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load an adapter folder under ``name`` (blocking; call from a thread). All or nothing:
-        the adapter is checked against the base before the live model is touched, and any failure
-        while loading puts the model back exactly as it was."""
+        the adapter is checked against the base before the live model is touched (including what
+        peft cannot apply per row of a mixed batch: DoRA, modules_to_save, ...), a one-token batch
+        of the base and every adapter must then compute, and any failure puts the model back
+        exactly as it was."""
         if not ADAPTER_NAME_RE.match(name) or name in (BASE, self.base_name):
             raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-'",
                                param="lora_name")
@@ -456,31 +477,41 @@ class Engine(JobStream):
                                "name is part of 'lora_'", param="lora_name")
         from peft import PeftModel
 
-        from shoptune.models import InvalidAdapterError, check_adapter
+        from shoptune.models import InvalidAdapterError, check_adapter, load_error_line
         path = Path(path)
         with self._admin_lock:  # the name check and the load are one step for concurrent callers
             if name in self.adapters or name in self.draining:
                 raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
             check_adapter_dir(path)
             try:
-                check_adapter(self.model, path, base_name=self.base_name)
+                check_adapter(self.model, path, base_name=self.base_name, per_row=True)
             except InvalidAdapterError as e:
                 raise AdapterError(str(e), param="lora_path") from None
             with self.model_lock:
                 grads = {n: p.requires_grad for n, p in self.model.named_parameters()}
+                plain = None if self.is_peft else self.model
                 try:
-                    if self.is_peft:
+                    if plain is None:
                         self.model.load_adapter(str(path), adapter_name=name)
                     else:
                         self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                    self.model.eval()
                 except Exception as e:  # noqa: BLE001 - whatever slipped past check_adapter
                     log.exception("loading adapter %s from %s failed; restoring the model", name, path)
-                    self._restore_after_failed_load(name)
-                    for n, p in self.model.named_parameters():
-                        p.requires_grad_(grads.get(n, p.requires_grad))
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                    raise AdapterError(f"{path}: cannot load adapter: {first}") from None
-                self.model.eval()
+                    self._restore_after_failed_load(name, plain, grads)
+                    raise AdapterError(f"{path}: cannot load adapter: {load_error_line(e)}",
+                                       param="lora_path") from None
+                try:  # the new adapter next to the base and every other one, as batches mix them
+                    self._check_rows([*self.adapters, name])
+                except Exception as e:  # noqa: BLE001 - it loaded but cannot be batched: take it out
+                    log.exception("adapter %s loaded but a mixed batch with it fails; unloading it", name)
+                    self._restore_after_failed_load(name, plain, grads)
+                    why = f"{type(e).__name__}: {load_error_line(e)}"
+                    others = f" and {', '.join(self.adapters)}" if self.adapters else ""
+                    raise AdapterError(f"{path}: cannot be served next to other adapters: a one-token "
+                                       f"batch of it with the base model{others} failed ({why}); it "
+                                       "was not loaded",
+                                       param="lora_path") from None
                 self.adapters[name] = path
                 self._forget_prefixes()
         log.info("loaded adapter %s from %s", name, path)
@@ -490,9 +521,14 @@ class Engine(JobStream):
         if self.prefix_cache is not None:
             self.prefix_cache = PrefixCache(self.prefix_cache.max_tokens, self.prefix_cache.min_prefix)
 
-    def _restore_after_failed_load(self, name: str) -> None:
-        """Undo a partial load of ``name``: peft may have injected layers and configs already."""
+    def _restore_after_failed_load(self, name: str, plain=None, grads: dict | None = None) -> None:
+        """Undo a partial load of ``name``: peft may have injected layers and configs already.
+        ``plain`` is the model before a first adapter (None: adapters were loaded before), whose
+        ``requires_grad`` flags were ``grads``. If the model still cannot compute a batch of the
+        base and every adapter afterwards, the engine is marked broken (only a restart helps)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
+        if plain is not None and self.model is not plain:  # peft wrapped it: unwrap in place
+            self.model = plain
         if self.is_peft:  # adapters were loaded before: take out only this one
             try:
                 if name in self.model.peft_config:
@@ -506,13 +542,24 @@ class Engine(JobStream):
                             m.delete_adapter(name)
                         except Exception:  # noqa: BLE001
                             pass
+            _unwrap_empty_wrappers(self.model)
             left = [n for n, m in self.model.named_modules()
                     if isinstance(m, BaseTunerLayer) and name in getattr(m, "lora_A", {})]
         else:  # the first adapter: the plain model must come back without any PEFT layer
             _strip_peft(self.model)
             left = [n for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
+        for n, p in self.model.named_parameters():
+            p.requires_grad_((grads or {}).get(n, p.requires_grad))
+        self.model.eval()
         if left:
             self.broken = f"a failed load of adapter {name!r} left layers behind ({left[0]} ...)"
+            log.error("engine broken: %s", self.broken)
+            return
+        try:
+            self._check_rows(list(self.adapters))
+        except Exception as e:  # noqa: BLE001 - reported by /health/live
+            self.broken = (f"after a failed load of adapter {name!r} the model cannot compute: "
+                           f"{type(e).__name__}: {e}")
             log.error("engine broken: %s", self.broken)
 
     def begin_unload(self, name: str) -> None:
@@ -635,24 +682,14 @@ class Engine(JobStream):
         t0 = time.monotonic()
         self.running = len(live)
         try:
-            with self.model_lock, torch.inference_mode():
-                choice = [j for j in live if j.kind == "choice"]
-                score = [j for j in live if j.kind == "score"]
-                gen = [j for j in live if j.kind == "generate"]
-                if choice:
-                    self._choose(choice)
-                if score:
-                    self._score(score)
-                if gen:
-                    self._generate(gen)
+            with self.model_lock:
+                if self._run_isolated(live) is None:
+                    self.last_error = None
         except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the worker lives
             log.exception("batch of %d failed", len(live))
-            # set before the clients wake: one that checks /health right after its 500 sees it
             self.last_error = f"{type(e).__name__}: {e}"
             for j in live:
                 j.fail(e)
-        else:
-            self.last_error = None
         finally:
             self.running = 0
             for j in live:
@@ -667,16 +704,25 @@ class Engine(JobStream):
             for j in live:
                 self.stats.on_tokens(j.model or self.base_name, len(j.prompt_ids), len(j.gen_ids))
 
+    def _check_rows(self, adapters: list[str]) -> None:
+        """One forward pass of a one-token batch: a row for the base model and one per adapter in
+        ``adapters`` (peft's mixed batch, as requests share batches). Raises if it cannot compute.
+        (The caller holds ``model_lock``.)"""
+        with torch.inference_mode():
+            inputs = self._inputs([Job([self.pad_id])] + [Job([self.pad_id], a) for a in adapters],
+                                  prefix=False)
+            inputs.pop("prefix_len")
+            logits = self.model(**inputs, logits_to_keep=1).logits
+            if not torch.isfinite(logits).all():
+                raise RuntimeError("the check's logits are not finite")
+
     def _probe(self) -> None:
-        """One base-model forward pass of a one-token prompt: clears ``last_error`` if it works."""
+        """The model check after a failed batch: a one-token batch of the base model and every
+        loaded adapter (:meth:`_check_rows`); clears ``last_error`` if it computes."""
         self._last_probe = time.monotonic()
         try:
-            with self.model_lock, torch.inference_mode():
-                inputs = self._inputs([Job([self.pad_id])], prefix=False)
-                inputs.pop("prefix_len")
-                logits = self.model(**inputs, logits_to_keep=1).logits
-                if not torch.isfinite(logits).all():
-                    raise RuntimeError("the probe's logits are not finite")
+            with self.model_lock:
+                self._check_rows(list(self.adapters))
         except Exception as e:  # noqa: BLE001 - reported by /health
             log.warning("engine probe failed: %s: %s", type(e).__name__, e)
             self.last_error = f"{type(e).__name__}: {e}"
@@ -696,6 +742,55 @@ class Engine(JobStream):
         elif live and self.last_error:
             reason = f"the last batch failed and the model check has not passed since: {self.last_error}"
         return {"live": live, "ready": reason is None, "reason": reason}
+
+    def _run_kinds(self, jobs: list[Job]) -> None:
+        with torch.inference_mode():
+            for kind, step in (("choice", self._choose), ("score", self._score), ("generate", self._generate)):
+                part = [j for j in jobs if j.kind == kind]
+                if part:
+                    step(part)
+
+    def _run_isolated(self, jobs: list[Job]) -> BaseException | None:
+        """Run ``jobs`` as one batch. If the batch as a whole fails, the rows that caused it are
+        found by running again apart: first per adapter, then (within a failing adapter) per
+        request, so one bad request or adapter fails only its own rows. A row that already streamed
+        text cannot be run again: it fails with the batch's error. Returns the last error (None:
+        everything ran). (The caller holds ``model_lock``.)"""
+        try:
+            self._run_kinds(jobs)
+            return None
+        except Exception as e:  # noqa: BLE001 - narrowed down below
+            error = e
+        groups: dict = {}
+        for j in jobs:
+            groups.setdefault(j.model, []).append(j)
+        parts = list(groups.values()) if len(groups) > 1 else [[j] for j in jobs] if len(jobs) > 1 else []
+        if not parts:
+            log.error("request failed", exc_info=error)
+            self._fail(jobs[0], error)
+            return error
+        log.warning("batch of %d failed (%s: %s); running its %d parts apart", len(jobs),
+                    type(error).__name__, error, len(parts))
+        last = None
+        for part in parts:
+            fresh = []
+            for j in part:
+                if j.finish_reason is not None:
+                    continue  # finished (or failed alone) before the batch failed
+                if j.sent or j.gen_ids:
+                    self._fail(j, error)  # its text is out already: cannot be produced again
+                    last = error
+                else:
+                    j.token_logprobs, j.top_logprobs, j._step_logprobs = [], [], None
+                    fresh.append(j)
+            if fresh:
+                last = self._run_isolated(fresh) or last
+        return last
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        # last_error first: a client that checks /health right after its 500 sees it
+        self.last_error = f"{type(error).__name__}: {error}"
+        job.fail(error)
 
     def _inputs(self, jobs: list[Job], *, prefix: bool = True) -> dict:
         """The batch: left-padded prompts, and with ``prefix`` (and the cache on) a shared prompt

@@ -17,13 +17,13 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from shoptune.decoding import build_prompts
+from shoptune.decoding import PlanError, build_prompts
 from shoptune.serve import tasks as task_io
 from shoptune.serve.engine import ADAPTER_NAME_RE, AdapterError, Engine, EngineError, Job
 from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice,
@@ -352,6 +352,9 @@ class Chat(Serving):
 
     async def create(self, req: ChatCompletionRequest, caller: Caller) -> ChatCompletionResponse | Response:
         adapter, temperature, top_p = self.check(req, caller)
+        for i, m in enumerate(req.messages):
+            if (problem := m.problem()) is not None:
+                raise EngineError(f"messages.{i}.{problem[0]}: {problem[1]}", param=f"messages.{i}.{problem[0]}")
         self.check_fits(req.n)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
@@ -436,7 +439,11 @@ class Tasks(Serving):
             raise EngineError(f"{loc}: {first['msg']} (task {task} takes: "
                               f"{', '.join(schema.model_fields)})", param=loc) from None
         rec = task_io.to_record(card, inp)
-        plan = task_io.plan(card, inp, rec)
+        try:
+            plan = task_io.plan(card, inp, rec)
+        except PlanError as e:
+            loc = "input.input_field" if inp.input_field is not None else "input"
+            raise EngineError(f"{loc}: {e}", param=loc) from None
         prompt = build_prompts([rec], self.settings.protocol, self.tok,
                                render=lambda r: card.render(r.input_field))[0]
         ids = self.encode(prompt, special=False, param="input")
@@ -459,8 +466,23 @@ class Admin(Serving):
     def models(self) -> ModelList:
         e, now = self.engine, int(time.time())
         return ModelList(data=[ModelCard(id=e.base_name, created=now, root=e.base_name, parent=None)]
-                         + [ModelCard(id=name, created=now, root=str(e.adapters[name]), parent=e.base_name)
+                         + [ModelCard(id=name, created=now, root=self.shown_root(e.adapters[name]),
+                                      parent=e.base_name)
                             for name in e.models()[1:]])
+
+    def shown_root(self, ref) -> str | None:
+        """An adapter's ``root`` in /v1/models, as vLLM shows the path it was loaded from, but no
+        folder of this machine: the folder relative to --adapters-dir (what lora_path takes), None
+        for one loaded from elsewhere (--adapter); a gateway's upstream reference by its last part."""
+        if not isinstance(ref, Path):
+            return PurePath(str(ref)).name or None
+        root = self.settings.adapters_dir
+        if root is None:
+            return None
+        try:
+            return ref.resolve().relative_to(root.resolve()).as_posix()
+        except (OSError, ValueError):
+            return None
 
     def adapter_path(self, name: str, given: str | None) -> Path:
         root = self.settings.adapters_dir
@@ -481,6 +503,14 @@ class Admin(Serving):
         if full == root or not full.is_relative_to(root):
             raise AdapterError(f"lora_path {given or name!r} is outside the adapters folder",
                                param="lora_path")
+        try:  # the files too: a link inside the folder may point anywhere
+            escaping = sorted(f.name for f in full.iterdir() if not f.resolve().is_relative_to(root)) \
+                if full.is_dir() else []
+        except (OSError, RuntimeError) as e:
+            raise AdapterError(f"lora_path {given or name!r}: {e}", param="lora_path") from None
+        if escaping:
+            raise AdapterError(f"lora_path {given or name!r}: {escaping[0]} is a link to a file outside "
+                               "the adapters folder", param="lora_path")
         return full
 
     async def load_adapter(self, req: LoadAdapterRequest) -> AdapterStatus:

@@ -44,6 +44,8 @@ def start_engine(kind: str, model: str, adapters: dict[str, str], *, dtype: str 
         folder, manifest = export_cached(model, adapters, outtype=gguf_outtype(dtype), status=status)
         sup: EngineSupervisor = LlamaServerSupervisor(folder, manifest, slots=slots, threads=threads)
     elif kind == "vllm":
+        from shoptune.serve.gguf import check_adapters_fit
+        check_adapters_fit(resolve(model), [(n, Path(d)) for n, d in adapters.items()], model)
         sup = VllmSupervisor(resolve(model), adapters, served_name=served_name or model, dtype=dtype,
                              max_num_seqs=slots)
     else:

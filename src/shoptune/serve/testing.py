@@ -101,17 +101,22 @@ def make_tiny_model(root: Path, *, hidden: int = 64, layers: int = 2, seed: int 
 
 
 def make_tiny_lora(base_dir: Path, out: Path, *, seed: int = 0, targets=("q_proj", "v_proj"),
-                   r: int = 4) -> Path:
-    """A LoRA adapter with random (non-zero) B for the model in ``base_dir``, saved as PEFT folder."""
+                   r: int = 4, **config) -> Path:
+    """A LoRA adapter with random (non-zero) B for the model in ``base_dir``, saved as PEFT folder;
+    ``config``: more LoraConfig fields (``use_dora=True``, ``modules_to_save=["lm_head"]``...)."""
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     torch.manual_seed(seed)
-    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                         init_lora_weights=False))
-    pm.save_pretrained(out)
+    with warnings.catch_warnings():  # (peft warns about a tied lm_head in modules_to_save)
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                             init_lora_weights=False, **config))
+        pm.save_pretrained(out)
     return out
 
 
@@ -120,7 +125,8 @@ def make_tiny_fixtures(root: Path) -> dict[str, Path]:
 
     ``base`` (hidden 64), ``good`` / ``good2`` (LoRA for it), ``mismatch`` (LoRA trained on a
     hidden-32 model), ``prompt_tuning`` (a PEFT type the engine cannot batch), ``corrupt``
-    (a good config with a truncated ``adapter_model.safetensors``).
+    (a good config with a truncated ``adapter_model.safetensors``), ``dora`` and
+    ``modules_to_save`` (LoRA for it that peft cannot apply per row of a mixed batch).
     """
     import shutil
 
@@ -133,7 +139,10 @@ def make_tiny_fixtures(root: Path) -> dict[str, Path]:
     ads = root / "adapters"
     out = {"base": base, "good": make_tiny_lora(base, ads / "good", seed=1),
            "good2": make_tiny_lora(base, ads / "good2", seed=2),
-           "mismatch": make_tiny_lora(other, ads / "mismatch", seed=3)}
+           "mismatch": make_tiny_lora(other, ads / "mismatch", seed=3),
+           "dora": make_tiny_lora(base, ads / "dora", seed=4, use_dora=True),
+           "modules_to_save": make_tiny_lora(base, ads / "modules_to_save", seed=5,
+                                             modules_to_save=["lm_head"])}
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
                         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     pm.save_pretrained(ads / "prompt_tuning")

@@ -27,13 +27,16 @@ Adapter load/unload map to vLLM's ``/v1/load_lora_adapter`` / ``/v1/unload_lora_
 llama-server cannot load adapter files at run time, so there only adapters it was started with
 (``--lora FILE``) can be (re-)exposed or hidden, and other loads get a 501 saying so.
 Upstream errors come back in OpenAI's shape with a clear status: the upstream's own 4xx message,
-502 for its 5xx or a refused upstream key, 503 when it is unreachable, 504 on its timeout.
+502 for its 5xx or a refused upstream key, 503 when it is unreachable, 504 on its timeout. Replies
+are bounded and checked (:mod:`~shoptune.serve.upstream_wire`): a reply that cannot be trusted
+(not JSON of OpenAI's shape, not an event stream, a stream cut before ``[DONE]`` or a
+``finish_reason``, more than ``max_tokens`` tokens, more than ``max_reply_bytes``) is a 502, and
+upstream text is redacted (its key, ``Bearer`` tokens) before it reaches a client or the log.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
+import functools
 import logging
 import threading
 import time
@@ -46,64 +49,31 @@ import httpx
 from shoptune.decoding import choice_tokens  # noqa: F401 (the tokens best_choice compares)
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
+from shoptune.serve.upstream_wire import (ERROR_BODY_BYTES, NO_COMPRESSION, NotSupported, Reply,
+                                          UpstreamError, aread_capped, bad_reply, describe,
+                                          describe_bytes, error_message, error_text, finish_reason,
+                                          number_list_gbnf, number_list_regex, read_capped, redact,
+                                          register_secret, sse_lines, stream_event, transport_error,
+                                          upstream_error)
 
+__all__ = ["UpstreamEngine", "UpstreamError", "NotSupported", "choice_tokens", "number_list_gbnf",
+           "number_list_regex"]
 log = logging.getLogger("shoptune.serve")
 KINDS = ("auto", "vllm", "llama.cpp", "openai")
 CHOICE_BIAS = 100.0  # logit_bias for valid option tokens (OpenAI's and vLLM's maximum)
-MAX_PERMUTATIONS = 720  # unique number lists up to 6! are spelled out; longer ones drop uniqueness
+MAX_REPLY_BYTES = 8 << 20  # default --upstream-max-bytes: one reply body, or one whole stream
 
 
-class UpstreamError(EngineError):
-    """The upstream engine answered with an error or could not be reached."""
-
-    def __init__(self, message: str, *, status: int = 502, type_: str = "server_error",
-                 code: str | None = "upstream_error", param: str | None = None):
-        super().__init__(message, param=param)
-        self.status, self.type, self.code = status, type_, code
-
-
-class NotSupported(EngineError):
-    status, type, code = 501, "invalid_request_error", "not_supported_by_upstream"
-
-
-# ----------------------------------------------------------------------------- constraints
-
-def _numbers(max_value: int) -> list[str]:
-    return [str(n) for n in range(1, max_value + 1)]
-
-
-def _number_lists(max_value: int, count: int, unique: bool) -> list[list[str]] | None:
-    """All allowed lists spelled out when uniqueness needs it and there are few; else None."""
-    n = min(count, max_value)
-    if not unique or n <= 1:
-        return None
-    total = 1
-    for k in range(n):
-        total *= max_value - k
-    if total > MAX_PERMUTATIONS:
-        return None
-    return [list(p) for p in itertools.permutations(_numbers(max_value), n)]
-
-
-def number_list_gbnf(max_value: int, count: int, unique: bool) -> str:
-    """GBNF (llama.cpp) for exactly ``min(count, max_value)`` numbers in 1..max_value joined by
-    ", " (no number twice when ``unique``): the strings NumberListProcessor lets through."""
-    n = min(count, max_value)
-    lists = _number_lists(max_value, count, unique)
-    if lists is not None:
-        return "root ::= " + " | ".join('"' + ", ".join(p) + '"' for p in lists) + "\n"
-    num = " | ".join(f'"{x}"' for x in _numbers(max_value))
-    return "root ::= num" + ' ", " num' * (n - 1) + f"\nnum ::= {num}\n"
-
-
-def number_list_regex(max_value: int, count: int, unique: bool) -> str:
-    """The same language as :func:`number_list_gbnf`, as a regex (vLLM structured outputs)."""
-    n = min(count, max_value)
-    lists = _number_lists(max_value, count, unique)
-    if lists is not None:
-        return "(" + "|".join(", ".join(p) for p in lists) + ")"
-    num = "(" + "|".join(sorted(_numbers(max_value), key=len, reverse=True)) + ")"
-    return num + f"(, {num})" * (n - 1)
+@functools.lru_cache(maxsize=256)
+def constraint(kind: str, max_value: int, count: int, unique: bool) -> tuple[str, object] | None:
+    """The upstream body field that constrains a number list: ("grammar", GBNF) for llama.cpp,
+    ("structured_outputs", {"regex": ...}) for vLLM, None for a plain OpenAI server. A few
+    kilobytes at most (see :mod:`~shoptune.serve.upstream_wire`): built on the event loop."""
+    if kind == "llama.cpp":
+        return "grammar", number_list_gbnf(max_value, count, unique)
+    if kind == "vllm":
+        return "structured_outputs", {"regex": number_list_regex(max_value, count, unique)}
+    return None
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -119,45 +89,6 @@ def _root(url: str) -> str:
     return url[:-3] if url.endswith("/v1") else url
 
 
-def _error_message(resp: httpx.Response) -> str:
-    try:
-        body = resp.json()
-    except ValueError:
-        return resp.text.strip()[:300] or resp.reason_phrase
-    err = body.get("error", body) if isinstance(body, dict) else body
-    if isinstance(err, dict):
-        return str(err.get("message") or err.get("detail") or err)[:500]
-    return str(err)[:500]
-
-
-def upstream_error(resp: httpx.Response, kind: str) -> UpstreamError:
-    """The upstream's error answer as the gateway's: its 4xx message kept, statuses made clear."""
-    msg, s = _error_message(resp), resp.status_code
-    text = f"upstream {kind} returned {s}: {msg}"
-    if s in (400, 422):
-        return UpstreamError(text, status=400, type_="invalid_request_error", code="upstream_rejected")
-    if s in (401, 403):
-        return UpstreamError(f"the upstream {kind} refused the gateway's key ({s}): {msg}; "
-                             "check --upstream-api-key-env", status=502)
-    if s == 404:
-        return UpstreamError(text, status=404, type_="not_found_error", code="upstream_not_found")
-    if s == 429:
-        return UpstreamError(text, status=429, type_="rate_limit_error", code="upstream_busy")
-    if s == 503:
-        return UpstreamError(text, status=503, code="upstream_unavailable")
-    if s == 501:
-        return NotSupported(text)
-    return UpstreamError(text, status=502)
-
-
-def _transport_error(e: Exception, url: str) -> UpstreamError:
-    if isinstance(e, httpx.TimeoutException):
-        return UpstreamError(f"upstream {url} timed out ({type(e).__name__})", status=504,
-                             code="upstream_timeout")
-    return UpstreamError(f"upstream {url} unreachable: {type(e).__name__}: {e}", status=503,
-                         code="upstream_unreachable")
-
-
 class UpstreamEngine(JobStream):
     """Jobs answered by an OpenAI-compatible engine over HTTP (see the module docstring).
 
@@ -169,13 +100,15 @@ class UpstreamEngine(JobStream):
     def __init__(self, url: str, tokenizer, *, base_name: str, kind: str = "auto",
                  api_key: str | None = None, adapters: dict[str, str] | None = None,
                  max_concurrency: int = 64, max_queue: int = 256, timeout: float = 600.0,
-                 upstream_model: str | None = None, health_interval: float = 2.0):
+                 upstream_model: str | None = None, health_interval: float = 2.0,
+                 max_reply_bytes: int = MAX_REPLY_BYTES):
         if kind not in KINDS:
             raise ValueError(f"--upstream-kind {kind!r}: one of {', '.join(KINDS)}")
         self.url, self.root = url, _root(url)
         self.tok, self.base_name = tokenizer, base_name
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.timeout = timeout
+        register_secret(api_key)  # never echoed back: redacted from any upstream text
+        self.headers = {**NO_COMPRESSION, **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self.timeout, self.max_reply_bytes = timeout, max_reply_bytes
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.health_interval = health_interval
         self.adapters: dict[str, str] = {}  # served name -> shown path/ref (as Engine.adapters)
@@ -197,6 +130,11 @@ class UpstreamEngine(JobStream):
         self.all_lora_ids: list[int] = []
         self._hidden: dict[str, _Adapter] = {}  # llama.cpp adapters unloaded from the gateway (still held)
         self.on_close: list = []  # called (in a thread) at shutdown, e.g. stopping a supervised upstream
+        # called with (name, folder) / (name) after a run-time load / unload upstream, e.g. so a
+        # supervised vLLM restarts with the adapters it had
+        self.on_load: list = []
+        self.on_unload: list = []
+        self.before_load: list = []  # (name, folder) -> raise AdapterError to refuse a run-time load
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self.kind, self.upstream_model = self._discover(kind, upstream_model)
@@ -207,26 +145,42 @@ class UpstreamEngine(JobStream):
                         "loaded there, number lists are not constrained", self.url)
 
     # ------------------------------------------------------------------ discovery
-    def _get(self, path: str, client: httpx.Client) -> httpx.Response:
+    def _call(self, client: httpx.Client, method: str, path: str, **kw) -> Reply:
+        """One blocking request; the reply read whole up to ``max_reply_bytes`` (errors: their
+        first kilobytes)."""
+        url = self.root + path
         try:
-            return client.get(self.root + path, headers=self.headers)
+            with client.stream(method, url, headers=self.headers, **kw) as r:
+                ok = r.status_code < 400
+                body = read_capped(r, self.max_reply_bytes if ok else ERROR_BODY_BYTES, url, truncate=not ok)
+                return Reply(r.status_code, body, r.headers.get("content-type", ""), r.reason_phrase)
         except httpx.HTTPError as e:
-            raise _transport_error(e, self.root + path) from None
+            raise transport_error(e, url) from None
 
     def _discover(self, kind: str, upstream_model: str | None) -> tuple[str, str]:
         """Detect the engine kind, the upstream's base model id and its adapters."""
+        what = f"{self.root}/v1/models"
         with httpx.Client(timeout=30) as client:
-            r = self._get("/v1/models", client)
-            if r.status_code >= 400:
+            r = self._call(client, "GET", "/v1/models")
+            if r.status >= 400:
                 raise upstream_error(r, "engine")
-            models = r.json().get("data", [])
+            models = r.json(what).get("data")
+            if not isinstance(models, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+                raise bad_reply(what, "not an OpenAI model list ({\"data\": [{\"id\": ...}, ...]}); "
+                                      f"its data is {describe(models)}")
             loras = None
             if kind in ("auto", "llama.cpp"):
-                lr = self._get("/lora-adapters", client)
-                if lr.status_code == 200 and isinstance(lr.json(), list):
-                    loras, kind = lr.json(), "llama.cpp"
+                lr = self._call(client, "GET", "/lora-adapters")
+                listed = lr.json(f"{self.root}/lora-adapters", list) if lr.status == 200 and \
+                    lr.body.lstrip().startswith(b"[") else None
+                if listed is not None:
+                    if not all(isinstance(a, dict) and isinstance(a.get("id"), int) for a in listed):
+                        raise bad_reply(f"{self.root}/lora-adapters", "not llama-server's adapter list "
+                                        "([{\"id\": 0, \"path\": ...}, ...])")
+                    loras, kind = listed, "llama.cpp"
                 elif kind == "llama.cpp":
-                    raise upstream_error(lr, "llama.cpp") if lr.status_code >= 400 else \
+                    raise upstream_error(lr, "llama.cpp") if lr.status >= 400 else \
                         UpstreamError(f"{self.root}/lora-adapters is not llama-server's adapter list")
             if kind == "auto":
                 kind = "vllm" if any(m.get("owned_by") == "vllm" for m in models) else "openai"
@@ -294,19 +248,20 @@ class UpstreamEngine(JobStream):
             if name in self.adapters or name in self.draining:
                 raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
             if self.kind == "vllm":
+                for check in self.before_load:  # e.g. a supervised vLLM's rank limit: a clear 400
+                    check(name, str(path))
                 with httpx.Client(timeout=self.timeout) as client:
-                    try:
-                        r = client.post(self.root + "/v1/load_lora_adapter", headers=self.headers,
-                                        json={"lora_name": name, "lora_path": str(path)})
-                    except httpx.HTTPError as e:
-                        raise _transport_error(e, self.root) from None
-                if r.status_code >= 400:
+                    r = self._call(client, "POST", "/v1/load_lora_adapter",
+                                   json={"lora_name": name, "lora_path": str(path)})
+                if r.status >= 400:
                     err = upstream_error(r, "vllm")
-                    if r.status_code == 404:  # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+                    if r.status == 404:  # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
                         raise NotSupported(f"{err.message} (start vLLM with "
                                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
                     raise err
                 self._add(name, _Adapter(name))
+                for hook in self.on_load:
+                    hook(name, str(path))
             elif self.kind == "llama.cpp":
                 held = self._held(Path(path))
                 if held is None:
@@ -341,19 +296,20 @@ class UpstreamEngine(JobStream):
         with self._admin_lock:
             a = self._lora[name]
             if self.kind == "vllm":
-                with httpx.Client(timeout=self.timeout) as client:
-                    try:
-                        r = client.post(self.root + "/v1/unload_lora_adapter", headers=self.headers,
-                                        json={"lora_name": a.ref})
-                    except httpx.HTTPError as e:
-                        self.draining.discard(name)
-                        raise _transport_error(e, self.root) from None
-                if r.status_code >= 400:
+                try:
+                    with httpx.Client(timeout=self.timeout) as client:
+                        r = self._call(client, "POST", "/v1/unload_lora_adapter", json={"lora_name": a.ref})
+                except UpstreamError:
+                    self.draining.discard(name)
+                    raise
+                if r.status >= 400:
                     self.draining.discard(name)
                     raise upstream_error(r, "vllm")
             elif self.kind == "llama.cpp":  # llama-server keeps it in memory; the gateway hides it
                 self._hidden[name] = a
             del self._lora[name], self.adapters[name]
+            for hook in self.on_unload:
+                hook(name)
             self.draining.discard(name)
         log.info("unloaded adapter %s", name)
 
@@ -395,11 +351,9 @@ class UpstreamEngine(JobStream):
             body["stop"] = list(job.stop)
         plan = job.plan
         if plan is not None and plan.numeric:
-            if self.kind == "llama.cpp":
-                body["grammar"] = number_list_gbnf(plan.max_value, plan.count, plan.unique)
-            elif self.kind == "vllm":
-                body["structured_outputs"] = {"regex": number_list_regex(plan.max_value, plan.count,
-                                                                         plan.unique)}
+            field = constraint(self.kind, plan.max_value, plan.count, plan.unique)
+            if field is not None:
+                body[field[0]] = field[1]
         return body
 
     def submit(self, job: Job) -> Job:
@@ -410,6 +364,8 @@ class UpstreamEngine(JobStream):
         if job.kind == "score" or job.logprobs is not None:
             raise NotSupported("logprobs and echo are not passed through the gateway yet; ask the "
                                f"upstream {self.kind} engine directly", param="logprobs")
+        if job.plan is not None and job.plan.numeric:  # (a 400 now rather than after the queue)
+            constraint(self.kind, job.plan.max_value, job.plan.count, job.plan.unique)
         if self._waiting >= self.max_queue:
             raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
         job.loop = asyncio.get_running_loop()
@@ -461,21 +417,37 @@ class UpstreamEngine(JobStream):
                 self.stats.on_tokens(job.model or self.base_name, len(job.prompt_ids),
                                      len(job.gen_ids))
 
-    async def _post(self, body: dict) -> dict:
+    async def _reply(self, r: httpx.Response, what: str) -> Reply:
+        ok = r.status_code < 400
+        body = await aread_capped(r, self.max_reply_bytes if ok else ERROR_BODY_BYTES, what, truncate=not ok)
+        return Reply(r.status_code, body, r.headers.get("content-type", ""), r.reason_phrase)
+
+    async def _post(self, body: dict, what: str) -> dict:
+        """A non-streamed completion: its reply (at most ``max_reply_bytes``) as a JSON object."""
         try:
-            r = await self._client.post(self.root + "/v1/completions", json=body, headers=self.headers)
+            async with self._client.stream("POST", self.root + "/v1/completions", json=body,
+                                           headers=self.headers) as r:
+                reply = await self._reply(r, what)
         except httpx.HTTPError as e:
-            raise _transport_error(e, self.root) from None
-        if r.status_code >= 400:
-            raise upstream_error(r, self.kind)
+            raise transport_error(e, self.root) from None
+        if reply.status >= 400:
+            raise upstream_error(reply, self.kind)
+        out = reply.json(what)
+        if "error" in out:
+            raise UpstreamError(f"{what} failed: {error_text(out['error'])}")
         self.upstream_error = None
-        return r.json()
+        return out
 
     async def _choose(self, job: Job) -> None:
         valid = choice_tokens(self.tok, job.choices)
-        out = await self._post(self.payload(job))
-        text = (out.get("choices") or [{}])[0].get("text") or ""
-        job.text = self._match_choice(text, valid, job.choices)
+        what = f"upstream {self.kind} completion"
+        out = await self._post(self.payload(job), what)
+        choices = out.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)
+                and isinstance(choices[0].get("text"), str)):
+            raise bad_reply(what, "the upstream's 200 reply is not an OpenAI completion (no "
+                                  f"choices[0].text; choices is {describe(choices)})")
+        job.text = self._match_choice(choices[0]["text"], valid, job.choices)
         job.gen_ids = [0]
         job.emit(len(job.text))
         job.done("stop")
@@ -488,46 +460,69 @@ class UpstreamEngine(JobStream):
         for c in choices:  # a different detokenization of the same token
             if text.strip().lower() == c.lower() or text.strip().lower().startswith(c.lower()):
                 return c
-        raise UpstreamError(f"the upstream answered {text!r}, not one of the options "
+        raise UpstreamError(f"the upstream answered {text[:100]!r}, not one of the options "
                             f"{list(choices)} (does it honour logit_bias?)")
 
     async def _generate(self, job: Job) -> None:
+        """A streamed completion, read event by event. Complete only with ``[DONE]`` or a
+        ``finish_reason`` (or at the line end the plan stops at); anything else is a 502:
+        a reply that is not an event stream, an event that is not a JSON object of OpenAI's
+        shape, a stream cut short, more than ``max_tokens`` tokens, more than
+        ``max_reply_bytes`` bytes. Deltas already streamed to the client stay sent; the app
+        then ends the client's stream with an error event and ``[DONE]``."""
         body = self.payload(job)
-        plan, reason, usage = job.plan, "stop", None
+        plan, reason, usage, ended = job.plan, None, None, False
+        what = f"upstream {self.kind} stream"
+        max_deltas, max_events = job.max_new_tokens + 8, 2 * job.max_new_tokens + 64
+        deltas = events = 0
         try:
             async with self._client.stream("POST", self.root + "/v1/completions", json=body,
                                            headers=self.headers) as r:
+                ctype = r.headers.get("content-type", "")
                 if r.status_code >= 400:
-                    await r.aread()
-                    raise upstream_error(r, self.kind)
+                    raise upstream_error(await self._reply(r, what), self.kind)
+                if not ctype.startswith("text/event-stream"):
+                    head = await aread_capped(r, ERROR_BODY_BYTES, what, truncate=True)
+                    raise bad_reply(what, f"the upstream answered {r.status_code} with "
+                                          f"{ctype or 'no content type'}, not an event stream "
+                                          f"({describe_bytes(head)})")
                 self.upstream_error = None
-                async for line in r.aiter_lines():
+                async for line in sse_lines(r, self.max_reply_bytes, what):
                     if not line.startswith("data:"):
-                        continue
+                        continue  # (comments, event names, keep-alive pings)
                     data = line[5:].strip()
                     if data == "[DONE]":
+                        ended = True
                         break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        err = chunk["error"]
-                        raise UpstreamError(f"upstream {self.kind} failed mid-stream: "
-                                            f"{err.get('message', err) if isinstance(err, dict) else err}")
-                    usage = chunk.get("usage") or usage
-                    for ch in chunk.get("choices") or []:
+                    events += 1
+                    if events > max_events:
+                        raise bad_reply(what, f"more than {max_events} events for max_tokens="
+                                              f"{job.max_new_tokens}")
+                    choices, usage = stream_event(data, what, self.kind, usage)
+                    for ch in choices:
                         delta = ch.get("text") or ""
                         if delta:
+                            deltas += 1
+                            if deltas > max_deltas:
+                                raise bad_reply(what, f"more than max_tokens={job.max_new_tokens} "
+                                                      "tokens (the upstream ignores max_tokens)")
                             job.gen_ids.append(0)  # (a chunk per token; usage corrects it below)
                             job.text += delta
                             job.emit(len(job.text))
                         if ch.get("finish_reason"):
-                            reason = "length" if ch["finish_reason"] == "length" else "stop"
+                            reason = finish_reason(ch["finish_reason"], what)
                     if plan is not None and plan.stop_newline and "\n" in job.text.lstrip():
+                        ended = True
                         break  # as the built-in engine: the first line is the answer; closing stops it
         except httpx.HTTPError as e:
-            raise _transport_error(e, self.root) from None
-        if usage and usage.get("completion_tokens"):
-            job.gen_ids = [0] * int(usage["completion_tokens"])  # (the app counts this list)
-        job.done(reason)
+            raise transport_error(e, self.root) from None
+        if not ended and reason is None:
+            raise bad_reply(what, f"the stream ended without [DONE] or a finish_reason, after "
+                                  f"{len(job.text)} characters (cut short)")
+        tokens = (usage or {}).get("completion_tokens")
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and 0 < tokens <= max_deltas:
+            job.gen_ids = [0] * tokens  # (the app counts this list)
+        job.done(reason or "stop")
 
     # ------------------------------------------------------------------ lifecycle, health
     def _ensure_started(self) -> None:
@@ -547,12 +542,28 @@ class UpstreamEngine(JobStream):
         path = "/v1/models" if self.kind == "openai" else "/health"
         while not self._stopping:
             try:
-                r = await self._client.get(self.root + path, headers=self.headers, timeout=10)
-                self.upstream_error = None if r.status_code < 400 else \
-                    f"upstream {self.root}{path} answered {r.status_code}: {_error_message(r)}"
+                async with self._client.stream("GET", self.root + path, headers=self.headers,
+                                               timeout=10) as r:
+                    reply = Reply(r.status_code, await aread_capped(r, ERROR_BODY_BYTES, path, truncate=True),
+                                  r.headers.get("content-type", ""), r.reason_phrase)
+                error = None if reply.status < 400 else \
+                    f"upstream {self.root}{path} answered {reply.status}: {error_message(reply)}"
             except httpx.HTTPError as e:
-                self.upstream_error = f"upstream {self.root} unreachable: {type(e).__name__}: {e}"
+                error = f"upstream {self.root} unreachable: {type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - the poller must outlive any one odd reply
+                error = f"upstream {self.root}{path}: {type(e).__name__}: {e}"
+            self._set_health(error)
             await asyncio.sleep(self.health_interval)
+
+    def _set_health(self, error: str | None) -> None:
+        """Record the health check's result; log only its changes (not every poll)."""
+        error = redact(error) if error else None
+        if error != self.upstream_error:
+            if error is None:
+                log.info("upstream %s is ready", self.root)
+            else:
+                log.warning("upstream not ready: %s", error)
+        self.upstream_error = error
 
     def health(self) -> dict:
         """Live while the gateway runs (restarting it cannot fix its upstream); ready while the

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shoptune.configfile import ConfigError, load
 from shoptune.train.mixture import MixtureConfig
@@ -30,6 +30,23 @@ class LoraSettings(BaseModel):
         if self.target_modules == "attention+mlp":
             return ATTENTION + MLP
         return list(self.target_modules)
+
+
+class PolySettings(BaseModel):
+    """``peft: poly``: peft's Poly / Multi-Head Routing adapter, an inventory of ``n_skills`` LoRA
+    skills per layer (each of rank ``lora.r``) mixed by a learned routing per task or capability;
+    ``n_splits`` > 1 routes each of that many slices of a layer on its own (MHR). Trainable
+    parameters: ``n_skills`` times a rank-``lora.r`` LoRA (plus the tiny router), so 4 skills of
+    r=8 cost what one r=32 LoRA costs. ``lora.alpha``/``dropout`` do not apply (Poly scales by 1/r)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    n_skills: int = Field(default=4, ge=1)
+    n_splits: int = Field(default=1, ge=1)
+    route_by: Literal["task", "capability"] = "task"
+    # peft's Poly scales its update by 1/r (LoRA's alpha/r with alpha = 1). ``alpha`` gives it
+    # LoRA's alpha/r instead, through the equivalent reparametrisation under Adam (A initialised
+    # x sqrt(alpha), learning rate x sqrt(alpha); B starts at 0), so a Poly arm and a LoRA arm of
+    # the same alpha/r learn at the same pace. None: peft's plain Poly.
+    alpha: float | None = Field(default=None, gt=0)
 
 
 class CurriculumSettings(BaseModel):
@@ -55,6 +72,12 @@ class TrainConfig(BaseModel):
     mixture: MixtureConfig = MixtureConfig()
     protocol: Literal["starter-kit", "chat"] = "starter-kit"
     lora: LoraSettings = LoraSettings()
+    peft: Literal["lora", "poly"] = "lora"  # poly: task-routed LoRA experts (see PolySettings)
+    poly: PolySettings = PolySettings()
+    # how the groups' losses are combined (shoptune.train.balancing): static = token mean
+    loss_balancing: Literal["static", "equal", "uncertainty", "upgrad"] = "static"
+    balance_by: Literal["capability", "task"] = "capability"
+    balance_lr: float = Field(default=0.01, gt=0, le=1)  # uncertainty: the log-variances' learning rate
     curriculum: Literal["none", "three-stage"] = "none"
     three_stage: CurriculumSettings = CurriculumSettings()
     max_steps: int = Field(default=100, ge=1)
@@ -86,6 +109,26 @@ class TrainConfig(BaseModel):
     # example (train/packing.py); same loss and gradients as the padded batch, no pad FLOPs
     packing: bool = False
 
+    @model_validator(mode="after")
+    def _methods_combine(self) -> "TrainConfig":
+        if self.curriculum == "three-stage" and self.peft != "lora":
+            raise ValueError("peft: poly cannot be combined with curriculum: three-stage")
+        if self.curriculum == "three-stage" and self.loss_balancing != "static":
+            raise ValueError(f"loss_balancing: {self.loss_balancing} cannot be combined with "
+                             "curriculum: three-stage (it sets its own task weights)")
+        if self.peft == "poly" and (self.eval_steps or self.eval_data):
+            raise ValueError("peft: poly: evaluate its exported experts (`shoptune export experts`), "
+                             "not with eval_steps / eval_data during training")
+        if self.peft == "poly" and (self.lora.use_rslora or self.lora.dropout):
+            raise ValueError("peft: poly has no rsLoRA scaling or dropout (lora.use_rslora, lora.dropout)")
+        if self.peft == "poly" and self.packing:
+            raise ValueError("peft: poly routes each batch row to one task; packing: true puts several "
+                             "examples in one row")
+        if self.peft == "poly" and self.quantization != "none":
+            raise ValueError(f"peft: poly adapts plain Linear layers only (peft), not quantization: "
+                             f"{self.quantization}")
+        return self
+
     @field_validator("output_dir")
     @classmethod
     def _output_dir_is_a_folder(cls, v: str) -> str:
@@ -106,4 +149,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     return load(TrainConfig, path, overrides, what="training config")
 
 
-__all__ = ["ConfigError", "TrainConfig", "LoraSettings", "CurriculumSettings", "load_config"]
+__all__ = ["ConfigError", "TrainConfig", "LoraSettings", "PolySettings", "CurriculumSettings", "load_config"]

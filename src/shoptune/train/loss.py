@@ -15,7 +15,8 @@ from shoptune.train.format import IGNORE
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
-    """Right-pad a batch; labels -100 on padding; carry each row's task id."""
+    """Right-pad a batch; labels -100 on padding; carry each row's task id (and its ``route_id``
+    / ``group_id`` when the examples have them)."""
     n = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), n), pad_id, dtype=torch.long)
     labels = torch.full((len(features), n), IGNORE, dtype=torch.long)
@@ -25,28 +26,35 @@ def collate(features: list[dict], pad_id: int) -> dict:
         ids[i, :k] = torch.tensor(f["input_ids"])
         labels[i, :k] = torch.tensor(f["labels"])
         mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "task_ids": torch.tensor([f["task_id"] for f in features])}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+           "task_ids": torch.tensor([f["task_id"] for f in features])}
+    for key in ("route_id", "group_id"):  # Poly's routing; the loss balancer's groups
+        if key in features[0]:
+            out[key + "s"] = torch.tensor([f[key] for f in features])
+    return out
 
 
 def answer_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        labels: torch.Tensor, *, answer_logits_only: bool = True, **packed
+                        labels: torch.Tensor, *, answer_logits_only: bool = True,
+                        route_ids: torch.Tensor | None = None, **packed
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every answer token, flat, and the example each one belongs to: its batch
     row, or with a packed batch (``packed``: position_ids, cu_seq_lens_q/k, ... from
     ``packing.collate_packed``, passed on to the model) its example within the row.
 
-    ``answer_logits_only=False`` computes logits at every position (the reference path)."""
+    ``answer_logits_only=False`` computes logits at every position (the reference path).
+    ``route_ids``: each row's Poly task id (peft's ``task_ids``), for routed adapters."""
+    extra = {"task_ids": route_ids} if route_ids is not None else {}
     target = labels[:, 1:]
     keep = target != IGNORE  # (B, L-1): positions whose next token is an answer token
     if answer_logits_only:
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = keep
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       logits_to_keep=mask, **packed).logits.float()  # (N, V), row-major order of mask
+                       logits_to_keep=mask, **packed, **extra).logits.float()  # (N, V), row-major order of mask
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       **packed).logits[:, :-1][keep].float()
+                       **packed, **extra).logits[:, :-1][keep].float()
     losses = F.cross_entropy(logits, target[keep], reduction="none")
     if "position_ids" in packed:
         from shoptune.train.packing import example_index

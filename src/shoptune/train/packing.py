@@ -35,6 +35,8 @@ def collate_packed(features: list[dict]) -> dict:
     max_length_q/k, plus one task id per example (no attention_mask: nothing is padded)."""
     batch = _flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
     batch["task_ids"] = torch.tensor([f["task_id"] for f in features])
+    if "group_id" in features[0]:  # the loss balancer's groups, one per example like task ids
+        batch["group_ids"] = torch.tensor([f["group_id"] for f in features])
     return batch
 
 

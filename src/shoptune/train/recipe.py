@@ -25,9 +25,11 @@ from shoptune._io import write_json
 from shoptune.train.config import TrainConfig, load_config
 from shoptune.train.format import IGNORE, encode_records
 from shoptune.train.mixture import MixtureConfig, build_mixture
+from shoptune.experts import routing_table
 from shoptune.train.sharded import full_state_dict
 from shoptune.train.trainer import (PeriodicEval, base_weights_dtype, build_model,
-                                    latest_complete_checkpoint, make_trainer, save_adapter, train)
+                                    latest_complete_checkpoint, make_trainer, save_adapter,
+                                    trainable_parameters, train)
 
 
 def _git_commit() -> str | None:
@@ -47,6 +49,23 @@ def _versions() -> dict:
     return {"shoptune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__,
             "python": platform.python_version()}
+
+
+def _balancer(cfg: TrainConfig, records, task_names: list[str], examples: list[dict]):
+    """The loss balancer over capabilities (or tasks); each example gets its ``group_id``."""
+    if cfg.loss_balancing == "static":
+        return None
+    from shoptune.records import CAPABILITIES
+    from shoptune.train.balancing import Balancer
+    cap = {r.task: r.capability for r in records}
+    if cfg.balance_by == "task":
+        groups, group_of = task_names, {t: i for i, t in enumerate(task_names)}
+    else:
+        groups = [c for c in CAPABILITIES if c in set(cap.values())]
+        group_of = {t: groups.index(cap[t]) for t in task_names}
+    for e in examples:
+        e["group_id"] = group_of[task_names[e["task_id"]]]
+    return Balancer(cfg.loss_balancing, groups, lr=cfg.balance_lr)
 
 
 def validation_records(mix: MixtureConfig, n: int, seed: int):
@@ -83,14 +102,20 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         raise ValueError("the mixture selected no training rows; check sources and filters")
     val = validation_records(cfg.mixture, cfg.eval_samples, cfg.seed) if cfg.eval_steps else []
 
-    # 2. model + LoRA
+    # 2. model + adapter (LoRA, or Poly routed by task/capability), loss balancing groups
+    routing = routing_table(records, cfg.poly.route_by) if cfg.peft == "poly" else None
     model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg),
                              gradient_checkpointing=cfg.gradient_checkpointing,
-                             quantization=cfg.quantization, packing=cfg.packing)
+                             quantization=cfg.quantization, packing=cfg.packing, peft=cfg.peft,
+                             poly=cfg.poly, n_routes=len(routing["routes"]) if routing else 1)
     task_names = sorted({r.task for r in records})
     task_index = {t: i for i, t in enumerate(task_names)}
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
                               task_index=task_index)
+    balancer = _balancer(cfg, records, task_names, examples)
+    if routing:
+        for e in examples:
+            e["route_id"] = routing["task_route"][task_names[e["task_id"]]]
     manifest["tokens"] = {"total": sum(e["length"] for e in examples),
                           "answer": sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples)}
 
@@ -102,7 +127,8 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
                                                      task_names, out, resume=resume,
                                                      evaluator=evaluator)
     else:
-        trainer = make_trainer(cfg, model, tok, examples, task_names, out, cfg.max_steps, evaluator)
+        trainer = make_trainer(cfg, model, tok, examples, task_names, out, cfg.max_steps, evaluator,
+                               balancer=balancer)
         train(trainer, out, resume)
         curriculum_report = None
 
@@ -111,12 +137,15 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     is_main = trainer.is_world_process_zero()
     result: dict = {}
     if is_main:
-        adapter = save_adapter(trainer.model, out, gathered)
+        adapter = save_adapter(trainer.model, out, gathered,
+                               extra={"routing.json": routing} if routing else None)
         hist = [h for h in trainer.state.log_history if "loss" in h]
         earlier = [st for st in ((curriculum_report or {}).get("stages") or {}).values()]
         result = {
             "config": cfg.model_dump(), "mixture": manifest, "curriculum": curriculum_report,
             "adapter": str(adapter), "git_commit": _git_commit(), "versions": _versions(),
+            "trainable_params": trainable_parameters(trainer.model),
+            "balancing": ({**balancer.state(), **balancer.log_items()} if balancer is not None else None),
             "argv": sys.argv, "world_size": trainer.args.world_size,
             # a curriculum's earlier stages count: steps and tokens add up, first loss is stage 2's
             "metrics": {"first_loss": next((st["first_loss"] for st in earlier), None)

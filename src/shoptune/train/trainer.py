@@ -31,9 +31,11 @@ class ShopTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, task_names: list[str], task_weights: torch.Tensor | None = None,
-                 answer_logits_only: bool = True, **kwargs):
+                 answer_logits_only: bool = True, balancer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.answer_logits_only = answer_logits_only
+        self.balancer = balancer  # shoptune.train.balancing.Balancer, or None (static)
+        self._probed_step = -1
         self.model_accepts_loss_kwargs = True  # so Trainer counts answer tokens over the GA window
         self.task_names = task_names
         self.task_weights = task_weights if task_weights is not None else torch.ones(len(task_names))
@@ -41,29 +43,82 @@ class ShopTrainer(Trainer):
         self._task_n = torch.zeros(len(task_names), dtype=torch.float64)
         self._last_log = (time.time(), 0)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _row_losses(self, model, inputs):
+        """Per-row answer-token loss sums and counts; records the per-task loss for logging."""
         labels = inputs.pop("labels")
         task_ids = inputs.pop("task_ids")
+        route_ids = inputs.pop("route_ids", None)
         packed = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         tok_loss, rows = answer_token_losses(model, inputs["input_ids"], inputs.get("attention_mask"),
                                              labels, answer_logits_only=self.answer_logits_only,
+                                             route_ids=route_ids,
                                              **packed)  # packed batches: position ids, boundaries
         n_rows = task_ids.shape[0]  # one per example (a packed row holds several)
         row_sum = torch.zeros(n_rows, dtype=tok_loss.dtype, device=tok_loss.device).index_add(
             0, rows, tok_loss)
         row_n = torch.bincount(rows, minlength=n_rows).to(tok_loss.dtype)
-        weights = self.task_weights.to(row_sum.device)[task_ids]
+        with torch.no_grad():
+            self._task_sum.index_add_(0, task_ids.cpu(), row_sum.detach().double().cpu())
+            self._task_n.index_add_(0, task_ids.cpu(), row_n.double().cpu())
+        return row_sum * self.task_weights.to(row_sum.device)[task_ids], row_n
+
+    def _ga_steps(self) -> int:
+        return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+
+    def _group_means(self, model, inputs):
+        from shoptune.train.balancing import group_means
+        group_ids = inputs.pop("group_ids")
+        row_sum, row_n = self._row_losses(model, inputs)
+        return group_means(row_sum, row_n, group_ids.to(row_sum.device), len(self.balancer.groups))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.balancer is not None:
+            means, present = self._group_means(model, inputs)
+            if self.balancer.method == "uncertainty" and model.training and self.args.logging_steps and \
+                    (self.state.global_step + 1) % self.args.logging_steps == 0 and \
+                    self._probed_step != self.state.global_step:
+                self._probed_step = self.state.global_step
+                self.balancer.probe_grad_norms(means, present, self._trainable())
+            loss = self.balancer.combine(means, present) / self._ga_steps()
+            return (loss, None) if return_outputs else loss
+        row_sum, row_n = self._row_losses(model, inputs)
         if num_items_in_batch is None:
             denom = row_n.sum().clamp(min=1) * self.args.gradient_accumulation_steps
         else:
             denom = num_items_in_batch
-        loss = (row_sum * weights).sum() / denom
+        loss = row_sum.sum() / denom
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        with torch.no_grad():
-            self._task_sum.index_add_(0, task_ids.cpu(), row_sum.detach().double().cpu())
-            self._task_n.index_add_(0, task_ids.cpu(), row_n.double().cpu())
         return (loss, None) if return_outputs else loss
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """``loss_balancing: upgrad``: the group losses' Jacobian, aggregated by torchjd, becomes
+        the gradient (instead of one backward of a scalar loss)."""
+        if self.balancer is None or not self.balancer.jacobian:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.args.world_size > 1:
+            raise ValueError("loss_balancing: upgrad runs on one process (its Jacobian bypasses "
+                             "DDP's gradient reduction)")
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            means, present = self._group_means(model, inputs)
+        ga = self._ga_steps()
+        self.balancer.backward(means, present, self._trainable(), scale=1.0 / ga)
+        return (means[present].mean() / ga).detach()
+
+    def create_optimizer(self, *args, **kwargs):
+        """The balancer's learned log-variances train with the adapter (no weight decay)."""
+        opt = super().create_optimizer(*args, **kwargs)
+        if self.balancer is not None and self.balancer.log_vars.requires_grad:
+            group = {"params": [self.balancer.log_vars], "weight_decay": 0.0}
+            if self.balancer.lr is not None:
+                group["lr"] = self.balancer.lr
+            opt.add_param_group(group)
+        return opt
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
@@ -77,6 +132,8 @@ class ShopTrainer(Trainer):
             if now > t0 and seen > s0:
                 logs["tokens_per_s"] = round((seen - s0) / (now - t0), 1)
             self._last_log = (now, seen)
+            if self.balancer is not None:
+                logs.update(self.balancer.log_items())
         super().log(logs, *args, **kwargs)
 
 
@@ -164,11 +221,19 @@ def use_bf16(setting) -> bool:
     return bool(setting)
 
 
+def effective_learning_rate(cfg: TrainConfig) -> float:
+    """The optimizer's learning rate: the config's, times sqrt(poly.alpha) for a Poly adapter
+    given LoRA's alpha/r scale (:class:`~shoptune.train.config.PolySettings`)."""
+    if cfg.peft == "poly" and cfg.poly.alpha:
+        return cfg.learning_rate * cfg.poly.alpha ** 0.5
+    return cfg.learning_rate
+
+
 def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | None = None) -> TrainingArguments:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))  # transformers 5 reads it here
     return TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=effective_learning_rate(cfg),
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
@@ -192,13 +257,15 @@ def base_weights_dtype(cfg: TrainConfig) -> torch.dtype:
 
 def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float32,
                 gradient_checkpointing: bool = False, quantization: str = "none",
-                packing: bool = False):
-    """The base model with LoRA on ``lora.modules()``. ``base_dtype`` bf16 stores the frozen
-    decoder Linear weights in bf16 (what autocast would cast them to at every step); embeddings,
-    norms, LoRA weights and the optimizer state stay fp32. ``quantization`` nf4/int8 loads those
-    Linear weights k-bit instead (QLoRA, ``quant.py``; ``base_dtype`` is then the compute dtype);
-    ``packing`` switches attention to one that keeps packed examples apart (``packing.py``)."""
-    from peft import LoraConfig, get_peft_model
+                packing: bool = False, peft: str = "lora", poly=None, n_routes: int = 1):
+    """The base model with LoRA on ``lora.modules()`` (or, ``peft="poly"``, peft's Poly adapter:
+    ``poly.n_skills`` rank-``lora.r`` skills per layer routed over ``n_routes`` tasks).
+    ``base_dtype`` bf16 stores the frozen decoder Linear weights in bf16 (what autocast would
+    cast them to at every step); embeddings, norms, adapter weights and the optimizer state stay
+    fp32. ``quantization`` nf4/int8 loads those Linear weights k-bit instead (QLoRA, ``quant.py``;
+    ``base_dtype`` is then the compute dtype); ``packing`` switches attention to one that keeps
+    packed examples apart (``packing.py``)."""
+    from peft import LoraConfig, PolyConfig, get_peft_model
 
     from shoptune.models import load
     if quantization != "none":
@@ -215,42 +282,92 @@ def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float3
     if packing:
         from shoptune.train.packing import use_packed_attention
         use_packed_attention(model)
-    lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.modules(), use_rslora=lora.use_rslora,
-                      task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, lcfg)
+    if peft == "poly":
+        _check_splits(model, lora.modules(), poly.n_splits)
+        pcfg = PolyConfig(r=lora.r, target_modules=lora.modules(), n_tasks=n_routes,
+                          n_skills=poly.n_skills, n_splits=poly.n_splits, task_type="CAUSAL_LM")
+        model = get_peft_model(model, pcfg)
+        if poly.alpha:  # (see PolySettings.alpha; the learning rate is scaled in training_args)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("poly_lora_A.default") or ".poly_lora_A." in name:
+                        p.mul_(poly.alpha ** 0.5)
+    else:
+        lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.modules(), use_rslora=lora.use_rslora,
+                          task_type="CAUSAL_LM", bias="none")
+        model = get_peft_model(model, lcfg)
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tok
 
 
-def save_adapter(model, out: Path, state_dict: dict | None = None) -> Path:
-    """OUT/adapter written into a temp folder, then renamed: never half-written. ``state_dict``:
+def _check_splits(model, modules: list[str], n_splits: int) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in modules:
+            if m.in_features % n_splits or m.out_features % n_splits:
+                raise ValueError(f"poly.n_splits {n_splits} does not divide {name.rsplit('.', 1)[-1]}'s "
+                                 f"{m.in_features} x {m.out_features} features")
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_adapter(model, out: Path, state_dict: dict | None = None, extra: dict | None = None) -> Path:
+    """OUT/adapter written into a temp folder, then renamed: never half-written. ``extra``:
+    JSON files to write beside the adapter (e.g. a Poly adapter's ``routing.json``). ``state_dict``:
     the gathered weights of a sharded (FSDP) model (``sharded.full_state_dict``)."""
     dest = out / "adapter"
     tmp = make_temp_dir(out, ".adapter-")  # (mode as mkdir gives, not mkdtemp's 0700)
     model.save_pretrained(str(tmp), safe_serialization=True,
                           **({"state_dict": state_dict} if state_dict is not None else {}))
+    for name, value in (extra or {}).items():
+        with atomic_open(tmp / name) as fh:
+            fh.write(json.dumps(value, indent=1, sort_keys=True))
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
     return dest
 
 
+class BalancerState(TrainerCallback):
+    """The loss balancer's learned state in each checkpoint (``balancing.json``), for exact
+    resume; its gradients cleared after every optimizer step."""
+
+    FILE = "balancing.json"
+
+    def __init__(self, balancer):
+        self.balancer = balancer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Trainer zeroes the model's gradients after each step; the balancer is not in the model
+        self.balancer.log_vars.grad = None
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            with atomic_open(ckpt / self.FILE) as fh:
+                fh.write(json.dumps(self.balancer.state()))
+
+
 def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: int, evaluator,
                  task_weights: torch.Tensor | None = None,
-                 before_complete: list[TrainerCallback] = (), data_seed: int | None = None) -> ShopTrainer:
+                 before_complete: list[TrainerCallback] = (), data_seed: int | None = None,
+                 balancer=None) -> ShopTrainer:
     """``before_complete``: callbacks whose ``on_save`` adds files to a checkpoint (they run
     before the COMPLETE marker is written). ``data_seed``: the data order's seed (default: the
-    config's seed; a later stage passes another so it does not replay the earlier stage's order)."""
+    config's seed; a later stage passes another so it does not replay the earlier stage's order).
+    ``balancer``: a :class:`~shoptune.train.balancing.Balancer` (examples carry ``group_id``)."""
     from datasets import Dataset
 
+    extra = [BalancerState(balancer)] if balancer is not None else []
     trainer = ShopTrainer(
         model=model, args=training_args(cfg, out, max_steps, data_seed), train_dataset=Dataset.from_list(examples),
         data_collator=collate_packed if cfg.packing else lambda f: collate(f, tok.pad_token_id),
         task_names=task_names,
-        task_weights=task_weights, answer_logits_only=cfg.answer_logits_only,
-        callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, MarkComplete()]
+        task_weights=task_weights, answer_logits_only=cfg.answer_logits_only, balancer=balancer,
+        callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, *extra, MarkComplete()]
         + ([evaluator] if evaluator else []))
     if evaluator:
         evaluator.trainer = trainer
@@ -264,6 +381,8 @@ def train(trainer: ShopTrainer, out: Path, resume: bool) -> None:
     if ckpt is not None:
         step = int(ckpt.name.split("-")[-1])
         _trim_log(out / "log.jsonl", step)
+        if trainer.balancer is not None and (ckpt / BalancerState.FILE).exists():
+            trainer.balancer.restore(json.loads((ckpt / BalancerState.FILE).read_text(encoding="utf-8")))
         if step >= trainer.args.max_steps:
             _restore_finished(trainer, ckpt)
             return

@@ -150,16 +150,16 @@ def test_gpu_recipes_fit_the_gpu_they_are_written_for(recipe, gpu):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [[], ["gradient_checkpointing=true"]])
-def test_plan_within_15_percent_of_measured_cpu_peak_memory(overrides):
+def test_plan_within_15_percent_of_measured_cpu_peak_memory():
     """The recipe on the embedded model, 2 steps of 2 x 512-token rows (the plan's worst case):
     peak resident memory during training, measured by benchmarks/plan_memory.py in its own
-    process, against the plan for the same config."""
+    process, against the plan for the same config (with gradient_checkpointing=true: 1.037 in
+    docs/scaling.md, left out of CI for time)."""
     import json
     import subprocess
     import sys
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plan_memory.py"), "--batch-size", "2",
-                          "--max-length", "512", "--steps", "2", *overrides],
+                          "--max-length", "512", "--steps", "2"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])

@@ -11,10 +11,19 @@ the #4 recipe (LoRA dropout 0.05, logits at every position, fp32 weights under b
 LoRA dropout 0 -> LM head only at answer positions -> frozen base weights stored in bf16 (->
 torch.compile with --compile). The last one is the recipe's default now. TRL pads each batch as it comes and uses its own defaults.
 
+Then ``packing: true`` on top of the new defaults (padding-free batches, same rows, same order):
+packing on/off in the same run.
+
 Reports non-pad tokens/s (steps after the first two, which warm up), the speed-up over the #4
 recipe, and MFU: 4 x base-parameter FLOPs per token (forward 2N, backward to the activations 2N;
 LoRA needs no base-weight gradients) over the matmul peak measured in this run, for bf16 and
-fp32. ``--loss-steps N`` also trains the #4 recipe and the new defaults N steps on the same rows
+fp32. A 2048^3 matmul peak is no ceiling for a 576-wide model, so for the new defaults, padded
+and packed, it also reports ``mfu.shape_ceiling``: the matmuls one step actually runs (every
+decoder Linear forward and backward-to-input at the step's token count, the LoRA products, the LM
+head at the answer positions; :func:`step_gemms`), each timed alone at its own shape and dtype
+(:func:`shape_ceiling`); ``mfu.shape_ceiling`` = that matmul time / the measured step time. A
+profile of a few steps splits the step time into matmul / attention / norm+act (element-wise) /
+optimizer / rest (:func:`step_split`), and the matmul part is compared with its ceiling. ``--loss-steps N`` also trains the #4 recipe and the new defaults N steps on the same rows
 and plots both loss curves (docs/results/train_speed.png).
 Writes docs/results/train_speed.json.
 """
@@ -53,6 +62,138 @@ def matmul_peak(dtype: torch.dtype, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def step_gemms(arch, tokens: int, answers: int, r: int, targets) -> dict[tuple[int, int, int], int]:
+    """The matmuls one LoRA training step runs, as {(M, K, N): count}: every decoder Linear's
+    forward and backward-to-input over ``tokens`` rows (frozen: no weight gradient), each LoRA's
+    A and B products with their input and weight gradients, and the LM head forward and
+    backward-to-input at the ``answers`` positions. Attention's own products are not here (the
+    attention kernel is timed as attention)."""
+    gemms: dict[tuple[int, int, int], int] = {}
+
+    def add(shape, n=1):
+        gemms[shape] = gemms.get(shape, 0) + n
+    for name, (k, n) in arch.linears().items():
+        add((tokens, k, n), arch.layers)      # x W^T
+        add((tokens, n, k), arch.layers)      # dY W
+        if name in targets:                   # LoRA: x A^T, (xA^T) B^T and their backward
+            for shape in ((tokens, k, r), (tokens, r, n), (n, tokens, r), (tokens, n, r),
+                          (r, tokens, k), (tokens, r, k)):
+                add(shape, arch.layers)
+    add((answers, arch.hidden, arch.vocab))   # LM head
+    add((answers, arch.vocab, arch.hidden))
+    return gemms
+
+
+def shape_ceiling(gemms: dict, dtype: torch.dtype, reps: int = 5) -> dict:
+    """Each matmul timed alone at its shape and dtype (best of ``reps``): the time one step's
+    matmuls take at best on this machine, and their FLOPs."""
+    seconds = flops = 0.0
+    for (m, k, n), count in gemms.items():
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        seconds += best * count
+        flops += 2 * m * k * n * count
+    return {"matmul_s": seconds, "flops": flops, "gflops": flops / seconds / 1e9}
+
+
+# aten ops by the part of a step they belong to: (names, in-place variants too; substrings).
+# Every op run inside the optimizer's step or zero_grad counts as optimizer; the rest is "rest".
+PARTS = {
+    "matmul": ({"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"}, ()),
+    "attention": (set(), ("scaled_dot_product", "flash_attention")),
+    "norm+act": ({"aten::pow", "aten::mean", "aten::rsqrt", "aten::mul", "aten::add", "aten::silu",
+                  "aten::silu_backward", "aten::neg", "aten::cat", "aten::sum", "aten::div", "aten::sub",
+                  "aten::sigmoid", "aten::slice_backward"}, ()),
+}
+
+
+def part_of(ev) -> str:
+    p = ev
+    while p is not None:
+        if p.name.startswith("Optimizer."):
+            return "optimizer"
+        p = p.cpu_parent
+    for part, (names, contains) in PARTS.items():
+        if ev.name.rstrip("_") in names or any(c in ev.name for c in contains):
+            return part
+    return "rest"
+
+
+class ProfileSteps(TrainerCallback):
+    def __init__(self, prof):
+        self.prof, self.times = prof, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+        self.prof.step()
+
+
+def step_split(trainer, active: int = 3) -> dict:
+    """Profile ``active`` steps after two untimed ones: seconds per step by part (self CPU time
+    of each aten op, summed by :data:`PARTS`; "rest" is the step's wall time not in those ops:
+    the loss, casts, data, Python and the Trainer's own work) and the largest ops of "rest"."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=1, active=active)) as prof:
+        cb = ProfileSteps(prof)
+        trainer.add_callback(cb)
+        trainer.train()
+    wall = (cb.times[1 + active] - cb.times[1]) / active
+    parts = {p: 0.0 for p in [*PARTS, "optimizer"]}
+    rest_ops: dict[str, float] = {}
+    for ev in prof.events():
+        sec = ev.self_cpu_time_total / 1e6 / active
+        part = part_of(ev)
+        if part == "rest":
+            rest_ops[ev.name] = rest_ops.get(ev.name, 0.0) + sec
+        else:
+            parts[part] += sec
+    parts["rest"] = max(wall - sum(parts.values()), 0.0)
+    top = sorted(rest_ops.items(), key=lambda kv: -kv[1])[:8]
+    return {"profiled_step_s": round(wall, 3), "seconds": {k: round(v, 3) for k, v in parts.items()},
+            "share": {k: round(v / wall, 3) for k, v in parts.items()},
+            "largest_rest_ops_s": {k: round(v, 4) for k, v in top}}
+
+
+def ceiling_report(cfg, records, a, r: dict) -> dict:
+    """``mfu.shape_ceiling`` for a measured lever ``r`` and the profile's split of its step."""
+    from shoptune.train.plan import load_arch
+    from shoptune.train.trainer import base_weights_dtype
+    arch = load_arch(cfg.model)
+    dtype = base_weights_dtype(cfg)
+    gemms = step_gemms(arch, round(r["computed_tokens_per_step"]), round(r["answer_tokens_per_step"]),
+                       cfg.lora.r, cfg.lora.modules())
+    ceil = shape_ceiling(gemms, dtype)
+    prof = profile_run(cfg, records)
+    matmul_measured = prof["seconds"]["matmul"] * r["step_s"] / prof["profiled_step_s"]
+    return {"dtype": str(dtype).removeprefix("torch."), "gemm_shapes": len(gemms),
+            "step_matmul_gflop": round(ceil["flops"] / 1e9, 1), "ceiling_gflops": round(ceil["gflops"], 1),
+            "ceiling_matmul_s": round(ceil["matmul_s"], 3), "step_s": r["step_s"],
+            "shape_ceiling": round(ceil["matmul_s"] / r["step_s"], 3),
+            "matmul_part_vs_ceiling": round(ceil["matmul_s"] / matmul_measured, 3) if matmul_measured else None,
+            "split": prof}
+
+
+def profile_run(cfg, records, active: int = 3) -> dict:
+    from shoptune.train.format import encode_records
+    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    torch.manual_seed(0)
+    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing)
+    names = sorted({r.task for r in records})
+    examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
+                              task_index={t: i for i, t in enumerate(names)})
+    out = Path(cfg.output_dir + "-profile")
+    trainer = make_trainer(cfg, model, tok, examples, names, out, 2 + active, None)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return step_split(trainer, active)
+
+
 class Clock(TrainerCallback):
     def __init__(self):
         self.times: list[float] = []
@@ -62,10 +203,11 @@ class Clock(TrainerCallback):
 
 
 class CountingCollator:
-    """Wraps a collator; records each batch's non-pad tokens."""
+    """Wraps a collator; records each batch's non-pad tokens, all tokens computed on (with the
+    padding) and answer tokens."""
 
     def __init__(self, inner):
-        self.inner, self.tokens = inner, []
+        self.inner, self.tokens, self.computed, self.answers = inner, [], [], []
 
     def __call__(self, features):
         batch = self.inner(features)
@@ -73,6 +215,8 @@ class CountingCollator:
             self.tokens.append(int(batch["attention_mask"].sum()))
         else:  # padding-free batches carry no mask
             self.tokens.append(int(batch["input_ids"].numel()))
+        self.computed.append(int(batch["input_ids"].numel()))
+        self.answers.append(int((batch["labels"][:, 1:] != -100).sum()))
         return batch
 
 
@@ -84,8 +228,12 @@ def measure(trainer, warmup: int = 2) -> dict:
     steps = len(clock.times)
     tokens = sum(counter.tokens[warmup:steps])
     seconds = clock.times[-1] - clock.times[warmup - 1]
-    return {"steps_timed": steps - warmup, "non_pad_tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+    timed = steps - warmup
+    return {"steps_timed": timed, "non_pad_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "computed_tokens_per_step": round(sum(counter.computed[warmup:steps]) / timed, 1),
+            "answer_tokens_per_step": round(sum(counter.answers[warmup:steps]) / timed, 1),
+            "step_s": round(seconds / timed, 3)}
 
 
 # Each lever is measured on top of the ones before it (cumulative), all in this one run.
@@ -95,6 +243,8 @@ LEVERS = [
     ("+ answer-only logits", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=fp32"]),
     ("+ bf16 frozen weights", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto"]),
 ]
+PACKING = ("+ packing (padding-free)", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto",
+                                         "packing=true"])
 COMPILE = ("+ torch.compile", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto",
                                "torch_compile=true"])
 
@@ -113,7 +263,7 @@ def run_shoptune(cfg, records, steps: int):
     from shoptune.train.format import encode_records
     from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer
     torch.manual_seed(0)
-    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg))
+    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing)
     names = sorted({r.task for r in records})
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
                               task_index={t: i for i, t in enumerate(names)})
@@ -160,7 +310,7 @@ def main() -> None:
           f"training precision: {'bf16' if bf16 else 'fp32'}", flush=True)
     n_params = None
     levers = {}
-    for name, extra in LEVERS + ([COMPILE] if a.compile else []):
+    for name, extra in LEVERS + [PACKING] + ([COMPILE] if a.compile else []):
         r, model, tok, examples = run_shoptune(config(tmp, f"lever{len(levers)}", a, extra), records, a.steps)
         n_params = n_params or sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         r["overrides"] = extra
@@ -173,6 +323,14 @@ def main() -> None:
         r["speedup_vs_before"] = round(r["tokens_per_s"] / before, 2)
         r["mfu"] = {k: round(flops_per_token * r["tokens_per_s"] / v, 3) for k, v in peaks.items()}
     default = levers[LEVERS[-1][0]]
+    packed = levers[PACKING[0]]
+    for name, extra in (LEVERS[-1], PACKING):  # the new defaults, padded and packed
+        cfg = config(tmp, f"ceiling{len(extra)}", a, extra)
+        rep = ceiling_report(cfg, records, a, levers[name])
+        levers[name]["mfu"]["shape_ceiling"] = rep["shape_ceiling"]
+        levers[name]["ceiling"] = rep
+        print(f"{name}: shape ceiling {rep['ceiling_gflops']} GFLOP/s, mfu.shape_ceiling "
+              f"{rep['shape_ceiling']}, split {rep['split']['share']}", flush=True)
 
     result = {
         "machine": machine.describe(), "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
@@ -180,6 +338,10 @@ def main() -> None:
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "levers": levers, "shoptune": {k: v for k, v in default.items() if k != "losses"},
         "speedup_vs_before": default["speedup_vs_before"],
+        "packing": {"padded_tokens_per_s": default["tokens_per_s"], "packed_tokens_per_s": packed["tokens_per_s"],
+                    "speedup": round(packed["tokens_per_s"] / default["tokens_per_s"], 2),
+                    "computed_tokens_per_step": {"padded": default["computed_tokens_per_step"],
+                                                 "packed": packed["computed_tokens_per_step"]}},
         "answer_tokens_check": sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples),
     }
 
@@ -210,7 +372,7 @@ def main() -> None:
         curves = loss_curves(a, tmp)
         result["loss_curves"] = curves
         plot_curves(curves, Path(a.out).with_suffix(".png"))
-    print(json.dumps({k: result.get(k) for k in ("speedup_vs_before", "ratio")}))
+    print(json.dumps({k: result.get(k) for k in ("speedup_vs_before", "ratio", "packing")}))
     write_json(Path(a.out), result)
     print(f"wrote {a.out}")
 

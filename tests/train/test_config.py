@@ -86,3 +86,11 @@ def test_failed_run_removes_the_folder_it_created(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         recipe.main(cfg)
     assert (out / "mine.txt").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["peft=poly", "packing=true"], "packing: true puts several examples in one row"),
+    (["peft=poly", "quantization=nf4"], "not quantization: nf4")])
+def test_poly_refuses_packing_and_quantization(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

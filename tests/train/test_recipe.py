@@ -127,7 +127,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 
 def test_every_shipped_config_loads():
     from shoptune.train.mixture import MixtureConfig
-    for p in (REPO / "configs" / "train").glob("*.yaml"):
+    for p in (REPO / "configs" / "train").rglob("*.yaml"):  # gpu/ recipes too
         load_config(p)
     for p in (REPO / "configs" / "mixtures").glob("*.yaml"):
         MixtureConfig.from_yaml(p)

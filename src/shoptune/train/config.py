@@ -102,6 +102,12 @@ class TrainConfig(BaseModel):
     eval_samples: int = Field(default=32, ge=1)  # validation questions scored with the evaluation engine
     eval_data: list[str] = []  # extra evaluation files at the end (e.g. shopbench-dev)
     report_to: list[str] = ["tensorboard"]
+    # QLoRA: the frozen base's decoder Linear layers stored 4-bit (nf4, double-quantized) or 8-bit
+    # by bitsandbytes, LoRA trained on top in fp32; the adapter is a plain LoRA for the unquantized base
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    # padding-free: each batch's examples concatenated into one row, attention kept within each
+    # example (train/packing.py); same loss and gradients as the padded batch, no pad FLOPs
+    packing: bool = False
 
     @model_validator(mode="after")
     def _methods_combine(self) -> "TrainConfig":
@@ -115,6 +121,12 @@ class TrainConfig(BaseModel):
                              "not with eval_steps / eval_data during training")
         if self.peft == "poly" and (self.lora.use_rslora or self.lora.dropout):
             raise ValueError("peft: poly has no rsLoRA scaling or dropout (lora.use_rslora, lora.dropout)")
+        if self.peft == "poly" and self.packing:
+            raise ValueError("peft: poly routes each batch row to one task; packing: true puts several "
+                             "examples in one row")
+        if self.peft == "poly" and self.quantization != "none":
+            raise ValueError(f"peft: poly adapts plain Linear layers only (peft), not quantization: "
+                             f"{self.quantization}")
         return self
 
     @field_validator("output_dir")

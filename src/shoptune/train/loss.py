@@ -34,10 +34,13 @@ def collate(features: list[dict], pad_id: int) -> dict:
     return out
 
 
-def answer_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def answer_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         labels: torch.Tensor, *, answer_logits_only: bool = True,
-                        route_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of every answer token, flat, and the batch row each one belongs to.
+                        route_ids: torch.Tensor | None = None, **packed
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every answer token, flat, and the example each one belongs to: its batch
+    row, or with a packed batch (``packed``: position_ids, cu_seq_lens_q/k, ... from
+    ``packing.collate_packed``, passed on to the model) its example within the row.
 
     ``answer_logits_only=False`` computes logits at every position (the reference path).
     ``route_ids``: each row's Poly task id (peft's ``task_ids``), for routed adapters."""
@@ -48,11 +51,16 @@ def answer_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Te
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = keep
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       logits_to_keep=mask, **extra).logits.float()  # (N, V), row-major order of mask
+                       logits_to_keep=mask, **packed, **extra).logits.float()  # (N, V), row-major order of mask
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, :-1][keep].float()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       **packed, **extra).logits[:, :-1][keep].float()
     losses = F.cross_entropy(logits, target[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
+    if "position_ids" in packed:
+        from shoptune.train.packing import example_index
+        rows = example_index(packed["position_ids"])[:, 1:][keep]
+    else:
+        rows = keep.nonzero()[:, 0]
     return losses, rows
 
 

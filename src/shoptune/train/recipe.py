@@ -26,6 +26,7 @@ from shoptune.train.config import TrainConfig, load_config
 from shoptune.train.format import IGNORE, encode_records
 from shoptune.train.mixture import MixtureConfig, build_mixture
 from shoptune.experts import routing_table
+from shoptune.train.sharded import full_state_dict
 from shoptune.train.trainer import (PeriodicEval, base_weights_dtype, build_model,
                                     latest_complete_checkpoint, make_trainer, save_adapter,
                                     trainable_parameters, train)
@@ -104,7 +105,8 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
     # 2. model + adapter (LoRA, or Poly routed by task/capability), loss balancing groups
     routing = routing_table(records, cfg.poly.route_by) if cfg.peft == "poly" else None
     model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg),
-                             gradient_checkpointing=cfg.gradient_checkpointing, peft=cfg.peft,
+                             gradient_checkpointing=cfg.gradient_checkpointing,
+                             quantization=cfg.quantization, packing=cfg.packing, peft=cfg.peft,
                              poly=cfg.poly, n_routes=len(routing["routes"]) if routing else 1)
     task_names = sorted({r.task for r in records})
     task_index = {t: i for i, t in enumerate(task_names)}
@@ -131,10 +133,12 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
         curriculum_report = None
 
     # 4. save + report
+    gathered = full_state_dict(trainer)  # sharded (FSDP) weights: every process takes part
     is_main = trainer.is_world_process_zero()
     result: dict = {}
     if is_main:
-        adapter = save_adapter(trainer.model, out, extra={"routing.json": routing} if routing else None)
+        adapter = save_adapter(trainer.model, out, gathered,
+                               extra={"routing.json": routing} if routing else None)
         hist = [h for h in trainer.state.log_history if "loss" in h]
         earlier = [st for st in ((curriculum_report or {}).get("stages") or {}).values()]
         result = {

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from shoptune._io import atomic_open, make_temp_dir
 from shoptune.train.config import TrainConfig
 from shoptune.train.loss import answer_token_losses, collate
+from shoptune.train.packing import collate_packed
 
 COMPLETE = "COMPLETE"
 
@@ -47,10 +48,12 @@ class ShopTrainer(Trainer):
         labels = inputs.pop("labels")
         task_ids = inputs.pop("task_ids")
         route_ids = inputs.pop("route_ids", None)
-        tok_loss, rows = answer_token_losses(model, inputs["input_ids"], inputs["attention_mask"],
+        packed = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        tok_loss, rows = answer_token_losses(model, inputs["input_ids"], inputs.get("attention_mask"),
                                              labels, answer_logits_only=self.answer_logits_only,
-                                             route_ids=route_ids)
-        n_rows = labels.shape[0]
+                                             route_ids=route_ids,
+                                             **packed)  # packed batches: position ids, boundaries
+        n_rows = task_ids.shape[0]  # one per example (a packed row holds several)
         row_sum = torch.zeros(n_rows, dtype=tok_loss.dtype, device=tok_loss.device).index_add(
             0, rows, tok_loss)
         row_n = torch.bincount(rows, minlength=n_rows).to(tok_loss.dtype)
@@ -237,7 +240,9 @@ def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | 
         data_seed=cfg.seed if data_seed is None else data_seed, bf16=use_bf16(cfg.bf16), use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length", length_column_name="length",
         remove_unused_columns=False, report_to=cfg.report_to, dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding", gradient_checkpointing=cfg.gradient_checkpointing,
+        # a packed batch has no padding (and no attention mask to count it by)
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
+        gradient_checkpointing=cfg.gradient_checkpointing,
         torch_compile=cfg.torch_compile, disable_tqdm=False,
     )
 
@@ -251,22 +256,32 @@ def base_weights_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float32,
-                gradient_checkpointing: bool = False, peft: str = "lora", poly=None,
-                n_routes: int = 1):
+                gradient_checkpointing: bool = False, quantization: str = "none",
+                packing: bool = False, peft: str = "lora", poly=None, n_routes: int = 1):
     """The base model with LoRA on ``lora.modules()`` (or, ``peft="poly"``, peft's Poly adapter:
     ``poly.n_skills`` rank-``lora.r`` skills per layer routed over ``n_routes`` tasks).
     ``base_dtype`` bf16 stores the frozen decoder Linear weights in bf16 (what autocast would
     cast them to at every step); embeddings, norms, adapter weights and the optimizer state stay
-    fp32."""
+    fp32. ``quantization`` nf4/int8 loads those Linear weights k-bit instead (QLoRA, ``quant.py``;
+    ``base_dtype`` is then the compute dtype); ``packing`` switches attention to one that keeps
+    packed examples apart (``packing.py``)."""
     from peft import LoraConfig, PolyConfig, get_peft_model
 
     from shoptune.models import load
-    model, tok = load(model_name, dtype="fp32")
-    model.train()
-    if base_dtype != torch.float32:
-        for module in model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.to(base_dtype)
+    if quantization != "none":
+        from shoptune.train.quant import load_quantized
+        model, tok = load_quantized(model_name, quantization, compute_dtype=base_dtype,
+                                    gradient_checkpointing=gradient_checkpointing)
+    else:
+        model, tok = load(model_name, dtype="fp32")
+        model.train()
+        if base_dtype != torch.float32:
+            for module in model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(base_dtype)
+    if packing:
+        from shoptune.train.packing import use_packed_attention
+        use_packed_attention(model)
     if peft == "poly":
         _check_splits(model, lora.modules(), poly.n_splits)
         pcfg = PolyConfig(r=lora.r, target_modules=lora.modules(), n_tasks=n_routes,
@@ -299,12 +314,14 @@ def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_adapter(model, out: Path, extra: dict | None = None) -> Path:
+def save_adapter(model, out: Path, state_dict: dict | None = None, extra: dict | None = None) -> Path:
     """OUT/adapter written into a temp folder, then renamed: never half-written. ``extra``:
-    JSON files to write beside the adapter (e.g. a Poly adapter's ``routing.json``)."""
+    JSON files to write beside the adapter (e.g. a Poly adapter's ``routing.json``). ``state_dict``:
+    the gathered weights of a sharded (FSDP) model (``sharded.full_state_dict``)."""
     dest = out / "adapter"
     tmp = make_temp_dir(out, ".adapter-")  # (mode as mkdir gives, not mkdtemp's 0700)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     for name, value in (extra or {}).items():
         with atomic_open(tmp / name) as fh:
             fh.write(json.dumps(value, indent=1, sort_keys=True))
@@ -347,12 +364,15 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
     extra = [BalancerState(balancer)] if balancer is not None else []
     trainer = ShopTrainer(
         model=model, args=training_args(cfg, out, max_steps, data_seed), train_dataset=Dataset.from_list(examples),
-        data_collator=lambda f: collate(f, tok.pad_token_id), task_names=task_names,
+        data_collator=collate_packed if cfg.packing else lambda f: collate(f, tok.pad_token_id),
+        task_names=task_names,
         task_weights=task_weights, answer_logits_only=cfg.answer_logits_only, balancer=balancer,
         callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, *extra, MarkComplete()]
         + ([evaluator] if evaluator else []))
     if evaluator:
         evaluator.trainer = trainer
+    from shoptune.train.sharded import fsdp_on_cpu
+    fsdp_on_cpu(trainer)
     return trainer
 
 

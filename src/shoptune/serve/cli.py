@@ -198,7 +198,8 @@ def register(app: typer.Typer) -> None:
         upstream_api_key_env: Annotated[Optional[str], typer.Option(
             help="Name of the environment variable holding the upstream's API key.")] = None,
         upstream_kind: Annotated[str, typer.Option(
-            help="auto | vllm | llama.cpp | openai (auto: detected from the upstream's endpoints).")] = "auto",
+            help="auto | vllm | llama.cpp | shoptune | openai (auto: detected from the upstream's "
+                 "endpoints; shoptune: another `shoptune serve`).")] = "auto",
         upstream_model: Annotated[Optional[str], typer.Option(
             help="The upstream's id of the base model (default: the first it lists).")] = None,
         upstream_concurrency: Annotated[int, typer.Option(

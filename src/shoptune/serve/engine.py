@@ -10,9 +10,11 @@ Two kinds of job, decided like the evaluator's :class:`~shoptune.eval.backends.P
 
 * ``choice``: one forward pass, the answer is the best-scoring valid option token (multiple choice);
 * ``generate``: ``model.generate`` with per-row control. A logits processor applies each row's
-  constraint (the evaluator's :class:`NumberListProcessor` for ranked ids), temperature, top-p
-  and seed (a seeded row samples with its own generator, so its tokens do not depend on the
-  batch it shares), and records the raw log-probabilities a row asked for (``logprobs``);
+  ``logit_bias`` (added to that row's logits only, at every step), constraint (the evaluator's
+  :class:`NumberListProcessor` for ranked ids), temperature, top-p and seed (a seeded row samples
+  with its own generator, so its tokens do not depend on the batch it shares), and records the
+  raw log-probabilities a row asked for (``logprobs``: the model's own distribution, before bias,
+  constraint and temperature, as vLLM's default ``--logprobs-mode raw_logprobs``);
   a stopping criterion detokenizes each row incrementally, streams its new text to the waiting
   handler, honours its stop strings / token limit, and ends rows whose client went away;
 * ``score``: one forward pass over the prompt, the log-probability of each prompt token given the
@@ -100,6 +102,7 @@ class Job:
     choices: tuple[str, ...] = ()
     logprobs: int | None = None  # record each token's log-probability and this many alternatives
     seed: int | None = None  # a sampled row's own generator seed
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
     # filled in by the engine
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -146,7 +149,8 @@ def _kill_row(job: Job, scores, row: int, fallback_id: int, why: str) -> None:
 
 
 class RowLogits:
-    """Per-row logits control for one generate call: constraints, temperature, top-p, greedy.
+    """Per-row logits control for one generate call: logit bias, constraints, temperature, top-p,
+    greedy. Each row's control touches that row's scores only.
 
     A row whose processing raises or whose scores stop being computable (NaN, +inf, nothing
     left) fails alone: its job gets the error and its row is pinned to ``fallback_id``.
@@ -157,10 +161,13 @@ class RowLogits:
         self.constraints = [NumberListProcessor(tok, prompt_len, j.plan.max_value, j.plan.count,
                                                 j.plan.unique, j.plan.values)
                             if j.plan and j.plan.numeric else None for j in jobs]
-        self.generators, self.warpers = [], []
+        self.generators, self.warpers, self.biases = [], [], []
         for j in jobs:  # each row's own setup: a value that cannot be used fails that row only
-            g, w = None, []
+            g, w, b = None, [], None
             try:
+                if j.logit_bias:
+                    b = (torch.tensor(list(j.logit_bias), dtype=torch.long),
+                         torch.tensor(list(j.logit_bias.values()), dtype=torch.float32))
                 if j.seed is not None and j.temperature > 0:
                     g = torch.Generator().manual_seed(j.seed)
                 if j.temperature not in (0, 1):
@@ -171,17 +178,21 @@ class RowLogits:
                 j.fail(RowFailed(f"generation failed for this request: {e}"))
             self.generators.append(g)
             self.warpers.append(w)
+            self.biases.append(b)
 
     def __call__(self, input_ids, scores):
         for row, job in enumerate(self.jobs):  # the model's own distribution, before any control
             if job.logprobs is not None and job.finish_reason is None:
                 job._step_logprobs = torch.log_softmax(scores[row].float(), -1)
-        if self.sampling or any(self.constraints):  # (a plain greedy batch needs nothing per row)
+        if self.sampling or any(self.constraints) or any(self.biases):  # (else nothing per row)
             for row, job in enumerate(self.jobs):
                 if job.finish_reason is not None:
                     continue
                 try:
                     s = scores[row:row + 1]
+                    if self.biases[row] is not None:  # (a new tensor: the batch's scores untouched)
+                        ids, values = self.biases[row]
+                        s = s.index_add(-1, ids.to(s.device), values.to(s.device, s.dtype)[None])
                     if self.constraints[row] is not None:
                         s = self.constraints[row](input_ids[row:row + 1], s)
                     if self.sampling:

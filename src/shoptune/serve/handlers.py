@@ -12,6 +12,7 @@ they concern. :mod:`shoptune.serve.app` only routes HTTP to them.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from shoptune.decoding import PlanError, build_prompts
+from shoptune.decoding import Plan, PlanError, build_prompts
 from shoptune.serve import tasks as task_io
 from shoptune.serve.engine import ADAPTER_NAME_RE, AdapterError, Engine, EngineError, Job
 from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice,
@@ -158,10 +159,23 @@ class Serving:
         if bad == ["logprobs"]:
             raise EngineError("logprobs is not supported with stream by this server; ask without "
                               "stream", param="logprobs")
+        if bad and bad[0] == "shoptune_plan":
+            raise EngineError("shoptune_plan is an extension of /v1/completions only; send the "
+                              "prompt there (token ids or text)", param="shoptune_plan")
         if bad:
             raise EngineError(f"{bad[0]} is not supported by this server", param=bad[0])
         temperature = 1.0 if req.temperature is None else req.temperature
         return self.resolve(caller, req.model), temperature, 1.0 if req.top_p is None else req.top_p
+
+    def logit_bias(self, req) -> dict[int, float] | None:
+        """The request's ``logit_bias`` by token id, every id checked against the vocabulary
+        (None: no bias, or only zeros)."""
+        vocab = len(self.tok)
+        for key in req.logit_bias or {}:
+            if int(key) >= vocab:
+                raise EngineError(f"logit_bias: token id {key} is not in the vocabulary (ids "
+                                  f"0..{vocab - 1})", param="logit_bias")
+        return req.token_bias()
 
     def check_fits(self, sequences: int) -> None:
         """A request bigger than the whole queue can never be served: 400, not 429 "retry later"."""
@@ -269,7 +283,18 @@ class Serving:
 
 class Completions(Serving):
     """``POST /v1/completions``: text, token ids or batches of either; ``n``, ``stop``, ``seed``,
-    ``logprobs`` (top-k), ``echo`` (with prompt logprobs; ``max_tokens: 0`` scores only)."""
+    ``logit_bias``, ``logprobs`` (top-k), ``echo`` (with prompt logprobs; ``max_tokens: 0`` scores
+    only), and shoptune's ``shoptune_plan`` (the task endpoint's constraint)."""
+
+    @staticmethod
+    def plan(req: CompletionRequest, limit: int) -> Plan | None:
+        """``shoptune_plan`` as the engine's :class:`Plan`: what the task endpoint decodes with
+        (``max_tokens`` is its token limit)."""
+        p = req.shoptune_plan
+        if p is None:
+            return None
+        return Plan("generate", max_new_tokens=limit, numeric=p.numeric, stop_newline=p.stop_newline,
+                    max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values))
 
     def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """(token ids, text to echo) per prompt."""
@@ -298,9 +323,10 @@ class Completions(Serving):
         if limit == 0 and req.stream:
             raise EngineError("max_tokens 0 (prompt logprobs only) needs stream false", param="max_tokens")
         all_prompts = [ids for ids in prompts for _ in range(req.n)]
+        bias, plan = self.logit_bias(req), self.plan(req, limit)
         # choice k of a seeded request samples with seed + k: reproducible, and the n differ
         jobs = [Job(ids, adapter, max_new_tokens=limit, temperature=temperature, top_p=top_p,
-                    stop=req.stops(), logprobs=req.logprobs,
+                    stop=req.stops(), logprobs=req.logprobs, logit_bias=bias, plan=plan,
                     seed=None if req.seed is None else req.seed + k)
                 for ids in prompts for k in range(req.n)] if limit > 0 else []
         scored = [Job(ids, adapter, kind="score", logprobs=req.logprobs) for ids in prompts] \
@@ -365,9 +391,11 @@ class Chat(Serving):
         ids = self.encode(text, special=False, param="messages")
         limit = self.max_tokens(req.max_completion_tokens or req.max_tokens, self.settings.default_max_tokens,
                                 "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        bias = self.logit_bias(req)
         jobs = [Job(ids, adapter, max_new_tokens=limit, temperature=temperature, top_p=top_p,
                     stop=req.stops(), logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                    seed=None if req.seed is None else req.seed + k) for k in range(req.n)]
+                    logit_bias=bias, seed=None if req.seed is None else req.seed + k)
+                for k in range(req.n)]
         self.submit_all(jobs)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
         prompts = [ids] * req.n
@@ -406,18 +434,44 @@ class Tasks(Serving):
     def __init__(self, engine: Engine, settings: ServeSettings):
         super().__init__(engine, settings)
         self.cards = all_cards()
+        # ShopBench's own task names (task2), as evaluation reports print them, for their cards;
+        # a name two cards claim, or that is a card's name, stays the card's
+        claims: dict[str, list[str]] = {}
+        for c in self.cards.values():
+            if c.source.task_name and c.source.task_name not in self.cards:
+                claims.setdefault(c.source.task_name, []).append(c.name)
+        self.aliases = {alias: names[0] for alias, names in claims.items() if len(names) == 1}
+
+    def default_model(self, card) -> str | None:
+        """The adapter answering ``card`` when a request names none (None: the base model):
+        ``--task-adapter`` for its name or its ShopBench name, else an adapter named like it."""
+        s, e = self.settings, self.engine
+        for key in (card.name, card.source.task_name):
+            if key and key in s.task_adapters:
+                return s.task_adapters[key]
+        return card.name if card.name in e.adapters and card.name not in e.draining else None
 
     def info(self, card) -> TaskInfo:
-        s, e = self.settings, self.engine
+        request = task_io.request_schema(card)
         return TaskInfo(id=card.name, capability=card.capability, task_type=card.task_type,
                         metric=card.metric, description=card.description,
-                        adapter=s.task_adapters.get(card.name) or (card.name if card.name in e.adapters else None),
-                        input_schema=task_io.input_model(card).model_json_schema())
+                        adapter=self.default_model(card),
+                        aliases=[a for a, name in self.aliases.items() if name == card.name],
+                        request_schema=request, input_schema=task_io.input_model(card).model_json_schema())
 
     def card(self, task: str):
-        if task not in self.cards:
-            raise NotFound(f"unknown task {task!r}; GET /v1/tasks lists them", param="task")
-        return self.cards[task]
+        """The card named ``task``: its name or a ShopBench task name, in any case; a 404 listing
+        close names otherwise."""
+        for name in (task, task.lower()):
+            if name in self.cards:
+                return self.cards[name]
+            if name in self.aliases:
+                return self.cards[self.aliases[name]]
+        shown = task if len(task) <= 100 else f"{task[:100]}... ({len(task)} characters)"
+        close = difflib.get_close_matches(task.lower()[:200], [*self.cards, *self.aliases], n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise NotFound(f"unknown task {shown!r}{hint} (GET /v1/tasks lists the {len(self.cards)} tasks)",
+                       param="task")
 
     def list(self) -> TaskList:
         return TaskList(protocol=self.settings.protocol, data=[self.info(c) for c in self.cards.values()])
@@ -427,8 +481,7 @@ class Tasks(Serving):
 
     async def run(self, task: str, req: TaskRequest, caller: Caller) -> TaskResult | Response:
         card, engine = self.card(task), self.engine
-        model = req.model or self.settings.task_adapters.get(task) or \
-            (task if task in engine.adapters and task not in engine.draining else engine.base_name)
+        model = req.model or self.default_model(card) or engine.base_name
         adapter = self.resolve(caller, model)
         schema = task_io.input_model(card)
         try:
@@ -436,8 +489,8 @@ class Tasks(Serving):
         except ValidationError as e:
             first = e.errors()[0]
             loc = ".".join(str(x) for x in ("input", *first.get("loc", ())))
-            raise EngineError(f"{loc}: {first['msg']} (task {task} takes: "
-                              f"{', '.join(schema.model_fields)})", param=loc) from None
+            raise EngineError(f"{loc}: {first['msg']} (task {card.name} takes: "
+                              f"{', '.join(schema.model_fields)} under `input`)", param=loc) from None
         rec = task_io.to_record(card, inp)
         try:
             plan = task_io.plan(card, inp, rec)

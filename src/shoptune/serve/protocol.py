@@ -1,17 +1,24 @@
 """Request bodies of the OpenAI-compatible API (the fields vLLM's server takes that we honour).
 
 Unknown fields are accepted and ignored, as by OpenAI's and vLLM's servers; fields we know but do
-not implement (tools, tool_choice, an assistant's tool_calls, penalties, logit_bias, best_of,
-suffix, logprobs on a stream) are refused with a 400 naming the field instead of being silently
-ignored. Types are strict, as OpenAI's schema states them: ``"n": "2"``, ``"echo": "yes"`` or a
-prompt of booleans are 400, not coerced (a whole number is still a valid float).
+not implement (tools, tool_choice, an assistant's tool_calls, penalties, best_of, suffix, logprobs
+on a stream) are refused with a 400 naming the field instead of being silently ignored. Types are
+strict, as OpenAI's schema states them: ``"n": "2"``, ``"echo": "yes"`` or a prompt of booleans
+are 400, not coerced (a whole number is still a valid float).
+
+``logit_bias`` is OpenAI's: token id (a decimal string) -> a bias in [-100, 100] added to that
+token's logit at every generated position of the request's rows (the handler checks the ids
+against the vocabulary). ``shoptune_plan`` (:class:`ShoptunePlan`, ``/v1/completions`` only) is
+shoptune's extension: the decoding constraint of the task endpoint (number lists, stop at the line
+end) on a plain completion, which is how a gateway hands a task to a shoptune upstream.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator,
-                      model_serializer)
+                      model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 MIN_TEMPERATURE = 0.01  # below it (other than 0, greedy) the logits / temperature overflow
@@ -22,6 +29,11 @@ MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs)
 # torch.Generator.manual_seed takes (-2**63 .. 2**64 - 1)
 MIN_SEED, MAX_SEED = -2**63, 2**63 - 1
 STRICT = ConfigDict(strict=True)
+MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
+MAX_BIAS = 100.0  # |bias| at most (OpenAI's and vLLM's range)
+MAX_PLAN_VALUES = 4096  # shoptune_plan.values entries, and its count, at most
+MAX_PLAN_VALUE = 10**40 - 1  # a list number has at most 40 digits (decoding.MAX_LIST_DIGITS)
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
 def one_of(expected: str) -> WrapValidator:
@@ -66,6 +78,29 @@ def find_invalid_text(obj) -> str | None:
     return None
 
 
+Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
+
+
+class ShoptunePlan(BaseModel):
+    """shoptune's extension of ``/v1/completions``: the constraint its task endpoint decodes with
+    (:class:`shoptune.decoding.Plan`), applied to this completion's rows exactly as there. The
+    token limit is the request's ``max_tokens``. Multiple choice is not a plan kind here: ask one
+    token with ``logit_bias`` +100 on the option tokens (what the gateway does for any engine)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    kind: Literal["generate"] = "generate"
+    numeric: bool = Field(default=False, description=(
+        "Only a list of numbers may be written: 'n, n, n' (digits, ', '), then the line end."))
+    max_value: int = Field(default=99, ge=1, le=MAX_PLAN_VALUE, description=(
+        "numeric: the largest number (numbers are 1..max_value when values is empty)."))
+    count: int = Field(default=3, ge=1, le=MAX_PLAN_VALUES, description="numeric: how many numbers.")
+    unique: bool = Field(default=False, description="numeric: no number twice (a ranking).")
+    values: list[Annotated[int, Field(ge=1, le=MAX_PLAN_VALUE)]] = Field(
+        default_factory=list, max_length=MAX_PLAN_VALUES,
+        description="numeric: exactly these numbers may be written (empty: 1..max_value).")
+    stop_newline: bool = Field(default=False, description=(
+        "The row ends at the first line end that follows some text (a one-line answer)."))
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
     include_usage: bool = False
@@ -84,7 +119,25 @@ class _Sampling(BaseModel):
     user: str | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v: dict[str, float] | None):
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries (got {len(v)})")
+        for key in v:
+            if not _TOKEN_ID.fullmatch(key):
+                shown = key if len(key) <= 20 else f"{key[:20]}..."
+                raise ValueError(f"key {shown!r} is not a token id (a decimal integer, e.g. \"50256\")")
+        return v
+
+    def token_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` with integer token ids (None: no bias, or only zeros)."""
+        bias = {int(k): float(b) for k, b in (self.logit_bias or {}).items() if b}
+        return bias or None
 
     @field_validator("temperature")
     @classmethod
@@ -117,8 +170,6 @@ class _Sampling(BaseModel):
             bad.append("presence_penalty")
         if self.frequency_penalty:
             bad.append("frequency_penalty")
-        if self.logit_bias:
-            bad.append("logit_bias")
         return bad
 
 
@@ -129,6 +180,8 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+    shoptune_plan: ShoptunePlan | None = Field(default=None, description=(
+        "shoptune extension: decode with the task endpoint's constraint (see ShoptunePlan)."))
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
@@ -202,15 +255,33 @@ class ChatCompletionRequest(_Sampling):
             bad.append("function_call")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             bad.append("response_format")
+        if (self.model_extra or {}).get("shoptune_plan") is not None:
+            bad.append("shoptune_plan")  # (an extension of /v1/completions only)
         return bad
 
 
 class TaskRequest(BaseModel):
+    """The body of ``POST /v1/tasks/{task}``: the task's fields go under ``input``."""
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = Field(default=None, description=(
         "Adapter (or base model) to answer with; default: the adapter named like the task if "
         "loaded, else the base model."))
-    input: dict[str, Any]
+    input: dict[str, Any] = Field(description="The task's input fields (its input_schema).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_under_input(cls, data):
+        """A body with the task's fields at the top level (no ``input``): one error saying where
+        they go, instead of "field required" plus one "extra input" per field."""
+        if isinstance(data, dict) and "input" not in data:
+            stray = sorted(k for k in data if isinstance(k, str) and k != "model")
+            if stray:
+                raise PydanticCustomError(
+                    "fields_under_input", "the task's fields go under `input`: send {\"model\": ..., "
+                    "\"input\": {fields}} (got {got} at the top level)",
+                    {"fields": "{" + ", ".join(f'"{k}": ...' for k in stray[:5]) + "}",
+                     "got": ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else "")})
+        return data
 
 
 class LoadAdapterRequest(BaseModel):
@@ -364,7 +435,13 @@ class TaskInfo(BaseModel):
     metric: str
     description: str
     adapter: str | None = Field(description="The adapter that answers it by default (None: the base model).")
-    input_schema: dict[str, Any]
+    aliases: list[str] = Field(default_factory=list, description=(
+        "Other names /v1/tasks/{task} takes for it: ShopBench's own task name as evaluation "
+        "reports print it (task2 for shopbench_task2)."))
+    request_schema: dict[str, Any] = Field(description=(
+        "JSON schema of the whole POST /v1/tasks/{task} body: {\"model\": ..., \"input\": {...}}."))
+    input_schema: dict[str, Any] = Field(description=(
+        "JSON schema of the body's `input` object only (the fields go under `input`)."))
 
 
 class TaskList(BaseModel):

@@ -9,8 +9,9 @@ question is byte-identical to an evaluated one. ``input_field`` itself is always
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from shoptune.decoding import Plan, finish, plan_for
 from shoptune.eval.parsers import parse
@@ -134,6 +135,21 @@ def input_model(card: TaskCard) -> type[_Input]:
     return {"multiple-choice": MultipleChoiceInput, "retrieval": CandidatesInput,
             "ranking": RankingInput, "named_entity_recognition": EntityInput,
             "generation": GenerationInput}[card.task_type]
+
+
+@lru_cache(maxsize=None)
+def _request_model(inp: type[_Input]) -> type[BaseModel]:
+    from shoptune.serve.protocol import TaskRequest
+    return create_model(f"{inp.__name__}Request", __base__=TaskRequest,
+                        input=(inp, Field(description="The task's input fields.")))
+
+
+def request_schema(card: TaskCard) -> dict:
+    """JSON schema of the whole ``POST /v1/tasks/{task}`` body, ``{"model": ..., "input": {...}}``
+    with the task's input model under ``input``."""
+    schema = _request_model(input_model(card)).model_json_schema()
+    schema["title"] = f"POST /v1/tasks/{card.name}"
+    return schema
 
 
 def to_record(card: TaskCard, inp: _Input) -> Record:

@@ -3,7 +3,8 @@
 ``shoptune serve --upstream URL`` keeps everything shoptune adds (task cards and the task
 endpoint, auth, limits, metrics, adapter names, prompts built and tokenized exactly as by the
 built-in engine) and leaves the decoding to a production engine: vLLM on GPUs, llama.cpp's
-``llama-server`` on CPUs, or any OpenAI-compatible server.
+``llama-server`` on CPUs, another ``shoptune serve`` (kind "shoptune": it lists its adapters like
+vLLM and answers ``/v1/tasks`` with its ``protocol``), or any OpenAI-compatible server.
 
 :class:`UpstreamEngine` has the interface :func:`shoptune.serve.app.build_app` uses of the
 built-in :class:`~shoptune.serve.engine.Engine` (submit jobs, stream their events, adapters,
@@ -17,8 +18,11 @@ health). Each job becomes one ``POST /v1/completions`` upstream with the prompt 
   the built-in engine's :func:`~shoptune.eval.backends.best_choice` picks;
 * number lists (retrieval, ranking): a GBNF grammar (llama.cpp) or a regex in vLLM's
   ``structured_outputs``, both allowing exactly the strings the built-in
-  :class:`~shoptune.eval.backends.NumberListProcessor` allows; a plain OpenAI server has neither,
-  so there the list is not constrained (said at start-up);
+  :class:`~shoptune.eval.backends.NumberListProcessor` allows; a shoptune upstream gets the plan
+  itself (``shoptune_plan``: its engine applies the constraint and the line-end stop exactly as
+  its task endpoint does); a plain OpenAI server has none of these, so there the list is not
+  constrained (said at start-up);
+* a client's own ``logit_bias`` is passed on to every kind (all of them take OpenAI's);
 * single-line answers: the response is streamed and read only until a line end follows some
   text (then the connection is closed, which stops the upstream's generation), as the built-in
   engine stops such rows.
@@ -46,7 +50,7 @@ from pathlib import Path, PurePath
 
 import httpx
 
-from shoptune.decoding import choice_tokens  # noqa: F401 (the tokens best_choice compares)
+from shoptune.decoding import Plan, choice_tokens  # (choice_tokens: the tokens best_choice compares)
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
 from shoptune.serve.upstream_wire import (ERROR_BODY_BYTES, NO_COMPRESSION, NotSupported, Reply,
@@ -59,7 +63,7 @@ from shoptune.serve.upstream_wire import (ERROR_BODY_BYTES, NO_COMPRESSION, NotS
 __all__ = ["UpstreamEngine", "UpstreamError", "NotSupported", "choice_tokens", "number_list_gbnf",
            "number_list_regex"]
 log = logging.getLogger("shoptune.serve")
-KINDS = ("auto", "vllm", "llama.cpp", "openai")
+KINDS = ("auto", "vllm", "llama.cpp", "shoptune", "openai")
 CHOICE_BIAS = 100.0  # logit_bias for valid option tokens (OpenAI's and vLLM's maximum)
 MAX_REPLY_BYTES = 8 << 20  # default --upstream-max-bytes: one reply body, or one whole stream
 
@@ -74,6 +78,14 @@ def constraint(kind: str, max_value: int, count: int, unique: bool) -> tuple[str
     if kind == "vllm":
         return "structured_outputs", {"regex": number_list_regex(max_value, count, unique)}
     return None
+
+
+def shoptune_plan(plan: Plan) -> dict:
+    """A plan as the ``shoptune_plan`` field of a shoptune upstream's ``/v1/completions`` (its
+    token limit goes as ``max_tokens``)."""
+    return {"kind": "generate", "numeric": plan.numeric, "max_value": plan.max_value,
+            "count": plan.count, "unique": plan.unique, "values": list(plan.values),
+            "stop_newline": plan.stop_newline}
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -137,12 +149,16 @@ class UpstreamEngine(JobStream):
         self.before_load: list = []  # (name, folder) -> raise AdapterError to refuse a run-time load
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        self.upstream_protocol: str | None = None  # a shoptune upstream's task prompt protocol
         self.kind, self.upstream_model = self._discover(kind, upstream_model)
         for name, ref in (adapters or {}).items():
             self._alias(name, ref)
         if self.kind == "openai":
             log.warning("upstream %s is a plain OpenAI-compatible server: adapters cannot be "
                         "loaded there, number lists are not constrained", self.url)
+        elif self.kind == "shoptune":
+            log.info("upstream %s is a shoptune server (task prompts: %s); task constraints go as "
+                     "shoptune_plan", self.url, self.upstream_protocol)
 
     # ------------------------------------------------------------------ discovery
     def _call(self, client: httpx.Client, method: str, path: str, **kw) -> Reply:
@@ -183,7 +199,11 @@ class UpstreamEngine(JobStream):
                     raise upstream_error(lr, "llama.cpp") if lr.status >= 400 else \
                         UpstreamError(f"{self.root}/lora-adapters is not llama-server's adapter list")
             if kind == "auto":
-                kind = "vllm" if any(m.get("owned_by") == "vllm" for m in models) else "openai"
+                kind = "vllm" if any(m.get("owned_by") == "vllm" for m in models) else \
+                    "shoptune" if any(m.get("owned_by") == "shoptune" for m in models) and \
+                    self._shoptune_tasks(client, required=False) else "openai"
+            elif kind == "shoptune":
+                self._shoptune_tasks(client, required=True)
         bases = [m for m in models if not m.get("parent")]
         base = upstream_model or (bases or models or [{"id": self.base_name}])[0]["id"]
         if kind == "llama.cpp":
@@ -191,11 +211,32 @@ class UpstreamEngine(JobStream):
             for a in loras:
                 name = PurePath(a.get("path") or f"lora{a['id']}").name.removesuffix(".gguf")
                 self._add(name, _Adapter(a.get("path") or str(a["id"]), int(a["id"])))
-        elif kind == "vllm":
+        elif kind in ("vllm", "shoptune"):
             for m in models:
                 if m.get("parent"):
                     self._add(m["id"], _Adapter(m["id"]))
         return kind, base
+
+    def _shoptune_tasks(self, client: httpx.Client, *, required: bool) -> bool:
+        """Whether the upstream is a shoptune server: its ``GET /v1/tasks`` is a task list with
+        the ``protocol`` it builds task prompts with (kept in ``upstream_protocol``). With
+        ``required`` (``--upstream-kind shoptune``) anything else raises."""
+        what = f"{self.root}/v1/tasks"
+        try:
+            r = self._call(client, "GET", "/v1/tasks")
+            listing = r.json(what) if r.status == 200 else None
+        except UpstreamError:
+            if required:
+                raise
+            listing = None
+        ok = isinstance(listing, dict) and isinstance(listing.get("protocol"), str) \
+            and isinstance(listing.get("data"), list)
+        if ok:
+            self.upstream_protocol = listing["protocol"]
+        elif required:
+            raise UpstreamError(f"{what} is not a shoptune task list ({{\"protocol\": ..., \"data\": "
+                                f"[...]}}; it answered {r.status}): is the upstream `shoptune serve`?")
+        return ok
 
     def _add(self, name: str, adapter: _Adapter) -> None:
         if not ADAPTER_NAME_RE.match(name) or name in (BASE, self.base_name):
@@ -247,15 +288,15 @@ class UpstreamEngine(JobStream):
         with self._admin_lock:
             if name in self.adapters or name in self.draining:
                 raise AdapterError(f"adapter {name!r} is already loaded", param="lora_name")
-            if self.kind == "vllm":
+            if self.kind in ("vllm", "shoptune"):  # (the same endpoints; the path as the upstream sees it)
                 for check in self.before_load:  # e.g. a supervised vLLM's rank limit: a clear 400
                     check(name, str(path))
                 with httpx.Client(timeout=self.timeout) as client:
                     r = self._call(client, "POST", "/v1/load_lora_adapter",
                                    json={"lora_name": name, "lora_path": str(path)})
                 if r.status >= 400:
-                    err = upstream_error(r, "vllm")
-                    if r.status == 404:  # vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+                    err = upstream_error(r, self.kind)
+                    if r.status == 404 and self.kind == "vllm":  # without VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
                         raise NotSupported(f"{err.message} (start vLLM with "
                                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
                     raise err
@@ -295,7 +336,7 @@ class UpstreamEngine(JobStream):
     def finish_unload(self, name: str) -> None:
         with self._admin_lock:
             a = self._lora[name]
-            if self.kind == "vllm":
+            if self.kind in ("vllm", "shoptune"):
                 try:
                     with httpx.Client(timeout=self.timeout) as client:
                         r = self._call(client, "POST", "/v1/unload_lora_adapter", json={"lora_name": a.ref})
@@ -304,7 +345,7 @@ class UpstreamEngine(JobStream):
                     raise
                 if r.status >= 400:
                     self.draining.discard(name)
-                    raise upstream_error(r, "vllm")
+                    raise upstream_error(r, self.kind)
             elif self.kind == "llama.cpp":  # llama-server keeps it in memory; the gateway hides it
                 self._hidden[name] = a
             del self._lora[name], self.adapters[name]
@@ -345,12 +386,16 @@ class UpstreamEngine(JobStream):
         body.update(max_tokens=job.max_new_tokens, stream=True)
         if job.seed is not None:  # vLLM and llama-server both take a per-request seed
             body["seed"] = job.seed
-        if self.kind in ("vllm", "openai"):
+        if self.kind in ("vllm", "shoptune", "openai"):
             body["stream_options"] = {"include_usage": True}
         if job.stop:
             body["stop"] = list(job.stop)
+        if job.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in job.logit_bias.items()}
         plan = job.plan
-        if plan is not None and plan.numeric:
+        if plan is not None and self.kind == "shoptune":  # its engine applies the plan itself
+            body["shoptune_plan"] = shoptune_plan(plan)
+        elif plan is not None and plan.numeric:
             field = constraint(self.kind, plan.max_value, plan.count, plan.unique)
             if field is not None:
                 body[field[0]] = field[1]

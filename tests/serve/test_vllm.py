@@ -48,9 +48,20 @@ def served(adapters, tiny, tmp_path_factory):
     s.stop()
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
-    # shoptune stopped its vLLM: nothing answers on its port any more
+    # shoptune stopped its vLLM: nothing answers on its port any more, no engine process is left
     with pytest.raises(httpx.HTTPError):
         httpx.get(s.upstream + "/health", timeout=2)
+    assert _engine_cores() == [], "vLLM engine processes outlived the server"
+
+
+def _engine_cores() -> list[int]:
+    import psutil
+    out = []
+    for p in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        text = " ".join([p.info["name"] or "", *(p.info["cmdline"] or [])])
+        if "VLLM::EngineCore" in text and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(p.info["pid"])
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +207,4 @@ def test_a_killed_vllm_is_restarted_with_its_adapters(served):
     for model in ("alpha", "beta"):
         r = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200, (model, r.text)
+    assert len(_engine_cores()) == 1  # the killed server's engine core did not survive it

@@ -77,3 +77,20 @@ def test_poly_with_uncertainty_balancing_resumes_exactly_after_sigkill(tmp_path)
         return [{k: v for k, v in json.loads(x).items() if k == "loss" or k.startswith("balance/weight")}
                 for x in rows if '"loss"' in x]
     assert kept(la) == kept(lb) and len(kept(la)) == 8
+
+
+def test_poly_alpha_is_loras_scale_through_the_equivalent_reparametrisation():
+    """peft's Poly scales by 1/r; poly.alpha = 16 at r = 8 (LoRA's alpha/r = 2) initialises A x4
+    and trains at 4x the learning rate: under Adam the same trajectory as a Poly scaled by 16/r."""
+    from shoptune.train.config import load_config
+    from shoptune.train.trainer import build_model, effective_learning_rate
+    plain = load_config(REPO / "configs/train/smoke.yaml", ["peft=poly", "lora.r=8", "poly.n_skills=2"])
+    scaled = load_config(REPO / "configs/train/smoke.yaml", ["peft=poly", "lora.r=8", "poly.n_skills=2",
+                                                              "poly.alpha=16"])
+    assert effective_learning_rate(scaled) == pytest.approx(4 * effective_learning_rate(plain))
+    weights = []
+    for cfg in (plain, scaled):
+        torch.manual_seed(0)
+        model, _ = build_model(cfg.model, cfg.lora, peft="poly", poly=cfg.poly, n_routes=3)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if "poly_lora_A" in n})
+    assert weights[0] and all(torch.allclose(weights[1][n], 4 * weights[0][n]) for n in weights[0])

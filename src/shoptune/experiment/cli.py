@@ -33,7 +33,12 @@ def register(app: typer.Typer) -> None:
                 reuse: Annotated[bool, typer.Option(
                     help="Copy in a run another experiment (results folder beside this one) already "
                          "finished with the same key, instead of training it again.")] = True,
-                dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done.")] = False,
+                eval_engine: Annotated[Optional[str], typer.Option(help=(
+                    "builtin | llama.cpp | vllm: the engine every run is scored on (overrides the "
+                    "file's eval.engine; part of each run's key, so engines are never mixed)."))] = None,
+                eval_dtype: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32 (overrides eval.dtype).")] = None,
+                dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done "
+                                                      "(writes nothing).")] = False,
                 report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True) -> None:
         """Train and score every cell x seed; finished runs are skipped, killed ones resumed."""
         from pydantic import ValidationError
@@ -47,7 +52,8 @@ def register(app: typer.Typer) -> None:
         try:
             if dry_run:  # (nothing written)
                 with console.status("planning") as st:
-                    exp = plan(spec, out, results, launcher=launcher, write=False,
+                    exp = plan(spec, out, results, launcher=launcher, eval_engine=eval_engine,
+                               eval_dtype=eval_dtype, write=False,
                                progress=lambda m: st.update(f"planning: {m}"))
                 check_only(exp, only)
                 found = reusable(results or out, exp, exp["runs"]) if reuse else {}
@@ -59,7 +65,8 @@ def register(app: typer.Typer) -> None:
                     console.print(f"{r['id']}: {r['max_steps']} steps{tokens} \\[{state}]")
                 return
             res = run_experiment(spec, out, results=results, workers=workers, console=console,
-                                 launcher=launcher, only=only, reuse=reuse)
+                                 launcher=launcher, only=only, reuse=reuse, eval_engine=eval_engine,
+                                 eval_dtype=eval_dtype)
         except (FileNotFoundError, ValueError, ValidationError, DataValidationError) as e:
             fail(str(e))
         for rid, source in res["reused"].items():

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from shoptune import machine
 from shoptune._io import write_json
-from shoptune.experiment.spec import ExperimentSpec, load_spec, resolve_path, run_key, steps_for_budget
+from shoptune.experiment.spec import (EvalSettings, ExperimentSpec, MergeSettings, load_spec, resolve_path,
+                                      run_key, steps_for_budget)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -61,15 +62,15 @@ def _avg_tokens_per_row(cfg, cache: dict) -> float:
     return cache[key]
 
 
-def _per_task_plan(cfg, budget, cache: dict) -> dict:
-    """Rows, mean tokens per row and steps of each task's adapter in a per-task cell: the
-    cell's mixture as it will be built (cleaned and decontaminated), each task's share of the
-    budget spent on that task's rows alone."""
+def _per_task_plan(cfg, budget, cache: dict, by: str = "task") -> dict:
+    """Rows, mean tokens per row and steps of each task's (``by="capability"``: each
+    capability's) adapter in a per-task cell: the cell's mixture as it will be built (cleaned and
+    decontaminated), each group's share of the budget spent on that group's rows alone."""
     from shoptune.models import load_tokenizer
     from shoptune.train.format import encode_records
     from shoptune.train.mixture import build_mixture
 
-    key = json.dumps(["per-task", cfg.mixture.model_dump(), cfg.model, cfg.protocol, cfg.max_length],
+    key = json.dumps(["per-" + by, cfg.mixture.model_dump(), cfg.model, cfg.protocol, cfg.max_length],
                      sort_keys=True)
     if key not in cache:
         recs, _ = build_mixture(cfg.mixture)
@@ -78,11 +79,11 @@ def _per_task_plan(cfg, budget, cache: dict) -> dict:
         tok = cache.setdefault(("tok", cfg.model), load_tokenizer(cfg.model))
         by_task: dict[str, list] = {}
         for r in recs:
-            by_task.setdefault(r.task, []).append(r)
+            by_task.setdefault(r.task if by == "task" else r.capability, []).append(r)
         info = {}
         for t, rows in sorted(by_task.items()):
             ex = encode_records(rows, tok, protocol=cfg.protocol, max_length=cfg.max_length,
-                                task_index={t: 0})
+                                task_index={x: i for i, x in enumerate(sorted({r.task for r in rows}))})
             info[t] = {"rows": len(rows), "avg_tokens_per_row": sum(e["length"] for e in ex) / len(ex)}
         cache[key] = (len(recs), info)
     n, info = cache[key]
@@ -102,8 +103,10 @@ def _per_task_plan(cfg, budget, cache: dict) -> dict:
 
 
 def _task_overrides(run: dict, task: str, info: dict, output_dir) -> list[str]:
-    """One task's adapter in a per-task run: the run's config on that task's rows alone."""
-    return [*run["overrides"], f"mixture.include_tasks={json.dumps([task])}",
+    """One group's adapter in a per-task (per-capability) run: the run's config on that task's
+    (capability's) rows alone."""
+    which = "include_capabilities" if run.get("split_by") == "capability" else "include_tasks"
+    return [*run["overrides"], f"mixture.{which}={json.dumps([task])}",
             f"mixture.total={info['rows']}", f"max_steps={info['max_steps']}", f"output_dir={output_dir}"]
 
 
@@ -123,15 +126,19 @@ def _check_split(cfg, suite_cfg) -> None:
 
 
 def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = None, *,
-         launcher: str | None = None, write: bool = True, progress=None) -> dict:
-    """Expand the experiment into runs with their keys and step budgets; write the plan (not
-    with ``write=False``: a dry run). ``progress(message)`` is told each step."""
+         launcher: str | None = None, eval_engine: str | None = None, eval_dtype: str | None = None,
+         write: bool = True, progress=None) -> dict:
+    """Expand the experiment into runs with their keys and step budgets; write the plan (unless
+    ``write`` is false: a dry run). ``eval_engine``/``eval_dtype`` override the file's ``eval:``.
+    ``progress(message)`` is told each step."""
     say = progress or (lambda _m: None)
     from shoptune.eval.suite import build_suite, load_suite_config, suite_path
     from shoptune.train.config import load_config
 
     spec_path = Path(spec_path)
     spec: ExperimentSpec = load_spec(spec_path)
+    eval_cfg = spec.eval.model_copy(update={k: v for k, v in (("engine", eval_engine), ("dtype", eval_dtype)) if v})
+    EvalSettings.model_validate(eval_cfg.model_dump())
     out = Path(out)
     results = Path(results) if results else out
     base = resolve_path(spec.base, spec_path.parent)
@@ -160,18 +167,27 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
                                      cfg.batch_size * cfg.grad_accum)
             overrides.append(f"max_steps={steps}")
             cfg = load_config(base, overrides)
-            key = run_key(cfg.model_dump(), manifest["fingerprint"], spec.protocol, per_task=cell.per_task)
+            source = next((r for r in runs if r["cell"] == cell.merge_of and r["seed"] == seed), None)
+            merge = ({**(cell.merge or MergeSettings()).model_dump(), "of": source["key"]}
+                     if cell.merge_of else None)
+            key = run_key(cfg.model_dump(), manifest["fingerprint"], spec.protocol, per_task=cell.per_task,
+                          per_capability=cell.per_capability, merge=merge, eval_settings=eval_cfg.in_key())
             run = {"id": f"{cell.name}.s{seed}.{key[:8]}", "cell": cell.name, "seed": seed,
                    "key": key, "overrides": overrides, "max_steps": steps,
                    "avg_tokens_per_row": round(avg, 2) if avg else None,
                    "planned_tokens": round(avg * steps * cfg.batch_size * cfg.grad_accum) if avg else None}
-            if cell.per_task:
-                if cfg.curriculum != "none":
-                    raise ValueError(f"cell {cell.name}: per_task trains one plain adapter per task "
-                                     f"(curriculum={cfg.curriculum} does not apply)")
-                run["per_task"] = _per_task_plan(cfg, spec.budget, cache)
+            if cell.per_task or cell.per_capability:
+                if cfg.curriculum != "none" or cfg.peft != "lora":
+                    raise ValueError(f"cell {cell.name}: per_task/per_capability train one plain LoRA "
+                                     f"per group (curriculum={cfg.curriculum}, peft={cfg.peft} do not apply)")
+                by = "task" if cell.per_task else "capability"
+                run["split_by"] = by
+                run["per_task"] = _per_task_plan(cfg, spec.budget, cache, by=by)
                 run["max_steps"] = sum(i["max_steps"] for i in run["per_task"].values())
                 run["planned_tokens"] = sum(i["planned_tokens"] for i in run["per_task"].values())
+            if merge:
+                run.update(merge=merge, merge_of=source["id"], max_steps=0,
+                           planned_tokens=source["planned_tokens"], overrides=source["overrides"])
             runs.append(run)
     exp = {"name": spec.name, "description": spec.description, "spec_file": str(spec_path),
            "spec": spec.model_dump(), "base": str(base), "baseline": spec.baseline,
@@ -180,7 +196,7 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
            "contrasts": [c.model_dump() for c in spec.contrasts],
            "suite": {"name": spec.suite, "version": manifest["version"],
                      "fingerprint": manifest["fingerprint"], "n_questions": manifest["n_questions"]},
-           "protocol": spec.protocol, "runs": runs}
+           "protocol": spec.protocol, "eval": eval_cfg.model_dump(), "runs": runs}
     suite_doc = {**{k: v for k, v in manifest.items() if k != "ids"},
                  "questions": [{"id": r.id, "task_name": r.task_name or r.task, "capability": r.capability,
                                 "metric": r.metric} for r in records]}
@@ -257,11 +273,70 @@ def _complete_checkpoints(train_dir: Path) -> list[str]:
     return [str(p) for p in sorted(found, key=lambda p: (str(p.parent), int(p.name.split("-")[-1])))]
 
 
+def _train(p: dict, overrides: list[str], train_dir: Path) -> tuple[dict, str | None]:
+    """Train (or resume, or skip when finished) one adapter; its run.json and checkpoint.
+    With a launcher (e.g. ``accelerate launch ...``) the recipe runs under it as a child."""
+    from shoptune.train.config import load_config
+    from shoptune.train.recipe import main as train_main
+    resumed_from = None
+    if not ((train_dir / "run.json").exists() and (train_dir / "adapter").is_dir()):
+        ckpts = _complete_checkpoints(train_dir) if train_dir.exists() else []
+        resumed_from = ckpts[-1] if ckpts else None
+        resume = bool(ckpts) or (train_dir / "stage2").exists()
+        if p.get("launcher"):
+            cmd = [*shlex.split(p["launcher"]), "-m", "shoptune.train.recipe", p["base"],
+                   *overrides, *(["--resume"] if resume else [])]
+            print("launching:", shlex.join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        else:
+            train_main(load_config(p["base"], overrides), resume=resume)
+    return json.loads((train_dir / "run.json").read_text(encoding="utf-8")), resumed_from
+
+
+def _routed(adapter_of_capability: dict[str, str] | None = None, task_dirs: dict[str, str] | None = None,
+            experts: dict | None = None) -> dict[str, str]:
+    """``task_adapters`` for evaluation: every task card -> the adapter folder that answers it."""
+    from shoptune.tasks import all_cards
+    out = {}
+    for card in all_cards().values():
+        if experts is not None:
+            name = experts["task_experts"].get(card.name)
+            if name is not None:
+                out[card.name] = experts["experts"][name]
+        elif adapter_of_capability is not None and card.capability in adapter_of_capability:
+            out[card.name] = adapter_of_capability[card.capability]
+    out.update(task_dirs or {})
+    return out
+
+
+def _train_run(p: dict, run: dict) -> tuple[dict, str | None, dict]:
+    """Train one run's adapter(s); returns (run.json summary, resumed from, evaluate() kwargs)."""
+    from shoptune.train.config import load_config
+    train_dir = Path(p["out"]) / "cells" / run["id"] / "train"
+    if run.get("per_task"):
+        per_task = {}
+        for t, info in run["per_task"].items():
+            tdir = train_dir / t
+            per_task[t] = (*_train(p, _task_overrides(run, t, info, tdir), tdir), tdir)
+        trained = _combine_per_task({t: v[0] for t, v in per_task.items()})
+        resumed_from = next((f"{t}/{v[1]}" for t, v in per_task.items() if v[1]), None)
+        dirs = {t: str(v[2] / "adapter") for t, v in per_task.items()}
+        if run.get("split_by") == "capability":
+            return trained, resumed_from, {"task_adapters": _routed(adapter_of_capability=dirs)}
+        return trained, resumed_from, {"task_adapters": dirs}
+    trained, resumed_from = _train(p, [*run["overrides"], f"output_dir={train_dir}"], train_dir)
+    cfg = load_config(p["base"], [*run["overrides"], f"output_dir={train_dir}"])
+    if cfg.peft == "poly":  # task-routed experts, exported as plain LoRA adapters
+        from shoptune.experts import export_run_experts
+        meta = export_run_experts(train_dir, train_dir / "experts")
+        return trained, resumed_from, {"task_adapters": _routed(experts=meta)}
+    return trained, resumed_from, {"adapter": str(train_dir / "adapter")}
+
+
 def run_one(plan_file: str | Path, run_id: str) -> dict:
     """Train (or resume) one run, evaluate its adapter on the suite, write its result.json."""
     from shoptune.eval.runner import evaluate
     from shoptune.train.config import load_config
-    from shoptune.train.recipe import main as train_main
 
     p = json.loads(Path(plan_file).read_text(encoding="utf-8"))
     run = next(r for r in p["runs"] if r["id"] == run_id)
@@ -269,39 +344,21 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     train_dir = work / "train"
     cfg = load_config(p["base"], [*run["overrides"], f"output_dir={train_dir}"])
     t0 = time.time()
-
-    def train(overrides: list[str], train_dir: Path) -> tuple[dict, str | None]:
-        """Train (or resume, or skip when finished) one adapter; its run.json and checkpoint.
-        With a launcher (e.g. ``accelerate launch ...``) the recipe runs under it as a child."""
-        resumed_from = None
-        if not ((train_dir / "run.json").exists() and (train_dir / "adapter").is_dir()):
-            ckpts = _complete_checkpoints(train_dir) if train_dir.exists() else []
-            resumed_from = ckpts[-1] if ckpts else None
-            resume = bool(ckpts) or (train_dir / "stage2").exists()
-            if p.get("launcher"):
-                cmd = [*shlex.split(p["launcher"]), "-m", "shoptune.train.recipe", p["base"],
-                       *overrides, *(["--resume"] if resume else [])]
-                print("launching:", shlex.join(cmd), flush=True)
-                subprocess.run(cmd, check=True)
-            else:
-                train_main(load_config(p["base"], overrides), resume=resume)
-        return json.loads((train_dir / "run.json").read_text(encoding="utf-8")), resumed_from
-
-    if run.get("per_task"):
-        per_task = {}
-        for t, info in run["per_task"].items():
-            tdir = train_dir / t
-            per_task[t] = (*train(_task_overrides(run, t, info, tdir), tdir), tdir)
-        trained = _combine_per_task({t: v[0] for t, v in per_task.items()})
-        resumed_from = next((f"{t}/{v[1]}" for t, v in per_task.items() if v[1]), None)
-        eval_kw = {"task_adapters": {t: str(v[2] / "adapter") for t, v in per_task.items()}}
+    if run.get("merge"):  # the source run's adapters (trained now if they are not on disk), merged
+        from shoptune.experts import merge_adapters
+        source = next(r for r in p["runs"] if r["id"] == run["merge_of"])
+        trained, resumed_from, src_kw = _train_run(p, source)
+        folders = {Path(d).parent.name: Path(d) for d in sorted(set(src_kw["task_adapters"].values()))}
+        merged = merge_adapters(folders, train_dir / "adapter", model=cfg.model,
+                                method=run["merge"]["method"], density=run["merge"]["density"])
+        eval_kw = {"adapter": str(merged)}
     else:
-        trained, resumed_from = train([*run["overrides"], f"output_dir={train_dir}"], train_dir)
-        eval_kw = {"adapter": str(train_dir / "adapter")}
+        trained, resumed_from, eval_kw = _train_run(p, run)
     train_s = time.time() - t0
     t1 = time.time()
+    ev = p.get("eval") or {"engine": "builtin", "dtype": "auto"}
     s = evaluate(model=cfg.model, suite=p["suite_file"], out=work / "eval", protocol=p["protocol"],
-                 quiet=True, **eval_kw)
+                 quiet=True, engine=ev["engine"], dtype=ev["dtype"], **eval_kw)
     if s["manifest"]["fingerprint"] != p["suite"]["fingerprint"]:
         raise RuntimeError(f"suite {p['suite']['name']} changed since the plan (fingerprint "
                            f"{s['manifest']['fingerprint']} vs {p['suite']['fingerprint']}); re-plan")
@@ -313,7 +370,9 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
         "train": {"steps": trained["metrics"]["steps"], "tokens_seen": trained["metrics"]["tokens_seen"],
                   "planned_tokens": run["planned_tokens"], "first_loss": trained["metrics"]["first_loss"],
                   "final_loss": trained["metrics"]["final_loss"], "wall_time_s": trained["wall_time_s"],
-                  "resumed_from": resumed_from,
+                  "resumed_from": resumed_from, "merged_from": run.get("merge_of"),
+                  "trainable_params": trained.get("trainable_params"),
+                  "balancing": trained.get("balancing"),
                   "per_task": ({t: {**run["per_task"][t], **v} for t, v in trained["metrics"]["per_task"].items()}
                                if run.get("per_task") else None),
                   "mixture": {k: mix.get(k) for k in ("rows", "tasks", "capabilities", "diversity",
@@ -326,7 +385,8 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
         "per_question": {"ids_sha": s["manifest"]["fingerprint"],
                          "score": [round(r["score"], 6) for r in rows],
                          "counts": {str(i): r["counts"] for i, r in enumerate(rows) if "counts" in r}},
-        "eval_timing": s["timing"], "versions": trained.get("versions"), "git_commit": trained.get("git_commit"),
+        "eval_timing": s["timing"], "eval_engine": s.get("engine"),
+        "versions": trained.get("versions"), "git_commit": trained.get("git_commit"),
         "machine": machine.describe(),
         "wall_time_s": {"train": round(train_s, 1), "eval": round(time.time() - t1, 1)},
     }
@@ -361,6 +421,7 @@ def _combine_per_task(runs: dict[str, dict]) -> dict:
                     "per_task": {t: {k: x.get(k) for k in ("steps", "tokens_seen", "first_loss", "final_loss")}
                                  for t, x in m.items()}},
         "wall_time_s": round(sum(r.get("wall_time_s") or 0 for r in runs.values()), 1),
+        "trainable_params": sum(r.get("trainable_params") or 0 for r in runs.values()) or None,
         "mixture": {"rows": sum(tasks.values()), "tasks": tasks, "capabilities": caps,
                     "diversity": {"n_tasks": len(tasks), "adapters": len(runs)},
                     "tokens": {"total": sum((mx.get("tokens") or {}).get("total", 0) for mx in mixes),
@@ -410,7 +471,8 @@ def check_only(exp: dict, only: list[str] | None) -> None:
 
 def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Path | None = None,
                    workers: int = 1, console=None, poll_s: float = 1.0, launcher: str | None = None,
-                   only: list[str] | None = None, reuse: bool = True) -> dict:
+                   only: list[str] | None = None, reuse: bool = True, eval_engine: str | None = None,
+                   eval_dtype: str | None = None) -> dict:
     """Plan, skip finished runs, run the rest ``workers`` at a time; returns a status summary.
     ``launcher``: a command prefix each run's training is started with (``accelerate launch
     --config_file ...`` on a multi-GPU machine); evaluation stays in the run's own process.
@@ -420,7 +482,7 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Pat
     from rich.table import Table
 
     out = Path(out)
-    exp = plan(spec_path, out, results, launcher=launcher)
+    exp = plan(spec_path, out, results, launcher=launcher, eval_engine=eval_engine, eval_dtype=eval_dtype)
     results = Path(results) if results else out
     plan_file = out / "plan.json"
     check_only(exp, only)

@@ -12,6 +12,9 @@
       - {name: r16, overrides: [lora.r=16]}
       - {name: r64, overrides: [lora.r=64], baseline: r16}   # optional: its own reference cell
       - {name: per-task, per_task: true}    # one adapter per task, the same total budget
+      - {name: per-cap, per_capability: true}   # one adapter per capability
+      - {name: per-cap-ties, merge_of: per-cap, merge: {method: ties, density: 0.2}}
+    eval: {engine: llama.cpp, dtype: fp32}  # how runs are scored (part of the key; default builtin/auto)
     grid:                                   # and/or: the product of these, one cell per point
       lora.r: [8, 32]
       mixture.include_capabilities: [[concept_understanding], []]
@@ -57,6 +60,45 @@ class Cell(BaseModel):
     # single-task arm): each trains on its task's rows with its task's share of the budget, and
     # each suite question is answered by its task's adapter (the base model for other tasks)
     per_task: bool = False
+    # one adapter per capability (multi-LoRA by capability): each on its capability's rows with
+    # its share of the budget; every suite question answered by its capability's adapter
+    per_capability: bool = False
+    # no training of its own: the adapters of cell ``merge_of`` (same seed; a per_task or
+    # per_capability cell) merged into one with peft's add_weighted_adapter
+    merge_of: str | None = None
+    merge: "MergeSettings | None" = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.per_task and self.per_capability:
+            raise ValueError("per_task and per_capability: choose one")
+        if self.merge_of and (self.per_task or self.per_capability or self.overrides):
+            raise ValueError("merge_of: a merge cell trains nothing (no per_task/per_capability/overrides)")
+        if self.merge is not None and not self.merge_of:
+            raise ValueError("merge: needs merge_of (the cell whose adapters are merged)")
+        return self
+
+
+class MergeSettings(BaseModel):
+    """How a ``merge_of`` cell merges: peft's ``combination_type`` and TIES/DARE ``density``."""
+    model_config = ConfigDict(extra="forbid")
+    method: str = "ties"
+    density: float = Field(default=0.2, gt=0, le=1)
+
+
+class EvalSettings(BaseModel):
+    """How every run of the experiment is scored: the engine (``shoptune eval --engine``) and
+    dtype. Part of each run's key when not the defaults (builtin, auto), so runs scored on
+    different engines or dtypes are never mixed."""
+    model_config = ConfigDict(extra="forbid")
+    engine: str = Field(default="builtin", pattern=r"^(builtin|llama\.cpp|vllm)$")
+    dtype: str = Field(default="auto", pattern=r"^(auto|bf16|fp32)$")
+
+    def in_key(self) -> dict | None:
+        return None if (self.engine, self.dtype) == ("builtin", "auto") else self.model_dump()
+
+
+Cell.model_rebuild()
 
 
 class Contrast(BaseModel):
@@ -80,6 +122,7 @@ class ExperimentSpec(BaseModel):
     seeds: list[int] = Field(default=[0], min_length=1)  # distinct: a seed is one repetition
     budget: Budget | None = None
     baseline: str
+    eval: EvalSettings = EvalSettings()
     cells: list[Cell] = []
     grid: dict[str, list] = {}
     contrasts: list[Contrast] = []
@@ -105,6 +148,13 @@ class ExperimentSpec(BaseModel):
             raise ValueError(f"experiment {self.name}: cell names used twice: {', '.join(dup)}")
         if not cells:
             raise ValueError(f"experiment {self.name}: no cells (give cells: or grid:)")
+        for c in cells:
+            src = next((x for x in cells if x.name == c.merge_of), None) if c.merge_of else None
+            if c.merge_of and (src is None or not (src.per_task or src.per_capability)):
+                raise ValueError(f"experiment {self.name}: cell {c.name}: merge_of {c.merge_of!r} must be "
+                                 "a per_task or per_capability cell listed before it")
+            if src is not None and cells.index(src) > cells.index(c):
+                raise ValueError(f"experiment {self.name}: cell {c.name} merges {src.name}, listed after it")
         for ref in [self.baseline, *(c.baseline for c in cells if c.baseline),
                     *(x for c in self.contrasts for x in (*c.a, *c.b))]:
             if ref not in names:
@@ -144,11 +194,19 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     return spec
 
 
-def run_key(config: dict, suite_fingerprint: str, protocol: str, *, per_task: bool = False) -> str:
+def run_key(config: dict, suite_fingerprint: str, protocol: str, *, per_task: bool = False,
+            per_capability: bool = False, merge: dict | None = None, eval_settings: dict | None = None) -> str:
     cfg = {k: v for k, v in config.items() if k != "output_dir"}
     key = {"config": cfg, "suite": suite_fingerprint, "protocol": protocol}
-    if per_task:  # (only when set: keys of one-adapter runs stay what they were)
+    # (each only when set: keys of runs that do not use it stay what they were)
+    if per_task:
         key["per_task"] = True
+    if per_capability:
+        key["per_capability"] = True
+    if merge:
+        key["merge"] = merge
+    if eval_settings:
+        key["eval"] = eval_settings
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

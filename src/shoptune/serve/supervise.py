@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -65,6 +66,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _group_alive(pgid: int | None) -> bool:
+    """Does a live (not zombie) process of group ``pgid`` remain? (/proc on Linux, else kill 0.)"""
+    if pgid is None:
+        return False
+    proc = Path("/proc")
+    if proc.is_dir():
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":  # (state, ppid, pgrp, ...)
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, *, poll: float = 0.3,
@@ -149,6 +171,7 @@ class EngineSupervisor:
             if self.proc.poll() is None:
                 continue
             log.error("%s exited with %s; restarting (log: %s)", self.name, self.proc.returncode, self.log_path)
+            self._kill_group()  # what it started (vLLM's engine core) must not outlive it
             time.sleep(self.restart_delay)
             if self._stopping.is_set():
                 return
@@ -161,15 +184,30 @@ class EngineSupervisor:
             except Exception as e:  # noqa: BLE001 - keep trying: /health reports the outage meanwhile
                 log.error("%s restart failed: %s", self.name, e)
 
+    def _kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the engine's whole process group (it leads a session of its own): engines that
+        start workers (vLLM's EngineCore) would leave them running if only the leader died."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self._kill_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._kill_group(signal.SIGTERM)  # workers that outlived the leader get a moment, then
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(self.proc.pid if self.proc else None):
+            time.sleep(0.1)
+        self._kill_group()
         if self._watcher.is_alive():
             self._watcher.join(5)
 

@@ -42,6 +42,11 @@ class PolySettings(BaseModel):
     n_skills: int = Field(default=4, ge=1)
     n_splits: int = Field(default=1, ge=1)
     route_by: Literal["task", "capability"] = "task"
+    # peft's Poly scales its update by 1/r (LoRA's alpha/r with alpha = 1). ``alpha`` gives it
+    # LoRA's alpha/r instead, through the equivalent reparametrisation under Adam (A initialised
+    # x sqrt(alpha), learning rate x sqrt(alpha); B starts at 0), so a Poly arm and a LoRA arm of
+    # the same alpha/r learn at the same pace. None: peft's plain Poly.
+    alpha: float | None = Field(default=None, gt=0)
 
 
 class CurriculumSettings(BaseModel):

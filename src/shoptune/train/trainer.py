@@ -218,11 +218,19 @@ def use_bf16(setting) -> bool:
     return bool(setting)
 
 
+def effective_learning_rate(cfg: TrainConfig) -> float:
+    """The optimizer's learning rate: the config's, times sqrt(poly.alpha) for a Poly adapter
+    given LoRA's alpha/r scale (:class:`~shoptune.train.config.PolySettings`)."""
+    if cfg.peft == "poly" and cfg.poly.alpha:
+        return cfg.learning_rate * cfg.poly.alpha ** 0.5
+    return cfg.learning_rate
+
+
 def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | None = None) -> TrainingArguments:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))  # transformers 5 reads it here
     return TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=effective_learning_rate(cfg),
         lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, seed=cfg.seed,
@@ -264,6 +272,11 @@ def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float3
         pcfg = PolyConfig(r=lora.r, target_modules=lora.modules(), n_tasks=n_routes,
                           n_skills=poly.n_skills, n_splits=poly.n_splits, task_type="CAUSAL_LM")
         model = get_peft_model(model, pcfg)
+        if poly.alpha:  # (see PolySettings.alpha; the learning rate is scaled in training_args)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("poly_lora_A.default") or ".poly_lora_A." in name:
+                        p.mul_(poly.alpha ** 0.5)
     else:
         lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora.modules(), use_rslora=lora.use_rslora,

@@ -1,0 +1,118 @@
+"""The evaluation engines side by side on the core suite, one machine, one run (#21):
+
+    flock /tmp/shoptune-heavy.lock .venv/bin/python benchmarks/eval_engines.py \
+        --adapter runs/adapters/diverse-r32.s1/adapter [--suite core] [--dtypes fp32 auto] \
+        [--engines builtin llama.cpp vllm]
+
+Each engine scores the same questions with the same trained adapter through `shoptune eval
+--engine ...` (builtin: this process, the adapter merged; llama.cpp: the adapter as a LoRA per
+request; vLLM: merged), once per dtype. Per engine and dtype: seconds (engine start-up and
+generation apart), questions/s, all-around score, the paired difference to the built-in engine of
+the same dtype (bootstrap CI over the same questions, `shoptune.eval.paired`), and the share of
+answers equal to the built-in engine's. Targets (issue #21): the fastest engine >= 4x the built-in
+on a pass; per engine the paired CI includes 0 and |diff| <= 0.01; >= 95% equal answers in fp32.
+Writes docs/results/eval_engines.json and eval_engines.png; prints the markdown table. Needs
+`make llama-server` and `make vllm` (or $SHOPTUNE_LLAMA_SERVER / $SHOPTUNE_VLLM_PYTHON).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from shoptune import machine
+from shoptune._io import write_json
+from shoptune.eval.paired import paired_compare
+from shoptune.eval.runner import evaluate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", required=True, help="a trained PEFT LoRA folder")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--suite", default="core")
+    ap.add_argument("--engines", nargs="+", default=["builtin", "llama.cpp", "vllm"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "auto"])
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", default="docs/results/eval_engines.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="eval-engines-"))
+    res = {"command": "benchmarks/eval_engines.py " + " ".join(
+               f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+               for k, v in vars(args).items() if v is not None),
+           "machine": machine.describe(), "suite": args.suite, "adapter": args.adapter, "arms": {}}
+    rows = {}
+    for dtype in args.dtypes:
+        for engine in args.engines:
+            name = f"{engine}/{dtype}"
+            print(f"== {name}", flush=True)
+            s = evaluate(model=args.model, adapter=args.adapter, suite=args.suite, out=work / name.replace("/", "-"),
+                         engine=engine, dtype=dtype, concurrency=args.concurrency, quiet=True, n_boot=200)
+            rows[name] = [json.loads(x) for x in (work / name.replace("/", "-") / "predictions.jsonl")
+                          .read_text().splitlines() if x]
+            t = s["timing"]
+            res["arms"][name] = {"engine": s["engine"], "overall": round(s["overall"], 4),
+                                 "start_s": t["load_s"], "generate_s": t["generate_s"],
+                                 "pass_s": round(t["load_s"] + t["generate_s"], 1),
+                                 "questions_per_s": t["questions_per_s"]}
+            print(json.dumps(res["arms"][name]), flush=True)
+        ref = rows.get(f"builtin/{dtype}")
+        for engine in args.engines:
+            name = f"{engine}/{dtype}"
+            if ref is None or engine == "builtin":
+                continue
+            cmp = paired_compare([ref], [rows[name]], n_boot=2000, n_perm=2000)
+            a = res["arms"][name]
+            b = res["arms"][f"builtin/{dtype}"]
+            a["vs_builtin"] = {"diff": round(cmp["overall"]["diff"], 4), "ci95": cmp["overall"]["ci95"],
+                               "p": cmp["overall"]["p"],
+                               "equal_answers": round(sum(x["model_output"] == y["model_output"]
+                                                          for x, y in zip(ref, rows[name])) / len(ref), 4),
+                               "speedup_generate": round(b["generate_s"] / a["generate_s"], 2),
+                               "speedup_pass": round(b["pass_s"] / a["pass_s"], 2)}
+    res["n_questions"] = len(next(iter(rows.values())))
+    print("| engine | dtype | start s | generate s | q/s | all-around | vs built-in (paired, 95% CI) | equal answers | speed-up (generate / whole pass) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, a in res["arms"].items():
+        engine, dtype = name.split("/")
+        v = a.get("vs_builtin")
+        vs = (f"{v['diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" if v and v["ci95"] else "-")
+        eq = f"{v['equal_answers']:.1%}" if v else "-"
+        sp = f"{v['speedup_generate']:.2f}x / {v['speedup_pass']:.2f}x" if v else "1.00x"
+        print(f"| {engine} | {a['engine']['dtype']} | {a['start_s']:.1f} | {a['generate_s']:.1f} | "
+              f"{a['questions_per_s']:.2f} | {a['overall']:.4f} | {vs} | {eq} | {sp} |")
+    write_json(Path(args.out), res)
+    _plot(res, Path(args.out).with_suffix(".png"))
+
+
+def _plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(res["arms"])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    start = [res["arms"][n]["start_s"] for n in names]
+    gen = [res["arms"][n]["generate_s"] for n in names]
+    ax[0].barh(names, start, label="start-up (engine, export, merge)", color="#bbb")
+    ax[0].barh(names, gen, left=start, label="generation", color="#4c72b0")
+    ax[0].set_xlabel(f"seconds per pass ({res['n_questions']} questions)")
+    ax[0].legend(fontsize=8)
+    ax[0].invert_yaxis()
+    ov = [res["arms"][n]["overall"] for n in names]
+    ax[1].barh(names, ov, color="#55a868")
+    for i, n in enumerate(names):
+        v = res["arms"][n].get("vs_builtin")
+        ref = res["arms"].get("builtin/" + n.split("/")[1])
+        if v and v["ci95"] and ref:  # the built-in score plus the paired CI of the difference
+            lo, hi = ref["overall"] + v["ci95"][0], ref["overall"] + v["ci95"][1]
+            ax[1].errorbar(ov[i], i, xerr=[[max(0.0, ov[i] - lo)], [max(0.0, hi - ov[i])]], color="k", capsize=3)
+    ax[1].set_xlabel("all-around (bars: paired 95% CI of the difference to the built-in engine)")
+    ax[1].invert_yaxis()
+    fig.suptitle(f"Evaluation engines on {res['machine'].get('cpu', '?')}, {res['machine'].get('cores', '?')} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The capacity experiment's cell kinds (#22) through the runner: Poly experts routed per task,
+one LoRA per capability routed by capability, and their TIES merge (no training of its own)."""
+import json
+
+import pytest
+import yaml
+
+from shoptune.experiment.runner import plan, run_one
+from tests.conftest import REPO, needs_shared
+
+pytestmark = [pytest.mark.slow, needs_shared]
+
+TASKS = ["ecguide_qprp", "ecguide_sa", "ecguide_ner"]  # behaviour, concept understanding (x2)
+SUITE = {"name": "micro", "parts": [  # 4 questions: routed by task, by capability, or to the base
+    {"name": "dev", "sources": ["shopbench-dev/development.json"], "per_task_cap": 1,
+     "include_tasks": ["shopbench_task2", "shopbench_task11"]},
+    {"name": "ec", "sources": ["ec-guide"], "split": "test", "per_task_cap": 1,
+     "include_tasks": ["ecguide_sa", "ecguide_qprp"]}]}
+SPEC = {
+    "name": "capacity-tiny", "base": str(REPO / "configs/train/smoke.yaml"), "seeds": [0],
+    "overrides": ["mixture.total=12", f"mixture.include_tasks={json.dumps(TASKS)}", "batch_size=2",
+                  "max_length=128", "report_to=[]", "logging_steps=1", "save_steps=100",
+                  "warmup_ratio=0.0", "learning_rate=0.002", "lora.r=4"],
+    "budget": {"steps": 4}, "baseline": "lora",
+    "cells": [{"name": "lora"},
+              {"name": "poly", "overrides": ["peft=poly", "poly.n_skills=2", "lora.r=2"]},
+              {"name": "per-cap", "per_capability": True},
+              {"name": "per-cap-ties", "merge_of": "per-cap", "merge": {"method": "ties", "density": 0.5}}],
+}
+
+
+def test_poly_per_capability_and_merge_cells_train_route_and_score(tmp_path):
+    (tmp_path / "micro.yaml").write_text(yaml.safe_dump(SUITE))
+    spec = tmp_path / "capacity.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "suite": str(tmp_path / "micro.yaml")}))
+    out, res = tmp_path / "out", tmp_path / "res"
+    exp = plan(spec, out, res, eval_dtype="fp32")
+    lora, poly, percap, ties = exp["runs"]
+    assert exp["eval"] == {"engine": "builtin", "dtype": "fp32"}
+    assert len({r["key"] for r in exp["runs"]}) == 4
+    assert sorted(percap["per_task"]) == ["concept_understanding", "user_behavior_alignment"]
+    assert ties["merge_of"] == percap["id"] and ties["max_steps"] == 0
+    # the eval settings are part of the key (not when they are the defaults: old keys stay)
+    cfg = json.loads((res / "experiment.json").read_text())["runs"][0]
+    from shoptune.experiment.spec import EvalSettings, run_key
+    keys = {run_key({"x": 1}, "f", "p", eval_settings=EvalSettings(**e).in_key())
+            for e in ({}, {"dtype": "fp32"}, {"engine": "vllm", "dtype": "fp32"})}
+    assert len(keys) == 3 and run_key({"x": 1}, "f", "p") in keys and cfg["id"] == lora["id"]
+
+    r_poly = run_one(out / "plan.json", poly["id"])
+    sc = json.loads((out / "cells" / poly["id"] / "eval" / "scores.json").read_text())
+    experts = out / "cells" / poly["id"] / "train" / "experts"
+    assert sc["engine"]["dtype"] == "float32" and sc["task_adapters"]
+    assert sc["task_adapters"]["ecguide_sa"] == str(experts / "ecguide_sa")
+    assert sc["task_adapters"]["shopbench_task2"] == str(experts / "concept_understanding")
+    assert r_poly["train"]["trainable_params"] > 0
+
+    r_cap = run_one(out / "plan.json", percap["id"])
+    sc = json.loads((out / "cells" / percap["id"] / "eval" / "scores.json").read_text())
+    train = out / "cells" / percap["id"] / "train"
+    assert sc["task_adapters"]["shopbench_task2"] == str(train / "concept_understanding" / "adapter")
+    assert sc["task_adapters"]["ecguide_qprp"] == str(train / "user_behavior_alignment" / "adapter")
+    assert set(r_cap["train"]["per_task"]) == {"concept_understanding", "user_behavior_alignment"}
+
+    r_ties = run_one(out / "plan.json", ties["id"])
+    merged = out / "cells" / ties["id"] / "train" / "adapter"
+    assert json.loads((merged / "merge.json").read_text())["method"] == "ties"
+    assert r_ties["train"]["merged_from"] == percap["id"] and r_ties["train"]["steps"] == r_cap["train"]["steps"]
+    sc = json.loads((out / "cells" / ties["id"] / "eval" / "scores.json").read_text())
+    assert sc["adapter"] == str(merged) and not sc["task_adapters"]
+    assert len(r_ties["per_question"]["score"]) == r_ties["suite"]["n_questions"]

@@ -102,7 +102,7 @@ def test_eval_bar_moves_inside_a_generation_batch(tmp_path):
 
     model, tok = load(str(make_tiny_model(tmp_path / "m")), dtype="fp32")
     steps = []
-    plan = Plan(kind="generation", max_new_tokens=12)
+    plan = Plan("generate", max_new_tokens=12)
     out = LocalBackend(model, tok, batch_size=8).run([f"Describe item {i}:" for i in range(8)], [plan] * 8,
                                                      progress=steps.append)
     assert len(out) == 8 and len(steps) > 1  # one batch, several moves

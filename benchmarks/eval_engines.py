@@ -107,7 +107,7 @@ def _plot(res: dict, path: Path) -> None:
         if v and v["ci95"] and ref:  # the built-in score plus the paired CI of the difference
             lo, hi = ref["overall"] + v["ci95"][0], ref["overall"] + v["ci95"][1]
             ax[1].errorbar(ov[i], i, xerr=[[max(0.0, ov[i] - lo)], [max(0.0, hi - ov[i])]], color="k", capsize=3)
-    ax[1].set_xlabel("all-around (bars: paired 95% CI of the difference to the built-in engine)")
+    ax[1].set_xlabel("all-around (bars: paired 95% CI vs the built-in engine)")
     ax[1].invert_yaxis()
     fig.suptitle(f"Evaluation engines on {res['machine'].get('cpu', '?')}, {res['machine'].get('cores', '?')} cores")
     fig.tight_layout()

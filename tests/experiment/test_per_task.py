@@ -68,5 +68,5 @@ def test_per_task_cell_refuses_a_curriculum(tmp_path):
     bad = {**SPEC, "cells": [{"name": "one"}, {"name": "x", "per_task": True, "overrides": ["curriculum=three-stage"]}]}
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(bad))
-    with pytest.raises(ValueError, match="per_task trains one plain adapter per task"):
+    with pytest.raises(ValueError, match="per_task/per_capability train one plain LoRA per group"):
         plan(spec, tmp_path / "out", tmp_path / "res")

@@ -69,7 +69,8 @@ def test_poly_with_uncertainty_balancing_resumes_exactly_after_sigkill(tmp_path)
     b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("ref", "cut"))
-    assert ra["balancing"] == rb["balancing"]
+    timing = lambda b: {k: v for k, v in b.items() if k != "balance/probe_s"}  # wall-clock, not state
+    assert timing(ra["balancing"]) == timing(rb["balancing"])
     assert ra["balancing"]["log_vars"] != [0.0] * len(ra["balancing"]["log_vars"])  # it learned
     la, lb = ((tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("ref", "cut"))
 

@@ -72,7 +72,7 @@ class EngineServer:
                                        slots=self.concurrency, status=self.status)
         tok = load_tokenizer(base)
         engine = UpstreamEngine(self.supervisor.url, tok, base_name=served, kind=self.kind,
-                                max_concurrency=self.concurrency, max_queue=100_000, timeout=600)
+                                max_concurrency=self.concurrency, max_queue=100_000, timeout=1800)
         settings = ServeSettings(protocol=self.protocol, task_adapters=routes)
         port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(build_app(engine, settings), host="127.0.0.1",

@@ -117,7 +117,10 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
 
     ``limit`` keeps the first N questions; ``limit_per_task`` the first N of each task (as
     lm-evaluation-harness's limit); the report marks scores from partial coverage."""
-    out = Path(out)
+    out = check_out_dir(out)  # before any work: a file in the way, an unwritable place
+    for name, value in (("limit", limit), ("limit_per_task", limit_per_task)):
+        if value is not None and value < 1:  # (records[:-1] would score all but one)
+            raise ValueError(f"{name} {value}: must be at least 1")
     if backend is not None:
         if backend not in _BACKEND_ENGINE:
             raise ValueError(f"unknown backend {backend!r}; local or openai (or use engine=)")
@@ -187,8 +190,10 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
             with Console(stderr=True, quiet=quiet).status(f"starting {engine}") as st:
                 served.status = lambda m: st.update(m)
                 url, request_model = served.__enter__()
+            # an engine this process started: nothing else queues there, and on a machine shared
+            # with other jobs a request may wait long; a failed one still stops the evaluation
             runner = OpenAIBackend(request_model, base_url=url, concurrency=concurrency,
-                                   chat=protocol == "chat", protocol=protocol)
+                                   chat=protocol == "chat", protocol=protocol, timeout=1800.0)
             engine_info.update(served.info)
             dtype_used = engine_info["dtype"]
         load_s = time.time() - t0

@@ -99,8 +99,9 @@ def _load(paths, *, task=None, mapping=None, check=True, progress=None):
 
 
 def _load_valid(paths, *, on_invalid: str, task=None, mapping=None):
-    """The valid records (``--on-invalid skip``: the skipped rows' count printed; ``fail``: exit
-    listing them)."""
+    """The valid records and the line that says how many rows were skipped (``--on-invalid
+    skip``; the caller prints it with its result, so a failure stays one line), or (``fail``)
+    exit listing them."""
     from shoptune.data.loaders import DataValidationError, load_valid, skipped_line
 
     try:
@@ -109,8 +110,11 @@ def _load_valid(paths, *, on_invalid: str, task=None, mapping=None):
         fail(str(e))
     except (FileNotFoundError, KeyError) as e:
         fail(str(e).strip("'\""))
-    console.print(skipped_line(issues), markup=False, highlight=False, soft_wrap=True)
-    return recs
+    return recs, skipped_line(issues)
+
+
+def _say(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.callback()
@@ -247,7 +251,7 @@ def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for 
     from shoptune.data.splits import split_records
 
     check_out_dir(out)  # a file in the way: one line now, not after the work
-    recs = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
+    recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     try:
         parts = split_records(recs, seed=seed, validation=validation, test=test)
     except ValueError as e:
@@ -255,6 +259,7 @@ def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for 
     for name, rows in parts.items():
         write_jsonl(out / f"{name}.jsonl", (r.to_dict() for r in rows))
         console.print(f"{name}: {len(rows)} rows -> {out / (name + '.jsonl')}")
+    _say(skipped)
 
 
 @data_app.command("dedup")
@@ -278,7 +283,7 @@ def data_dedup(paths: Paths,
 
     check_out_file(out)
     report = check_out_file(report or out.with_suffix(".removed.jsonl"))
-    recs = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
+    recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     with console.status("de-duplicating"):
         kept, removed = dedup(recs, threshold=threshold, near=near)
     if against:
@@ -299,6 +304,7 @@ def data_dedup(paths: Paths,
     console.print(f"kept {len(kept)} of {len(recs)} -> {out}; removed {len(removed)} -> {report}")
     for reason, n in Counter(r["reason"] for r in removed).most_common():
         console.print(f"  {reason}: {n}")
+    _say(skipped)
 
 
 @data_app.command("fetch")

@@ -1,5 +1,7 @@
 """Poly experts exported as plain LoRA are exact; adapters merged with peft's methods."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -52,10 +54,22 @@ def test_exported_experts_equal_poly_routed_by_task(tiny_base, tmp_path, n_split
     assert meta["routes"] == {"t0": [0], "t1": [1], "t2": [2]}
 
 
+def _umask() -> int:
+    cur = os.umask(0)
+    os.umask(cur)
+    return cur
+
+
 def test_a_group_expert_and_bad_routes(tiny_base, tmp_path):
     _poly(tiny_base, tmp_path / "poly")
-    out = export_experts(tmp_path / "poly", tmp_path / "experts", {"g": [0, 2], "t0": [0]})
+    old = os.umask(0o022)
+    try:
+        out = export_experts(tmp_path / "poly", tmp_path / "experts", {"g": [0, 2], "t0": [0]})
+    finally:
+        os.umask(old)
     assert set(out) == {"g", "t0"}
+    # readable by colleagues on a shared machine, as any output (not tempfile's 0700; #24 item 12)
+    assert stat.S_IMODE(out["g"].stat().st_mode) == 0o755
     with pytest.raises(ExpertError, match="task ids"):
         export_experts(tmp_path / "poly", tmp_path / "x", {"bad": [7]})
     with pytest.raises(ExpertError, match="expert name"):
@@ -98,6 +112,7 @@ def test_merge_cat_is_the_exact_sum_and_ties_gives_one_lora(tiny_base, tmp_path)
         ties = merge_adapters(folders, tmp_path / "ties", model=str(tiny_base), method="ties", density=0.5)
         lt = logits(ties)
     assert json.loads((ties / "merge.json").read_text())["method"] == "ties"
+    assert stat.S_IMODE(ties.stat().st_mode) == 0o777 & ~_umask()  # (#24 item 12: not 0700)
     assert (lt - base).abs().max() > 1e-4 and (both - la).abs().max() > 1e-4
     with pytest.raises(ExpertError, match="two"):
         merge_adapters({"a": folders["a"]}, tmp_path / "one", model=str(tiny_base))

@@ -13,20 +13,32 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from shoptune.console import OneLineErrors, console, err, fail
+from shoptune.console import OnInvalid, OneLineErrors, console, err, fail
 from shoptune.data.cli import register as register_data
 from shoptune.eval.cli import register as register_eval
 from shoptune.experiment.cli import register as register_experiment
 from shoptune.serve.cli import register as register_serve
 from shoptune.train.cli import register as register_train
+
+# transformers' FutureWarnings about its own renamed arguments (gradient_checkpointing ->
+# activation_checkpointing, ...) reach every train/eval/serve run although shoptune's users cannot
+# act on them; the command line hides them (the library and the tests still see them).
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)",
+                        message=r".*(deprecated|will be removed)")
+# bitsandbytes (for QLoRA) is imported by peft whenever it is installed, and on CPUs with
+# AVX512-BF16 it warns on every import that an optional kernel package is missing (it falls back to
+# its own kernels); that line would precede every train/eval/serve output and error.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, evaluation, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)
@@ -35,7 +47,10 @@ tasks_app = typer.Typer(help="Task cards (capability, task type, metric, prompt)
 data_app = typer.Typer(help="Load, validate, split, de-duplicate task data.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models: the embedded default and local folders.",
                          no_args_is_help=True)
+configs_app = typer.Typer(help="The configs shipped with shoptune (train, mixtures, eval suites, "
+                                "experiments, ...): list them, copy one to edit.", no_args_is_help=True)
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(configs_app, name="configs")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 
@@ -67,16 +82,44 @@ def _mapping(items: list[str] | None) -> dict[str, str] | None:
     return out
 
 
-def _load(paths, *, task=None, mapping=None, check=True):
-    """Load records or exit with every problem listed (file, line, field)."""
-    from shoptune.data.loaders import DataValidationError, load_records
+def _load(paths, *, task=None, mapping=None, check=True, progress=None):
+    """Load records or exit with every problem listed (file, line, field). ``progress(n)`` is
+    called every 2,000 rows."""
+    from shoptune.data.loaders import DataValidationError, iter_records
 
+    issues: list = []
+    recs = []
     try:
-        return load_records(paths, task=task, mapping=mapping, check=check)
+        for rec in iter_records(paths, task=task, mapping=mapping, check=check, issues=issues):
+            recs.append(rec)
+            if progress and len(recs) % 2000 == 0:
+                progress(len(recs))
+        if issues:
+            raise DataValidationError(issues)
+        return recs
     except DataValidationError as e:
         fail(str(e))
     except (FileNotFoundError, KeyError) as e:
         fail(str(e).strip("'\""))
+
+
+def _load_valid(paths, *, on_invalid: str, task=None, mapping=None):
+    """The valid records and the line that says how many rows were skipped (``--on-invalid
+    skip``; the caller prints it with its result, so a failure stays one line), or (``fail``)
+    exit listing them."""
+    from shoptune.data.loaders import DataValidationError, load_valid, skipped_line
+
+    try:
+        recs, issues = load_valid(paths, on_invalid=on_invalid, task=task, mapping=mapping)
+    except DataValidationError as e:
+        fail(str(e))
+    except (FileNotFoundError, KeyError) as e:
+        fail(str(e).strip("'\""))
+    return recs, skipped_line(issues)
+
+
+def _say(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.callback()
@@ -172,16 +215,19 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
     """Counts by capability, task, type and source; token lengths; duplicates."""
     from shoptune.data.stats import compute_stats
 
-    recs = _load(paths or ["ec-guide", "shopbench-dev"], task=task, mapping=_mapping(map_),
-                 check=False)
-    tok = None
-    if tokens:
-        from shoptune.models import DEFAULT_MODEL, ModelNotFoundError, load_tokenizer
-        try:
-            tok = load_tokenizer(DEFAULT_MODEL)
-        except ModelNotFoundError as e:
-            err.print(f"[yellow]no token lengths[/]: {e}")
-    st = compute_stats(recs, tokenizer=tok)
+    with err.status("reading rows") as status:  # (stderr: --json output stays clean)
+        recs = _load(paths or ["ec-guide", "shopbench-dev"], task=task, mapping=_mapping(map_),
+                     check=False, progress=lambda n: status.update(f"reading rows: {n}"))
+        tok = None
+        if tokens:
+            from shoptune.models import DEFAULT_MODEL, ModelNotFoundError, load_tokenizer
+            try:
+                tok = load_tokenizer(DEFAULT_MODEL)
+            except ModelNotFoundError as e:
+                err.print(f"[yellow]no token lengths[/]: {e}")
+        status.update(f"counting {len(recs)} rows")
+        st = compute_stats(recs, tokenizer=tok, progress=lambda done, total: status.update(
+            f"counting tokens: {done} of {total} rows"))
     if as_json:
         print(json.dumps(st, indent=1, ensure_ascii=False))
         return
@@ -204,13 +250,13 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
 def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
                                                                 "test .jsonl")],
                seed: int = 0, validation: float = 0.02, test: float = 0.05,
-               task: TaskOpt = None, map_: MapOpt = None) -> None:
+               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip") -> None:
     """Deterministic per-task splits (stable when files grow) -> OUT/{train,validation,test}.jsonl."""
     from shoptune._io import check_out_dir, write_jsonl
     from shoptune.data.splits import split_records
 
     check_out_dir(out)  # a file in the way: one line now, not after the work
-    recs = _load(paths, task=task, mapping=_mapping(map_))
+    recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     try:
         parts = split_records(recs, seed=seed, validation=validation, test=test)
     except ValueError as e:
@@ -218,6 +264,7 @@ def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for 
     for name, rows in parts.items():
         write_jsonl(out / f"{name}.jsonl", (r.to_dict() for r in rows))
         console.print(f"{name}: {len(rows)} rows -> {out / (name + '.jsonl')}")
+    _say(skipped)
 
 
 @data_app.command("dedup")
@@ -231,7 +278,7 @@ def data_dedup(paths: Paths,
                near: Annotated[bool, typer.Option(help="Near-duplicate (MinHash) pass.")] = True,
                ngram: Annotated[int, typer.Option(help="Decontamination: word n-gram overlap "
                                                   "(GPT-3 / lm-eval: 13; 0 = off).")] = 13,
-               task: TaskOpt = None, map_: MapOpt = None) -> None:
+               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip") -> None:
     """Drop exact and near duplicates, and anything that appears in an evaluation set
     (--against FILE or suite:NAME): exactly, nearly, or as a shared 13-gram."""
     from collections import Counter
@@ -241,7 +288,7 @@ def data_dedup(paths: Paths,
 
     check_out_file(out)
     report = check_out_file(report or out.with_suffix(".removed.jsonl"))
-    recs = _load(paths, task=task, mapping=_mapping(map_))
+    recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     with console.status("de-duplicating"):
         kept, removed = dedup(recs, threshold=threshold, near=near)
     if against:
@@ -262,6 +309,7 @@ def data_dedup(paths: Paths,
     console.print(f"kept {len(kept)} of {len(recs)} -> {out}; removed {len(removed)} -> {report}")
     for reason, n in Counter(r["reason"] for r in removed).most_common():
         console.print(f"  {reason}: {n}")
+    _say(skipped)
 
 
 @data_app.command("fetch")
@@ -324,14 +372,66 @@ def models_pull(name: Annotated[str, typer.Argument(help="Embedded model name.")
     console.print(f"{name}: cached at {path}")
 
 
+# ----------------------------------------------------------------------------- configs
+
+@configs_app.command("ls")
+def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of objects.")] = False) -> None:
+    """Every shipped config: its name (KIND/NAME), file and first comment line. Commands take
+    the name or the path (configs/train/smoke.yaml) from any folder."""
+    from shoptune.configfile import describe, shipped_configs
+
+    rows = [{"name": n, "path": str(p), "description": describe(p)} for n, p in shipped_configs()]
+    if as_json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    t = Table(title=f"{len(rows)} shipped configs (copy one to edit: shoptune configs cp NAME DEST)")
+    for col in ("name", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["description"])
+    console.print(t)
+
+
+@configs_app.command("cp")
+def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train/smoke, "
+                                                   "configs/train/smoke.yaml, ...")],
+               dest: Annotated[Path, typer.Argument(help="File or existing folder to copy it to.")],
+               force: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False) -> None:
+    """Copy a shipped config to edit it (as torchtune's `tune cp`)."""
+    from shoptune._io import atomic_open, check_out_file
+    from shoptune.configfile import shipped_config, shipped_configs
+
+    src = shipped_config(name)
+    if src is None:
+        matches = [p for n, p in shipped_configs() if Path(n).name == Path(name).stem]
+        if len(matches) == 1:
+            src = matches[0]
+        else:
+            known = ", ".join(n for n, _ in shipped_configs())
+            fail(f"{name}: no shipped config of that name" + (" (several kinds have it)" if matches else "")
+                 + f"; shipped: {known}")
+    target = dest / src.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        fail(f"{target} exists (--force replaces it)")
+    check_out_file(target)
+    with atomic_open(target) as fh:
+        fh.write(src.read_text(encoding="utf-8"))
+    console.print(f"copied {src.relative_to(src.parents[1]).as_posix()} -> {target}", highlight=False)
+
+
 # ----------------------------------------------------------------------------- demo
 
-@app.command("demo")
+from shoptune.demo import DURATION as _DEMO_TIME, QUICK_DURATION as _QUICK_TIME  # noqa: E402
+
+
+@app.command("demo", help=f"Train on a small diverse mixture (60 LoRA steps), then compare base and "
+                          f"tuned on the ShopBench dev set and held-out EC-Guide questions: "
+                          f"{_DEMO_TIME} on 2 CPU cores.")
 def demo(out: str = "runs/demo",
-         quick: Annotated[bool, typer.Option(help="A 1-minute version (10 steps, 24 questions).")] = False,
+         quick: Annotated[bool, typer.Option(help=f"A quick version (10 steps, 24 questions): "
+                                                  f"{_QUICK_TIME} on 2 CPU cores.")] = False,
          config: Annotated[Optional[Path], typer.Option(help="Training config (default: configs/train/demo.yaml).")] = None,
          test_questions: Annotated[int, typer.Option(help="Held-out EC-Guide test-split questions to score.")] = 96) -> None:
-    """Train on a small diverse mixture (~10 min CPU), then compare base and tuned."""
     from shoptune.demo import run_demo
 
     run_demo(console, out=out, quick=quick, config=config, test_questions=test_questions)

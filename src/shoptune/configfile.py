@@ -9,6 +9,7 @@ Shared by training configs, mixtures, synthesis specs and experiment files.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -153,3 +154,62 @@ def load(model: type[M], path: str | Path | None, overrides=(), what: str = "con
     apply_overrides(data, overrides)
     overridden = [parse_override(item)[0] for item in overrides or ()]
     return validate(model, data, str(path) if path else "config", lines, overridden)
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+def shipped_dir() -> Path:
+    """The configs shipped inside the package (``configs/`` in the repo links here)."""
+    from shoptune import REPO_CONFIGS
+    return REPO_CONFIGS
+
+
+def shipped_configs() -> list[tuple[str, Path]]:
+    """Every shipped config as (``KIND/NAME``, path), sorted: ``train/smoke``, ``eval/core`` ..."""
+    root = shipped_dir()
+    return sorted((p.relative_to(root).with_suffix("").as_posix(), p) for p in root.rglob("*.yaml"))
+
+
+def describe(path: Path, width: int = 110) -> str:
+    """A shipped config's description: the first sentence of its leading comment."""
+    words = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#") or line.startswith("#   "):  # (an indented command line)
+            break
+        words += line.lstrip("#").split()
+    text = " ".join(words)
+    end = re.search(r"\.\s+(?=[A-Z`(])", text)  # (not "e.g. the")
+    text = text[:end.start() + 1] if end else text
+    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
+
+
+def shipped_config(name: str | Path, kind: str | None = None) -> Path | None:
+    """The shipped config ``name`` names, or None: ``configs/train/smoke.yaml``, ``train/smoke``,
+    ``train/smoke.yaml``, or (given ``kind``, e.g. "train") ``smoke`` / ``smoke.yaml``."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts:
+        return None
+    parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+    if not parts:
+        return None
+    rel = Path(*parts)
+    rel = rel if rel.suffix in (".yaml", ".yml") else rel.with_name(rel.name + ".yaml")
+    cands = [shipped_dir() / rel]
+    if kind and len(parts) == 1:
+        cands.insert(0, shipped_dir() / kind / rel)
+    return next((c for c in cands if c.is_file()), None)
+
+
+def resolve_config(path: str | Path, kind: str | None = None) -> Path:
+    """``path`` as given when it exists (or is absolute: its reader names the problem); else the
+    shipped config it names (so ``configs/mixtures/diverse.yaml`` works from any folder); else
+    FileNotFoundError naming the path."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    found = shipped_config(p, kind)
+    if found is not None:
+        return found
+    import errno
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory, nor a shipped config of "
+                            "that name (`shoptune configs ls` lists them)", str(path))

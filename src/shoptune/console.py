@@ -11,6 +11,7 @@ errors too).
 from __future__ import annotations
 
 import os
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -19,6 +20,12 @@ from typer.core import TyperGroup
 
 console = Console()
 err = Console(stderr=True)
+
+# One invalid-row policy for every command that reads training data (data split/dedup/mix, train)
+OnInvalid = Annotated[Literal["skip", "fail"], typer.Option(
+    "--on-invalid",
+    help="Rows that break the record rules: skip them (the count and the first one are printed) "
+         "or fail, listing them.")]
 
 
 def fail(msg: str, code: int = 1) -> None:

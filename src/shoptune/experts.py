@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from shoptune._io import write_json
+from shoptune._io import make_temp_dir, write_json
 
 EPS = 1e-12  # peft.tuners.poly.router.EPS: the normalisation Poly's router applies
 
@@ -136,7 +135,7 @@ def export_experts(poly_dir: Path, out: Path, routes: dict[str, list[int]]) -> d
         bad = [t for t in tasks if not 0 <= t < n_tasks]
         if not tasks or bad:
             raise ExpertError(f"expert {name}: task ids {tasks} (the adapter routes {n_tasks} tasks)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+        tmp = make_temp_dir(out, f".{name}-")  # (readable as any output, not 0700)
         save_file(expert_state(weights, cfg, list(tasks)), str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", lcfg)
@@ -194,8 +193,7 @@ def merge_adapters(adapters: dict[str, Path], out: Path, *, model: str, method: 
     pm.add_weighted_adapter(names, weights or [1.0] * len(names), adapter_name="merged",
                             combination_type=method, **kw)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}-")
     pm.save_pretrained(str(tmp), selected_adapters=["merged"])
     # peft writes a non-default adapter into a sub-folder named after it
     src = tmp / "merged" if (tmp / "merged" / "adapter_config.json").exists() else tmp

@@ -219,6 +219,8 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
     from shoptune.data.teacher import LogError, TeacherError
     from shoptune.tasks import get_card
 
+    from shoptune.configfile import resolve_config
+    spec_path = resolve_config(spec_path, "synth")  # (not found: one line, from the CLI's handler)
     try:
         check_out_file(out)
         spec = SynthSpec.from_yaml(spec_path, over)

@@ -164,8 +164,13 @@ def check_fields(row: dict) -> list[tuple[str, str]]:
         elif isinstance(inp, str):
             opts = option_numbers(inp)
             if opts and gold not in opts:
-                out.append(("output_field", f"option index {gold} out of range "
-                                            f"(options {min(opts)}-{max(opts)})"))
+                listed = sorted(set(opts))
+                if listed == list(range(listed[0], listed[-1] + 1)):
+                    out.append(("output_field", f"option index {gold} out of range "
+                                                f"(options {listed[0]}-{listed[-1]})"))
+                else:  # labelled with a gap (0, 1, 3): say which labels exist
+                    out.append(("output_field", f"option index {gold} is not one of the listed "
+                                                f"options ({', '.join(map(str, listed))})"))
             elif not opts and not 0 <= gold <= 9:
                 out.append(("output_field", f"answer {gold} is not a single digit"))
     elif tt == "retrieval":
@@ -445,6 +450,32 @@ def iter_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
                     report(found)
                     continue
                 yield rec
+
+
+ON_INVALID = ("skip", "fail")
+
+
+def load_valid(paths, *, on_invalid: str = "skip", task: str | None = None,
+               mapping: dict[str, str] | None = None) -> tuple[list[Record], list[DataIssue]]:
+    """Every valid record and the issues of the rows left out. ``on_invalid``: ``skip`` (the
+    default of every data command and of training) or ``fail`` (:class:`DataValidationError`
+    listing every problem)."""
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid {on_invalid!r}: one of {', '.join(ON_INVALID)}")
+    issues: list[DataIssue] = []
+    recs = list(iter_records(paths, task=task, mapping=mapping, issues=issues))
+    if issues and on_invalid == "fail":
+        raise DataValidationError(issues)
+    return recs, issues
+
+
+def skipped_line(issues: list[DataIssue]) -> str:
+    """The one line every command prints about the rows it skipped (also when none)."""
+    if not issues:
+        return "invalid rows skipped: 0"
+    rows = len({(i.file, i.loc) for i in issues})  # (a row may break several rules)
+    return (f"invalid rows skipped: {rows} (first: {issues[0]}; `shoptune data validate` "
+            f"lists them, --on-invalid fail stops on them)")
 
 
 def load_records(paths, *, task: str | None = None, mapping: dict[str, str] | None = None,

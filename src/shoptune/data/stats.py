@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,8 +30,10 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
     return {("max" if p == 100 else f"p{p}"): int(np.percentile(arr, p)) for p in PERCENTILES}
 
 
-def compute_stats(records: Sequence[Record], tokenizer=None, batch_size: int = 2048) -> dict:
-    """Statistics of a record list; token lengths need ``tokenizer`` (else omitted)."""
+def compute_stats(records: Sequence[Record], tokenizer=None, batch_size: int = 2048,
+                  progress: Callable[[int, int], None] | None = None) -> dict:
+    """Statistics of a record list; token lengths need ``tokenizer`` (else omitted).
+    ``progress(done, total)`` after each batch of rows tokenized."""
     by_task: dict[str, dict] = {}
     for r in records:
         t = by_task.setdefault(r.task, {"task": r.task, "capability": r.capability,
@@ -61,6 +63,8 @@ def compute_stats(records: Sequence[Record], tokenizer=None, batch_size: int = 2
             golds = [r.output_field if isinstance(r.output_field, str)
                      else json.dumps(r.output_field, ensure_ascii=False) for r in chunk]
             outp += [len(x) for x in tokenizer(golds, add_special_tokens=False)["input_ids"]]
+            if progress:
+                progress(i + len(chunk), len(records))
         out["tokens"] = {"input": _percentiles(inp), "output": _percentiles(outp),
                          "total_input": int(sum(inp)), "total_output": int(sum(outp))}
     return out

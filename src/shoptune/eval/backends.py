@@ -16,6 +16,36 @@ from shoptune.decoding import (NumberListProcessor, Plan, PrefixCache, StopAtLin
 from shoptune.records import Record
 
 
+class _RowProgress:
+    """A stopping criterion that stops nothing: it moves the progress bar inside a generation
+    batch. A row counts as answered once it has produced EOS (or the padding finished rows get);
+    a row still running counts up to 0.9 with its tokens. Steps of 1/64 add up exactly, so the
+    bar ends on the whole number of questions."""
+
+    def __init__(self, n_rows: int, prompt_len: int, max_new: int, end_ids, progress):
+        self.shown = [0.0] * n_rows
+        self.prompt_len, self.max_new, self.progress = prompt_len, max(1, max_new), progress
+        self.end_ids = {int(i) for i in end_ids if i is not None}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        step = input_ids.shape[1] - self.prompt_len
+        running = min(57, (64 * step) // self.max_new) / 64  # (57/64 ~ 0.9)
+        delta = 0.0
+        for r, tid in enumerate(input_ids[:, -1].tolist()):
+            target = 1.0 if tid in self.end_ids else running
+            if target > self.shown[r]:
+                delta += target - self.shown[r]
+                self.shown[r] = target
+        if delta:
+            self.progress(delta)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def finish(self) -> None:
+        rest = len(self.shown) - sum(self.shown)
+        if rest:
+            self.progress(rest)
+
+
 class LocalBackend:
     """Batched, length-sorted generation with a transformers model on this machine.
 
@@ -55,7 +85,8 @@ class LocalBackend:
         return [best_choice(logits[row], plans[i].choices, self.tok) for row, i in enumerate(batch)]
 
     @torch.inference_mode()
-    def _generate(self, batch, prompts, plan: Plan) -> list[str]:
+    def _generate(self, batch, prompts, plan: Plan, progress=None) -> list[str]:
+        from transformers import StoppingCriteriaList
         enc = self._encode([prompts[i] for i in batch])
         enc.pop("prefix_len", None)
         kwargs = dict(max_new_tokens=plan.max_new_tokens, do_sample=False,
@@ -65,10 +96,14 @@ class LocalBackend:
             from transformers import LogitsProcessorList
             kwargs["logits_processor"] = LogitsProcessorList([NumberListProcessor(
                 self.tok, n, plan.max_value, plan.count, plan.unique, plan.values)])
-        if plan.stop_newline:
-            from transformers import StoppingCriteriaList
-            kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtLineEnd(self.tok, n)])
+        stops = [StopAtLineEnd(self.tok, n)] if plan.stop_newline else []
+        rows = _RowProgress(len(batch), n, plan.max_new_tokens, (self.tok.eos_token_id, self.pad_id),
+                            progress) if progress else None
+        if stops or rows:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stops + ([rows] if rows else []))
         gen = self.model.generate(**enc, **kwargs)
+        if rows:
+            rows.finish()
         texts = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return [finish(t, plan) for t in texts]
 
@@ -81,14 +116,14 @@ class LocalBackend:
             groups["choice" if p.kind == "choice" else p].append(i)
         for key, idx in groups.items():
             for batch in self._batches(idx, prompts):
-                if key == "choice":
+                if key == "choice":  # (one forward pass for the whole batch)
                     texts = self._choose(batch, prompts, plans)
-                else:
-                    texts = self._generate(batch, prompts, key)
+                    if progress:
+                        progress(len(batch))
+                else:  # the bar moves as rows finish inside the batch
+                    texts = self._generate(batch, prompts, key, progress)
                 for i, t in zip(batch, texts):
                     outputs[i] = t
-                if progress:
-                    progress(len(batch))
         self.prefix_stats = self._cache.stats() if self._cache is not None else None
         self._cache = None
         return outputs  # type: ignore[return-value]

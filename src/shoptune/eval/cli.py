@@ -9,6 +9,37 @@ import typer
 from shoptune.console import console, fail
 
 
+def _suite_names() -> str:
+    """The shipped suites, for help texts (configs/eval/*.yaml)."""
+    from shoptune import REPO_CONFIGS
+    return ", ".join(sorted(p.stem for p in (REPO_CONFIGS / "eval").glob("*.yaml")))
+
+
+def _drawn_from(name: str, overlap: list[str]) -> list[str]:
+    """Parts of suite ``name`` whose questions come from the ``overlap`` data itself."""
+    from shoptune.eval.suite import load_suite_config
+    from shoptune.paths import resolve_data_path
+
+    def where(p):
+        try:
+            return resolve_data_path(p).resolve()
+        except FileNotFoundError:
+            return None
+    given = [w for w in map(where, overlap) if w is not None]
+    notes = []
+    for part in load_suite_config(name).parts:
+        for src in part.sources:
+            w = where(src)
+            if w is not None and any(w == g or g in w.parents or w in g.parents for g in given):
+                notes.append(f"part {part.name} is drawn from {src}"
+                             + (f" (its {part.split} split)" if part.split else "")
+                             + ": those questions are in that data by construction"
+                             + ("; training mixtures take the train split and are decontaminated "
+                                f"against suite:{name} in experiments" if part.split == "test" else ""))
+                break
+    return notes
+
+
 def register(app: typer.Typer) -> None:
 
     eval_app = typer.Typer(help="Evaluate with the exact KDD Cup 2024 ShopBench rules.")
@@ -23,7 +54,7 @@ def register(app: typer.Typer) -> None:
                                                        "the adapter's served name).")] = None,
         data: Annotated[Optional[list[str]], typer.Option(help="Data file or folder (repeatable).")] = None,
         suite: Annotated[Optional[str], typer.Option(help="Evaluation suite: a name under configs/eval "
-                                                     "(core, tiny) or a suite YAML; instead of --data.")] = None,
+                                                     f"({_suite_names()}) or a suite YAML; instead of --data.")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
         limit: Annotated[Optional[int], typer.Option(min=1, help="First N questions only.")] = None,
         engine: Annotated[str, typer.Option(help=(
@@ -143,7 +174,7 @@ def register(app: typer.Typer) -> None:
             from shoptune.data.loaders import iter_records
             train = list(iter_records(overlap, issues=[]))
             rep = ngram_overlap(train, {m["suite"]: recs})
-            m["overlap"] = {"training_data": overlap, **rep.summary()}
+            m["overlap"] = {"training_data": overlap, **rep.summary(), "notes": _drawn_from(name, overlap)}
         if as_json:
             print(json.dumps({k: v for k, v in m.items()}, indent=1))
             return
@@ -157,3 +188,5 @@ def register(app: typer.Typer) -> None:
             for es, v in m["overlap"]["eval_sets"].items():
                 console.print(f"  13-gram overlap with {', '.join(overlap)}: {v['overlapping']} of "
                               f"{v['questions']} questions")
+            for note in m["overlap"]["notes"]:
+                console.print(f"  note: {note}", highlight=False)

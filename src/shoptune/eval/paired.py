@@ -93,6 +93,22 @@ def _ci(x: np.ndarray) -> list[float] | None:
     return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))] if x.size else None
 
 
+def _single(names, order) -> list[str]:
+    """Tasks with one question: resampling within them never moves, so they add no uncertainty."""
+    return [t for t in names if len(order[t]) < 2]
+
+
+def _computable(key: str, names, cap, single) -> bool:
+    """Whether a statistic's interval can be computed: some task it rests on has 2+ questions."""
+    if key.startswith("task:"):
+        over = [key[5:]]
+    elif key.startswith("capability:"):
+        over = [t for t in names if cap[t] == key.split(":", 1)[1]]
+    else:
+        over = names
+    return any(t not in single for t in over)
+
+
 def _nest(flat: dict[str, dict]) -> dict:
     out = {"overall": flat["overall"], "overall_tasks": flat["overall_tasks"],
            "capabilities": {}, "tasks": {}}
@@ -118,14 +134,16 @@ def bootstrap_scores(runs: Sequence[Sequence[dict]], *, n_boot: int = 2000, seed
         idx = rng.integers(0, len(order[t]), (n_boot, len(order[t])))
         boot[t] = _task_score(vals[t][:, idx], f1[t])  # (seeds, n_boot)
     samples = _aggregate(boot, cap)
+    single = _single(names, order)
     flat = {}
     for k in _stat_keys(names, cap):
         per_seed = np.atleast_1d(point[k]).astype(float)
-        flat[k] = {"score": float(per_seed.mean()), "ci95": _ci(samples[k].mean(0)),
+        flat[k] = {"score": float(per_seed.mean()),
+                   "ci95": _ci(samples[k].mean(0)) if _computable(k, names, cap, single) else None,
                    "seeds": [round(float(x), 6) for x in per_seed]}
     res = _nest(flat)
     res.update({"n_questions": len(runs[0]), "n_seeds": len(runs), "resamples": n_boot,
-                "seed": seed, "method": METHOD["ci"]})
+                "seed": seed, "method": METHOD["ci"], "single_question_tasks": single})
     return res
 
 
@@ -165,6 +183,7 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
         pb_[t] = _task_score(np.where(m, xa, xb), f1[t])
     qa, qb = _aggregate(pa_, cap), _aggregate(pb_, cap)
 
+    single = _single(names, order)
     flat = {}
     for k in _stat_keys(names, cap):
         seed_diffs = np.atleast_1d(pb[k] - pa[k]).astype(float)
@@ -173,11 +192,12 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
         perm = (qb[k] - qa[k]).mean(0)
         p = (1 + int(np.sum(np.abs(perm) >= abs(d) - 1e-12))) / (1 + n_perm)
         flat[k] = {"a": float(np.mean(pa[k])), "b": float(np.mean(pb[k])), "diff": d,
-                   "ci95": _ci(boot), "p": min(1.0, p),
+                   "ci95": _ci(boot) if _computable(k, names, cap, single) else None, "p": min(1.0, p),
                    "seed_diffs": [round(float(x), 6) for x in seed_diffs]}
     res = _nest(flat)
     res.update({"n_questions": len(a[0]), "n_seeds": len(a), "resamples": n_boot,
-                "permutations": n_perm, "seed": seed, "method": METHOD})
+                "permutations": n_perm, "seed": seed, "method": METHOD,
+                "single_question_tasks": single})
     return res
 
 
@@ -210,35 +230,61 @@ def interaction(a_lo: Sequence[Sequence[dict]], a_hi: Sequence[Sequence[dict]],
         for v, b in zip(vals, boots):
             b[t] = _task_score(v[t][:, idx], f1[t])
     samples = [_aggregate(b, cap) for b in boots]
+    single = _single(names, order)
     flat = {}
     for key in _stat_keys(names, cap):
         gain_a = np.atleast_1d(point[1][key] - point[0][key]).astype(float)
         gain_b = np.atleast_1d(point[3][key] - point[2][key]).astype(float)
         boot = ((samples[3][key] - samples[2][key]) - (samples[1][key] - samples[0][key])).mean(0)
         flat[key] = {"gain_a": float(gain_a.mean()), "gain_b": float(gain_b.mean()),
-                     "diff": float((gain_b - gain_a).mean()), "ci95": _ci(boot),
+                     "diff": float((gain_b - gain_a).mean()),
+                     "ci95": _ci(boot) if _computable(key, names, cap, single) else None,
                      "seed_diffs": [round(float(x), 6) for x in gain_b - gain_a]}
     res = _nest(flat)
     res.update({"n_questions": len(groups[0][0]), "n_seeds": k, "resamples": n_boot, "seed": seed,
-                "method": {"ci": METHOD["ci"] + ", shared by all four groups"}})
+                "method": {"ci": METHOD["ci"] + ", shared by all four groups"},
+                "single_question_tasks": single})
     return res
 
 
+NO_CI = "no CI (1 question per task)"
+
+
+def verdict(v: dict) -> str:
+    """What one paired difference says: a change, within noise, or (no interval) nothing."""
+    ci = v.get("ci95")
+    if ci is None:
+        return "cannot tell (no CI)"
+    if ci[0] > 0:
+        return "higher"
+    if ci[1] < 0:
+        return "lower"
+    return "within noise"
+
+
 def format_paired(res: dict, a_name: str = "A", b_name: str = "B") -> str:
-    """Markdown table of :func:`paired_compare`'s result."""
+    """Markdown table of :func:`paired_compare`'s result (a row's interval says ``no CI`` when
+    every task it rests on has one question; a note says when some do)."""
     def row(label, v):
         ci = v["ci95"]
+        shown = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else NO_CI
         return (f"| {label} | {v['a']:.3f} | {v['b']:.3f} | {v['diff']:+.3f} | "
-                f"[{ci[0]:+.3f}, {ci[1]:+.3f}] | {v['p']:.3g} |")
+                f"{shown} | {v['p']:.3g} | {verdict(v)} |")
     lines = [f"Paired comparison, {b_name} - {a_name}, {res['n_questions']} questions"
              + (f", {res['n_seeds']} seeds (mean of per-seed differences)" if res["n_seeds"] > 1 else "")
              + f". CI: {res['method']['ci']} ({res['resamples']} resamples); "
              f"p: {res['method']['p_value']} ({res['permutations']} permutations).", "",
-             f"| | {a_name} | {b_name} | diff | 95% CI | p |", "|---|---|---|---|---|---|"]
+             f"| | {a_name} | {b_name} | diff | 95% CI | p | |", "|---|---|---|---|---|---|---|"]
     for c, v in res["capabilities"].items():
         lines.append(row(c, v))
     lines.append(row("**all-around**", res["overall"]))
     lines.append(row("mean over tasks", res["overall_tasks"]))
     for t, v in res["tasks"].items():
         lines.append(row(t, v))
+    single = res.get("single_question_tasks") or []
+    if single:
+        lines += ["", f"{len(single)} of {len(res['tasks'])} tasks have one question: resampling "
+                      "within them never moves, so they add no uncertainty and every interval they "
+                      "count in is too narrow" + ("" if len(single) < len(res["tasks"]) else
+                                                  " (here: no interval can be computed)") + "."]
     return "\n".join(lines) + "\n"

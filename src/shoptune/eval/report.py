@@ -8,26 +8,62 @@ from shoptune._io import atomic_open
 from shoptune.records import TRACK_TO_CAPABILITY
 
 
-def _fmt(x, ci=None) -> str:
+NO_CI = "[no CI]"
+
+
+def _fmt(x, ci=None, *, no_ci: bool = False) -> str:
+    """``0.182 [0.121, 0.246]``; ``no_ci``: say the interval could not be computed."""
     if x is None:
         return "-"
-    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f" {NO_CI}" if no_ci else "")
+
+
+def partial(summary: dict) -> bool:
+    """Whether a run scored only part of its questions (``--limit`` / ``--limit-per-task``)."""
+    return bool((summary.get("coverage") or {}).get("partial"))
+
+
+def coverage_note(summary: dict) -> str | None:
+    """One sentence on partial coverage (None for a complete run)."""
+    cov = summary.get("coverage") or {}
+    if not cov.get("partial"):
+        return None
+    how = (f"--limit-per-task {summary['limit_per_task']}" if summary.get("limit_per_task") else "") + \
+          (" and " if summary.get("limit_per_task") and summary.get("limit") else "") + \
+          (f"--limit {summary['limit']}" if summary.get("limit") else "")
+    return (f"**Partial coverage**: {cov['questions']} of {cov['of']} questions"
+            + (f" ({how})" if how else "") + "; scores marked * are not the full set's.")
+
+
+def _single_note(summary: dict) -> str | None:
+    single = (summary.get("bootstrap") or {}).get("single_question_tasks") or []
+    if not single:
+        return None
+    return (f"{len(single)} of {len(summary['tasks'])} tasks have one question: resampling within "
+            "a task cannot move it, so it adds no uncertainty; `[no CI]` where every task has one, "
+            "and the other intervals they count in are too narrow.")
 
 
 def report_markdown(summary: dict) -> str:
     ci = summary.get("ci95", {})
+    n_boot = (summary.get("bootstrap") or {}).get("resamples", 1)
+    star = "*" if partial(summary) else ""
     lines = [f"# ShopBench evaluation: {summary.get('model')}"
              + (f" + {summary['adapter']}" if summary.get("adapter") else ""), "",
              f"{summary['n_questions']} questions, protocol `{summary.get('protocol')}`, backend "
-             f"`{summary.get('backend')}`; 95% bootstrap CIs in brackets.", "",
-             "| track | score |", "|---|---|"]
+             f"`{summary.get('backend')}`; 95% bootstrap CIs in brackets.", ""]
+    for note in (coverage_note(summary), _single_note(summary)):
+        if note:
+            lines += [note, ""]
+    lines += ["| track | score |", "|---|---|"]
     for t, s in summary["tracks"].items():
-        lines.append(f"| {TRACK_TO_CAPABILITY.get(t, t)} | {_fmt(s, ci.get('tracks', {}).get(t))} |")
-    lines.append(f"| **all-around (mean of tracks)** | **{_fmt(summary['overall'], ci.get('overall'))}** |")
-    lines.append(f"| mean over tasks | {_fmt(summary['overall_tasks'], ci.get('overall_tasks'))} |")
+        lines.append(f"| {TRACK_TO_CAPABILITY.get(t, t)} | {_fmt(s, ci.get('tracks', {}).get(t), no_ci=bool(n_boot))}{star} |")
+    lines.append(f"| **all-around (mean of tracks)** | **{_fmt(summary['overall'], ci.get('overall'), no_ci=bool(n_boot))}{star}** |")
+    lines.append(f"| mean over tasks | {_fmt(summary['overall_tasks'], ci.get('overall_tasks'), no_ci=bool(n_boot))}{star} |")
     lines += ["", "| task | capability | metric | n | score |", "|---|---|---|---|---|"]
     for t, v in summary["tasks"].items():
-        lines.append(f"| {t} | {v['capability']} | {v['metric']} | {v['n']} | {_fmt(v['score'], v.get('ci95'))} |")
+        lines.append(f"| {t} | {v['capability']} | {v['metric']} | {v['n']} | "
+                     f"{_fmt(v['score'], v.get('ci95'), no_ci=bool(n_boot))} |")
     timing = summary.get("timing", {})
     if timing:
         lines += ["", f"Generation: {timing.get('generate_s')} s "
@@ -52,17 +88,25 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(runs))
     fig, ax = plt.subplots(figsize=(1.8 * len(labels) + 2, 4))
+    missing = 0
     for k, (name, s) in enumerate(runs.items()):
         vals = [s["tracks"].get(t, float("nan")) for t in tracks] + [s["overall"]]  # absent: no bar
         cis = [s.get("ci95", {}).get("tracks", {}).get(t) for t in tracks] + [s.get("ci95", {}).get("overall")]
-        err = np.array([[v - c[0] if c and v == v else 0 for v, c in zip(vals, cis)],
-                        [c[1] - v if c and v == v else 0 for v, c in zip(vals, cis)]])
-        ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=err, capsize=3,
-               label=Path(name).name or name)
+        pos = x + k * width - 0.4 + width / 2
+        ax.bar(pos, vals, width, label=(Path(name).name or name) + (" (partial)" if partial(s) else ""))
+        for xi, v, c in zip(pos, vals, cis):
+            if v != v:
+                continue
+            if c:  # a whisker only where an interval exists (never a zero-width one for "unknown")
+                ax.errorbar(xi, v, yerr=[[v - c[0]], [c[1] - v]], color="black", capsize=3, lw=1)
+            else:
+                missing += 1
+                ax.text(xi, v + 0.01, "no\nCI", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("score")
     ax.set_ylim(0, 1)
-    ax.set_title("ShopBench score per track (95% bootstrap CI)")
+    ax.set_title("ShopBench score per track (95% bootstrap CI"
+                 + ("; no CI: one question per task" if missing else "") + ")")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +123,7 @@ def compare(dirs: list[Path]) -> tuple[str, dict[str, dict]]:
         if not f.exists():
             raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {d}` first)")
         runs[str(d)] = json.loads(f.read_text())
-    names = [Path(d).name or str(d) for d in runs]
+    names = [(Path(d).name or str(d)) + (" *" if partial(s) else "") for d, s in runs.items()]
     tracks = list(dict.fromkeys(t for s in runs.values() for t in s["tracks"]))
     head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     rows = [f"| {TRACK_TO_CAPABILITY.get(t, t)} | " + " | ".join(_fmt(s['tracks'].get(t)) for s in runs.values()) + " |"
@@ -89,4 +133,7 @@ def compare(dirs: list[Path]) -> tuple[str, dict[str, dict]]:
     tasks = list(dict.fromkeys(t for s in runs.values() for t in s["tasks"]))
     rows += [f"| {t} | " + " | ".join(_fmt(s["tasks"].get(t, {}).get("score")) for s in runs.values()) + " |"
              for t in tasks]
-    return head + "\n".join(rows) + "\n", runs
+    notes = [f"\n* {Path(d).name or d}: partial coverage, {s['coverage']['questions']} of "
+             f"{s['coverage']['of']} questions (not the full set's scores)"
+             for d, s in runs.items() if partial(s)]
+    return head + "\n".join(rows) + "\n" + "".join(notes) + ("\n" if notes else ""), runs

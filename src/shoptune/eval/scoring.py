@@ -89,8 +89,14 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dic
         boot["overall"].append(ov)
         boot["overall_tasks"].append(ovt)
 
-    def ci(xs):
-        return [float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))] if xs else None
+    single = sorted((t for t, rs in by_task.items() if len(rs) < 2), key=_natural)
+
+    def ci(xs, over=None):
+        """The 95% interval, or None when it cannot be computed: no resamples, or every task it
+        rests on (``over``) has one question, which resampling within the task never moves."""
+        if not xs or all(t in single for t in (over if over is not None else tasks)):
+            return None
+        return [float(np.percentile(xs, 2.5)), float(np.percentile(xs, 97.5))]
 
     return {
         "overall": overall,
@@ -98,12 +104,15 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dic
         "tracks": {CAPABILITY_TO_TRACK[c]: tracks[c] for c in caps},
         "capabilities": tracks,
         "tasks": {t: {"score": s, "metric": "|".join(sorted({r["metric"] for r in by_task[t]})),
-                      "capability": task_cap[t], "n": len(by_task[t]), "ci95": ci(boot_tasks[t])}
+                      "capability": task_cap[t], "n": len(by_task[t]), "ci95": ci(boot_tasks[t], [t])}
                   for t, s in sorted(tasks.items(), key=lambda kv: _natural(kv[0]))},
         "ci95": {"overall": ci(boot["overall"]), "overall_tasks": ci(boot["overall_tasks"]),
-                 "tracks": {CAPABILITY_TO_TRACK[c]: ci(boot["tracks"][c]) for c in caps}},
+                 "tracks": {CAPABILITY_TO_TRACK[c]: ci(boot["tracks"][c], [t for t in tasks if task_cap[t] == c])
+                            for c in caps}},
         "n_questions": len(rows),
-        "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "questions within each task"},
+        # tasks with one question add no uncertainty to any interval (too narrow where they count)
+        "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "questions within each task",
+                      "single_question_tasks": single},
     }
 
 

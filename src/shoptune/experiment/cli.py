@@ -47,10 +47,14 @@ def register(app: typer.Typer) -> None:
         from shoptune.experiment.runner import (check_only, is_done, plan, reusable, run_experiment,
                                                 selected)
 
+        from shoptune.configfile import resolve_config
+        spec = resolve_config(spec, "experiments")  # a shipped experiment from any folder
         try:
-            if dry_run:
-                exp = plan(spec, out, results, launcher=launcher, eval_engine=eval_engine,
-                           eval_dtype=eval_dtype, write=False)
+            if dry_run:  # (nothing written)
+                with console.status("planning") as st:
+                    exp = plan(spec, out, results, launcher=launcher, eval_engine=eval_engine,
+                               eval_dtype=eval_dtype, write=False,
+                               progress=lambda m: st.update(f"planning: {m}"))
                 check_only(exp, only)
                 found = reusable(results or out, exp, exp["runs"]) if reuse else {}
                 for r in exp["runs"]:

@@ -121,8 +121,8 @@ def _fmt(v: dict | None) -> str:
 def _fmt_diff(v: dict | None) -> str:
     if not v:
         return "-"
-    ci = v["ci95"]
-    s = f"{v['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] p={v['p']:.3g}"
+    ci = v["ci95"]  # (None: every task has one question)
+    s = f"{v['diff']:+.3f} " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[no CI]") + f" p={v['p']:.3g}"
     if len(v["seed_diffs"]) > 1:
         s += f" (seeds {', '.join(f'{x:+.3f}' for x in v['seed_diffs'])})"
     return s
@@ -132,7 +132,8 @@ def _fmt_contrast(v: dict | None) -> str:
     if not v:
         return "-"
     ci = v["ci95"]
-    return (f"{v['diff']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] ({v['gain_a']:+.3f} vs {v['gain_b']:+.3f}; "
+    return (f"{v['diff']:+.3f} " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[no CI]")
+            + f" ({v['gain_a']:+.3f} vs {v['gain_b']:+.3f}; "
             f"seeds {', '.join(f'{x:+.3f}' for x in v['seed_diffs'])})")
 
 
@@ -193,8 +194,8 @@ def _plots(rep: dict, results: Path) -> None:
     for k, cell in enumerate(cells):
         sc = rep["cells"][cell]["scores"]
         vals = [sc[c]["score"] if c in sc else np.nan for c in COLUMNS]
-        err = np.array([[v - sc[c]["ci95"][0] if c in sc else 0 for v, c in zip(vals, COLUMNS)],
-                        [sc[c]["ci95"][1] - v if c in sc else 0 for v, c in zip(vals, COLUMNS)]])
+        err = np.array([[v - sc[c]["ci95"][0] if c in sc and sc[c]["ci95"] else np.nan for v, c in zip(vals, COLUMNS)],
+                        [sc[c]["ci95"][1] - v if c in sc and sc[c]["ci95"] else np.nan for v, c in zip(vals, COLUMNS)]])
         ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=cell)
     ax.set_xticks(x, [LABEL[c] for c in COLUMNS], fontsize=8)
     ax.set_ylabel("score")
@@ -211,7 +212,8 @@ def _plots(rep: dict, results: Path) -> None:
         for i, cell in enumerate(others):
             d = rep["cells"][cell]["vs_baseline"][col]
             y = i * (len(cols) + 1) + j
-            ax.errorbar(d["diff"], y, xerr=[[d["diff"] - d["ci95"][0]], [d["ci95"][1] - d["diff"]]],
+            ci = d["ci95"] or [np.nan, np.nan]  # (no CI: no whisker)
+            ax.errorbar(d["diff"], y, xerr=[[d["diff"] - ci[0]], [ci[1] - d["diff"]]],
                         fmt="o", color=f"C{j}", capsize=3, label=LABEL[col] if i == 0 else None)
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks([i * (len(cols) + 1) + 0.5 for i in range(len(others))],

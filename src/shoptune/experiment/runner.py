@@ -127,9 +127,11 @@ def _check_split(cfg, suite_cfg) -> None:
 
 def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = None, *,
          launcher: str | None = None, eval_engine: str | None = None, eval_dtype: str | None = None,
-         write: bool = True) -> dict:
+         write: bool = True, progress=None) -> dict:
     """Expand the experiment into runs with their keys and step budgets; write the plan (unless
-    ``write`` is false: a dry run). ``eval_engine``/``eval_dtype`` override the file's ``eval:``."""
+    ``write`` is false: a dry run). ``eval_engine``/``eval_dtype`` override the file's ``eval:``.
+    ``progress(message)`` is told each step."""
+    say = progress or (lambda _m: None)
     from shoptune.eval.suite import build_suite, load_suite_config, suite_path
     from shoptune.train.config import load_config
 
@@ -142,12 +144,15 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
     base = resolve_path(spec.base, spec_path.parent)
     suite_file = suite_path(spec.suite)
     suite_cfg = load_suite_config(suite_file)
+    say(f"building suite {spec.suite}")
     records, manifest = build_suite(suite_file)
     runs, cache = [], {}
     # seed-major: every cell's first seed runs before any second seed, so a partly finished
     # experiment already holds one complete comparison
     for seed in spec.seeds:
         for cell in spec.expanded_cells():
+            say(f"planning {cell.name} seed {seed} ({len(runs) + 1} of "
+                f"{len(spec.seeds) * len(spec.expanded_cells())}): its mixture's tokens per row")
             overrides = [*spec.overrides, *cell.overrides, f"seed={seed}"]
             try:
                 cfg = load_config(base, overrides)

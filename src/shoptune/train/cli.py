@@ -6,17 +6,35 @@ from typing import Annotated, Optional
 
 import typer
 
-from shoptune.console import console, fail
+from shoptune.console import OnInvalid, console, fail
+
+
+def _loss_line(m: dict, logging_steps: int) -> str:
+    """``loss 3.4712 -> 2.4911``; for a run too short to log a step, its mean loss."""
+    if m.get("first_loss") is not None and m.get("final_loss") is not None:
+        return f"loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}"
+    if m.get("mean_loss") is not None:
+        return (f"mean loss {m['mean_loss']:.4f} (no step logged: logging_steps={logging_steps} "
+                f"> steps)")
+    return "loss not logged"
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
 
     @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def train_cmd(config: Annotated[Path, typer.Argument(help="Training YAML (configs/train/*.yaml).")],
+    def train_cmd(config: Annotated[Path, typer.Argument(help="Training YAML: a path, or a shipped "
+                                                         "config (configs/train/smoke.yaml, smoke); "
+                                                         "`shoptune configs ls`.")],
                   overrides: Annotated[Optional[list[str]], typer.Argument(
-                      help="key=value overrides, e.g. output_dir=runs/x lora.r=32")] = None,
+                      help="key=value overrides, e.g. lora.r=32 max_steps=40")] = None,
+                  out: Annotated[Optional[Path], typer.Option(
+                      help="Output folder (= the override output_dir=DIR).")] = None,
                   resume: Annotated[bool, typer.Option(help="Continue from the newest complete "
-                                                       "checkpoint in output_dir.")] = False,
+                                                       "checkpoint in the output folder.")] = False,
+                  overwrite: Annotated[bool, typer.Option(help="Start over in an output folder that "
+                                                          "holds an earlier run (its adapter, "
+                                                          "checkpoints and logs are removed).")] = False,
+                  on_invalid: OnInvalid = "skip",
                   plan: Annotated[bool, typer.Option("--plan", help="Print the memory plan (from the "
                                                      "model's config.json alone) and exit.")] = False,
                   gpu: Annotated[Optional[str], typer.Option(help="--plan: the GPU, e.g. a100-80g, "
@@ -30,12 +48,23 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         """LoRA fine-tune on a task mixture (optionally three-stage); adapter -> OUT/adapter/."""
         from pydantic import ValidationError
 
+        from shoptune.configfile import resolve_config
         from shoptune.data.loaders import DataValidationError
         from shoptune.train.config import load_config
-        from shoptune.train.recipe import main
+        from shoptune.train.progress import task_loss_table
+        from shoptune.train.recipe import clear_run, main, previous_run
 
+        overrides = list(overrides or [])
+        if out is not None:
+            given = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "output_dir"]
+            if given and Path(given[-1]) != out:
+                fail(f"--out {out} and output_dir={given[-1]}: two output folders; give one", 2)
+            overrides.append(f"output_dir={out}")
+        if resume and overwrite:
+            fail("--resume continues the run in the output folder, --overwrite replaces it: give one", 2)
+        config = resolve_config(config, "train")  # (not found: one line, from the CLI's handler)
         try:
-            cfg = load_config(config, overrides or [])
+            cfg = load_config(config, overrides)
         except (FileNotFoundError, ValueError, ValidationError) as e:
             fail(str(e))
         if plan:
@@ -44,21 +73,37 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
             except (FileNotFoundError, ValueError) as e:
                 fail(str(e))
             return
+        found = previous_run(Path(cfg.output_dir))
+        if found and not resume:
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            if not overwrite:
+                fail(f"{cfg.output_dir} already holds a training run ({shown}): --resume continues "
+                     f"it, --overwrite starts over (removing it), or choose another --out")
+            clear_run(Path(cfg.output_dir))
+            console.print(f"{cfg.output_dir}: removed the earlier run ({shown}); starting over",
+                          highlight=False)
         try:
-            res = main(cfg, resume=resume)
+            res = main(cfg, resume=resume, on_invalid=on_invalid)
         except (DataValidationError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         if res:
-            m = res["metrics"]
-            console.print(f"loss {m['first_loss']} -> {m['final_loss']} in {m['steps']} steps, "
-                          f"{m['tokens_seen']} tokens, {res['wall_time_s']} s; adapter: {res['adapter']}")
+            table = task_loss_table(Path(cfg.output_dir) / "log.jsonl")
+            if table is not None:
+                console.print(table)
+            console.print(f"{_loss_line(res['metrics'], cfg.logging_steps)} in {res['metrics']['steps']} "
+                          f"steps, {res['metrics']['tokens_seen']} tokens, {res['wall_time_s']} s; "
+                          f"adapter: {res['adapter']}", highlight=False)
 
     @data_app.command("mix")
-    def mix_cmd(config: Annotated[Path, typer.Argument(help="Mixture YAML (configs/mixtures/*.yaml).")],
+    def mix_cmd(config: Annotated[Path, typer.Argument(help="Mixture YAML: a path, or a shipped "
+                                                       "one (configs/mixtures/diverse.yaml, diverse).")],
                 out: Annotated[Path, typer.Option(help="Training set (.jsonl); manifest beside it.")],
-                overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value")] = None) -> None:
+                overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value")] = None,
+                on_invalid: OnInvalid = "skip") -> None:
         """Build a training set from a mixture: FILE + FILE.manifest.json (counts, tokens, diversity, hashes)."""
         from shoptune._io import check_out_file, write_json, write_jsonl
+        from shoptune.configfile import resolve_config
+        from shoptune.data.loaders import DataValidationError, skipped_line
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
         from shoptune.train.format import answer_text
         from shoptune.train.mixture import MixtureConfig, MixtureError, build_mixture
@@ -66,19 +111,26 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         # before any work: a folder as --out, a bad config or override (one line each, exit 1)
         manifest_path = check_out_file(out.with_name(out.name + ".manifest.json"))
         check_out_file(out)
+        config = resolve_config(config, "mixtures")
         cfg = MixtureConfig.from_yaml(config, overrides or [])
+        issues: list = []
         try:
-            with console.status("building mixture"):
-                recs, manifest = build_mixture(cfg)
+            with console.status("building mixture") as st:
+                recs, manifest = build_mixture(cfg, on_invalid=on_invalid, issues=issues,
+                                               progress=lambda m: st.update(f"building mixture: {m}"))
+                st.update(f"counting tokens of {len(recs)} rows")
+                tok = load_tokenizer(DEFAULT_MODEL)
+                manifest["tokens"] = {
+                    "input": sum(len(x) for x in tok([r.input_field for r in recs], add_special_tokens=False)["input_ids"]),
+                    "answer": sum(len(x) for x in tok([answer_text(r) for r in recs], add_special_tokens=False)["input_ids"]),
+                } if recs else {"input": 0, "answer": 0}
+        except DataValidationError as e:
+            fail(str(e))
         except MixtureError as e:
             fail(f"{config}: {e}")
         except ValueError as e:  # e.g. a decontamination suite that selects nothing
             fail(str(e))
-        tok = load_tokenizer(DEFAULT_MODEL)
-        manifest["tokens"] = {
-            "input": sum(len(x) for x in tok([r.input_field for r in recs], add_special_tokens=False)["input_ids"]),
-            "answer": sum(len(x) for x in tok([answer_text(r) for r in recs], add_special_tokens=False)["input_ids"]),
-        } if recs else {"input": 0, "answer": 0}
+        console.print(skipped_line(issues), markup=False, highlight=False, soft_wrap=True)
         write_jsonl(out, (r.to_dict() for r in recs))
         write_json(manifest_path, manifest)
         console.print(f"{len(recs)} rows over {manifest['diversity']['n_tasks']} tasks / "

@@ -24,12 +24,13 @@ import hashlib
 import math
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shoptune.data.loaders import DataIssue, iter_records
+from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records
 from shoptune.data.splits import split_of
 from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record
@@ -108,18 +109,30 @@ def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
     return quota
 
 
-def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False) -> tuple[list[Record], dict]:
+def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False, on_invalid: str = "skip",
+                  issues: list[DataIssue] | None = None,
+                  progress: Callable[[str], None] | None = None) -> tuple[list[Record], dict]:
     """Select, split, clean and sample the records; return them (seeded order) and a manifest.
     :class:`MixtureError` when nothing is selected (unless ``allow_empty``: a validation
-    sample, say) or a task list names a task the sources lack."""
+    sample, say) or a task list names a task the sources lack.
+
+    Rows breaking the record rules are skipped (``on_invalid="skip"``, counted in the manifest;
+    ``issues``, when given, receives them) or stop the build (``"fail"``:
+    :class:`~shoptune.data.loaders.DataValidationError`). ``progress`` is told each stage."""
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid {on_invalid!r}: one of {', '.join(ON_INVALID)}")
     for cap in cfg.include_capabilities + cfg.exclude_capabilities:
         if cap not in CAPABILITIES:
             raise MixtureError(f"unknown capability {cap!r}; one of {', '.join(CAPABILITIES)}")
-    issues: list[DataIssue] = []
+    say = progress or (lambda _msg: None)
+    issues = [] if issues is None else issues
     pool: dict[str, list[Record]] = defaultdict(list)
     present: Counter[str] = Counter()  # valid rows of each task in the sources
-    for rec in iter_records(cfg.sources, issues=issues):
+    say(f"reading {', '.join(cfg.sources)}")
+    for n, rec in enumerate(iter_records(cfg.sources, issues=issues), 1):
         present[rec.task] += 1
+        if n % 5000 == 0:
+            say(f"reading {', '.join(cfg.sources)}: {n} rows")
         if cfg.include_capabilities and rec.capability not in cfg.include_capabilities:
             continue
         if rec.capability in cfg.exclude_capabilities or rec.task in cfg.exclude_tasks:
@@ -129,6 +142,8 @@ def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False) -> tuple[lis
         if split_of(rec, seed=cfg.split_seed, validation=cfg.split_validation,
                     test=cfg.split_test) == cfg.split:
             pool[rec.task].append(rec)
+    if issues and on_invalid == "fail":
+        raise DataValidationError(issues)
     _check_tasks(cfg, present, issues)
     removed: list[dict] = []
     contamination = None
@@ -137,9 +152,11 @@ def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False) -> tuple[lis
         from shoptune.eval.suite import load_eval_set
         flat = [r for t in sorted(pool) for r in pool[t]]
         if cfg.dedup:
+            say(f"de-duplicating {len(flat)} rows")
             flat, rem = dedup(flat)
             removed += rem
         if cfg.decontaminate_against:
+            say(f"decontaminating {len(flat)} rows against {', '.join(cfg.decontaminate_against)}")
             evals = {a: load_eval_set(a) for a in cfg.decontaminate_against}
             flat, rem = decontaminate(flat, evals, ngram=cfg.decontaminate_ngram)
             removed += rem

@@ -12,6 +12,7 @@ continues from the newest complete one with the same data order, RNG and optimiz
 """
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -78,26 +79,55 @@ def validation_records(mix: MixtureConfig, n: int, seed: int):
 
 # ----------------------------------------------------------------------------- recipe
 
-def main(cfg: TrainConfig, *, resume: bool = False) -> dict:
+RUN_FILES = ("adapter", "run.json", "log.jsonl", "tb", "curriculum.json")
+
+
+def previous_run(out: Path) -> list[str]:
+    """What of an earlier training run ``out`` holds (its adapter, run.json, checkpoints...)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    return found + sorted((p.name for p in out.glob("checkpoint-*")),
+                          key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else 0)
+
+
+def clear_run(out: Path) -> list[str]:
+    """Remove an earlier run's files from ``out`` (only the names :func:`previous_run` lists:
+    anything else in the folder stays); returns what was removed."""
+    gone = previous_run(out)
+    for name in gone:
+        p = Path(out) / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return gone
+
+
+def main(cfg: TrainConfig, *, resume: bool = False, on_invalid: str = "skip") -> dict:
     """Train; a run that fails before its first complete checkpoint leaves no output folder it
-    created behind."""
+    created behind. ``on_invalid``: rows breaking the record rules are skipped (their count is
+    printed) or stop the run (``"fail"``)."""
     out = Path(cfg.output_dir)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _main(cfg, out, resume)
+        return _main(cfg, out, resume, on_invalid)
     except BaseException:
         if created and latest_complete_checkpoint(out) is None and not (out / "adapter").exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
+def _main(cfg: TrainConfig, out: Path, resume: bool, on_invalid: str = "skip") -> dict:
     t_start = time.time()
     torch.manual_seed(cfg.seed)
 
     # 1. data: the mixture (plain data, fixed seeded order) and a validation sample
-    records, manifest = build_mixture(cfg.mixture)
+    issues: list = []
+    records, manifest = build_mixture(cfg.mixture, on_invalid=on_invalid, issues=issues)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from shoptune.console import err
+        from shoptune.data.loaders import skipped_line
+        err.print(skipped_line(issues), markup=False, highlight=False, soft_wrap=True)
     if not records:
         raise ValueError("the mixture selected no training rows; check sources and filters")
     val = validation_records(cfg.mixture, cfg.eval_samples, cfg.seed) if cfg.eval_steps else []
@@ -151,6 +181,9 @@ def _main(cfg: TrainConfig, out: Path, resume: bool) -> dict:
             "metrics": {"first_loss": next((st["first_loss"] for st in earlier), None)
                         if earlier else (hist[0]["loss"] if hist else None),
                         "final_loss": hist[-1]["loss"] if hist else None,
+                        # the mean over the steps of this call (also when no step was logged)
+                        "mean_loss": next((round(h["train_loss"], 4) for h in reversed(trainer.state.log_history)
+                                           if "train_loss" in h), None),
                         "steps": trainer.state.global_step + sum(st["steps"] for st in earlier),
                         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0)
                         + sum(st["tokens_seen"] for st in earlier),

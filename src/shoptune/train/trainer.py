@@ -373,6 +373,8 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
         evaluator.trainer = trainer
     from shoptune.train.sharded import fsdp_on_cpu
     fsdp_on_cpu(trainer)
+    from shoptune.train.progress import use_compact_progress
+    use_compact_progress(trainer)  # one short line per log, not transformers' raw dict
     return trainer
 
 

@@ -77,7 +77,7 @@ def test_failed_run_removes_the_folder_it_created(tmp_path, monkeypatch):
     from shoptune.train import recipe
     out = tmp_path / "new"
     cfg = load_config(SMOKE, [f"output_dir={out}"])
-    monkeypatch.setattr(recipe, "build_mixture", lambda m: ([], {}))
+    monkeypatch.setattr(recipe, "build_mixture", lambda m, **kw: ([], {}))
     with pytest.raises(ValueError, match="selected no training rows"):
         recipe.main(cfg)
     assert not out.exists()

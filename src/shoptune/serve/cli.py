@@ -227,7 +227,8 @@ def register(app: typer.Typer) -> None:
         from shoptune.serve.engine import EngineError, Engine, check_adapter_dir
         from shoptune.serve.handlers import ServeSettings
 
-        from shoptune.serve.connections import fit_open_files, guarded_h11, install_accept_log_limit
+        from shoptune.serve.connections import (accept_backlog, fit_open_files, guarded_h11,
+                                                install_accept_log_limit)
 
         adapters = _pairs(adapter, "--adapter", fail)
         keys = collect_keys(api_key, api_keys_file, fail)
@@ -352,7 +353,8 @@ def register(app: typer.Typer) -> None:
         try:
             uvicorn.run(build_app(engine, settings), host=host, port=port, log_level=log_level,
                         timeout_graceful_shutdown=int(request_timeout),
-                        http=guarded_h11(fitting, header_timeout), timeout_keep_alive=keep_alive_timeout)
+                        http=guarded_h11(fitting, header_timeout), timeout_keep_alive=keep_alive_timeout,
+                        backlog=accept_backlog(fitting))
         finally:
             if supervisor is not None:
                 supervisor.stop()

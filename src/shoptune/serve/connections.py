@@ -166,6 +166,16 @@ def fit_open_files(max_connections: int, reserve: int = FD_RESERVE) -> tuple[int
     return max(1, soft - reserve), soft
 
 
+def accept_backlog(max_connections: int) -> int:
+    """uvicorn's ``backlog`` for a server that holds at most ``max_connections``. asyncio uses it
+    twice: as the listen queue and as the number of ``accept()`` calls in one event-loop tick
+    before any accepted connection's ``connection_made`` runs (which is where the cap closes the
+    ones over it). With uvicorn's 2048, a burst of a few hundred sockets is accepted in one tick and
+    runs the process out of descriptors before the cap can act; a backlog of half the cap keeps a
+    burst within the descriptors kept free (``FD_RESERVE``)."""
+    return max(8, min(2048, max_connections // 2))
+
+
 class AcceptErrorLogLimit(logging.Filter):
     """On the ``asyncio`` logger: asyncio's "socket.accept() out of system resource" record
     (with a traceback) at most once per ``interval`` seconds, as one line with the count of the

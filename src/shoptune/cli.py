@@ -39,6 +39,11 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(
 # AVX512-BF16 it warns on every import that an optional kernel package is missing (it falls back to
 # its own kernels); that line would precede every train/eval/serve output and error.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# DeepSpeed (for ZeRO configs), imported by transformers' save/load paths once installed, warns on
+# every CPU-only import that it found no GPU; a filter (it resets its logger's level on import)
+# drops that one line and nothing else.
+logging.getLogger("DeepSpeed").addFilter(
+    lambda record: not record.getMessage().startswith("Setting accelerator to CPU."))
 
 app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, evaluation, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)

@@ -79,7 +79,7 @@ def paired_line(base: Path, tuned: Path) -> str:
     v = paired_compare([rows[0]], [rows[1]], n_boot=2000, n_perm=2000)["overall"]
     ci = v["ci95"]
     shown = (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else
-             "[no CI: one question per task, resampling cannot move it]")
+             "[no CI: resampling within tasks cannot move it]")
     name = Path(base).name.removeprefix("eval-").removesuffix("-base")
     return (f"{name}: all-around {v['a']:.3f} -> {v['b']:.3f}, paired diff {v['diff']:+.3f} "
             f"{shown} (95%, {len(rows[0])} questions): {verdict(v)}")

@@ -128,3 +128,21 @@ def test_interaction_of_two_gains_by_hand_and_against_paired_compare():
         assert got[k]["seed_diffs"] == want[k]["seed_diffs"]
     with pytest.raises(ValueError, match="same number of runs"):
         interaction([a], [a], [a, a], [a, a])
+
+
+def test_zero_width_interval_from_single_question_tasks_is_no_ci():
+    """#24 item 8: the demo's EC-Guide test set has one question in most tasks; when the one task
+    with two questions gains the same on both, every resample gives the same difference, and the
+    interval [d, d] would read as certainty ("higher"). It is no CI; a constant shift over tasks
+    with several questions each keeps its (real, paired) zero-width interval."""
+    from shoptune.eval.paired import verdict
+    a, b = [], []
+    for t, n in (("t1", 1), ("t2", 1), ("t3", 1), ("t4", 2)):
+        for i in range(n):
+            row = {"id": f"{t}-{i}", "task_name": t, "capability": "concept_understanding", "metric": "accuracy"}
+            a.append(dict(row, score=0.0))
+            b.append(dict(row, score=1.0 if t in ("t1", "t4") else 0.0))
+    res = paired_compare([a], [b], n_boot=200, n_perm=200)
+    assert res["overall"]["diff"] == pytest.approx(0.5)
+    assert res["overall"]["ci95"] is None and verdict(res["overall"]) == "cannot tell (no CI)"
+    assert bootstrap_scores([b], n_boot=200)["overall"]["ci95"] is None

@@ -93,20 +93,39 @@ def _ci(x: np.ndarray) -> list[float] | None:
     return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))] if x.size else None
 
 
+def _interval(x: np.ndarray, key: str, names, cap, single) -> list[float] | None:
+    """The 95% interval of a statistic's resampled differences, or None when it cannot be
+    computed: every task it rests on has one question, or some do and the resamples do not vary
+    at all (the few tasks with 2+ questions agree), so a zero-width interval would only restate
+    that single-question tasks never move under resampling."""
+    if not _computable(key, names, cap, single):
+        return None
+    if x.size and np.ptp(x) == 0 and x.flat[0] != 0 and _rests_on_single(key, names, cap, single):
+        return None
+    return _ci(x)
+
+
 def _single(names, order) -> list[str]:
     """Tasks with one question: resampling within them never moves, so they add no uncertainty."""
     return [t for t in names if len(order[t]) < 2]
 
 
+def _over(key: str, names, cap) -> list[str]:
+    """The tasks a statistic rests on."""
+    if key.startswith("task:"):
+        return [key[5:]]
+    if key.startswith("capability:"):
+        return [t for t in names if cap[t] == key.split(":", 1)[1]]
+    return list(names)
+
+
 def _computable(key: str, names, cap, single) -> bool:
     """Whether a statistic's interval can be computed: some task it rests on has 2+ questions."""
-    if key.startswith("task:"):
-        over = [key[5:]]
-    elif key.startswith("capability:"):
-        over = [t for t in names if cap[t] == key.split(":", 1)[1]]
-    else:
-        over = names
-    return any(t not in single for t in over)
+    return any(t not in single for t in _over(key, names, cap))
+
+
+def _rests_on_single(key: str, names, cap, single) -> bool:
+    return any(t in single for t in _over(key, names, cap))
 
 
 def _nest(flat: dict[str, dict]) -> dict:
@@ -139,7 +158,7 @@ def bootstrap_scores(runs: Sequence[Sequence[dict]], *, n_boot: int = 2000, seed
     for k in _stat_keys(names, cap):
         per_seed = np.atleast_1d(point[k]).astype(float)
         flat[k] = {"score": float(per_seed.mean()),
-                   "ci95": _ci(samples[k].mean(0)) if _computable(k, names, cap, single) else None,
+                   "ci95": _interval(samples[k].mean(0), k, names, cap, single),
                    "seeds": [round(float(x), 6) for x in per_seed]}
     res = _nest(flat)
     res.update({"n_questions": len(runs[0]), "n_seeds": len(runs), "resamples": n_boot,
@@ -192,7 +211,7 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
         perm = (qb[k] - qa[k]).mean(0)
         p = (1 + int(np.sum(np.abs(perm) >= abs(d) - 1e-12))) / (1 + n_perm)
         flat[k] = {"a": float(np.mean(pa[k])), "b": float(np.mean(pb[k])), "diff": d,
-                   "ci95": _ci(boot) if _computable(k, names, cap, single) else None, "p": min(1.0, p),
+                   "ci95": _interval(boot, k, names, cap, single), "p": min(1.0, p),
                    "seed_diffs": [round(float(x), 6) for x in seed_diffs]}
     res = _nest(flat)
     res.update({"n_questions": len(a[0]), "n_seeds": len(a), "resamples": n_boot,
@@ -238,7 +257,7 @@ def interaction(a_lo: Sequence[Sequence[dict]], a_hi: Sequence[Sequence[dict]],
         boot = ((samples[3][key] - samples[2][key]) - (samples[1][key] - samples[0][key])).mean(0)
         flat[key] = {"gain_a": float(gain_a.mean()), "gain_b": float(gain_b.mean()),
                      "diff": float((gain_b - gain_a).mean()),
-                     "ci95": _ci(boot) if _computable(key, names, cap, single) else None,
+                     "ci95": _interval(boot, key, names, cap, single),
                      "seed_diffs": [round(float(x), 6) for x in gain_b - gain_a]}
     res = _nest(flat)
     res.update({"n_questions": len(groups[0][0]), "n_seeds": k, "resamples": n_boot, "seed": seed,

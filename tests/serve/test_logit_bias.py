@@ -11,8 +11,6 @@ reported for it and its alternatives.
 import asyncio
 import json
 import re
-import threading
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -27,29 +25,19 @@ J = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def live(tiny):
-    import uvicorn
 
     from shoptune.models import load
     from shoptune.serve.app import ServeSettings, build_app
     from shoptune.serve.engine import Engine
-    from shoptune.serve.testing import free_port
+    from shoptune.serve.testing import app_in_thread
 
     model, tok = load(str(tiny["base"]), dtype="fp32")
     # max_wait: requests sent together share a batch
     engine = Engine(model, tok, base_name="tiny", max_queue=16, max_wait=0.3)
     engine.load_adapter("good", tiny["good"])
     settings = ServeSettings(max_new_tokens=64)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine, tok=tok, settings=settings)
-    server.should_exit = True
-    thread.join(30)
+    with app_in_thread(build_app(engine, settings)) as url:
+        yield SimpleNamespace(url=url, engine=engine, tok=tok, settings=settings)
 
 
 @pytest.fixture()

@@ -11,8 +11,6 @@ import json
 import os
 import queue
 import shutil
-import threading
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -24,12 +22,11 @@ J = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def live(tiny, tmp_path_factory):
-    import uvicorn
 
     from shoptune.models import load
     from shoptune.serve.app import ServeSettings, build_app
     from shoptune.serve.engine import Engine
-    from shoptune.serve.testing import free_port
+    from shoptune.serve.testing import app_in_thread
 
     root = tmp_path_factory.mktemp("adapters")
     for name in ("good", "good2", "dora", "modules_to_save"):
@@ -51,17 +48,8 @@ def live(tiny, tmp_path_factory):
     engine.load_adapter("good", root / "good")
     engine.load_adapter("elsewhere", outside / "good")  # as `--adapter NAME=DIR` outside --adapters-dir
     settings = ServeSettings(adapters_dir=root, max_new_tokens=64, body_timeout=2.0)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine, root=root, outside=outside)
-    server.should_exit = True
-    thread.join(30)
+    with app_in_thread(build_app(engine, settings)) as url:
+        yield SimpleNamespace(url=url, engine=engine, root=root, outside=outside)
 
 
 @pytest.fixture()

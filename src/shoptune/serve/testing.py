@@ -1,11 +1,14 @@
 """Helpers for tests and benchmarks: random task adapters, a `shoptune serve` subprocess."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -207,3 +210,25 @@ class LlamaServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def app_in_thread(app, *, start_timeout: float = 30.0):
+    """Serve an ASGI ``app`` with uvicorn on a free loopback port in a daemon thread (tests);
+    yields its base URL and stops the server on exit."""
+    import threading
+
+    import uvicorn
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout)
+

@@ -61,6 +61,26 @@ def test_budget_and_keys():
     assert k != run_key({**cfg, "seed": 1}, "fp1", "starter-kit") != run_key(cfg, "fp2", "starter-kit")
 
 
+
+def test_options_added_later_leave_keys_of_finished_runs_alone():
+    """A run finished before an option existed has no such field in its config; at the option's
+    (behaviour-neutral) default the key is the same, so the runner does not train it again.
+    Set to anything else, the option is part of the key."""
+    from shoptune.train.config import KEY_NEUTRAL_DEFAULTS
+
+    cfg = load_config(REPO / "configs/train/smoke.yaml").model_dump()
+    before = {k: v for k, v in cfg.items() if k not in KEY_NEUTRAL_DEFAULTS}
+    assert run_key(cfg, "fp1", "starter-kit") == run_key(before, "fp1", "starter-kit")
+    for change in ({"packing": True}, {"quantization": "nf4"}, {"peft": "poly"},
+                   {"loss_balancing": "uncertainty"}, {"balance_lr": 0.1},
+                   {"poly": {**cfg["poly"], "n_skills": cfg["poly"]["n_skills"] + 1}}):
+        assert run_key({**cfg, **change}, "fp1", "starter-kit") != run_key(cfg, "fp1", "starter-kit"), change
+    # a committed result from before packing/quantization/peft existed keeps its key (rank.yaml)
+    old = json.loads((REPO / "docs/results/experiments/rank/cells/diverse-r32.s0.40c62ed6/result.json")
+                     .read_text(encoding="utf-8"))
+    assert not set(KEY_NEUTRAL_DEFAULTS) & set(old["config"])
+    assert run_key(old["config"], old["suite"]["fingerprint"], "starter-kit") == old["key"]
+
 def _fake_results(tmp_path, cells, seeds, baselines=None):
     """An experiment results folder as the runner writes it, with hand-made question scores."""
     rows = {(c, s): make_rows(10 * i + s) for i, c in enumerate(cells) for s in seeds}

@@ -141,6 +141,23 @@ class TrainConfig(BaseModel):
         return v
 
 
+# Options added after experiment runs were first keyed (shoptune.experiment.spec.run_key). At
+# their defaults they change nothing, so a run's key leaves them out: runs finished before an
+# option existed keep their key and are not trained again. A new option whose default is
+# behaviour-neutral belongs here; one whose default changes training must not.
+KEY_NEUTRAL_DEFAULTS = ("peft", "poly", "loss_balancing", "balance_by", "balance_lr", "quantization", "packing")
+
+
+def key_neutral_defaults() -> dict:
+    """``{field: default}`` (as dumped) of :data:`KEY_NEUTRAL_DEFAULTS`."""
+    fields = TrainConfig.model_fields
+    out = {}
+    for name in KEY_NEUTRAL_DEFAULTS:
+        d = fields[name].default
+        out[name] = d.model_dump() if isinstance(d, BaseModel) else d
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) plus ``key=value`` overrides (values parsed as YAML: 32, true, [a,b]);
     :class:`ConfigError` with one line per problem (``file[:line]: field: why (got X)``)."""

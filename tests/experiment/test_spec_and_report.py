@@ -199,3 +199,45 @@ def test_experiment_seeds_must_be_distinct_and_errors_name_the_line(tmp_path):
         f"{p}:7: cells.1.bogus: Extra inputs are not permitted (got 1)"]
     res = CliRunner().invoke(app, ["experiment", "run", str(p), "--out", str(tmp_path / "x"), "--dry-run"])
     assert res.exit_code == 1 and "seed 0 is listed twice" in res.output and "Traceback" not in res.output
+
+
+def test_report_and_runner_flag_runs_trained_in_different_precisions(tmp_path):
+    """bf16: auto follows the machine and is not in a run's key: a results folder whose runs
+    trained on machines with and without native bf16 says so, and so does the runner before it
+    trains the rest on a machine unlike the finished runs' one."""
+    import io
+
+    from rich.console import Console
+
+    from shoptune.experiment.report import precisions, run_precision
+    from shoptune.experiment.runner import _warn_precision
+
+    _fake_results(tmp_path, ["base", "more"], [0])
+    amx = {"cpu": "x", "cores": 2, "avx512_bf16": True, "amx_bf16": True}
+    avx2 = {"cpu": "y", "cores": 2, "avx512_bf16": False, "amx_bf16": False}
+    assert run_precision({"config": {"bf16": "auto"}, "machine": amx}) == "bf16"
+    assert run_precision({"config": {"bf16": "auto"}, "machine": avx2}) == "fp32"
+    assert run_precision({"config": {"bf16": False}, "machine": amx}) == "fp32"
+    assert run_precision({"config": {"bf16": "auto"}}) is None
+    exp = json.loads((tmp_path / "experiment.json").read_text())
+    for rid, m in (("base.s0.k", amx), ("more.s0.k", amx)):
+        f = tmp_path / "cells" / rid / "result.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "config": {"bf16": "auto"}, "machine": m}))
+    assert precisions(tmp_path, exp) == {"bf16": ["base.s0.k", "more.s0.k"]}
+    write_report(tmp_path, n_boot=50, n_perm=50, seed=0)
+    assert "different precisions" not in (tmp_path / "report.md").read_text()
+    f = tmp_path / "cells" / "more.s0.k" / "result.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "machine": avx2}))
+    write_report(tmp_path, n_boot=50, n_perm=50, seed=0)
+    md = (tmp_path / "report.md").read_text()
+    assert "runs trained in different precisions" in md and "fp32: more.s0.k" in md
+
+    # the runner: a waiting run with bf16 pinned off, after runs that trained in bf16
+    exp["base"] = str(REPO / "configs/train/smoke.yaml")
+    out = io.StringIO()
+    f.write_text(json.dumps({**json.loads(f.read_text()), "machine": amx}))
+    _warn_precision(exp, tmp_path, [{"id": "x", "overrides": ["bf16=false"]}], Console(file=out, width=300))
+    assert "this machine trains the rest in fp32" in out.getvalue()
+    out = io.StringIO()
+    _warn_precision(exp, tmp_path, [{"id": "x", "overrides": ["bf16=true"]}], Console(file=out, width=300))
+    assert out.getvalue() == ""

@@ -94,7 +94,33 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
                                            **{col: _pick(d, col) for col in COLUMNS if _pick(d, col)},
                                            "method": d["method"]}
     out["machines"] = _machines(Path(results), exp)
+    out["precision"] = precisions(Path(results), exp)
     return out
+
+
+def run_precision(result: dict) -> str | None:
+    """The precision a finished run trained in: ``bf16`` (autocast) or ``fp32``; ``bf16: auto``
+    resolves by the machine it ran on (native bf16 or not). None when that was not recorded."""
+    setting = (result.get("config") or {}).get("bf16", "auto")
+    if setting == "auto":
+        m = result.get("machine")
+        if not m:
+            return None
+        setting = bool(m.get("avx512_bf16") or m.get("amx_bf16"))
+    return "bf16" if setting is True else "fp32"
+
+
+def precisions(results: Path, exp: dict) -> dict[str, list[str]]:
+    """{precision: [run ids]} of the finished runs. More than one key means the experiment's
+    comparisons mix training precisions (``bf16: auto`` on machines with and without native bf16);
+    a run's key does not capture that."""
+    seen: dict[str, list[str]] = {}
+    for run in exp["runs"]:
+        f = results / "cells" / run["id"] / "result.json"
+        if f.exists():
+            p = run_precision(json.loads(f.read_text(encoding="utf-8")))
+            seen.setdefault(p or "not recorded", []).append(run["id"])
+    return seen
 
 
 def _machines(results: Path, exp: dict) -> dict[str, list[str]]:
@@ -173,6 +199,12 @@ def report_markdown(rep: dict) -> str:
                          + " | ".join(_fmt_contrast(e.get(c)) for c in COLUMNS) + " |")
     if rep.get("machines"):
         lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} run{'s' if len(ids) != 1 else ''})" for m, ids in rep["machines"].items())]
+    mixed = {p: ids for p, ids in (rep.get("precision") or {}).items() if p != "not recorded"}
+    if len(mixed) > 1:
+        lines += ["", "**Warning: runs trained in different precisions** ("
+                  + "; ".join(f"{p}: {', '.join(ids)}" for p, ids in mixed.items())
+                  + "). `bf16: auto` follows the machine, so comparisons here mix precision with "
+                  "the cells' differences; pin `bf16` in the experiment's overrides and re-run."]
     if rep["missing_runs"]:
         lines += ["", f"Not finished yet ({len(rep['missing_runs'])}): " + ", ".join(rep["missing_runs"])]
     lines += ["", "![scores](scores.png)", "", "![difference to the baseline](diff.png)"]

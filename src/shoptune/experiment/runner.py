@@ -469,6 +469,26 @@ def check_only(exp: dict, only: list[str] | None) -> None:
                          + ", ".join(r["id"].rsplit(".", 1)[0] for r in exp["runs"]))
 
 
+def _warn_precision(exp: dict, results: Path, todo: list[dict], console) -> None:
+    """Say so when this machine would train the waiting runs in another precision than the
+    finished ones (``bf16: auto`` follows the machine; a run's key does not)."""
+    if not todo:
+        return
+    from shoptune.experiment.report import precisions
+    from shoptune.train.config import load_config
+    from shoptune.train.trainer import use_bf16
+
+    finished = {p for p in precisions(results, exp) if p != "not recorded"}
+    here = {"bf16" if use_bf16(load_config(exp["base"], r["overrides"]).bf16) else "fp32" for r in todo}
+    if finished and here - finished:
+        from rich.console import Console
+
+        (console or Console(stderr=True)).print(f"[bold yellow]warning:[/] finished runs trained in {', '.join(sorted(finished))}; "
+                      f"this machine trains the rest in {', '.join(sorted(here))} (bf16: auto follows the "
+                      "machine). Their comparisons would mix precisions: run on a machine like the "
+                      "first runs' one, or pin bf16 in the experiment's overrides and start over.")
+
+
 def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Path | None = None,
                    workers: int = 1, console=None, poll_s: float = 1.0, launcher: str | None = None,
                    only: list[str] | None = None, reuse: bool = True, eval_engine: str | None = None,
@@ -492,6 +512,7 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, results: str | Pat
     todo = [r for r in unfinished if selected(r, only)]
     skipped = [r["id"] for r in exp["runs"] if r not in unfinished]
     left_out = [r["id"] for r in unfinished if r not in todo]
+    _warn_precision(exp, results, todo, console)
     env = dict(os.environ)
     if workers > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))

@@ -241,3 +241,32 @@ def test_report_and_runner_flag_runs_trained_in_different_precisions(tmp_path):
     out = io.StringIO()
     _warn_precision(exp, tmp_path, [{"id": "x", "overrides": ["bf16=true"]}], Console(file=out, width=300))
     assert out.getvalue() == ""
+
+
+def test_report_training_cost_per_cell(tmp_path, tmp_path_factory):
+    """Trainable parameters and training tokens/s per cell in report.md; tokens/s is the median of
+    a run's logging intervals (a paused interval does not pull it down)."""
+    from shoptune.experiment.runner import step_tokens_per_s
+
+    logs = tmp_path_factory.mktemp("train")
+    (logs / "a").mkdir()
+    (logs / "a" / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 10, "tokens_per_s": 400.0}, {"step": 20, "tokens_per_s": 12.0},  # paused here
+        {"step": 30, "tokens_per_s": 410.0}, {"step": 30, "train_runtime": 9.0})) + "\n")
+    (logs / "b").mkdir()
+    (logs / "b" / "log.jsonl").write_text(json.dumps({"step": 5, "tokens_per_s": 420.0}) + "\nnot json\n")
+    assert step_tokens_per_s(logs) == 405.0  # median of 400, 12, 410, 420 over both adapters
+    assert step_tokens_per_s(logs / "none") is None
+
+    _fake_results(tmp_path, ["base", "more"], [0, 1])
+    for rid, params, rate in (("base.s0.k", 100, 400.0), ("base.s1.k", 100, 420.0),
+                              ("more.s0.k", 250, None), ("more.s1.k", 250, 300.0)):
+        f = tmp_path / "cells" / rid / "result.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "train": {
+            "trainable_params": params, "tokens_seen": 1000, "tokens_per_s": rate}}))
+    rep = write_report(tmp_path, n_boot=50, n_perm=50, seed=0)
+    assert rep["cost"]["base"] == {"runs": 2, "trainable_params": 100, "tokens_seen": 1000,
+                                   "tokens_per_s": 410.0, "tokens_per_s_runs": 2}
+    assert rep["cost"]["more"]["tokens_per_s"] == 300.0 and rep["cost"]["more"]["tokens_per_s_runs"] == 1
+    md = (tmp_path / "report.md").read_text()
+    assert "| base | 100 | 1000 | 410 (2) |" in md and "| more | 250 | 1000 | 300 (1) |" in md

@@ -95,6 +95,32 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
                                            "method": d["method"]}
     out["machines"] = _machines(Path(results), exp)
     out["precision"] = precisions(Path(results), exp)
+    out["cost"] = training_cost(Path(results), exp)
+    return out
+
+
+def training_cost(results: Path, exp: dict) -> dict[str, dict]:
+    """Per cell, from its finished runs: trainable parameters, tokens seen (mean over runs) and
+    training tokens/s (median over runs of each run's median logging-interval rate; runs from
+    before that was recorded are left out of it). A merged cell's numbers are its source's."""
+    import statistics
+
+    by_cell: dict[str, list[dict]] = {}
+    for run in exp["runs"]:
+        f = results / "cells" / run["id"] / "result.json"
+        if f.exists():
+            res = json.loads(f.read_text(encoding="utf-8"))
+            if res.get("key") == run["key"] and res.get("train"):
+                by_cell.setdefault(run["cell"], []).append(res["train"])
+    out = {}
+    for cell, trains in by_cell.items():
+        params = sorted({t["trainable_params"] for t in trains if t.get("trainable_params")})
+        rates = [t["tokens_per_s"] for t in trains if t.get("tokens_per_s")]
+        seen = [t["tokens_seen"] for t in trains if t.get("tokens_seen")]
+        out[cell] = {"runs": len(trains), "trainable_params": params[-1] if params else None,
+                     "tokens_seen": round(statistics.mean(seen)) if seen else None,
+                     "tokens_per_s": round(statistics.median(rates), 1) if rates else None,
+                     "tokens_per_s_runs": len(rates)}
     return out
 
 
@@ -197,6 +223,15 @@ def report_markdown(rep: dict) -> str:
         for name, e in rep["contrasts"].items():
             lines.append(f"| {name} | {' -> '.join(e['a'])} | {' -> '.join(e['b'])} | "
                          + " | ".join(_fmt_contrast(e.get(c)) for c in COLUMNS) + " |")
+    cost = {c: v for c, v in (rep.get("cost") or {}).items() if v.get("trainable_params")}
+    if cost:
+        lines += ["", "## Training cost", "",
+                  "Trainable parameters; tokens seen (mean over runs); training tokens/s (median over "
+                  "runs of each run's median logging-interval rate, so pauses and resumes do not count).", "",
+                  "| cell | trainable params | tokens seen | tokens/s (runs) |", "|---|---|---|---|"]
+        for cell, v in cost.items():
+            rate = f"{v['tokens_per_s']:.0f} ({v['tokens_per_s_runs']})" if v["tokens_per_s"] else "-"
+            lines.append(f"| {cell} | {v['trainable_params']:,} | {v['tokens_seen'] or '-'} | {rate} |")
     if rep.get("machines"):
         lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} run{'s' if len(ids) != 1 else ''})" for m, ids in rep["machines"].items())]
     mixed = {p: ids for p, ids in (rep.get("precision") or {}).items() if p != "not recorded"}

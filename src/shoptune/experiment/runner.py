@@ -333,6 +333,24 @@ def _train_run(p: dict, run: dict) -> tuple[dict, str | None, dict]:
     return trained, resumed_from, {"adapter": str(train_dir / "adapter")}
 
 
+def step_tokens_per_s(train_dir: Path) -> float | None:
+    """Training throughput of a run: the median of the tokens/s its logging intervals measured
+    (``log.jsonl``; every adapter's, for a per-task or per-capability run). Unlike tokens over
+    wall time it does not count time the run spent paused, waiting or resuming."""
+    import statistics
+
+    rates = []
+    for f in sorted(Path(train_dir).rglob("log.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                v = json.loads(line).get("tokens_per_s")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(v, (int, float)) and v > 0:
+                rates.append(float(v))
+    return round(statistics.median(rates), 1) if rates else None
+
+
 def run_one(plan_file: str | Path, run_id: str) -> dict:
     """Train (or resume) one run, evaluate its adapter on the suite, write its result.json."""
     from shoptune.eval.runner import evaluate
@@ -372,6 +390,8 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
                   "final_loss": trained["metrics"]["final_loss"], "wall_time_s": trained["wall_time_s"],
                   "resumed_from": resumed_from, "merged_from": run.get("merge_of"),
                   "trainable_params": trained.get("trainable_params"),
+                  "tokens_per_s": step_tokens_per_s(
+                      Path(p["out"]) / "cells" / run["merge_of"] / "train" if run.get("merge") else train_dir),
                   "balancing": trained.get("balancing"),
                   "per_task": ({t: {**run["per_task"][t], **v} for t, v in trained["metrics"]["per_task"].items()}
                                if run.get("per_task") else None),

@@ -2,15 +2,15 @@
 a test scripts: ``reply(body) -> (status, text | dict)``. It counts every request it receives."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from shoptune.serve.testing import free_port
+from shoptune.serve.testing import app_in_thread
 
 
 def prompt_of(body: dict) -> str:
@@ -37,14 +37,8 @@ class ScriptedServer:
         async def completions(request: Request):
             return await self._handle(request, chat=False)
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
+        self._stack = contextlib.ExitStack()
+        self.url = self._stack.enter_context(app_in_thread(app)) + "/v1"
 
     async def _handle(self, request: Request, chat: bool):
         import asyncio
@@ -81,8 +75,7 @@ class ScriptedServer:
 
     def stop(self) -> None:
         self.gate.set()
-        self.server.should_exit = True
-        self.thread.join(10)
+        self._stack.close()
 
 
 __all__ = ["ScriptedServer", "prompt_of"]

@@ -1,22 +1,14 @@
 """The openai backend against a real OpenAI-compatible HTTP server on loopback (a tiny FastAPI
 app standing in for vLLM): requests, concurrency, stop handling, scoring."""
 import json
-import socket
 import threading
-import time
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
 from shoptune.eval.runner import evaluate
+from shoptune.serve.testing import app_in_thread
 from tests.conftest import mc, write_jsonl
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -41,17 +33,8 @@ def server():
         return {"id": "x", "object": "text_completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}]}
 
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", seen
-    srv.should_exit = True
-    t.join(5)
+    with app_in_thread(app) as url:
+        yield f"{url}/v1", seen
 
 
 def test_openai_backend_end_to_end(server, tmp_path):

@@ -3,20 +3,19 @@ llama.cpp-like engine. The upstream is a fake but real HTTP server (tests/serve/
 the gateway is the real app over :class:`UpstreamEngine`, served by uvicorn on loopback."""
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from shoptune.decoding import NumberListProcessor
 from shoptune.serve.app import ServeSettings, build_app
-from shoptune.serve.testing import free_port
+from shoptune.serve.testing import app_in_thread
 from shoptune.serve.upstream import (UpstreamEngine, choice_tokens, number_list_gbnf,
                                      number_list_regex)
 
@@ -38,21 +37,12 @@ class Gateway:
     def __init__(self, upstream_url: str, tok, adapters_dir=None, **kw):
         self.engine = UpstreamEngine(upstream_url, tok, base_name="smollm2-135m", health_interval=0.2, **kw)
         settings = ServeSettings(api_keys=frozenset({KEY}), adapters_dir=adapters_dir, max_new_tokens=64)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.engine, settings), host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.02)
+        self._stack = contextlib.ExitStack()
+        self.url = self._stack.enter_context(app_in_thread(build_app(self.engine, settings)))
         self.http = httpx.Client(base_url=self.url, headers=AUTH, timeout=30)
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        self._stack.close()
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ with real sockets: keep-alive reuse and partial bodies behave as in production.
 """
 import json
 import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -18,27 +17,16 @@ QUEUE = 8
 
 @pytest.fixture(scope="module")
 def live(tiny):
-    import uvicorn
-
     from shoptune.models import load
     from shoptune.serve.app import ServeSettings, build_app
     from shoptune.serve.engine import Engine
-    from shoptune.serve.testing import free_port
+    from shoptune.serve.testing import app_in_thread
 
     model, tok = load(str(tiny["base"]), dtype="fp32")
     engine = Engine(model, tok, base_name="tiny", max_queue=QUEUE, max_wait=0.02)
     settings = ServeSettings(adapters_dir=tiny["good"].parent, max_new_tokens=64, body_timeout=1.0)
-    app = build_app(engine, settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, engine=engine, settings=settings)
-    server.should_exit = True
-    thread.join(30)
+    with app_in_thread(build_app(engine, settings)) as url:
+        yield SimpleNamespace(url=url, port=int(url.rsplit(":", 1)[1]), engine=engine, settings=settings)
 
 
 @pytest.fixture()

@@ -213,18 +213,21 @@ class LlamaServerProcess:
 
 
 @contextlib.contextmanager
-def app_in_thread(app, *, start_timeout: float = 30.0):
-    """Serve an ASGI ``app`` with uvicorn on a free loopback port in a daemon thread (tests);
-    yields its base URL and stops the server on exit."""
+def app_in_thread(app, *, port: int | None = None, start_timeout: float = 30.0):
+    """Serve an ASGI ``app`` with uvicorn on loopback (``port``, else a free one) in a daemon
+    thread (tests); yields its base URL, raises if it does not start, stops it on exit."""
     import threading
 
     import uvicorn
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
-    while not server.started and time.monotonic() < deadline:
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port}")
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -209,21 +209,30 @@ def ratios(per_arm: dict) -> dict:
     ref = per_arm.get("merged_adapter")
     if not ref or "failed" in ref:
         return {}
-    return {arm: {"req_per_s": round(r["req_per_s"] / ref["req_per_s"], 3),
-                  "peak_rss": round(r["peak_rss_mb"] / ref["peak_rss_mb"], 3)}
-            for arm, r in per_arm.items() if "failed" not in r}
+    out = {}
+    for arm, r in per_arm.items():
+        if "failed" in r:
+            continue
+        out[arm] = {"req_per_s": round(r["req_per_s"] / ref["req_per_s"], 3),
+                    "peak_rss": round(r["peak_rss_mb"] / ref["peak_rss_mb"], 3)}
+        if r.get("gen_tok_per_s") and ref.get("gen_tok_per_s"):
+            out[arm]["gen_tok_per_s"] = round(r["gen_tok_per_s"] / ref["gen_tok_per_s"], 3)
+    return out
 
 
 def table(results: dict) -> str:
-    rows = ["| engine | arm | req/s | x merged adapter | p50 s | p99 s | errors | peak RSS MB | x merged adapter | idle RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| engine | arm | req/s | x merged adapter | generated tok/s (mean answer tokens) | x merged adapter "
+            "| p50 s | p99 s | errors | peak RSS MB | x merged adapter | idle RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for eng in ENGINES:
         for arm, r in results.get(eng, {}).items():
             if "failed" in r:
-                rows.append(f"| {eng} | {LABELS[arm]} | did not start | | | | | | | |")
+                rows.append(f"| {eng} | {LABELS[arm]} | did not start | | | | | | | | | |")
                 continue
             q = results["ratios"].get(eng, {}).get(arm, {})
-            rows.append(f"| {eng} | {LABELS[arm]} | {r['req_per_s']} | {q.get('req_per_s', '')} | {r['p50_s']} | "
+            gen = f"{r['gen_tok_per_s']} ({r['mean_completion_tokens']})" if r.get("gen_tok_per_s") else "-"
+            rows.append(f"| {eng} | {LABELS[arm]} | {r['req_per_s']} | {q.get('req_per_s', '')} | {gen} | "
+                        f"{q.get('gen_tok_per_s', '')} | {r['p50_s']} | "
                         f"{r['p99_s']} | {r['errors']} | {r['peak_rss_mb']} | {q.get('peak_rss', '')} | "
                         f"{r['idle_rss_mb']} |")
     return "\n".join(rows)

@@ -82,6 +82,7 @@ async def load(url: str, work: list[tuple[str, dict]], concurrency: int,
     progress = tqdm(total=len(work), desc=f"{concurrency} clients", unit="req", disable=len(work) < 200)
     latencies, ttft, errors = [], [], []
     lost = answered = 0
+    generated = []  # completion tokens of each answered non-streamed request (its usage)
     loaded = asyncio.Event()
     hot: dict = {}
     background: list[asyncio.Task] = []
@@ -129,8 +130,13 @@ async def load(url: str, work: list[tuple[str, dict]], concurrency: int,
                     r = await client.post(url + path, json=body)
                     if r.status_code != 200:
                         errors.append(f"{r.status_code}: {r.text[:200]}")
-                    elif path.startswith("/v1/tasks") and "answer" not in r.json():  # a task reply without its answer
-                        lost += 1
+                    else:
+                        reply = r.json()
+                        if path.startswith("/v1/tasks") and "answer" not in reply:  # a task reply without its answer
+                            lost += 1
+                        n_gen = (reply.get("usage") or {}).get("completion_tokens")
+                        if isinstance(n_gen, int):
+                            generated.append(n_gen)
             except Exception as e:  # noqa: BLE001 - any failure is an error of this request, not of the run
                 errors.append(repr(e))
             finally:
@@ -152,6 +158,9 @@ async def load(url: str, work: list[tuple[str, dict]], concurrency: int,
            "p50_s": round(statistics.median(latencies), 3), "p99_s": pct(latencies, 0.99),
            "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None, "ttft_p99_s": pct(ttft, 0.99),
            "errors": len(errors), "lost": lost, "first_errors": errors[:3]}
+    if generated:  # answers of different lengths cost different time: tokens/s separates the two
+        out.update(completion_tokens=sum(generated), gen_tok_per_s=round(sum(generated) / wall, 1),
+                   mean_completion_tokens=round(sum(generated) / len(generated), 1))
     if hot_load:
         out["hot_load"] = {"adapter": hot_load[0], **hot,
                            "requests_for_it": sum(b["model"] == hot_load[0] for _, b in work)}

@@ -22,5 +22,8 @@ def test_serve_experts_smoke_on_a_tiny_model(tmp_path):
     for arm in ("base", "experts"):
         got = res["builtin"][arm]
         assert got["requests"] == 4 and got["req_per_s"] > 0 and got["peak_rss_mb"] > 0
+        # generated tokens from the replies' usage: per-token cost apart from answer length
+        assert got["completion_tokens"] >= 4 and got["gen_tok_per_s"] > 0
+        assert got["mean_completion_tokens"] == round(got["completion_tokens"] / 4, 1)
     assert "--experts" in res["builtin"]["experts"]["command"]
     assert out.with_suffix(".png").is_file()

@@ -66,8 +66,10 @@ def test_options_added_later_leave_keys_of_finished_runs_alone():
     """A run finished before an option existed has no such field in its config; at the option's
     (behaviour-neutral) default the key is the same, so the runner does not train it again.
     Set to anything else, the option is part of the key."""
-    from shoptune.train.config import KEY_NEUTRAL_DEFAULTS
+    from shoptune.train.config import KEY_NEUTRAL_DEFAULTS, TrainConfig
 
+    # the written-out values are today's defaults (a changed default must be keyed, not dropped)
+    assert {k: v for k, v in TrainConfig().model_dump().items() if k in KEY_NEUTRAL_DEFAULTS} == KEY_NEUTRAL_DEFAULTS
     cfg = load_config(REPO / "configs/train/smoke.yaml").model_dump()
     before = {k: v for k, v in cfg.items() if k not in KEY_NEUTRAL_DEFAULTS}
     assert run_key(cfg, "fp1", "starter-kit") == run_key(before, "fp1", "starter-kit")
@@ -219,11 +221,16 @@ def test_report_and_runner_flag_runs_trained_in_different_precisions(tmp_path):
     assert run_precision({"config": {"bf16": "auto"}, "machine": avx2}) == "fp32"
     assert run_precision({"config": {"bf16": False}, "machine": amx}) == "fp32"
     assert run_precision({"config": {"bf16": "auto"}}) is None
+    # what the run recorded wins over the machine's flags (torch decides bf16 on more than them)
+    assert run_precision({"train": {"precision": "bf16"}, "config": {"bf16": "auto"}, "machine": avx2}) == "bf16"
     exp = json.loads((tmp_path / "experiment.json").read_text())
     for rid, m in (("base.s0.k", amx), ("more.s0.k", amx)):
         f = tmp_path / "cells" / rid / "result.json"
         f.write_text(json.dumps({**json.loads(f.read_text()), "config": {"bf16": "auto"}, "machine": m}))
     assert precisions(tmp_path, exp) == {"bf16": ["base.s0.k", "more.s0.k"]}
+    # a merge trains nothing (its source counts); a stale result (another key) does not count
+    assert precisions(tmp_path, {**exp, "runs": [{**exp["runs"][0], "merge": {"method": "ties"}},
+                                                  {**exp["runs"][1], "key": "other"}]}) == {}
     write_report(tmp_path, n_boot=50, n_perm=50, seed=0)
     assert "different precisions" not in (tmp_path / "report.md").read_text()
     f = tmp_path / "cells" / "more.s0.k" / "result.json"
@@ -269,4 +276,4 @@ def test_report_training_cost_per_cell(tmp_path, tmp_path_factory):
                                    "tokens_per_s": 410.0, "tokens_per_s_runs": 2}
     assert rep["cost"]["more"]["tokens_per_s"] == 300.0 and rep["cost"]["more"]["tokens_per_s_runs"] == 1
     md = (tmp_path / "report.md").read_text()
-    assert "| base | 100 | 1000 | 410 (2) |" in md and "| more | 250 | 1000 | 300 (1) |" in md
+    assert "| base | 100 | 1,000 | 410 (2) |" in md and "| more | 250 | 1,000 | 300 (1) |" in md

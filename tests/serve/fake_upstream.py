@@ -16,16 +16,15 @@ answer a JSON list; ``body_sizes`` records the size of each completion request b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
-import threading
-import time
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from shoptune.serve.testing import free_port
+from shoptune.serve.testing import app_in_thread, free_port
 
 BROKEN = {
     "text": "200 with a plain-text body",
@@ -63,22 +62,14 @@ class FakeUpstream:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = self._build()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake upstream did not start")
-            time.sleep(0.02)
+        self._stack.enter_context(app_in_thread(self.app, port=self.port, start_timeout=20))
         return self
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
+        self._stack.close()
 
     # ------------------------------------------------------------------ behaviour
     def _adapter(self, body: dict) -> str:
@@ -305,7 +296,7 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(os.environ["FAKE_LLAMA_TOKENIZER"])
     up = FakeUpstream("llama.cpp", tok, loras=[Path(x).name.removesuffix(".gguf") for x in files[1:]],
                       port=a.port)
-    up.server.run()
+    uvicorn.run(up.app, host="127.0.0.1", port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":

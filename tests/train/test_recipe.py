@@ -115,6 +115,23 @@ def test_resume_from_the_final_checkpoint_trains_no_extra_step(tmp_path):
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
 
 
+def test_tokens_per_s_clock_starts_at_train_begin_with_the_tokens_already_seen():
+    """After a resume the tokens seen so far come back with the checkpoint's state; the first
+    logged interval must count only the tokens and time since training (re)started, not all
+    tokens since step 0 over a few seconds (transformers restores the state before it calls
+    on_train_begin)."""
+    from types import SimpleNamespace
+
+    from shoptune.train.trainer import _ThroughputClock
+
+    trainer = SimpleNamespace(_last_log=(0.0, 0))
+    before = time.time()
+    _ThroughputClock(trainer).on_train_begin(None, SimpleNamespace(num_input_tokens_seen=12345), None)
+    assert trainer._last_log[1] == 12345 and trainer._last_log[0] >= before
+    _ThroughputClock(trainer).on_train_begin(None, SimpleNamespace(num_input_tokens_seen=None), None)
+    assert trainer._last_log[1] == 0
+
+
 def test_incomplete_checkpoints_are_ignored(tmp_path):
     for step, done in ((2, True), (4, True), (6, False)):
         d = tmp_path / f"checkpoint-{step}"

@@ -125,8 +125,12 @@ def training_cost(results: Path, exp: dict) -> dict[str, dict]:
 
 
 def run_precision(result: dict) -> str | None:
-    """The precision a finished run trained in: ``bf16`` (autocast) or ``fp32``; ``bf16: auto``
-    resolves by the machine it ran on (native bf16 or not). None when that was not recorded."""
+    """The precision a finished run trained in: ``bf16`` (autocast) or ``fp32``, as the run
+    recorded it (``train.precision``); for older results, ``bf16: auto`` resolved by the machine's
+    bf16 flags. None when neither was recorded."""
+    recorded = (result.get("train") or {}).get("precision")
+    if recorded:
+        return recorded
     setting = (result.get("config") or {}).get("bf16", "auto")
     if setting == "auto":
         m = result.get("machine")
@@ -143,9 +147,10 @@ def precisions(results: Path, exp: dict) -> dict[str, list[str]]:
     seen: dict[str, list[str]] = {}
     for run in exp["runs"]:
         f = results / "cells" / run["id"] / "result.json"
-        if f.exists():
-            p = run_precision(json.loads(f.read_text(encoding="utf-8")))
-            seen.setdefault(p or "not recorded", []).append(run["id"])
+        if f.exists() and not run.get("merge"):  # a merge trains nothing: its source counts
+            res = json.loads(f.read_text(encoding="utf-8"))
+            if res.get("key") == run["key"]:
+                seen.setdefault(run_precision(res) or "not recorded", []).append(run["id"])
     return seen
 
 
@@ -231,7 +236,8 @@ def report_markdown(rep: dict) -> str:
                   "| cell | trainable params | tokens seen | tokens/s (runs) |", "|---|---|---|---|"]
         for cell, v in cost.items():
             rate = f"{v['tokens_per_s']:.0f} ({v['tokens_per_s_runs']})" if v["tokens_per_s"] else "-"
-            lines.append(f"| {cell} | {v['trainable_params']:,} | {v['tokens_seen'] or '-'} | {rate} |")
+            seen = f"{v['tokens_seen']:,}" if v["tokens_seen"] else "-"
+            lines.append(f"| {cell} | {v['trainable_params']:,} | {seen} | {rate} |")
     if rep.get("machines"):
         lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} run{'s' if len(ids) != 1 else ''})" for m, ids in rep["machines"].items())]
     mixed = {p: ids for p, ids in (rep.get("precision") or {}).items() if p != "not recorded"}

@@ -355,6 +355,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     """Train (or resume) one run, evaluate its adapter on the suite, write its result.json."""
     from shoptune.eval.runner import evaluate
     from shoptune.train.config import load_config
+    from shoptune.train.trainer import use_bf16
 
     p = json.loads(Path(plan_file).read_text(encoding="utf-8"))
     run = next(r for r in p["runs"] if r["id"] == run_id)
@@ -390,6 +391,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
                   "final_loss": trained["metrics"]["final_loss"], "wall_time_s": trained["wall_time_s"],
                   "resumed_from": resumed_from, "merged_from": run.get("merge_of"),
                   "trainable_params": trained.get("trainable_params"),
+                  "precision": None if run.get("merge") else ("bf16" if use_bf16(cfg.bf16) else "fp32"),
                   "tokens_per_s": step_tokens_per_s(
                       Path(p["out"]) / "cells" / run["merge_of"] / "train" if run.get("merge") else train_dir),
                   "balancing": trained.get("balancing"),

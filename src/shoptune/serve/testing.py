@@ -234,4 +234,9 @@ def app_in_thread(app, *, port: int | None = None, start_timeout: float = 30.0):
     finally:
         server.should_exit = True
         thread.join(start_timeout)
+        if thread.is_alive():  # a graceful shutdown stuck on an open request: cut it short
+            server.force_exit = True
+            thread.join(start_timeout)
+        if thread.is_alive():
+            raise RuntimeError(f"uvicorn on 127.0.0.1:{port} did not stop")
 

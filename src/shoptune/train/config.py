@@ -144,18 +144,23 @@ class TrainConfig(BaseModel):
 # Options added after experiment runs were first keyed (shoptune.experiment.spec.run_key). At
 # their defaults they change nothing, so a run's key leaves them out: runs finished before an
 # option existed keep their key and are not trained again. A new option whose default is
-# behaviour-neutral belongs here; one whose default changes training must not.
-KEY_NEUTRAL_DEFAULTS = ("peft", "poly", "loss_balancing", "balance_by", "balance_lr", "quantization", "packing")
+# behaviour-neutral belongs here; one whose default changes training must not. The values are
+# written out (not read from the fields) so that changing a default later cannot make new runs
+# hash like old ones trained under the old default; a test checks they equal today's defaults.
+KEY_NEUTRAL_DEFAULTS = {
+    "peft": "lora",
+    "poly": {"n_skills": 4, "n_splits": 1, "route_by": "task", "alpha": None},
+    "loss_balancing": "static",
+    "balance_by": "capability",
+    "balance_lr": 0.01,
+    "quantization": "none",
+    "packing": False,
+}
 
 
 def key_neutral_defaults() -> dict:
-    """``{field: default}`` (as dumped) of :data:`KEY_NEUTRAL_DEFAULTS`."""
-    fields = TrainConfig.model_fields
-    out = {}
-    for name in KEY_NEUTRAL_DEFAULTS:
-        d = fields[name].default
-        out[name] = d.model_dump() if isinstance(d, BaseModel) else d
-    return out
+    """``{field: value}``: a run's key leaves these fields out at these values."""
+    return KEY_NEUTRAL_DEFAULTS
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

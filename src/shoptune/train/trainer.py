@@ -41,7 +41,8 @@ class ShopTrainer(Trainer):
         self.task_weights = task_weights if task_weights is not None else torch.ones(len(task_names))
         self._task_sum = torch.zeros(len(task_names), dtype=torch.float64)
         self._task_n = torch.zeros(len(task_names), dtype=torch.float64)
-        self._last_log = (time.time(), 0)
+        self._last_log = (time.time(), 0)  # (time, tokens seen) of the last log; reset at train begin
+        self.add_callback(_ThroughputClock(self))
 
     def _row_losses(self, model, inputs):
         """Per-row answer-token loss sums and counts; records the per-task loss for logging."""
@@ -135,6 +136,17 @@ class ShopTrainer(Trainer):
             if self.balancer is not None:
                 logs.update(self.balancer.log_items())
         super().log(logs, *args, **kwargs)
+
+
+class _ThroughputClock(TrainerCallback):
+    """Starts the tokens/s clock when training (re)starts, from the tokens seen so far: after a
+    resume the first interval counts only this session's tokens and time."""
+
+    def __init__(self, trainer: ShopTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_log = (time.time(), int(state.num_input_tokens_seen or 0))
 
 
 class JsonlLog(TrainerCallback):

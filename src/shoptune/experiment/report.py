@@ -232,7 +232,8 @@ def report_markdown(rep: dict) -> str:
     if cost:
         lines += ["", "## Training cost", "",
                   "Trainable parameters; tokens seen (mean over runs); training tokens/s (median over "
-                  "runs of each run's median logging-interval rate, so pauses and resumes do not count).", "",
+                  "runs of each run's median logging-interval rate, so pauses and resumes do not count). A "
+                  "merged cell trains nothing: it shows its source's.", "",
                   "| cell | trainable params | tokens seen | tokens/s (runs) |", "|---|---|---|---|"]
         for cell, v in cost.items():
             rate = f"{v['tokens_per_s']:.0f} ({v['tokens_per_s_runs']})" if v["tokens_per_s"] else "-"

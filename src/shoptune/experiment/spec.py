@@ -196,9 +196,8 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 def run_key(config: dict, suite_fingerprint: str, protocol: str, *, per_task: bool = False,
             per_capability: bool = False, merge: dict | None = None, eval_settings: dict | None = None) -> str:
-    from shoptune.train.config import key_neutral_defaults
+    from shoptune.train.config import KEY_NEUTRAL_DEFAULTS as neutral
 
-    neutral = key_neutral_defaults()
     cfg = {k: v for k, v in config.items()
            if k != "output_dir" and not (k in neutral and v == neutral[k])}
     key = {"config": cfg, "suite": suite_fingerprint, "protocol": protocol}

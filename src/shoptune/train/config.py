@@ -158,11 +158,6 @@ KEY_NEUTRAL_DEFAULTS = {
 }
 
 
-def key_neutral_defaults() -> dict:
-    """``{field: value}``: a run's key leaves these fields out at these values."""
-    return KEY_NEUTRAL_DEFAULTS
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) plus ``key=value`` overrides (values parsed as YAML: 32, true, [a,b]);
     :class:`ConfigError` with one line per problem (``file[:line]: field: why (got X)``)."""

@@ -211,7 +211,7 @@ def test_report_and_runner_flag_runs_trained_in_different_precisions(tmp_path):
 
     from rich.console import Console
 
-    from shoptune.experiment.report import precisions, run_precision
+    from shoptune.experiment.report import finished_results, precisions, run_precision
     from shoptune.experiment.runner import _warn_precision
 
     _fake_results(tmp_path, ["base", "more"], [0])
@@ -227,10 +227,10 @@ def test_report_and_runner_flag_runs_trained_in_different_precisions(tmp_path):
     for rid, m in (("base.s0.k", amx), ("more.s0.k", amx)):
         f = tmp_path / "cells" / rid / "result.json"
         f.write_text(json.dumps({**json.loads(f.read_text()), "config": {"bf16": "auto"}, "machine": m}))
-    assert precisions(tmp_path, exp) == {"bf16": ["base.s0.k", "more.s0.k"]}
+    assert precisions(finished_results(tmp_path, exp)) == {"bf16": ["base.s0.k", "more.s0.k"]}
     # a merge trains nothing (its source counts); a stale result (another key) does not count
-    assert precisions(tmp_path, {**exp, "runs": [{**exp["runs"][0], "merge": {"method": "ties"}},
-                                                  {**exp["runs"][1], "key": "other"}]}) == {}
+    assert precisions(finished_results(tmp_path, {**exp, "runs": [{**exp["runs"][0], "merge": {"method": "ties"}},
+                                                                   {**exp["runs"][1], "key": "other"}]})) == {}
     write_report(tmp_path, n_boot=50, n_perm=50, seed=0)
     assert "different precisions" not in (tmp_path / "report.md").read_text()
     f = tmp_path / "cells" / "more.s0.k" / "result.json"

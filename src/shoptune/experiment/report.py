@@ -93,25 +93,35 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
             out["contrasts"][c["name"]] = {"a": list(c["a"]), "b": list(c["b"]), "seeds": common,
                                            **{col: _pick(d, col) for col in COLUMNS if _pick(d, col)},
                                            "method": d["method"]}
-    out["machines"] = _machines(Path(results), exp)
-    out["precision"] = precisions(Path(results), exp)
-    out["cost"] = training_cost(Path(results), exp)
+    finished = finished_results(Path(results), exp)
+    out["machines"] = _machines(finished)
+    out["precision"] = precisions(finished)
+    out["cost"] = training_cost(finished)
     return out
 
 
-def training_cost(results: Path, exp: dict) -> dict[str, dict]:
+def finished_results(results: Path, exp: dict) -> list[tuple[dict, dict]]:
+    """(planned run, its result.json) of every run finished under its planned key, read once."""
+    out = []
+    for run in exp["runs"]:
+        f = results / "cells" / run["id"] / "result.json"
+        if f.exists():
+            res = json.loads(f.read_text(encoding="utf-8"))
+            if res.get("key") == run["key"]:
+                out.append((run, res))
+    return out
+
+
+def training_cost(finished: list[tuple[dict, dict]]) -> dict[str, dict]:
     """Per cell, from its finished runs: trainable parameters, tokens seen (mean over runs) and
     training tokens/s (median over runs of each run's median logging-interval rate; runs from
     before that was recorded are left out of it). A merged cell's numbers are its source's."""
     import statistics
 
     by_cell: dict[str, list[dict]] = {}
-    for run in exp["runs"]:
-        f = results / "cells" / run["id"] / "result.json"
-        if f.exists():
-            res = json.loads(f.read_text(encoding="utf-8"))
-            if res.get("key") == run["key"] and res.get("train"):
-                by_cell.setdefault(run["cell"], []).append(res["train"])
+    for run, res in finished:
+        if res.get("train"):
+            by_cell.setdefault(run["cell"], []).append(res["train"])
     out = {}
     for cell, trains in by_cell.items():
         params = sorted({t["trainable_params"] for t in trains if t.get("trainable_params")})
@@ -140,28 +150,23 @@ def run_precision(result: dict) -> str | None:
     return "bf16" if setting is True else "fp32"
 
 
-def precisions(results: Path, exp: dict) -> dict[str, list[str]]:
+def precisions(finished: list[tuple[dict, dict]]) -> dict[str, list[str]]:
     """{precision: [run ids]} of the finished runs. More than one key means the experiment's
     comparisons mix training precisions (``bf16: auto`` on machines with and without native bf16);
-    a run's key does not capture that."""
+    a run's key does not capture that. A merge trains nothing: its source counts."""
     seen: dict[str, list[str]] = {}
-    for run in exp["runs"]:
-        f = results / "cells" / run["id"] / "result.json"
-        if f.exists() and not run.get("merge"):  # a merge trains nothing: its source counts
-            res = json.loads(f.read_text(encoding="utf-8"))
-            if res.get("key") == run["key"]:
-                seen.setdefault(run_precision(res) or "not recorded", []).append(run["id"])
+    for run, res in finished:
+        if not run.get("merge"):
+            seen.setdefault(run_precision(res) or "not recorded", []).append(run["id"])
     return seen
 
 
-def _machines(results: Path, exp: dict) -> dict[str, list[str]]:
+def _machines(finished: list[tuple[dict, dict]]) -> dict[str, list[str]]:
     """{machine summary: [run ids]} of the finished runs (older results did not record it)."""
     seen: dict[str, list[str]] = {}
-    for run in exp["runs"]:
-        f = results / "cells" / run["id"] / "result.json"
-        if f.exists():
-            m = json.loads(f.read_text(encoding="utf-8")).get("machine")
-            seen.setdefault(machine.summary(m) if m else "not recorded", []).append(run["id"])
+    for run, res in finished:
+        m = res.get("machine")
+        seen.setdefault(machine.summary(m) if m else "not recorded", []).append(run["id"])
     return seen
 
 

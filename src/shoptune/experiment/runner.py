@@ -496,11 +496,11 @@ def _warn_precision(exp: dict, results: Path, todo: list[dict], console) -> None
     finished ones (``bf16: auto`` follows the machine; a run's key does not)."""
     if not todo:
         return
-    from shoptune.experiment.report import precisions
+    from shoptune.experiment.report import finished_results, precisions
     from shoptune.train.config import load_config
     from shoptune.train.trainer import use_bf16
 
-    finished = {p for p in precisions(results, exp) if p != "not recorded"}
+    finished = {p for p in precisions(finished_results(results, exp)) if p != "not recorded"}
     here = {"bf16" if use_bf16(load_config(exp["base"], r["overrides"]).bf16) else "fp32" for r in todo}
     if finished and here - finished:
         from rich.console import Console

@@ -140,22 +140,23 @@ def generate_speed(model, arm: str, prompts: list[dict], bf16: bool, new_tokens:
     it, except where the method turns it off (X-LoRA's generate forces ``use_cache=False``, so
     every new token re-reads the whole sequence)."""
     model.eval()
-    model.config.use_cache = True if not arm.startswith("xlora") else False
-    times, made = [], []
+    times, made, cached = [], [], set()
     for p in prompts:
+        # use_cache asked for every arm (X-LoRA's generate overrides it); what decoding actually
+        # used is read back from the output (past_key_values is None without a cache)
         kw = {"input_ids": p["input_ids"], "attention_mask": torch.ones_like(p["input_ids"]),
               "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-              "pad_token_id": p["pad_id"]}
+              "pad_token_id": p["pad_id"], "use_cache": True, "return_dict_in_generate": True}
         if arm == "poly":
             kw["task_ids"] = p["task_ids"]
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(**kw)
         times.append(time.perf_counter() - t0)
-        made.append(out.shape[1] - p["input_ids"].shape[1])
-    model.config.use_cache = False
+        made.append(out.sequences.shape[1] - p["input_ids"].shape[1])
+        cached.add(out.past_key_values is not None)
     return {"tokens_per_s": round(sum(made[1:]) / sum(times[1:]), 1), "new_tokens": new_tokens,
-            "prompts": len(prompts) - 1, "use_cache": not arm.startswith("xlora")}
+            "prompts": len(prompts) - 1, "use_cache": cached.pop() if len(cached) == 1 else None}
 
 
 def prompt_parts(examples: list[dict], n: int, pad_id: int) -> list[dict]:

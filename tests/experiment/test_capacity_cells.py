@@ -25,7 +25,8 @@ SPEC = {
     "cells": [{"name": "lora"},
               {"name": "poly", "overrides": ["peft=poly", "poly.n_skills=2", "lora.r=2"]},
               {"name": "per-cap", "per_capability": True},
-              {"name": "per-cap-ties", "merge_of": "per-cap", "merge": {"method": "ties", "density": 0.5}}],
+              {"name": "per-cap-ties", "merge_of": "per-cap", "merge": {"method": "ties", "density": 0.5}},
+              {"name": "uncertainty", "overrides": ["loss_balancing=uncertainty", "balance_lr=0.1"]}],
 }
 
 
@@ -35,9 +36,9 @@ def test_poly_per_capability_and_merge_cells_train_route_and_score(tmp_path):
     spec.write_text(yaml.safe_dump({**SPEC, "suite": str(tmp_path / "micro.yaml")}))
     out, res = tmp_path / "out", tmp_path / "res"
     exp = plan(spec, out, res, eval_dtype="fp32")
-    lora, poly, percap, ties = exp["runs"]
+    lora, poly, percap, ties, unc = exp["runs"]
     assert exp["eval"] == {"engine": "builtin", "dtype": "fp32"}
-    assert len({r["key"] for r in exp["runs"]}) == 4
+    assert len({r["key"] for r in exp["runs"]}) == 5
     assert sorted(percap["per_task"]) == ["concept_understanding", "user_behavior_alignment"]
     assert ties["merge_of"] == percap["id"] and ties["max_steps"] == 0
     # the eval settings are part of the key (not when they are the defaults: old keys stay)
@@ -69,3 +70,11 @@ def test_poly_per_capability_and_merge_cells_train_route_and_score(tmp_path):
     sc = json.loads((out / "cells" / ties["id"] / "eval" / "scores.json").read_text())
     assert sc["adapter"] == str(merged) and not sc["task_adapters"]
     assert len(r_ties["per_question"]["score"]) == r_ties["suite"]["n_questions"]
+
+    # a loss-balanced run keeps its groups' weights and gradient norms over training in result.json
+    r_unc = run_one(out / "plan.json", unc["id"])
+    tr = r_unc["train"]["balance_trace"]
+    groups = {"concept_understanding", "user_behavior_alignment"}
+    assert tr["step"] == [1, 2, 3, 4] and set(tr["weight"]) == groups and set(tr["grad_norm"]) == groups
+    assert tr["weight"]["concept_understanding"][0] != tr["weight"]["concept_understanding"][-1]  # learned
+    assert r_poly["train"]["balance_trace"] is None and r_ties["train"]["balance_trace"] is None

@@ -273,7 +273,45 @@ def test_report_training_cost_per_cell(tmp_path, tmp_path_factory):
             "trainable_params": params, "tokens_seen": 1000, "tokens_per_s": rate}}))
     rep = write_report(tmp_path, n_boot=50, n_perm=50, seed=0)
     assert rep["cost"]["base"] == {"runs": 2, "trainable_params": 100, "tokens_seen": 1000,
-                                   "tokens_per_s": 410.0, "tokens_per_s_runs": 2}
+                                   "tokens_per_s": 410.0, "tokens_per_s_runs": 2, "tokens_per_s_vs_ref": 1.0}
     assert rep["cost"]["more"]["tokens_per_s"] == 300.0 and rep["cost"]["more"]["tokens_per_s_runs"] == 1
     md = (tmp_path / "report.md").read_text()
-    assert "| base | 100 | 1,000 | 410 (2) |" in md and "| more | 250 | 1,000 | 300 (1) |" in md
+    assert "| base | 100 | 1,000 | 410 (2) | 1.00 |" in md and "| more | 250 | 1,000 | 300 (1) | 0.73 |" in md
+    assert rep["cost"]["more"]["tokens_per_s_vs_ref"] == round(300 / 410, 3)
+
+
+def test_balance_trace_is_kept_in_the_result_and_summarised_per_cell(tmp_path, tmp_path_factory):
+    """The groups' weights and gradient norms over training survive in result.json (runs/ may be
+    gone) and the report tabulates and plots them; a step re-logged after a resume counts once."""
+    from shoptune.experiment.runner import balance_trace
+
+    train = tmp_path_factory.mktemp("train")
+    assert balance_trace(train) is None  # no log
+    (train / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 10, "loss": 3.0, "balance/weight/a": 0.5, "balance/weight/b": 0.5,
+         "balance/grad_norm/a": 1.0, "balance/grad_norm/b": 4.0},
+        {"step": 20, "balance/weight/a": 0.9, "balance/weight/b": 0.1},  # killed after this ...
+        {"step": 20, "balance/weight/a": 0.6, "balance/weight/b": 0.4,   # ... and re-logged on resume
+         "balance/grad_norm/a": 3.0, "balance/grad_norm/b": 2.0},
+        {"step": 20, "train_runtime": 5.0})) + "\nnot json\n")
+    tr = balance_trace(train)
+    assert tr == {"step": [10, 20], "weight": {"a": [0.5, 0.6], "b": [0.5, 0.4]},
+                  "grad_norm": {"a": [1.0, 3.0], "b": [4.0, 2.0]}}
+    (train / "log.jsonl").write_text(json.dumps({"step": 10, "loss": 3.0}) + "\n")
+    assert balance_trace(train) is None  # static: nothing balanced, nothing kept
+
+    _fake_results(tmp_path, ["base", "more"], [0, 1])
+    other = {"step": [10, 20, 30], "weight": {"a": [0.5, 0.8, 0.7], "b": [0.5, 0.2, 0.3]}}  # no grad norms
+    for rid, trace in (("more.s0.k", tr), ("more.s1.k", other), ("base.s0.k", None)):
+        f = tmp_path / "cells" / rid / "result.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "train": {"balance_trace": trace}}))
+    rep = write_report(tmp_path, n_boot=50, n_perm=50, seed=0)
+    assert list(rep["balancing"]) == ["more"]
+    more = rep["balancing"]["more"]
+    assert more["runs"] == 2
+    assert more["groups"]["a"] == {"final_weight": 0.65, "final_weight_runs": [0.6, 0.7], "median_grad_norm": 2.0}
+    assert more["groups"]["b"]["final_weight"] == 0.35 and more["groups"]["b"]["median_grad_norm"] == 3.0
+    assert more["trace"] == {"step": [10, 20], "weight": {"a": [0.5, 0.7], "b": [0.5, 0.3]}}
+    md = (tmp_path / "report.md").read_text()
+    assert "## Loss balancing" in md and "| more | a | 0.650 (0.600, 0.700) | 2 |" in md
+    assert (tmp_path / "balance.png").stat().st_size > 0 and "balance.png" in md

@@ -97,6 +97,44 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
     out["machines"] = _machines(finished)
     out["precision"] = precisions(finished)
     out["cost"] = training_cost(finished)
+    for cell, v in out["cost"].items():  # throughput relative to the cell's reference
+        ref = out["cost"].get(exp.get("baselines", {}).get(cell, base)) or {}
+        v["tokens_per_s_vs_ref"] = (round(v["tokens_per_s"] / ref["tokens_per_s"], 3)
+                                    if v.get("tokens_per_s") and ref.get("tokens_per_s") else None)
+    out["balancing"] = balancing_summary(finished)
+    return out
+
+
+def balancing_summary(finished: list[tuple[dict, dict]]) -> dict[str, dict]:
+    """Per loss-balanced cell, from its runs' ``train.balance_trace``: each group's weight at the
+    last logging step (mean over runs, and each run's), its median gradient norm over the logging
+    steps and runs (where the method logs one), and the weight trace averaged over runs at the
+    steps every run logged (for the plot)."""
+    import statistics
+
+    by_cell: dict[str, list[dict]] = {}
+    for run, res in finished:
+        tr = (res.get("train") or {}).get("balance_trace")
+        if tr and tr.get("weight"):
+            by_cell.setdefault(run["cell"], []).append(tr)
+    out = {}
+    for cell, traces in by_cell.items():
+        groups = sorted({g for t in traces for g in t["weight"]})
+        common = sorted(set.intersection(*(set(t["step"]) for t in traces)))
+        entry: dict = {"runs": len(traces), "groups": {}, "trace": {"step": common, "weight": {}}}
+        for g in groups:
+            finals = [t["weight"][g][-1] for t in traces if g in t["weight"] and t["weight"][g][-1] is not None]
+            norms = [v for t in traces for v in (t.get("grad_norm") or {}).get(g, []) if v is not None]
+            entry["groups"][g] = {"final_weight": round(statistics.mean(finals), 4) if finals else None,
+                                  "final_weight_runs": [round(x, 4) for x in finals],
+                                  "median_grad_norm": round(statistics.median(norms), 4) if norms else None}
+            mean_w = []
+            for st in common:
+                vals = [t["weight"][g][t["step"].index(st)] for t in traces if g in t["weight"]]
+                vals = [v for v in vals if v is not None]
+                mean_w.append(round(statistics.mean(vals), 4) if vals else None)
+            entry["trace"]["weight"][g] = mean_w
+        out[cell] = entry
     return out
 
 
@@ -239,11 +277,24 @@ def report_markdown(rep: dict) -> str:
                   "Trainable parameters; tokens seen (mean over runs); training tokens/s (median over "
                   "runs of each run's median logging-interval rate, so pauses and resumes do not count). A "
                   "merged cell trains nothing: it shows its source's.", "",
-                  "| cell | trainable params | tokens seen | tokens/s (runs) |", "|---|---|---|---|"]
+                  "| cell | trainable params | tokens seen | tokens/s (runs) | x reference |", "|---|---|---|---|---|"]
         for cell, v in cost.items():
             rate = f"{v['tokens_per_s']:.0f} ({v['tokens_per_s_runs']})" if v["tokens_per_s"] else "-"
             seen = f"{v['tokens_seen']:,}" if v["tokens_seen"] else "-"
-            lines.append(f"| {cell} | {v['trainable_params']:,} | {seen} | {rate} |")
+            ratio = f"{v['tokens_per_s_vs_ref']:.2f}" if v.get("tokens_per_s_vs_ref") else "-"
+            lines.append(f"| {cell} | {v['trainable_params']:,} | {seen} | {rate} | {ratio} |")
+    if rep.get("balancing"):
+        lines += ["", "## Loss balancing", "",
+                  "Each group's weight at the last logging step (mean over runs; each run's in "
+                  "parentheses) and its median gradient norm over the logging steps (methods that "
+                  "log one). The plot shows the weights over training, averaged over runs.", "",
+                  "| cell | group | final weight | median grad norm |", "|---|---|---|---|"]
+        for cell, e in rep["balancing"].items():
+            for g, v in e["groups"].items():
+                fw = (f"{v['final_weight']:.3f} ({', '.join(f'{x:.3f}' for x in v['final_weight_runs'])})"
+                      if v["final_weight"] is not None else "-")
+                gn = f"{v['median_grad_norm']:.3g}" if v["median_grad_norm"] is not None else "-"
+                lines.append(f"| {cell} | {g} | {fw} | {gn} |")
     if rep.get("machines"):
         lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} run{'s' if len(ids) != 1 else ''})" for m, ids in rep["machines"].items())]
     mixed = {p: ids for p, ids in (rep.get("precision") or {}).items() if p != "not recorded"}
@@ -255,6 +306,8 @@ def report_markdown(rep: dict) -> str:
     if rep["missing_runs"]:
         lines += ["", f"Not finished yet ({len(rep['missing_runs'])}): " + ", ".join(rep["missing_runs"])]
     lines += ["", "![scores](scores.png)", "", "![difference to the baseline](diff.png)"]
+    if rep.get("balancing"):
+        lines += ["", "![loss-balancing weights](balance.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -302,6 +355,21 @@ def _plots(rep: dict, results: Path) -> None:
     fig.tight_layout()
     _save(fig, results / "diff.png")
     plt.close(fig)
+
+    bal = rep.get("balancing") or {}
+    if bal:
+        fig, axes = plt.subplots(1, len(bal), figsize=(0.5 + 3.6 * len(bal), 3.4), squeeze=False,
+                                 sharey=True)
+        for ax, (cell, e) in zip(axes[0], bal.items()):
+            for g, w in e["trace"]["weight"].items():
+                ax.plot(e["trace"]["step"], [np.nan if v is None else v for v in w], label=g)
+            ax.set_title(f"{cell} ({e['runs']} run{'s' if e['runs'] != 1 else ''})", fontsize=9)
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("group weight")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        _save(fig, results / "balance.png")
+        plt.close(fig)
 
 
 def _save(fig, path: Path) -> None:

@@ -351,6 +351,35 @@ def step_tokens_per_s(train_dir: Path) -> float | None:
     return round(statistics.median(rates), 1) if rates else None
 
 
+def balance_trace(train_dir: Path) -> dict | None:
+    """Each group's loss-balancing weight and gradient norm at every logging step of a run
+    (``balance/weight/<group>``, ``balance/grad_norm/<group>`` in ``log.jsonl``), kept in its
+    result.json so the report can plot them after ``runs/`` is gone. A step logged twice (a
+    resumed run re-logs from its checkpoint) keeps its last entry. None without balancing."""
+    by_step: dict[int, dict] = {}
+    f = Path(train_dir) / "log.jsonl"
+    if not f.is_file():
+        return None
+    for line in f.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and any(
+                k.startswith("balance/weight/") for k in rec):
+            by_step[rec["step"]] = rec
+    if not by_step:
+        return None
+    steps = sorted(by_step)
+    out: dict = {"step": steps}
+    for kind in ("weight", "grad_norm"):
+        groups = sorted({k.split("/", 2)[2] for r in by_step.values() for k in r
+                         if k.startswith(f"balance/{kind}/")})
+        if groups:
+            out[kind] = {g: [by_step[st].get(f"balance/{kind}/{g}") for st in steps] for g in groups}
+    return out
+
+
 def run_one(plan_file: str | Path, run_id: str) -> dict:
     """Train (or resume) one run, evaluate its adapter on the suite, write its result.json."""
     from shoptune.eval.runner import evaluate
@@ -395,6 +424,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
                   "tokens_per_s": step_tokens_per_s(
                       Path(p["out"]) / "cells" / run["merge_of"] / "train" if run.get("merge") else train_dir),
                   "balancing": trained.get("balancing"),
+                  "balance_trace": None if run.get("merge") else balance_trace(train_dir),
                   "per_task": ({t: {**run["per_task"][t], **v} for t, v in trained["metrics"]["per_task"].items()}
                                if run.get("per_task") else None),
                   "mixture": {k: mix.get(k) for k in ("rows", "tasks", "capabilities", "diversity",

@@ -315,3 +315,26 @@ def test_balance_trace_is_kept_in_the_result_and_summarised_per_cell(tmp_path, t
     md = (tmp_path / "report.md").read_text()
     assert "## Loss balancing" in md and "| more | a | 0.650 (0.600, 0.700) | 2 |" in md
     assert (tmp_path / "balance.png").stat().st_size > 0 and "balance.png" in md
+
+
+def test_verdict_applies_the_findings_rule():
+    """higher/lower only if the CI excludes 0 and every seed agrees; a seed against the CI's
+    direction is called out; a CI across 0 or a missing one resolves nothing."""
+    from shoptune.experiment.report import verdict
+    assert verdict({"ci95": [0.01, 0.05], "seed_diffs": [0.02, 0.03, 0.04]}) == "**higher** (3 seeds)"
+    assert verdict({"ci95": [-0.06, -0.01], "seed_diffs": [-0.02]}) == "**lower** (1 seed)"
+    assert verdict({"ci95": [0.01, 0.05], "seed_diffs": [0.05, 0.04, -0.01]}) == "seeds disagree (3 seeds)"
+    assert verdict({"ci95": [-0.01, 0.05], "seed_diffs": [0.02, 0.03]}) == "not resolved (2 seeds)"
+    assert verdict({"ci95": [0.0, 0.05], "seed_diffs": [0.02, 0.03]}) == "not resolved (2 seeds)"  # touches 0
+    assert verdict({"ci95": None, "seed_diffs": [0.02]}) == "not resolved (1 seed)"
+    assert verdict(None) == "-"
+
+
+def test_report_tables_carry_the_verdict(tmp_path):
+    _fake_results(tmp_path, ["base", "more"], [0, 1])
+    rep = write_report(tmp_path, n_boot=200, n_perm=50, seed=0)
+    from shoptune.experiment.report import verdict
+    v = verdict(rep["cells"]["more"]["vs_baseline"]["overall"])
+    rows = [x for x in (tmp_path / "report.md").read_text().splitlines() if x.startswith("| more | ")]
+    row = rows[1]  # the scores table's row, then the paired difference's
+    assert row.endswith(f" | {v} |") and "(2 seeds)" in v

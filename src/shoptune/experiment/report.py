@@ -237,6 +237,25 @@ def _fmt_contrast(v: dict | None) -> str:
             f"seeds {', '.join(f'{x:+.3f}' for x in v['seed_diffs'])})")
 
 
+def verdict(d: dict | None) -> str:
+    """findings.md's rule, stated before any result was read, applied to one paired difference
+    (or contrast): ``higher`` / ``lower`` only if its 95% CI excludes 0 **and** every seed's
+    difference has that sign; ``seeds disagree`` if the CI excludes 0 but a seed went the other
+    way; ``not resolved`` otherwise (and without a CI). The seed count is part of the verdict."""
+    if not d:
+        return "-"
+    ci, seeds = d.get("ci95"), d.get("seed_diffs") or []
+    n = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+    if not ci or not seeds:
+        return f"not resolved ({n})"
+    if ci[0] > 0 or ci[1] < 0:
+        sign = 1 if ci[0] > 0 else -1
+        if all(x * sign > 0 for x in seeds):
+            return f"**{'higher' if sign > 0 else 'lower'}** ({n})"
+        return f"seeds disagree ({n})"
+    return f"not resolved ({n})"
+
+
 def report_markdown(rep: dict) -> str:
     s = rep["suite"]
     lines = [f"# Experiment {rep['experiment']}", "",
@@ -254,23 +273,29 @@ def report_markdown(rep: dict) -> str:
         lines += ["", f"## Paired difference to the baseline `{rep['baseline']}` (cell - baseline; "
                       "`cell - other` where a cell names its own reference)", "",
                   f"Mean over seeds of the per-seed difference (same seed on both sides). CI: "
-                  f"{method['ci']}; p: {method['p_value']}. Per-seed differences in parentheses.", "",
-                  "| cell | " + " | ".join(LABEL[c] for c in COLUMNS) + " |",
-                  "|---|" + "---|" * len(COLUMNS)]
+                  f"{method['ci']}; p: {method['p_value']}. Per-seed differences in parentheses. "
+                  "Verdict (all-around, findings.md's rule): higher/lower only if the CI excludes 0 "
+                  "and every seed's difference has that sign.", "",
+                  "| cell | " + " | ".join(LABEL[c] for c in COLUMNS) + " | verdict |",
+                  "|---|" + "---|" * (len(COLUMNS) + 1)]
         for cell, e in rep["cells"].items():
             if "vs_baseline" in e:
                 ref = e["vs_baseline"]["baseline"]
-                lines.append(f"| {cell}{'' if ref == rep['baseline'] else f' - {ref}'} | " + " | ".join(_fmt_diff(e["vs_baseline"].get(c)) for c in COLUMNS) + " |")
+                lines.append(f"| {cell}{'' if ref == rep['baseline'] else f' - {ref}'} | "
+                             + " | ".join(_fmt_diff(e["vs_baseline"].get(c)) for c in COLUMNS)
+                             + f" | {verdict(e['vs_baseline'].get('overall'))} |")
     if rep.get("contrasts"):
         lines += ["", "## Contrasts: does one gain differ from another? (b_to - b_from) - (a_to - a_from)", "",
                   "Each gain is a paired difference on the same questions and seeds; CI: "
                   + next(iter(rep["contrasts"].values()))["method"]["ci"]
-                  + ". In parentheses: the two gains, then the per-seed differences.", "",
-                  "| contrast | a | b | " + " | ".join(LABEL[c] for c in COLUMNS) + " |",
-                  "|---|---|---|" + "---|" * len(COLUMNS)]
+                  + ". In parentheses: the two gains, then the per-seed differences. Verdict: as "
+                  "above, on the all-around contrast.", "",
+                  "| contrast | a | b | " + " | ".join(LABEL[c] for c in COLUMNS) + " | verdict |",
+                  "|---|---|---|" + "---|" * (len(COLUMNS) + 1)]
         for name, e in rep["contrasts"].items():
             lines.append(f"| {name} | {' -> '.join(e['a'])} | {' -> '.join(e['b'])} | "
-                         + " | ".join(_fmt_contrast(e.get(c)) for c in COLUMNS) + " |")
+                         + " | ".join(_fmt_contrast(e.get(c)) for c in COLUMNS)
+                         + f" | {verdict(e.get('overall'))} |")
     cost = {c: v for c, v in (rep.get("cost") or {}).items() if v.get("trainable_params")}
     if cost:
         lines += ["", "## Training cost", "",

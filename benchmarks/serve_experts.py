@@ -3,6 +3,7 @@
     flock /tmp/shoptune-heavy.lock .venv/bin/python benchmarks/serve_experts.py \
         [--requests 48] [--concurrency 16] [--dtype fp32] [--engines builtin llama.cpp] \
         [--arms base merged_adapter merged_weights experts r32] [--experts DIR --merged DIR]
+        [--r32 DIR] [--questions dev|core]
 
 Each arm is one `shoptune serve` deployment of the same base model (--model, default the embedded
 smollm2-135m) at one --dtype:
@@ -22,9 +23,11 @@ with the adapters applied per request; the experts as LoRA per request). Adapter
 --experts DIR (a `shoptune export experts` folder, or any folder with an experts.json naming
 `experts` and `task_experts`) and --merged DIR (a LoRA folder).
 
-Workload: ShopBench development questions (data/shopbench-dev, the project's loader) sent to
-POST /v1/tasks/{task} as `input_field`, round-robin over the capabilities (so each expert gets a
-quarter of the traffic, mixed in every batch), by --concurrency clients after an 8-request warm-up.
+Workload: ShopBench development questions (data/shopbench-dev, the project's loader; or with
+--questions core the core suite's, EC-Guide test questions included) sent to
+POST /v1/tasks/{task} as `input_field`, round-robin over the experts the questions' tasks route to
+(each gets an equal share of the traffic, mixed in every batch), by --concurrency clients after an
+8-request warm-up. --merged is needed with --experts only for the merged arms.
 Per arm: req/s, p50/p99 latency, errors, and the server's peak RSS (psutil, the whole process tree:
 `shoptune serve` and, on llama.cpp, its llama-server) sampled every 0.1 s from start-up to the end of
 the measurement; and each arm's ratio to the merged_adapter arm of the same engine.
@@ -115,16 +118,27 @@ def read_experts(folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
     return {n: folder / n for n in meta.get("experts", {})}, dict(meta.get("task_experts") or {})
 
 
-def workload(n: int, task_experts: dict[str, str], model: str | None) -> list[tuple[str, dict]]:
-    """``n`` task requests: development questions of the routed tasks, round-robin over their
-    experts (each expert's questions in file order, cycled); ``model`` in the body if given."""
-    from shoptune.data.loaders import load_records
+def traffic_records(questions: str) -> list:
+    """The questions requests are drawn from: ``dev`` (ShopBench development set: its tasks reach
+    the capability experts) or a suite name such as ``core`` (EC-Guide test questions too, so
+    per-task experts, e.g. exported from Poly, each get their own task's traffic)."""
+    if questions == "dev":
+        from shoptune.data.loaders import load_records
+        return load_records([str(DEV)])
+    from shoptune.eval.suite import build_suite
+    return build_suite(questions)[0]
+
+
+def workload(n: int, task_experts: dict[str, str], model: str | None,
+             questions: str = "dev") -> list[tuple[str, dict]]:
+    """``n`` task requests: questions (``traffic_records``) of the routed tasks, round-robin over
+    their experts (each expert's questions in order, cycled); ``model`` in the body if given."""
     by_expert: dict[str, list] = {}
-    for r in load_records([str(DEV)]):
+    for r in _traffic(questions):
         if r.task in task_experts:
             by_expert.setdefault(task_experts[r.task], []).append(r)
     if not by_expert:
-        sys.exit(f"{DEV}: no question of a task the experts route")
+        sys.exit(f"{questions}: no question of a task the experts route")
     groups = [by_expert[k] for k in sorted(by_expert)]
     out = []
     for i in range(n):
@@ -135,6 +149,15 @@ def workload(n: int, task_experts: dict[str, str], model: str | None) -> list[tu
             body["model"] = model
         out.append((f"/v1/tasks/{r.task}", body))
     return out
+
+
+_TRAFFIC: dict[str, list] = {}
+
+
+def _traffic(questions: str) -> list:
+    if questions not in _TRAFFIC:  # built once a run: every arm gets the same requests
+        _TRAFFIC[questions] = traffic_records(questions)
+    return _TRAFFIC[questions]
 
 
 def arm_flags(arm: str, engine: str, ad: dict, dtype: str) -> tuple[list[str], str | None]:
@@ -169,8 +192,9 @@ def run_arm(arm: str, engine: str, ad: dict, a, tmp: Path) -> dict:
     try:
         startup_s = round(time.time() - t0, 1)
         idle_mb = round(rss.sample()[0] / (1 << 20))
-        asyncio.run(load(s.url, workload(8, ad["task_experts"], model), 8))  # warm-up
-        res = asyncio.run(load(s.url, workload(a.requests, ad["task_experts"], model), a.concurrency))
+        asyncio.run(load(s.url, workload(8, ad["task_experts"], model, a.questions), 8))  # warm-up
+        res = asyncio.run(load(s.url, workload(a.requests, ad["task_experts"], model, a.questions),
+                               a.concurrency))
     finally:
         mem = rss.stop()
         s.stop()
@@ -196,7 +220,7 @@ def prepare(a, tmp: Path) -> dict:
         merged = merge_adapters(folders, tmp / "merged", model=a.model, method="ties", density=0.2)
     ad = {"experts": experts_dir, "task_experts": task_experts, "merged": merged,
           "n_experts": len({task_experts[path.rsplit("/", 1)[1]]
-                            for path, _ in workload(a.requests, task_experts, None)})}  # experts the traffic hits
+                            for path, _ in workload(a.requests, task_experts, None, a.questions)})}  # experts the traffic hits
     if "r32" in a.arms:
         ad["r32"] = a.r32 or random_adapters(tmp, r=32, names=("r32",), model=a.model, first_seed=10)["r32"]
     if "merged_weights" in a.arms and any(e != "builtin" for e in a.engines):
@@ -205,8 +229,14 @@ def prepare(a, tmp: Path) -> dict:
     return ad
 
 
+def reference_arm(per_arm: dict) -> str:
+    """What the ratios divide by: the merged adapter (the one-adapter deployment of the same
+    experts), or without that arm the r=32 LoRA (the deployment Poly's experts compete with)."""
+    return "merged_adapter" if "merged_adapter" in per_arm else "r32"
+
+
 def ratios(per_arm: dict) -> dict:
-    ref = per_arm.get("merged_adapter")
+    ref = per_arm.get(reference_arm(per_arm))
     if not ref or "failed" in ref:
         return {}
     out = {}
@@ -220,18 +250,27 @@ def ratios(per_arm: dict) -> dict:
     return out
 
 
+def label(arm: str, results: dict) -> str:
+    """The arm's row label; the experts' names how many experts the traffic reached."""
+    if arm == "experts" and results.get("adapters") == "given":
+        return f"{results['n_experts']} experts, routed by task"
+    return LABELS[arm]
+
+
 def table(results: dict) -> str:
-    rows = ["| engine | arm | req/s | x merged adapter | generated tok/s (mean answer tokens) | x merged adapter "
-            "| p50 s | p99 s | errors | peak RSS MB | x merged adapter | idle RSS MB |",
+    ref = next((reference_arm(results[e]) for e in ENGINES if e in results), "merged_adapter")
+    x = "x " + ("merged adapter" if ref == "merged_adapter" else "r32")
+    rows = [f"| engine | arm | req/s | {x} | generated tok/s (mean answer tokens) | {x} "
+            f"| p50 s | p99 s | errors | peak RSS MB | {x} | idle RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for eng in ENGINES:
         for arm, r in results.get(eng, {}).items():
             if "failed" in r:
-                rows.append(f"| {eng} | {LABELS[arm]} | did not start | | | | | | | | | |")
+                rows.append(f"| {eng} | {label(arm, results)} | did not start | | | | | | | | | |")
                 continue
             q = results["ratios"].get(eng, {}).get(arm, {})
             gen = f"{r['gen_tok_per_s']} ({r['mean_completion_tokens']})" if r.get("gen_tok_per_s") else "-"
-            rows.append(f"| {eng} | {LABELS[arm]} | {r['req_per_s']} | {q.get('req_per_s', '')} | {gen} | "
+            rows.append(f"| {eng} | {label(arm, results)} | {r['req_per_s']} | {q.get('req_per_s', '')} | {gen} | "
                         f"{q.get('gen_tok_per_s', '')} | {r['p50_s']} | "
                         f"{r['p99_s']} | {r['errors']} | {r['peak_rss_mb']} | {q.get('peak_rss', '')} | "
                         f"{r['idle_rss_mb']} |")
@@ -254,7 +293,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks(range(len(arms)), [arm.replace("_", "\n") for arm in arms], fontsize=8)
         ax.set_ylabel(ylabel)
     axes[0].legend()
-    fig.suptitle(f"{results['model']} {results['dtype']}: one merged adapter vs {results['n_experts']} "
+    one = "one merged adapter" if reference_arm(results[engines[0]]) == "merged_adapter" else "one r=32 LoRA"
+    fig.suptitle(f"{results['model']} {results['dtype']}: {one} vs {results['n_experts']} "
                  f"task-routed experts ({results['requests']} task requests, {results['concurrency']} clients)",
                  fontsize=9)
     fig.tight_layout()
@@ -272,9 +312,12 @@ def main() -> None:
     ap.add_argument("--experts", type=Path, help="a folder of experts with experts.json (default: random)")
     ap.add_argument("--merged", type=Path, help="the merged LoRA adapter folder (default: TIES of the experts)")
     ap.add_argument("--r32", type=Path, help="a rank-32 LoRA adapter folder (default: random)")
+    ap.add_argument("--questions", default="dev",
+                    help="traffic: dev (ShopBench development questions) or a suite name, e.g. core "
+                         "(EC-Guide tasks too: per-task experts each get their task's questions)")
     ap.add_argument("--out", default="docs/results/serve_experts.json")
     a = ap.parse_args()
-    if (a.experts is None) != (a.merged is None):
+    if (a.experts is None) != (a.merged is None) and {"merged_adapter", "merged_weights"} & set(a.arms):
         sys.exit("--experts and --merged go together (the merged adapter of those experts)")
     if "llama.cpp" in a.engines:
         from shoptune.serve.gguf import llama_server_path
@@ -287,6 +330,7 @@ def main() -> None:
         private_gguf_cache(tmp / "cache")
         results = {"machine": machine.describe(), "command": " ".join(["benchmarks/serve_experts.py", *sys.argv[1:]]),
                    "model": a.model, "dtype": a.dtype, "requests": a.requests, "concurrency": a.concurrency,
+                   "questions": a.questions,
                    "n_experts": ad["n_experts"], "adapters": "given" if a.experts else "random attention+mlp LoRA",
                    "prepare_s": round(time.time() - t0, 1)}
         for eng in a.engines:

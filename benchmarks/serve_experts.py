@@ -30,7 +30,8 @@ POST /v1/tasks/{task} as `input_field`, round-robin over the experts the questio
 8-request warm-up. --merged is needed with --experts only for the merged arms.
 Per arm: req/s, p50/p99 latency, errors, and the server's peak RSS (psutil, the whole process tree:
 `shoptune serve` and, on llama.cpp, its llama-server) sampled every 0.1 s from start-up to the end of
-the measurement; and each arm's ratio to the merged_adapter arm of the same engine.
+the measurement; and each arm's ratio to the merged_adapter arm of the same engine (without
+that arm, to the r32 arm; without either, no ratios).
 Writes docs/results/serve_experts.{json,png} and prints the markdown table.
 """
 from __future__ import annotations
@@ -229,14 +230,15 @@ def prepare(a, tmp: Path) -> dict:
     return ad
 
 
-def reference_arm(per_arm: dict) -> str:
+def reference_arm(per_arm: dict) -> str | None:
     """What the ratios divide by: the merged adapter (the one-adapter deployment of the same
-    experts), or without that arm the r=32 LoRA (the deployment Poly's experts compete with)."""
-    return "merged_adapter" if "merged_adapter" in per_arm else "r32"
+    experts), or without that arm the r=32 LoRA (the deployment Poly's experts compete with);
+    None without either (no ratios)."""
+    return next((a for a in ("merged_adapter", "r32") if a in per_arm), None)
 
 
 def ratios(per_arm: dict) -> dict:
-    ref = per_arm.get(reference_arm(per_arm))
+    ref = per_arm.get(reference_arm(per_arm) or "")
     if not ref or "failed" in ref:
         return {}
     out = {}
@@ -258,8 +260,8 @@ def label(arm: str, results: dict) -> str:
 
 
 def table(results: dict) -> str:
-    ref = next((reference_arm(results[e]) for e in ENGINES if e in results), "merged_adapter")
-    x = "x " + ("merged adapter" if ref == "merged_adapter" else "r32")
+    ref = next((reference_arm(results[e]) for e in ENGINES if e in results), None)
+    x = {"merged_adapter": "x merged adapter", "r32": "x r32"}.get(ref, "x -")
     rows = [f"| engine | arm | req/s | {x} | generated tok/s (mean answer tokens) | {x} "
             f"| p50 s | p99 s | errors | peak RSS MB | {x} | idle RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -293,7 +295,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks(range(len(arms)), [arm.replace("_", "\n") for arm in arms], fontsize=8)
         ax.set_ylabel(ylabel)
     axes[0].legend()
-    one = "one merged adapter" if reference_arm(results[engines[0]]) == "merged_adapter" else "one r=32 LoRA"
+    one = {"merged_adapter": "one merged adapter", "r32": "one r=32 LoRA"}.get(
+        reference_arm(results[engines[0]]), "no adapter")
     fig.suptitle(f"{results['model']} {results['dtype']}: {one} vs {results['n_experts']} "
                  f"task-routed experts ({results['requests']} task requests, {results['concurrency']} clients)",
                  fontsize=9)

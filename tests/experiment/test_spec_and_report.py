@@ -301,7 +301,8 @@ def test_balance_trace_is_kept_in_the_result_and_summarised_per_cell(tmp_path, t
     assert balance_trace(train) is None  # static: nothing balanced, nothing kept
 
     _fake_results(tmp_path, ["base", "more"], [0, 1])
-    other = {"step": [10, 20, 30], "weight": {"a": [0.5, 0.8, 0.7], "b": [0.5, 0.2, 0.3]}}  # no grad norms
+    # no grad norms; b absent from the last logged batch (upgrad weighs the groups present only)
+    other = {"step": [10, 20, 30], "weight": {"a": [0.5, 0.8, 0.7], "b": [0.5, 0.2, None]}}
     for rid, trace in (("more.s0.k", tr), ("more.s1.k", other), ("base.s0.k", None)):
         f = tmp_path / "cells" / rid / "result.json"
         f.write_text(json.dumps({**json.loads(f.read_text()), "train": {"balance_trace": trace}}))
@@ -310,7 +311,7 @@ def test_balance_trace_is_kept_in_the_result_and_summarised_per_cell(tmp_path, t
     more = rep["balancing"]["more"]
     assert more["runs"] == 2
     assert more["groups"]["a"] == {"final_weight": 0.65, "final_weight_runs": [0.6, 0.7], "median_grad_norm": 2.0}
-    assert more["groups"]["b"]["final_weight"] == 0.35 and more["groups"]["b"]["median_grad_norm"] == 3.0
+    assert more["groups"]["b"] == {"final_weight": 0.3, "final_weight_runs": [0.4, 0.2], "median_grad_norm": 3.0}
     assert more["trace"] == {"step": [10, 20], "weight": {"a": [0.5, 0.7], "b": [0.5, 0.3]}}
     md = (tmp_path / "report.md").read_text()
     assert "## Loss balancing" in md and "| more | a | 0.650 (0.600, 0.700) | 2 |" in md
@@ -323,7 +324,13 @@ def test_verdict_applies_the_findings_rule():
     from shoptune.experiment.report import verdict
     assert verdict({"ci95": [0.01, 0.05], "seed_diffs": [0.02, 0.03, 0.04]}) == "**higher** (3 seeds)"
     assert verdict({"ci95": [-0.06, -0.01], "seed_diffs": [-0.02]}) == "**lower** (1 seed)"
-    assert verdict({"ci95": [0.01, 0.05], "seed_diffs": [0.05, 0.04, -0.01]}) == "seeds disagree (3 seeds)"
+    assert verdict({"ci95": [0.01, 0.05], "seed_diffs": [0.05, 0.04, -0.01]}) == \
+        "CI above 0, not every seed agrees (3 seeds)"
+    # findings.md: "not reproduced" for a claimed gain, whatever the seeds; inconclusive for a claimed loss
+    assert verdict({"ci95": [-0.05, -0.01], "seed_diffs": [-0.05, 0.01]}) == \
+        "CI below 0, not every seed agrees (2 seeds)"
+    assert verdict({"ci95": [0.01, 0.05], "seed_diffs": [0.03, 0.0]}) == \
+        "CI above 0, not every seed agrees (2 seeds)"  # a seed at exactly 0 has no sign
     assert verdict({"ci95": [-0.01, 0.05], "seed_diffs": [0.02, 0.03]}) == "not resolved (2 seeds)"
     assert verdict({"ci95": [0.0, 0.05], "seed_diffs": [0.02, 0.03]}) == "not resolved (2 seeds)"  # touches 0
     assert verdict({"ci95": None, "seed_diffs": [0.02]}) == "not resolved (1 seed)"
@@ -338,3 +345,35 @@ def test_report_tables_carry_the_verdict(tmp_path):
     rows = [x for x in (tmp_path / "report.md").read_text().splitlines() if x.startswith("| more | ")]
     row = rows[1]  # the scores table's row, then the paired difference's
     assert row.endswith(f" | {v} |") and "(2 seeds)" in v
+    # the verdict is the all-around column's: a different column's CI would give another one
+    rep["cells"]["more"]["vs_baseline"]["overall"] = {**rep["cells"]["more"]["vs_baseline"]["overall"],
+                                                      "ci95": [0.01, 0.02], "seed_diffs": [0.01, 0.02]}
+    from shoptune.experiment.report import report_markdown
+    rows = [x for x in report_markdown(rep).splitlines() if x.startswith("| more | ")]
+    assert rows[1].endswith(" | **higher** (2 seeds) |")
+
+
+def test_tokens_per_s_leaves_out_the_balancing_probe_and_is_relative_to_each_cells_reference(
+        tmp_path, tmp_path_factory):
+    """uncertainty's gradient-norm probe (cumulative ``balance/probe_s``) is diagnostics, not
+    training: its seconds come out of the interval they fell in. A cell with its own reference
+    is compared with that cell's throughput."""
+    from shoptune.experiment.runner import step_tokens_per_s
+
+    logs = tmp_path_factory.mktemp("train")
+    (logs / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 10, "tokens_per_s": 100.0, "num_input_tokens_seen": 1000, "balance/probe_s": 1.0},
+        # 1000 tokens in 10 s, 2 of them probing: 125 tokens/s of training
+        {"step": 20, "tokens_per_s": 100.0, "num_input_tokens_seen": 2000, "balance/probe_s": 3.0},
+        # resumed: the probe clock restarts (0.5 s of probe in this interval of 2000 / 200 = 10 s)
+        {"step": 30, "tokens_per_s": 200.0, "num_input_tokens_seen": 4000, "balance/probe_s": 0.5})) + "\n")
+    assert step_tokens_per_s(logs) == 125.0  # median of 100 (first: no interval start), 125, 210.5
+
+    _fake_results(tmp_path, ["base", "more", "other"], [0], baselines={"base": "base", "more": "base",
+                                                                        "other": "more"})
+    for rid, rate in (("base.s0.k", 400.0), ("more.s0.k", 200.0), ("other.s0.k", 300.0)):
+        f = tmp_path / "cells" / rid / "result.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "train": {
+            "trainable_params": 1, "tokens_seen": 1, "tokens_per_s": rate}}))
+    cost = build_report(tmp_path, n_boot=20, n_perm=20)["cost"]
+    assert cost["more"]["tokens_per_s_vs_ref"] == 0.5 and cost["other"]["tokens_per_s_vs_ref"] == 1.5

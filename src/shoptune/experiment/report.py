@@ -106,10 +106,11 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
 
 
 def balancing_summary(finished: list[tuple[dict, dict]]) -> dict[str, dict]:
-    """Per loss-balanced cell, from its runs' ``train.balance_trace``: each group's weight at the
-    last logging step (mean over runs, and each run's), its median gradient norm over the logging
-    steps and runs (where the method logs one), and the weight trace averaged over runs at the
-    steps every run logged (for the plot)."""
+    """Per loss-balanced cell, from its runs' ``train.balance_trace``: each group's last logged
+    weight (mean over runs, and each run's), its median gradient norm over the logging steps and
+    runs (where the method logs one), and the weight trace averaged over the runs that logged it
+    at the steps every run logged (for the plot). ``runs``: the runs with a trace. Weights are the
+    method's at the logging step's batch (upgrad's cover the groups in that batch only)."""
     import statistics
 
     by_cell: dict[str, list[dict]] = {}
@@ -123,7 +124,11 @@ def balancing_summary(finished: list[tuple[dict, dict]]) -> dict[str, dict]:
         common = sorted(set.intersection(*(set(t["step"]) for t in traces)))
         entry: dict = {"runs": len(traces), "groups": {}, "trace": {"step": common, "weight": {}}}
         for g in groups:
-            finals = [t["weight"][g][-1] for t in traces if g in t["weight"] and t["weight"][g][-1] is not None]
+            # each run's last logged weight: a method that weighs only the groups in the batch
+            # (upgrad) has no value at a step whose batch lacked the group
+            finals = [last for t in traces
+                      if (last := next((v for v in reversed(t["weight"].get(g, [])) if v is not None), None))
+                      is not None]
             norms = [v for t in traces for v in (t.get("grad_norm") or {}).get(g, []) if v is not None]
             entry["groups"][g] = {"final_weight": round(statistics.mean(finals), 4) if finals else None,
                                   "final_weight_runs": [round(x, 4) for x in finals],
@@ -239,21 +244,21 @@ def _fmt_contrast(v: dict | None) -> str:
 
 def verdict(d: dict | None) -> str:
     """findings.md's rule, stated before any result was read, applied to one paired difference
-    (or contrast): ``higher`` / ``lower`` only if its 95% CI excludes 0 **and** every seed's
-    difference has that sign; ``seeds disagree`` if the CI excludes 0 but a seed went the other
-    way; ``not resolved`` otherwise (and without a CI). The seed count is part of the verdict."""
+    (or contrast) without knowing which direction a paper claimed: ``higher`` / ``lower`` only if
+    the 95% CI excludes 0 **and** every seed's difference has that sign (a claim in that direction
+    is *reproduced*); ``CI above/below 0, not every seed agrees`` if a seed went the other way or
+    was 0 (a claim in the CI's direction stays *inconclusive*, one against it is *not reproduced*);
+    ``not resolved`` if the CI includes 0 or there is none. The seed count is part of it."""
     if not d:
         return "-"
     ci, seeds = d.get("ci95"), d.get("seed_diffs") or []
     n = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
-    if not ci or not seeds:
+    if not ci or not seeds or ci[0] <= 0 <= ci[1]:
         return f"not resolved ({n})"
-    if ci[0] > 0 or ci[1] < 0:
-        sign = 1 if ci[0] > 0 else -1
-        if all(x * sign > 0 for x in seeds):
-            return f"**{'higher' if sign > 0 else 'lower'}** ({n})"
-        return f"seeds disagree ({n})"
-    return f"not resolved ({n})"
+    sign, word = (1, "above") if ci[0] > 0 else (-1, "below")
+    if all(x * sign > 0 for x in seeds):
+        return f"**{'higher' if sign > 0 else 'lower'}** ({n})"
+    return f"CI {word} 0, not every seed agrees ({n})"
 
 
 def report_markdown(rep: dict) -> str:

@@ -336,18 +336,34 @@ def _train_run(p: dict, run: dict) -> tuple[dict, str | None, dict]:
 def step_tokens_per_s(train_dir: Path) -> float | None:
     """Training throughput of a run: the median of the tokens/s its logging intervals measured
     (``log.jsonl``; every adapter's, for a per-task or per-capability run). Unlike tokens over
-    wall time it does not count time the run spent paused, waiting or resuming."""
+    wall time it does not count time the run spent paused, waiting or resuming. Time spent on a
+    diagnostic that is not training (``loss_balancing: uncertainty``'s per-group gradient-norm
+    probe, ``balance/probe_s``, cumulative) is taken out of its interval, so the rate is the
+    method's cost per token, not its logging's."""
     import statistics
 
     rates = []
     for f in sorted(Path(train_dir).rglob("log.jsonl")):
+        prev_seen, prev_probe = None, 0.0
         for line in f.read_text(encoding="utf-8").splitlines():
             try:
-                v = json.loads(line).get("tokens_per_s")
+                rec = json.loads(line)
+                v = rec.get("tokens_per_s")
             except (json.JSONDecodeError, AttributeError):
                 continue
-            if isinstance(v, (int, float)) and v > 0:
-                rates.append(float(v))
+            if not isinstance(v, (int, float)) or v <= 0:
+                continue
+            seen, probe = rec.get("num_input_tokens_seen"), rec.get("balance/probe_s")
+            if isinstance(probe, (int, float)):
+                # cumulative within one process: after a resume it starts again from 0
+                d_probe = probe - prev_probe if probe >= prev_probe else probe
+                prev_probe = probe
+                if isinstance(seen, (int, float)) and prev_seen is not None and seen > prev_seen:
+                    seconds = (seen - prev_seen) / v
+                    if seconds > d_probe:
+                        v = (seen - prev_seen) / (seconds - d_probe)
+            prev_seen = seen if isinstance(seen, (int, float)) else None
+            rates.append(float(v))
     return round(statistics.median(rates), 1) if rates else None
 
 

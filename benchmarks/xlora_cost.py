@@ -52,22 +52,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def batches(examples: list[dict], batch_size: int, pad_id: int) -> list[dict]:
-    """Right-padded batches in order; labels -100 on padding."""
-    out = []
-    for i in range(0, len(examples) - batch_size + 1, batch_size):
-        chunk = examples[i:i + batch_size]
-        n = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), n), pad_id)
-        labels = torch.full((len(chunk), n), -100)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for j, e in enumerate(chunk):
-            k = len(e["input_ids"])
-            ids[j, :k] = torch.tensor(e["input_ids"])
-            labels[j, :k] = torch.tensor(e["labels"])
-            mask[j, :k] = 1
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels,
-                    "task_ids": torch.tensor([e["task_id"] for e in chunk])})
-    return out
+    """The recipe's right-padded batches (``shoptune.train.loss.collate``), in order."""
+    from shoptune.train.loss import collate
+    return [collate(examples[i:i + batch_size], pad_id)
+            for i in range(0, len(examples) - batch_size + 1, batch_size)]
 
 
 def build(arm: str, model_name: str, experts: dict[str, Path], n_tasks: int):

@@ -157,11 +157,11 @@ def prompt_parts(examples: list[dict], n: int, pad_id: int) -> list[dict]:
     return out
 
 
-def recipe_r32_tokens_per_s(precision: str) -> tuple[float | None, list[str]]:
-    """Median training tokens/s of the capacity experiment's finished diverse-r32 runs that
+def recipe_tokens_per_s(cell: str, precision: str) -> tuple[float | None, list[str]]:
+    """Median training tokens/s of the capacity experiment's finished runs of ``cell`` that
     trained in ``precision`` (their result.json), and which runs those are."""
     vals, runs = [], []
-    for f in sorted((CAPACITY / "cells").glob("diverse-r32.s*/result.json")):
+    for f in sorted((CAPACITY / "cells").glob(f"{cell}.s*/result.json")):
         res = json.loads(f.read_text(encoding="utf-8"))
         train = res.get("train") or {}
         if train.get("tokens_per_s") and train.get("precision") == precision:
@@ -220,7 +220,7 @@ def main() -> None:
               flush=True)
         del model
 
-    recipe, runs = recipe_r32_tokens_per_s(precision)
+    recipe, runs = recipe_tokens_per_s("diverse-r32", precision)
     base = results.get("lora-r32")
     for arm, r in results.items():
         if base:
@@ -234,14 +234,9 @@ def main() -> None:
               "budget_tokens": a.budget_tokens,
               "recipe_r32_tokens_per_s": recipe, "recipe_r32_runs": runs, "arms": results,
               "command": "benchmarks/xlora_cost.py " + " ".join(sys.argv[1:])}
-    if "poly" in results and base:
-        polys = []
-        for f in sorted((CAPACITY / "cells").glob("diverse-poly.s*/result.json")):
-            train = json.loads(f.read_text(encoding="utf-8")).get("train") or {}
-            if train.get("tokens_per_s") and train.get("precision") == precision:
-                polys.append(train["tokens_per_s"])
-        if polys and recipe:  # does this loop rank the arms as the recipe's trainer does?
-            result["poly_ratio_in_recipe"] = round(statistics.median(polys) / recipe, 3)
+    poly, _ = recipe_tokens_per_s("diverse-poly", precision)
+    if "poly" in results and poly and recipe:  # does this loop rank the arms as the recipe does?
+        result["poly_ratio_in_recipe"] = round(poly / recipe, 3)
     write_json(Path(a.out), result)
     print(f"{'arm':<14}{'trainable M':>12}{'train tok/s':>13}{'x r32':>7}{'fwd tok/s':>11}{'x r32':>7}"
           f"{'gen tok/s':>11}{'x r32':>7}{'run min':>9}")

@@ -11,11 +11,6 @@ from tests.conftest import REPO, needs_shared
 pytestmark = [pytest.mark.slow, needs_shared]
 
 TASKS = ["ecguide_qprp", "ecguide_sa", "ecguide_ner"]  # behaviour, concept understanding (x2)
-SUITE = {"name": "micro", "parts": [  # 4 questions: routed by task, by capability, or to the base
-    {"name": "dev", "sources": ["shopbench-dev/development.json"], "per_task_cap": 1,
-     "include_tasks": ["shopbench_task2", "shopbench_task11"]},
-    {"name": "ec", "sources": ["ec-guide"], "split": "test", "per_task_cap": 1,
-     "include_tasks": ["ecguide_sa", "ecguide_qprp"]}]}
 SPEC = {
     "name": "capacity-tiny", "base": str(REPO / "configs/train/smoke.yaml"), "seeds": [0],
     "overrides": ["mixture.total=12", f"mixture.include_tasks={json.dumps(TASKS)}", "batch_size=2",
@@ -30,10 +25,9 @@ SPEC = {
 }
 
 
-def test_poly_per_capability_and_merge_cells_train_route_and_score(tmp_path):
-    (tmp_path / "micro.yaml").write_text(yaml.safe_dump(SUITE))
+def test_poly_per_capability_and_merge_cells_train_route_and_score(tmp_path, micro_suite):
     spec = tmp_path / "capacity.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "suite": str(tmp_path / "micro.yaml")}))
+    spec.write_text(yaml.safe_dump({**SPEC, "suite": str(micro_suite)}))
     out, res = tmp_path / "out", tmp_path / "res"
     exp = plan(spec, out, res, eval_dtype="fp32")
     lora, poly, percap, ties, unc = exp["runs"]

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, needs_shared]
 
 TASKS = ["ecguide_qprp", "ecguide_sa"]
 SPEC = {
-    "name": "pertask", "base": str(REPO / "configs/train/smoke.yaml"), "suite": "tiny", "seeds": [0],
+    "name": "pertask", "base": str(REPO / "configs/train/smoke.yaml"), "seeds": [0],
     "overrides": ["mixture.total=12", f"mixture.include_tasks={json.dumps(TASKS)}", "batch_size=2",
                   "max_length=128", "report_to=[]", "logging_steps=1", "save_steps=100",
                   "warmup_ratio=0.0", "learning_rate=0.002", "lora.r=4"],
@@ -24,9 +24,9 @@ SPEC = {
 }
 
 
-def test_per_task_cell_trains_one_adapter_per_task_and_routes_questions(tmp_path):
+def test_per_task_cell_trains_one_adapter_per_task_and_routes_questions(tmp_path, micro_suite):
     spec = tmp_path / "pertask.yaml"
-    spec.write_text(yaml.safe_dump(SPEC))
+    spec.write_text(yaml.safe_dump({**SPEC, "suite": str(micro_suite)}))
     out, res = tmp_path / "out", tmp_path / "res"
     # training under a launcher (as `accelerate launch ...` on a GPU machine): a wrapper that
     # records its arguments, then runs them with this interpreter

@@ -1,4 +1,4 @@
-"""A real 2-cell experiment on the embedded model and the tiny suite: killed with SIGKILL in the
+"""A real 2-cell experiment on the embedded model and a 4-question suite: killed with SIGKILL in the
 middle of the second cell, re-run: the finished cell is skipped, the killed one resumes from its
 checkpoint, and the report's paired CI equals a direct computation from the eval predictions."""
 import json
@@ -18,7 +18,7 @@ from tests.conftest import REPO, needs_shared
 pytestmark = [pytest.mark.slow, needs_shared]
 
 SPEC = {
-    "name": "tiny2", "base": str(REPO / "configs/train/smoke.yaml"), "suite": "tiny", "seeds": [0],
+    "name": "tiny2", "base": str(REPO / "configs/train/smoke.yaml"), "seeds": [0],
     "overrides": ["mixture.total=16", "mixture.include_tasks=[ecguide_sa,ecguide_qprp]", "batch_size=4",
                   "max_length=128", "report_to=[]", "logging_steps=1", "save_steps=2",
                   "save_total_limit=5", "warmup_ratio=0.0", "learning_rate=0.002", "lora.r=4"],
@@ -34,9 +34,9 @@ def start(spec, out, res):
                             start_new_session=True, env={**os.environ, "COLUMNS": "200"})
 
 
-def test_experiment_killed_resumes_skips_finished_and_reports(tmp_path):
+def test_experiment_killed_resumes_skips_finished_and_reports(tmp_path, micro_suite):
     spec = tmp_path / "tiny2.yaml"
-    spec.write_text(yaml.safe_dump(SPEC))
+    spec.write_text(yaml.safe_dump({**SPEC, "suite": str(micro_suite)}))
     out, res = tmp_path / "out", tmp_path / "res"
     proc = start(spec, out, res)
     deadline = time.time() + 900
@@ -64,7 +64,7 @@ def test_experiment_killed_resumes_skips_finished_and_reports(tmp_path):
     b = json.loads(b_file.read_text())
     assert b["train"]["resumed_from"] is not None and b["train"]["resumed_from"].startswith("checkpoint-"), b["train"]
     assert int(b["train"]["resumed_from"].split("-")[1]) >= 2 and b["train"]["steps"] == 6
-    assert b["config"]["lora"]["r"] == 8 and "suite:tiny" in b["config"]["mixture"]["decontaminate_against"]
+    assert b["config"]["lora"]["r"] == 8 and f"suite:{micro_suite}" in b["config"]["mixture"]["decontaminate_against"]
     assert b_file.stat().st_size < 60_000  # small enough to commit
     assert b["machine"] == machine.describe()  # every result names the machine it ran on
 

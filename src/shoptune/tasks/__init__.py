@@ -93,12 +93,24 @@ def _registry(dirs: tuple[Path, ...]) -> dict[str, TaskCard]:
     return cards
 
 
-def all_cards() -> dict[str, TaskCard]:
-    """Every registered task card by name, sorted by capability then name."""
-    reg = _registry(tuple(_card_dirs()))
+@lru_cache(maxsize=None)
+def _sorted_cards(dirs: tuple[Path, ...]) -> dict[str, TaskCard]:
     order = {c: i for i, c in enumerate(CAPABILITIES)}
     natural = lambda name: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", name)]
-    return dict(sorted(reg.items(), key=lambda kv: (order[kv[1].capability], natural(kv[0]))))
+    return dict(sorted(_registry(dirs).items(), key=lambda kv: (order[kv[1].capability], natural(kv[0]))))
+
+
+@lru_cache(maxsize=None)
+def _cards_by_file(dirs: tuple[Path, ...]) -> dict[tuple[str, str], tuple[TaskCard, ...]]:
+    by_file: dict[tuple[str, str], list[TaskCard]] = {}
+    for c in _sorted_cards(dirs).values():
+        by_file.setdefault((c.source.dataset, c.source.file), []).append(c)
+    return {k: tuple(v) for k, v in by_file.items()}
+
+
+def all_cards() -> dict[str, TaskCard]:
+    """Every registered task card by name, sorted by capability then name."""
+    return dict(_sorted_cards(tuple(_card_dirs())))
 
 
 def find_card(name: str) -> TaskCard | None:
@@ -114,8 +126,8 @@ def get_card(name: str) -> TaskCard:
 
 
 def cards_for_file(dataset: str, file: str) -> list[TaskCard]:
-    return [c for c in all_cards().values()
-            if c.source.dataset == dataset and c.source.file == file]
+    """The cards reading ``file`` of ``dataset``, in all_cards() order (called per data row)."""
+    return list(_cards_by_file(tuple(_card_dirs())).get((dataset, file), ()))
 
 
 def card_for_shopbench_task(task_name: str) -> TaskCard | None:

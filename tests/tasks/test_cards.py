@@ -29,3 +29,31 @@ def test_bad_card_is_a_clear_error(tmp_path):
     p.write_text("- a list\n")
     with pytest.raises(CardError, match="must be a YAML mapping"):
         load_card(p)
+
+
+def test_cards_for_file_is_all_cards_filtered_in_order_including_an_extra_card_dir(tmp_path, monkeypatch):
+    """The per-row lookup is an index built once: it must be what filtering all_cards() gives,
+    in the same order, and see a card directory added through SHOPTUNE_TASKS_PATH."""
+    from shoptune.tasks import cards_for_file
+
+    def filtered():
+        out = {}
+        for c in all_cards().values():
+            out.setdefault((c.source.dataset, c.source.file), []).append(c.name)
+        return out
+
+    (tmp_path / "acr_extra.yaml").write_text(
+        "name: ecguide_acr_extra\nversion: 1\ncapability: concept_understanding\ntask_type: generation\n"
+        "metric: rougel\ndescription: d\nsource: {dataset: ec-guide, file: MCQ/ACR.json, task_type: ranking}\n")
+    for extra in (False, True):
+        if extra:
+            monkeypatch.setenv("SHOPTUNE_TASKS_PATH", str(tmp_path))
+        want = filtered()
+        assert len(want) >= 20
+        for (dataset, file), names in want.items():
+            got = cards_for_file(dataset, file)
+            assert [c.name for c in got] == names
+            got.clear()  # a caller's list is its own: the index is not touched
+            assert [c.name for c in cards_for_file(dataset, file)] == names
+        assert ("ecguide_acr_extra" in want[("ec-guide", "MCQ/ACR.json")]) == extra
+    assert cards_for_file("ec-guide", "no/such.json") == []

@@ -369,9 +369,8 @@ def _tag_row(row: dict, path: Path, loc: str, *, task: str | None,
                                         f"no task card of {rel}")]
     elif isinstance(row.get("task_name"), str):
         card = tasks.card_for_shopbench_task(row["task_name"])
-    elif isinstance(row.get("task"), str) and row["task"] in tasks.all_cards():
+    elif isinstance(row.get("task"), str) and (card := tasks.find_card(row["task"])) is not None:
         # rows written by shoptune (split, mix, derive, synth) name their card
-        card = tasks.get_card(row["task"])
         for key in ("task_type", "metric"):
             if row.get(key) not in (None, getattr(card, key)):
                 return None, [DataIssue(file, loc, key, f"{row[key]!r} but task card {card.name!r} "

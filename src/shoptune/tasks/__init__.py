@@ -131,7 +131,7 @@ def cards_for_file(dataset: str, file: str) -> list[TaskCard]:
 
 
 def card_for_shopbench_task(task_name: str) -> TaskCard | None:
-    for c in all_cards().values():
+    for c in _sorted_cards(tuple(_card_dirs())).values():  # per ShopBench row: no copy
         if c.source.dataset == "shopbench" and c.source.task_name == task_name:
             return c
     return None

@@ -116,3 +116,45 @@ def test_merge_cat_is_the_exact_sum_and_ties_gives_one_lora(tiny_base, tmp_path)
     assert (lt - base).abs().max() > 1e-4 and (both - la).abs().max() > 1e-4
     with pytest.raises(ExpertError, match="two"):
         merge_adapters({"a": folders["a"]}, tmp_path / "one", model=str(tiny_base))
+
+
+def test_run_experts_fallback_for_capabilities_never_trained(tiny_base, tmp_path):
+    """A Poly run on one capability: other capabilities' cards have no expert. By default they
+    are listed as unrouted (the base model answers them); --fallback mean exports an all-tasks
+    expert, exactly the group of every route, and routes them to it."""
+    from typer.testing import CliRunner
+
+    from shoptune.cli import app
+    from shoptune.experts import ALL_TASKS, export_run_experts
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    concept = [n for n, c in cards.items() if c.capability == "concept_understanding"][:3]
+    run = tmp_path / "run"
+    _poly(tiny_base, run / "adapter")
+    routing = {"route_by": "task", "routes": concept, "task_route": {t: i for i, t in enumerate(concept)},
+               "task_capability": {t: "concept_understanding" for t in concept}}
+    (run / "adapter" / "routing.json").write_text(json.dumps(routing))
+    others = sorted(n for n, c in cards.items() if c.capability != "concept_understanding")
+
+    meta = export_run_experts(run, tmp_path / "plain")
+    assert meta["fallback"] == "capability" and meta["unrouted"] == others
+    assert set(meta["task_experts"]) == {n for n in cards if n not in others}
+    assert ALL_TASKS not in meta["experts"]
+
+    r = CliRunner().invoke(app, ["export", "experts", str(run), "--out", str(tmp_path / "mean"), "--fallback", "mean"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "mean" / "experts.json").read_text())
+    assert meta["unrouted"] == [] and set(meta["task_experts"]) == set(cards)
+    assert {meta["task_experts"][n] for n in others} == {ALL_TASKS}
+    assert meta["task_experts"][concept[0]] == concept[0]
+    assert meta["routes"][ALL_TASKS] == [0, 1, 2]
+    # the all-tasks expert is the mean-routing group of every task, weight for weight
+    from safetensors.torch import load_file
+    group = export_experts(run / "adapter", tmp_path / "group", {"g": [0, 1, 2]})["g"]
+    a = load_file(group / "adapter_model.safetensors")
+    b = load_file(tmp_path / "mean" / ALL_TASKS / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    r = CliRunner().invoke(app, ["export", "experts", str(run), "--out", str(tmp_path / "x"), "--fallback", "nearest"])
+    assert r.exit_code != 0 and "fallback 'nearest': one of capability, mean" in r.output
+    assert not (tmp_path / "x").exists()

@@ -149,24 +149,43 @@ def export_experts(poly_dir: Path, out: Path, routes: dict[str, list[int]]) -> d
     return written
 
 
-def export_run_experts(run: Path, out: Path) -> dict:
+ALL_TASKS = "all-tasks"  # the fallback expert of ``fallback="mean"`` (no task or capability has this name)
+FALLBACKS = ("capability", "mean")
+
+
+def export_run_experts(run: Path, out: Path, *, fallback: str = "capability") -> dict:
     """``shoptune export experts RUN``: the experts of a Poly training run (its ``adapter/`` and
     ``adapter/routing.json``), and ``experts.json`` naming the expert of every known task card
-    (``task_experts``: a trained task's own expert, else its capability's)."""
+    (``task_experts``: a trained task's own expert, else its capability's).
+
+    A card whose capability the run never trained on has no expert: with ``fallback="capability"``
+    it is answered by the base model (listed in ``unrouted``); ``fallback="mean"`` exports one more
+    expert, ``all-tasks`` (the mean mixing weights of every route), and gives it those cards. A
+    single LoRA applies to every question; the mean expert is the experts' equivalent."""
     from shoptune.tasks import all_cards
+    if fallback not in FALLBACKS:
+        raise ExpertError(f"fallback {fallback!r}: one of {', '.join(FALLBACKS)}")
     run = Path(run)
     adapter = run / "adapter" if (run / "adapter" / "adapter_config.json").exists() else run
     if not (adapter / "routing.json").is_file():
         raise ExpertError(f"{adapter}: no routing.json (not the adapter of a `peft: poly` run)")
     routing = json.loads((adapter / "routing.json").read_text(encoding="utf-8"))
-    written = export_experts(adapter, out, expert_routes(routing))
-    task_experts = {}
+    routes = expert_routes(routing)
+    if fallback == "mean":
+        routes[ALL_TASKS] = list(range(len(routing["routes"])))
+    written = export_experts(adapter, out, routes)
+    task_experts, unrouted = {}, []
     for card in all_cards().values():
         name = expert_for(routing, card.name, card.capability)
+        if name not in written and fallback == "mean":
+            name = ALL_TASKS
         if name in written:
             task_experts[card.name] = name
+        else:
+            unrouted.append(card.name)
     meta = json.loads((Path(out) / "experts.json").read_text(encoding="utf-8"))
-    meta.update(routing=routing, task_experts=dict(sorted(task_experts.items())))
+    meta.update(routing=routing, fallback=fallback, task_experts=dict(sorted(task_experts.items())),
+                unrouted=sorted(unrouted))
     write_json(Path(out) / "experts.json", meta)
     return meta
 

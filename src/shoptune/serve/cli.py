@@ -124,15 +124,24 @@ def register(app: typer.Typer) -> None:
     def export_experts_cmd(
         run: Annotated[Path, typer.Argument(help="A `peft: poly` training run (or its adapter/ folder).")],
         out: Annotated[Path, typer.Option(help="Folder for one PEFT LoRA folder per expert + experts.json.")],
+        fallback: Annotated[str, typer.Option(help="For tasks of a capability the run never trained on: "
+                                              "capability (no expert: the base model answers) or mean "
+                                              "(an all-tasks expert, the mean of every route).")] = "capability",
     ) -> None:
         """A Poly adapter's experts as plain LoRA adapters: one per trained task (or capability),
         and one per capability for tasks it was not trained on; any engine serves them
         (`shoptune serve --experts OUT`, llama.cpp, vLLM)."""
-        from shoptune.experts import export_run_experts
-        with console.status("exporting experts"):
-            meta = export_run_experts(run, out)
+        from shoptune.experts import ExpertError, export_run_experts
+        try:
+            with console.status("exporting experts"):
+                meta = export_run_experts(run, out, fallback=fallback)
+        except ExpertError as e:
+            fail(str(e))
         console.print(f"wrote {len(meta['experts'])} experts ({meta['routing']['route_by']} routing) -> {out}; "
                       f"{len(meta['task_experts'])} task cards routed (experts.json)")
+        if meta["unrouted"]:
+            console.print(f"{len(meta['unrouted'])} task cards have no expert (their capability was not "
+                          f"trained) and get the base model; --fallback mean gives them the mean of all experts")
 
     @export_app.command("merge")
     def export_merge_cmd(

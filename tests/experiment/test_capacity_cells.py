@@ -72,3 +72,19 @@ def test_poly_per_capability_and_merge_cells_train_route_and_score(tmp_path, mic
     assert tr["step"] == [1, 2, 3, 4] and set(tr["weight"]) == groups and set(tr["grad_norm"]) == groups
     assert tr["weight"]["concept_understanding"][0] != tr["weight"]["concept_understanding"][-1]  # learned
     assert r_poly["train"]["balance_trace"] is None and r_ties["train"]["balance_trace"] is None
+
+    # benchmarks/expert_fallback.py: the Poly run re-scored with an all-tasks expert for the
+    # multilingual question (no multilingual task was trained), paired with its own scores
+    import importlib.util
+    spec_ = importlib.util.spec_from_file_location("expert_fallback", REPO / "benchmarks/expert_fallback.py")
+    fb = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(fb)
+    res = fb.main(["--exp", str(out), "--cell", "poly", "--reference", "uncertainty", "--out", str(tmp_path / "fb.json")])
+    assert res["questions_to_all_tasks_expert"] == {poly["id"]: 1}
+    sc = json.loads((out / "fallback" / poly["id"] / "eval" / "scores.json").read_text())
+    assert sc["task_adapters"]["shopbench_task16"] == str(out / "fallback" / poly["id"] / "experts" / "all-tasks")
+    assert sc["task_adapters"]["ecguide_sa"] == str(out / "fallback" / poly["id"] / "experts" / "ecguide_sa")
+    same = res["mean_vs_own"]["capabilities"]
+    assert same["concept_understanding"]["diff"] == 0 and same["user_behavior_alignment"]["diff"] == 0  # MC only: exact
+    assert res["own_vs_reference"]["overall"]["b"] == pytest.approx(r_poly["scores"]["overall"], abs=1e-9)
+    assert json.loads((tmp_path / "fb.json").read_text())["cell"] == "poly"

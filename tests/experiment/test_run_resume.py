@@ -1,4 +1,4 @@
-"""A real 2-cell experiment on the embedded model and a 4-question suite: killed with SIGKILL in the
+"""A real 2-cell experiment on the embedded model and a 5-question suite: killed with SIGKILL in the
 middle of the second cell, re-run: the finished cell is skipped, the killed one resumes from its
 checkpoint, and the report's paired CI equals a direct computation from the eval predictions."""
 import json

@@ -27,7 +27,7 @@ from shoptune._io import write_json
 from shoptune.eval.paired import paired_compare
 from shoptune.eval.runner import evaluate
 from shoptune.experiment.runner import _routed
-from shoptune.experts import export_run_experts
+from shoptune.experts import ALL_TASKS, ExpertError, export_run_experts
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -58,19 +58,28 @@ def main(argv: list[str] | None = None) -> dict:
         cells = args.exp / "cells"
         for r in (run, rrun):
             if not (cells / r["id"] / "eval" / "predictions.jsonl").is_file():
-                ap.error(f"{cells / r['id']}: not finished (no eval/predictions.jsonl)")
+                ap.error(f"{cells / r['id']}: no eval/predictions.jsonl (not finished, or its result was "
+                         f"reused from another experiment: pass that experiment's --exp and cell)")
         work = args.exp / "fallback" / run["id"]
-        meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean")
-        if not (work / "eval" / "scores.json").is_file():
+        try:
+            meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean")
+        except ExpertError as e:
+            ap.error(f"--cell {args.cell}: {e}")
+        routes = _routed(experts=meta)
+        scores = work / "eval" / "scores.json"
+        done = json.loads(scores.read_text(encoding="utf-8")) if scores.is_file() else None
+        if not (done and done["task_adapters"] == routes  # reuse only what these experts produced
+                and done["manifest"]["fingerprint"] == plan["suite"]["fingerprint"]):
             model = json.loads((cells / run["id"] / "train" / "run.json").read_text())["config"]["model"]
-            s = evaluate(model=model, suite=plan["suite_file"], out=work / "eval", protocol=plan["protocol"],
-                         engine=ev["engine"], dtype=ev["dtype"], task_adapters=_routed(experts=meta))
-            if s["manifest"]["fingerprint"] != plan["suite"]["fingerprint"]:
+            done = evaluate(model=model, suite=plan["suite_file"], out=work / "eval", protocol=plan["protocol"],
+                            engine=ev["engine"], dtype=ev["dtype"], task_adapters=routes)
+            if done["manifest"]["fingerprint"] != plan["suite"]["fingerprint"]:
                 sys.exit(f"suite {plan['suite']['name']} changed since the experiment ran")
         own.append(rows_of(cells / run["id"] / "eval" / "predictions.jsonl"))
         mean.append(rows_of(work / "eval" / "predictions.jsonl"))
         ref.append(rows_of(cells / rrun["id"] / "eval" / "predictions.jsonl"))
-        routed[run["id"]] = sum(meta["task_experts"].get(q["task"]) == "all-tasks" for q in mean[-1])
+        to_all = str(work / "experts" / ALL_TASKS)
+        routed[run["id"]] = sum(done["task_adapters"].get(q["task"]) == to_all for q in mean[-1])
     res = {
         "machine": machine.describe(),
         "command": "benchmarks/expert_fallback.py " + " ".join(argv if argv is not None else sys.argv[1:]),

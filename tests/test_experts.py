@@ -128,13 +128,15 @@ def test_run_experts_fallback_for_capabilities_never_trained(tiny_base, tmp_path
     from shoptune.experts import ALL_TASKS, export_run_experts
     from shoptune.tasks import all_cards
     cards = all_cards()
-    concept = [n for n, c in cards.items() if c.capability == "concept_understanding"][:3]
+    trained = {"concept_understanding", "user_behavior_alignment"}  # two of the four capabilities
+    tasks = ([n for n, c in cards.items() if c.capability == "concept_understanding"][:2]
+             + [n for n, c in cards.items() if c.capability == "user_behavior_alignment"][:1])
     run = tmp_path / "run"
     _poly(tiny_base, run / "adapter")
-    routing = {"route_by": "task", "routes": concept, "task_route": {t: i for i, t in enumerate(concept)},
-               "task_capability": {t: "concept_understanding" for t in concept}}
+    routing = {"route_by": "task", "routes": tasks, "task_route": {t: i for i, t in enumerate(tasks)},
+               "task_capability": {t: cards[t].capability for t in tasks}}
     (run / "adapter" / "routing.json").write_text(json.dumps(routing))
-    others = sorted(n for n, c in cards.items() if c.capability != "concept_understanding")
+    others = sorted(n for n, c in cards.items() if c.capability not in trained)
 
     meta = export_run_experts(run, tmp_path / "plain")
     assert meta["fallback"] == "capability" and meta["unrouted"] == others
@@ -146,14 +148,19 @@ def test_run_experts_fallback_for_capabilities_never_trained(tiny_base, tmp_path
     meta = json.loads((tmp_path / "mean" / "experts.json").read_text())
     assert meta["unrouted"] == [] and set(meta["task_experts"]) == set(cards)
     assert {meta["task_experts"][n] for n in others} == {ALL_TASKS}
-    assert meta["task_experts"][concept[0]] == concept[0]
+    assert meta["task_experts"][tasks[0]] == tasks[0]
+    assert {meta["task_experts"][n] for n, c in cards.items() if c.capability in trained and n not in tasks} == trained
     assert meta["routes"][ALL_TASKS] == [0, 1, 2]
-    # the all-tasks expert is the mean-routing group of every task, weight for weight
+    # the all-tasks expert is the mean-routing group of every task, weight for weight, and not
+    # either capability's expert
     from safetensors.torch import load_file
     group = export_experts(run / "adapter", tmp_path / "group", {"g": [0, 1, 2]})["g"]
     a = load_file(group / "adapter_model.safetensors")
     b = load_file(tmp_path / "mean" / ALL_TASKS / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for cap in trained:
+        c = load_file(tmp_path / "mean" / cap / "adapter_model.safetensors")
+        assert any((c[k] - b[k]).abs().max() > 1e-4 for k in b)
 
     r = CliRunner().invoke(app, ["export", "experts", str(run), "--out", str(tmp_path / "x"), "--fallback", "nearest"])
     assert r.exit_code != 0 and "fallback 'nearest': one of capability, mean" in r.output

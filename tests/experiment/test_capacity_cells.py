@@ -88,3 +88,15 @@ def test_poly_per_capability_and_merge_cells_train_route_and_score(tmp_path, mic
     assert same["concept_understanding"]["diff"] == 0 and same["user_behavior_alignment"]["diff"] == 0  # MC only: exact
     assert res["own_vs_reference"]["overall"]["b"] == pytest.approx(r_poly["scores"]["overall"], abs=1e-9)
     assert json.loads((tmp_path / "fb.json").read_text())["cell"] == "poly"
+    # a re-run reuses the evaluation these experts produced; one made with other routes is redone
+    args = ["--exp", str(out), "--cell", "poly", "--reference", "uncertainty", "--out", str(tmp_path / "fb2.json")]
+    scores = out / "fallback" / poly["id"] / "eval" / "scores.json"
+    mtime = scores.stat().st_mtime_ns
+    assert fb.main(args)["mean_vs_own"] == res["mean_vs_own"] and scores.stat().st_mtime_ns == mtime
+    stale = json.loads(scores.read_text())
+    stale["task_adapters"].pop("shopbench_task16")
+    scores.write_text(json.dumps(stale))
+    assert fb.main(args)["questions_to_all_tasks_expert"] == {poly["id"]: 1}
+    assert "shopbench_task16" in json.loads(scores.read_text())["task_adapters"]
+    with pytest.raises(SystemExit):  # not a Poly cell: a one-line error, no traceback
+        fb.main(["--exp", str(out), "--cell", "uncertainty", "--reference", "poly", "--out", str(tmp_path / "x.json")])

@@ -310,11 +310,16 @@ def test_balance_trace_is_kept_in_the_result_and_summarised_per_cell(tmp_path, t
     assert list(rep["balancing"]) == ["more"]
     more = rep["balancing"]["more"]
     assert more["runs"] == 2
-    assert more["groups"]["a"] == {"final_weight": 0.65, "final_weight_runs": [0.6, 0.7], "median_grad_norm": 2.0}
-    assert more["groups"]["b"] == {"final_weight": 0.3, "final_weight_runs": [0.4, 0.2], "median_grad_norm": 3.0}
+    # shares (weight / the step's mean weight), a: 1, 1.2 | 1, 1.6, 1 (alone at step 30);
+    # b: 1, 0.8 | 1, 0.4. Off equal: 2 of the 4 steps with both groups.
+    assert more["groups"]["a"] == {"final_weight": 0.65, "final_weight_runs": [0.6, 0.7],
+                                   "median_grad_norm": 2.0, "share": 1.16}
+    assert more["groups"]["b"] == {"final_weight": 0.3, "final_weight_runs": [0.4, 0.2],
+                                   "median_grad_norm": 3.0, "share": 0.8}
+    assert more["off_equal"] == 0.5
     assert more["trace"] == {"step": [10, 20], "weight": {"a": [0.5, 0.7], "b": [0.5, 0.3]}}
     md = (tmp_path / "report.md").read_text()
-    assert "## Loss balancing" in md and "| more | a | 0.650 (0.600, 0.700) | 2 |" in md
+    assert "## Loss balancing" in md and "| more | a | 0.650 (0.600, 0.700) | 1.160 | 2 | 50% |" in md
     assert (tmp_path / "balance.png").stat().st_size > 0 and "balance.png" in md
 
 

@@ -110,7 +110,14 @@ def balancing_summary(finished: list[tuple[dict, dict]]) -> dict[str, dict]:
     weight (mean over runs, and each run's), its median gradient norm over the logging steps and
     runs (where the method logs one), and the weight trace averaged over the runs that logged it
     at the steps every run logged (for the plot). ``runs``: the runs with a trace. Weights are the
-    method's at the logging step's batch (upgrad's cover the groups in that batch only)."""
+    method's at the logging step's batch (upgrad's cover the groups in that batch only).
+
+    Because upgrad's weights cover a different set of groups at each step (and need not sum to 1),
+    the last weight alone says little; so each group also gets its ``share``: its weight over the
+    mean weight of the groups logged at that step (1 = an equal share), averaged over the logging
+    steps and runs. ``off_equal`` is the fraction of logging steps (with 2+ groups) at which some
+    group's share is more than 2% away from 1 (upgrad: steps where the gradients conflicted and
+    it moved away from the plain mean)."""
     import statistics
 
     by_cell: dict[str, list[dict]] = {}
@@ -123,6 +130,20 @@ def balancing_summary(finished: list[tuple[dict, dict]]) -> dict[str, dict]:
         groups = sorted({g for t in traces for g in t["weight"]})
         common = sorted(set.intersection(*(set(t["step"]) for t in traces)))
         entry: dict = {"runs": len(traces), "groups": {}, "trace": {"step": common, "weight": {}}}
+        shares: dict[str, list[float]] = {g: [] for g in groups}
+        multi = off = 0
+        for t in traces:
+            for i in range(len(t["step"])):
+                at = {g: w[i] for g, w in t["weight"].items() if i < len(w) and w[i] is not None}
+                mean = statistics.mean(at.values()) if at else 0
+                if mean <= 0:
+                    continue
+                for g, w in at.items():
+                    shares[g].append(w / mean)
+                if len(at) > 1:
+                    multi += 1
+                    off += any(abs(w / mean - 1) > 0.02 for w in at.values())
+        entry["off_equal"] = round(off / multi, 4) if multi else None
         for g in groups:
             # each run's last logged weight: a method that weighs only the groups in the batch
             # (upgrad) has no value at a step whose batch lacked the group
@@ -132,7 +153,8 @@ def balancing_summary(finished: list[tuple[dict, dict]]) -> dict[str, dict]:
             norms = [v for t in traces for v in (t.get("grad_norm") or {}).get(g, []) if v is not None]
             entry["groups"][g] = {"final_weight": round(statistics.mean(finals), 4) if finals else None,
                                   "final_weight_runs": [round(x, 4) for x in finals],
-                                  "median_grad_norm": round(statistics.median(norms), 4) if norms else None}
+                                  "median_grad_norm": round(statistics.median(norms), 4) if norms else None,
+                                  "share": round(statistics.mean(shares[g]), 4) if shares[g] else None}
             mean_w = []
             for st in common:
                 vals = [t["weight"][g][t["step"].index(st)] for t in traces if g in t["weight"]]
@@ -316,15 +338,22 @@ def report_markdown(rep: dict) -> str:
     if rep.get("balancing"):
         lines += ["", "## Loss balancing", "",
                   "Each group's weight at the last logging step (mean over runs; each run's in "
-                  "parentheses) and its median gradient norm over the logging steps (methods that "
-                  "log one). The plot shows the weights over training, averaged over runs.", "",
-                  "| cell | group | final weight | median grad norm |", "|---|---|---|---|"]
+                  "parentheses); its share (weight over the mean weight of the groups logged at "
+                  "the same step, 1 = equal; mean over logging steps and runs: upgrad weighs only "
+                  "the groups in the step's batch, so its last weight alone says little); its "
+                  "median gradient norm over the logging steps (methods that log one); and the "
+                  "fraction of logging steps with 2+ groups at which some share is more than 2% "
+                  "from 1 (off equal). The plot shows the weights over training, averaged over runs.", "",
+                  "| cell | group | final weight | share | median grad norm | off equal |",
+                  "|---|---|---|---|---|---|"]
         for cell, e in rep["balancing"].items():
             for g, v in e["groups"].items():
                 fw = (f"{v['final_weight']:.3f} ({', '.join(f'{x:.3f}' for x in v['final_weight_runs'])})"
                       if v["final_weight"] is not None else "-")
+                sh = f"{v['share']:.3f}" if v.get("share") is not None else "-"
                 gn = f"{v['median_grad_norm']:.3g}" if v["median_grad_norm"] is not None else "-"
-                lines.append(f"| {cell} | {g} | {fw} | {gn} |")
+                oe = f"{e['off_equal']:.0%}" if e.get("off_equal") is not None else "-"
+                lines.append(f"| {cell} | {g} | {fw} | {sh} | {gn} | {oe} |")
     if rep.get("machines"):
         lines += ["", "Machines: " + "; ".join(f"{m} ({len(ids)} run{'s' if len(ids) != 1 else ''})" for m, ids in rep["machines"].items())]
     mixed = {p: ids for p, ids in (rep.get("precision") or {}).items() if p != "not recorded"}

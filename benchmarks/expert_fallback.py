@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
                          f"reused from another experiment: pass that experiment's --exp and cell)")
         work = args.exp / "fallback" / run["id"]
         try:
-            meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean")
+            meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean",
+                                      overwrite=True)
         except ExpertError as e:
             ap.error(f"--cell {args.cell}: {e}")
         routes = _routed(experts=meta)

@@ -1,4 +1,11 @@
-"""Atomic file writes: write to a temp file beside the target, fsync, then rename.
+"""Atomic writes: a file is written to a temp file beside the target, fsynced, then renamed; a
+folder (:func:`output_dir`) is written into a new temporary sibling and renamed into place.
+
+**No command deletes or overwrites what it did not write.** Every folder a command writes
+carries a marker (``.shoptune-output.json``: the command and the names it wrote). An existing
+non-empty ``--out`` is refused unless the command was given ``--overwrite``, and even then only
+a folder the marker shows the same command wrote (nothing else in it) is replaced; an ``--out``
+that is, contains or is inside an input is always refused; a failure leaves nothing behind.
 
 Files and folders made here get the permissions a plain ``open`` / ``mkdir`` would give
 (``0o666`` / ``0o777`` less the umask; a replaced file keeps its mode), not the private
@@ -10,10 +17,17 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+OUTPUT_MARKER = ".shoptune-output.json"
+
+
+class OutputError(ValueError):
+    """An output place that would replace, or sit in, what the command must not touch (one line)."""
 
 
 def umask() -> int:
@@ -85,6 +99,22 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     return tmp
 
 
+def default_modes(folder: str | os.PathLike) -> Path:
+    """Give everything in ``folder`` (a folder this process just wrote) the mode a plain
+    ``open`` / ``mkdir`` gives: libraries that write private files (safetensors 0.8 writes
+    0600) would otherwise make outputs unreadable to a server running as another user."""
+    folder = Path(folder)
+    mask = umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            if not os.path.islink(os.path.join(root, d)):
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
     path = Path(path)
@@ -130,3 +160,161 @@ def write_jsonl(path, rows: Iterable[dict]) -> int:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+# ----------------------------------------------------------------------------- output folders
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker of a folder a shoptune command wrote (None: no readable marker)."""
+    path = Path(folder) / OUTPUT_MARKER
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("command"), str) \
+            or not isinstance(meta.get("files"), list):
+        return None
+    return meta
+
+
+def write_marker(folder: str | os.PathLike, command: str, files: Iterable[str] | None = None) -> None:
+    """Mark ``folder`` as written by ``shoptune COMMAND`` (``files``: the names it wrote there;
+    default: what the folder holds now)."""
+    from shoptune import __version__
+    folder = Path(folder)
+    names = sorted(set(files if files is not None else os.listdir(folder)) - {OUTPUT_MARKER})
+    write_json(folder / OUTPUT_MARKER, {"command": command, "files": names, "shoptune": __version__})
+
+
+def _shown(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+                    flag: str = "--out") -> None:
+    """``out`` is not one of ``inputs``, holds none of them and is not inside one (OutputError)."""
+    real = _real(out)
+    for i in inputs:
+        if i is None:
+            continue
+        r = _real(i)
+        if r == real:
+            raise OutputError(f"{flag} {out}: is an input ({i}); write the output somewhere else")
+        if real in r.parents:
+            raise OutputError(f"{flag} {out}: holds an input ({i}); write the output somewhere else")
+        if r in real.parents and r.is_dir():
+            raise OutputError(f"{flag} {out}: is inside the input folder {i}; write the output "
+                              f"somewhere else")
+
+
+def owned_entries(folder: Path, command: str, legacy: Callable[[Path], Iterable[str]] | None = None):
+    """(what ``folder`` holds, what of it ``shoptune COMMAND`` wrote there, the writer's command);
+    ``legacy(folder)``: names an older version wrote without a marker."""
+    entries = set(os.listdir(folder))
+    marker = read_marker(folder)
+    if marker is not None:
+        return entries, {str(n) for n in marker["files"]} | {OUTPUT_MARKER}, marker["command"]
+    if legacy is not None:
+        return entries, set(legacy(folder)), command
+    return entries, set(), None
+
+
+def check_output_dir(out: str | os.PathLike, *, command: str, inputs: Iterable = (),
+                     overwrite: bool = False, flag: str = "--out", resume: bool = False,
+                     legacy: Callable[[Path], Iterable[str]] | None = None) -> Path:
+    """``out`` may be (re)written by ``shoptune COMMAND``: it is not an input, nor holds or sits in
+    one; it is new or empty, or (with ``overwrite``, or ``resume`` for a command that continues
+    its own run) an earlier output of the same command holding nothing else; and its parent takes
+    a new folder. Raises :class:`OutputError` / ``OSError`` (one line) before any work."""
+    out = Path(out)
+    check_not_input(out, inputs, flag)
+    real = _real(out)
+    cwd = _real(os.getcwd())
+    if real == cwd or real in cwd.parents:
+        raise OutputError(f"{flag} {out}: is the current folder{'' if real == cwd else ' (or holds it)'}; "
+                          f"name a new folder for the output")
+    if out.exists() or out.is_symlink():
+        if not real.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(out))
+        entries, own, writer = owned_entries(real, command, legacy)
+        if entries:
+            if writer is None:
+                raise OutputError(f"{flag} {out}: exists and holds files shoptune did not write "
+                                  f"({_shown(entries)}); choose a new or empty folder")
+            if writer != command:
+                raise OutputError(f"{flag} {out}: holds the output of `shoptune {writer}`, not of "
+                                  f"`shoptune {command}`; choose a new or empty folder")
+            foreign = entries - own
+            if foreign:
+                raise OutputError(f"{flag} {out}: holds files `shoptune {command}` did not write "
+                                  f"({_shown(foreign)}); move them out or choose a new folder")
+            if not (overwrite or resume):
+                raise OutputError(f"{flag} {out}: holds an earlier `shoptune {command}` output; "
+                                  f"--overwrite replaces it, or choose a new folder")
+    check_out_dir(real.parent)  # a new sibling folder can be made there
+    return out
+
+
+@contextlib.contextmanager
+def output_dir(out: str | os.PathLike, *, command: str, inputs: Iterable = (), overwrite: bool = False,
+               flag: str = "--out", legacy: Callable[[Path], Iterable[str]] | None = None):
+    """Write a whole output folder: yields a new temporary sibling of ``out`` to fill; when the
+    body succeeds it is marked (:data:`OUTPUT_MARKER`) and renamed into place, an earlier output
+    of the same command being replaced only as :func:`check_output_dir` allows (checked before
+    and again at the end). On any failure the temp folder (and any parent folder made for it)
+    is removed and ``out`` is as it was."""
+    inputs = list(inputs)
+    check_output_dir(out, command=command, inputs=inputs, overwrite=overwrite, flag=flag, legacy=legacy)
+    real = _real(out)
+    made = [p for p in (real.parent, *real.parent.parents) if not p.exists()]
+    tmp = make_temp_dir(real.parent, f".{real.name}.tmp-")
+    try:
+        yield tmp
+        default_modes(tmp)
+        write_marker(tmp, command)
+        check_output_dir(out, command=command, inputs=inputs, overwrite=overwrite, flag=flag, legacy=legacy)
+        _swap_in(tmp, real)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # (deepest first; only if still empty)
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _swap_in(tmp: Path, real: Path) -> None:
+    """Rename ``tmp`` to ``real``; an existing ``real`` (checked: ours to replace) is moved aside
+    first and removed once the new one is in place, or moved back if that fails."""
+    if not real.exists() or not os.listdir(real):
+        os.replace(tmp, real)  # (over an empty folder: allowed)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old-", dir=real.parent))
+    os.rmdir(old)
+    os.rename(real, old)
+    try:
+        os.rename(tmp, real)
+    except BaseException:
+        os.rename(old, real)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_new_file(path: str | os.PathLike, *, inputs: Iterable = (), overwrite: bool = False,
+                   flag: str = "--out") -> Path:
+    """``path`` may be written as a new file: never an input; an existing file only with
+    ``overwrite`` (a file carries no marker: the user says it may go); else as :func:`check_out_file`."""
+    path = Path(path)
+    for i in inputs:
+        if i is not None and Path(i).exists() and path.exists() and os.path.samefile(i, path):
+            raise OutputError(f"{flag} {path}: is an input ({i}); write the output somewhere else")
+    check_out_file(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputError(f"{flag} {path}: exists; --overwrite replaces it, or choose a new file name")
+    return path

@@ -328,7 +328,7 @@ def _train_run(p: dict, run: dict) -> tuple[dict, str | None, dict]:
     cfg = load_config(p["base"], [*run["overrides"], f"output_dir={train_dir}"])
     if cfg.peft == "poly":  # task-routed experts, exported as plain LoRA adapters
         from shoptune.experts import export_run_experts
-        meta = export_run_experts(train_dir, train_dir / "experts")
+        meta = export_run_experts(train_dir, train_dir / "experts", overwrite=True)  # (a re-run: its own)
         return trained, resumed_from, {"task_adapters": _routed(experts=meta)}
     return trained, resumed_from, {"adapter": str(train_dir / "adapter")}
 
@@ -414,7 +414,8 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
         trained, resumed_from, src_kw = _train_run(p, source)
         folders = {Path(d).parent.name: Path(d) for d in sorted(set(src_kw["task_adapters"].values()))}
         merged = merge_adapters(folders, train_dir / "adapter", model=cfg.model,
-                                method=run["merge"]["method"], density=run["merge"]["density"])
+                                method=run["merge"]["method"], density=run["merge"]["density"],
+                                overwrite=True)  # (a re-run replaces its own earlier merge)
         eval_kw = {"adapter": str(merged)}
     else:
         trained, resumed_from, eval_kw = _train_run(p, run)

@@ -86,6 +86,11 @@ def _experts(folder: Path, adapters: dict, fail) -> tuple[dict, dict]:
     return out, dict(meta.get("task_experts") or {})
 
 
+OverwriteOpt = Annotated[bool, typer.Option(
+    help="Replace --out if it holds an earlier output of this same command (and nothing else); "
+         "a folder with anything shoptune did not write there is never replaced.")]
+
+
 def _remove(folder) -> None:
     import shutil
     if folder is not None:
@@ -104,6 +109,7 @@ def register(app: typer.Typer) -> None:
         adapter: Annotated[Optional[list[str]], typer.Option(
             help="PEFT adapter folder, or NAME=DIR (repeatable); written as NAME.gguf.")] = None,
         outtype: Annotated[str, typer.Option(help="bf16 | f16 | f32 | q8_0")] = "bf16",
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """The base model and each adapter as the GGUF files llama.cpp's llama-server loads
         (converted by llama.cpp's own convert_hf_to_gguf.py / convert_lora_to_gguf.py)."""
@@ -112,7 +118,7 @@ def register(app: typer.Typer) -> None:
         try:
             with console.status("exporting") as st:
                 m = export_gguf(model, adapter or [], out, outtype=outtype,
-                                status=lambda msg: st.update(msg))
+                                status=lambda msg: st.update(msg), overwrite=overwrite)
         except (ExportError, ModelNotFoundError, FileNotFoundError) as e:
             fail(str(e))
         console.print(f"wrote {out}/{m['base']}" + "".join(f", {f}" for f in m["adapters"].values())
@@ -127,6 +133,7 @@ def register(app: typer.Typer) -> None:
         fallback: Annotated[str, typer.Option(help="For tasks of a capability the run never trained on: "
                                               "capability (no expert: the base model answers) or mean "
                                               "(an all-tasks expert, the mean of every route).")] = "capability",
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """A Poly adapter's experts as plain LoRA adapters: one per trained task (or capability),
         and one per capability for tasks it was not trained on; any engine serves them
@@ -134,7 +141,7 @@ def register(app: typer.Typer) -> None:
         from shoptune.experts import ExpertError, export_run_experts
         try:
             with console.status("exporting experts"):
-                meta = export_run_experts(run, out, fallback=fallback)
+                meta = export_run_experts(run, out, fallback=fallback, overwrite=overwrite)
         except ExpertError as e:
             fail(str(e))
         console.print(f"wrote {len(meta['experts'])} experts ({meta['routing']['route_by']} routing) -> {out}; "
@@ -150,15 +157,21 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Their base model.")] = "smollm2-135m",
         method: Annotated[str, typer.Option(help="peft's add_weighted_adapter combination_type: ties, "
                                             "dare_ties, linear, cat, svd, ties_svd, ...")] = "ties",
-        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare).")] = 0.2,
+        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare): "
+                                               "above 0, at most 1.")] = 0.2,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Several LoRA adapters merged into one with peft's add_weighted_adapter (equal weights)."""
-        from shoptune.experts import merge_adapters
-        from shoptune.serve.gguf import _adapter_name
-        named = dict(_adapter_name(a) for a in adapters)
-        with console.status(f"merging {len(named)} adapters ({method})"):
-            dest = merge_adapters(named, out, model=model, method=method, density=density)
-        console.print(f"merged {', '.join(named)} -> {dest}")
+        from shoptune.experts import ExpertError, merge_adapters
+        from shoptune.serve.gguf import ExportError, named_adapters
+        try:
+            named = named_adapters(adapters, flag="adapter", use="it names the adapter in the merge")
+            with console.status(f"merging {len(named)} adapters ({method})"):
+                dest = merge_adapters(named, out, model=model, method=method, density=density,
+                                      overwrite=overwrite)
+        except (ExpertError, ExportError) as e:
+            fail(str(e))
+        console.print(f"merged {', '.join(named)} -> {dest}", markup=False, highlight=False)
 
     @app.command("serve")
     def serve_cmd(

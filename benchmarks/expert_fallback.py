@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                 and done["manifest"]["fingerprint"] == plan["suite"]["fingerprint"]):
             model = json.loads((cells / run["id"] / "train" / "run.json").read_text())["config"]["model"]
             done = evaluate(model=model, suite=plan["suite_file"], out=work / "eval", protocol=plan["protocol"],
-                            engine=ev["engine"], dtype=ev["dtype"], task_adapters=routes)
+                            engine=ev["engine"], dtype=ev["dtype"], task_adapters=routes, overwrite=True)
             if done["manifest"]["fingerprint"] != plan["suite"]["fingerprint"]:
                 sys.exit(f"suite {plan['suite']['name']} changed since the experiment ran")
         own.append(rows_of(cells / run["id"] / "eval" / "predictions.jsonl"))

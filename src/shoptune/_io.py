@@ -197,6 +197,22 @@ def _shown(names) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+def existing_inputs(*groups) -> list[Path]:
+    """The paths among ``groups`` (strings, paths, lists of them; data paths as the loaders
+    resolve them against the data dir) that exist: the inputs an output must keep clear of."""
+    from shoptune.paths import resolve_data_path
+    found = []
+    for g in groups:
+        for item in ([g] if isinstance(g, (str, os.PathLike)) or g is None else g):
+            if item is None:
+                continue
+            try:
+                found.append(resolve_data_path(item))
+            except (FileNotFoundError, OSError, ValueError):
+                continue
+    return found
+
+
 def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
                     flag: str = "--out") -> None:
     """``out`` is not one of ``inputs``, holds none of them and is not inside one (OutputError)."""
@@ -215,14 +231,17 @@ def check_not_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] 
 
 
 def owned_entries(folder: Path, command: str, legacy: Callable[[Path], Iterable[str]] | None = None):
-    """(what ``folder`` holds, what of it ``shoptune COMMAND`` wrote there, the writer's command);
-    ``legacy(folder)``: names an older version wrote without a marker."""
+    """(what ``folder`` holds, what of it its writer wrote there, the writer's command or None).
+    ``legacy(folder)``: the names of ``folder`` that ``COMMAND`` writes by its own rules (a
+    command that writes in place, e.g. checkpoints) or that an older version wrote without a
+    marker; an unmarked folder with none of them is not the command's."""
     entries = set(os.listdir(folder))
     marker = read_marker(folder)
+    rules = set(legacy(folder)) if legacy is not None else set()
     if marker is not None:
-        return entries, {str(n) for n in marker["files"]} | {OUTPUT_MARKER}, marker["command"]
-    if legacy is not None:
-        return entries, set(legacy(folder)), command
+        return entries, {str(n) for n in marker["files"]} | rules | {OUTPUT_MARKER}, marker["command"]
+    if rules:
+        return entries, rules, command
     return entries, set(), None
 
 
@@ -244,7 +263,7 @@ def check_output_dir(out: str | os.PathLike, *, command: str, inputs: Iterable =
         if not real.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(out))
         entries, own, writer = owned_entries(real, command, legacy)
-        if entries:
+        if entries - {OUTPUT_MARKER}:  # (a marker alone: a run that failed before writing)
             if writer is None:
                 raise OutputError(f"{flag} {out}: exists and holds files shoptune did not write "
                                   f"({_shown(entries)}); choose a new or empty folder")
@@ -308,12 +327,11 @@ def _swap_in(tmp: Path, real: Path) -> None:
 
 def check_new_file(path: str | os.PathLike, *, inputs: Iterable = (), overwrite: bool = False,
                    flag: str = "--out") -> Path:
-    """``path`` may be written as a new file: never an input; an existing file only with
-    ``overwrite`` (a file carries no marker: the user says it may go); else as :func:`check_out_file`."""
+    """``path`` may be written as a new file: never an input (nor inside an input folder); an
+    existing file only with ``overwrite`` (a file carries no marker: the user says it may go);
+    else as :func:`check_out_file`."""
     path = Path(path)
-    for i in inputs:
-        if i is not None and Path(i).exists() and path.exists() and os.path.samefile(i, path):
-            raise OutputError(f"{flag} {path}: is an input ({i}); write the output somewhere else")
+    check_not_input(path, inputs, flag)
     check_out_file(path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise OutputError(f"{flag} {path}: exists; --overwrite replaces it, or choose a new file name")

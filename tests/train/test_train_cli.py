@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -62,6 +63,22 @@ def test_out_option_short_run_loss_and_rerun_policy(tmp_path, args):
     assert json.loads((out / "run.json").read_text())["metrics"]["steps"] == 2
     res = invoke(*args, f"output_dir={tmp_path / 'a'}", "--out", tmp_path / "b")
     assert res.exit_code == 2 and "two output folders" in out_of(res)
+
+
+def test_train_never_writes_into_a_users_folder_or_an_input(tmp_path, args):
+    """#31: a folder holding someone's files and no earlier run is refused, --overwrite or not; an
+    --out that is, holds or sits in an input (the data) is always refused. Nothing is touched."""
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "paper.tex").write_text("mine")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for out, says in ((tmp_path / "thesis", "holds files shoptune did not write (paper.tex)"),
+                      (tmp_path, "holds an input"), (tmp_path / "d.jsonl", "exists and is not a folder"),
+                      (Path(args[1].partition("=")[2]).parent, "holds an input"),  # the model folder's
+                      (Path(args[1].partition("=")[2]) / "run", "is inside the input folder")):
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            res = invoke(*args, "max_steps=1", "--out", out, *extra)
+            assert res.exit_code == 1 and says in out_of(res), (out, extra, res.output)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_per_task_losses_are_a_table_and_resume_rounds(tmp_path, args):

@@ -81,6 +81,8 @@ def register(app: typer.Typer) -> None:
                  "adapter DIR, the others by --adapter or the base model.")] = None,
         multilingual_st_model: Annotated[Optional[Path], typer.Option(
             help="Local paraphrase-multilingual-MiniLM-L12-v2 folder.")] = None,
+        overwrite: Annotated[bool, typer.Option(
+            help="Replace --out if it holds an earlier evaluation (and nothing else).")] = False,
     ) -> None:
         """shoptune eval --model M --data FILE --out DIR [--adapter DIR] [--engine vllm ...]"""
         if ctx.invoked_subcommand is not None:
@@ -109,7 +111,8 @@ def register(app: typer.Typer) -> None:
                          engine=engine, backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
                          limit_per_task=limit_per_task,
                          batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge,
-                         task_adapters=task_adapters or None, prefix_cache=prefix_cache)
+                         task_adapters=task_adapters or None, prefix_cache=prefix_cache,
+                         overwrite=overwrite)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             fail(str(e))
@@ -124,7 +127,9 @@ def register(app: typer.Typer) -> None:
                      n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
                      seed: int = 0,
                      json_out: Annotated[Optional[Path], typer.Option(
-                         "--json", help="Write the paired statistics here.")] = None) -> None:
+                         "--json", help="Write the paired statistics here.")] = None,
+                     overwrite: Annotated[bool, typer.Option(
+                         help="Replace an existing --plot / --json file.")] = False) -> None:
         """Side-by-side table of eval folders run on the same questions, then each run minus the
         first: paired bootstrap 95% CI and paired permutation p-value per task, track, all-around."""
         import json
@@ -133,6 +138,12 @@ def register(app: typer.Typer) -> None:
         from shoptune.eval.report import compare, plot_tracks
         from shoptune.eval.suite import ManifestMismatch, check_same_questions, manifest_of
 
+        from shoptune._io import check_new_file
+        from shoptune.eval.runner import EVAL_FILES
+        inputs = [*dirs, *(Path(d) / f for d in dirs for f in EVAL_FILES)]
+        for flag, path in (("--plot", plot), ("--json", json_out)):
+            if path is not None:  # (before the work: an input or someone's file is never replaced)
+                check_new_file(path, inputs=inputs, overwrite=overwrite, flag=flag)
         try:
             check_same_questions({str(d): manifest_of(d) for d in dirs})
             table, runs = compare(dirs)

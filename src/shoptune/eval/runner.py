@@ -18,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shoptune import __version__
-from shoptune._io import check_out_dir, write_json, write_jsonl
+from shoptune._io import check_output_dir, existing_inputs, output_dir, write_json, write_jsonl
 from shoptune.data.loaders import load_records
 from shoptune.decoding import build_prompts, plan_for
 from shoptune.eval.backends import LocalBackend, OpenAIBackend
@@ -96,7 +96,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
              concurrency: int = 16, dtype: str = "auto", n_boot: int = 1000,
              quiet: bool = False, suite: str | Path | None = None, merge: bool = True,
              task_adapters: dict[str, str] | None = None, prefix_cache: bool = False,
-             backend: str | None = None, limit_per_task: int | None = None) -> dict:
+             backend: str | None = None, limit_per_task: int | None = None,
+             overwrite: bool = False) -> dict:
     """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders).
 
     ``engine``: ``builtin`` (this process: transformers, length-sorted batches), ``llama.cpp`` /
@@ -116,8 +117,14 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding.
 
     ``limit`` keeps the first N questions; ``limit_per_task`` the first N of each task (as
-    lm-evaluation-harness's limit); the report marks scores from partial coverage."""
-    out = check_out_dir(out)  # before any work: a file in the way, an unwritable place
+    lm-evaluation-harness's limit); the report marks scores from partial coverage.
+
+    ``out`` is written whole at the end (:func:`shoptune._io.output_dir`); an earlier
+    evaluation there is replaced only with ``overwrite``, a folder holding anything else never."""
+    inputs = existing_inputs(data, [adapter] if engine != "openai" else [], list((task_adapters or {}).values()),
+                             [model] if Path(str(model)).exists() else [])
+    out = check_output_dir(out, command="eval", inputs=inputs, overwrite=overwrite,
+                           legacy=_earlier_eval)  # before any work
     for name, value in (("limit", limit), ("limit_per_task", limit_per_task)):
         if value is not None and value < 1:  # (records[:-1] would score all but one)
             raise ValueError(f"{name} {value}: must be at least 1")
@@ -235,8 +242,17 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
                    "score_s": round(time.time() - t1 - gen_s, 3)},
         "versions": {"shoptune": __version__, "python": platform.python_version()},
     })
-    write_jsonl(out / "predictions.jsonl", rows)
-    write_json(out / "scores.json", summary)
-    write_report(summary, out / "report.md")
-    plot_tracks({str(out): summary}, out / "tracks.png")
+    with output_dir(out, command="eval", inputs=inputs, overwrite=overwrite, legacy=_earlier_eval) as tmp:
+        write_jsonl(tmp / "predictions.jsonl", rows)
+        write_json(tmp / "scores.json", summary)
+        write_report(summary, tmp / "report.md")
+        plot_tracks({str(out): summary}, tmp / "tracks.png")
     return summary
+
+
+EVAL_FILES = ("predictions.jsonl", "scores.json", "report.md", "tracks.png")
+
+
+def _earlier_eval(folder: Path) -> tuple[str, ...]:
+    """What an evaluation written before output markers existed left in ``folder``."""
+    return EVAL_FILES if (folder / "scores.json").is_file() else ()

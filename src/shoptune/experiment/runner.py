@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from shoptune import machine
-from shoptune._io import write_json
+from shoptune._io import check_output_dir, make_dirs, read_marker, write_json, write_marker
 from shoptune.experiment.spec import (EvalSettings, ExperimentSpec, MergeSettings, load_spec, resolve_path,
                                       run_key, steps_for_budget)
 
@@ -125,6 +125,24 @@ def _check_split(cfg, suite_cfg) -> None:
                     f"{m.split} with {mine}: the suite's questions could be trained on")
 
 
+EXPERIMENT_FILES = ("plan.json", "cells", "experiment.json", "suite.json", "report.md", "results.json",
+                    "scores.png", "diff.png", "balance.png")
+
+
+def experiment_entries(folder: Path) -> list[str]:
+    """The names an experiment writes in its --out / --results folder (it resumes in place)."""
+    return [n for n in EXPERIMENT_FILES if (Path(folder) / n).exists()]
+
+
+def check_experiment_dirs(out, results, spec_path: Path, base: Path) -> None:
+    """--out and --results may hold this (or an earlier) experiment, to resume; never anything
+    else, an input, or the current folder (see :func:`shoptune._io.check_output_dir`)."""
+    for flag, folder in (("--out", out), ("--results", results)):
+        if folder is not None:
+            check_output_dir(folder, command="experiment run", resume=True, legacy=experiment_entries,
+                             flag=flag, inputs=[spec_path, base])
+
+
 def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = None, *,
          launcher: str | None = None, eval_engine: str | None = None, eval_dtype: str | None = None,
          write: bool = True, progress=None) -> dict:
@@ -137,6 +155,7 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
 
     spec_path = Path(spec_path)
     spec: ExperimentSpec = load_spec(spec_path)
+    check_experiment_dirs(out, results, spec_path, resolve_path(spec.base, spec_path.parent))
     eval_cfg = spec.eval.model_copy(update={k: v for k, v in (("engine", eval_engine), ("dtype", eval_dtype)) if v})
     EvalSettings.model_validate(eval_cfg.model_dump())
     out = Path(out)
@@ -202,6 +221,9 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
                                 "metric": r.metric} for r in records]}
     if not write:
         return exp
+    for folder in {Path(out), Path(results)}:
+        if read_marker(folder) is None:
+            write_marker(make_dirs(folder), "experiment run", files=[])  # (its files: experiment_entries)
     write_json(results / "experiment.json", exp)
     write_json(results / "suite.json", suite_doc)
     write_json(out / "plan.json", {**exp, "results_dir": str(results.resolve()), "out": str(out.resolve()),
@@ -423,7 +445,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     t1 = time.time()
     ev = p.get("eval") or {"engine": "builtin", "dtype": "auto"}
     s = evaluate(model=cfg.model, suite=p["suite_file"], out=work / "eval", protocol=p["protocol"],
-                 quiet=True, engine=ev["engine"], dtype=ev["dtype"], **eval_kw)
+                 quiet=True, engine=ev["engine"], dtype=ev["dtype"], overwrite=True, **eval_kw)
     if s["manifest"]["fingerprint"] != p["suite"]["fingerprint"]:
         raise RuntimeError(f"suite {p['suite']['name']} changed since the plan (fingerprint "
                            f"{s['manifest']['fingerprint']} vs {p['suite']['fingerprint']}); re-plan")

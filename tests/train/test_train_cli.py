@@ -4,6 +4,7 @@ is refused without --resume/--overwrite, short runs print a loss (never `None`),
 round it, per-task losses are a table, and no transformers FutureWarning reaches the terminal."""
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,10 @@ def test_out_option_short_run_loss_and_rerun_policy(tmp_path, args):
     assert "mean loss " in text and "(no step logged: logging_steps=5 > steps)" in text
     assert "invalid rows skipped: 0" in text
     assert (out / "adapter" / "adapter_config.json").exists()
+    # (#31 item 34) readable as any other output, not safetensors' 0600: checkpoints too
+    from shoptune._io import umask
+    for f in (out / "adapter" / "adapter_model.safetensors", out / "checkpoint-2" / "adapter_model.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask(), f
     # the same folder again: refused, nothing touched
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     res = invoke(*args, "max_steps=3", "--out", out)

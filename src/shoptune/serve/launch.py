@@ -72,4 +72,5 @@ def merged_model(model: str, adapter: str | Path, out: Path | None = None) -> Pa
     for extra in ("chat_template.jinja", "generation_config.json"):
         if (base / extra).is_file() and not (out / extra).exists():
             shutil.copy2(base / extra, out / extra)
-    return out
+    from shoptune._io import default_modes
+    return default_modes(out)  # (safetensors writes 0600: the engine may run as another user)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from shoptune._io import atomic_open, make_temp_dir
+from shoptune._io import atomic_open, default_modes, make_temp_dir
 from shoptune.train.config import TrainConfig
 from shoptune.train.loss import answer_token_losses, collate
 from shoptune.train.packing import collate_packed
@@ -168,6 +168,7 @@ class MarkComplete(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                default_modes(ckpt)  # (safetensors writes 0600: readable as any other output)
                 with atomic_open(ckpt / COMPLETE) as fh:
                     fh.write(str(state.global_step))
 
@@ -337,6 +338,7 @@ def save_adapter(model, out: Path, state_dict: dict | None = None, extra: dict |
     for name, value in (extra or {}).items():
         with atomic_open(tmp / name) as fh:
             fh.write(json.dumps(value, indent=1, sort_keys=True))
+    default_modes(tmp)  # (safetensors writes 0600; a server running as another user reads it)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

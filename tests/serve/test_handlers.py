@@ -300,3 +300,15 @@ def test_a_tasks_expert_unloaded_leaves_it_to_the_base_model(served):
     assert out.model == "tiny" and caller.state.model == "tiny" and out.answer in (0, 1, 2)
     with pytest.raises(UnknownModel):
         run(tasks.run("shopbench_task2", TaskRequest(model="expert", input=inp), Caller()))
+
+
+def test_a_body_too_deep_or_with_a_huge_integer_says_why(served):
+    """#31 item 28: both got the framework's "There was an error parsing the body"."""
+    from fastapi.testclient import TestClient
+
+    from shoptune.serve.app import build_app
+    http = TestClient(build_app(served.engine, served.settings))
+    for body, says in (('{"model": "tiny", "prompt": "x", "seed": ' + "7" * 5000 + "}", "more than 4300 digits"),
+                       ('{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests arrays/objects too deeply")):
+        r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

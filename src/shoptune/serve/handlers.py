@@ -155,14 +155,17 @@ class Serving:
     def __init__(self, engine: Engine, settings: ServeSettings):
         self.engine, self.settings, self.tok = engine, settings, engine.tok
 
+    def check_least(self, least: int, param: str) -> None:
+        """A prompt known to be at least ``least`` tokens: refused now if that is over the limit."""
+        if least > self.settings.max_prompt_tokens:
+            raise EngineError(f"prompt is at least {least} tokens; this server takes at most "
+                              f"{self.settings.max_prompt_tokens}", param=param)
+
     async def encode(self, text: str, *, special: bool, param: str) -> list[int]:
         """Token ids of a prompt, tokenised off the event loop (a 1 MB prompt takes ~1 s, during
         which every other request, /health included, would wait); a text too long for the limit
         whatever its tokens is refused without tokenising it."""
-        least = min_tokens(self.tok, text)
-        if least > self.settings.max_prompt_tokens:
-            raise EngineError(f"prompt is at least {least} tokens; this server takes at most "
-                              f"{self.settings.max_prompt_tokens}", param=param)
+        self.check_least(min_tokens(self.tok, text), param)
         ids = await asyncio.to_thread(self.tok.encode, text, add_special_tokens=special)
         if len(ids) > self.settings.max_prompt_tokens:
             raise EngineError(f"prompt is {len(ids)} tokens; this server takes at most "
@@ -411,10 +414,7 @@ class Chat(Serving):
         self.check_fits(req.n)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        least = sum(min_tokens(self.tok, m["content"]) for m in messages)
-        if least > self.settings.max_prompt_tokens:
-            raise EngineError(f"prompt is at least {least} tokens; this server takes at most "
-                              f"{self.settings.max_prompt_tokens}", param="messages")
+        self.check_least(sum(min_tokens(self.tok, m["content"]) for m in messages), "messages")
         try:  # (off the event loop: a template over large messages takes a while)
             text = await asyncio.to_thread(self.tok.apply_chat_template, messages, tokenize=False,
                                            add_generation_prompt=True)
@@ -531,10 +531,7 @@ class Tasks(Serving):
         def prepare():  # the prompt and the constraint: off the event loop (large inputs take time)
             return task_io.plan(card, inp, rec), build_prompts(
                 [rec], self.settings.protocol, self.tok, render=lambda r: card.render(r.input_field))[0]
-        least = min_tokens(self.tok, rec.input_field or "")
-        if least > self.settings.max_prompt_tokens:
-            raise EngineError(f"prompt is at least {least} tokens; this server takes at most "
-                              f"{self.settings.max_prompt_tokens}", param="input")
+        self.check_least(min_tokens(self.tok, rec.input_field or ""), "input")
         try:
             plan, prompt = await asyncio.to_thread(prepare)
         except PlanError as e:

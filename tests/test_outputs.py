@@ -137,3 +137,22 @@ def test_a_single_file_output_replaces_an_existing_file_only_with_overwrite_and_
         with pytest.raises(OutputError, match="is an input"):
             check_new_file(data, inputs=[data], overwrite=overwrite)
     assert check_new_file(tmp_path / "new.jsonl") == tmp_path / "new.jsonl"
+
+
+def test_data_fetch_replaces_data_only_with_overwrite_and_keeps_a_users_readme(tmp_path):
+    """`data fetch` wrote over existing data files and over the data dir's README.md."""
+    from shoptune.data.fetch import fetch
+    src = tmp_path / "dev.json"
+    src.write_text(json.dumps([{"input_field": "Q?\n0. a\n1. b\nAnswer: ", "output_field": 1,
+                                "task_type": "multiple-choice", "metric": "accuracy"}]))
+    dest = tmp_path / "data"
+    (dest / "shopbench-dev").mkdir(parents=True)
+    (dest / "shopbench-dev" / "development.json").write_text("[]")
+    (dest / "README.md").write_text("# my data notes\n")
+    with pytest.raises(OutputError, match="development.json: already in the data dir; --overwrite"):
+        fetch(dest, shopbench_url=src.as_uri(), ec_guide=False)
+    assert (dest / "shopbench-dev" / "development.json").read_text() == "[]"
+    fetch(dest, shopbench_url=src.as_uri(), ec_guide=False, overwrite=True)
+    assert (dest / "shopbench-dev" / "development.json").read_text() == src.read_text()
+    assert (dest / "README.md").read_text() == "# my data notes\n"  # someone's: kept
+    assert json.loads((dest / "fetched.json").read_text())["fetched"] == [str(dest / "shopbench-dev" / "development.json")]

@@ -330,14 +330,17 @@ def data_dedup(paths: Paths,
 def data_fetch(data_dir: DataDir = None,
                shopbench_url: Annotated[Optional[str], typer.Option(
                    help="Address of the ShopBench development.json to download.")] = None,
-               ec_guide: bool = True) -> None:
+               ec_guide: bool = True, overwrite: OverwriteFile = False) -> None:
     """Download EC-Guide (Hugging Face) and, given its address, the ShopBench dev set."""
     from shoptune.data.fetch import fetch
     from shoptune.paths import data_dir as ddir
 
     dest = Path(data_dir) if data_dir else ddir()
+    from shoptune._io import OutputError
     try:
-        got = fetch(dest, shopbench_url=shopbench_url, ec_guide=ec_guide)
+        got = fetch(dest, shopbench_url=shopbench_url, ec_guide=ec_guide, overwrite=overwrite)
+    except OutputError as e:
+        fail(str(e))
     except Exception as e:  # network, hub, format: say what failed, no traceback
         fail(f"fetch failed: {type(e).__name__}: {e}. Without network, copy the data into {dest} "
              f"(see ../shared/data/README.md for the layout).")

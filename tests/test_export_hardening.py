@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from shoptune._io import OUTPUT_MARKER
 from shoptune.cli import app
 from tests.test_experts import _poly
 

@@ -255,8 +255,11 @@ def check_output_dir(out: str | os.PathLike, *, command: str, inputs: Iterable =
     out = Path(out)
     check_not_input(out, inputs, flag)
     real = _real(out)
-    cwd = _real(os.getcwd())
-    if real == cwd or real in cwd.parents:
+    try:
+        cwd = _real(os.getcwd())
+    except OSError:  # (the current folder was removed: nothing of it to protect)
+        cwd = None
+    if cwd is not None and (real == cwd or real in cwd.parents):
         raise OutputError(f"{flag} {out}: is the current folder{'' if real == cwd else ' (or holds it)'}; "
                           f"name a new folder for the output")
     if out.exists() or out.is_symlink():

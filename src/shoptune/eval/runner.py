@@ -79,10 +79,11 @@ class _PerTaskBackend:
 
 
 def _file_hash(path: Path) -> str:
+    from shoptune._io import hash_file
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if f.is_file():
-            h.update(f.read_bytes())
+        if f.is_file() or f == path:
+            hash_file(h, f, "data file")
     return h.hexdigest()[:16]
 
 

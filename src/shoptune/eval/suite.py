@@ -19,7 +19,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoptune import REPO_CONFIGS
@@ -55,7 +54,7 @@ def suite_path(name_or_path: str | Path) -> Path:
     """A suite name (``core`` -> configs/eval/core.yaml) or a YAML path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.exists():
+        if not (p.exists() or p.is_symlink()):  # (a symlink loop: its reader says so)
             raise FileNotFoundError(f"{p}: no such suite file")
         return p
     cand = SUITES_DIR / f"{name_or_path}.yaml"
@@ -75,10 +74,9 @@ def _shown(path: Path) -> str:
 
 
 def load_suite_config(name_or_path: str | Path) -> SuiteConfig:
+    from shoptune.configfile import read_yaml
     p = suite_path(name_or_path)
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: a suite must be a YAML mapping")
+    data, _ = read_yaml(p, "suite")  # (bounded: size, aliases; a ConfigError is a ValueError)
     try:
         return SuiteConfig(**data)
     except ValidationError as e:
@@ -86,10 +84,11 @@ def load_suite_config(name_or_path: str | Path) -> SuiteConfig:
 
 
 def _digest(path: Path) -> str:
+    from shoptune._io import hash_file
     h = hashlib.sha256()
     for f in sorted(x for x in path.rglob("*") if x.is_file()) if path.is_dir() else [path]:
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        hash_file(h, f, "data file")
     return h.hexdigest()[:16]
 
 

@@ -187,7 +187,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     """The experiment in ``path``; ConfigError (a ValueError) names file, line and field."""
     from shoptune.configfile import load
     p = Path(path)
-    if not p.exists():
+    if not (p.exists() or p.is_symlink()):  # (a symlink loop: its reader says so)
         raise FileNotFoundError(f"{p}: no such experiment file")
     spec = load(ExperimentSpec, p, what="experiment")
     spec.expanded_cells()

@@ -164,15 +164,13 @@ def data_manifest(records: list[Record], data: list[str]) -> dict:
 
 def manifest_of(run_dir: str | Path) -> dict:
     """A run's manifest: from scores.json, else rebuilt from predictions.jsonl (older runs)."""
+    from shoptune.eval.runs import read_predictions, read_scores
     d = Path(run_dir)
-    f = d / "scores.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {d}` first)")
-    s = json.loads(f.read_text(encoding="utf-8"))
+    s = read_scores(d)  # (bounded and checked: RunFolderError names the file)
     if "manifest" in s:
         return s["manifest"]
     preds = d / "predictions.jsonl"
-    ids = [json.loads(x).get("id") for x in preds.read_text().splitlines() if x] if preds.exists() else []
+    ids = [r.get("id") for r in read_predictions(d)] if preds.exists() else []
     sources = {x["path"]: x["sha256_16"] for x in s.get("data", [])}
     return {"suite": None, "version": None, "n_questions": len(ids),
             "fingerprint": fingerprint(ids, sources), "sources": sources, "ids": ids}

@@ -9,7 +9,9 @@ Shared by training configs, mixtures, synthesis specs and experiment files.
 """
 from __future__ import annotations
 
+import copy
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,6 +131,12 @@ def read_yaml(path: str | Path, what: str = "config") -> tuple[dict, dict[tuple,
 
 def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     """``a.b=VALUE`` -> (("a", "b"), VALUE parsed as YAML: 32, true, [a, b], null)."""
+    parts, value = _parse_override(item)
+    return parts, copy.deepcopy(value)  # (the cached value is never handed out to be changed)
+
+
+@lru_cache(maxsize=4096)  # an experiment's runs share most of their overrides
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     key, sep, raw = item.partition("=")
     parts = tuple(k.strip() for k in key.split("."))
     if not sep:

@@ -24,6 +24,9 @@ import torch
 from shoptune._io import make_temp_dir, write_json
 
 EPS = 1e-12  # peft.tuners.poly.router.EPS: the normalisation Poly's router applies
+# the combination types peft's LoRA add_weighted_adapter accepts (peft/tuners/lora/model.py)
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd",
+                 "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 
 
 class ExpertError(ValueError):

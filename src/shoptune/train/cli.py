@@ -74,6 +74,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                 fail(str(e))
             return
         found = previous_run(Path(cfg.output_dir))
+        if resume and not (found or (Path(cfg.output_dir) / "stage2").is_dir()):
+            why = "no such folder" if not Path(cfg.output_dir).exists() else "no checkpoint, adapter or log there"
+            fail(f"--resume: {cfg.output_dir} holds no training run to continue ({why}); run without "
+                 "--resume to start one")
         if found and not resume:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             if not overwrite:

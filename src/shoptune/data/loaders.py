@@ -340,16 +340,19 @@ def _array_elements(fh, file: str):
                                                                   start_line)
                             row = _SKIPPED
                             break
+                        if eof:
+                            raise _Stop(line, "invalid JSON: the array is not closed") from None
                     except json.JSONDecodeError as e:
                         if eof:
                             raise _Stop(line + buf.count("\n", pos, e.pos),
                                         f"invalid JSON: {e.msg} (column {e.colno})") from None
                     if len(buf) - pos > limit:
-                        raise _Stop(start_line, f"element {i}: "
-                                    + over_cap("one data row", ROW_CAP)
+                        raise _Stop(start_line, f"element {i}: " + over_cap("one data row", ROW_CAP)
                                     + "; the rest of the file is not read")
-                    if not more():
-                        raise _Stop(line, "invalid JSON: the array is not closed")
+                    more()  # (at the end of the file it sets eof: the next pass decides)
+                if row is not _SKIPPED and end - pos > limit:  # whole in the buffer, still too long
+                    yield i, start_line, None, _too_long(file, f"index {i}", start_line)
+                    row = _SKIPPED
                 if row is not _SKIPPED:
                     if isinstance(row, dict):
                         yield i, start_line, row, None

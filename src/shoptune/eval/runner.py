@@ -88,17 +88,22 @@ def _file_hash(path: Path) -> str:
 
 
 def _check_task_adapters(model: str, engine: str, task_adapters: dict[str, str], records) -> None:
-    """Before any model is loaded: every ``--task-adapter TASK=DIR`` names a task the questions
-    have (its ShopBench task name or its card name; a typo would otherwise leave TASK on the base
-    model without a word) and, for an engine that serves LoRA from a converted or separate copy
-    (llama.cpp, vLLM), an adapter that fits the base. Errors name the option as typed."""
-    have = {r.task_name or r.task for r in records} | {r.task for r in records}
+    """Before any model is loaded: every ``--task-adapter TASK=DIR`` names a task (a task card,
+    a ShopBench task name such as ``task2``, or a task of the questions; a typo would otherwise
+    leave TASK's questions on the base model without a word) and, for an engine that serves LoRA
+    from a converted or separate copy (llama.cpp, vLLM), an adapter that fits the base. Errors
+    name the option as typed. (A known task without questions here is fine: an experiment routes
+    every task of a capability.)"""
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    known = (set(cards) | {c.source.task_name for c in cards.values() if c.source.task_name}
+             | {r.task_name or r.task for r in records} | {r.task for r in records})
     for task, folder in sorted(task_adapters.items()):
-        if task not in have:
+        if task not in known:
             shown = sorted({r.task_name or r.task for r in records})
             more = f", ... ({len(shown)} tasks)" if len(shown) > 12 else ""
-            raise ValueError(f"--task-adapter {task}={folder}: no question of task {task!r} in the "
-                             f"data (its tasks: {', '.join(shown[:12])}{more})")
+            raise ValueError(f"--task-adapter {task}={folder}: {task!r} is not a task (the questions' "
+                             f"tasks: {', '.join(shown[:12])}{more}; `shoptune tasks ls` lists all)")
     if engine in ("llama.cpp", "vllm"):
         from transformers import AutoConfig
 

@@ -161,3 +161,18 @@ def test_not_a_regular_file_is_named_never_opened(tmp_path):
         assert (got[0], [str(i) for i in got[1]]) == (0, [f"{path}: {why}"])
     # in a folder, such an entry is named too, not skipped as if it were not there
     assert [p.name for p in data_files(tmp_path)] == ["broken.jsonl", "loop.jsonl", "loop2.jsonl", "pipe.jsonl"]
+
+
+def test_token_lengths_are_counted_in_batches_bounded_by_size():
+    """`data stats` / `data mix` tokenized 2,048 rows per call whatever their length (a fast
+    tokenizer holds ~200 bytes per character while it works: 20 GB for one 100 MB field)."""
+    from shoptune.data.stats import token_lengths
+
+    calls = []
+
+    def tokenizer(texts, add_special_tokens):
+        calls.append([len(t) for t in texts])
+        return {"input_ids": [t.split() for t in texts]}
+    texts = ["a b c", "x " * 40, "y", "z " * 30, "w w"]
+    assert token_lengths(tokenizer, texts, batch_size=3, max_chars=64) == [3, 40, 1, 30, 2]
+    assert calls == [[5], [80], [1, 60, 3]]  # a text past the budget goes alone

@@ -127,8 +127,6 @@ def register(app: typer.Typer) -> None:
                          "--json", help="Write the paired statistics here.")] = None) -> None:
         """Side-by-side table of eval folders run on the same questions, then each run minus the
         first: paired bootstrap 95% CI and paired permutation p-value per task, track, all-around."""
-        import json
-
         from shoptune.eval.paired import format_paired, paired_compare
         from shoptune.eval.report import compare, plot_tracks
         from shoptune.eval.runs import RunFolderError, check_compare_args, read_run

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from shoptune import machine
-from shoptune._io import write_json
+from shoptune._io import read_json, write_json
 from shoptune.experiment.spec import (EvalSettings, ExperimentSpec, MergeSettings, load_spec, resolve_path,
                                       run_key, steps_for_budget)
 
@@ -238,8 +238,8 @@ def is_done(results: Path, run: dict) -> bool:
     if not p.exists():
         return False
     try:
-        return json.loads(p.read_text(encoding="utf-8")).get("key") == run["key"]
-    except ValueError:
+        return read_json(p, "result.json").get("key") == run["key"]
+    except (OSError, ValueError, AttributeError):  # (unreadable or not an object: not done)
         return False
 
 
@@ -421,7 +421,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     from shoptune.train.config import load_config
     from shoptune.train.trainer import use_bf16
 
-    p = json.loads(Path(plan_file).read_text(encoding="utf-8"))
+    p = read_json(plan_file, "plan.json")
     run = next(r for r in p["runs"] if r["id"] == run_id)
     work = Path(p["out"]) / "cells" / run_id
     train_dir = work / "train"

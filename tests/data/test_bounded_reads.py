@@ -85,7 +85,7 @@ def test_a_json_array_element_past_the_row_limit_is_one_line(tmp_path, small_row
 @pytest.mark.parametrize("text, where, msg", [
     ('[{"input_field": "a"} {"input_field": "b"}]', 1, "invalid JSON: expected ',' or ']' after an element"),
     ('[{"input_field": "a"}\n', 2, "invalid JSON: the array is not closed"),
-    ('[{"input_field": "a"},\n]', 2, "invalid JSON: Expecting value (column 1)"),
+    ('[{"input_field": "a"},\n]', 2, "invalid JSON: a trailing ',' before ']'"),
     ('[{"input_field": "a"}]\n[]', 2, "invalid JSON: extra data after the array"),
     ('[{"input_field": "a",\n "x": tru}]', 2, "invalid JSON: Expecting value (column 7)"),
 ])

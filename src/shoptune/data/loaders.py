@@ -78,7 +78,7 @@ def _array_element_lines(file: str, mtime_ns: int) -> tuple[int, ...]:
     with open_input(file, "data file") as fh:
         if fh.read(3) != b"\xef\xbb\xbf":
             fh.seek(0)
-        return tuple(line for i, line, _, _ in _array_elements(fh, file) if i is not None)
+        return tuple(line for i, line, _, _ in _ArrayElements(fh, file) if i is not None)
 
 
 def array_element_line(file: str, index: int) -> int | None:
@@ -252,7 +252,7 @@ def iter_raw(path: Path) -> Iterator[tuple[str, dict | None, DataIssue | None]]:
         if path.suffix.lower() == ".csv":
             yield from _iter_csv(fh, file)
         elif first == b"[":
-            for i, line, row, issue in _array_elements(fh, file):
+            for i, line, row, issue in _ArrayElements(fh, file):
                 yield f"index {i}" if i is not None else "", row, issue
         else:
             yield from _iter_jsonl(fh, file)
@@ -282,110 +282,104 @@ def _iter_jsonl(fh, file: str):
         yield loc, row, None
 
 
-def _array_elements(fh, file: str):
-    """(index, line, row, issue) for each element of the JSON array in ``fh`` (positioned at its
-    first byte), parsed one element at a time from a buffer of about one element: a file of any
-    size is read in 1 MiB blocks, never whole. A problem that leaves the array unreadable from
-    there on (invalid JSON, an element past the row limit) ends the file with one issue
-    (index None)."""
-    limit = byte_cap(ROW_CAP)
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    buf, pos, line, eof, i = "", 0, 1, False, 0
-    read_bytes = 0
-
-    def more() -> bool:  # append the next block to the buffer; False at the end of the file
-        nonlocal buf, pos, eof, read_bytes
-        if eof:
-            return False
-        block = fh.read(_ARRAY_CHUNK)
-        eof = not block
-        try:
-            text = decoder.decode(block, final=eof)
-        except UnicodeDecodeError as e:
-            bad = read_bytes + e.start
-            raise _Stop(line + buf.count("\n", pos) + block[:e.start].count(b"\n"),
-                        f"invalid UTF-8 at byte {bad}") from None
-        read_bytes += len(block)
-        buf = buf[pos:] + text
-        pos = 0
-        return not eof or bool(text)
-
-    def skip_ws() -> None:  # past blanks, counting lines; reads on at the buffer's end
-        nonlocal pos, line
-        while True:
-            end = _WS.match(buf, pos).end()
-            line += buf.count("\n", pos, end)
-            pos = end
-            if pos < len(buf) or not more():
-                return
-
-    try:
-        skip_ws()
-        pos += 1  # the "["
-        skip_ws()
-        if buf[pos:pos + 1] == "]":
-            pos += 1
-        else:
-            while True:
-                start_line = line
-                while True:  # one element: read on until it parses with text after it
-                    try:
-                        row, end = json_decode(buf, pos)
-                        if end < len(buf) or eof:
-                            break
-                    except JsonBoundsError as e:
-                        end = json_value_end(buf, pos)
-                        if end is not None:
-                            yield i, start_line, None, DataIssue(file, f"index {i}", e.field, e.reason,
-                                                                  start_line)
-                            row = _SKIPPED
-                            break
-                        if eof:
-                            raise _Stop(line, "invalid JSON: the array is not closed") from None
-                    except json.JSONDecodeError as e:
-                        if eof:
-                            raise _Stop(line + buf.count("\n", pos, e.pos),
-                                        f"invalid JSON: {e.msg} (column {e.colno})") from None
-                    if len(buf) - pos > limit:
-                        raise _Stop(start_line, f"element {i}: " + over_cap("one data row", ROW_CAP)
-                                    + "; the rest of the file is not read")
-                    more()  # (at the end of the file it sets eof: the next pass decides)
-                if row is not _SKIPPED and end - pos > limit:  # whole in the buffer, still too long
-                    yield i, start_line, None, _too_long(file, f"index {i}", start_line)
-                    row = _SKIPPED
-                if row is not _SKIPPED:
-                    if isinstance(row, dict):
-                        yield i, start_line, row, None
-                    else:
-                        yield i, start_line, None, DataIssue(
-                            file, f"index {i}", None, f"expected a JSON object, got {type(row).__name__}",
-                            start_line)
-                line += buf.count("\n", pos, end)
-                pos = end
-                i += 1
-                skip_ws()
-                sep = buf[pos:pos + 1]
-                if sep == "]":
-                    pos += 1
-                    break
-                if sep != ",":
-                    raise _Stop(line, "invalid JSON: expected ',' or ']' after an element"
-                                if sep else "invalid JSON: the array is not closed")
-                pos += 1
-                skip_ws()
-        skip_ws()
-        if pos < len(buf):
-            raise _Stop(line, "invalid JSON: extra data after the array")
-    except _Stop as e:
-        yield None, e.line, None, DataIssue(file, f"line {e.line}", None, e.message)
-
-
 class _Stop(Exception):
+    """The array cannot be read on from here (one issue at ``line`` ends the file)."""
+
     def __init__(self, line: int, message: str):
         self.line, self.message = line, message
 
 
-_SKIPPED = object()
+class _ArrayElements:
+    """(index, line, row, issue) for each element of the JSON array in the binary file ``fh``
+    (positioned at its first byte), parsed one element at a time from a buffer holding about
+    one element, filled in 1 MiB blocks: a file of any size, never held whole. An element past a
+    bound is an issue and is stepped over; a problem that leaves the array unreadable from there
+    on (invalid JSON, an element longer than may be held) ends the file with one issue (index
+    None)."""
+
+    def __init__(self, fh, file: str):
+        self.fh, self.file, self.limit = fh, file, byte_cap(ROW_CAP)
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.line, self.eof, self.bytes_read = "", 0, 1, False, 0
+
+    def more(self) -> None:
+        """The next block onto the buffer (what was parsed dropped); at the end: ``eof``."""
+        if self.eof:
+            return
+        block = self.fh.read(_ARRAY_CHUNK)
+        self.eof = not block
+        try:
+            text = self.decoder.decode(block, final=self.eof)
+        except UnicodeDecodeError as e:
+            raise _Stop(self.line + self.buf.count("\n", self.pos) + block[:e.start].count(b"\n"),
+                        f"invalid UTF-8 at byte {self.bytes_read + e.start}") from None
+        self.bytes_read += len(block)
+        self.buf, self.pos = self.buf[self.pos:] + text, 0
+
+    def skip_blanks(self) -> str:
+        """Past blanks (counting lines, reading on); the next character, "" at the end."""
+        while True:
+            end = _WS.match(self.buf, self.pos).end()
+            self.line += self.buf.count("\n", self.pos, end)
+            self.pos = end
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos:self.pos + 1]
+            self.more()
+
+    def element(self, i: int) -> tuple[Any, DataIssue | None, int]:
+        """(row, issue or None, end) of the element at ``pos``, reading on until it parses with
+        text after it (or the file ends)."""
+        at = f"index {i}"
+        while True:
+            try:
+                row, end = json_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:
+                    if end - self.pos > self.limit:  # whole in the buffer, still too long
+                        return None, _too_long(self.file, at, self.line), end
+                    return row, None, end
+            except JsonBoundsError as e:  # (too deep to parse: stepped over by its brackets)
+                end = json_value_end(self.buf, self.pos)
+                if end is not None:
+                    return None, DataIssue(self.file, at, e.field, e.reason, self.line), end
+                if self.eof:
+                    raise _Stop(self.line, "invalid JSON: the array is not closed") from None
+            except json.JSONDecodeError as e:
+                if self.eof:
+                    raise _Stop(self.line + self.buf.count("\n", self.pos, e.pos),
+                                f"invalid JSON: {e.msg} (column {e.colno})") from None
+            if len(self.buf) - self.pos > self.limit:
+                raise _Stop(self.line, f"element {i}: {over_cap('one data row', ROW_CAP)}; the rest "
+                                       "of the file is not read")
+            self.more()
+
+    def __iter__(self):
+        try:
+            self.skip_blanks()
+            self.pos += 1  # the "["
+            i, nxt = 0, self.skip_blanks()
+            while nxt != "]":
+                start = self.line
+                row, issue, end = self.element(i)
+                if issue is None and not isinstance(row, dict):
+                    issue = DataIssue(self.file, f"index {i}", None,
+                                      f"expected a JSON object, got {type(row).__name__}", start)
+                yield i, start, (None if issue else row), issue
+                self.line += self.buf.count("\n", self.pos, end)
+                self.pos, i = end, i + 1
+                nxt = self.skip_blanks()
+                if nxt == ",":
+                    self.pos += 1
+                    nxt = self.skip_blanks()
+                    if nxt == "]":
+                        raise _Stop(self.line, "invalid JSON: a trailing ',' before ']'")
+                elif nxt != "]":
+                    raise _Stop(self.line, "invalid JSON: expected ',' or ']' after an element"
+                                if nxt else "invalid JSON: the array is not closed")
+            self.pos += 1
+            if self.skip_blanks():
+                raise _Stop(self.line, "invalid JSON: extra data after the array")
+        except _Stop as e:
+            yield None, e.line, None, DataIssue(self.file, f"line {e.line}", None, e.message)
 
 
 def _csv_value(key: str, value: str) -> Any:

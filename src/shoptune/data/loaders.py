@@ -78,7 +78,7 @@ def _array_element_lines(file: str, mtime_ns: int) -> tuple[int, ...]:
     with open_input(file, "data file") as fh:
         if fh.read(3) != b"\xef\xbb\xbf":
             fh.seek(0)
-        return tuple(line for i, line, _, _ in _ArrayElements(fh, file) if i is not None)
+        return tuple(line for i, line, _, _ in _ArrayElements(fh, file, lines=True) if i is not None)
 
 
 def array_element_line(file: str, index: int) -> int | None:
@@ -295,12 +295,19 @@ class _ArrayElements:
     one element, filled in 1 MiB blocks: a file of any size, never held whole. An element past a
     bound is an issue and is stepped over; a problem that leaves the array unreadable from there
     on (invalid JSON, an element longer than may be held) ends the file with one issue (index
-    None)."""
+    None). ``lines``: give each element's line (else only an issue's: counting costs)."""
 
-    def __init__(self, fh, file: str):
-        self.fh, self.file, self.limit = fh, file, byte_cap(ROW_CAP)
+    def __init__(self, fh, file: str, lines: bool = False):
+        self.fh, self.file, self.limit, self.lines = fh, file, byte_cap(ROW_CAP), lines
         self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.buf, self.pos, self.line, self.eof, self.bytes_read = "", 0, 1, False, 0
+        self.buf, self.pos, self.eof, self.bytes_read = "", 0, False, 0
+        self.line_at, self.line_pos = 1, 0  # the line number at buffer offset line_pos
+
+    def line_of(self, p: int) -> int:
+        """The line of buffer offset ``p`` (at or after every offset asked before)."""
+        self.line_at += self.buf.count("\n", self.line_pos, p)
+        self.line_pos = p
+        return self.line_at
 
     def more(self) -> None:
         """The next block onto the buffer (what was parsed dropped); at the end: ``eof``."""
@@ -311,17 +318,18 @@ class _ArrayElements:
         try:
             text = self.decoder.decode(block, final=self.eof)
         except UnicodeDecodeError as e:
-            raise _Stop(self.line + self.buf.count("\n", self.pos) + block[:e.start].count(b"\n"),
+            raise _Stop(self.line_of(len(self.buf)) + block[:e.start].count(b"\n"),
                         f"invalid UTF-8 at byte {self.bytes_read + e.start}") from None
         self.bytes_read += len(block)
-        self.buf, self.pos = self.buf[self.pos:] + text, 0
+        self.line_of(self.pos)
+        self.buf, self.pos, self.line_pos = self.buf[self.pos:] + text, 0, 0
 
     def skip_blanks(self) -> str:
-        """Past blanks (counting lines, reading on); the next character, "" at the end."""
+        """Past blanks (reading on); the next character, "" at the end."""
         while True:
-            end = _WS.match(self.buf, self.pos).end()
-            self.line += self.buf.count("\n", self.pos, end)
-            self.pos = end
+            if self.pos < len(self.buf) and self.buf[self.pos] not in " \t\r\n":
+                return self.buf[self.pos]
+            self.pos = _WS.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or self.eof:
                 return self.buf[self.pos:self.pos + 1]
             self.more()
@@ -335,21 +343,20 @@ class _ArrayElements:
                 row, end = json_decode(self.buf, self.pos)
                 if end < len(self.buf) or self.eof:
                     if end - self.pos > self.limit:  # whole in the buffer, still too long
-                        return None, _too_long(self.file, at, self.line), end
+                        return None, _too_long(self.file, at, self.line_of(self.pos)), end
                     return row, None, end
             except JsonBoundsError as e:  # (too deep to parse: stepped over by its brackets)
                 end = json_value_end(self.buf, self.pos)
                 if end is not None:
-                    return None, DataIssue(self.file, at, e.field, e.reason, self.line), end
+                    return None, DataIssue(self.file, at, e.field, e.reason, self.line_of(self.pos)), end
                 if self.eof:
-                    raise _Stop(self.line, "invalid JSON: the array is not closed") from None
+                    raise _Stop(self.line_of(self.pos), "invalid JSON: the array is not closed") from None
             except json.JSONDecodeError as e:
                 if self.eof:
-                    raise _Stop(self.line + self.buf.count("\n", self.pos, e.pos),
-                                f"invalid JSON: {e.msg} (column {e.colno})") from None
+                    raise _Stop(self.line_of(e.pos), f"invalid JSON: {e.msg} (column {e.colno})") from None
             if len(self.buf) - self.pos > self.limit:
-                raise _Stop(self.line, f"element {i}: {over_cap('one data row', ROW_CAP)}; the rest "
-                                       "of the file is not read")
+                raise _Stop(self.line_of(self.pos), f"element {i}: {over_cap('one data row', ROW_CAP)}; "
+                                                    "the rest of the file is not read")
             self.more()
 
     def __iter__(self):
@@ -358,26 +365,26 @@ class _ArrayElements:
             self.pos += 1  # the "["
             i, nxt = 0, self.skip_blanks()
             while nxt != "]":
-                start = self.line
+                start = self.line_of(self.pos) if self.lines else None
                 row, issue, end = self.element(i)
                 if issue is None and not isinstance(row, dict):
                     issue = DataIssue(self.file, f"index {i}", None,
-                                      f"expected a JSON object, got {type(row).__name__}", start)
+                                      f"expected a JSON object, got {type(row).__name__}",
+                                      self.line_of(self.pos))
                 yield i, start, (None if issue else row), issue
-                self.line += self.buf.count("\n", self.pos, end)
                 self.pos, i = end, i + 1
                 nxt = self.skip_blanks()
                 if nxt == ",":
                     self.pos += 1
                     nxt = self.skip_blanks()
                     if nxt == "]":
-                        raise _Stop(self.line, "invalid JSON: a trailing ',' before ']'")
+                        raise _Stop(self.line_of(self.pos), "invalid JSON: a trailing ',' before ']'")
                 elif nxt != "]":
-                    raise _Stop(self.line, "invalid JSON: expected ',' or ']' after an element"
-                                if nxt else "invalid JSON: the array is not closed")
+                    raise _Stop(self.line_of(self.pos), "invalid JSON: expected ',' or ']' after an "
+                                "element" if nxt else "invalid JSON: the array is not closed")
             self.pos += 1
             if self.skip_blanks():
-                raise _Stop(self.line, "invalid JSON: extra data after the array")
+                raise _Stop(self.line_of(self.pos), "invalid JSON: extra data after the array")
         except _Stop as e:
             yield None, e.line, None, DataIssue(self.file, f"line {e.line}", None, e.message)
 

@@ -1,5 +1,13 @@
-"""Atomic writes: a file is written to a temp file beside the target, fsynced, then renamed; a
-folder (:func:`output_dir`) is written into a new temporary sibling and renamed into place.
+"""File helpers: bounded reads of inputs, atomic writes of outputs.
+
+Reads (:func:`open_input`, :func:`read_input`): regular files only (a FIFO, a device such as
+``/dev/zero`` or a socket is refused in one line instead of blocking or being read forever; a
+symlink loop is named as one) and, for whole-file reads, a size cap (configs: 1 MiB,
+``SHOPTUNE_MAX_CONFIG_BYTES`` raises it). Data rows are bounded one by one in
+:mod:`shoptune.data.loaders` (``SHOPTUNE_MAX_ROW_BYTES``).
+
+Writes: a file is written to a temp file beside the target, fsynced, then renamed; a folder
+(:func:`output_dir`) is written into a new temporary sibling and renamed into place.
 
 **No command deletes or overwrites what it did not write.** Every folder a command writes
 carries a marker (``.shoptune-output.json``: the command and the names it wrote). An existing
@@ -17,11 +25,276 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
+
+MiB = 1024 * 1024
+CONFIG_CAP = ("SHOPTUNE_MAX_CONFIG_BYTES", 1 * MiB)  # a config is a few KB
+ROW_CAP = ("SHOPTUNE_MAX_ROW_BYTES", 4 * MiB)        # one data row (a JSON line, array element, CSV row)
+JSON_CAP = ("SHOPTUNE_MAX_JSON_BYTES", 64 * MiB)     # a run's own JSON file (scores.json, ...)
+
+
+class InputError(ValueError):
+    """An input that cannot be read as one: not a regular file, too large, a symlink loop.
+    ``str()`` is one line, ``PATH: reason``."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def byte_cap(cap: tuple[str, int]) -> int:
+    """The cap ``(ENV_VAR, default)`` in bytes: the variable when set (``10000000``, ``64MiB``,
+    ``2GB``), else the default."""
+    env, default = cap
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    m = re.fullmatch(r"(\d+)\s*([kmg]i?b?)?", raw.lower())
+    if not m:
+        raise InputError(env, f"{raw!r} is not a size in bytes (e.g. 16000000 or 64MiB)")
+    unit = (m.group(2) or "").rstrip("b")
+    mult = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "ki": 1024, "mi": MiB, "gi": 1024 ** 3}[unit]
+    return int(m.group(1)) * mult
+
+
+def size_text(n: int) -> str:
+    """``1 MiB``, ``64 MiB``, ``1.5 GiB``, ``500 bytes``."""
+    for unit, size in (("GiB", 1024 ** 3), ("MiB", MiB), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def over_cap(what: str, cap: tuple[str, int]) -> str:
+    """Why an input over its cap is refused, naming the variable that raises it."""
+    return f"larger than {size_text(byte_cap(cap))}, the limit for {what} ({cap[0]} raises it)"
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path, mode: int, what: str) -> OSError | InputError:
+    if stat.S_ISDIR(mode):
+        return IsADirectoryError(errno.EISDIR, f"is a folder (a {what} is wanted here)", str(path))
+    kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+    return InputError(path, f"{kind}, not a regular file; a {what} is read from a regular file only")
+
+
+def open_input(path: str | os.PathLike, what: str = "file") -> BinaryIO:
+    """``path`` opened for reading (binary) if it is a regular file. A FIFO, device or socket:
+    :class:`InputError` (never opened, so nothing blocks); a symlink loop or a broken symlink:
+    :class:`InputError` saying so; a folder: IsADirectoryError; missing: FileNotFoundError."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(p, "a symlink loop (too many levels of symbolic links)") from None
+        if e.errno == errno.ENOENT and os.path.islink(p):
+            raise InputError(p, f"a broken symlink (to {os.readlink(p)}, which does not exist)") from None
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(p, st.st_mode, what)
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced between the stat and the open
+        os.close(fd)
+        raise _not_regular(p, mode, what)
+    return os.fdopen(fd, "rb")
+
+
+def read_input(path: str | os.PathLike, what: str = "file", cap: tuple[str, int] = CONFIG_CAP) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_input`), at most ``cap``
+    (``(ENV_VAR, default)``): a larger file is :class:`InputError` before it is read whole."""
+    limit = byte_cap(cap)
+    with open_input(path, what) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(path, over_cap(f"a {what}", cap))
+    return data
+
+
+def read_input_text(path: str | os.PathLike, what: str = "file", cap: tuple[str, int] = CONFIG_CAP) -> str:
+    """:func:`read_input` decoded as UTF-8 (a BOM dropped); :class:`InputError` naming the byte
+    that is not UTF-8."""
+    data = read_input(path, what, cap)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text (byte {e.start})") from None
+
+
+def hash_file(h, path: str | os.PathLike, what: str = "file") -> None:
+    """Feed the regular file ``path`` into the hash ``h`` in 1 MiB blocks (never whole)."""
+    with open_input(path, what) as fh:
+        while block := fh.read(MiB):
+            h.update(block)
+
+
+# ----------------------------------------------------------------------------- bounded JSON
+
+MAX_JSON_DEPTH = 64   # nesting levels of one JSON value (a data row, a run's scores.json)
+MAX_INT_DIGITS = 100  # digits of one JSON integer (Python refuses to convert past 4,300)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+class JsonBoundsError(ValueError):
+    """A JSON value that parses but breaks a bound: nested deeper than :data:`MAX_JSON_DEPTH`,
+    an integer of more than :data:`MAX_INT_DIGITS` digits, a lone surrogate (``\\ud800``, not
+    Unicode text: it cannot be written back as UTF-8). ``field``: the top-level key it sits
+    under (None for the value itself)."""
+
+    def __init__(self, field: str | None, reason: str):
+        self.field, self.reason = field, reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+class _LongInt:
+    """Stands for an integer past :data:`MAX_INT_DIGITS` while parsing (never converted)."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+_long_ints_seen = [0]  # how many _LongInt were made (tells a parse it made one; only ever grows)
+
+
+def _parse_int(text: str):
+    if len(text) <= MAX_INT_DIGITS or len(text.lstrip("-")) <= MAX_INT_DIGITS:
+        return int(text)
+    _long_ints_seen[0] += 1
+    return _LongInt(len(text.lstrip("-")))
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+
+
+def _shown_key(key) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")[:80]
+
+
+def _deep_key(text: str, start: int) -> str | None:
+    """The top-level key under which the JSON object at ``text[start:]`` nests past the limit."""
+    depth, last = 0, None
+    for m in _TOKEN.finditer(text, start):
+        tok = m.group()
+        if tok[0] == '"':
+            if depth == 1:
+                last = tok
+        elif tok in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH + 1:
+                try:
+                    return _shown_key(json.loads(last)) if last else None
+                except ValueError:
+                    return None
+        else:
+            depth -= 1
+            if depth <= 0:
+                return None
+    return None
+
+
+def json_value_end(text: str, start: int) -> int | None:
+    """Where the JSON object or array at ``text[start]`` ends (by its brackets, strings
+    skipped), or None if it does not end within ``text``: how a reader steps over a value too
+    deep to parse."""
+    depth = 0
+    for m in _TOKEN.finditer(text, start):
+        tok = m.group()
+        if tok[0] == '"':
+            continue
+        depth += 1 if tok in "[{" else -1
+        if depth == 0:
+            return m.end()
+    return None
+
+
+def bounds_problem(value) -> JsonBoundsError | None:
+    """The first bound ``value`` (a parsed JSON value) breaks, walking it without recursion."""
+    stack = [(value, 0, None)]
+    while stack:
+        v, depth, top = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return JsonBoundsError(top, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(v, _LongInt):
+            return JsonBoundsError(top, f"an integer of {v.digits} digits (at most {MAX_INT_DIGITS})")
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return JsonBoundsError(top, "a lone surrogate (e.g. \\ud800) in a string: not "
+                                            "Unicode text")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                here = _shown_key(k) if top is None and depth == 0 else top
+                if _SURROGATE.search(k):
+                    return JsonBoundsError(here, "a lone surrogate (e.g. \\ud800) in a key: not "
+                                                 "Unicode text")
+                stack.append((x, depth + 1, here))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1, top) for x in v)
+    return None
+
+
+def json_decode(text: str, start: int = 0) -> tuple[object, int]:
+    """``json.JSONDecoder.raw_decode`` with the bounds: the value starting at ``text[start]``
+    and where it ends. Raises ``json.JSONDecodeError`` as json does, :class:`JsonBoundsError`
+    for a value past a bound (also one too deep for the parser's recursion)."""
+    seen = _long_ints_seen[0]
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise JsonBoundsError(_deep_key(text, start), f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if (_long_ints_seen[0] != seen or _SURROGATE_ESCAPE.search(text, start, end)
+            or text.count("[", start, end) + text.count("{", start, end) > MAX_JSON_DEPTH):
+        problem = bounds_problem(value)
+        if problem is not None:
+            raise problem
+    return value, end
+
+
+def json_loads(text: str):
+    """``json.loads`` with the bounds of :func:`json_decode` (whitespace around the value)."""
+    start = len(text) - len(text.lstrip())
+    value, end = json_decode(text, start)
+    if text[end:].strip():
+        raise json.JSONDecodeError("Extra data", text, end + len(text[end:]) - len(text[end:].lstrip()))
+    return value
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", cap: tuple[str, int] = JSON_CAP):
+    """The JSON value in the regular file ``path``, read bounded (size cap, depth, integer size,
+    surrogates); :class:`InputError` naming ``path`` (and the line) for anything else."""
+    text = read_input_text(path, what, cap)
+    try:
+        return json_loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}", f"not valid JSON: {e.msg} (column {e.colno})") from None
+    except JsonBoundsError as e:
+        raise InputError(path, str(e)) from None
+
+
+def iter_lines(fh: BinaryIO, cap: tuple[str, int] = ROW_CAP):
+    """``(line number, bytes)`` for each line of the binary file ``fh``; a line longer than
+    ``cap`` comes as ``(n, None)`` and is skipped to its end without being kept."""
+    limit = byte_cap(cap)
+    n = 0
+    while line := fh.readline(limit + 1):
+        n += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := fh.readline(MiB)) and not rest.endswith(b"\n"):
+                pass
+            yield n, None
+            continue
+        yield n, line
 
 OUTPUT_MARKER = ".shoptune-output.json"
 

@@ -323,6 +323,7 @@ def export_run_experts(run: Path, out: Path, *, fallback: str = "capability", ov
     return meta
 
 
+# the combination types peft's LoRA add_weighted_adapter accepts (peft/tuners/lora/model.py)
 MERGE_METHODS = ("ties", "dare_ties", "dare_linear", "linear", "cat", "svd", "ties_svd",
                  "dare_ties_svd", "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
 SAME_RANK_METHODS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")  # (peft's rule)

@@ -105,6 +105,27 @@ def test_per_task_losses_are_a_table_and_resume_rounds(tmp_path, args):
     first, last = loss.split()[1], loss.split()[3]
     assert len(first.split(".")[1]) == 4 and len(last.split(".")[1]) == 4, loss
 
+    # #31 items 18, 30 on the same run (no more training): resuming it under another adapter
+    # structure, from a checkpoint damaged after its COMPLETE marker, or from a folder holding no
+    # run is one line naming why; nothing is trained or written
+    ckpt = out / "checkpoint-4"
+    res = invoke(*a, "max_steps=4", "--out", out, "--resume", "peft=poly")
+    assert res.exit_code == 1 and "Traceback" not in res.output and (
+        f"error: {ckpt}: saved by a run with peft_type 'LORA', but this config gives 'POLY' (peft): "
+        "resume with the run's own config, or --overwrite to start over") in out_of(res), res.output
+    opt = ckpt / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:len(opt.read_bytes()) // 2])
+    res = invoke(*a, "max_steps=4", "--out", out, "--resume")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"error: {opt}: not a whole torch file (" in out_of(res) and \
+        "remove checkpoint-4 to resume from the one before" in out_of(res), res.output
+    for missing, why in ((tmp_path / "nothing", "no such folder"), (tmp_path, "no checkpoint, adapter or log")):
+        res = invoke(*a, "max_steps=4", "--out", missing, "--resume")
+        assert res.exit_code == 1 and out_of(res) == (
+            f"error: --resume: {missing} holds no training run to continue ({why}"
+            + ("" if why == "no such folder" else " there") + "); run without --resume to start one"), res.output
+    assert not (tmp_path / "nothing").exists()
+
 
 def test_on_invalid_fail_stops_training_before_any_work(tmp_path, args):
     bad = write_jsonl(tmp_path / "bad.jsonl", [mc(f"Q{i}?") for i in range(20)] + [mc("Odd?", gold=7)])

@@ -79,11 +79,59 @@ class _PerTaskBackend:
 
 
 def _file_hash(path: Path) -> str:
+    from shoptune._io import hash_file
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if f.is_file():
-            h.update(f.read_bytes())
+        if f.is_file() or f == path:
+            hash_file(h, f, "data file")
     return h.hexdigest()[:16]
+
+
+def _check_task_adapters(model: str, engine: str, task_adapters: dict[str, str], records) -> None:
+    """Before any model is loaded: every ``--task-adapter TASK=DIR`` names a task (a task card,
+    a ShopBench task name such as ``task2``, or a task of the questions; a typo would otherwise
+    leave TASK's questions on the base model without a word) and, for an engine that serves LoRA
+    from a converted or separate copy (llama.cpp, vLLM), an adapter that fits the base. Errors
+    name the option as typed. (A known task without questions here is fine: an experiment routes
+    every task of a capability.)"""
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    known = (set(cards) | {c.source.task_name for c in cards.values() if c.source.task_name}
+             | {r.task_name or r.task for r in records} | {r.task for r in records})
+    for task, folder in sorted(task_adapters.items()):
+        if task not in known:
+            shown = sorted({r.task_name or r.task for r in records})
+            more = f", ... ({len(shown)} tasks)" if len(shown) > 12 else ""
+            raise ValueError(f"--task-adapter {task}={folder}: {task!r} is not a task (the questions' "
+                             f"tasks: {', '.join(shown[:12])}{more}; `shoptune tasks ls` lists all)")
+    if engine in ("llama.cpp", "vllm"):
+        from transformers import AutoConfig
+
+        from shoptune.models import InvalidAdapterError, check_adapter, resolve
+        config = AutoConfig.from_pretrained(str(resolve(model)))
+        for task, folder in sorted(task_adapters.items()):
+            try:
+                check_adapter(config, folder, base_name=model)
+            except InvalidAdapterError as e:
+                raise ValueError(f"--task-adapter {task}={folder}: {e}") from None
+
+
+def _warn_uncarded(records, quiet: bool) -> None:
+    """Say (stderr) which questions belong to no task card (a ShopBench ``task_name`` shoptune
+    does not know, a row naming its own task): they are scored by their row's task type and
+    metric with the generic parser, and a typo in ``task_name`` would otherwise pass unseen."""
+    from collections import Counter
+
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    odd = Counter(r.task_name or r.task for r in records if r.task not in cards)
+    if odd and not quiet:
+        from rich.console import Console
+        shown = ", ".join(f"{t} ({n})" for t, n in sorted(odd.items())[:8]) + (", ..." if len(odd) > 8 else "")
+        Console(stderr=True).print(f"warning: {sum(odd.values())} question(s) of tasks without a task "
+                                   f"card: {shown}; scored by their rows' task_type and metric with "
+                                   "the generic parser (`shoptune tasks ls` lists the known tasks)",
+                                   markup=False, highlight=False, soft_wrap=True)
 
 
 ENGINES = ("builtin", "llama.cpp", "vllm", "openai")
@@ -149,6 +197,9 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         records, manifest = build_suite(suite)
     else:
         records = load_records(list(data))
+    if task_adapters:
+        _check_task_adapters(model, engine, task_adapters, records)
+    _warn_uncarded(records, quiet)
     n_all = len(records)
     if limit_per_task:
         seen: dict[str, int] = {}

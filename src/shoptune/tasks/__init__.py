@@ -1,8 +1,8 @@
 """Task cards: one small versioned YAML file per task, found by walking ``tasks/cards/``.
 
 A card says what a task is (capability, task type, metric), where its data comes from, how its
-prompt is rendered and how model output is parsed. Cards are loaded with ``yaml.safe_load`` into
-:class:`TaskCard`; extra card folders can be added with ``SHOPTUNE_TASKS_PATH`` (``:``-separated).
+prompt is rendered and how model output is parsed. Cards are read with the bounded safe loader
+(:func:`shoptune.configfile.read_yaml`) into :class:`TaskCard`; extra card folders can be added with ``SHOPTUNE_TASKS_PATH`` (``:``-separated).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoptune.records import CAPABILITIES, METRICS, TASK_TYPES
@@ -66,12 +65,13 @@ def _card_dirs() -> list[Path]:
 
 
 def load_card(path: Path) -> TaskCard:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CardError(f"{path}: cannot read task card: {e}") from e
-    if not isinstance(data, dict):
-        raise CardError(f"{path}: a task card must be a YAML mapping")
+    from shoptune.configfile import ConfigError, read_yaml
+    try:  # (bounded: a regular file, size, aliases)
+        data, _ = read_yaml(path, "task card")
+    except OSError as e:
+        raise CardError(f"{path}: cannot read task card: {e.strerror or e}") from None
+    except ConfigError as e:
+        raise CardError(str(e)) from None
     try:
         return TaskCard(**data)
     except ValidationError as e:

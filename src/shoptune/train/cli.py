@@ -76,6 +76,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                 fail(str(e))
             return
         found = previous_run(Path(cfg.output_dir))
+        if resume and not (found or (Path(cfg.output_dir) / "stage2").is_dir()):
+            why = "no such folder" if not Path(cfg.output_dir).exists() else "no checkpoint, adapter or log there"
+            fail(f"--resume: {cfg.output_dir} holds no training run to continue ({why}); run without "
+                 "--resume to start one")
         if found and not (resume or overwrite):
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             fail(f"{cfg.output_dir} already holds a training run ({shown}): --resume continues "
@@ -116,6 +120,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         from shoptune._io import check_new_file, check_out_file, existing_inputs, write_json, write_jsonl
         from shoptune.configfile import resolve_config
         from shoptune.data.loaders import DataValidationError, skipped_line
+        from shoptune.data.stats import token_lengths
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
         from shoptune.train.format import answer_text
         from shoptune.train.mixture import MixtureConfig, MixtureError, build_mixture
@@ -135,10 +140,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                                progress=lambda m: st.update(f"building mixture: {m}"))
                 st.update(f"counting tokens of {len(recs)} rows")
                 tok = load_tokenizer(DEFAULT_MODEL)
-                manifest["tokens"] = {
-                    "input": sum(len(x) for x in tok([r.input_field for r in recs], add_special_tokens=False)["input_ids"]),
-                    "answer": sum(len(x) for x in tok([answer_text(r) for r in recs], add_special_tokens=False)["input_ids"]),
-                } if recs else {"input": 0, "answer": 0}
+                manifest["tokens"] = {  # (in batches bounded by size: rows may be long)
+                    "input": sum(token_lengths(tok, [r.input_field for r in recs])),
+                    "answer": sum(token_lengths(tok, [answer_text(r) for r in recs])),
+                }
         except DataValidationError as e:
             fail(str(e))
         except MixtureError as e:

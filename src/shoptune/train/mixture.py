@@ -82,11 +82,12 @@ class MixtureConfig(BaseModel):
 
 
 def _file_digest(path: Path) -> str:
+    from shoptune._io import hash_file
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        hash_file(h, f, "data file")
     return h.hexdigest()[:16]
 
 

@@ -66,7 +66,7 @@ def test_a_big_grid_is_checked_in_linear_time_and_a_bad_merge_method_is_refused(
                        grid={"lora.r": [1, 2]}).expanded_cells()
     merge = {"name": "m", "merge_of": "p"}
     with pytest.raises(ValueError, match="'bogus' is not a combination type of peft's add_weighted_adapter "
-                                         r"\(one of linear, ties, "):
+                                         r"\(one of ties, dare_ties, "):
         ExperimentSpec(name="g", base="x", baseline="p", cells=[{"name": "p", "per_task": True},
                                                                 {**merge, "merge": {"method": "bogus"}}])
     ok = ExperimentSpec(name="g", base="x", baseline="p", cells=[{"name": "p", "per_task": True},

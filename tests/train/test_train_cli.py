@@ -119,7 +119,8 @@ def test_per_task_losses_are_a_table_and_resume_rounds(tmp_path, args):
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert f"error: {opt}: not a whole torch file (" in out_of(res) and \
         "remove checkpoint-4 to resume from the one before" in out_of(res), res.output
-    for missing, why in ((tmp_path / "nothing", "no such folder"), (tmp_path, "no checkpoint, adapter or log")):
+    (tmp_path / "empty").mkdir()
+    for missing, why in ((tmp_path / "nothing", "no such folder"), (tmp_path / "empty", "no checkpoint, adapter or log")):
         res = invoke(*a, "max_steps=4", "--out", missing, "--resume")
         assert res.exit_code == 1 and out_of(res) == (
             f"error: --resume: {missing} holds no training run to continue ({why}"

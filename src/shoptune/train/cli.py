@@ -76,10 +76,6 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                 fail(str(e))
             return
         found = previous_run(Path(cfg.output_dir))
-        if resume and not (found or (Path(cfg.output_dir) / "stage2").is_dir()):
-            why = "no such folder" if not Path(cfg.output_dir).exists() else "no checkpoint, adapter or log there"
-            fail(f"--resume: {cfg.output_dir} holds no training run to continue ({why}); run without "
-                 "--resume to start one")
         if found and not (resume or overwrite):
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             fail(f"{cfg.output_dir} already holds a training run ({shown}): --resume continues "
@@ -91,6 +87,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                          legacy=(lambda f: os.listdir(f)) if found else run_entries, flag="--out",
                          inputs=existing_inputs(cfg.mixture.sources, cfg.eval_data, [config],
                                                 [cfg.model] if Path(cfg.model).exists() else []))
+        if resume and not (found or (Path(cfg.output_dir) / "stage2").is_dir()):
+            why = "no such folder" if not Path(cfg.output_dir).exists() else "no checkpoint, adapter or log there"
+            fail(f"--resume: {cfg.output_dir} holds no training run to continue ({why}); run without "
+                 "--resume to start one")
         if found and not resume:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             clear_run(Path(cfg.output_dir))

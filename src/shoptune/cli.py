@@ -408,7 +408,8 @@ def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train
 
     src = shipped_config(name)
     if src is None:
-        matches = [p for n, p in shipped_configs() if Path(n).name == Path(name).stem]
+        bare = Path(name).name.removesuffix(".yaml").removesuffix(".yml")  # (qwen2.5-7b: no .stem)
+        matches = [p for n, p in shipped_configs() if Path(n).name == bare]
         if len(matches) == 1:
             src = matches[0]
         else:
@@ -421,7 +422,9 @@ def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train
     check_out_file(target)
     with atomic_open(target) as fh:
         fh.write(src.read_text(encoding="utf-8"))
-    console.print(f"copied {src.relative_to(src.parents[1]).as_posix()} -> {target}", highlight=False)
+    from shoptune.configfile import shipped_dir
+    shown = src.relative_to(shipped_dir()).with_suffix("").as_posix()  # the name `configs ls` lists
+    console.print(f"copied {shown} -> {target}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- demo

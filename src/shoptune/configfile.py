@@ -185,7 +185,8 @@ def describe(path: Path, width: int = 110) -> str:
 
 def shipped_config(name: str | Path, kind: str | None = None) -> Path | None:
     """The shipped config ``name`` names, or None: ``configs/train/smoke.yaml``, ``train/smoke``,
-    ``train/smoke.yaml``, or (given ``kind``, e.g. "train") ``smoke`` / ``smoke.yaml``."""
+    ``train/smoke.yaml``, or (given ``kind``, e.g. "train") the name inside that kind's folder:
+    ``smoke``, ``smoke.yaml``, ``gpu/qwen2.5-7b-qlora``."""
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
         return None
@@ -195,7 +196,7 @@ def shipped_config(name: str | Path, kind: str | None = None) -> Path | None:
     rel = Path(*parts)
     rel = rel if rel.suffix in (".yaml", ".yml") else rel.with_name(rel.name + ".yaml")
     cands = [shipped_dir() / rel]
-    if kind and len(parts) == 1:
+    if kind and parts[0] != kind:
         cands.insert(0, shipped_dir() / kind / rel)
     return next((c for c in cands if c.is_file()), None)
 

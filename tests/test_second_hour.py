@@ -1,0 +1,35 @@
+"""#34: past the quick start, what got in a new user's way: one name per task, help that explains
+itself, config names and errors that point at the right place, honest summaries, a docs site a
+reader can walk. One test (or a few) per numbered item; most run in well under a second."""
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from shoptune import REPO_CONFIGS
+from shoptune.cli import app
+from tests.conftest import REPO
+
+
+def run(*args, width: int = 200):
+    res = CliRunner().invoke(app, [str(a) for a in args], terminal_width=width, env={"COLUMNS": str(width)})
+    return res, " ".join(res.output.replace("│", " ").split())
+
+
+# ----------------------------------------------------------------------------- 6: config names
+
+def test_a_shipped_config_is_found_by_the_name_configs_cp_prints(tmp_path, monkeypatch):
+    from shoptune.configfile import resolve_config
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    qlora = REPO_CONFIGS / "train" / "gpu" / "qwen2.5-7b-qlora.yaml"
+    assert resolve_config("gpu/qwen2.5-7b-qlora", "train") == qlora
+    assert resolve_config("train/gpu/qwen2.5-7b-qlora", "train") == qlora
+    assert resolve_config("smoke", "train") == REPO_CONFIGS / "train" / "smoke.yaml"
+    res, text = run("configs", "cp", "qwen2.5-7b-qlora", tmp_path / "mine.yaml")
+    assert res.exit_code == 0 and "copied train/gpu/qwen2.5-7b-qlora -> " in text, res.output
+    named = text.split("copied ")[1].split(" -> ")[0]
+    res, text = run("train", named, "--plan", "--gpu", "l4-24g")
+    assert res.exit_code == 0 and "Qwen" in text and "fits" in text, res.output
+    res, text = run("train", "gpu/qwen2.5-7b-qlora", "--plan")
+    assert res.exit_code == 0 and "fits on:" in text, res.output

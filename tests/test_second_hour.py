@@ -33,3 +33,16 @@ def test_a_shipped_config_is_found_by_the_name_configs_cp_prints(tmp_path, monke
     assert res.exit_code == 0 and "Qwen" in text and "fits" in text, res.output
     res, text = run("train", "gpu/qwen2.5-7b-qlora", "--plan")
     assert res.exit_code == 0 and "fits on:" in text, res.output
+
+
+# ----------------------------------------------------------------------------- 8: where a bad value came from
+
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
+    res, text = run("train", "smoke", "lora.r=0", f"output_dir={tmp_path / 'run'}")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert text == "error: override 'lora.r=0': lora.r: Input should be greater than or equal to 1 (got 0)", text
+    assert "smoke.yaml" not in text and not (tmp_path / "run").exists()
+    bad = tmp_path / "t.yaml"  # a bad value in the file is still the file's, with its line
+    bad.write_text("max_steps: 3\nlora:\n  r: 0\n")
+    res, text = run("train", bad, "max_steps=4", f"output_dir={tmp_path / 'run'}")
+    assert text == f"error: {bad}:3: lora.r: Input should be greater than or equal to 1 (got 0)", text

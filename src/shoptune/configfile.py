@@ -2,7 +2,7 @@
 errors a user can act on: one line per problem, no pydantic URL::
 
     configs/train/x.yaml:7: lora.r: Input should be greater than or equal to 1 (got 0)
-    configs/train/x.yaml: learning_rate: Input should be greater than 0 (got -1)   (an override)
+    override 'learning_rate=-1': learning_rate: Input should be greater than 0 (got -1)
     override '=5': the key is empty (expected key=value)
 
 Shared by training configs, mixtures, synthesis specs and experiment files.
@@ -102,7 +102,9 @@ def format_errors(where: str, err: ValidationError, data: Any = None,
     """One line per bad field: ``where[:LINE]: field: why (got X)``. The field is named by the
     keys of ``data`` it sits at (pydantic's union and validator tags are dropped, and a field
     failing every branch of a union is one line). ``LINE``: where the key is in the file,
-    unless it (or a section above it) was set by an override (key paths ``overridden``)."""
+    unless it (or a section above it) was set by an override (key paths ``overridden``); when
+    ``overridden`` maps those key paths to the ``key=value`` items that set them, the line names
+    that override instead of the file (the bad value came from the command line)."""
     merged: dict[tuple, list[str]] = {}
     got: dict[tuple, str] = {}
     for e in err.errors(include_url=False):
@@ -131,9 +133,13 @@ def format_errors(where: str, err: ValidationError, data: Any = None,
     out = []
     for key, msgs in merged.items():
         line = None
-        if lines and not any(key[:len(o)] == o for o in overridden):
-            line = next((lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in lines), None)
-        place = f"{where}:{line}" if line else where
+        by = [o for o in overridden if key[:len(o)] == o]
+        if by and isinstance(overridden, dict):
+            place = f"override {overridden[max(by, key=len)]!r}"
+        else:
+            if lines and not by:
+                line = next((lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in lines), None)
+            place = f"{where}:{line}" if line else where
         field = ".".join(map(str, key)) or "(config)"
         out.append(f"{place}: {field}: {'; or '.join(msgs)}" + (f" (got {got[key]})" if key in got else ""))
     return "\n".join(out)
@@ -152,7 +158,7 @@ def load(model: type[M], path: str | Path | None, overrides=(), what: str = "con
     """``model`` from the YAML file ``path`` (None: defaults) with ``key=value`` overrides."""
     data, lines = read_yaml(path, what) if path else ({}, {})
     apply_overrides(data, overrides)
-    overridden = [parse_override(item)[0] for item in overrides or ()]
+    overridden = {parse_override(item)[0]: item for item in overrides or ()}  # (the last one wins)
     return validate(model, data, str(path) if path else "config", lines, overridden)
 
 

@@ -3,6 +3,7 @@ itself, config names and errors that point at the right place, honest summaries,
 reader can walk. One test (or a few) per numbered item; most run in well under a second."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -46,3 +47,27 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
     bad.write_text("max_steps: 3\nlora:\n  r: 0\n")
     res, text = run("train", bad, "max_steps=4", f"output_dir={tmp_path / 'run'}")
     assert text == f"error: {bad}:3: lora.r: Input should be greater than or equal to 1 (got 0)", text
+
+
+# ----------------------------------------------------------------------------- 4: one cache after make setup
+
+def test_the_cli_uses_the_cache_make_setup_filled(tmp_path, monkeypatch):
+    """`make setup` converts the model into <repo>/.cache/shoptune; the CLI, run without make (no
+    SHOPTUNE_CACHE_DIR), used to convert it again into ~/.cache/shoptune."""
+    import platformdirs
+
+    from shoptune import paths
+    from shoptune.models import model_cache_dir
+    assert "export SHOPTUNE_CACHE_DIR ?= $(CURDIR)/.cache/shoptune" in (REPO / "Makefile").read_text()
+    monkeypatch.delenv("SHOPTUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "repo")
+    # no checkout cache: the user's
+    assert paths.cache_dir() == tmp_path / "xdg" / "shoptune" == Path(platformdirs.user_cache_dir("shoptune"))
+    (tmp_path / "repo" / ".cache" / "shoptune").mkdir(parents=True)
+    assert paths.cache_dir() == tmp_path / "repo" / ".cache" / "shoptune"
+    assert model_cache_dir("smollm2-135m") == tmp_path / "repo" / ".cache" / "shoptune" / "models" / "smollm2-135m"
+    monkeypatch.setenv("SHOPTUNE_CACHE_DIR", str(tmp_path / "mine"))  # the variable still wins
+    assert paths.cache_dir() == tmp_path / "mine"
+    res, text = run("--help")
+    assert "else the data/ folder of the shoptune checkout" in text  # the data dir's last fallback, said

@@ -61,7 +61,8 @@ app.add_typer(models_app, name="models")
 
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: "
-                                                 "$SHOPTUNE_DATA_DIR, else ./data).")]
+                                                 "$SHOPTUNE_DATA_DIR, else ./data, else the data/ "
+                                                 "folder of the shoptune checkout).")]
 Paths = Annotated[list[str], typer.Argument(help="Files or folders (relative to the data dir "
                                             "when not found as given).")]
 MapOpt = Annotated[Optional[list[str]], typer.Option(

@@ -71,3 +71,33 @@ def test_the_cli_uses_the_cache_make_setup_filled(tmp_path, monkeypatch):
     assert paths.cache_dir() == tmp_path / "mine"
     res, text = run("--help")
     assert "else the data/ folder of the shoptune checkout" in text  # the data dir's last fallback, said
+
+
+# ----------------------------------------------------------------------------- 10: a one-log run
+
+def _text(renderable) -> str:
+    from rich.console import Console
+    c = Console(record=True, width=120)
+    c.print(renderable)
+    return c.export_text()
+
+
+def test_a_run_that_logged_once_does_not_read_as_nothing_learned(tmp_path):
+    from shoptune.train.cli import _loss_line
+    from shoptune.train.progress import task_loss_table
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"step": 5, "loss": 3.8635, "loss/ecguide_sa": 3.1, "loss/ecguide_mt": 4.25}) + "\n")
+    once = {"first_loss": 3.8635, "final_loss": 3.8635, "loss_logs": 1, "mean_loss": 3.9012}
+    line = _loss_line(once, 5)
+    assert line == ("loss 3.8635 at the one logged step (logging_steps=5: too few logs to show a change; "
+                    "mean loss 3.9012 over all steps)")
+    table = _text(task_loss_table(log))
+    assert "+0.0000" not in table and "too few logs to show a change" in table
+    assert re.search(r"ecguide_mt\s+│\s+4\.2500", table) and re.search(r"ecguide_sa\s+│\s+3\.1000", table)
+    # two logs: first -> last and the change, as before; a task logged once among them shows "-"
+    with log.open("a") as fh:
+        fh.write(json.dumps({"step": 10, "loss": 3.2, "loss/ecguide_sa": 2.6}) + "\n")
+    assert _loss_line({"first_loss": 3.8635, "final_loss": 3.2, "loss_logs": 2}, 5) == "loss 3.8635 -> 3.2000"
+    table = _text(task_loss_table(log))
+    assert re.search(r"ecguide_sa\s+│\s+3\.1000\s+│\s+2\.6000\s+│\s+-0\.5000\s+│\s+2", table), table
+    assert re.search(r"ecguide_mt\s+│\s+4\.2500\s+│\s+4\.2500\s+│\s+-\s+│\s+1", table), table

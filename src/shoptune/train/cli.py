@@ -10,7 +10,12 @@ from shoptune.console import OnInvalid, console, fail
 
 
 def _loss_line(m: dict, logging_steps: int) -> str:
-    """``loss 3.4712 -> 2.4911``; for a run too short to log a step, its mean loss."""
+    """``loss 3.4712 -> 2.4911``; for a run that logged one step, that loss and the mean over every
+    step (``3.86 -> 3.86`` read as "nothing learned"); for a run too short to log a step, its mean."""
+    if m.get("loss_logs") == 1 and m.get("final_loss") is not None:
+        mean = f"; mean loss {m['mean_loss']:.4f} over all steps" if m.get("mean_loss") is not None else ""
+        return (f"loss {m['final_loss']:.4f} at the one logged step (logging_steps={logging_steps}: "
+                f"too few logs to show a change{mean})")
     if m.get("first_loss") is not None and m.get("final_loss") is not None:
         return f"loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}"
     if m.get("mean_loss") is not None:

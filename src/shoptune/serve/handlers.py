@@ -568,7 +568,20 @@ class Admin(Serving):
 
     async def load_adapter(self, req: LoadAdapterRequest) -> AdapterStatus:
         path = self.adapter_path(req.lora_name, req.lora_path)
-        await asyncio.to_thread(self.engine.load_adapter, req.lora_name, path)
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, req.lora_name, path)
+        except EngineError as e:
+            if e.param not in (None, "lora_path"):
+                raise
+            # the engine names the folder by its absolute path: say it as the client gave it
+            # (relative to --adapters-dir, as every other lora_path error does), under its param
+            rel = path.relative_to(self.settings.adapters_dir.resolve()).as_posix()
+            msg = e.message
+            if msg.startswith(f"{path}: "):
+                msg = f"lora_path {rel!r}: {msg[len(str(path)) + 2:]}"
+            msg = msg.replace(str(path), rel)
+            e.message, e.args, e.param = msg, (msg,), "lora_path"
+            raise
         return AdapterStatus(lora_name=req.lora_name, models=self.engine.models())
 
     async def unload_adapter(self, req: UnloadAdapterRequest) -> AdapterStatus:

@@ -11,6 +11,37 @@ from shoptune.records import TRACK_TO_CAPABILITY
 NO_CI = "[no CI]"
 
 
+def read_predictions(path: str | Path) -> list[dict]:
+    """A run's per-question rows (its ``predictions.jsonl``, or the folder holding it) with each
+    ``task_name`` its task card's name: runs written before #34 used ShopBench's ``task2`` there,
+    so a run of then and a run of now pair question by question."""
+    from shoptune.tasks import card_name
+    p = Path(path)
+    p = p / "predictions.jsonl" if p.is_dir() else p
+    rows = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    for r in rows:
+        if isinstance(r.get("task_name"), str):
+            r["task_name"] = card_name(r["task_name"])
+    return rows
+
+
+def read_scores(run_dir: str | Path) -> dict:
+    """A run's ``scores.json`` with its tasks (scores, single-question tasks, per-task adapters)
+    under their cards' names, as :func:`read_predictions` does for its rows."""
+    from shoptune.tasks import card_name
+    f = Path(run_dir) / "scores.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {run_dir}` first)")
+    s = json.loads(f.read_text(encoding="utf-8"))
+    s["tasks"] = {card_name(t): v for t, v in (s.get("tasks") or {}).items()}
+    if s.get("task_adapters"):
+        s["task_adapters"] = {card_name(t): a for t, a in s["task_adapters"].items()}
+    single = (s.get("bootstrap") or {}).get("single_question_tasks")
+    if single:
+        s["bootstrap"]["single_question_tasks"] = [card_name(t) for t in single]
+    return s
+
+
 def _fmt(x, ci=None, *, no_ci: bool = False) -> str:
     """``0.182 [0.121, 0.246]``; ``no_ci``: say the interval could not be computed."""
     if x is None:
@@ -117,12 +148,7 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
 
 
 def compare(dirs: list[Path]) -> tuple[str, dict[str, dict]]:
-    runs = {}
-    for d in dirs:
-        f = Path(d) / "scores.json"
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {d}` first)")
-        runs[str(d)] = json.loads(f.read_text())
+    runs = {str(d): read_scores(d) for d in dirs}
     names = [(Path(d).name or str(d)) + (" *" if partial(s) else "") for d, s in runs.items()]
     tracks = list(dict.fromkeys(t for s in runs.values() for t in s["tracks"]))
     head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"

@@ -49,8 +49,7 @@ class _PerTaskBackend:
         self.model, self.merge, self.dtype, self.batch_size = model, merge, dtype, batch_size
         self.prefix_cache = prefix_cache
         self.default_adapter = default_adapter
-        self.route = [task_adapters.get(r.task_name or r.task, task_adapters.get(r.task, default_adapter))
-                      for r in records]
+        self.route = [task_adapters.get(r.task, default_adapter) for r in records]
         # the base (or default-adapter) model first: it gives the tokenizer and the dtype reported
         self.base_model, self.tok = _local_model(model, default_adapter, merge=merge, dtype=dtype)
 
@@ -109,8 +108,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     evaluation dtype), so it costs nothing per token; ``merge=False`` keeps it unmerged.
 
     ``task_adapters``: evaluate a per-task deployment, one adapter per task. Each question is
-    answered by the adapter of its task (its ShopBench ``task_name``, else its task card name);
-    questions of other tasks by the base model, or by ``adapter`` when given.
+    answered by the adapter of its task (keys: task card names, or aliases such as ShopBench's
+    ``task2``); questions of other tasks by the base model, or by ``adapter`` when given.
 
     ``prefix_cache`` (builtin): the prompts' shared prefix is run once per model and its KV
     reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding.
@@ -135,6 +134,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     if engine == "openai" and not base_url:
         raise ValueError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     if task_adapters:
+        from shoptune.tasks import card_name
+        task_adapters = {card_name(t): d for t, d in task_adapters.items()}
         missing = [str(d) for d in task_adapters.values() if not (Path(d) / "adapter_config.json").exists()]
         if missing:  # before any model load: a typo should not cost minutes
             raise ValueError(f"not a PEFT adapter folder (no adapter_config.json): {', '.join(missing)}")
@@ -147,9 +148,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         seen: dict[str, int] = {}
         kept = []
         for r in records:
-            k = r.task_name or r.task
-            if seen.get(k, 0) < limit_per_task:
-                seen[k] = seen.get(k, 0) + 1
+            if seen.get(r.task, 0) < limit_per_task:
+                seen[r.task] = seen.get(r.task, 0) + 1
                 kept.append(r)
         records = kept
     if limit:

@@ -35,6 +35,9 @@ def load_runs(results: str | Path) -> tuple[dict, dict[str, dict[int, list[dict]
                                     "folder? `shoptune experiment run ... --results` writes it)")
     exp = json.loads((results / "experiment.json").read_text(encoding="utf-8"))
     questions = json.loads((results / "suite.json").read_text(encoding="utf-8"))["questions"]
+    from shoptune.tasks import card_name
+    for q in questions:  # (results written before #34 name tasks as ShopBench does: task2)
+        q["task_name"] = card_name(q["task_name"])
     cells: dict[str, dict[int, list[dict]]] = {}
     missing = []
     for run in exp["runs"]:

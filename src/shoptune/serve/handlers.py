@@ -35,7 +35,7 @@ from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice
                                      LoadAdapterRequest, ModelCard, ModelList, TaskInfo, TaskList,
                                      TaskRequest, TaskResult, TokenLogprob, TopLogprob,
                                      UnloadAdapterRequest, UsageInfo)
-from shoptune.tasks import all_cards
+from shoptune.tasks import all_cards, task_aliases
 
 
 @dataclass
@@ -434,13 +434,7 @@ class Tasks(Serving):
     def __init__(self, engine: Engine, settings: ServeSettings):
         super().__init__(engine, settings)
         self.cards = all_cards()
-        # ShopBench's own task names (task2), as evaluation reports print them, for their cards;
-        # a name two cards claim, or that is a card's name, stays the card's
-        claims: dict[str, list[str]] = {}
-        for c in self.cards.values():
-            if c.source.task_name and c.source.task_name not in self.cards:
-                claims.setdefault(c.source.task_name, []).append(c.name)
-        self.aliases = {alias: names[0] for alias, names in claims.items() if len(names) == 1}
+        self.aliases = task_aliases()  # ShopBench's own task names (task2) for their cards
 
     def default_model(self, card) -> str | None:
         """The adapter answering ``card`` when a request names none (None: the base model):

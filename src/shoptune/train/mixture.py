@@ -34,6 +34,7 @@ from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, it
 from shoptune.data.splits import split_of
 from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record
+from shoptune.tasks import TaskName
 
 
 class MixtureError(ValueError):
@@ -45,17 +46,17 @@ class MixtureConfig(BaseModel):
     sources: list[str] = Field(default=["ec-guide"], min_length=1)
     include_capabilities: list[str] = []
     exclude_capabilities: list[str] = []
-    include_tasks: list[str] = []
-    exclude_tasks: list[str] = []
+    include_tasks: list[TaskName] = []  # card names (ShopBench's task2 is taken as shopbench_task2)
+    exclude_tasks: list[TaskName] = []
     split: Literal["train", "validation", "test"] = "train"
     split_validation: float = Field(default=0.02, ge=0, lt=1)
     split_test: float = Field(default=0.05, ge=0, lt=1)
     split_seed: int = 0
     total: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, gt=0)
-    weights: dict[str, Annotated[float, Field(ge=0)]] = {}
+    weights: dict[TaskName, Annotated[float, Field(ge=0)]] = {}
     max_per_task: int | None = Field(default=None, ge=1)
-    per_task_caps: dict[str, Annotated[int, Field(ge=0)]] = {}  # 0: none of that task
+    per_task_caps: dict[TaskName, Annotated[int, Field(ge=0)]] = {}  # 0: none of that task
     upsample: bool = False
     dedup: bool = True
     decontaminate_against: list[str] = []

@@ -176,17 +176,18 @@ def shipped_configs() -> list[tuple[str, Path]]:
     return sorted((p.relative_to(root).with_suffix("").as_posix(), p) for p in root.rglob("*.yaml"))
 
 
-def describe(path: Path, width: int = 110) -> str:
-    """A shipped config's description: the first sentence of its leading comment."""
+def describe(path: Path) -> str:
+    """A shipped config's description: the first sentence of its leading comment (whole: a
+    table wraps it at word boundaries), up to the first indented command line (``#   shoptune``)."""
     words = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#") or line.startswith("#   "):  # (an indented command line)
             break
         words += line.lstrip("#").split()
     text = " ".join(words)
-    end = re.search(r"\.\s+(?=[A-Z`(])", text)  # (not "e.g. the")
+    end = re.search(r"[.?]\s+(?=[A-Z`(])", text)  # (not "e.g. the")
     text = text[:end.start() + 1] if end else text
-    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
+    return text[:-1] + "." if text.endswith(":") else text  # (the command it introduced is not shown)
 
 
 def shipped_config(name: str | Path, kind: str | None = None) -> Path | None:

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shoptune import __version__
@@ -32,10 +30,8 @@ def _local_model(model: str, adapter: str | None, *, merge: bool, dtype: str):
     """``(model, tokenizer)`` for the local backend; a single adapter merged when ``merge``."""
     from shoptune.models import load
     if adapter and merge:
-        from shoptune.models import default_dtype
-        target = {"auto": default_dtype(), "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
-        if target is None:
-            raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
+        from shoptune.models import torch_dtype
+        target = torch_dtype(dtype)  # (ValueError naming the choices)
         mdl, tok = load(model, adapter=adapter, dtype="fp32")
         return mdl.merge_and_unload().to(target).eval(), tok
     return load(model, adapter=adapter, dtype=dtype)

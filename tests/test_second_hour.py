@@ -315,3 +315,33 @@ def test_renamed_options_keep_their_old_spelling_hidden(tmp_path):
     assert (serve_cli.KINDS, serve_cli.FALLBACKS) == (KINDS, FALLBACKS)
     from shoptune.models import torch_dtype
     assert {torch_dtype(d) for d in get_args(Dtype)} == {torch_dtype("bf16"), torch_dtype("fp32"), torch_dtype("fp16")}
+
+
+# ----------------------------------------------------------------------------- 9: data mix
+
+def test_data_mix_takes_a_training_configs_mixture_and_says_why_it_is_short(tmp_path):
+    """A training config gave 13 "Extra inputs are not permitted" lines; `total: 80` gave 73 rows
+    with no word on why. Now its mixture: key is the mixture, and a short task is named."""
+    from tests.conftest import mc, write_jsonl
+    rows = write_jsonl(tmp_path / "rows.jsonl", [mc(f"Which fits small item {i}?", task_name="task5") for i in range(5)]
+                       + [mc(f"Which fits big item {i}?") for i in range(100)])
+    train = tmp_path / "train.yaml"
+    train.write_text(f"model: smollm2-135m\nmax_steps: 3\nmixture:\n  sources: [{rows}]\n  total: 80\n"
+                     "  weights: {'*': 1}\n  split_test: 0\n  split_validation: 0\n  dedup: false\n")
+    out = tmp_path / "mix.jsonl"
+    res, text = run("data", "mix", train, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "a training config; building its mixture: key" in text and "Extra inputs" not in text
+    assert ("45 of the 80 rows asked (total): 1 task(s) have fewer rows than their share asks for "
+            "(upsample: true repeats their rows): shopbench_task5 5 of 40") in text, text
+    manifest = json.loads((tmp_path / "mix.jsonl.manifest.json").read_text())
+    assert manifest["rows"] == 45 and manifest["short_tasks"] == {"shopbench_task5": {"asked": 40, "rows": 5}}
+    assert len(out.read_text().splitlines()) == 45
+    # overrides apply inside the mixture: key; a bad one is the override's fault
+    res, text = run("data", "mix", train, "--out", tmp_path / "m2.jsonl", "upsample=true")
+    assert res.exit_code == 0 and "80 rows over 2 tasks" in text and "asked" not in text, text
+    res, text = run("data", "mix", train, "--out", tmp_path / "m3.jsonl", "total=0")
+    assert text == "error: override 'total=0': total: Input should be greater than or equal to 1 (got 0)", text
+    train.write_text(train.read_text().replace("total: 80", "total: -1"))
+    res, text = run("data", "mix", train, "--out", tmp_path / "m4.jsonl")
+    assert text == f"error: {train}:5: total: Input should be greater than or equal to 1 (got -1)", text

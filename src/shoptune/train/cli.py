@@ -101,13 +101,14 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
 
     @data_app.command("mix")
     def mix_cmd(config: Annotated[Path, typer.Argument(help="Mixture YAML: a path, or a shipped "
-                                                       "one (configs/mixtures/diverse.yaml, diverse).")],
+                                                       "one (configs/mixtures/diverse.yaml, diverse); "
+                                                       "a training config's is its mixture: key.")],
                 out: Annotated[Path, typer.Option(help="Training set (.jsonl); manifest beside it.")],
                 overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value")] = None,
                 on_invalid: OnInvalid = "skip") -> None:
         """Build a training set from a mixture: FILE + FILE.manifest.json (counts, tokens, diversity, hashes)."""
         from shoptune._io import check_out_file, write_json, write_jsonl
-        from shoptune.configfile import resolve_config
+        from shoptune.configfile import read_yaml, resolve_config
         from shoptune.data.loaders import DataValidationError, skipped_line
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
         from shoptune.train.format import answer_text
@@ -118,6 +119,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         check_out_file(out)
         config = resolve_config(config, "mixtures")
         cfg = MixtureConfig.from_yaml(config, overrides or [])
+        if "mixture" in read_yaml(config)[0]:
+            console.print(f"{config}: a training config; building its mixture: key", highlight=False)
         issues: list = []
         try:
             with console.status("building mixture") as st:
@@ -142,6 +145,12 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                       f"{manifest['diversity']['n_capabilities']} capabilities -> {out}")
         for cap, n in manifest["capabilities"].items():
             console.print(f"  {cap}: {n}")
+        if manifest["short_tasks"]:  # (the manifest has them too)
+            short = manifest["short_tasks"]
+            console.print(f"{len(recs)} of the {cfg.total} rows asked (total): {len(short)} task(s) have "
+                          f"fewer rows than their share asks for (upsample: true repeats their rows): "
+                          + ", ".join(f"{t} {v['rows']} of {v['asked']}" for t, v in short.items()),
+                          highlight=False)
 
 
 def show_plan(cfg, gpu_name: str | None, gpus: int | None, accelerate: Path | None,

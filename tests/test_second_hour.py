@@ -345,3 +345,35 @@ def test_data_mix_takes_a_training_configs_mixture_and_says_why_it_is_short(tmp_
     train.write_text(train.read_text().replace("total: 80", "total: -1"))
     res, text = run("data", "mix", train, "--out", tmp_path / "m4.jsonl")
     assert text == f"error: {train}:5: total: Input should be greater than or equal to 1 (got -1)", text
+
+
+# ----------------------------------------------------------------------------- 12: a docs site a reader can walk
+
+def test_every_page_is_in_the_nav_and_no_heading_cites_an_issue_number():
+    import yaml
+    nav = yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]
+
+    def pages(items):
+        for item in items:
+            for v in item.values():
+                yield from (pages(v) if isinstance(v, list) else [v])
+    listed = set(pages(nav))
+    on_disk = {p.relative_to(REPO / "docs").as_posix() for p in (REPO / "docs").rglob("*.md")}
+    assert on_disk - listed == set() and len([p for p in listed if p.startswith("results/")]) == 22
+    headings = [(p, ln) for p in sorted(on_disk) for ln in (REPO / "docs" / p).read_text().splitlines()
+                if re.match(r"#+ ", ln) and re.search(r"#\d", ln)]
+    assert headings == []  # ("(#10)", "Scaling up (#23)": internal issue numbers)
+    assert "(getting-started.md)" in (REPO / "docs" / "index.md").read_text()  # (named the README, unlinked)
+    assert not re.search(r"#\d+ recipe", " ".join((REPO / "docs" / p).read_text() for p in on_disk))
+
+
+def test_getting_started_and_readme_agree_on_the_quick_start_and_the_test_times():
+    readme = (REPO / "README.md").read_text()
+    start = (REPO / "docs" / "getting-started.md").read_text()
+    block = lambda text: text.split("## Quick start" if "## Quick start" in text else "## The quick start", 1)[1] \
+        .split("```bash", 1)[1].split("```", 1)[0]
+    assert block(readme) == block(start)  # the same commands, the same comments and times
+    for text in (readme, start):
+        flat = " ".join(text.split())
+        assert "`make test` took 2161 s (36 min) of pytest on a 2-core Intel Xeon" in flat
+        assert "make test-fast" in flat and "otherwise idle machine" in flat

@@ -24,9 +24,9 @@ import typer
 
 from shoptune.console import OnInvalid, OneLineErrors, console, err, fail, piped, print_rows, table
 from shoptune.data.cli import register as register_data
-from shoptune.records import CAPABILITIES
 from shoptune.eval.cli import register as register_eval
 from shoptune.experiment.cli import register as register_experiment
+from shoptune.records import CAPABILITIES
 from shoptune.serve.cli import register as register_serve
 from shoptune.train.cli import register as register_train
 
@@ -153,7 +153,9 @@ def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON 
     _set_data_dir(data_dir)
     cards = [c for c in all_cards().values() if capability in (None, c.capability)]
     counts: dict[str, int | None] = {c.name: None for c in cards}
-    if count_rows if rows_old is None else rows_old:
+    if rows_old is not None:  # (--rows / --no-rows, the former spelling)
+        count_rows = rows_old
+    if count_rows:
         root = ddir()
         cache: dict[Path, list[dict]] = {}
         for c in cards:
@@ -444,7 +446,7 @@ def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train
                                                                      "--overwrite.")] = False) -> None:
     """Copy a shipped config to edit it (as torchtune's `tune cp`)."""
     from shoptune._io import atomic_open, check_out_file
-    from shoptune.configfile import shipped_config, shipped_configs
+    from shoptune.configfile import shipped_config, shipped_configs, shipped_dir
 
     src = shipped_config(name)
     if src is None:
@@ -462,7 +464,6 @@ def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train
     check_out_file(target)
     with atomic_open(target) as fh:
         fh.write(src.read_text(encoding="utf-8"))
-    from shoptune.configfile import shipped_dir
     shown = src.relative_to(shipped_dir()).with_suffix("").as_posix()  # the name `configs ls` lists
     console.print(f"copied {shown} -> {target}", highlight=False)
 

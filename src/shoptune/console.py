@@ -73,7 +73,8 @@ def print_markdown(text: str) -> None:
     table as a :func:`table` fitted to the width, its first column (task, track) whole, so a
     row is never broken in the middle of a cell."""
     if piped():
-        console.print(text, markup=False, highlight=False, soft_wrap=True, end="")
+        console.print(text, markup=False, highlight=False, soft_wrap=True,  # (lines whole)
+                      end="" if text.endswith("\n") else "\n")
         return
     block: list[list[str]] = []
 

@@ -198,8 +198,8 @@ def register(data_app: typer.Typer) -> None:
 
         from shoptune._io import check_out_file
         from shoptune.data.derive import derive_mcq
-
         from shoptune.tasks import card_name
+
         check_out_file(out)
         recs = _load(paths)
         only = {card_name(t) for t in [*(include_task or []), *(task_old or [])]}

@@ -13,8 +13,9 @@ from shoptune.cli import app
 from tests.conftest import REPO
 
 
-def run(*args, width: int = 200):
-    res = CliRunner().invoke(app, [str(a) for a in args], terminal_width=width, env={"COLUMNS": str(width)})
+def run(*args):
+    """The command's result and its output on one line (help boxes and wrapping undone)."""
+    res = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200, env={"COLUMNS": "200"})
     return res, " ".join(res.output.replace("│", " ").split())
 
 

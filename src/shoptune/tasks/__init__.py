@@ -10,9 +10,10 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from shoptune.records import CAPABILITIES, METRICS, TASK_TYPES
 
@@ -108,18 +109,49 @@ def _cards_by_file(dirs: tuple[Path, ...]) -> dict[tuple[str, str], tuple[TaskCa
     return {k: tuple(v) for k, v in by_file.items()}
 
 
+@lru_cache(maxsize=None)
+def _aliases(dirs: tuple[Path, ...]) -> dict[str, str]:
+    cards = _registry(dirs)
+    claims: dict[str, list[str]] = {}
+    for c in cards.values():
+        if c.source.task_name and c.source.task_name not in cards:
+            claims.setdefault(c.source.task_name, []).append(c.name)
+    return {alias: names[0] for alias, names in sorted(claims.items()) if len(names) == 1}
+
+
+def task_aliases() -> dict[str, str]:
+    """The other names a task goes by -> its card's name: ShopBench's own task names (``task2``
+    -> ``shopbench_task2``, from each card's ``source.task_name``), which the benchmark's data and
+    results written before #34 use. Accepted wherever a task is named on input; every output
+    uses the card's name. A name two cards claim, or that is a card's own name, is no alias."""
+    return dict(_aliases(tuple(_card_dirs())))
+
+
+def card_name(name: str) -> str:
+    """``name`` as its card's name: a card name as it is, an alias (``task2``) as the card it
+    stands for; any other name unchanged (the caller says what it does not know)."""
+    return _aliases(tuple(_card_dirs())).get(name, name)
+
+
+# a task named in a config (mixtures, suites, synthesis specs): an alias becomes its card's name
+TaskName = Annotated[str, AfterValidator(lambda name: card_name(name))]
+
+
 def all_cards() -> dict[str, TaskCard]:
     """Every registered task card by name, sorted by capability then name."""
     return dict(_sorted_cards(tuple(_card_dirs())))
 
 
 def find_card(name: str) -> TaskCard | None:
-    """The card of task ``name``, or None (cheap: no sorting; called per question)."""
-    return _registry(tuple(_card_dirs())).get(name)
+    """The card of task ``name`` (or an alias), or None (cheap: no sorting; called per question)."""
+    dirs = tuple(_card_dirs())
+    return _registry(dirs).get(_aliases(dirs).get(name, name))
 
 
 def get_card(name: str) -> TaskCard:
+    """The card named ``name`` (or by an alias, :func:`task_aliases`); KeyError otherwise."""
     cards = all_cards()
+    name = card_name(name)
     if name not in cards:
         raise KeyError(f"unknown task {name!r}; `shoptune tasks ls` lists the {len(cards)} tasks")
     return cards[name]
@@ -138,4 +170,4 @@ def card_for_shopbench_task(task_name: str) -> TaskCard | None:
 
 
 __all__ = ["TaskCard", "CardSource", "CardError", "all_cards", "get_card", "load_card",
-           "cards_for_file", "card_for_shopbench_task"]
+           "cards_for_file", "card_for_shopbench_task", "task_aliases", "card_name", "TaskName"]

@@ -157,6 +157,7 @@ CASES = [
 
 def drive(root: str) -> None:
     """In the child: run every case of stdin's JSON list through the CLI, print JSON results."""
+    import gc
     import shlex
     import signal
     import time
@@ -192,6 +193,8 @@ def drive(root: str) -> None:
             code, text, tb = -1, "", f"{type(e).__name__}: {e}"
         finally:
             signal.alarm(0)
+        res = exc = None  # (a failed case's frames may hold GBs: free them before the next)
+        gc.collect()
         out.append({"exit": code, "output": text, "traceback": tb, "seconds": round(time.monotonic() - t0, 2),
                     "added": sorted(files() - before)})
     print(json.dumps(out))

@@ -28,93 +28,15 @@ from dataclasses import dataclass
 
 import torch
 
-from shoptune.data.loaders import option_numbers
 from shoptune.records import Record
-from shoptune.tasks import find_card
+from shoptune.tasks import Plan, PlanError, finish, plan_for, render  # noqa: F401  (re-exported)
+from shoptune.tasks.outputs import MAX_LIST_DIGITS, GEN_LIMITS, check_list_numbers  # noqa: F401
+from shoptune.tasks.outputs.numbers import number_list_tokens  # noqa: F401
 
-
-def card_render(rec: Record) -> str:
-    """The question as the model sees it: the task card's prompt around ``input_field``."""
-    card = find_card(rec.task)
-    return card.render(rec.input_field) if card else rec.input_field
-
+card_render = render  # the question as the model sees it (kept name: used by callers)
 
 STARTER_KIT_PREFIX = ("You are a helpful online shopping assistant. Please answer the following "
                       "question about online shopping and follow the given instructions.\n\n")
-_LIST_RE = re.compile(r"^\s*(\d+)\.", re.MULTILINE)
-GEN_LIMITS = {"rougel": 32, "bleu": 64, "jp-bleu": 64}  # others: 100, as the starter kit
-# A numbered line ("12. ...") of a multiple-choice, retrieval or ranking question may start with at
-# most this many digits: list numbers are written out as answers (retrieval: 3 of them, one token
-# per digit, about 125 tokens at this length), and Python's int() refuses more than 4,300 digits.
-MAX_LIST_DIGITS = 40
-
-
-class PlanError(ValueError):
-    """A question that cannot be decoded as its task type asks (one sentence, naming the line)."""
-
-
-def check_list_numbers(text: str) -> None:
-    """Raise :class:`PlanError` when a numbered line starts with more than ``MAX_LIST_DIGITS``
-    digits."""
-    for m in _LIST_RE.finditer(text):
-        if len(m[1]) > MAX_LIST_DIGITS:
-            line = text.count("\n", 0, m.start(1)) + 1
-            raise PlanError(f"line {line} starts with a {len(m[1])}-digit number; numbered lines "
-                            f"(options, candidates) may start with at most {MAX_LIST_DIGITS} digits")
-
-
-def number_list_tokens(numbers: int, max_value: int) -> int:
-    """Tokens an answer of ``numbers`` numbers up to ``max_value`` takes at most: a token per
-    digit (how NumberListProcessor writes them), ", " between them, the line end."""
-    return numbers * len(str(max_value)) + 2 * (numbers - 1) + 1
-
-
-@dataclass(frozen=True)
-class Plan:
-    kind: str  # "choice" or "generate"
-    choices: tuple[str, ...] = ()
-    max_new_tokens: int = 100
-    numeric: bool = False
-    stop_newline: bool = False
-    max_value: int = 99  # numeric answers: the largest valid number
-    count: int = 3  # numeric answers: how many numbers
-    unique: bool = False
-    values: tuple[int, ...] = ()  # numeric answers: exactly these numbers (empty: 1..max_value)
-
-
-def plan_for(rec: Record, max_new_tokens: int | None = None) -> Plan:
-    """How a question is decoded; ``max_new_tokens`` defaults to the task card's, then the task
-    type's. Raises :class:`PlanError` for a numbered line of an unusable number (see
-    :func:`check_list_numbers`)."""
-    card = find_card(rec.task)
-    if rec.task_type in ("multiple-choice", "retrieval", "ranking"):
-        check_list_numbers(rec.input_field)
-    max_new_tokens = max_new_tokens or (card.max_new_tokens if card else None)
-    if rec.task_type == "multiple-choice":
-        if rec.metric == "bool":
-            return Plan("choice", ("yes", "no"))
-        opts = option_numbers(rec.input_field)
-        return Plan("choice", tuple(str(o) for o in opts if o < 10) or tuple("0123456789"))
-    if rec.task_type in ("retrieval", "ranking"):
-        listed = option_numbers(rec.input_field) or [int(n) for n in _LIST_RE.findall(rec.input_field)]
-        if rec.task_type == "ranking":
-            return Plan("generate", max_new_tokens=max_new_tokens or 16, numeric=True,
-                        stop_newline=True, max_value=5, count=5, unique=True)
-        values = tuple(sorted({n for n in listed if n >= 1}))  # (a list numbered from 0: not 0)
-        max_value = max(listed, default=99)
-        needed = number_list_tokens(min(3, len(values) or max_value), max(values, default=max_value))
-        return Plan("generate", max_new_tokens=max(max_new_tokens or 16, needed), numeric=True,
-                    stop_newline=True, max_value=max_value, count=3, values=values)
-    if rec.task_type == "named_entity_recognition":
-        return Plan("generate", max_new_tokens=max_new_tokens or 32, stop_newline=True)
-    limit = max_new_tokens or GEN_LIMITS.get(rec.metric, 100)
-    return Plan("generate", max_new_tokens=limit, stop_newline=rec.metric in GEN_LIMITS)
-
-
-def finish(text: str, plan: Plan) -> str:
-    """Single-line answers: the first non-blank line, stripped (the same answer whether the
-    generation stopped at the line end or ran past it; the parsers strip anyway)."""
-    return text.strip().split("\n", 1)[0].strip() if plan.stop_newline else text
 
 
 class NumberListProcessor:

@@ -231,10 +231,10 @@ _LISTED = re.compile(r"^\s*(\d+)\.\s", re.MULTILINE)
 
 def check_row(rec: Record) -> None:
     """Validate a generated row as the task's own data would be; SynthReject names why not."""
-    from shoptune.data.loaders import check_fields, option_numbers
+    from shoptune.data.loaders import check_fields
     from shoptune.eval.metrics import METRIC_FNS
-    from shoptune.eval.parsers import parse
-    from shoptune.train.format import answer_text
+    from shoptune import tasks
+    from shoptune.tasks.outputs.choice import option_numbers
 
     row = {"input_field": rec.input_field, "output_field": rec.output_field,
            "task_type": rec.task_type, "metric": rec.metric}
@@ -272,7 +272,7 @@ def check_row(rec: Record) -> None:
         if missing:
             raise SynthReject("parser:entities", f"entities not in the text: {missing[:3]}")
     if tt != "generation":  # the gold, answered as training teaches, must score perfectly
-        parsed = parse(tt, rec.metric, answer_text(rec))
+        parsed = tasks.parse_answer(tt, rec.metric, tasks.answer_text(rec), rec.task)
         fn = METRIC_FNS[rec.metric]
         score = fn(parsed, [g.lower() for g in gold] if tt == "named_entity_recognition" else gold)
         if tt == "named_entity_recognition":

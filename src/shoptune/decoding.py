@@ -19,6 +19,7 @@ these from here, so a question is asked and constrained the same way everywhere.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from shoptune.records import Record
-from shoptune.tasks import Plan, PlanError, finish, plan_for, render  # noqa: F401  (re-exported)
+from shoptune.tasks import Grammar, Plan, PlanError, finish, plan_for, render  # noqa: F401  (re-exported)
 from shoptune.tasks.outputs import MAX_LIST_DIGITS, GEN_LIMITS, check_list_numbers  # noqa: F401
 from shoptune.tasks.outputs.numbers import number_list_tokens  # noqa: F401
 
@@ -93,6 +94,92 @@ class NumberListProcessor:
             text = self.tok.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
             mask[row, self.allowed(text)] = 0
         return scores + mask
+
+
+def choice_ebnf(choices: Sequence[str]) -> str:
+    """EBNF (xgrammar's, and llama.cpp's GBNF) for exactly one of ``choices``, after an optional
+    space: JSON string escapes are valid escapes in both."""
+    alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+    return f'root ::= " "? ({alts})\n'
+
+
+class Grammars:
+    """A tokenizer's compiled grammars (xgrammar), one per :class:`~shoptune.tasks.Grammar`: a
+    choice of strings, or JSON valid against a schema written with json.dumps' separators (as
+    training writes answers), each after an optional space. Compiling takes milliseconds and is
+    cached; :meth:`matcher` gives a fresh matcher per row."""
+
+    def __init__(self, tok, vocab_size: int):
+        import xgrammar as xgr
+        self.xgr, self.vocab_size = xgr, vocab_size
+        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size)
+        self.compiler = xgr.GrammarCompiler(self.info)
+        self._compiled: dict[Grammar, object] = {}
+        self._lock = threading.Lock()
+
+    def grammar(self, g: Grammar):
+        xgr = self.xgr
+        if g.kind == "choice":
+            return xgr.Grammar.from_ebnf(choice_ebnf(g.choices))
+        if g.kind == "json":
+            body = xgr.Grammar.from_json_schema(g.schema, any_whitespace=False, separators=(", ", ": "))
+            return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " "?\n'), body)
+        raise ValueError(f"unknown grammar kind {g.kind!r}")
+
+    def compiled(self, g: Grammar):
+        with self._lock:
+            if g not in self._compiled:
+                self._compiled[g] = self.compiler.compile_grammar(self.grammar(g))
+            return self._compiled[g]
+
+    def matcher(self, g: Grammar):
+        return self.xgr.GrammarMatcher(self.compiled(g))
+
+
+_GRAMMARS: dict[tuple[int, int], Grammars] = {}
+_GRAMMARS_LOCK = threading.Lock()
+
+
+def grammars_for(tok, vocab_size: int) -> Grammars:
+    """The (process-wide) :class:`Grammars` of a tokenizer and logits width."""
+    key = (id(tok), vocab_size)
+    with _GRAMMARS_LOCK:
+        if key not in _GRAMMARS:
+            _GRAMMARS[key] = Grammars(tok, vocab_size)
+        return _GRAMMARS[key]
+
+
+class GrammarProcessor:
+    """Logits processor: each row's next token must keep its answer inside its
+    :class:`~shoptune.tasks.Grammar` (None: that row is free). The matcher of a row takes the
+    token chosen at the previous step, then masks every token its grammar does not allow; once
+    the answer is complete only the end token is left, so generation stops there. Rows of one
+    batch may have different grammars (the server batches tasks together)."""
+
+    def __init__(self, tok, grammars: Sequence[Grammar | None], prompt_len: int):
+        self.tok, self.specs, self.prompt_len = tok, list(grammars), prompt_len
+        self.matchers: list | None = None
+        self.bitmask = None
+
+    def __call__(self, input_ids, scores):
+        if self.matchers is None:
+            g = grammars_for(self.tok, scores.shape[-1])
+            self.xgr = g.xgr
+            self.matchers = [g.matcher(spec) if spec is not None else None for spec in self.specs]
+            self.bitmask = g.xgr.allocate_token_bitmask(len(self.specs), scores.shape[-1])
+        elif input_ids.shape[1] > self.prompt_len:
+            for row, m in enumerate(self.matchers):
+                if m is not None and not m.is_terminated():
+                    m.accept_token(int(input_ids[row, -1]))
+        # (a terminated row has taken its end token: generate pads it from now on)
+        rows = [row for row, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
+        if not rows:
+            return scores
+        for row in rows:
+            self.matchers[row].fill_next_token_bitmask(self.bitmask, row)
+        masked = scores.float() if scores.dtype != torch.float32 else scores
+        self.xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), indices=rows)
+        return masked if masked is scores else masked.to(scores.dtype)
 
 
 class StopAtLineEnd:

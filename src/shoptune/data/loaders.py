@@ -490,17 +490,32 @@ def data_files(path: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def source_files(source: str | os.PathLike) -> tuple[list[Path], str | None]:
+    """The data files a source names, and the task they are read as: a file or folder (its data
+    files; task None), else a task whose card names its own ``source.files`` (those files, read
+    through the card). FileNotFoundError names the source."""
+    from shoptune.paths import resolve_data_path
+    try:
+        return data_files(resolve_data_path(source)), None
+    except FileNotFoundError:
+        card = tasks.find_card(str(source))
+        if card is None or not card.source.files:
+            raise
+        return card.source_files(), card.name
+
+
 def iter_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
                  task: str | None = None, mapping: dict[str, str] | None = None,
-                 check: bool = True, issues: list[DataIssue] | None = None) -> Iterator[Record]:
-    """Stream records from files or folders.
+                 check: bool = True, issues: list[DataIssue] | None = None,
+                 card=None) -> Iterator[Record]:
+    """Stream records from files or folders, or from a task's own files (a task name whose card
+    names them).
 
     ``check``: drop rows that break the record rules (gold shape, metric...). Issues go to the
     ``issues`` list when given; otherwise the first one raises :class:`DataValidationError`.
     With ``check=False`` only unreadable rows are dropped (for statistics over raw files).
+    ``card``: read every row through this card (one not registered yet: ``tasks new``).
     """
-    from shoptune.paths import resolve_data_path
-
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
 
@@ -510,16 +525,21 @@ def iter_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
         issues.extend(found)
 
     for p in paths:
-        root = resolve_data_path(p)
-        files = data_files(root)
+        files, own_task = source_files(p)
         if not files:
-            report([DataIssue(str(root), "", None, "no .json/.jsonl/.csv data files here")])
+            report([DataIssue(str(p), "", None, "no .json/.jsonl/.csv/.parquet data files here")])
         for f in files:
+            if not f.exists():
+                report([DataIssue(str(f), "", None, f"no such file (named by task {own_task}'s card)")])
+                continue
             for loc, row, issue in iter_raw(f):
                 if issue:
                     report([issue])
                     continue
-                rec, found = _tag_row(row, f, loc, task=task, mapping=mapping)
+                if card is not None and card.own:
+                    rec, found = _own_row(card, row, f, loc, mapping)
+                else:
+                    rec, found = _tag_row(row, f, loc, task=task or own_task, mapping=mapping)
                 if rec is None:
                     report(found)
                     continue

@@ -294,7 +294,8 @@ class Completions(Serving):
         if p is None:
             return None
         return Plan("generate", max_new_tokens=limit, numeric=p.numeric, stop_newline=p.stop_newline,
-                    max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values))
+                    max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values),
+                    grammar=p.grammar.spec() if p.grammar is not None else None)
 
     def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """(token ids, text to echo) per prompt."""
@@ -454,7 +455,8 @@ class Tasks(Serving):
     def info(self, card) -> TaskInfo:
         request = task_io.request_schema(card)
         return TaskInfo(id=card.name, capability=card.capability, task_type=card.task_type,
-                        metric=card.metric, description=card.description,
+                        metric=card.metric, metrics=list(card.metrics), labels=card.labels,
+                        answer_schema=card.output_type.answer_schema(card), description=card.description,
                         adapter=self.default_model(card),
                         aliases=[a for a, name in self.aliases.items() if name == card.name],
                         request_schema=request, input_schema=task_io.input_model(card).model_json_schema())
@@ -497,8 +499,7 @@ class Tasks(Serving):
         except PlanError as e:
             loc = "input.input_field" if inp.input_field is not None else "input"
             raise EngineError(f"{loc}: {e}", param=loc) from None
-        prompt = build_prompts([rec], self.settings.protocol, self.tok,
-                               render=lambda r: card.render(r.input_field))[0]
+        prompt = build_prompts([rec], self.settings.protocol, self.tok, render=card.render_record)[0]
         ids = self.encode(prompt, special=False, param="input")
         job = (Job(ids, adapter, kind="choice", choices=plan.choices) if plan.kind == "choice" else
                Job(ids, adapter, max_new_tokens=plan.max_new_tokens, temperature=0.0, plan=plan))

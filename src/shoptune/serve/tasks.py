@@ -1,10 +1,12 @@
 """Structured task inputs for ``POST /v1/tasks/{task}``: schema, rendering, answer parsing.
 
-Each task type has one input schema. The structured input is rendered into the ShopBench
-question text (``input_field``) in ShopBench's own layout (numbered options ``0.``, numbered
-candidates ``1.``), then through the task card's prompt and the evaluation protocol, so a served
-question is byte-identical to an evaluated one. ``input_field`` itself is always accepted too
-(the question text exactly as in the data files), but not together with the structured fields.
+A shop's own task takes its card's named ``inputs`` (the request schema is built from them) and
+renders them through the card's prompt. A ShopBench task type has one input schema: the
+structured input is rendered into the ShopBench question text (``input_field``) in ShopBench's
+own layout (numbered options ``0.``, numbered candidates ``1.``), then through the task card's
+prompt and the evaluation protocol, so a served question is byte-identical to an evaluated one.
+``input_field`` itself is always accepted there too (the question text exactly as in the data
+files), but not together with the structured fields.
 """
 from __future__ import annotations
 
@@ -13,10 +15,8 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from shoptune.decoding import Plan, finish, plan_for
-from shoptune.eval.parsers import parse
 from shoptune.records import Record
-from shoptune.tasks import TaskCard
+from shoptune.tasks import Plan, TaskCard, finish, parse_answer, plan_for
 
 
 class _Input(BaseModel):
@@ -129,7 +129,27 @@ class GenerationInput(_Input):
         return f"Instructions: {self.instruction}\nInput: {self.input}\nOutput:"
 
 
-def input_model(card: TaskCard) -> type[_Input]:
+_PY_TYPES = {"string": str, "number": float, "integer": int, "boolean": bool, "array": list[str]}
+_OWN_MODELS: dict[tuple[str, int], type[BaseModel]] = {}
+
+
+def _own_input_model(card: TaskCard) -> type[BaseModel]:
+    """The request ``input`` of an own task: its card's inputs, each required."""
+    key = (card.name, id(card))
+    if key not in _OWN_MODELS:
+        fields = {}
+        for f in card.input_fields:
+            extra = {"min_length": 1} if f.type == "string" else {}
+            fields[f.name] = (_PY_TYPES[f.type], Field(description=f.description or None, **extra))
+        _OWN_MODELS[key] = create_model(
+            f"{''.join(w.title() for w in card.name.split('_'))}Input",
+            __config__=ConfigDict(extra="forbid", strict=True), **fields)
+    return _OWN_MODELS[key]
+
+
+def input_model(card: TaskCard) -> type[BaseModel]:
+    if card.own:
+        return _own_input_model(card)
     if card.metric == "bool":
         return YesNoInput
     return {"multiple-choice": MultipleChoiceInput, "retrieval": CandidatesInput,
@@ -138,7 +158,7 @@ def input_model(card: TaskCard) -> type[_Input]:
 
 
 @lru_cache(maxsize=None)
-def _request_model(inp: type[_Input]) -> type[BaseModel]:
+def _request_model(inp: type[BaseModel]) -> type[BaseModel]:
     from shoptune.serve.protocol import TaskRequest
     return create_model(f"{inp.__name__}Request", __base__=TaskRequest,
                         input=(inp, Field(description="The task's input fields.")))
@@ -152,12 +172,14 @@ def request_schema(card: TaskCard) -> dict:
     return schema
 
 
-def to_record(card: TaskCard, inp: _Input) -> Record:
+def to_record(card: TaskCard, inp: BaseModel) -> Record:
+    if card.own:
+        return card.record(inp.model_dump(), None, source="request")
     return Record(input_field=inp.render(), output_field=None, task_type=card.task_type,
                   metric=card.metric, task=card.name, capability=card.capability, source="request")
 
 
-def plan(card: TaskCard, inp: _Input, rec: Record) -> Plan:
+def plan(card: TaskCard, inp: BaseModel, rec: Record) -> Plan:
     p = plan_for(rec, card.max_new_tokens)
     if isinstance(inp, RankingInput) and inp.candidates is not None:
         n = len(inp.candidates)  # a permutation of exactly the given candidates
@@ -170,10 +192,10 @@ def plan(card: TaskCard, inp: _Input, rec: Record) -> Plan:
     return p
 
 
-def answer(card: TaskCard, inp: _Input, raw: str, p: Plan) -> dict:
+def answer(card: TaskCard, inp: BaseModel, raw: str, p: Plan) -> dict:
     """The parsed answer (the evaluator's parsers) plus readable extras."""
     text = finish(raw, p)
-    value = parse(card.task_type, card.metric, text)
+    value = parse_answer(card.task_type, card.metric, text, card.name)
     out: dict = {"answer": value, "raw": text}
     if isinstance(inp, MultipleChoiceInput) and inp.options and isinstance(value, int) \
             and 0 <= value < len(inp.options):

@@ -50,7 +50,7 @@ from pathlib import Path, PurePath
 
 import httpx
 
-from shoptune.decoding import Plan, choice_tokens  # (choice_tokens: the tokens best_choice compares)
+from shoptune.decoding import Grammar, Plan, choice_ebnf, choice_tokens  # (choice_tokens: the tokens best_choice compares)
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
 from shoptune.serve.upstream_wire import (ERROR_BODY_BYTES, NO_COMPRESSION, NotSupported, Reply,
@@ -80,12 +80,29 @@ def constraint(kind: str, max_value: int, count: int, unique: bool) -> tuple[str
     return None
 
 
+def grammar_constraint(kind: str, g: Grammar) -> tuple[str, object] | None:
+    """The upstream body field for an own task's answer constraint: llama.cpp's ``grammar``
+    (GBNF; the same EBNF the built-in engine compiles) or ``json_schema``; vLLM's
+    ``structured_outputs`` (``grammar`` / ``json``); None for a plain OpenAI server."""
+    if kind == "llama.cpp":
+        return ("grammar", choice_ebnf(g.choices)) if g.kind == "choice" else ("json_schema", g.schema_dict)
+    if kind == "vllm":
+        return "structured_outputs", ({"grammar": choice_ebnf(g.choices)} if g.kind == "choice"
+                                      else {"json": g.schema_dict})
+    return None
+
+
 def shoptune_plan(plan: Plan) -> dict:
     """A plan as the ``shoptune_plan`` field of a shoptune upstream's ``/v1/completions`` (its
     token limit goes as ``max_tokens``)."""
-    return {"kind": "generate", "numeric": plan.numeric, "max_value": plan.max_value,
-            "count": plan.count, "unique": plan.unique, "values": list(plan.values),
-            "stop_newline": plan.stop_newline}
+    out = {"kind": "generate", "numeric": plan.numeric, "max_value": plan.max_value,
+           "count": plan.count, "unique": plan.unique, "values": list(plan.values),
+           "stop_newline": plan.stop_newline}
+    if plan.grammar is not None:
+        g = plan.grammar
+        out["grammar"] = {"kind": g.kind, "choices": list(g.choices)} if g.kind == "choice" \
+            else {"kind": g.kind, "schema": g.schema_dict}
+    return out
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -397,6 +414,10 @@ class UpstreamEngine(JobStream):
             body["shoptune_plan"] = shoptune_plan(plan)
         elif plan is not None and plan.numeric:
             field = constraint(self.kind, plan.max_value, plan.count, plan.unique)
+            if field is not None:
+                body[field[0]] = field[1]
+        elif plan is not None and plan.grammar is not None:
+            field = grammar_constraint(self.kind, plan.grammar)
             if field is not None:
                 body[field[0]] = field[1]
         return body

@@ -164,9 +164,7 @@ def render(rec: Record) -> str:
     """The question as the model sees it: its card's prompt over its inputs (a record of a task
     without a card: its ``input_field``)."""
     card = find_card(rec.task)
-    if card is None:
-        return rec.input_field
-    return card.render(rec.inputs if rec.inputs is not None and card.own else rec.input_field)
+    return rec.input_field if card is None else card.render_record(rec)
 
 
 def plan_for(rec: Record, max_new_tokens: int | None = None) -> Plan:

@@ -29,6 +29,7 @@ A shop's own card, as ``shoptune tasks new`` writes it::
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -191,7 +192,7 @@ class TaskCard(BaseModel):
     def source_files(self) -> list[Path]:
         """The card's own data files, relative paths taken from the card's folder."""
         base = self._path.parent if self._path else Path.cwd()
-        return [Path(f) if Path(f).is_absolute() else base / f for f in self.source.files]
+        return [Path(os.path.normpath(f if Path(f).is_absolute() else base / f)) for f in self.source.files]
 
     # ------------------------------------------------------------------ prompts and records
 
@@ -204,6 +205,10 @@ class TaskCard(BaseModel):
         if self.labels:
             values = {**values, "labels": ", ".join(self.labels)}
         return PLACEHOLDER.sub(lambda m: _text(values[m[1]]) if m[1] in values else m[0], self.prompt)
+
+    def render_record(self, rec: Record) -> str:
+        """A record of this task as the model sees it (an own task: from its named inputs)."""
+        return self.render(rec.inputs if self.own and rec.inputs is not None else rec.input_field)
 
     def record(self, inputs: dict[str, Any], gold: Any, *, source: str, id: str = "") -> Record:
         """A record of this (own) task from its named inputs and gold answer."""

@@ -2,7 +2,7 @@
 
 A mixture is a YAML file::
 
-    sources: [ec-guide]              # files/folders (data-dir relative)
+    sources: [ec-guide]              # files/folders (data-dir relative), or own tasks by name
     include_capabilities: []         # empty = all four
     exclude_tasks: [ecguide_acr_gen]
     split: train                     # train | validation | test (deterministic per-task split)
@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records
+from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records, source_files
 from shoptune.data.splits import split_of
 from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record
@@ -88,6 +88,18 @@ def _file_digest(path: Path) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _source_digest(source: str) -> str:
+    """A file's or folder's digest, or (a task name) the digest of its card's own files."""
+    try:
+        return _file_digest(resolve_data_path(source))
+    except FileNotFoundError:
+        files, _ = source_files(source)
+        h = hashlib.sha256()
+        for f in files:
+            h.update(_file_digest(f).encode())
+        return h.hexdigest()[:16]
 
 
 def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
@@ -227,7 +239,7 @@ def make_manifest(records: list[Record], cfg: MixtureConfig, *, removed: list[di
                       "effective_tasks": round(math.exp(entropy), 2)},
         "removed": dict(Counter(r["reason"] for r in removed)),
         "skipped_invalid_rows": skipped_invalid,
-        "sources": {s: _file_digest(resolve_data_path(s)) for s in
+        "sources": {s: _source_digest(s) for s in
                     cfg.sources + cfg.decontaminate_against if not s.startswith("suite:")},
         "config": cfg.model_dump(),
     }

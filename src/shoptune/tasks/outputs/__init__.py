@@ -132,7 +132,7 @@ class OutputType:
 
     def prompt_hint(self, card) -> str:
         """The instruction a new card's default prompt ends with (``shoptune tasks new``)."""
-        return "Answer: "
+        return "Answer:"
 
 
 OUTPUTS: dict[str, OutputType] = {}

@@ -79,4 +79,4 @@ class Label(OutputType):
         return {"enum": [*card.labels, None], "description": "One of the task's labels (null: none)."}
 
     def prompt_hint(self, card) -> str:
-        return "Answer with exactly one of: {labels}.\nAnswer: "
+        return "Answer with exactly one of: {labels}.\nAnswer:"

@@ -70,8 +70,8 @@ class Json(OutputType):
 
     def prompt_hint(self, card) -> str:
         keys = list(card.schema_.get("properties", {}))
-        return (f"Answer with a JSON object with the keys {', '.join(keys)}.\nJSON: " if keys
-                else "Answer with JSON.\nJSON: ")
+        return (f"Answer with a JSON object with the keys {', '.join(keys)}.\nJSON:" if keys
+                else "Answer with JSON.\nJSON:")
 
 
 def labels_schema(labels) -> dict:
@@ -136,6 +136,6 @@ class Labels(OutputType):
         return labels_schema(card.labels)
 
     def prompt_hint(self, card) -> str:
-        return "Answer with a JSON list of the labels that apply, from: {labels}.\nAnswer: "
+        return "Answer with a JSON list of the labels that apply, from: {labels}.\nAnswer:"
 
 

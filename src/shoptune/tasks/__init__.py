@@ -43,14 +43,27 @@ def _card_dirs() -> tuple[Path, ...]:
 
 def load_card(path: Path) -> TaskCard:
     """The card in ``path``; CardError names ``path:LINE: key: problem``."""
-    from shoptune.configfile import ConfigError, read_yaml, validate
+    from pydantic import ValidationError
+
+    from shoptune.configfile import ConfigError, format_errors, read_yaml
     try:
         data, lines = read_yaml(path, "task card")
-        card = validate(TaskCard, data, str(path), lines)
     except ConfigError as e:
-        raise CardError(str(e).replace("(config)", "(card)")) from None
+        raise CardError(str(e)) from None
     except OSError as e:
         raise CardError(f"{path}: cannot read task card: {e.strerror or e}") from None
+    try:
+        card = TaskCard(**data)
+    except ValidationError as e:
+        whole = [x for x in e.errors(include_url=False) if not x["loc"]]
+        if not whole:
+            raise CardError(format_errors(str(path), e, data, lines)) from None
+        out = []  # the card's cross-key checks: "key: problem; key: problem", each on its line
+        for part in whole[0]["msg"].removeprefix("Value error, ").split("; "):
+            key, _, msg = part.partition(": ")
+            line = lines.get(tuple(key.split(".")))
+            out.append(f"{path}:{line}: {key}: {msg}" if line else f"{path}: {key}: {msg}")
+        raise CardError("\n".join(out)) from None
     card._path = Path(path)
     return card
 

@@ -235,13 +235,16 @@ def parse(text: str, schema: dict, *, close_truncated: bool = True) -> Any:
     t = schema.get("type")
     if starts and t in ("object", "array"):
         text = text[min(starts):]
+    # strict=False: a control character inside a string is taken as it is (xgrammar's grammar
+    # for a string with maxLength lets raw control characters other than \r and \n through)
+    decoder = json.JSONDecoder(strict=False)
     try:
-        value, end = json.JSONDecoder().raw_decode(text)
+        value, end = decoder.raw_decode(text)
     except (ValueError, RecursionError):
         if not close_truncated:
             return None
         try:
-            value = json.loads(_cut_prefix(text))
+            value = decoder.decode(_cut_prefix(text))
         except (ValueError, RecursionError):
             return None
     value = _fix(value, schema)

@@ -207,7 +207,11 @@ def tasks_show(name: str) -> None:
         card = get_card(name)
     except KeyError as e:
         fail(str(e).strip("'\""))
-    print(yaml.safe_dump(card.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True))
+    data = card.model_dump(exclude_defaults=True, by_alias=True)
+    data.setdefault("metric", list(card.metrics) if len(card.metrics) > 1 else card.metric)
+    if card.path is not None:
+        print(f"# {card.path}")
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 @tasks_app.command("new")

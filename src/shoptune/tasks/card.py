@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from shoptune.records import CAPABILITIES, Record
-from shoptune.tasks.outputs import OutputType, output_names, output_type
+from shoptune.tasks.outputs import OutputType, output_for, output_names, output_type
 
 Capability = Literal[CAPABILITIES]  # type: ignore[valid-type]
 INPUT_TYPES = ("string", "number", "integer", "boolean", "array")
@@ -153,7 +153,9 @@ class TaskCard(BaseModel):
 
     @property
     def output_type(self) -> OutputType:
-        return output_type(self.output)
+        """The output type (multiple choice with the ``bool`` metric: yes/no)."""
+        first = self.metric_ if isinstance(self.metric_, str) else (self.metric_ or [None])[0]
+        return output_for(output_type(self.output).name, first)
 
     @property
     def task_type(self) -> str:

@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
 GEN_LIMITS = {"rougel": 32, "bleu": 64, "jp-bleu": 64}  # generation, others: 100 (starter kit)
 _LIST_RE = re.compile(r"^\s*(\d+)\.", re.MULTILINE)
 # A numbered line ("12. ...") of a multiple-choice, retrieval or ranking question may start with at
@@ -130,9 +132,58 @@ class OutputType:
         """JSON schema of the parsed answer the task endpoint returns."""
         return {}
 
+    def input_model(self, card) -> type[BaseModel]:
+        """The request ``input`` of ``POST /v1/tasks/{task}`` (an own task: its card's inputs)."""
+        return own_input_model(card)
+
+    def request_plan(self, plan: Plan, inp: BaseModel) -> Plan:
+        """The plan for a request's structured input (e.g. exactly its listed candidates)."""
+        return plan
+
+    def answer_extras(self, inp: BaseModel, value: Any) -> dict:
+        """Readable extras of a served answer (the chosen option's text, ...)."""
+        return {}
+
     def prompt_hint(self, card) -> str:
         """The instruction a new card's default prompt ends with (``shoptune tasks new``)."""
         return "Answer:"
+
+
+class QuestionInput(BaseModel):
+    """A ShopBench task type's structured request input: its fields, or the question text as in
+    the data files (``input_field``), not both; :meth:`render` gives the question text."""
+    model_config = ConfigDict(extra="forbid")
+    input_field: str | None = Field(default=None, min_length=1, description=(
+        "The question text exactly as in ShopBench/EC-Guide files (instead of the structured fields)."))
+
+    def structured(self) -> bool:
+        return self.input_field is None
+
+    @model_validator(mode="after")
+    def _not_both(self):
+        given = sorted(k for k in self.model_fields_set - {"input_field"} if getattr(self, k) is not None)
+        if self.input_field is not None and given:
+            raise ValueError(f"give `input_field` or the structured fields, not both (got "
+                             f"`input_field` and {', '.join(f'`{k}`' for k in given)})")
+        return self
+
+
+_PY_TYPES = {"string": str, "number": float, "integer": int, "boolean": bool, "array": list[str]}
+_OWN_MODELS: dict[tuple[str, int], type[BaseModel]] = {}
+
+
+def own_input_model(card) -> type[BaseModel]:
+    """The request ``input`` of an own task: its card's inputs, each required."""
+    key = (card.name, id(card))
+    if key not in _OWN_MODELS:
+        fields = {}
+        for f in card.input_fields:
+            extra = {"min_length": 1} if f.type == "string" else {}
+            fields[f.name] = (_PY_TYPES[f.type], Field(description=f.description or None, **extra))
+        _OWN_MODELS[key] = create_model(
+            f"{''.join(w.title() for w in card.name.split('_'))}Input",
+            __config__=ConfigDict(extra="forbid", strict=True), **fields)
+    return _OWN_MODELS[key]
 
 
 OUTPUTS: dict[str, OutputType] = {}

@@ -6,7 +6,11 @@ import re
 from typing import Any
 
 from shoptune.eval.parsers import parse_bool, parse_multiple_choice
-from shoptune.tasks.outputs import OutputType, Plan, check_list_numbers, register
+from dataclasses import replace
+
+from pydantic import Field, model_validator
+
+from shoptune.tasks.outputs import OutputType, Plan, QuestionInput, check_list_numbers, register
 
 _OPTION_RE = re.compile(r"^\s*(\d+)\.\s", re.MULTILINE)
 
@@ -19,6 +23,37 @@ def option_numbers(input_field: str) -> list[int]:
     """
     nums = [int(m) for m in _OPTION_RE.findall(input_field)]
     return nums if nums and 0 in nums else []
+
+
+class MultipleChoiceInput(QuestionInput):
+    question: str | None = Field(default=None, min_length=1)
+    options: list[str] | None = Field(default=None, min_length=2, max_length=10,
+                                      description="Answer options; the answer is an index into them.")
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.structured() and (self.question is None or self.options is None):
+            raise ValueError("give `question` and `options`, or `input_field`")
+        return self
+
+    def render(self) -> str:
+        if self.input_field is not None:
+            return self.input_field
+        opts = "".join(f"{i}. {o}\n" for i, o in enumerate(self.options))
+        return f"{self.question}\n{opts}Answer: "
+
+
+class YesNoInput(QuestionInput):
+    question: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.structured() and self.question is None:
+            raise ValueError("give `question`, or `input_field`")
+        return self
+
+    def render(self) -> str:
+        return self.input_field if self.input_field is not None else f"{self.question}\nAnswer: "
 
 
 def is_int(x: Any) -> bool:
@@ -67,6 +102,19 @@ class MultipleChoice(OutputType):
     def answer_schema(self, card) -> dict:
         return {"type": "integer", "description": "The chosen option's number (-1: unparseable)."}
 
+    def input_model(self, card):
+        return MultipleChoiceInput
+
+    def request_plan(self, plan, inp):
+        if inp.options is not None:
+            return replace(plan, choices=tuple(str(i) for i in range(len(inp.options))))
+        return plan
+
+    def answer_extras(self, inp, value):
+        if inp.options and isinstance(value, int) and 0 <= value < len(inp.options):
+            return {"answer_text": inp.options[value]}
+        return {}
+
 
 class YesNo(OutputType):
     """Multiple choice with EC-Guide's ``bool`` metric (a card says ``output: multiple-choice``,
@@ -95,6 +143,9 @@ class YesNo(OutputType):
 
     def answer_schema(self, card) -> dict:
         return {"type": "string", "enum": ["yes", "no", ""], "description": "'' : unparseable."}
+
+    def input_model(self, card):
+        return YesNoInput
 
 
 YES_NO = YesNo()

@@ -2,8 +2,31 @@
 scored by micro-F1 over the task."""
 from __future__ import annotations
 
+from pydantic import Field, model_validator
+
 from shoptune.eval.parsers import parse_ner
-from shoptune.tasks.outputs import OutputType, Plan, register
+from shoptune.tasks.outputs import OutputType, Plan, QuestionInput, register
+
+
+class EntityInput(QuestionInput):
+    text: str | None = Field(default=None, min_length=1, description="The query or text to tag.")
+    entity_type: str | None = Field(default=None, min_length=1, description="e.g. 'product type', 'brand'.")
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.structured() and (self.text is None or self.entity_type is None):
+            raise ValueError("give `text` and `entity_type`, or `input_field`")
+        return self
+
+    def render(self) -> str:
+        if self.input_field is not None:
+            return self.input_field
+        return ("You are a helpful online shop assistant and a linguist. A customer on an online "
+                "shopping platform has made the following query. Please extract phrases from the "
+                f"query that correspond to the entity type '{self.entity_type}'. \nPlease directly "
+                "output the entity without repeating the entity type. If there are multiple such "
+                "entities, separate them with comma. Do not give explanations. \n"
+                f"Query: {self.text}\nOutput: ")
 
 
 @register
@@ -27,3 +50,6 @@ class Entities(OutputType):
 
     def answer_schema(self, card) -> dict:
         return {"type": "array", "items": {"type": "string"}}
+
+    def input_model(self, card):
+        return EntityInput

@@ -3,8 +3,12 @@ answers are number lists ("3, 1, 7"), decoded under :class:`~shoptune.decoding.N
 (only numbers of the question's list, ", " between, stop at the line end)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
+from pydantic import Field, model_validator
+
 from shoptune.eval.parsers import parse_ranking, parse_retrieval
-from shoptune.tasks.outputs import _LIST_RE, OutputType, Plan, check_list_numbers, register
+from shoptune.tasks.outputs import _LIST_RE, OutputType, Plan, QuestionInput, check_list_numbers, register
 from shoptune.tasks.outputs.choice import is_int, option_numbers
 
 
@@ -16,6 +20,35 @@ def number_list_tokens(numbers: int, max_value: int) -> int:
 
 def _listed(input_text: str) -> list[int]:
     return option_numbers(input_text) or [int(n) for n in _LIST_RE.findall(input_text)]
+
+
+class CandidatesInput(QuestionInput):
+    question: str | None = Field(default=None, min_length=1, description=(
+        "The instruction, e.g. the query and what to select; candidates are appended numbered from 1."))
+    candidates: list[str] | None = Field(default=None, min_length=1, max_length=99)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.structured() and (self.question is None or self.candidates is None):
+            raise ValueError("give `question` and `candidates`, or `input_field`")
+        return self
+
+    def render(self) -> str:
+        if self.input_field is not None:
+            return self.input_field
+        cands = "".join(f"{i}. {c}\n" for i, c in enumerate(self.candidates, 1))
+        return f"{self.question}\n{cands}Output: "
+
+
+class RankingInput(CandidatesInput):
+    candidates: list[str] | None = Field(default=None, min_length=2, max_length=5, description=(
+        "Up to 5 candidates (ShopBench ranking answers are permutations of 1..5)."))
+
+
+def _items(inp, value) -> dict:
+    if inp.candidates and isinstance(value, list):
+        return {"answer_items": [inp.candidates[i - 1] for i in value if 1 <= i <= len(inp.candidates)]}
+    return {}
 
 
 @register
@@ -49,6 +82,18 @@ class Retrieval(OutputType):
         return {"type": "array", "items": {"type": "integer"}, "maxItems": 3,
                 "description": "The chosen candidates' numbers, best first."}
 
+    def input_model(self, card):
+        return CandidatesInput
+
+    def request_plan(self, plan, inp):
+        if inp.candidates is None:
+            return plan
+        n = len(inp.candidates)  # the given candidates only (a candidate's text may hold "7. ")
+        return replace(plan, max_value=n, count=min(3, n), values=tuple(range(1, n + 1)))
+
+    def answer_extras(self, inp, value):
+        return _items(inp, value)
+
 
 @register
 class Ranking(OutputType):
@@ -77,3 +122,15 @@ class Ranking(OutputType):
     def answer_schema(self, card) -> dict:
         return {"type": "array", "items": {"type": "integer"}, "maxItems": 5,
                 "description": "The candidates' numbers, best first ([]: unparseable)."}
+
+    def input_model(self, card):
+        return RankingInput
+
+    def request_plan(self, plan, inp):
+        if inp.candidates is None:
+            return plan
+        n = len(inp.candidates)  # a permutation of exactly the given candidates
+        return replace(plan, max_value=n, count=n)
+
+    def answer_extras(self, inp, value):
+        return _items(inp, value)

@@ -2,8 +2,28 @@
 similarity. BLEU and ROUGE-L tasks stop at the line end (BLEU scores the first line only)."""
 from __future__ import annotations
 
+from pydantic import Field, model_validator
+
 from shoptune.eval.parsers import parse_generation
-from shoptune.tasks.outputs import GEN_LIMITS, OutputType, Plan, register
+from shoptune.tasks.outputs import GEN_LIMITS, OutputType, Plan, QuestionInput, register
+
+
+class GenerationInput(QuestionInput):
+    instruction: str | None = Field(default=None, min_length=1)
+    input: str | None = Field(default=None, description="Optional input the instruction is about.")
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.structured() and self.instruction is None:
+            raise ValueError("give `instruction` (and optionally `input`), or `input_field`")
+        return self
+
+    def render(self) -> str:
+        if self.input_field is not None:
+            return self.input_field
+        if self.input is None:
+            return f"{self.instruction}\nOutput: "
+        return f"Instructions: {self.instruction}\nInput: {self.input}\nOutput:"
 
 
 @register
@@ -31,3 +51,6 @@ class Text(OutputType):
 
     def answer_schema(self, card) -> dict:
         return {"type": "string"}
+
+    def input_model(self, card):
+        return GenerationInput

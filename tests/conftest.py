@@ -28,3 +28,45 @@ def write_jsonl(path: Path, rows) -> Path:
 def cache_dir(tmp_path_factory):
     """The model cache the suite shares (the repo's .cache when make set it up)."""
     return Path(os.environ.get("SHOPTUNE_CACHE_DIR") or tmp_path_factory.mktemp("cache"))
+
+
+EXAMPLE_TASKS = REPO / "examples" / "own-tasks"
+
+
+def own_example_tasks(root: Path) -> Path:
+    """The worked example's two cards (product_category: label; product_attributes: json), made
+    by `tasks new` from examples/own-tasks into ROOT/tasks; returns that folder (for
+    SHOPTUNE_TASKS_PATH)."""
+    import shutil
+
+    from shoptune.tasks.new import make
+    for f in ("products.csv", "attributes.csv"):
+        shutil.copy(EXAMPLE_TASKS / f, root / f)
+    make("product_category", root / "products.csv", inputs=["title"], label="category",
+         tasks_dir=root / "tasks")
+    make("product_attributes", root / "attributes.csv", inputs=["title"], json_col="attributes",
+         tasks_dir=root / "tasks")
+    return root / "tasks"
+
+
+OWN_INPUTS = ["Oakridge Bamboo Cutting Board, large", "Veltra Electric Kettle, 1.7 L, silver",
+              "Trail Running Shoes by Halden - size 42, red/black"]
+
+
+def check_own_answers(post, models) -> dict:
+    """Ask both example tasks through ``post(task, body) -> reply json`` for every model; assert
+    each answer is a label / schema-valid JSON; return {(task, model, title): answer}."""
+    from jsonschema import validate
+
+    from shoptune.tasks import get_card
+    cat, attrs = get_card("product_category"), get_card("product_attributes")
+    out = {}
+    for model in models:
+        for title in OWN_INPUTS:
+            r = post("product_category", {"model": model, "input": {"title": title}})
+            assert r["answer"] in cat.labels, r
+            out["product_category", model, title] = r["answer"]
+            r = post("product_attributes", {"model": model, "input": {"title": title}})
+            validate(r["answer"], attrs.schema_)
+            out["product_attributes", model, title] = r["answer"]
+    return out

@@ -25,16 +25,12 @@ import re
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from shoptune import tasks
 from shoptune.records import Record
-from shoptune.tasks import Grammar, Plan, PlanError, finish, plan_for, render  # noqa: F401  (re-exported)
-from shoptune.tasks.outputs import MAX_LIST_DIGITS, GEN_LIMITS, check_list_numbers  # noqa: F401
-from shoptune.tasks.outputs.numbers import number_list_tokens  # noqa: F401
-
-card_render = render  # the question as the model sees it (kept name: used by callers)
+from shoptune.tasks import Grammar
 
 STARTER_KIT_PREFIX = ("You are a helpful online shopping assistant. Please answer the following "
                       "question about online shopping and follow the given instructions.\n\n")
@@ -355,7 +351,7 @@ def build_prompts(records: Sequence[Record], protocol: str, tokenizer=None,
     template with the prefix as system message. fewshot: starter-kit with one solved question of
     the same task (another question of the evaluated set) in front.
     """
-    render = render or card_render
+    render = render or tasks.render
     if protocol == "starter-kit":
         return [STARTER_KIT_PREFIX + render(r) for r in records]
     if protocol == "chat":

@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
 
-    from shoptune.decoding import build_prompts, plan_for
+    from shoptune.decoding import build_prompts
+
+    from shoptune.tasks import plan_for
     from shoptune.eval.scoring import score_outputs
     from shoptune.eval.suite import build_suite
     from shoptune.models import load_tokenizer

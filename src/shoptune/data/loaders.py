@@ -28,7 +28,6 @@ from typing import Any
 from shoptune import tasks
 from shoptune.records import (CAPABILITIES, METRICS, TASK_TYPES, TRACK_TO_CAPABILITY, Record)
 from shoptune.tasks.outputs import GoldError, output_for
-from shoptune.tasks.outputs.choice import option_numbers
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 EC_GUIDE_FOLDERS = ("Generation", "MCQ", "NER", "Retrieval")
@@ -502,6 +501,23 @@ def source_files(source: str | os.PathLike) -> tuple[list[Path], str | None]:
         if card is None or not card.source.files:
             raise
         return card.source_files(), card.name
+
+
+def source_digest(source: str | os.PathLike) -> str:
+    """A data source's content digest (16 hex): a file's or a folder's files' names and bytes;
+    for an own task's name, those of the files its card names."""
+    import hashlib
+    from shoptune.paths import resolve_data_path
+    try:
+        root = resolve_data_path(source)
+        files = sorted(x for x in root.rglob("*") if x.is_file()) if root.is_dir() else [root]
+    except FileNotFoundError:
+        files, _ = source_files(source)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def iter_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *,

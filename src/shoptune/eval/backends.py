@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from shoptune.decoding import (GrammarProcessor, NumberListProcessor, Plan, PrefixCache, StopAtLineEnd, best_choice,
-                               finish, last_logits)
+from shoptune.decoding import (GrammarProcessor, NumberListProcessor, PrefixCache, StopAtLineEnd, best_choice,
+                               last_logits)
+from shoptune.tasks import Plan, finish
 from shoptune.records import Record
 
 

@@ -41,8 +41,9 @@ import torch
 from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
-from shoptune.decoding import (GrammarProcessor, NumberListProcessor, Plan, PrefixCache, best_choice, last_logits,
+from shoptune.decoding import (GrammarProcessor, NumberListProcessor, PrefixCache, best_choice, last_logits,
                                left_padded, positions)
+from shoptune.tasks import Plan
 
 log = logging.getLogger("shoptune.serve")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch

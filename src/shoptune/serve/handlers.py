@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from shoptune.decoding import Plan, PlanError, build_prompts
+from shoptune.decoding import build_prompts
 from shoptune.serve import tasks as task_io
 from shoptune.serve.engine import ADAPTER_NAME_RE, AdapterError, Engine, EngineError, Job
 from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice,
@@ -35,7 +35,7 @@ from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice
                                      LoadAdapterRequest, ModelCard, ModelList, TaskInfo, TaskList,
                                      TaskRequest, TaskResult, TokenLogprob, TopLogprob,
                                      UnloadAdapterRequest, UsageInfo)
-from shoptune.tasks import all_cards
+from shoptune.tasks import Plan, PlanError, all_cards
 
 
 @dataclass

@@ -50,9 +50,10 @@ from pathlib import Path, PurePath
 
 import httpx
 
-from shoptune.decoding import Grammar, Plan, choice_ebnf, choice_tokens  # (choice_tokens: the tokens best_choice compares)
+from shoptune.decoding import choice_ebnf, choice_tokens  # (choice_tokens: the tokens best_choice compares)
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
+from shoptune.tasks import Grammar, Plan
 from shoptune.serve.upstream_wire import (ERROR_BODY_BYTES, NO_COMPRESSION, NotSupported, Reply,
                                           UpstreamError, aread_capped, bad_reply, describe,
                                           describe_bytes, error_message, error_text, finish_reason,

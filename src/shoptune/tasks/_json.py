@@ -119,7 +119,7 @@ def _cut_prefix(text: str) -> str:
     stack: list[str] = []  # "{" / "["
     safe, safe_stack = 0, []  # a cut here (plus closers for safe_stack) is valid JSON
     i, n = 0, len(text)
-    in_string, is_key, string_start = False, False, 0
+    in_string, is_key = False, False
     expect_key = False
     while i < n:
         c = text[i]
@@ -134,7 +134,7 @@ def _cut_prefix(text: str) -> str:
             i += 1
             continue
         if c == '"':
-            in_string, string_start = True, i
+            in_string = True
             is_key = bool(stack) and stack[-1] == "{" and expect_key
             i += 1
             continue

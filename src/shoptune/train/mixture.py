@@ -20,7 +20,6 @@ A mixture is a YAML file::
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import Counter, defaultdict
@@ -30,9 +29,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records, source_files
+from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records, source_digest
 from shoptune.data.splits import split_of
-from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record
 
 
@@ -79,27 +77,6 @@ class MixtureConfig(BaseModel):
             return validate(cls, {**data, **overrides}, str(path), lines,
                             [(k,) for k in overrides])
         return load(cls, path, overrides or (), what="mixture")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _source_digest(source: str) -> str:
-    """A file's or folder's digest, or (a task name) the digest of its card's own files."""
-    try:
-        return _file_digest(resolve_data_path(source))
-    except FileNotFoundError:
-        files, _ = source_files(source)
-        h = hashlib.sha256()
-        for f in files:
-            h.update(_file_digest(f).encode())
-        return h.hexdigest()[:16]
 
 
 def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
@@ -239,7 +216,7 @@ def make_manifest(records: list[Record], cfg: MixtureConfig, *, removed: list[di
                       "effective_tasks": round(math.exp(entropy), 2)},
         "removed": dict(Counter(r["reason"] for r in removed)),
         "skipped_invalid_rows": skipped_invalid,
-        "sources": {s: _source_digest(s) for s in
+        "sources": {s: source_digest(s) for s in
                     cfg.sources + cfg.decontaminate_against if not s.startswith("suite:")},
         "config": cfg.model_dump(),
     }

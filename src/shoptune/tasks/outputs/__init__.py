@@ -21,6 +21,7 @@ this schema". The built-in engine compiles it with xgrammar; llama.cpp gets a GB
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -216,5 +217,5 @@ def output_for(task_type: str, metric: str) -> OutputType:
     return output_type(task_type)
 
 
-from shoptune.tasks.outputs import (choice, entities, label, number, numbers, structured,  # noqa: E402,F401
-                                    text)
+for _module in ("choice", "numbers", "entities", "text", "label", "structured", "number"):
+    importlib.import_module(f"{__name__}.{_module}")  # each registers its types

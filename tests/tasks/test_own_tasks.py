@@ -199,3 +199,19 @@ def test_the_worked_example_files_make_their_tasks(own):
     assert made.rows == 240 and len(made.card.labels) == 6 and not made.invalid
     made = make("product_attributes", EXAMPLE / "attributes.csv", inputs=["title"], json_col="attributes")
     assert made.rows == 200 and made.card.schema_["required"] == ["brand", "colors", "materials"]
+
+
+def test_a_task_name_is_a_source_for_mixtures_and_suites(own):
+    from shoptune.eval.suite import build_suite
+    from shoptune.train.mixture import MixtureConfig, build_mixture
+    rows = "title,cat\n" + "".join(f"item {i},{'AB'[i % 2]}\n" for i in range(40))
+    make("two", write(own / "a.csv", rows), inputs=["title"], label="cat")
+    cfg = MixtureConfig(sources=["two"], split="train", split_validation=0, split_test=0.25, dedup=False)
+    recs, manifest = build_mixture(cfg)
+    assert {r.task for r in recs} == {"two"} and manifest["tasks"] == {"two": len(recs)}
+    assert len(manifest["sources"]["two"]) == 16
+    write(own / "suite.yaml", "name: mine\nparts:\n- name: test\n  sources: [two]\n  split: test\n"
+                              "  split_validation: 0\n  split_test: 0.25\n")
+    test, m = build_suite(own / "suite.yaml")
+    assert test and not {r.id for r in test} & {r.id for r in recs}  # never trained on
+    assert len(test) + len(recs) == 40 and m["task_types"] == {"label": len(test)}

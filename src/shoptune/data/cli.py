@@ -61,8 +61,9 @@ def _write_derived(rows, rep: dict, out: Path, against, ignore=frozenset()) -> t
 
 
 def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, description,
-                file) -> Path | None:
-    """A card for a derived/synthesized task unless one is registered; returns its path."""
+                file, like=None) -> Path | None:
+    """A card for a derived/synthesized task unless one is registered (``like``: an own task's
+    card it copies); returns its path."""
     from shoptune._io import atomic_open
     from shoptune.data.derive import card_yaml
     from shoptune.tasks import all_cards
@@ -72,7 +73,7 @@ def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, de
     path = cards_dir / f"{name}.yaml"
     with atomic_open(path) as fh:
         fh.write(card_yaml(name, capability=capability, task_type=task_type, metric=metric,
-                           description=description, file=file))
+                           description=description, file=file, like=like))
     return path
 
 
@@ -203,10 +204,13 @@ def register(data_app: typer.Typer) -> None:
         console.print(f"gold positions: {rep['gold_positions']}")
         for name, n in Counter(r.task for r in rows).items():
             src = next(r for r in rows if r.task == name)
+            origin = src.extra["derived"]["from_task"]
+            what = ("other labels of its card" if src.extra["derived"].get("distractors") == "labels"
+                    else "other rows' answers")
             _card_hint(_write_card(out.parent / "cards", name, capability=src.capability,
                                    task_type="multiple-choice", metric="accuracy",
-                                   description=f"Multiple-choice version of {src.extra['derived']['from_task']} "
-                                               f"(distractors from other rows, {difficulty}).",
+                                   description=f"Multiple-choice version of {origin} "
+                                               f"(distractors: {what}, {difficulty}).",
                                    file=str(out)))
 
 
@@ -247,7 +251,7 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
         _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
                                task_type=card.task_type, metric=card.metric,
                                description=f"Synthesized by a teacher LLM from {card.name} examples.",
-                               file=str(out)))
+                               file=str(out.resolve()) if card.own else str(out), like=card))
     if rep["stopped"]:
         if "budget" in rep["stopped"]:  # the budget counts every request made for OUT, resumes too
             hint = ("the budget covers every request made for this output, resumes included: "

@@ -6,7 +6,6 @@ import hashlib
 import json
 import re
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,19 +22,10 @@ from shoptune.eval.scoring import score_outputs
 from shoptune.tasks.new import make
 from tests.data.scripted_teacher import ScriptedServer, prompt_of
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own-tasks"
+from tests.tasks.test_own_tasks import EXAMPLE, own  # noqa: F401 (own: a user's folder, ./tasks)
+
 CATEGORIES = ["Beauty & Personal Care", "Electronics", "Grocery", "Home & Kitchen",
               "Sports & Outdoors", "Toys & Games"]
-
-
-@pytest.fixture
-def own(tmp_path, monkeypatch):
-    """A folder the user works in: ./tasks is read by every command."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SHOPTUNE_TASKS_PATH", raising=False)
-    tasks.reload()
-    yield tmp_path
-    tasks.reload()
 
 
 def example(fields: dict, answer: str) -> str:

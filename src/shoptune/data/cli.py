@@ -170,20 +170,22 @@ def register(data_app: typer.Typer) -> None:
 
     @derive_app.command("mcq")
     def derive_mcq_cmd(
-            paths: Annotated[list[str], typer.Argument(help="Generation rows (files/folders).")],
+            paths: Annotated[list[str], typer.Argument(help="Generation rows, or an own label "
+                                                       "task's rows (files/folders, or the task's name).")],
             out: Annotated[Path, typer.Option(help="Multiple-choice rows (.jsonl).")],
             task: Annotated[Optional[list[str]], typer.Option(help="Only these tasks (repeatable).")] = None,
             options: Annotated[int, typer.Option(help="Options per question (2-10).")] = 4,
-            difficulty: Annotated[str, typer.Option(help="hard: nearest answers in embedding space; "
-                                                    "easy: random answers.")] = "hard",
+            difficulty: Annotated[str, typer.Option(help="hard: nearest answers (labels) in embedding "
+                                                    "space; easy: random ones.")] = "hard",
             max_similarity: Annotated[float, typer.Option(help="Skip distractors at least this "
                                                           "similar to the gold (they may be right too).")] = 0.9,
             limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many rows per task.")] = None,
             seed: int = 0,
             against: Annotated[Optional[list[str]], typer.Option(
                 help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None) -> None:
-        """Multiple-choice versions of generation rows: distractors are other rows' answers of
-        the same task (near in embedding space = hard, random = easy)."""
+        """Multiple-choice versions of generation rows (distractors: other rows' answers of the
+        same task) and of a label task's rows (distractors: other labels of its card); near in
+        embedding space = hard, random = easy."""
         from collections import Counter
 
         from shoptune._io import check_out_file

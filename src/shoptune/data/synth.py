@@ -21,6 +21,15 @@ duplicates against the pool and the rows kept so far, (5) decontamination agains
 evaluation set (exact, near, 13-gram; :mod:`shoptune.data.dedup`). Rejected rows go to
 ``FILE.rejected.jsonl`` with the reason.
 
+A shop's own task (a card with named ``inputs``: label, labels, json, number, text) is
+synthesized from its card: the pool defaults to the card's own files, read through it; the
+teacher is told the task, its inputs and the answer's rule (:func:`own_instruction`) and shown
+rows rendered from their named inputs and gold answers; a reply is parsed back into named inputs
+and an answer the output type coerces and the card validates (a label of ``labels``, JSON valid
+against ``schema``). Its rows are records of the task itself (with ``inputs``), read back through
+its card. Without a student, a label task's difficulty is its rows' label margin in embedding
+space (:func:`label_difficulty`; hard rows are shown one confusable label pair).
+
 Files (all append-only, one JSON object a line, fsync'd): ``FILE.jsonl`` (kept rows with
 ``extra.provenance``), ``FILE.rejected.jsonl``, ``FILE.cache.jsonl`` (teacher answers keyed by a
 hash of the request). A killed run started again re-reads them: jobs already decided are

@@ -249,7 +249,9 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
         console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
     console.print(f"report -> {side_paths(out)['report']}")
     card = get_card(spec.task)
-    if rep["kept"]:  # (a card for rows that exist)
+    if rep["kept"] and rep["output_task"] == card.name:  # an own task's rows: more of the task
+        console.print(f"rows of task {card.name}: read through its card {card.path}", highlight=False)
+    elif rep["kept"]:  # (a card for rows that exist)
         _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
                                task_type=card.task_type, metric=card.metric,
                                description=f"Synthesized by a teacher LLM from {card.name} examples.",

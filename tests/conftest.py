@@ -33,6 +33,17 @@ def cache_dir(tmp_path_factory):
 EXAMPLE_TASKS = REPO / "examples" / "own-tasks"
 
 
+@pytest.fixture
+def own(tmp_path, monkeypatch):
+    """A folder a user works in, own task cards in ./tasks (read by every command)."""
+    from shoptune import tasks
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SHOPTUNE_TASKS_PATH", raising=False)
+    tasks.reload()
+    yield tmp_path
+    tasks.reload()
+
+
 def own_example_tasks(root: Path) -> Path:
     """The worked example's two cards (product_category: label; product_attributes: json), made
     by `tasks new` from examples/own-tasks into ROOT/tasks; returns that folder (for

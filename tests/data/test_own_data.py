@@ -15,14 +15,15 @@ from typer.testing import CliRunner
 from shoptune import tasks
 from shoptune.cli import app
 from shoptune.data.derive import derive_mcq, label_space
-from shoptune.data.loaders import load_records, option_numbers
+from shoptune.data.loaders import load_records
+from shoptune.tasks.outputs.choice import option_numbers
 from shoptune.data.synth import (SynthSpec, label_difficulty, label_margins, load_pool, make_pool,
                                  run_synth, side_paths)
 from shoptune.eval.scoring import score_outputs
 from shoptune.tasks.new import make
 from tests.data.scripted_teacher import ScriptedServer, prompt_of
 
-from tests.tasks.test_own_tasks import EXAMPLE, own  # noqa: F401 (own: a user's folder, ./tasks)
+from tests.conftest import EXAMPLE_TASKS as EXAMPLE
 
 CATEGORIES = ["Beauty & Personal Care", "Electronics", "Grocery", "Home & Kitchen",
               "Sports & Outdoors", "Toys & Games"]

@@ -12,17 +12,7 @@ from shoptune.data.loaders import DataValidationError, load_records, load_valid
 from shoptune.tasks import CardError
 from shoptune.tasks.new import NewTaskError, make
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own-tasks"
-
-
-@pytest.fixture
-def own(tmp_path, monkeypatch):
-    """A folder the user works in: ./tasks is read by every command."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("SHOPTUNE_TASKS_PATH", raising=False)
-    tasks.reload()
-    yield tmp_path
-    tasks.reload()
+from tests.conftest import EXAMPLE_TASKS as EXAMPLE
 
 
 def write(path: Path, text: str) -> Path:

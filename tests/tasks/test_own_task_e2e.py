@@ -40,7 +40,7 @@ def test_worked_example_from_csv_to_a_served_valid_answer(tmp_path, monkeypatch)
                   cwd=tmp_path, env=env)
         assert "invalid rows skipped: 0" in out
     cli("train", "train.yaml", "--out", "runs/tuned", "max_steps=2", "batch_size=2", "max_length=96",
-        "logging_steps=1", "save_steps=0", cwd=tmp_path, env=env)
+        "logging_steps=1", "save_steps=2", cwd=tmp_path, env=env)
     adapter = tmp_path / "runs" / "tuned" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     cli("eval", "--data", "data/product_category/test.jsonl", "--data", "data/product_attributes/test.jsonl",

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
                          f"reused from another experiment: pass that experiment's --exp and cell)")
         work = args.exp / "fallback" / run["id"]
         try:
-            meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean")
+            meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean",
+                                      overwrite=True)
         except ExpertError as e:
             ap.error(f"--cell {args.cell}: {e}")
         routes = _routed(experts=meta)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                 and done["manifest"]["fingerprint"] == plan["suite"]["fingerprint"]):
             model = json.loads((cells / run["id"] / "train" / "run.json").read_text())["config"]["model"]
             done = evaluate(model=model, suite=plan["suite_file"], out=work / "eval", protocol=plan["protocol"],
-                            engine=ev["engine"], dtype=ev["dtype"], task_adapters=routes)
+                            engine=ev["engine"], dtype=ev["dtype"], task_adapters=routes, overwrite=True)
             if done["manifest"]["fingerprint"] != plan["suite"]["fingerprint"]:
                 sys.exit(f"suite {plan['suite']['name']} changed since the experiment ran")
         own.append(rows_of(cells / run["id"] / "eval" / "predictions.jsonl"))

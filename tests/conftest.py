@@ -30,6 +30,14 @@ def cache_dir(tmp_path_factory):
     return Path(os.environ.get("SHOPTUNE_CACHE_DIR") or tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random base model (hidden 64) and adapters good and bad for it (see
+    make_tiny_fixtures); shared by the serve and export tests."""
+    from shoptune.serve.testing import make_tiny_fixtures
+    return make_tiny_fixtures(tmp_path_factory.mktemp("tiny"))
+
+
 EXAMPLE_TASKS = REPO / "examples" / "own-tasks"
 
 

@@ -75,7 +75,7 @@ def test_a_mixture_that_is_not_text_or_not_a_file_is_one_line(tmp_path):
     assert one_line(invoke("data", "mix", cfg, "--out", tmp_path / "o.jsonl")) == \
         f"error: {cfg}: not UTF-8 text (byte 10)"
     assert one_line(invoke("data", "mix", tmp_path, "--out", tmp_path / "o.jsonl")) == \
-        f"error: {tmp_path}: Is a directory"
+        f"error: {tmp_path}: is a folder (a mixture is wanted here)"
     assert one_line(invoke("data", "mix", tmp_path / "nope.yaml", "--out", tmp_path / "o.jsonl")) == \
         f"error: {tmp_path / 'nope.yaml'}: No such file or directory"
 

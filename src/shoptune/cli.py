@@ -84,6 +84,7 @@ MapOpt = Annotated[Optional[list[str]], typer.Option(
     "--map", help="Column mapping for your own files: FIELD=COLUMN (e.g. input_field=question).")]
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Task card to tag your own rows "
                                                 "with (gives type, metric, capability).")]
+OverwriteFile = Annotated[bool, typer.Option(help="Replace output files that exist (never an input).")]
 
 
 def _set_data_dir(data_dir: Path | None) -> None:
@@ -348,19 +349,26 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
 def data_split(paths: Paths = None, *, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
                                                                 "test .jsonl")],
                seed: int = 0, validation: float = 0.02, test: float = 0.05,
-               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip") -> None:
+               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip",
+               overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier split "
+                                                       "(and nothing else).")] = False) -> None:
     """Deterministic per-task splits (stable when files grow) -> OUT/{train,validation,test}.jsonl."""
-    from shoptune._io import check_out_dir, write_jsonl
+    from shoptune._io import check_output_dir, existing_inputs, output_dir, write_jsonl
+    from shoptune.data.loaders import own_task_files
     from shoptune.data.splits import split_records
 
-    check_out_dir(out)  # a file in the way: one line now, not after the work
-    recs, skipped = _load_valid(_paths(paths, task), on_invalid=on_invalid, task=task, mapping=_mapping(map_))
+    paths = _paths(paths, task)
+    inputs = existing_inputs(paths, own_task_files(paths))
+    check_output_dir(out, command="data split", inputs=inputs, overwrite=overwrite)  # before the work
+    recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     try:
         parts = split_records(recs, seed=seed, validation=validation, test=test)
     except ValueError as e:
         fail(str(e))
+    with output_dir(out, command="data split", inputs=inputs, overwrite=overwrite) as tmp:
+        for name, rows in parts.items():
+            write_jsonl(tmp / f"{name}.jsonl", (r.to_dict() for r in rows))
     for name, rows in parts.items():
-        write_jsonl(out / f"{name}.jsonl", (r.to_dict() for r in rows))
         console.print(f"{name}: {len(rows)} rows -> {out / (name + '.jsonl')}")
     _say(skipped)
 
@@ -376,17 +384,23 @@ def data_dedup(paths: Paths = None, *,
                near: Annotated[bool, typer.Option(help="Near-duplicate (MinHash) pass.")] = True,
                ngram: Annotated[int, typer.Option(help="Decontamination: word n-gram overlap "
                                                   "(GPT-3 / lm-eval: 13; 0 = off).")] = 13,
-               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip") -> None:
+               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip",
+               overwrite: OverwriteFile = False) -> None:
     """Drop exact and near duplicates, and anything that appears in an evaluation set
     (--against FILE or suite:NAME): exactly, nearly, or as a shared 13-gram."""
     from collections import Counter
 
-    from shoptune._io import check_out_file, write_jsonl
+    from shoptune._io import check_new_file, existing_inputs, write_jsonl
+    from shoptune.data.loaders import own_task_files
     from shoptune.data.dedup import decontaminate, dedup
 
-    check_out_file(out)
-    report = check_out_file(report or out.with_suffix(".removed.jsonl"))
-    recs, skipped = _load_valid(_paths(paths, task), on_invalid=on_invalid, task=task, mapping=_mapping(map_))
+    paths = _paths(paths, task)
+    inputs = existing_inputs(paths, own_task_files(paths),
+                             [a for a in against or [] if not a.startswith("suite:")])
+    check_new_file(out, inputs=inputs, overwrite=overwrite)
+    report = check_new_file(report or out.with_suffix(".removed.jsonl"), inputs=inputs, overwrite=overwrite,
+                            flag="--report")
+    recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     with console.status("de-duplicating"):
         kept, removed = dedup(recs, threshold=threshold, near=near)
     if against:
@@ -414,14 +428,17 @@ def data_dedup(paths: Paths = None, *,
 def data_fetch(data_dir: DataDir = None,
                shopbench_url: Annotated[Optional[str], typer.Option(
                    help="Address of the ShopBench development.json to download.")] = None,
-               ec_guide: bool = True) -> None:
+               ec_guide: bool = True, overwrite: OverwriteFile = False) -> None:
     """Download EC-Guide (Hugging Face) and, given its address, the ShopBench dev set."""
     from shoptune.data.fetch import fetch
     from shoptune.paths import data_dir as ddir
 
     dest = Path(data_dir) if data_dir else ddir()
+    from shoptune._io import OutputError
     try:
-        got = fetch(dest, shopbench_url=shopbench_url, ec_guide=ec_guide)
+        got = fetch(dest, shopbench_url=shopbench_url, ec_guide=ec_guide, overwrite=overwrite)
+    except OutputError as e:
+        fail(str(e))
     except Exception as e:  # network, hub, format: say what failed, no traceback
         fail(f"fetch failed: {type(e).__name__}: {e}. Without network, copy the data into {dest} "
              f"(see ../shared/data/README.md for the layout).")

@@ -69,6 +69,8 @@ class NumberListProcessor:
         return ids or self.end
 
     def allowed(self, text: str) -> list[int]:
+        if "\n" in text.lstrip():  # the list has ended: nothing may follow (with or without stop_newline)
+            return [self.tok.eos_token_id]
         nums = re.findall(r"\d+", text)
         if self.values:
             return self._allowed_values(text, nums)

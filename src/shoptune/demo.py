@@ -36,10 +36,13 @@ def run_demo(console: Console, out: str = "runs/demo", quick: bool = False,
     cfg = load_config(resolve_config(config, "train") if config else REPO_CONFIGS / "train" / "demo.yaml",
                       overrides)
     outp = Path(out)
-    from shoptune.train.recipe import clear_run
-    gone = clear_run(outp)  # (a demo starts over: say so)
+    # a demo starts over in its own earlier folder (say so); a folder with anything else is refused
+    from shoptune._io import check_output_dir, make_dirs, write_marker
+    check_output_dir(outp, command="demo", overwrite=True, legacy=demo_entries)
+    gone = clear_demo(outp)
     if gone:
         console.print(f"{outp}: replacing the earlier demo run ({', '.join(gone[:4])})", highlight=False)
+    write_marker(make_dirs(outp), "demo", files=[])  # (its files: demo_entries)
     # held-out EC-Guide questions of the same tasks (the deterministic test split)
     test_cfg = MixtureConfig(**{**cfg.mixture.model_dump(), "split": "test",
                                 "total": 24 if quick else test_questions, "decontaminate_against": []})
@@ -55,7 +58,7 @@ def run_demo(console: Console, out: str = "runs/demo", quick: bool = False,
             console.rule(f"evaluating {who} on {name}")
             d = outp / f"eval-{name}-{who}"
             evaluate(model=cfg.model, adapter=ad, data=[data], out=d,
-                     limit=24 if quick else None)
+                     limit=24 if quick else None, overwrite=True)
             runs.append(d)
     table, summaries = compare(runs)
     console.print(table, markup=False, highlight=False)
@@ -66,6 +69,27 @@ def run_demo(console: Console, out: str = "runs/demo", quick: bool = False,
     console.print(f"plot: {outp / 'compare.png'} (per-run 95% CIs; the paired CIs above are the "
                   "ones that say whether tuning changed the score)", highlight=False)
     return scores
+
+
+DEMO_FILES = ("ecguide-test.jsonl", "compare.png")
+
+
+def demo_entries(out: Path) -> list[str]:
+    """The names a demo run writes in its folder: a training run's, its test questions, its
+    evaluations and the plot."""
+    from shoptune.train.recipe import run_entries
+    return run_entries(out) + [n for n in DEMO_FILES if (out / n).exists()] + \
+        [p.name for p in Path(out).glob("eval-*")]
+
+
+def clear_demo(out: Path) -> list[str]:
+    """Remove an earlier demo's files from ``out`` (only :func:`demo_entries`); what was removed."""
+    import shutil
+    gone = demo_entries(out) if Path(out).is_dir() else []
+    for name in gone:
+        p = Path(out) / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return gone
 
 
 def paired_line(base: Path, tuned: Path) -> str:

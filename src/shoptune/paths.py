@@ -24,9 +24,10 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_data_path(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> Path:
-    """A path as given if it exists; otherwise relative to the data dir ('data/x' or 'x')."""
+    """A path as given if it exists (or is a symlink: a broken one or a loop is named by its
+    reader, not looked for in the data dir); otherwise relative to the data dir ('data/x' or 'x')."""
     p = Path(path)
-    if p.exists():
+    if p.exists() or p.is_symlink():
         return p
     root = data_dir(data_root)
     parts = p.parts[1:] if p.parts and p.parts[0] == "data" else p.parts

@@ -51,6 +51,29 @@ def test_grid_expands_into_named_cells_and_bad_specs_are_clear():
         Budget(tokens=5, steps=3)
 
 
+def test_a_big_grid_is_checked_in_linear_time_and_a_bad_merge_method_is_refused():
+    """#31 item 31: the duplicate-name check was quadratic (a 90,000-cell grid did not finish
+    planning in 120 s); a merge cell with `method: bogus` passed --dry-run."""
+    import time
+    spec = ExperimentSpec(name="g", base="x", baseline="r=1,alpha=1",
+                          grid={"lora.r": list(range(1, 201)), "lora.alpha": list(range(1, 201))})
+    t0 = time.process_time()
+    cells = spec.expanded_cells()
+    assert len(cells) == 40_000 and cells[-1].name == "r=200,alpha=200"
+    assert time.process_time() - t0 < 10  # (~1 s; quadratic: 1.6e9 name comparisons, ~40 s)
+    with pytest.raises(ValueError, match="cell names used twice: r=1"):
+        ExperimentSpec(name="g", base="x", baseline="r=1", cells=[{"name": "r=1"}],
+                       grid={"lora.r": [1, 2]}).expanded_cells()
+    merge = {"name": "m", "merge_of": "p"}
+    with pytest.raises(ValueError, match="'bogus' is not a combination type of peft's add_weighted_adapter "
+                                         r"\(one of ties, dare_ties, "):
+        ExperimentSpec(name="g", base="x", baseline="p", cells=[{"name": "p", "per_task": True},
+                                                                {**merge, "merge": {"method": "bogus"}}])
+    ok = ExperimentSpec(name="g", base="x", baseline="p", cells=[{"name": "p", "per_task": True},
+                                                                 {**merge, "merge": {"method": "dare_ties"}}])
+    assert [c.name for c in ok.expanded_cells()] == ["p", "m"]
+
+
 def test_budget_and_keys():
     assert steps_for_budget(Budget(tokens=48000), 99, avg_tokens_per_row=150.0, rows_per_step=4) == 80
     assert steps_for_budget(Budget(tokens=48000), 99, avg_tokens_per_row=300.0, rows_per_step=4) == 40

@@ -121,6 +121,9 @@ def test_retrieval_answers_are_the_listed_numbers_and_fit_the_limit():
     assert "".join(sorted(tok.decode([t]) for t in ranked.allowed("12, 2, "))) == "5"
     old = NumberListProcessor(tok, 0, 12, 3, False)  # without values: 1..max_value, as before
     assert "".join(sorted(tok.decode([t]) for t in old.allowed("1"))) == ",012"
+    # (#31 item 20) once the line has ended nothing may follow, with or without stop_newline
+    assert allowed(f"{BIG}, 7, 1\n") == "<end>" and old.allowed("1, 2\n") == [tok.eos_token_id]
+    assert old.allowed("3\n") == [tok.eos_token_id]  # (a short list ended early: still nothing after)
 
 
 def test_a_numbered_line_with_too_many_digits_is_a_plan_error_naming_the_line():

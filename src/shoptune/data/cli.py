@@ -43,6 +43,17 @@ def _api_key(env: str, url: str) -> str:
           f"name the variable holding the key")
 
 
+OverwriteFile = Annotated[bool, typer.Option(help="Replace output files that exist (never an input).")]
+
+
+def _check_outs(out: Path, inputs, overwrite: bool) -> None:
+    """OUT and its report (FILE.report.json) may be written (before the work; see check_new_file)."""
+    from shoptune._io import check_new_file, existing_inputs
+    found = existing_inputs(inputs)
+    check_new_file(out, inputs=found, overwrite=overwrite)
+    check_new_file(out.with_suffix(".report.json"), inputs=found, overwrite=overwrite)
+
+
 def _write_derived(rows, rep: dict, out: Path, against, ignore=frozenset()) -> tuple[list, list[dict]]:
     """Decontaminate derived rows against ``against`` (``ignore``: n-grams of the rows' fixed
     wording), write them and their report."""
@@ -71,9 +82,15 @@ def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, de
     if name in all_cards():
         return None
     path = cards_dir / f"{name}.yaml"
+    text = card_yaml(name, capability=capability, task_type=task_type, metric=metric,
+                     description=description, file=file, like=like)
+    if path.exists() or path.is_symlink():  # (someone's card, or an edited one: kept as it is)
+        if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+            console.print(f"[yellow]kept[/] {path}: it exists and differs from the card this run would "
+                          f"write; the rows carry their task and capability anyway", highlight=False)
+        return path
     with atomic_open(path) as fh:
-        fh.write(card_yaml(name, capability=capability, task_type=task_type, metric=metric,
-                           description=description, file=file, like=like))
+        fh.write(text)
     return path
 
 
@@ -130,15 +147,15 @@ def register(data_app: typer.Typer) -> None:
             teacher_url: Annotated[str, typer.Option(help="For --target: OpenAI-compatible base URL.")] = "https://api.openai.com/v1",
             teacher_model: Annotated[str, typer.Option(help="For --target: the teacher model.")] = "gpt-4o",
             api_key_env: Annotated[str, typer.Option(help="For --target: variable with the key.")] = "OPENAI_API_KEY",
-            quiet: bool = False) -> None:
+            quiet: bool = False, overwrite: OverwriteFile = False) -> None:
         """ShopBench-layout ranking questions (query, 5 candidates, NDCG) from query-product
         judgements; says how many questions the data supports (--target: the teacher makes the
         rest)."""
-        from shoptune._io import check_out_file
         from shoptune.data.derive import derive_ranking, ranking_boilerplate
 
-        check_out_file(out)
-        recs = _load(paths or ["ec-guide/MCQ/QPRP.json", "ec-guide/MCQ/QPRJ.json"])
+        paths = paths or ["ec-guide/MCQ/QPRP.json", "ec-guide/MCQ/QPRJ.json"]
+        _check_outs(out, [*paths, *(a for a in against if a != "none" and not a.startswith("suite:"))], overwrite)
+        recs = _load(paths)
         try:
             rows, rep = derive_ranking(recs, fill=fill, seed=seed)
         except ValueError as e:
@@ -182,16 +199,16 @@ def register(data_app: typer.Typer) -> None:
             limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many rows per task.")] = None,
             seed: int = 0,
             against: Annotated[Optional[list[str]], typer.Option(
-                help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None) -> None:
+                help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None,
+            overwrite: OverwriteFile = False) -> None:
         """Multiple-choice versions of generation rows (distractors: other rows' answers of the
         same task) and of a label task's rows (distractors: other labels of its card); near in
         embedding space = hard, random = easy."""
         from collections import Counter
 
-        from shoptune._io import check_out_file
         from shoptune.data.derive import derive_mcq
 
-        check_out_file(out)
+        _check_outs(out, [*paths, *(a for a in against or [] if not a.startswith("suite:"))], overwrite)
         recs = _load(paths)
         if task:
             recs = [r for r in recs if r.task in task]
@@ -230,6 +247,7 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
     try:
         check_out_file(out)
         spec = SynthSpec.from_yaml(spec_path, over)
+        _check_synth_out(out, spec, spec_path)
         key = _api_key(api_key_env, teacher_url)
         rep = run_synth(spec, out, teacher_url=teacher_url, teacher_model=teacher_model,
                         api_key=key, quiet=quiet, check_steering=steering_check, console=console)
@@ -267,6 +285,17 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
             _fail(f"{rep['stopped']}; run the same command to continue")
         console.print(f"[yellow]stopped[/]: {rep['stopped']} ({hint})", highlight=False)
     return rep
+
+
+def _check_synth_out(out: Path, spec, spec_path: Path) -> None:
+    """``data synth --out FILE`` appends (a rerun resumes): FILE is new, or an earlier synth's
+    output (its FILE.cache.jsonl is there); never the spec, a pool file or someone else's file."""
+    from shoptune._io import OutputError, check_not_input, existing_inputs
+    from shoptune.data.synth import side_paths
+    check_not_input(out, existing_inputs([spec_path], spec.pool))
+    if (out.exists() or out.is_symlink()) and not side_paths(out)["cache"].is_file():
+        raise OutputError(f"--out {out}: exists and is not the output of an earlier `shoptune data synth` "
+                          f"(no {side_paths(out)['cache'].name} beside it); choose a new file name")
 
 
 def _decontaminate(rows, against, ignore=frozenset()):

@@ -14,8 +14,8 @@ Problems are :class:`DataIssue` objects naming the file, line (or array index) a
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
-import io
 import json
 import os
 import re
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from shoptune import tasks
+from shoptune._io import (ROW_CAP, InputError, JsonBoundsError, bounds_problem, byte_cap, iter_lines,
+                          json_decode, json_loads, json_value_end, open_input, over_cap)
 from shoptune.records import (CAPABILITIES, METRICS, TASK_TYPES, TRACK_TO_CAPABILITY, Record)
 from shoptune.tasks.outputs import GoldError, output_for
 
@@ -61,32 +63,24 @@ class DataIssue:
         where = f"{self.file}:{n}" if n is not None else self.file
         if self.loc.startswith("row "):  # (a Parquet row: no line to jump to)
             where = f"{self.file} ({self.loc})"
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        msg = self.message if len(self.message) <= 300 else self.message[:297] + "..."  # (a value quoted)
+        return f"{where}: {self.field}: {msg}" if self.field else f"{where}: {msg}"
 
 
 @lru_cache(maxsize=8)
 def _array_element_lines(file: str, mtime_ns: int) -> tuple[int, ...]:
-    """The 1-based line on which each element of a JSON-array file starts (one scan)."""
-    text = Path(file).read_text(encoding="utf-8-sig")
-    dec = json.JSONDecoder()
-    lines, pos, line = [], text.index("[") + 1, 1 + text[:text.index("[")].count("\n")
-    counted = text.index("[")
-    ws = re.compile(r"[\s,]*")
-    while True:
-        pos = ws.match(text, pos).end()
-        if pos >= len(text) or text[pos] == "]":
-            return tuple(lines)
-        line += text.count("\n", counted, pos)
-        counted = pos
-        lines.append(line)
-        _, pos = dec.raw_decode(text, pos)
+    """The 1-based line on which each element of a JSON-array file starts (one bounded pass)."""
+    with open_input(file, "data file") as fh:
+        if fh.read(3) != b"\xef\xbb\xbf":
+            fh.seek(0)
+        return tuple(line for i, line, _, _ in _ArrayElements(fh, file, lines=True) if i is not None)
 
 
 def array_element_line(file: str, index: int) -> int | None:
     """Line where element ``index`` of the JSON array in ``file`` starts (None if unknown)."""
     try:
         lines = _array_element_lines(file, os.stat(file).st_mtime_ns)
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError):
         return None
     return lines[index] if 0 <= index < len(lines) else None
 
@@ -144,12 +138,46 @@ def check_fields(row: dict, card=None) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------- raw rows
+#
+# Every data file is read bounded (shoptune._io): a regular file only (a FIFO, a device, a socket,
+# a symlink loop: one issue naming it), row by row with each row (a JSON line, an array element,
+# a CSV row) at most SHOPTUNE_MAX_ROW_BYTES (4 MiB), each row's JSON at most 64 levels deep with
+# integers of at most 100 digits and no lone surrogate. A row past a bound is an issue naming
+# file:line:field; the rows around it are read as usual.
+
+_ARRAY_CHUNK = 1 << 20
+_WS = re.compile(r"[ \t\r\n]*")
+
 
 def _decode(raw: bytes, file: str, loc: str) -> tuple[str | None, DataIssue | None]:
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as e:
         return None, DataIssue(file, loc, None, f"invalid UTF-8 at byte {e.start}")
+
+
+def _row_issue(file: str, loc: str, e: Exception, line: int | None = None) -> DataIssue:
+    """A DataIssue for a row that does not parse (``json.JSONDecodeError``) or breaks a bound."""
+    if isinstance(e, JsonBoundsError):
+        return DataIssue(file, loc, e.field, e.reason, line)
+    return DataIssue(file, loc, None, f"invalid JSON: {e.msg} (column {e.colno})", line)
+
+
+def _too_long(file: str, loc: str, line: int | None = None, rest: str = "") -> DataIssue:
+    return DataIssue(file, loc, None, f"the row is {over_cap('one data row', ROW_CAP)}{rest}", line)
+
+
+def _first_char(fh) -> bytes:
+    """The first byte that is not blank (after a BOM), read in blocks (a file may start with
+    any number of blank lines); b"" for a blank file. Leaves ``fh`` where it was."""
+    at = fh.tell()
+    while block := fh.read(_ARRAY_CHUNK):
+        block = block.lstrip(b" \t\r\n")
+        if block:
+            fh.seek(at)
+            return block[:1]
+    fh.seek(at)
+    return b""
 
 
 def iter_raw(path: Path) -> Iterator[tuple[str, dict | None, DataIssue | None]]:
@@ -159,29 +187,35 @@ def iter_raw(path: Path) -> Iterator[tuple[str, dict | None, DataIssue | None]]:
         yield from _iter_parquet(path)
         return
     try:
-        fh = open(path, "rb")
+        fh = open_input(path, "data file")
+    except InputError as e:
+        yield "", None, DataIssue(file, "", None, e.reason)
+        return
     except OSError as e:
         yield "", None, DataIssue(file, "", None, f"cannot open: {e.strerror}")
         return
     with fh:
-        head = fh.read(4096)
-        fh.seek(0)
-        if head[:3] == b"\xef\xbb\xbf":
-            fh.read(3)
-        if not head.strip(b"\xef\xbb\xbf \t\r\n"):
+        if fh.read(3) != b"\xef\xbb\xbf":
+            fh.seek(0)
+        first = _first_char(fh)
+        if not first:
             yield "", None, DataIssue(file, "", None, "file is empty")
             return
         if path.suffix.lower() == ".csv":
             yield from _iter_csv(fh, file)
-        elif head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
-            yield from _iter_json_array(fh.read(), file)
+        elif first == b"[":
+            for i, line, row, issue in _ArrayElements(fh, file):
+                yield f"index {i}" if i is not None else "", row, issue
         else:
             yield from _iter_jsonl(fh, file)
 
 
 def _iter_jsonl(fh, file: str):
-    for n, raw in enumerate(fh, 1):
+    for n, raw in iter_lines(fh, ROW_CAP):
         loc = f"line {n}"
+        if raw is None:
+            yield loc, None, _too_long(file, loc)
+            continue
         text, issue = _decode(raw, file, loc)
         if issue:
             yield loc, None, issue
@@ -189,9 +223,9 @@ def _iter_jsonl(fh, file: str):
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield loc, None, DataIssue(file, loc, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            row = json_loads(text)
+        except (json.JSONDecodeError, JsonBoundsError) as e:
+            yield loc, None, _row_issue(file, loc, e)
             continue
         if not isinstance(row, dict):
             yield loc, None, DataIssue(file, loc, None,
@@ -200,29 +234,111 @@ def _iter_jsonl(fh, file: str):
         yield loc, row, None
 
 
-def _iter_json_array(raw: bytes, file: str):
-    text, issue = _decode(raw, file, "")
-    if issue:
-        bad = int(issue.message.rsplit(" ", 1)[1])
-        line = raw[:bad].count(b"\n") + 1
-        yield "", None, DataIssue(file, f"line {line}", None, issue.message)
-        return
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield "", None, DataIssue(file, f"line {e.lineno}", None,
-                                  f"invalid JSON: {e.msg} (column {e.colno})")
-        return
-    if not isinstance(rows, list):
-        yield "", None, DataIssue(file, "", None, "expected a JSON array of objects")
-        return
-    for i, row in enumerate(rows):
-        loc = f"index {i}"
-        if not isinstance(row, dict):
-            yield loc, None, DataIssue(file, loc, None,
-                                       f"expected a JSON object, got {type(row).__name__}")
-        else:
-            yield loc, row, None
+class _Stop(Exception):
+    """The array cannot be read on from here (one issue at ``line`` ends the file)."""
+
+    def __init__(self, line: int, message: str):
+        self.line, self.message = line, message
+
+
+class _ArrayElements:
+    """(index, line, row, issue) for each element of the JSON array in the binary file ``fh``
+    (positioned at its first byte), parsed one element at a time from a buffer holding about
+    one element, filled in 1 MiB blocks: a file of any size, never held whole. An element past a
+    bound is an issue and is stepped over; a problem that leaves the array unreadable from there
+    on (invalid JSON, an element longer than may be held) ends the file with one issue (index
+    None). ``lines``: give each element's line (else only an issue's: counting costs)."""
+
+    def __init__(self, fh, file: str, lines: bool = False):
+        self.fh, self.file, self.limit, self.lines = fh, file, byte_cap(ROW_CAP), lines
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.eof, self.bytes_read = "", 0, False, 0
+        self.line_at, self.line_pos = 1, 0  # the line number at buffer offset line_pos
+
+    def line_of(self, p: int) -> int:
+        """The line of buffer offset ``p`` (at or after every offset asked before)."""
+        self.line_at += self.buf.count("\n", self.line_pos, p)
+        self.line_pos = p
+        return self.line_at
+
+    def more(self) -> None:
+        """The next block onto the buffer (what was parsed dropped); at the end: ``eof``."""
+        if self.eof:
+            return
+        block = self.fh.read(_ARRAY_CHUNK)
+        self.eof = not block
+        try:
+            text = self.decoder.decode(block, final=self.eof)
+        except UnicodeDecodeError as e:
+            raise _Stop(self.line_of(len(self.buf)) + block[:e.start].count(b"\n"),
+                        f"invalid UTF-8 at byte {self.bytes_read + e.start}") from None
+        self.bytes_read += len(block)
+        self.line_of(self.pos)
+        self.buf, self.pos, self.line_pos = self.buf[self.pos:] + text, 0, 0
+
+    def skip_blanks(self) -> str:
+        """Past blanks (reading on); the next character, "" at the end."""
+        while True:
+            if self.pos < len(self.buf) and self.buf[self.pos] not in " \t\r\n":
+                return self.buf[self.pos]
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos:self.pos + 1]
+            self.more()
+
+    def element(self, i: int) -> tuple[Any, DataIssue | None, int]:
+        """(row, issue or None, end) of the element at ``pos``, reading on until it parses with
+        text after it (or the file ends)."""
+        at = f"index {i}"
+        while True:
+            try:
+                row, end = json_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:
+                    if end - self.pos > self.limit:  # whole in the buffer, still too long
+                        return None, _too_long(self.file, at, self.line_of(self.pos)), end
+                    return row, None, end
+            except JsonBoundsError as e:  # (too deep to parse: stepped over by its brackets)
+                end = json_value_end(self.buf, self.pos)
+                if end is not None:
+                    return None, DataIssue(self.file, at, e.field, e.reason, self.line_of(self.pos)), end
+                if self.eof:
+                    raise _Stop(self.line_of(self.pos), "invalid JSON: the array is not closed") from None
+            except json.JSONDecodeError as e:
+                if self.eof:
+                    raise _Stop(self.line_of(e.pos), f"invalid JSON: {e.msg} (column {e.colno})") from None
+            if len(self.buf) - self.pos > self.limit:
+                raise _Stop(self.line_of(self.pos), f"element {i}: {over_cap('one data row', ROW_CAP)}; "
+                                                    "the rest of the file is not read")
+            self.more()
+
+    def __iter__(self):
+        try:
+            self.skip_blanks()
+            self.pos += 1  # the "["
+            i, nxt = 0, self.skip_blanks()
+            while nxt != "]":
+                start = self.line_of(self.pos) if self.lines else None
+                row, issue, end = self.element(i)
+                if issue is None and not isinstance(row, dict):
+                    issue = DataIssue(self.file, f"index {i}", None,
+                                      f"expected a JSON object, got {type(row).__name__}",
+                                      self.line_of(self.pos))
+                yield i, start, (None if issue else row), issue
+                self.pos, i = end, i + 1
+                nxt = self.skip_blanks()
+                if nxt == ",":
+                    self.pos += 1
+                    nxt = self.skip_blanks()
+                    if nxt == "]":
+                        raise _Stop(self.line_of(self.pos), "invalid JSON: a trailing ',' before ']'")
+                elif nxt != "]":
+                    raise _Stop(self.line_of(self.pos), "invalid JSON: expected ',' or ']' after an "
+                                "element" if nxt else "invalid JSON: the array is not closed")
+            self.pos += 1
+            if self.skip_blanks():
+                raise _Stop(self.line_of(self.pos), "invalid JSON: extra data after the array")
+        except _Stop as e:
+            yield None, e.line, None, DataIssue(self.file, f"line {e.line}", None, e.message)
 
 
 def _iter_parquet(path: Path):
@@ -230,51 +346,94 @@ def _iter_parquet(path: Path):
     (1-based)."""
     file = str(path)
     try:
+        open_input(path, "data file").close()  # (a regular file: never a FIFO or a device)
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(path)
+    except InputError as e:
+        yield "", None, DataIssue(file, "", None, e.reason)
+        return
     except ImportError:
         yield "", None, DataIssue(file, "", None, "reading Parquet needs pyarrow (`pip install pyarrow`)")
         return
     except Exception as e:  # pyarrow raises its own error types for a broken file
         yield "", None, DataIssue(file, "", None, f"not a readable Parquet file: {e}")
         return
-    n = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield f"row {n}", row, None
+    n, limit = 0, byte_cap(ROW_CAP)
+    try:
+        for batch in pf.iter_batches(batch_size=64):
+            for row in batch.to_pylist():
+                n += 1
+                size = sum(len(v) for v in row.values() if isinstance(v, (str, bytes)))
+                if size > limit:
+                    yield f"row {n}", None, DataIssue(file, f"row {n}", None,
+                                                      f"the row is {over_cap('one data row', ROW_CAP)}")
+                else:
+                    yield f"row {n}", row, None
+    except Exception as e:  # noqa: BLE001 - pyarrow's own errors for a damaged file
+        yield f"row {n + 1}", None, DataIssue(file, f"row {n + 1}", None, f"not a readable Parquet row: {e}")
 
 
 def _csv_value(key: str, value: str) -> Any:
+    """A CSV cell as the value it stands for (``output_field``: JSON or a Python literal when it
+    looks like one; ``is_multiple_choice``: a bool). :class:`JsonBoundsError` for a value past
+    the bounds of a JSON row (depth, integer digits, lone surrogates)."""
     if key == "output_field":
         v = value.strip()
         if v[:1] in "[{\"" or re.fullmatch(r"-?\d+", v):
             try:
-                return json.loads(v)
+                return json_loads(v)
             except json.JSONDecodeError:
                 try:
-                    return ast.literal_eval(v)
-                except (ValueError, SyntaxError):
+                    parsed = ast.literal_eval(v)
+                except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
                     return value
+                problem = bounds_problem(parsed)
+                if problem is not None:
+                    raise problem
+                return parsed
         return value
     if key == "is_multiple_choice":
         return {"true": True, "false": False, "1": True, "0": False}.get(value.strip().lower(), value)
     return value
 
 
+class _CsvRowTooLong(Exception):
+    pass
+
+
+def _csv_lines(fh, file: str, taken: list[int], limit: int):
+    """The CSV file's lines, decoded, for :mod:`csv`; ``taken[0]`` counts the bytes of the row
+    being read (the caller resets it per row). A row past ``limit`` (one long line or a quoted
+    field over many): :class:`_CsvRowTooLong`; bad UTF-8: ``UnicodeDecodeError``."""
+    for _, raw in iter_lines(fh, ROW_CAP):
+        if raw is None:
+            raise _CsvRowTooLong
+        taken[0] += len(raw)
+        if taken[0] > limit:
+            raise _CsvRowTooLong
+        yield raw.decode("utf-8")
+
+
 def _iter_csv(fh, file: str):
-    text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
-    reader = csv.DictReader(text)
+    limit = byte_cap(ROW_CAP)
+    if csv.field_size_limit() < limit:  # a field may be as long as a row (csv's default: 128 KiB)
+        csv.field_size_limit(limit)
+    taken = [0]
+    reader = csv.DictReader(_csv_lines(fh, file, taken, limit))
     try:
         for row in reader:
+            taken[0] = 0
             loc = f"line {reader.line_num}"
             if None in row:
                 yield loc, None, DataIssue(file, loc, None, "more values than header columns")
                 continue
             yield loc, {k: v or "" for k, v in row.items()}, None
     except UnicodeDecodeError as e:
-        yield f"line {reader.line_num + 1}", None, DataIssue(
-            file, f"line {reader.line_num + 1}", None, f"invalid UTF-8 at byte {e.start}")
+        loc = f"line {reader.line_num + 1}"
+        yield loc, None, DataIssue(file, loc, None, f"invalid UTF-8 at byte {e.start} of the line")
+    except _CsvRowTooLong:
+        loc = f"line {reader.line_num + 1}"
+        yield loc, None, _too_long(file, loc, rest="; the rest of the file is not read")
     except csv.Error as e:
         yield f"line {reader.line_num}", None, DataIssue(file, f"line {reader.line_num}", None,
                                                          f"bad CSV: {e}")
@@ -433,7 +592,10 @@ def _tag_row(row: dict, path: Path, loc: str, *, task: str | None,
         if missing:
             return None, [DataIssue(file, loc, m, "mapped column is missing") for m in missing]
     if path.suffix.lower() == ".csv":  # CSV cells are text: decode gold and flags after mapping
-        row = {k: _csv_value(k, v) if isinstance(v, str) else v for k, v in row.items()}
+        try:
+            row = {k: _csv_value(k, v) if isinstance(v, str) else v for k, v in row.items()}
+        except JsonBoundsError as e:
+            return None, [DataIssue(file, loc, "output_field", e.reason)]
     missing = [key for key in ("input_field", "output_field") if key not in row]
     if missing:  # every problem of the row, not only the first missing key
         found = [DataIssue(file, loc, key, "missing") for key in missing]
@@ -482,11 +644,14 @@ def _tag_row(row: dict, path: Path, loc: str, *, task: str | None,
 
 
 def data_files(path: Path) -> list[Path]:
-    """The data files under ``path`` (itself if a file), sorted; skips licences and READMEs."""
-    if path.is_file():
+    """The data files under ``path`` (itself unless a folder: a FIFO, a device, a symlink loop
+    is then refused by its reader, not taken for an empty folder), sorted; skips licences and
+    READMEs. In a folder, every entry with a data suffix that is not a folder counts (the reader
+    names one that is not a regular file)."""
+    if not path.is_dir():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
-                  and not p.name.startswith("."))
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_SUFFIXES
+                  and not p.name.startswith(".") and not p.is_dir())
 
 
 def source_files(source: str | os.PathLike) -> tuple[list[Path], str | None]:
@@ -507,6 +672,8 @@ def source_digest(source: str | os.PathLike) -> str:
     """A data source's content digest (16 hex): a file's or a folder's files' names and bytes;
     for an own task's name, those of the files its card names."""
     import hashlib
+
+    from shoptune._io import hash_file
     from shoptune.paths import resolve_data_path
     try:
         root = resolve_data_path(source)
@@ -516,8 +683,19 @@ def source_digest(source: str | os.PathLike) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        hash_file(h, f, "data file")
     return h.hexdigest()[:16]
+
+
+def own_task_files(sources) -> list[Path]:
+    """The files of the sources that are own tasks' names (their cards' ``source.files``): inputs
+    an output must keep clear of, as the paths among the sources are."""
+    out = []
+    for s in sources or ():
+        card = tasks.find_card(str(s))
+        if card is not None and card.source.files and not Path(s).exists():
+            out += card.source_files()
+    return out
 
 
 def iter_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *,

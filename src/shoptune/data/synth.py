@@ -413,7 +413,7 @@ def student_scores(spec: SynthSpec, records: Sequence[Record], out_dir: Path,
     from shoptune._io import write_jsonl
     from shoptune.eval.runner import evaluate
 
-    pred = out_dir / "predictions.jsonl"
+    pred = out_dir / "eval" / "predictions.jsonl"
     ids = [r.id for r in records]
     if pred.exists():  # resume: the same questions were scored already
         rows = read_log(pred)
@@ -422,9 +422,9 @@ def student_scores(spec: SynthSpec, records: Sequence[Record], out_dir: Path,
     data = out_dir / "questions.jsonl"
     write_jsonl(data, (dict(r.to_dict(), id=r.id) for r in records))
     key = os.environ.get(st.api_key_env, "EMPTY") if st.api_key_env else "EMPTY"
-    evaluate(model=st.model, adapter=st.adapter, data=[str(data)], out=out_dir,
+    evaluate(model=st.model, adapter=st.adapter, data=[str(data)], out=out_dir / "eval",
              backend=st.backend, base_url=st.base_url, api_key=key, protocol=st.protocol,
-             quiet=quiet, n_boot=10)
+             quiet=quiet, n_boot=10, overwrite=True)  # (its own earlier scores, for other questions)
     return {r["id"]: float(r["score"]) for r in read_log(pred)}
 
 

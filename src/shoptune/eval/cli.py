@@ -81,6 +81,8 @@ def register(app: typer.Typer) -> None:
                  "adapter DIR, the others by --adapter or the base model.")] = None,
         multilingual_st_model: Annotated[Optional[Path], typer.Option(
             help="Local paraphrase-multilingual-MiniLM-L12-v2 folder.")] = None,
+        overwrite: Annotated[bool, typer.Option(
+            help="Replace --out if it holds an earlier evaluation (and nothing else).")] = False,
     ) -> None:
         """shoptune eval --model M --data FILE --out DIR [--adapter DIR] [--engine vllm ...]"""
         if ctx.invoked_subcommand is not None:
@@ -109,7 +111,8 @@ def register(app: typer.Typer) -> None:
                          engine=engine, backend=backend, base_url=base_url, api_key=api_key, protocol=protocol,
                          limit_per_task=limit_per_task,
                          batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge,
-                         task_adapters=task_adapters or None, prefix_cache=prefix_cache)
+                         task_adapters=task_adapters or None, prefix_cache=prefix_cache,
+                         overwrite=overwrite)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             fail(str(e))
@@ -124,15 +127,29 @@ def register(app: typer.Typer) -> None:
                      n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
                      seed: int = 0,
                      json_out: Annotated[Optional[Path], typer.Option(
-                         "--json", help="Write the paired statistics here.")] = None) -> None:
+                         "--json", help="Write the paired statistics here.")] = None,
+                     overwrite: Annotated[bool, typer.Option(
+                         help="Replace an existing --plot / --json file.")] = False) -> None:
         """Side-by-side table of eval folders run on the same questions, then each run minus the
         first: paired bootstrap 95% CI and paired permutation p-value per task, track, all-around."""
-        import json
-
         from shoptune.eval.paired import format_paired, paired_compare
         from shoptune.eval.report import compare, plot_tracks
+        from shoptune.eval.runs import RunFolderError, check_compare_args, read_run
         from shoptune.eval.suite import ManifestMismatch, check_same_questions, manifest_of
+        from shoptune._io import check_new_file
+        from shoptune.eval.runner import EVAL_FILES
 
+        inputs = [*dirs, *(Path(d) / f for d in dirs for f in EVAL_FILES)]
+        for flag, path in (("--plot", plot), ("--json", json_out)):
+            if path is not None:  # (before the work: an input or someone's file is never replaced)
+                check_new_file(path, inputs=inputs, overwrite=overwrite, flag=flag)
+        bad_args = check_compare_args(n_boot, n_perm)
+        if bad_args:
+            fail(bad_args, 2)
+        try:  # every folder read and checked before any statistic (one line for a malformed one)
+            read = {str(d): read_run(d) for d in dirs}
+        except (FileNotFoundError, RunFolderError) as e:
+            fail(str(e), 2)
         try:
             check_same_questions({str(d): manifest_of(d) for d in dirs})
             table, runs = compare(dirs)
@@ -141,8 +158,7 @@ def register(app: typer.Typer) -> None:
         console.print(table, markup=False, highlight=False)
         results = {}
         for d in dirs[1:]:
-            rows = [[json.loads(x) for x in (Path(r) / "predictions.jsonl").read_text().splitlines() if x]
-                    for r in (dirs[0], d)]
+            rows = [read[str(r)].predictions for r in (dirs[0], d)]
             res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed)
             results[str(d)] = res
             console.print(format_paired(res, Path(dirs[0]).name or str(dirs[0]), Path(d).name or str(d)),

@@ -1,7 +1,6 @@
 """Markdown tables and per-track bar charts of evaluation results (one run or several)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from shoptune._io import atomic_open
@@ -131,12 +130,8 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
 
 
 def compare(dirs: list[Path]) -> tuple[str, dict[str, dict]]:
-    runs = {}
-    for d in dirs:
-        f = Path(d) / "scores.json"
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {d}` first)")
-        runs[str(d)] = json.loads(f.read_text())
+    from shoptune.eval.runs import read_scores
+    runs = {str(d): read_scores(d) for d in dirs}  # (checked: RunFolderError names the file)
     names = [(Path(d).name or str(d)) + (" *" if partial(s) else "") for d, s in runs.items()]
     tracks = list(dict.fromkeys(t for s in runs.values() for t in s["tracks"]))
     head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"

@@ -19,7 +19,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoptune import REPO_CONFIGS
@@ -55,7 +54,7 @@ def suite_path(name_or_path: str | Path) -> Path:
     """A suite name (``core`` -> configs/eval/core.yaml) or a YAML path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.exists():
+        if not (p.exists() or p.is_symlink()):  # (a symlink loop: its reader says so)
             raise FileNotFoundError(f"{p}: no such suite file")
         return p
     cand = SUITES_DIR / f"{name_or_path}.yaml"
@@ -75,10 +74,9 @@ def _shown(path: Path) -> str:
 
 
 def load_suite_config(name_or_path: str | Path) -> SuiteConfig:
+    from shoptune.configfile import read_yaml
     p = suite_path(name_or_path)
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: a suite must be a YAML mapping")
+    data, _ = read_yaml(p, "suite")  # (bounded: size, aliases; a ConfigError is a ValueError)
     try:
         return SuiteConfig(**data)
     except ValidationError as e:
@@ -157,15 +155,13 @@ def data_manifest(records: list[Record], data: list[str]) -> dict:
 
 def manifest_of(run_dir: str | Path) -> dict:
     """A run's manifest: from scores.json, else rebuilt from predictions.jsonl (older runs)."""
+    from shoptune.eval.runs import read_predictions, read_scores
     d = Path(run_dir)
-    f = d / "scores.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {d}` first)")
-    s = json.loads(f.read_text(encoding="utf-8"))
+    s = read_scores(d)  # (bounded and checked: RunFolderError names the file)
     if "manifest" in s:
         return s["manifest"]
     preds = d / "predictions.jsonl"
-    ids = [json.loads(x).get("id") for x in preds.read_text().splitlines() if x] if preds.exists() else []
+    ids = [r.get("id") for r in read_predictions(d)] if preds.exists() else []
     sources = {x["path"]: x["sha256_16"] for x in s.get("data", [])}
     return {"suite": None, "version": None, "n_questions": len(ids),
             "fingerprint": fingerprint(ids, sources), "sources": sources, "ids": ids}

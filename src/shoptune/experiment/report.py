@@ -12,11 +12,10 @@ p-value (:mod:`shoptune.eval.paired`); the per-seed differences are listed as th
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from shoptune import machine
-from shoptune._io import atomic_open, write_json
+from shoptune._io import atomic_open, read_json, write_json
 from shoptune.eval.paired import bootstrap_scores, interaction, paired_compare
 from shoptune.records import CAPABILITIES
 
@@ -33,13 +32,13 @@ def load_runs(results: str | Path) -> tuple[dict, dict[str, dict[int, list[dict]
         if not (results / f).exists():
             raise FileNotFoundError(f"{results / f}: missing (is {results} an experiment results "
                                     "folder? `shoptune experiment run ... --results` writes it)")
-    exp = json.loads((results / "experiment.json").read_text(encoding="utf-8"))
-    questions = json.loads((results / "suite.json").read_text(encoding="utf-8"))["questions"]
+    exp = read_json(results / "experiment.json", "experiment.json")  # (bounded: InputError names it)
+    questions = read_json(results / "suite.json", "suite.json")["questions"]
     cells: dict[str, dict[int, list[dict]]] = {}
     missing = []
     for run in exp["runs"]:
         f = results / "cells" / run["id"] / "result.json"
-        res = json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
+        res = read_json(f, "result.json") if f.exists() else None
         if not res or res.get("key") != run["key"]:
             missing.append(run["id"])
             continue
@@ -171,7 +170,7 @@ def finished_results(results: Path, exp: dict) -> list[tuple[dict, dict]]:
     for run in exp["runs"]:
         f = results / "cells" / run["id"] / "result.json"
         if f.exists():
-            res = json.loads(f.read_text(encoding="utf-8"))
+            res = read_json(f, "result.json")
             if res.get("key") == run["key"]:
                 out.append((run, res))
     return out

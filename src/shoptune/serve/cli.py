@@ -72,18 +72,54 @@ def collect_keys(api_key: list[str] | None, api_keys_file: Path | None, fail) ->
 
 
 def _experts(folder: Path, adapters: dict, fail) -> tuple[dict, dict]:
-    """``--experts DIR``: its experts added to ``adapters`` and the task card -> expert routing."""
-    import json
+    """``--experts DIR``: its experts added to ``adapters`` and the task card -> expert routing
+    (``experts.json`` checked: one line naming the file and the field)."""
+    from shoptune.experts import ExpertError, read_json_file
+    from shoptune.serve.engine import ADAPTER_NAME_RE
     meta_path = folder / "experts.json"
     if not meta_path.is_file():
         fail(f"--experts {folder}: no experts.json (write one with `shoptune export experts`)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = read_json_file(meta_path, "experts file (experts.json)")
+    except ExpertError as e:
+        fail(f"--experts {folder}: {e}")
+    experts, routed = (meta.get("experts"), meta.get("task_experts") or {}) if isinstance(meta, dict) else (None, None)
+    if not isinstance(experts, dict) or not experts or not all(isinstance(n, str) and ADAPTER_NAME_RE.match(n)
+                                                               for n in experts):
+        fail(f"--experts {folder}: {meta_path}: experts must be a JSON object of expert names (as "
+             f"`shoptune export experts` writes); got {str(experts if isinstance(meta, dict) else meta)[:80]}")
+    if not isinstance(routed, dict) or not all(isinstance(t, str) and v in experts for t, v in routed.items()):
+        fail(f"--experts {folder}: {meta_path}: task_experts must map task names to the experts listed "
+             f"under experts; got {str(routed)[:80]}")
     out = dict(adapters)
-    for name in meta.get("experts", {}):
+    for name in experts:
         if name in out:
             fail(f"--experts {folder}: expert {name!r} has the name of an --adapter")
         out[name] = str(folder / name)
-    return out, dict(meta.get("task_experts") or {})
+    return out, dict(routed)
+
+
+def check_task_adapters(pairs: dict[str, str], adapters: list[str] | None, fail) -> None:
+    """``--task-adapter TASK=NAME``: TASK is a task card (or a ShopBench task name) and, when the
+    adapters are known here (``adapters``), NAME is one of them: a typo is one line at start,
+    not a 404 on every call."""
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    known = set(cards) | {c.source.task_name for c in cards.values() if c.source.task_name}
+    for task, name in pairs.items():
+        if task not in known:
+            import difflib
+            close = difflib.get_close_matches(task, sorted(known), n=2)
+            fail(f"--task-adapter {task}={name}: no task card {task!r}"
+                 + (f" (did you mean {' or '.join(close)}?)" if close else "; `shoptune tasks ls` lists them"))
+        if adapters is not None and name not in adapters:
+            fail(f"--task-adapter {task}={name}: no adapter {name!r} is served (served: "
+                 f"{', '.join(adapters) or 'none'}); load it with --adapter {name}=DIR")
+
+
+OverwriteOpt = Annotated[bool, typer.Option(
+    help="Replace --out if it holds an earlier output of this same command (and nothing else); "
+         "a folder with anything shoptune did not write there is never replaced.")]
 
 
 def _remove(folder) -> None:
@@ -104,6 +140,7 @@ def register(app: typer.Typer) -> None:
         adapter: Annotated[Optional[list[str]], typer.Option(
             help="PEFT adapter folder, or NAME=DIR (repeatable); written as NAME.gguf.")] = None,
         outtype: Annotated[str, typer.Option(help="bf16 | f16 | f32 | q8_0")] = "bf16",
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """The base model and each adapter as the GGUF files llama.cpp's llama-server loads
         (converted by llama.cpp's own convert_hf_to_gguf.py / convert_lora_to_gguf.py)."""
@@ -112,7 +149,7 @@ def register(app: typer.Typer) -> None:
         try:
             with console.status("exporting") as st:
                 m = export_gguf(model, adapter or [], out, outtype=outtype,
-                                status=lambda msg: st.update(msg))
+                                status=lambda msg: st.update(msg), overwrite=overwrite)
         except (ExportError, ModelNotFoundError, FileNotFoundError) as e:
             fail(str(e))
         console.print(f"wrote {out}/{m['base']}" + "".join(f", {f}" for f in m["adapters"].values())
@@ -127,6 +164,7 @@ def register(app: typer.Typer) -> None:
         fallback: Annotated[str, typer.Option(help="For tasks of a capability the run never trained on: "
                                               "capability (no expert: the base model answers) or mean "
                                               "(an all-tasks expert, the mean of every route).")] = "capability",
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """A Poly adapter's experts as plain LoRA adapters: one per trained task (or capability),
         and one per capability for tasks it was not trained on; any engine serves them
@@ -134,7 +172,7 @@ def register(app: typer.Typer) -> None:
         from shoptune.experts import ExpertError, export_run_experts
         try:
             with console.status("exporting experts"):
-                meta = export_run_experts(run, out, fallback=fallback)
+                meta = export_run_experts(run, out, fallback=fallback, overwrite=overwrite)
         except ExpertError as e:
             fail(str(e))
         console.print(f"wrote {len(meta['experts'])} experts ({meta['routing']['route_by']} routing) -> {out}; "
@@ -150,15 +188,21 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Their base model.")] = "smollm2-135m",
         method: Annotated[str, typer.Option(help="peft's add_weighted_adapter combination_type: ties, "
                                             "dare_ties, linear, cat, svd, ties_svd, ...")] = "ties",
-        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare).")] = 0.2,
+        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare): "
+                                               "above 0, at most 1.")] = 0.2,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Several LoRA adapters merged into one with peft's add_weighted_adapter (equal weights)."""
-        from shoptune.experts import merge_adapters
-        from shoptune.serve.gguf import _adapter_name
-        named = dict(_adapter_name(a) for a in adapters)
-        with console.status(f"merging {len(named)} adapters ({method})"):
-            dest = merge_adapters(named, out, model=model, method=method, density=density)
-        console.print(f"merged {', '.join(named)} -> {dest}")
+        from shoptune.experts import ExpertError, merge_adapters
+        from shoptune.serve.gguf import ExportError, named_adapters
+        try:
+            named = named_adapters(adapters, flag="adapter", use="it names the adapter in the merge")
+            with console.status(f"merging {len(named)} adapters ({method})"):
+                dest = merge_adapters(named, out, model=model, method=method, density=density,
+                                      overwrite=overwrite)
+        except (ExpertError, ExportError) as e:
+            fail(str(e))
+        console.print(f"merged {', '.join(named)} -> {dest}", markup=False, highlight=False)
 
     @app.command("serve")
     def serve_cmd(
@@ -251,6 +295,9 @@ def register(app: typer.Typer) -> None:
             fail(f"--adapters-dir {adapters_dir}: not a directory")
         if not body_timeout > 0:
             fail(f"--body-timeout {body_timeout}: must be a positive number of seconds")
+        if merge and experts is not None:
+            fail("--merge serves one adapter merged into the weights; --experts serves several "
+                 "(one per task): give one of them")
         if merge and len(adapters) != 1:
             fail("--merge needs exactly one --adapter")
         if threads:
@@ -265,6 +312,9 @@ def register(app: typer.Typer) -> None:
             task_adapter = [f"{t}={n}" for t, n in routed.items()] + list(task_adapter or [])
         if engine_kind not in ENGINES:
             fail(f"--engine {engine_kind!r}: one of {', '.join(ENGINES)}")
+        task_adapters = _pairs(task_adapter, "--task-adapter", fail)  # (before any model loads)
+        in_process = engine_kind == "builtin" and upstream is None
+        check_task_adapters(task_adapters, ([] if merge else list(adapters)) if in_process else None, fail)
         if engine_kind != "builtin":
             if upstream is not None:
                 fail(f"--engine {engine_kind} starts its own upstream: no --upstream with it")
@@ -352,7 +402,7 @@ def register(app: typer.Typer) -> None:
                                  max_body_bytes=max_body_bytes, body_timeout=body_timeout,
                                  request_timeout=request_timeout,
                                  protocol=protocol,
-                                 task_adapters=_pairs(task_adapter, "--task-adapter", fail))
+                                 task_adapters=task_adapters)
         fitting, nofile = fit_open_files(max_connections, reserve=128 + upstream_concurrency)
         if fitting < max_connections:
             console.print(f"--max-connections {max_connections}: only {fitting} fit under the open-files "

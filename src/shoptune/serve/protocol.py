@@ -164,10 +164,14 @@ class _Sampling(BaseModel):
             return v
         if len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries (got {len(v)})")
+        seen: dict[int, str] = {}
         for key in v:
             if not _TOKEN_ID.fullmatch(key):
                 shown = key if len(key) <= 20 else f"{key[:20]}..."
                 raise ValueError(f"key {shown!r} is not a token id (a decimal integer, e.g. \"50256\")")
+            if int(key) in seen:  # ("57" and "057": one token, two biases; each must stay in range)
+                raise ValueError(f"token id {int(key)} is given twice ({seen[int(key)]!r} and {key!r})")
+            seen[int(key)] = key
         return v
 
     def token_bias(self) -> dict[int, float] | None:

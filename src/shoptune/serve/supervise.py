@@ -53,8 +53,9 @@ def export_cached(model: str, adapters: dict[str, str], *, outtype: str = "bf16"
     if (out / "manifest.json").is_file():
         log.info("reusing the GGUF export in %s", out)
         return out, json.loads((out / "manifest.json").read_text())
+    # (a folder left there without a manifest is a cache entry of ours that never finished)
     return out, export_gguf(model, [f"{n}={d}" for n, d in adapters.items()], out, outtype=outtype,
-                            status=status)
+                            status=status, overwrite=True, legacy=lambda folder: os.listdir(folder))
 
 
 def _die_with_parent() -> None:

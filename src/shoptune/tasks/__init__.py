@@ -5,7 +5,8 @@ it), :func:`plan_for` (how it is decoded), :func:`answer_text` (what the model i
 write), :func:`parse_answer` (the model's text back to an answer), :func:`check_gold`.
 
 Cards are found by walking the shipped ``tasks/cards/``, the folders in ``SHOPTUNE_TASKS_PATH``
-(``:``-separated) and ``./tasks`` (where ``shoptune tasks new`` writes a shop's own cards).
+(``:``-separated) and ``./tasks`` (where ``shoptune tasks new`` writes a shop's own cards); they are read with the bounded
+safe loader (:func:`shoptune.configfile.read_yaml`).
 """
 from __future__ import annotations
 
@@ -71,9 +72,11 @@ def load_card(path: Path) -> TaskCard:
 def _is_card_file(path: Path) -> bool:
     """In an own folder (which may hold other YAML), a card is a mapping with a ``name`` and an
     ``output`` (or the older ``task_type``) key at the top level."""
+    from shoptune._io import InputError, open_input
     try:
-        head = path.read_text(encoding="utf-8", errors="replace")[:65536]
-    except OSError:
+        with open_input(path, "task card") as fh:
+            head = fh.read(65536).decode("utf-8", errors="replace")
+    except (OSError, InputError):
         return False
     keys = set(re.findall(r"^([A-Za-z_]+)\s*:", head, re.MULTILINE))
     return "name" in keys and bool(keys & {"output", "task_type"})

@@ -1,6 +1,7 @@
 """``shoptune train`` and ``shoptune data mix``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -52,7 +53,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         from shoptune.data.loaders import DataValidationError
         from shoptune.train.config import load_config
         from shoptune.train.progress import task_loss_table
-        from shoptune.train.recipe import clear_run, main, previous_run
+        from shoptune._io import check_output_dir, existing_inputs
+        from shoptune.train.recipe import clear_run, main, previous_run, run_entries
 
         overrides = list(overrides or [])
         if out is not None:
@@ -74,11 +76,23 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                 fail(str(e))
             return
         found = previous_run(Path(cfg.output_dir))
+        if found and not (resume or overwrite):
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            fail(f"{cfg.output_dir} already holds a training run ({shown}): --resume continues "
+                 f"it, --overwrite starts over (removing it), or choose another --out")
+        # an input, the current folder, or a folder holding other files and no earlier run: refused.
+        # (In an earlier run's folder the run writes in place and removes only its own files
+        # (clear_run): files someone added there stay.)
+        check_output_dir(cfg.output_dir, command="train", overwrite=overwrite, resume=resume,
+                         legacy=(lambda f: os.listdir(f)) if found else run_entries, flag="--out",
+                         inputs=existing_inputs(cfg.mixture.sources, cfg.eval_data, [config],
+                                                [cfg.model] if Path(cfg.model).exists() else []))
+        if resume and not (found or (Path(cfg.output_dir) / "stage2").is_dir()):
+            why = "no such folder" if not Path(cfg.output_dir).exists() else "no checkpoint, adapter or log there"
+            fail(f"--resume: {cfg.output_dir} holds no training run to continue ({why}); run without "
+                 "--resume to start one")
         if found and not resume:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-            if not overwrite:
-                fail(f"{cfg.output_dir} already holds a training run ({shown}): --resume continues "
-                     f"it, --overwrite starts over (removing it), or choose another --out")
             clear_run(Path(cfg.output_dir))
             console.print(f"{cfg.output_dir}: removed the earlier run ({shown}); starting over",
                           highlight=False)
@@ -99,11 +113,14 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                                        "one (configs/mixtures/diverse.yaml, diverse).")],
                 out: Annotated[Path, typer.Option(help="Training set (.jsonl); manifest beside it.")],
                 overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value")] = None,
-                on_invalid: OnInvalid = "skip") -> None:
+                on_invalid: OnInvalid = "skip",
+                overwrite: Annotated[bool, typer.Option(help="Replace OUT and its manifest if they exist "
+                                                        "(never an input).")] = False) -> None:
         """Build a training set from a mixture: FILE + FILE.manifest.json (counts, tokens, diversity, hashes)."""
-        from shoptune._io import check_out_file, write_json, write_jsonl
+        from shoptune._io import check_new_file, check_out_file, existing_inputs, write_json, write_jsonl
         from shoptune.configfile import resolve_config
         from shoptune.data.loaders import DataValidationError, skipped_line
+        from shoptune.data.stats import token_lengths
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
         from shoptune.tasks import answer_text
         from shoptune.train.mixture import MixtureConfig, MixtureError, build_mixture
@@ -113,6 +130,9 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         check_out_file(out)
         config = resolve_config(config, "mixtures")
         cfg = MixtureConfig.from_yaml(config, overrides or [])
+        inputs = existing_inputs([config], cfg.sources)
+        for path in (out, manifest_path):  # an input, or a file it did not write: never replaced
+            check_new_file(path, inputs=inputs, overwrite=overwrite)
         issues: list = []
         try:
             with console.status("building mixture") as st:
@@ -120,10 +140,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                                progress=lambda m: st.update(f"building mixture: {m}"))
                 st.update(f"counting tokens of {len(recs)} rows")
                 tok = load_tokenizer(DEFAULT_MODEL)
-                manifest["tokens"] = {
-                    "input": sum(len(x) for x in tok([r.input_field for r in recs], add_special_tokens=False)["input_ids"]),
-                    "answer": sum(len(x) for x in tok([answer_text(r) for r in recs], add_special_tokens=False)["input_ids"]),
-                } if recs else {"input": 0, "answer": 0}
+                manifest["tokens"] = {  # (in batches bounded by size: rows may be long)
+                    "input": sum(token_lengths(tok, [r.input_field for r in recs])),
+                    "answer": sum(token_lengths(tok, [answer_text(r) for r in recs])),
+                }
         except DataValidationError as e:
             fail(str(e))
         except MixtureError as e:

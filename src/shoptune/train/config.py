@@ -161,7 +161,7 @@ KEY_NEUTRAL_DEFAULTS = {
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) plus ``key=value`` overrides (values parsed as YAML: 32, true, [a,b]);
     :class:`ConfigError` with one line per problem (``file[:line]: field: why (got X)``)."""
-    if path and not Path(path).exists():
+    if path and not (Path(path).exists() or Path(path).is_symlink()):  # (a loop: its reader says so)
         raise FileNotFoundError(f"{path}: no such config")
     return load(TrainConfig, path, overrides, what="training config")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from shoptune._io import atomic_open, make_temp_dir
+from shoptune._io import atomic_open, default_modes, make_temp_dir
 from shoptune.train.config import TrainConfig
 from shoptune.train.loss import answer_token_losses, collate
 from shoptune.train.packing import collate_packed
@@ -168,6 +168,7 @@ class MarkComplete(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                default_modes(ckpt)  # (safetensors writes 0600: readable as any other output)
                 with atomic_open(ckpt / COMPLETE) as fh:
                     fh.write(str(state.global_step))
 
@@ -338,6 +339,7 @@ def save_adapter(model, out: Path, state_dict: dict | None = None, extra: dict |
     for name, value in (extra or {}).items():
         with atomic_open(tmp / name) as fh:
             fh.write(json.dumps(value, indent=1, sort_keys=True))
+    default_modes(tmp)  # (safetensors writes 0600; a server running as another user reads it)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
@@ -391,9 +393,66 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
     return trainer
 
 
+class CheckpointError(ValueError):
+    """A checkpoint marked complete that cannot be resumed from: one line naming it and why."""
+
+
+# what the adapter's structure is (a resume with another value cannot restore the optimizer)
+_STRUCTURE = ("peft_type", "r", "target_modules", "n_skills", "n_splits", "n_tasks")
+
+
+def check_checkpoint(ckpt: Path, model) -> None:
+    """Before a resume: every file of the checkpoint reads (the JSON state parses, each torch
+    file is a whole archive with matching checksums, the adapter's safetensors loads) and its
+    adapter has the structure of ``model``'s (peft type, rank, target modules, Poly skills), so
+    a file truncated after its COMPLETE marker or a run resumed under another config is one
+    line, not a traceback from deep inside the Trainer or the optimizer."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    from shoptune._io import JSON_CAP, read_json
+
+    def fail(name: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{ckpt / name}: {why}; the checkpoint is marked complete but cannot "
+                               f"be resumed from: remove {ckpt.name} to resume from the one before, "
+                               "or --overwrite to start over")
+    for name in ("trainer_state.json", "adapter_config.json"):
+        try:
+            read_json(ckpt / name, name, JSON_CAP)
+        except (OSError, ValueError) as e:
+            raise fail(name, getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)) from None
+    for f in sorted(ckpt.glob("*.pt")) + sorted(ckpt.glob("*.pth")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise fail(f.name, f"not a whole torch file ({e})") from None
+        if bad is not None:
+            raise fail(f.name, f"damaged (checksum of {bad})")
+    try:
+        load_file(ckpt / "adapter_model.safetensors")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise fail("adapter_model.safetensors", f"unreadable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+    saved = read_json(ckpt / "adapter_config.json", "adapter_config.json", JSON_CAP)
+    now = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else {}
+    for key in _STRUCTURE:
+        a, b = saved.get(key), now.get(key)
+        b = getattr(b, "value", b)  # (peft's PeftType enum)
+        if key == "target_modules" and isinstance(a, list) and isinstance(b, (list, set)):
+            a, b = sorted(a), sorted(b)
+        if key in now and a != b:
+            shown = {"peft_type": "peft", "r": "lora.r", "n_skills": "poly.n_skills",
+                     "n_splits": "poly.n_splits", "n_tasks": "the routed tasks"}.get(key, key)
+            raise CheckpointError(
+                f"{ckpt}: saved by a run with {key} {a!r}, but this config gives {b!r} ({shown}): "
+                "resume with the run's own config, or --overwrite to start over")
+
+
 def train(trainer: ShopTrainer, out: Path, resume: bool) -> None:
     ckpt = latest_complete_checkpoint(out) if resume else None
     if ckpt is not None:
+        check_checkpoint(ckpt, trainer.model)
         step = int(ckpt.name.split("-")[-1])
         _trim_log(out / "log.jsonl", step)
         if trainer.balancer is not None and (ckpt / BalancerState.FILE).exists():

@@ -723,7 +723,7 @@ def iter_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
         if not files:
             report([DataIssue(str(p), "", None, "no .json/.jsonl/.csv/.parquet data files here")])
         for f in files:
-            if not f.exists():
+            if own_task is not None and not os.path.lexists(f):
                 report([DataIssue(str(f), "", None, f"no such file (named by task {own_task}'s card)")])
                 continue
             for loc, row, issue in iter_raw(f):

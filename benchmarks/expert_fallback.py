@@ -25,13 +25,14 @@ from pathlib import Path
 from shoptune import machine
 from shoptune._io import write_json
 from shoptune.eval.paired import paired_compare
+from shoptune.eval.runs import read_predictions
 from shoptune.eval.runner import evaluate
 from shoptune.experiment.runner import _routed
 from shoptune.experts import ALL_TASKS, ExpertError, export_run_experts
 
 
 def rows_of(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+    return read_predictions(path)  # (cells evaluated before #34 name tasks task2, new ones shopbench_task2)
 
 
 def summary(cmp: dict) -> dict:

@@ -54,9 +54,14 @@ def test_readme_is_the_front_door():
         if not target.startswith(("http://", "https://")):
             assert (REPO / target.split("#")[0]).exists(), target
     nav = yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]
-    for page in (p for item in nav for p in item.values()):  # every page reachable from the README
-        assert (REPO / "docs" / page).exists(), page
+    for page in (p for item in nav for p in item.values() if isinstance(p, str)):
+        assert (REPO / "docs" / page).exists(), page  # every manual page reachable from the README
         assert page == "index.md" or f"docs/{page}" in README, page
+    results = (REPO / "docs" / "results.md").read_text()
+    for page in (p for item in nav for sub in item.values() if isinstance(sub, list)
+                 for p in (x for entry in sub for x in entry.values())):
+        assert (REPO / "docs" / page).exists(), page  # every results page from the results page
+        assert page == "results.md" or f"({page})" in results, page
 
 
 def test_license_and_scoring_rules_are_in_the_repository():

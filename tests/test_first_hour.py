@@ -85,7 +85,7 @@ def test_configs_ls_and_cp(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "smoke.yaml").read_text() == (REPO_CONFIGS / "train" / "smoke.yaml").read_text()
     res, text = run("configs", "cp", "configs/train/smoke.yaml", tmp_path / "smoke.yaml")
-    assert res.exit_code == 1 and "exists (--force replaces it)" in text
+    assert res.exit_code == 1 and "exists (--overwrite replaces it)" in text
     res, text = run("configs", "cp", "smoke", tmp_path / "smoke.yaml", "--force")
     assert res.exit_code == 0, res.output
     res, text = run("configs", "cp", "no-such", tmp_path / "x.yaml")

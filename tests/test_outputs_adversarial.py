@@ -338,7 +338,7 @@ def test_outputs_and_exports_adversarial_run(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(here)
     n_cli = sum(1 for r in rows if str(r[2]).startswith("shoptune"))
     write_section("outputs", [
-        "## Outputs, exports and the server, third pass (#31 part A)", "",
+        "## Outputs, exports and the server, third pass (part A)", "",
         "The commands that write, each bad invocation in a scratch folder that holds a user's files "
         "(`thesis/paper.tex`, notes in earlier outputs), adapters and a Poly run: exit 1, one `error:` "
         "line, no traceback, the folder unchanged (every file hashed before and after); then the "

@@ -18,15 +18,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
-from rich.table import Table
 
-from shoptune.console import OnInvalid, OneLineErrors, console, err, fail
+from shoptune.console import OnInvalid, OneLineErrors, console, err, fail, piped, print_rows, table
 from shoptune.data.cli import register as register_data
 from shoptune.eval.cli import register as register_eval
 from shoptune.experiment.cli import register as register_experiment
+from shoptune.records import CAPABILITIES
 from shoptune.serve.cli import register as register_serve
 from shoptune.train.cli import register as register_train
 
@@ -45,7 +45,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 logging.getLogger("DeepSpeed").addFilter(
     lambda record: not record.getMessage().startswith("Setting accelerator to CPU."))
 
-app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, evaluation, serving.",
+app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, training, evaluation, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)
 tasks_app = typer.Typer(help="Task cards (capability, task type, metric, prompt).",
                         no_args_is_help=True)
@@ -61,7 +61,8 @@ app.add_typer(models_app, name="models")
 
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: "
-                                                 "$SHOPTUNE_DATA_DIR, else ./data).")]
+                                                 "$SHOPTUNE_DATA_DIR, else ./data, else the data/ "
+                                                 "folder of the shoptune checkout).")]
 Paths = Annotated[Optional[list[str]], typer.Argument(
     help="Files or folders (relative to the data dir when not found as given); with --task of an "
          "own task, default: the files its card names.", show_default=False)]
@@ -152,11 +153,16 @@ def main(data_dir: DataDir = None) -> None:
 # ----------------------------------------------------------------------------- tasks
 
 @tasks_app.command("ls")
-def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of objects.")] = False,
-             capability: Annotated[Optional[str], typer.Option(help="Only this capability.")] = None,
-             rows: Annotated[bool, typer.Option(help="Count rows in the data dir.")] = True,
+def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects "
+                                                                "instead of the table.")] = False,
+             capability: Annotated[Optional[Literal[CAPABILITIES]], typer.Option(
+                 help="Only this capability's tasks.")] = None,
+             count_rows: Annotated[bool, typer.Option(help="Count each task's rows in the data dir "
+                                                      "(--no-count-rows: faster, rows '-').")] = True,
+             rows_old: Annotated[Optional[bool], typer.Option(
+                 "--rows/--no-rows", hidden=True, help="The former name of --count-rows.")] = None,
              data_dir: DataDir = None) -> None:
-    """List every task card: capability, task, type, metric, rows."""
+    """List every task card: capability, task, type, metric, rows. Piped: tab-separated lines."""
     from shoptune.data.loaders import iter_raw
     from shoptune.paths import data_dir as ddir
     from shoptune.tasks import all_cards
@@ -164,7 +170,9 @@ def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of 
     _set_data_dir(data_dir)
     cards = [c for c in all_cards().values() if capability in (None, c.capability)]
     counts: dict[str, int | None] = {c.name: None for c in cards}
-    if rows:
+    if rows_old is not None:  # (--rows / --no-rows, the former spelling)
+        count_rows = rows_old
+    if count_rows:
         root = ddir()
         cache: dict[Path, list[dict]] = {}
         for c in cards:
@@ -188,17 +196,24 @@ def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of 
     if as_json:
         print(json.dumps(out, indent=1, ensure_ascii=False))
         return
-    t = Table(title=f"{len(out)} tasks")
-    for col in ("capability", "task", "type", "metric", "rows"):
-        t.add_column(col, justify="right" if col == "rows" else "left")
-    for r in out:
-        t.add_row(r["capability"], r["task"], r["type"], r["metric"],
-                  "-" if r["rows"] is None else str(r["rows"]))
+    cols = ("capability", "task", "type", "metric", "rows")
+    if piped():
+        print_rows(list(cols), [[r[c] for c in cols] for r in out])
+        return
+    # the capability heads its tasks (a column of its own would not fit 80 columns with the names whole)
+    t = table(*cols[1:], title=f"{len(out)} tasks by capability", keep=("task",), right=("rows",))
+    for cap in dict.fromkeys(r["capability"] for r in out):
+        t.add_row(f"[bold]{cap}[/]")
+        mine = [r for r in out if r["capability"] == cap]
+        for i, r in enumerate(mine, 1):
+            t.add_row(r["task"], r["type"], r["metric"], "-" if r["rows"] is None else str(r["rows"]),
+                      end_section=i == len(mine))
     console.print(t)
 
 
 @tasks_app.command("show")
-def tasks_show(name: str) -> None:
+def tasks_show(name: Annotated[str, typer.Argument(help="A task card's name (or ShopBench's, e.g. "
+                                                 "task2); `shoptune tasks ls` lists them.")]) -> None:
     """Print one task card as YAML."""
     import yaml
 
@@ -261,13 +276,15 @@ def tasks_new(
         _say(f"  ... and {len(made.invalid) - 10} more (`shoptune data validate --task {name} {from_}`)")
     if made.distribution:
         what = {"label": "label", "labels": "label", "json": "key (rows with a value)"}.get(card.output, "value")
-        t = Table(title=f"{card.output}: {len(made.distribution)} distinct", box=None)
-        t.add_column(what)
-        t.add_column("rows", justify="right")
-        t.add_column("share", justify="right")
-        for k, n in made.distribution.most_common(40):
-            t.add_row(str(k), str(n), f"{n / made.rows:.0%}")
-        console.print(t)
+        shown = [[str(k), str(n), f"{n / made.rows:.0%}"] for k, n in made.distribution.most_common(40)]
+        if piped():
+            print_rows([what, "rows", "share"], shown)
+        else:
+            t = table(what, "rows", "share", title=f"{card.output}: {len(made.distribution)} distinct",
+                      keep=(what,), right=("rows", "share"))
+            for row in shown:
+                t.add_row(*row)
+            console.print(t)
     for note in made.notes:
         _say(f"note: {note}")
     found = made.path.parent.resolve() in {d.resolve() for d in own_dirs() if d.exists()}
@@ -306,8 +323,10 @@ def data_validate(paths: Paths = None, task: TaskOpt = None, map_: MapOpt = None
 
 
 @data_app.command("stats")
-def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
-               as_json: Annotated[bool, typer.Option("--json")] = False,
+def data_stats(paths: Annotated[Optional[list[str]], typer.Argument(
+                   help="Files or folders (default: ec-guide and shopbench-dev in the data dir).")] = None,
+               as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON "
+                                                                  "instead of the table.")] = False,
                tokens: Annotated[bool, typer.Option(help="Token-length percentiles "
                                                     "(embedded tokenizer).")] = True,
                task: TaskOpt = None, map_: MapOpt = None) -> None:
@@ -330,13 +349,16 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
     if as_json:
         print(json.dumps(st, indent=1, ensure_ascii=False))
         return
-    t = Table(title=f"{st['total_rows']} rows ({st['invalid_rows']} break the record rules; "
-                    f"`shoptune data validate` lists them)")
-    for col in ("capability", "task", "type", "metric", "rows"):
-        t.add_column(col, justify="right" if col == "rows" else "left")
-    for r in st["by_task"]:
-        t.add_row(r["capability"], r["task"], r["task_type"], r["metric"], str(r["rows"]))
-    console.print(t)
+    rows = [[r["capability"], r["task"], r["task_type"], r["metric"], r["rows"]] for r in st["by_task"]]
+    if piped():
+        print_rows(["capability", "task", "type", "metric", "rows"], rows)
+    else:
+        t = table("capability", "task", "type", "metric", "rows", keep=("task",), right=("rows",),
+                  title=f"{st['total_rows']} rows ({st['invalid_rows']} break the record rules; "
+                        f"`shoptune data validate` lists them)")
+        for r in rows:
+            t.add_row(*map(str, r))
+        console.print(t)
     for key in ("by_capability", "by_task_type", "by_source", "duplicates"):
         console.print(f"[bold]{key}[/]: " + ", ".join(f"{k}={v}" for k, v in st[key].items()))
     if "tokens" in st:
@@ -348,7 +370,11 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
 @data_app.command("split")
 def data_split(paths: Paths = None, *, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
                                                                 "test .jsonl")],
-               seed: int = 0, validation: float = 0.02, test: float = 0.05,
+               seed: Annotated[int, typer.Option(help="Seed of the split (each row's part is a "
+                                                  "hash of its id and the seed).")] = 0,
+               validation: Annotated[float, typer.Option(help="Share of each task's rows in "
+                                                         "validation.jsonl.")] = 0.02,
+               test: Annotated[float, typer.Option(help="Share of each task's rows in test.jsonl.")] = 0.05,
                task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip",
                overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier split "
                                                        "(and nothing else).")] = False) -> None:
@@ -378,9 +404,17 @@ def data_dedup(paths: Paths = None, *,
                out: Annotated[Path, typer.Option(help="Cleaned records (.jsonl).")],
                against: Annotated[Optional[list[str]], typer.Option(
                    help="Evaluation sets to decontaminate against (repeatable).")] = None,
-               report: Annotated[Optional[Path], typer.Option(
-                   help="What was removed and why (.jsonl); default OUT.removed.jsonl")] = None,
-               threshold: float = 0.9, contamination_threshold: float = 0.8,
+               removed_out: Annotated[Optional[Path], typer.Option(
+                   "--removed", help="The removed rows and why (.jsonl); default OUT.removed.jsonl.")] = None,
+               report_old: Annotated[Optional[Path], typer.Option(
+                   "--report", hidden=True, help="The former name of --removed (elsewhere --report "
+                                                 "says whether to write a report).")] = None,
+               threshold: Annotated[float, typer.Option(help="Near duplicates: rows of a task whose "
+                                                        "content Jaccard similarity (MinHash) is at "
+                                                        "least this.")] = 0.9,
+               contamination_threshold: Annotated[float, typer.Option(
+                   help="Decontamination: a row this similar (content Jaccard) to an evaluation "
+                        "question, of any task, is dropped.")] = 0.8,
                near: Annotated[bool, typer.Option(help="Near-duplicate (MinHash) pass.")] = True,
                ngram: Annotated[int, typer.Option(help="Decontamination: word n-gram overlap "
                                                   "(GPT-3 / lm-eval: 13; 0 = off).")] = 13,
@@ -398,8 +432,8 @@ def data_dedup(paths: Paths = None, *,
     inputs = existing_inputs(paths, own_task_files(paths),
                              [a for a in against or [] if not a.startswith("suite:")])
     check_new_file(out, inputs=inputs, overwrite=overwrite)
-    report = check_new_file(report or out.with_suffix(".removed.jsonl"), inputs=inputs, overwrite=overwrite,
-                            flag="--report")
+    report = check_new_file(removed_out or report_old or out.with_suffix(".removed.jsonl"), inputs=inputs,
+                            overwrite=overwrite, flag="--removed")
     recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     with console.status("de-duplicating"):
         kept, removed = dedup(recs, threshold=threshold, near=near)
@@ -428,7 +462,9 @@ def data_dedup(paths: Paths = None, *,
 def data_fetch(data_dir: DataDir = None,
                shopbench_url: Annotated[Optional[str], typer.Option(
                    help="Address of the ShopBench development.json to download.")] = None,
-               ec_guide: bool = True, overwrite: OverwriteFile = False) -> None:
+               ec_guide: Annotated[bool, typer.Option(help="Download EC-Guide from Hugging Face "
+                                                        "(--no-ec-guide: only the ShopBench file).")] = True,
+               overwrite: OverwriteFile = False) -> None:
     """Download EC-Guide (Hugging Face) and, given its address, the ShopBench dev set."""
     from shoptune.data.fetch import fetch
     from shoptune.paths import data_dir as ddir
@@ -451,7 +487,8 @@ def data_fetch(data_dir: DataDir = None,
 # ----------------------------------------------------------------------------- models
 
 @models_app.command("ls")
-def models_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects "
+                                                                 "instead of the table.")] = False) -> None:
     """Embedded models, whether their package is installed and whether they are cached."""
     from shoptune.models import list_models
 
@@ -459,13 +496,16 @@ def models_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    t = Table()
-    for col in ("name", "available", "cached", "size", "cache_dir", "description"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r["name"], "yes" if r["available"] else "no (install its package)",
-                  "yes" if r["cached"] else "no", f"{r['cache_bytes'] / 1e6:.0f} MB",
-                  r["cache_dir"], r["description"])
+    cols = ("name", "available", "cached", "size", "cache_dir", "description")
+    shown = [[r["name"], "yes" if r["available"] else "no (install its package)",
+              "yes" if r["cached"] else "no", f"{r['cache_bytes'] / 1e6:.0f} MB", r["cache_dir"],
+              r["description"]] for r in rows]
+    if piped():
+        print_rows(list(cols), shown)
+        return
+    t = table(*cols, keep=("name", "cache_dir"))
+    for r in shown:
+        t.add_row(*r)
     console.print(t)
     console.print("Any local Hugging Face model folder also works as --model PATH.")
 
@@ -490,7 +530,8 @@ def models_pull(name: Annotated[str, typer.Argument(help="Embedded model name.")
 # ----------------------------------------------------------------------------- configs
 
 @configs_app.command("ls")
-def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of objects.")] = False) -> None:
+def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects "
+                                                                  "instead of the table.")] = False) -> None:
     """Every shipped config: its name (KIND/NAME), file and first comment line. Commands take
     the name or the path (configs/train/smoke.yaml) from any folder."""
     from shoptune.configfile import describe, shipped_configs
@@ -499,9 +540,11 @@ def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list o
     if as_json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
         return
-    t = Table(title=f"{len(rows)} shipped configs (copy one to edit: shoptune configs cp NAME DEST)")
-    for col in ("name", "description"):
-        t.add_column(col)
+    if piped():
+        print_rows(["name", "description"], [[r["name"], r["description"]] for r in rows])
+        return
+    t = table("name", "description", keep=("name",),
+              title=f"{len(rows)} shipped configs (copy one to edit: shoptune configs cp NAME DEST)")
     for r in rows:
         t.add_row(r["name"], r["description"])
     console.print(t)
@@ -511,14 +554,17 @@ def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list o
 def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train/smoke, "
                                                    "configs/train/smoke.yaml, ...")],
                dest: Annotated[Path, typer.Argument(help="File or existing folder to copy it to.")],
-               force: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False) -> None:
+               overwrite: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False,
+               force: Annotated[bool, typer.Option(hidden=True, help="The former name of "
+                                                                     "--overwrite.")] = False) -> None:
     """Copy a shipped config to edit it (as torchtune's `tune cp`)."""
     from shoptune._io import atomic_open, check_out_file
-    from shoptune.configfile import shipped_config, shipped_configs
+    from shoptune.configfile import shipped_config, shipped_configs, shipped_dir
 
     src = shipped_config(name)
     if src is None:
-        matches = [p for n, p in shipped_configs() if Path(n).name == Path(name).stem]
+        bare = Path(name).name.removesuffix(".yaml").removesuffix(".yml")  # (qwen2.5-7b: no .stem)
+        matches = [p for n, p in shipped_configs() if Path(n).name == bare]
         if len(matches) == 1:
             src = matches[0]
         else:
@@ -526,12 +572,13 @@ def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train
             fail(f"{name}: no shipped config of that name" + (" (several kinds have it)" if matches else "")
                  + f"; shipped: {known}")
     target = dest / src.name if dest.is_dir() else dest
-    if target.exists() and not force:
-        fail(f"{target} exists (--force replaces it)")
+    if target.exists() and not (overwrite or force):
+        fail(f"{target} exists (--overwrite replaces it)")
     check_out_file(target)
     with atomic_open(target) as fh:
         fh.write(src.read_text(encoding="utf-8"))
-    console.print(f"copied {src.relative_to(src.parents[1]).as_posix()} -> {target}", highlight=False)
+    shown = src.relative_to(shipped_dir()).with_suffix("").as_posix()  # the name `configs ls` lists
+    console.print(f"copied {shown} -> {target}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- demo
@@ -542,7 +589,8 @@ from shoptune.demo import DURATION as _DEMO_TIME, QUICK_DURATION as _QUICK_TIME 
 @app.command("demo", help=f"Train on a small diverse mixture (60 LoRA steps), then compare base and "
                           f"tuned on the ShopBench dev set and held-out EC-Guide questions: "
                           f"{_DEMO_TIME} on 2 CPU cores.")
-def demo(out: str = "runs/demo",
+def demo(out: Annotated[str, typer.Option(help="Output folder: the training run, the evaluations, "
+                                             "compare.png.")] = "runs/demo",
          quick: Annotated[bool, typer.Option(help=f"A quick version (10 steps, 24 questions): "
                                                   f"{_QUICK_TIME} on 2 CPU cores.")] = False,
          config: Annotated[Optional[Path], typer.Option(help="Training config (default: configs/train/demo.yaml).")] = None,

@@ -2,7 +2,7 @@
 errors a user can act on: one line per problem, no pydantic URL::
 
     configs/train/x.yaml:7: lora.r: Input should be greater than or equal to 1 (got 0)
-    configs/train/x.yaml: learning_rate: Input should be greater than 0 (got -1)   (an override)
+    override 'learning_rate=-1': learning_rate: Input should be greater than 0 (got -1)
     override '=5': the key is empty (expected key=value)
 
 Shared by training configs, mixtures, synthesis specs and experiment files.
@@ -173,7 +173,9 @@ def format_errors(where: str, err: ValidationError, data: Any = None,
     """One line per bad field: ``where[:LINE]: field: why (got X)``. The field is named by the
     keys of ``data`` it sits at (pydantic's union and validator tags are dropped, and a field
     failing every branch of a union is one line). ``LINE``: where the key is in the file,
-    unless it (or a section above it) was set by an override (key paths ``overridden``)."""
+    unless it (or a section above it) was set by an override (key paths ``overridden``); when
+    ``overridden`` maps those key paths to the ``key=value`` items that set them, the line names
+    that override instead of the file (the bad value came from the command line)."""
     merged: dict[tuple, list[str]] = {}
     got: dict[tuple, str] = {}
     for e in err.errors(include_url=False):
@@ -202,9 +204,13 @@ def format_errors(where: str, err: ValidationError, data: Any = None,
     out = []
     for key, msgs in merged.items():
         line = None
-        if lines and not any(key[:len(o)] == o for o in overridden):
-            line = next((lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in lines), None)
-        place = f"{where}:{line}" if line else where
+        by = [o for o in overridden if key[:len(o)] == o]
+        if by and isinstance(overridden, dict):
+            place = f"override {overridden[max(by, key=len)]!r}"
+        else:
+            if lines and not by:
+                line = next((lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in lines), None)
+            place = f"{where}:{line}" if line else where
         field = ".".join(map(str, key)) or "(config)"
         out.append(f"{place}: {field}: {'; or '.join(msgs)}" + (f" (got {got[key]})" if key in got else ""))
     return "\n".join(out)
@@ -223,7 +229,7 @@ def load(model: type[M], path: str | Path | None, overrides=(), what: str = "con
     """``model`` from the YAML file ``path`` (None: defaults) with ``key=value`` overrides."""
     data, lines = read_yaml(path, what) if path else ({}, {})
     apply_overrides(data, overrides)
-    overridden = [parse_override(item)[0] for item in overrides or ()]
+    overridden = {parse_override(item)[0]: item for item in overrides or ()}  # (the last one wins)
     return validate(model, data, str(path) if path else "config", lines, overridden)
 
 
@@ -241,8 +247,9 @@ def shipped_configs() -> list[tuple[str, Path]]:
     return sorted((p.relative_to(root).with_suffix("").as_posix(), p) for p in root.rglob("*.yaml"))
 
 
-def describe(path: Path, width: int = 110) -> str:
-    """A shipped config's description: the first sentence of its leading comment."""
+def describe(path: Path) -> str:
+    """A shipped config's description: the first sentence of its leading comment (whole: a
+    table wraps it at word boundaries), up to the first indented command line (``#   shoptune``)."""
     words = []
     from shoptune._io import read_input_text
     for line in read_input_text(path, "config").splitlines():
@@ -250,14 +257,15 @@ def describe(path: Path, width: int = 110) -> str:
             break
         words += line.lstrip("#").split()
     text = " ".join(words)
-    end = re.search(r"\.\s+(?=[A-Z`(])", text)  # (not "e.g. the")
+    end = re.search(r"[.?]\s+(?=[A-Z`(])", text)  # (not "e.g. the")
     text = text[:end.start() + 1] if end else text
-    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
+    return text[:-1] + "." if text.endswith(":") else text  # (the command it introduced is not shown)
 
 
 def shipped_config(name: str | Path, kind: str | None = None) -> Path | None:
     """The shipped config ``name`` names, or None: ``configs/train/smoke.yaml``, ``train/smoke``,
-    ``train/smoke.yaml``, or (given ``kind``, e.g. "train") ``smoke`` / ``smoke.yaml``."""
+    ``train/smoke.yaml``, or (given ``kind``, e.g. "train") the name inside that kind's folder:
+    ``smoke``, ``smoke.yaml``, ``gpu/qwen2.5-7b-qlora``."""
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
         return None
@@ -267,7 +275,7 @@ def shipped_config(name: str | Path, kind: str | None = None) -> Path | None:
     rel = Path(*parts)
     rel = rel if rel.suffix in (".yaml", ".yml") else rel.with_name(rel.name + ".yaml")
     cands = [shipped_dir() / rel]
-    if kind and len(parts) == 1:
+    if kind and parts[0] != kind:
         cands.insert(0, shipped_dir() / kind / rel)
     return next((c for c in cands if c.is_file()), None)
 

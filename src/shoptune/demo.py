@@ -61,7 +61,8 @@ def run_demo(console: Console, out: str = "runs/demo", quick: bool = False,
                      limit=24 if quick else None, overwrite=True)
             runs.append(d)
     table, summaries = compare(runs)
-    console.print(table, markup=False, highlight=False)
+    from shoptune.console import print_markdown
+    print_markdown(table)  # (a terminal: a table fitted to its width)
     plot_tracks(summaries, outp / "compare.png")
     scores = {Path(k).name: v["overall"] for k, v in summaries.items()}
     for base, tuned in zip(runs[::2], runs[1::2]):  # tuned - base on the same questions, paired
@@ -94,12 +95,10 @@ def clear_demo(out: Path) -> list[str]:
 
 def paired_line(base: Path, tuned: Path) -> str:
     """``dev: all-around 0.203 -> 0.126, paired diff -0.077 [-0.160, +0.004]: within noise``."""
-    import json
-
     from shoptune.eval.paired import paired_compare, verdict
+    from shoptune.eval.runs import read_predictions
 
-    rows = [[json.loads(x) for x in (Path(d) / "predictions.jsonl").read_text().splitlines() if x]
-            for d in (base, tuned)]
+    rows = [read_predictions(d) for d in (base, tuned)]
     v = paired_compare([rows[0]], [rows[1]], n_boot=2000, n_perm=2000)["overall"]
     ci = v["ci95"]
     shown = (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else

@@ -37,8 +37,15 @@ def resolve_data_path(path: str | os.PathLike, data_root: str | os.PathLike | No
     raise FileNotFoundError(f"{path}: no such file or folder (data dir: {root}); {GET_DATA_HINT}")
 
 
+REPO_CACHE = Path(".cache") / "shoptune"  # inside a source checkout; the Makefile's cache too
+
+
 def cache_dir() -> Path:
-    """$SHOPTUNE_CACHE_DIR, else the user cache dir (XDG_CACHE_HOME/shoptune on Linux)."""
+    """$SHOPTUNE_CACHE_DIR, else <repo>/.cache/shoptune when it exists (what `make setup` fills in
+    a source checkout: the CLI then finds the model make converted instead of converting it
+    again), else the user cache dir (XDG_CACHE_HOME/shoptune on Linux)."""
     if os.environ.get("SHOPTUNE_CACHE_DIR"):
         return Path(os.environ["SHOPTUNE_CACHE_DIR"])
+    if (REPO_ROOT / REPO_CACHE).is_dir():
+        return REPO_ROOT / REPO_CACHE
     return Path(platformdirs.user_cache_dir("shoptune"))

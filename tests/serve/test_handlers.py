@@ -185,6 +185,28 @@ def test_admin_confines_adapters_to_their_folder_and_loads_and_unloads(served, t
     assert h.status == "ok" and h.ready and h.live and h.adapters == ["good"]
 
 
+def test_a_failed_load_names_the_folder_as_lora_path_does(served, tiny):
+    """#34 item 11: a folder without adapter_config.json was answered with its absolute path and
+    ``"param": null``; every load error names it relative to --adapters-dir, under lora_path."""
+    from fastapi.testclient import TestClient
+
+    from shoptune.serve.app import build_app
+    root = tiny["good"].parent
+    (root / "no-config").mkdir(exist_ok=True)
+    for folder, starts in (("no-config", "lora_path 'no-config': no adapter_config.json"),
+                           ("mismatch", "adapter mismatch was trained for a different base model")):
+        with pytest.raises(EngineError) as e:
+            run(served.admin.load_adapter(LoadAdapterRequest(lora_name="x", lora_path=folder)))
+        assert e.value.param == "lora_path" and e.value.message.startswith(starts), e.value.message
+        assert str(root) not in e.value.message and str(root.resolve()) not in e.value.message
+    r = TestClient(build_app(served.engine, served.settings)).post(
+        "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "no-config"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.json()
+    assert r.json()["error"]["message"] == ("lora_path 'no-config': no adapter_config.json (not a PEFT "
+                                            "adapter folder)")
+    assert "x" not in served.engine.models()
+
+
 def test_http_replies_keep_openai_keys_null_where_openai_sends_null(served):
     """Through the app (routes + response models), in process: the keys of each reply, with
     ``logprobs: null`` present and ``usage`` / empty ``delta`` keys absent where OpenAI omits them."""

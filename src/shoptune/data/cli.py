@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -120,7 +120,7 @@ def register(data_app: typer.Typer) -> None:
             max_total_tokens: Annotated[Optional[int], typer.Option(help="Budget: tokens.")] = None,
             steering_check: Annotated[bool, typer.Option(help="Score the student on the rows made "
                                                          "(hard vs easy).")] = True,
-            quiet: bool = False) -> None:
+            quiet: Annotated[bool, typer.Option(help="No progress bar (the summary lines are still printed).")] = False) -> None:
         """Ask a teacher LLM for new rows of a task, steered by the examples shown; validate,
         de-duplicate, decontaminate; FILE.rejected.jsonl, FILE.report.json."""
         over = {k: v for k, v in dict(rows=rows, concurrency=concurrency, max_requests=max_requests,
@@ -135,7 +135,8 @@ def register(data_app: typer.Typer) -> None:
             out: Annotated[Path, typer.Option(help="Ranking questions (.jsonl).")] = Path("runs/derive/qpr_ranking.jsonl"),
             fill: Annotated[int, typer.Option(help="At most this many candidates per question may be "
                                               "products of other queries (taken as irrelevant); 0 = judged only.")] = 3,
-            seed: int = 0,
+            seed: Annotated[int, typer.Option(help="Seed of the candidates' order and of the fillers "
+                                              "drawn.")] = 0,
             against: Annotated[list[str], typer.Option(
                 help="Drop questions overlapping these evaluation sets (FILE or suite:NAME; "
                      "repeatable; 'none': no check).")] = ["shopbench-dev"],
@@ -147,7 +148,8 @@ def register(data_app: typer.Typer) -> None:
             teacher_url: Annotated[str, typer.Option(help="For --target: OpenAI-compatible base URL.")] = "https://api.openai.com/v1",
             teacher_model: Annotated[str, typer.Option(help="For --target: the teacher model.")] = "gpt-4o",
             api_key_env: Annotated[str, typer.Option(help="For --target: variable with the key.")] = "OPENAI_API_KEY",
-            quiet: bool = False, overwrite: OverwriteFile = False) -> None:
+            quiet: Annotated[bool, typer.Option(help="No progress bar (the summary lines are still printed).")] = False,
+            overwrite: OverwriteFile = False) -> None:
         """ShopBench-layout ranking questions (query, 5 candidates, NDCG) from query-product
         judgements; says how many questions the data supports (--target: the teacher makes the
         rest)."""
@@ -190,14 +192,24 @@ def register(data_app: typer.Typer) -> None:
             paths: Annotated[list[str], typer.Argument(help="Generation rows, or an own label "
                                                        "task's rows (files/folders, or the task's name).")],
             out: Annotated[Path, typer.Option(help="Multiple-choice rows (.jsonl).")],
-            task: Annotated[Optional[list[str]], typer.Option(help="Only these tasks (repeatable).")] = None,
+            include_task: Annotated[Optional[list[str]], typer.Option(
+                help="Only rows of this task (repeatable; a card's name, as a mixture's "
+                     "include_tasks).")] = None,
+            task_old: Annotated[Optional[list[str]], typer.Option(
+                "--task", hidden=True, help="The former name of --include-task (elsewhere --task "
+                                            "tags your own rows with a card).")] = None,
             options: Annotated[int, typer.Option(help="Options per question (2-10).")] = 4,
-            difficulty: Annotated[str, typer.Option(help="hard: nearest answers (labels) in embedding "
-                                                    "space; easy: random ones.")] = "hard",
+            difficulty: Annotated[Literal["hard", "easy"], typer.Option(
+                help="hard: the nearest answers (labels) in embedding space; easy: random ones.")] = "hard",
             max_similarity: Annotated[float, typer.Option(help="Skip distractors at least this "
                                                           "similar to the gold (they may be right too).")] = 0.9,
-            limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many rows per task.")] = None,
-            seed: int = 0,
+            limit_per_task: Annotated[Optional[int], typer.Option(
+                min=1, help="At most this many rows of each task, as `shoptune eval "
+                            "--limit-per-task`.")] = None,
+            limit_old: Annotated[Optional[int], typer.Option(
+                "--limit", min=1, hidden=True, help="The former name of --limit-per-task.")] = None,
+            seed: Annotated[int, typer.Option(help="Seed of the rows --limit-per-task keeps, the easy "
+                                              "distractors and the gold answer's position.")] = 0,
             against: Annotated[Optional[list[str]], typer.Option(
                 help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None,
             overwrite: OverwriteFile = False) -> None:
@@ -207,14 +219,16 @@ def register(data_app: typer.Typer) -> None:
         from collections import Counter
 
         from shoptune.data.derive import derive_mcq
+        from shoptune.tasks import card_name
 
         _check_outs(out, [*paths, *(a for a in against or [] if not a.startswith("suite:"))], overwrite)
         recs = _load(paths)
-        if task:
-            recs = [r for r in recs if r.task in task]
+        only = {card_name(t) for t in [*(include_task or []), *(task_old or [])]}
+        if only:
+            recs = [r for r in recs if r.task in only]
         try:
-            rows, rep = derive_mcq(recs, options=options, difficulty=difficulty,
-                                   max_similarity=max_similarity, seed=seed, limit=limit)
+            rows, rep = derive_mcq(recs, options=options, difficulty=difficulty, max_similarity=max_similarity,
+                                   seed=seed, limit=limit_per_task or limit_old)
         except ValueError as e:
             _fail(str(e))
         rows, removed = _write_derived(rows, rep, out, against)

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shoptune.data.teacher import (AppendLog, BudgetExhausted, JobRefused, Teacher, TeacherError,
                                    TeacherFailed, read_log)
 from shoptune.records import Record
+from shoptune.tasks import TaskName
 
 DEFAULT_INSTRUCTION = ("Below are examples of one task from an online-shopping benchmark. Write "
                        "one new example of the same task: a new question and its correct answer, "
@@ -106,11 +107,11 @@ class StudentSpec(BaseModel):
 
 class SynthSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: str  # the target task card: task type, metric, capability
+    task: TaskName  # the target task card: task type, metric, capability
     # task name of the rows made (default synth_<task>; an own task's: the task itself)
     output_task: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
     pool: list[str] = []  # files/folders of real examples (an own task's default: its card's files)
-    pool_tasks: list[str] = []  # default: rows of ``task`` (all rows when the pool has none)
+    pool_tasks: list[TaskName] = []  # default: rows of ``task`` (all rows when the pool has none)
     pool_split: Literal["train", "validation", "test"] | None = None
     pool_split_test: float = 0.05  # the deterministic split's settings (as mixtures and suites)
     pool_split_validation: float = 0.02

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shoptune import __version__
@@ -33,10 +31,8 @@ def _local_model(model: str, adapter: str | None, *, merge: bool, dtype: str):
     """``(model, tokenizer)`` for the local backend; a single adapter merged when ``merge``."""
     from shoptune.models import load
     if adapter and merge:
-        from shoptune.models import default_dtype
-        target = {"auto": default_dtype(), "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
-        if target is None:
-            raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
+        from shoptune.models import torch_dtype
+        target = torch_dtype(dtype)  # (ValueError naming the choices)
         mdl, tok = load(model, adapter=adapter, dtype="fp32")
         return mdl.merge_and_unload().to(target).eval(), tok
     return load(model, adapter=adapter, dtype=dtype)
@@ -50,8 +46,7 @@ class _PerTaskBackend:
         self.model, self.merge, self.dtype, self.batch_size = model, merge, dtype, batch_size
         self.prefix_cache = prefix_cache
         self.default_adapter = default_adapter
-        self.route = [task_adapters.get(r.task_name or r.task, task_adapters.get(r.task, default_adapter))
-                      for r in records]
+        self.route = [task_adapters.get(r.task, default_adapter) for r in records]
         # the base (or default-adapter) model first: it gives the tokenizer and the dtype reported
         self.base_model, self.tok = _local_model(model, default_adapter, merge=merge, dtype=dtype)
 
@@ -159,8 +154,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     evaluation dtype), so it costs nothing per token; ``merge=False`` keeps it unmerged.
 
     ``task_adapters``: evaluate a per-task deployment, one adapter per task. Each question is
-    answered by the adapter of its task (its ShopBench ``task_name``, else its task card name);
-    questions of other tasks by the base model, or by ``adapter`` when given.
+    answered by the adapter of its task (keys: task card names, or aliases such as ShopBench's
+    ``task2``); questions of other tasks by the base model, or by ``adapter`` when given.
 
     ``prefix_cache`` (builtin): the prompts' shared prefix is run once per model and its KV
     reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding.
@@ -191,6 +186,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     if engine == "openai" and not base_url:
         raise ValueError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     if task_adapters:
+        from shoptune.tasks import card_name
+        task_adapters = {card_name(t): d for t, d in task_adapters.items()}
         missing = [str(d) for d in task_adapters.values() if not (Path(d) / "adapter_config.json").exists()]
         if missing:  # before any model load: a typo should not cost minutes
             raise ValueError(f"not a PEFT adapter folder (no adapter_config.json): {', '.join(missing)}")
@@ -206,9 +203,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         seen: dict[str, int] = {}
         kept = []
         for r in records:
-            k = r.task_name or r.task
-            if seen.get(k, 0) < limit_per_task:
-                seen[k] = seen.get(k, 0) + 1
+            if seen.get(r.task, 0) < limit_per_task:
+                seen[r.task] = seen.get(r.task, 0) + 1
                 kept.append(r)
         records = kept
     if limit:

@@ -84,7 +84,20 @@ def read_scores(folder: str | Path) -> dict:
         _Scores(**data)
     except ValidationError as e:
         raise RunFolderError(_first_error(str(f), e, data)) from None
-    return data
+    return _card_names(data)
+
+
+def _card_names(s: dict) -> dict:
+    """A run's tasks (scores, per-task adapters, single-question tasks) under their cards' names:
+    runs written before #34 used ShopBench's ``task2``, so a run of then and one of now pair."""
+    from shoptune.tasks import card_name
+    s["tasks"] = {card_name(t): v for t, v in (s.get("tasks") or {}).items()}
+    if s.get("task_adapters"):
+        s["task_adapters"] = {card_name(t): a for t, a in s["task_adapters"].items()}
+    single = (s.get("bootstrap") or {}).get("single_question_tasks")
+    if single:
+        s["bootstrap"]["single_question_tasks"] = [card_name(t) for t in single]
+    return s
 
 
 def _row_problem(row) -> tuple[str | None, str] | None:
@@ -115,9 +128,12 @@ def _row_problem(row) -> tuple[str | None, str] | None:
 
 
 def read_predictions(folder: str | Path) -> list[dict]:
-    """``FOLDER/predictions.jsonl``, every row checked (a JSON object with ``task_name``, a known
-    ``capability`` and ``metric``, a finite ``score``, ``counts`` for micro F1)."""
-    f = Path(folder) / "predictions.jsonl"
+    """``FOLDER/predictions.jsonl`` (or that file itself), every row checked (a JSON object with
+    ``task_name``, a known ``capability`` and ``metric``, a finite ``score``, ``counts`` for micro
+    F1), each ``task_name`` its card's name (older runs wrote ShopBench's ``task2``)."""
+    from shoptune.tasks import card_name
+    f = Path(folder)
+    f, folder = (f, f.parent) if f.suffix == ".jsonl" else (f / "predictions.jsonl", f)
     rows = []
     try:
         fh = open_input(f, "predictions.jsonl")
@@ -146,6 +162,7 @@ def read_predictions(folder: str | Path) -> list[dict]:
             if problem:
                 field, why = problem
                 raise RunFolderError(f"{f}:{n}: {field + ': ' if field else ''}{why}")
+            row["task_name"] = card_name(row["task_name"])
             rows.append(row)
     if not rows:
         raise RunFolderError(f"{f}: no rows")

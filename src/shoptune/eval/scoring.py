@@ -12,13 +12,10 @@ from shoptune.eval.metrics import COUNT_METRICS, micro_f1, score_batch, task_met
 from shoptune.records import CAPABILITIES, CAPABILITY_TO_TRACK, Record
 
 
-def task_key(rec: Record) -> str:
-    """ShopBench's own task name when the record has one (task1..), else the card name."""
-    return rec.task_name or rec.task
-
-
 def score_outputs(records: Sequence[Record], outputs: Sequence[str]) -> list[dict]:
-    """One row per question: input, task, raw output, parsed answer and score."""
+    """One row per question: input, task, raw output, parsed answer and score. ``task_name`` is
+    the task card's name, as everywhere (``shopbench_task2``; runs before #34 wrote ShopBench's
+    own ``task2`` there: :func:`shoptune.eval.runs.read_predictions` reads both)."""
     if len(records) != len(outputs):
         raise ValueError(f"{len(records)} records but {len(outputs)} outputs")
     parsed = [tasks.parse_answer(r.task_type, r.metric, o, r.task) for r, o in zip(records, outputs)]
@@ -32,7 +29,7 @@ def score_outputs(records: Sequence[Record], outputs: Sequence[str]) -> list[dic
             scores[i] = v
     rows = []
     for r, out, p, s in zip(records, outputs, parsed, scores):
-        row = {"id": r.id, "input_field": r.input_field, "task_name": task_key(r), "task": r.task,
+        row = {"id": r.id, "input_field": r.input_field, "task_name": r.task, "task": r.task,
                "capability": r.capability, "task_type": r.task_type, "metric": r.metric,
                "output_field": r.output_field, "model_output": out, "parsed": p}
         if r.metric in COUNT_METRICS:

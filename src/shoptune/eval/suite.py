@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoptune import REPO_CONFIGS
 from shoptune.records import Record
+from shoptune.tasks import TaskName
 
 SUITES_DIR = REPO_CONFIGS / "eval"
 
@@ -35,10 +36,10 @@ class SuitePart(BaseModel):
     split_validation: float = 0.02  # must equal the training mixtures' split settings
     split_test: float = 0.05
     split_seed: int = 0
-    include_tasks: list[str] = []
-    exclude_tasks: list[str] = []
+    include_tasks: list[TaskName] = []  # card names (or ShopBench's task2)
+    exclude_tasks: list[TaskName] = []
     per_task_cap: int | None = Field(default=None, ge=1)
-    per_task_caps: dict[str, int] = {}
+    per_task_caps: dict[TaskName, int] = {}
     seed: int = 0
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from shoptune.console import console, fail
+from shoptune.console import console, fail, print_markdown
 
 
 def register(app: typer.Typer) -> None:
@@ -33,10 +33,12 @@ def register(app: typer.Typer) -> None:
                 reuse: Annotated[bool, typer.Option(
                     help="Copy in a run another experiment (results folder beside this one) already "
                          "finished with the same key, instead of training it again.")] = True,
-                eval_engine: Annotated[Optional[str], typer.Option(help=(
-                    "builtin | llama.cpp | vllm: the engine every run is scored on (overrides the "
+                eval_engine: Annotated[Optional[Literal["builtin", "llama.cpp", "vllm"]], typer.Option(help=(
+                    "The engine every run is scored on, as `shoptune eval --engine` (overrides the "
                     "file's eval.engine; part of each run's key, so engines are never mixed)."))] = None,
-                eval_dtype: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32 (overrides eval.dtype).")] = None,
+                eval_dtype: Annotated[Optional[Literal["auto", "bf16", "fp32"]], typer.Option(
+                    help="The dtype every run is scored in, as `shoptune eval --dtype` (overrides "
+                         "the file's eval.dtype; part of each run's key).")] = None,
                 dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done "
                                                       "(writes nothing).")] = False,
                 report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True) -> None:
@@ -88,7 +90,10 @@ def register(app: typer.Typer) -> None:
 
     @exp_app.command("report")
     def report_cmd(results: Annotated[Path, typer.Argument(help="An experiment's results folder.")],
-                   n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> None:
+                   n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+                   n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
+                   seed: Annotated[int, typer.Option(help="Seed of the bootstrap and permutation "
+                                                     "draws.")] = 0) -> None:
         """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over
         tasks) with CIs; paired difference to the baseline with CI and p-value."""
         from shoptune.experiment.report import report_markdown, write_report
@@ -97,5 +102,5 @@ def register(app: typer.Typer) -> None:
             rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
-        console.print(report_markdown(rep), markup=False, highlight=False)
+        print_markdown(report_markdown(rep))
         console.print(f"wrote {results}/report.md, results.json, scores.png, diff.png")

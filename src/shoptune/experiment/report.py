@@ -34,6 +34,9 @@ def load_runs(results: str | Path) -> tuple[dict, dict[str, dict[int, list[dict]
                                     "folder? `shoptune experiment run ... --results` writes it)")
     exp = read_json(results / "experiment.json", "experiment.json")  # (bounded: InputError names it)
     questions = read_json(results / "suite.json", "suite.json")["questions"]
+    from shoptune.tasks import card_name
+    for q in questions:  # (results written before #34 name tasks as ShopBench does: task2)
+        q["task_name"] = card_name(q["task_name"])
     cells: dict[str, dict[int, list[dict]]] = {}
     missing = []
     for run in exp["runs"]:

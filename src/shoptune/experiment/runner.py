@@ -234,7 +234,7 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
                      "fingerprint": manifest["fingerprint"], "n_questions": manifest["n_questions"]},
            "protocol": spec.protocol, "eval": eval_cfg.model_dump(), "runs": runs}
     suite_doc = {**{k: v for k, v in manifest.items() if k != "ids"},
-                 "questions": [{"id": r.id, "task_name": r.task_name or r.task, "capability": r.capability,
+                 "questions": [{"id": r.id, "task_name": r.task, "capability": r.capability,
                                 "metric": r.metric} for r in records]}
     if not write:
         return exp

@@ -128,7 +128,8 @@ def default_dtype() -> torch.dtype:
         return torch.float32
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``--dtype``'s value (auto, bf16, fp32, fp16, or bfloat16, float32, float16) as a torch dtype."""
     if dtype is None or dtype == "auto":
         return default_dtype()
     if isinstance(dtype, torch.dtype):
@@ -159,7 +160,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, adapter: str | os.Path
     from transformers import AutoModelForCausalLM
 
     path = resolve(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
     if adapter is not None:
         from peft import PeftModel
 

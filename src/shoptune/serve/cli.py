@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from shoptune.console import console, fail
+from shoptune.console import DTYPE_HELP, DTYPE_METAVAR, PROTOCOL_HELP, Dtype, Protocol, console, fail
 from shoptune.serve.launch import ENGINES
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# the choices of shoptune.serve.upstream.KINDS and shoptune.experts.FALLBACKS, here so that the
+# command line starts without importing torch (tests/test_second_hour.py checks they agree)
+KINDS = ("auto", "vllm", "llama.cpp", "shoptune", "openai")
+FALLBACKS = ("capability", "mean")
 
 
 def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
@@ -139,7 +145,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Folder for the .gguf files and manifest.json.")],
         adapter: Annotated[Optional[list[str]], typer.Option(
             help="PEFT adapter folder, or NAME=DIR (repeatable); written as NAME.gguf.")] = None,
-        outtype: Annotated[str, typer.Option(help="bf16 | f16 | f32 | q8_0")] = "bf16",
+        outtype: Annotated[Literal["bf16", "f16", "f32", "q8_0"], typer.Option(
+            help="The GGUF files' weight type (q8_0: 8-bit, about half of bf16's size).")] = "bf16",
         overwrite: OverwriteOpt = False,
     ) -> None:
         """The base model and each adapter as the GGUF files llama.cpp's llama-server loads
@@ -161,7 +168,7 @@ def register(app: typer.Typer) -> None:
     def export_experts_cmd(
         run: Annotated[Path, typer.Argument(help="A `peft: poly` training run (or its adapter/ folder).")],
         out: Annotated[Path, typer.Option(help="Folder for one PEFT LoRA folder per expert + experts.json.")],
-        fallback: Annotated[str, typer.Option(help="For tasks of a capability the run never trained on: "
+        fallback: Annotated[Literal[FALLBACKS], typer.Option(help="For tasks of a capability the run never trained on: "
                                               "capability (no expert: the base model answers) or mean "
                                               "(an all-tasks expert, the mean of every route).")] = "capability",
         overwrite: OverwriteOpt = False,
@@ -209,8 +216,9 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Base model: a name from `shoptune models ls` or a folder.")] = "smollm2-135m",
         adapter: Annotated[Optional[list[str]], typer.Option(
             help="NAME=DIR, repeatable: a PEFT adapter served as model NAME.")] = None,
-        host: str = "127.0.0.1",
-        port: int = 8000,
+        host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; "
+                                            "give an --api-key then).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
         api_key: Annotated[Optional[list[str]], typer.Option(
             help="A key clients must send as `Authorization: Bearer KEY` (repeatable; also "
                  "SHOPTUNE_API_KEY and --api-keys-file). Without any key the API is open to anyone "
@@ -219,24 +227,39 @@ def register(app: typer.Typer) -> None:
             help="File with one API key per line ('#' comments).")] = None,
         adapters_dir: Annotated[Optional[Path], typer.Option(
             help="Folder that runtime /v1/load_lora_adapter may load from (off without it).")] = None,
+        task_model: Annotated[Optional[list[str]], typer.Option(
+            help="TASK=NAME (repeatable): the model (an --adapter's NAME) that /v1/tasks/TASK answers "
+                 "with when the request names none; TASK is a task card's name (or ShopBench's, "
+                 "task2). Without it a task is answered by an adapter named like it, else the base "
+                 "model.")] = None,
         task_adapter: Annotated[Optional[list[str]], typer.Option(
-            help="TASK=NAME: the adapter /v1/tasks/TASK uses when the request names none.")] = None,
+            hidden=True, help="The former name of --task-model (TASK=NAME).")] = None,
         served_model_name: Annotated[Optional[str], typer.Option(help="Id of the base model in the API.")] = None,
         merge: Annotated[bool, typer.Option(help="Merge the single --adapter into the weights and serve "
-                                            "only it (a single-task deployment).")] = False,
-        dtype: str = "auto",
-        max_batch_size: int = 16,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 256,
-        max_prompt_tokens: int = 2048,
+                                            "only it: a single-task deployment, no per-token LoRA cost. "
+                                            "Off by default, unlike `shoptune eval`'s: a server keeps "
+                                            "every adapter apart so requests choose one (and mix in "
+                                            "batches).")] = False,
+        dtype: Annotated[Dtype, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
+        max_batch_size: Annotated[int, typer.Option(
+            help="Most requests decoded together in one batch (llama.cpp, vllm: their slots).")] = 16,
+        max_wait_ms: Annotated[float, typer.Option(
+            help="Milliseconds a batch waits for more requests to join before it starts.")] = 5.0,
+        max_queue: Annotated[int, typer.Option(
+            help="Requests waiting at most; one more is answered 429 (retry later).")] = 256,
+        max_prompt_tokens: Annotated[int, typer.Option(
+            help="Longest prompt accepted, in tokens (400 over it).")] = 2048,
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens a request may ask for.")] = 512,
-        max_body_bytes: int = 1 << 20,
+        max_body_bytes: Annotated[int, typer.Option(
+            help="Largest request body accepted, in bytes (413 over it).")] = 1 << 20,
         body_timeout: Annotated[float, typer.Option(
             help="Seconds a client has to send the whole request body (408 after).")] = 30.0,
         request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 300.0,
-        protocol: Annotated[str, typer.Option(help="Task prompt protocol (as `shoptune eval`).")] = "starter-kit",
+        protocol: Annotated[Protocol, typer.Option(
+            help=f"{PROTOCOL_HELP} Here: the prompts of /v1/tasks, as `shoptune eval` sends "
+                 "them.")] = "starter-kit",
         threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
-        engine_kind: Annotated[str, typer.Option("--engine", help=(
+        engine_kind: Annotated[Literal[ENGINES], typer.Option("--engine", help=(
             "builtin (in-process, no build) | llama.cpp (export to GGUF, start and supervise "
             "llama-server, serve through the gateway; needs `make llama-server`) | vllm (start and "
             "supervise vLLM with the adapters as LoRA modules, run-time loads included; needs "
@@ -250,9 +273,9 @@ def register(app: typer.Typer) -> None:
                  "(only its tokenizer is loaded), --adapter NAME=REF renames an upstream adapter.")] = None,
         upstream_api_key_env: Annotated[Optional[str], typer.Option(
             help="Name of the environment variable holding the upstream's API key.")] = None,
-        upstream_kind: Annotated[str, typer.Option(
-            help="auto | vllm | llama.cpp | shoptune | openai (auto: detected from the upstream's "
-                 "endpoints; shoptune: another `shoptune serve`).")] = "auto",
+        upstream_kind: Annotated[Literal[KINDS], typer.Option(
+            help="What --upstream is (auto: detected from its endpoints; shoptune: another "
+                 "`shoptune serve`; openai: any other OpenAI-compatible server).")] = "auto",
         upstream_model: Annotated[Optional[str], typer.Option(
             help="The upstream's id of the base model (default: the first it lists).")] = None,
         upstream_concurrency: Annotated[int, typer.Option(
@@ -267,7 +290,8 @@ def register(app: typer.Typer) -> None:
                  "its previous response (closed after).")] = 10.0,
         keep_alive_timeout: Annotated[float, typer.Option(
             help="Seconds an idle keep-alive connection stays open.")] = 5.0,
-        log_level: str = "info",
+        log_level: Annotated[Literal[LOG_LEVELS], typer.Option(
+            help="The server's log level (uvicorn's and shoptune's).")] = "info",
     ) -> None:
         """Serve the base model and its task adapters (OpenAI-compatible, dynamic batching)."""
         import logging
@@ -279,6 +303,7 @@ def register(app: typer.Typer) -> None:
         from shoptune.serve.app import build_app
         from shoptune.serve.engine import EngineError, Engine, check_adapter_dir
         from shoptune.serve.handlers import ServeSettings
+        from shoptune.tasks import card_name
 
         from shoptune.serve.connections import (accept_backlog, fit_open_files, guarded_h11,
                                                 install_accept_log_limit)
@@ -309,7 +334,7 @@ def register(app: typer.Typer) -> None:
         supervisor = merged_dir = None
         if experts is not None:  # exported Poly experts: every expert an adapter, tasks routed to theirs
             adapters, routed = _experts(experts, adapters, fail)
-            task_adapter = [f"{t}={n}" for t, n in routed.items()] + list(task_adapter or [])
+            task_model = [f"{t}={n}" for t, n in routed.items()] + list(task_model or [])
         if engine_kind not in ENGINES:
             fail(f"--engine {engine_kind!r}: one of {', '.join(ENGINES)}")
         task_adapters = _pairs(task_adapter, "--task-adapter", fail)  # (before any model loads)
@@ -402,7 +427,8 @@ def register(app: typer.Typer) -> None:
                                  max_body_bytes=max_body_bytes, body_timeout=body_timeout,
                                  request_timeout=request_timeout,
                                  protocol=protocol,
-                                 task_adapters=task_adapters)
+                                 task_adapters={card_name(t): n for t, n in _pairs(
+                                     [*(task_model or []), *(task_adapter or [])], "--task-model", fail).items()})
         fitting, nofile = fit_open_files(max_connections, reserve=128 + upstream_concurrency)
         if fitting < max_connections:
             console.print(f"--max-connections {max_connections}: only {fitting} fit under the open-files "

@@ -36,7 +36,7 @@ from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice
                                      LoadAdapterRequest, ModelCard, ModelList, TaskInfo, TaskList,
                                      TaskRequest, TaskResult, TokenLogprob, TopLogprob,
                                      UnloadAdapterRequest, UsageInfo)
-from shoptune.tasks import Plan, PlanError, all_cards
+from shoptune.tasks import Plan, PlanError, all_cards, task_aliases
 
 
 @dataclass
@@ -467,13 +467,7 @@ class Tasks(Serving):
     def __init__(self, engine: Engine, settings: ServeSettings):
         super().__init__(engine, settings)
         self.cards = all_cards()
-        # ShopBench's own task names (task2), as evaluation reports print them, for their cards;
-        # a name two cards claim, or that is a card's name, stays the card's
-        claims: dict[str, list[str]] = {}
-        for c in self.cards.values():
-            if c.source.task_name and c.source.task_name not in self.cards:
-                claims.setdefault(c.source.task_name, []).append(c.name)
-        self.aliases = {alias: names[0] for alias, names in claims.items() if len(names) == 1}
+        self.aliases = task_aliases()  # ShopBench's own task names (task2) for their cards
 
     def default_model(self, card) -> str | None:
         """The adapter answering ``card`` when a request names none (None: the base model):
@@ -618,7 +612,20 @@ class Admin(Serving):
 
     async def load_adapter(self, req: LoadAdapterRequest) -> AdapterStatus:
         path = self.adapter_path(req.lora_name, req.lora_path)
-        await asyncio.to_thread(self.engine.load_adapter, req.lora_name, path)
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, req.lora_name, path)
+        except EngineError as e:
+            if e.param not in (None, "lora_path"):
+                raise
+            # the engine names the folder by its absolute path: say it as the client gave it
+            # (relative to --adapters-dir, as every other lora_path error does), under its param
+            rel = path.relative_to(self.settings.adapters_dir.resolve()).as_posix()
+            msg = e.message
+            if msg.startswith(f"{path}: "):
+                msg = f"lora_path {rel!r}: {msg[len(str(path)) + 2:]}"
+            msg = msg.replace(str(path), rel)
+            e.message, e.args, e.param = msg, (msg,), "lora_path"
+            raise
         return AdapterStatus(lora_name=req.lora_name, models=self.engine.models())
 
     async def unload_adapter(self, req: UnloadAdapterRequest) -> AdapterStatus:

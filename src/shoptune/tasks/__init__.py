@@ -14,7 +14,9 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from shoptune.records import CAPABILITIES, Record
 from shoptune.tasks.card import CardSource, InputField, TaskCard
@@ -31,15 +33,20 @@ class CardError(ValueError):
 
 def own_dirs() -> list[Path]:
     """Folders of own cards: ``SHOPTUNE_TASKS_PATH`` entries, then ``./tasks`` if it exists."""
-    dirs = [Path(p) for p in os.environ.get("SHOPTUNE_TASKS_PATH", "").split(os.pathsep) if p]
-    local = Path.cwd() / OWN_DIR
+    return list(_own_dirs(os.environ.get("SHOPTUNE_TASKS_PATH", ""), os.getcwd()))
+
+
+@lru_cache(maxsize=64)
+def _own_dirs(env: str, cwd: str) -> tuple[Path, ...]:  # (cached: asked per data row)
+    dirs = [Path(p) for p in env.split(os.pathsep) if p]
+    local = Path(cwd) / OWN_DIR
     if local.is_dir() and all(local.resolve() != d.resolve() for d in dirs if d.exists()):
         dirs.append(local)
-    return dirs
+    return tuple(dirs)
 
 
 def _card_dirs() -> tuple[Path, ...]:
-    return (CARDS_DIR, *own_dirs())
+    return (CARDS_DIR, *_own_dirs(os.environ.get("SHOPTUNE_TASKS_PATH", ""), os.getcwd()))
 
 
 def load_card(path: Path) -> TaskCard:
@@ -103,7 +110,7 @@ def _registry(dirs: tuple[Path, ...]) -> dict[str, TaskCard]:
 
 def reload() -> None:
     """Forget the cards read so far (after ``tasks new`` wrote one)."""
-    for f in (_registry, _sorted_cards, _cards_by_file, _cards_by_own_file):
+    for f in (_own_dirs, _registry, _sorted_cards, _cards_by_file, _cards_by_own_file, _aliases):
         f.cache_clear()
 
 
@@ -137,18 +144,49 @@ def _cards_by_own_file(dirs: tuple[Path, ...]) -> dict[Path, tuple[TaskCard, ...
     return {k: tuple(v) for k, v in by_file.items()}
 
 
+@lru_cache(maxsize=None)
+def _aliases(dirs: tuple[Path, ...]) -> dict[str, str]:
+    cards = _registry(dirs)
+    claims: dict[str, list[str]] = {}
+    for c in cards.values():
+        if c.source.task_name and c.source.task_name not in cards:
+            claims.setdefault(c.source.task_name, []).append(c.name)
+    return {alias: names[0] for alias, names in sorted(claims.items()) if len(names) == 1}
+
+
+def task_aliases() -> dict[str, str]:
+    """The other names a task goes by -> its card's name: ShopBench's own task names (``task2``
+    -> ``shopbench_task2``, from each card's ``source.task_name``), which the benchmark's data and
+    results written before #34 use. Accepted wherever a task is named on input; every output
+    uses the card's name. A name two cards claim, or that is a card's own name, is no alias."""
+    return dict(_aliases(tuple(_card_dirs())))
+
+
+def card_name(name: str) -> str:
+    """``name`` as its card's name: a card name as it is, an alias (``task2``) as the card it
+    stands for; any other name unchanged (the caller says what it does not know)."""
+    return _aliases(tuple(_card_dirs())).get(name, name)
+
+
+# a task named in a config (mixtures, suites, synthesis specs): an alias becomes its card's name
+TaskName = Annotated[str, AfterValidator(lambda name: card_name(name))]
+
+
 def all_cards() -> dict[str, TaskCard]:
     """Every registered task card by name, sorted by capability then name."""
     return dict(_sorted_cards(_card_dirs()))
 
 
 def find_card(name: str) -> TaskCard | None:
-    """The card of task ``name``, or None (cheap: no sorting; called per question)."""
-    return _registry(_card_dirs()).get(name)
+    """The card of task ``name`` (or an alias), or None (cheap: no sorting; called per question)."""
+    dirs = tuple(_card_dirs())
+    return _registry(dirs).get(_aliases(dirs).get(name, name))
 
 
 def get_card(name: str) -> TaskCard:
+    """The card named ``name`` (or by an alias, :func:`task_aliases`); KeyError otherwise."""
     cards = all_cards()
+    name = card_name(name)
     if name not in cards:
         raise KeyError(f"unknown task {name!r}; `shoptune tasks ls` lists the {len(cards)} tasks")
     return cards[name]
@@ -224,4 +262,5 @@ def check_gold(rec_or_row: dict, card: TaskCard | None = None) -> list[tuple[str
 __all__ = ["TaskCard", "CardSource", "CardError", "InputField", "Grammar", "Plan", "PlanError",
            "all_cards", "get_card", "find_card", "load_card", "cards_for_file", "cards_for_own_file",
            "card_for_shopbench_task", "render", "plan_for", "answer_text", "parse_answer", "check_gold",
-           "finish", "output_type", "output_for", "output_names", "reload", "own_dirs"]
+           "finish", "output_type", "output_for", "output_names", "reload", "own_dirs",
+           "task_aliases", "card_name", "TaskName"]

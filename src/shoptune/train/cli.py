@@ -11,7 +11,12 @@ from shoptune.console import OnInvalid, console, fail
 
 
 def _loss_line(m: dict, logging_steps: int) -> str:
-    """``loss 3.4712 -> 2.4911``; for a run too short to log a step, its mean loss."""
+    """``loss 3.4712 -> 2.4911``; for a run that logged one step, that loss and the mean over every
+    step (``3.86 -> 3.86`` read as "nothing learned"); for a run too short to log a step, its mean."""
+    if m.get("loss_logs") == 1 and m.get("final_loss") is not None:
+        mean = f"; mean loss {m['mean_loss']:.4f} over all steps" if m.get("mean_loss") is not None else ""
+        return (f"loss {m['final_loss']:.4f} at the one logged step (logging_steps={logging_steps}: "
+                f"too few logs to show a change{mean})")
     if m.get("first_loss") is not None and m.get("final_loss") is not None:
         return f"loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}"
     if m.get("mean_loss") is not None:
@@ -110,7 +115,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
 
     @data_app.command("mix")
     def mix_cmd(config: Annotated[Path, typer.Argument(help="Mixture YAML: a path, or a shipped "
-                                                       "one (configs/mixtures/diverse.yaml, diverse).")],
+                                                       "one (configs/mixtures/diverse.yaml, diverse); "
+                                                       "a training config's is its mixture: key.")],
                 out: Annotated[Path, typer.Option(help="Training set (.jsonl); manifest beside it.")],
                 overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value")] = None,
                 on_invalid: OnInvalid = "skip",
@@ -118,7 +124,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                                         "(never an input).")] = False) -> None:
         """Build a training set from a mixture: FILE + FILE.manifest.json (counts, tokens, diversity, hashes)."""
         from shoptune._io import check_new_file, check_out_file, existing_inputs, write_json, write_jsonl
-        from shoptune.configfile import resolve_config
+        from shoptune.configfile import read_yaml, resolve_config
         from shoptune.data.loaders import DataValidationError, skipped_line
         from shoptune.data.stats import token_lengths
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
@@ -133,6 +139,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         inputs = existing_inputs([config], cfg.sources)
         for path in (out, manifest_path):  # an input, or a file it did not write: never replaced
             check_new_file(path, inputs=inputs, overwrite=overwrite)
+        if "mixture" in read_yaml(config)[0]:
+            console.print(f"{config}: a training config; building its mixture: key", highlight=False)
         issues: list = []
         try:
             with console.status("building mixture") as st:
@@ -157,6 +165,12 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                       f"{manifest['diversity']['n_capabilities']} capabilities -> {out}")
         for cap, n in manifest["capabilities"].items():
             console.print(f"  {cap}: {n}")
+        if manifest["short_tasks"]:  # (the manifest has them too)
+            short = manifest["short_tasks"]
+            console.print(f"{len(recs)} of the {cfg.total} rows asked (total): {len(short)} task(s) have "
+                          f"fewer rows than their share asks for (upsample: true repeats their rows): "
+                          + ", ".join(f"{t} {v['rows']} of {v['asked']}" for t, v in short.items()),
+                          highlight=False)
 
 
 def show_plan(cfg, gpu_name: str | None, gpus: int | None, accelerate: Path | None,

@@ -189,6 +189,7 @@ def _main(cfg: TrainConfig, out: Path, resume: bool, on_invalid: str = "skip") -
             "metrics": {"first_loss": next((st["first_loss"] for st in earlier), None)
                         if earlier else (hist[0]["loss"] if hist else None),
                         "final_loss": hist[-1]["loss"] if hist else None,
+                        "loss_logs": None if earlier else len(hist),  # 1: first = final, no change seen
                         # the mean over the steps of this call (also when no step was logged)
                         "mean_loss": next((round(h["train_loss"], 4) for h in reversed(trainer.state.log_history)
                                            if "train_loss" in h), None),

@@ -19,7 +19,6 @@ these from here, so a question is asked and constrained the same way everywhere.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -94,44 +93,35 @@ class NumberListProcessor:
         return scores + mask
 
 
-def choice_ebnf(choices: Sequence[str]) -> str:
-    """EBNF (xgrammar's, and llama.cpp's GBNF) for exactly one of ``choices``, after an optional
-    space: JSON string escapes are valid escapes in both."""
-    alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
-    return f'root ::= " "? ({alts})\n'
-
-
 class Grammars:
-    """A tokenizer's compiled grammars (xgrammar), one per :class:`~shoptune.tasks.Grammar`: a
-    choice of strings, or JSON valid against a schema written with json.dumps' separators (as
-    training writes answers), each after an optional space. Compiling takes milliseconds and is
-    cached; :meth:`matcher` gives a fresh matcher per row."""
+    """A tokenizer's compiled grammars (llguidance), one per :class:`~shoptune.tasks.Grammar`
+    (a GBNF text, :mod:`shoptune.tasks.gbnf`); :meth:`matcher` gives a fresh matcher per row.
+    Building the tokenizer's table takes about a second, once per process; a grammar compiles in
+    about a millisecond and is kept."""
 
     def __init__(self, tok, vocab_size: int):
-        import xgrammar as xgr
-        self.xgr, self.vocab_size = xgr, vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size)
-        self.compiler = xgr.GrammarCompiler(self.info)
-        self._compiled: dict[Grammar, object] = {}
+        import llguidance
+        import llguidance.hf
+        self.llg, self.vocab_size = llguidance, vocab_size
+        self.tokenizer = llguidance.hf.from_tokenizer(tok, n_vocab=vocab_size)
+        self._compiled: dict[Grammar, str] = {}
         self._lock = threading.Lock()
 
-    def grammar(self, g: Grammar):
-        xgr = self.xgr
-        if g.kind == "choice":
-            return xgr.Grammar.from_ebnf(choice_ebnf(g.choices))
-        if g.kind == "json":
-            body = xgr.Grammar.from_json_schema(g.schema, any_whitespace=False, separators=(", ", ": "))
-            return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " "?\n'), body)
-        raise ValueError(f"unknown grammar kind {g.kind!r}")
-
-    def compiled(self, g: Grammar):
+    def compiled(self, g: Grammar) -> str:
         with self._lock:
             if g not in self._compiled:
-                self._compiled[g] = self.compiler.compile_grammar(self.grammar(g))
+                grammar = self.llg.grammar_from("gbnf", g.gbnf)
+                err = self.llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
+                if err:
+                    raise ValueError(f"the answer grammar does not compile: {err}")
+                self._compiled[g] = grammar
             return self._compiled[g]
 
     def matcher(self, g: Grammar):
-        return self.xgr.GrammarMatcher(self.compiled(g))
+        m = self.llg.LLMatcher(self.tokenizer, self.compiled(g), log_level=0)
+        if m.is_error():
+            raise ValueError(f"the answer grammar does not compile: {m.get_error()}")
+        return m
 
 
 _GRAMMARS: dict[tuple[int, int], Grammars] = {}
@@ -147,12 +137,22 @@ def grammars_for(tok, vocab_size: int) -> Grammars:
         return _GRAMMARS[key]
 
 
+def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """``-inf`` for every token a row's bitmask (int32 words, bit j of word i = token 32i+j)
+    leaves out, in place, plain torch (llguidance's own kernel is a torch.compile kernel that
+    takes seconds to build on first use)."""
+    idx = torch.tensor(list(rows), dtype=torch.long)
+    bits = (bitmask[idx].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    blocked = bits.view(len(rows), -1)[:, :scores.shape[-1]] == 0
+    scores[idx.to(scores.device)] = scores[idx.to(scores.device)].masked_fill(blocked.to(scores.device), float("-inf"))
+
+
 class GrammarProcessor:
     """Logits processor: each row's next token must keep its answer inside its
-    :class:`~shoptune.tasks.Grammar` (None: that row is free). The matcher of a row takes the
-    token chosen at the previous step, then masks every token its grammar does not allow; once
-    the answer is complete only the end token is left, so generation stops there. Rows of one
-    batch may have different grammars (the server batches tasks together)."""
+    :class:`~shoptune.tasks.Grammar` (None: that row is free). A row's matcher takes the token
+    chosen at the previous step, then every token its grammar does not allow is masked; once the
+    answer is complete only the end token is left, so generation stops there. Rows of one batch
+    may have different grammars (the server batches tasks together)."""
 
     def __init__(self, tok, grammars: Sequence[Grammar | None], prompt_len: int):
         self.tok, self.specs, self.prompt_len = tok, list(grammars), prompt_len
@@ -162,22 +162,22 @@ class GrammarProcessor:
     def __call__(self, input_ids, scores):
         if self.matchers is None:
             g = grammars_for(self.tok, scores.shape[-1])
-            self.xgr = g.xgr
+            import llguidance.torch
+            self.fill = llguidance.torch.fill_next_token_bitmask
             self.matchers = [g.matcher(spec) if spec is not None else None for spec in self.specs]
-            self.bitmask = g.xgr.allocate_token_bitmask(len(self.specs), scores.shape[-1])
+            self.bitmask = llguidance.torch.allocate_token_bitmask(len(self.specs), scores.shape[-1])
         elif input_ids.shape[1] > self.prompt_len:
             for row, m in enumerate(self.matchers):
-                if m is not None and not m.is_terminated():
-                    m.accept_token(int(input_ids[row, -1]))
-        # (a terminated row has taken its end token: generate pads it from now on)
-        rows = [row for row, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
+                if m is not None and not m.is_stopped():
+                    m.consume_token(int(input_ids[row, -1]))
+        # (a stopped matcher's answer is complete: its mask leaves only the end token)
+        rows = [row for row, m in enumerate(self.matchers) if m is not None]
         if not rows:
             return scores
         for row in rows:
-            self.matchers[row].fill_next_token_bitmask(self.bitmask, row)
-        masked = scores.float() if scores.dtype != torch.float32 else scores
-        self.xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), indices=rows)
-        return masked if masked is scores else masked.to(scores.dtype)
+            self.fill(self.matchers[row], self.bitmask, row)
+        apply_bitmask(scores, self.bitmask, rows)
+        return scores
 
 
 class StopAtLineEnd:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shoptune.eval.metrics import field_f1_counts, micro_f1, score_batch, task_metric
-from shoptune.tasks import Grammar, _json
+from shoptune.tasks import Grammar, _json, gbnf
 from shoptune.tasks.card import TaskCard
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["brand", "colors"],
@@ -120,12 +120,55 @@ def free_run(tok, grammar: Grammar, steps: int, seed: int) -> str:
 def test_any_scores_give_a_label_and_schema_valid_json(tok, seed):
     labels = ("Home", "Home & Kitchen", "Beauty & Personal Care", "Toys & Games")
     c = card(output="label", labels=list(labels))
-    text = free_run(tok, Grammar("choice", labels), steps=40, seed=seed)
+    text = free_run(tok, Grammar(gbnf.choice(labels)), steps=40, seed=seed)
     assert text.strip() in labels and c.output_type.parse(text, "accuracy", c) == text.strip()
     js = card(output="json", schema=SCHEMA)
     for steps in (12, 400):  # cut by a small budget, or finished by the grammar
-        text = free_run(tok, Grammar.json_schema(SCHEMA), steps=steps, seed=seed)
+        text = free_run(tok, Grammar(gbnf.json_schema(SCHEMA)), steps=steps, seed=seed)
         answer = js.output_type.parse(text, "field f1", js)
         assert answer is not None and _json.first_error(answer, SCHEMA) is None, text
-        if steps == 400:  # the grammar itself ended a document (xgrammar may let a raw control
-            assert json.loads(text, strict=False) == answer  # character into a bounded string)
+        if steps == 400:  # the grammar itself ended a valid document
+            assert json.loads(text) == answer
+
+
+def accepts(tok, grammar_text: str, text: str) -> bool:
+    from shoptune.decoding import grammars_for
+    g = grammars_for(tok, 49152)
+    m = g.matcher(Grammar(grammar_text))
+    ok = m.consume_tokens(g.tokenizer.tokenize_str(text)) and not m.is_error()
+    return bool(ok) and m.is_accepting()
+
+
+def test_the_grammars_allow_exactly_the_valid_answers(tok):
+    g = gbnf.json_schema({**SCHEMA, "properties": {**SCHEMA["properties"], "n": {"type": ["integer", "null"]}}})
+    for text, ok in ((' {"brand": "Acme", "colors": ["red"]}', True),
+                     ('{"brand": "Acme", "colors": [], "size": "XL", "n": 3}', True),
+                     ('{"brand": "Acme", "colors": [], "n": null}', True),
+                     ('{"brand": "A\\tb", "colors": []}', True),  # an escape: one character
+                     ('{"colors": [], "brand": "A"}', False),  # keys in the schema's order
+                     ('{"brand": "Acme"}', False),  # a required key missing
+                     ('{"brand": "Acmeeeeeeeeeee", "colors": []}', False),  # over maxLength
+                     ('{"brand": "A", "colors": ["a","b"]}', False),  # json.dumps' separators only
+                     ('{"brand": "A", "colors": ["a", "b", "c"]}', False),  # over maxItems
+                     ('{"brand": "A\tb", "colors": []}', False)):  # a raw control character
+        assert accepts(tok, g, text) == ok, text
+    c = gbnf.choice(["Home", "Home & Kitchen", 'Say "hi"'])
+    assert [accepts(tok, c, t) for t in (" Home", "Home & Kitchen", 'Say "hi"', "Garden", "Home &")] == \
+        [True, True, True, False, False]
+    s = gbnf.ordered_subset(["a", "b", "c"], 2)
+    assert [accepts(tok, s, t) for t in ("[]", '["a", "c"]', '["c", "a"]', '["a", "b", "c"]', '["a", "a"]')] == \
+        [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "string", "pattern": "^[a-z]+$"}, "'pattern' cannot be enforced while decoding"),
+    ({"type": "integer", "minimum": 0}, "'minimum' cannot be enforced"),
+    ({"type": "array"}, "an array needs `items`"),
+    ({"type": "object", "properties": {}, "required": ["x"]}, "required key 'x' has no schema"),
+    ({"oneOf": [{"type": "string"}]}, "'oneOf' cannot be enforced"),
+])
+def test_a_schema_no_grammar_can_enforce_is_refused_on_the_card(schema, says):
+    with pytest.raises(gbnf.GrammarError, match=says):
+        gbnf.json_schema(schema)
+    with pytest.raises(ValueError, match="schema: "):
+        card(output="json", schema=schema)

@@ -36,7 +36,7 @@ from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice
                                      LoadAdapterRequest, ModelCard, ModelList, TaskInfo, TaskList,
                                      TaskRequest, TaskResult, TokenLogprob, TopLogprob,
                                      UnloadAdapterRequest, UsageInfo)
-from shoptune.tasks import Plan, PlanError, all_cards, task_aliases
+from shoptune.tasks import Grammar, Plan, PlanError, all_cards, task_aliases
 
 
 @dataclass
@@ -325,7 +325,7 @@ class Completions(Serving):
             return None
         return Plan("generate", max_new_tokens=limit, numeric=p.numeric, stop_newline=p.stop_newline,
                     max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values),
-                    grammar=p.grammar.spec() if p.grammar is not None else None)
+                    grammar=Grammar(p.grammar) if p.grammar is not None else None)
 
     async def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """(token ids, text to echo) per prompt."""

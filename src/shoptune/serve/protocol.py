@@ -81,38 +81,7 @@ def find_invalid_text(obj) -> str | None:
 Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
 
 
-MAX_GRAMMAR_CHOICES = 2000
-MAX_SCHEMA_BYTES = 64 << 10
-
-
-class PlanGrammar(BaseModel):
-    """:class:`shoptune.tasks.Grammar` on the wire."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    kind: Literal["choice", "json"]
-    choices: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
-        default_factory=list, max_length=MAX_GRAMMAR_CHOICES)
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-
-    @model_validator(mode="after")
-    def _complete(self):
-        if self.kind == "choice" and not self.choices:
-            raise ValueError("a choice grammar needs `choices`")
-        if self.kind == "json":
-            from shoptune.tasks._json import check_schema
-            if self.schema_ is None:
-                raise ValueError("a json grammar needs `schema`")
-            import json as _json
-            if len(_json.dumps(self.schema_)) > MAX_SCHEMA_BYTES:
-                raise ValueError(f"`schema` is over {MAX_SCHEMA_BYTES} bytes")
-            why = check_schema(self.schema_)
-            if why:
-                raise ValueError(f"schema: {why}")
-        return self
-
-    def spec(self):
-        from shoptune.tasks import Grammar
-        return Grammar("choice", tuple(self.choices)) if self.kind == "choice" \
-            else Grammar.json_schema(self.schema_)
+MAX_GRAMMAR_BYTES = 256 << 10  # an own task's answer grammar (GBNF text; a 200-label set is ~10 KB)
 
 
 class ShoptunePlan(BaseModel):
@@ -133,8 +102,9 @@ class ShoptunePlan(BaseModel):
         description="numeric: exactly these numbers may be written (empty: 1..max_value).")
     stop_newline: bool = Field(default=False, description=(
         "The row ends at the first line end that follows some text (a one-line answer)."))
-    grammar: PlanGrammar | None = Field(default=None, description=(
-        "An own task's answer: exactly one of `choices`, or JSON valid against `schema`."))
+    grammar: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_BYTES, description=(
+        "An own task's answer grammar (GBNF, as shoptune.tasks.gbnf writes it: one of its labels, "
+        "or JSON valid against its schema)."))
 
 
 class StreamOptions(BaseModel):

@@ -50,7 +50,7 @@ from pathlib import Path, PurePath
 
 import httpx
 
-from shoptune.decoding import choice_ebnf, choice_tokens  # (choice_tokens: the tokens best_choice compares)
+from shoptune.decoding import choice_tokens  # (choice_tokens: the tokens best_choice compares)
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
 from shoptune.tasks import Grammar, Plan
@@ -82,14 +82,14 @@ def constraint(kind: str, max_value: int, count: int, unique: bool) -> tuple[str
 
 
 def grammar_constraint(kind: str, g: Grammar) -> tuple[str, object] | None:
-    """The upstream body field for an own task's answer constraint: llama.cpp's ``grammar``
-    (GBNF; the same EBNF the built-in engine compiles) or ``json_schema``; vLLM's
-    ``structured_outputs`` (``grammar`` / ``json``); None for a plain OpenAI server."""
+    """The upstream body field for an own task's answer constraint, the same GBNF text the
+    built-in engine compiles: llama.cpp's ``grammar``, vLLM's ``structured_outputs.grammar`` (its
+    llguidance backend: ``serve --engine vllm`` starts vLLM with it); None for a plain OpenAI
+    server."""
     if kind == "llama.cpp":
-        return ("grammar", choice_ebnf(g.choices)) if g.kind == "choice" else ("json_schema", g.schema_dict)
+        return "grammar", g.gbnf
     if kind == "vllm":
-        return "structured_outputs", ({"grammar": choice_ebnf(g.choices)} if g.kind == "choice"
-                                      else {"json": g.schema_dict})
+        return "structured_outputs", {"grammar": g.gbnf}
     return None
 
 
@@ -100,9 +100,7 @@ def shoptune_plan(plan: Plan) -> dict:
            "count": plan.count, "unique": plan.unique, "values": list(plan.values),
            "stop_newline": plan.stop_newline}
     if plan.grammar is not None:
-        g = plan.grammar
-        out["grammar"] = {"kind": g.kind, "choices": list(g.choices)} if g.kind == "choice" \
-            else {"kind": g.kind, "schema": g.schema_dict}
+        out["grammar"] = plan.grammar.gbnf
     return out
 
 

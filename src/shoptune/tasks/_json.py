@@ -235,8 +235,8 @@ def parse(text: str, schema: dict, *, close_truncated: bool = True) -> Any:
     t = schema.get("type")
     if starts and t in ("object", "array"):
         text = text[min(starts):]
-    # strict=False: a control character inside a string is taken as it is (xgrammar's grammar
-    # for a string with maxLength lets raw control characters other than \r and \n through)
+    # strict=False: a raw control character inside a string (an unconstrained engine may write
+    # one) is read as it is; the answer served is then valid JSON again
     decoder = json.JSONDecoder(strict=False)
     try:
         value, end = decoder.raw_decode(text)

@@ -15,9 +15,9 @@ yes/no), ``retrieval``, ``ranking``, ``named_entity_recognition``, ``generation`
 ``text``), and for a shop's own tasks ``label`` (one of ``labels``), ``labels`` (a subset of
 them), ``json`` (an object valid against the card's JSON ``schema``) and ``number``.
 
-A constraint is engine-neutral (:class:`Grammar`): "one of these strings" or "JSON valid against
-this schema". The built-in engine compiles it with xgrammar; llama.cpp gets a GBNF grammar or its
-``json_schema``; vLLM its ``structured_outputs``. All three allow the same answers.
+A constraint is one GBNF grammar (:class:`Grammar`, written by :mod:`shoptune.tasks.gbnf`: one
+of these labels, or JSON valid against this schema), the same text for every engine, so the
+built-in engine (llguidance), llama.cpp and vLLM allow exactly the same answers.
 """
 from __future__ import annotations
 
@@ -47,20 +47,10 @@ class GoldError(ValueError):
 
 @dataclass(frozen=True)
 class Grammar:
-    """An answer constraint every engine can apply: exactly one of ``choices`` (``kind="choice"``),
-    or JSON valid against ``schema`` (``kind="json"``, the schema as canonical JSON text so a
-    Grammar is hashable and batches group by it)."""
-    kind: str
-    choices: tuple[str, ...] = ()
-    schema: str = ""
-
-    @classmethod
-    def json_schema(cls, schema: dict) -> "Grammar":
-        return cls("json", schema=json.dumps(schema, sort_keys=True, ensure_ascii=False))
-
-    @property
-    def schema_dict(self) -> dict:
-        return json.loads(self.schema)
+    """An answer constraint as one GBNF grammar (:mod:`shoptune.tasks.gbnf`), the same text for
+    every engine: the built-in engine compiles it with llguidance, llama.cpp takes it as
+    ``grammar``, vLLM as ``structured_outputs.grammar``. Hashable: batches group by it."""
+    gbnf: str
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ intents). Decoded under a grammar that allows only the label strings, so even an
 answers with a label; scored by accuracy and macro-F1."""
 from __future__ import annotations
 
+from shoptune.tasks import gbnf
 from shoptune.tasks.outputs import GoldError, Grammar, OutputType, Plan, register
 
 
@@ -58,7 +59,7 @@ class Label(OutputType):
 
     def plan(self, input_text, metric, card, max_new_tokens):
         return Plan("generate", max_new_tokens=max_new_tokens or card.max_new_tokens or budget(card.labels),
-                    grammar=Grammar("choice", tuple(card.labels)))
+                    grammar=Grammar(gbnf.choice(card.labels)))
 
     def parse(self, text, metric, card):
         """The label the text is (exactly, or but for case); a label cut short by the token budget

@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+from shoptune.tasks import gbnf
 from shoptune.tasks.outputs import GoldError, Grammar, OutputType, Plan, register
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -48,7 +49,7 @@ class Number(OutputType):
 
     def plan(self, input_text, metric, card, max_new_tokens):
         return Plan("generate", max_new_tokens=max_new_tokens or card.max_new_tokens or NUMBER_BUDGET,
-                    grammar=Grammar.json_schema({"type": "number"}))
+                    grammar=Grammar(gbnf.json_schema({"type": "number"})))
 
     def parse(self, text, metric, card):
         m = _NUMBER.search(text)

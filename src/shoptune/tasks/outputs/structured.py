@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shoptune.tasks import _json
+from shoptune.tasks import _json, gbnf
 from shoptune.tasks.outputs import GoldError, Grammar, OutputType, Plan, register
 from shoptune.tasks.outputs.label import check_labels, label_of
 
@@ -41,7 +41,13 @@ class Json(OutputType):
         if card.schema_ is None:
             return [("schema", "output json needs `schema:`, a JSON Schema of the answer")]
         why = _json.check_schema(card.schema_)
-        return [("schema", why)] if why else []
+        if why:
+            return [("schema", why)]
+        try:  # (a schema a grammar cannot enforce would let answers break it)
+            gbnf.json_schema(card.schema_)
+        except gbnf.GrammarError as e:
+            return [("schema", str(e))]
+        return []
 
     def coerce(self, value, card):
         value = _from_cell(value)
@@ -59,7 +65,7 @@ class Json(OutputType):
 
     def plan(self, input_text, metric, card, max_new_tokens):
         return Plan("generate", max_new_tokens=max_new_tokens or card.max_new_tokens or JSON_BUDGET,
-                    grammar=Grammar.json_schema(card.schema_))
+                    grammar=Grammar(gbnf.json_schema(card.schema_)))
 
     def parse(self, text, metric, card):
         return _json.parse(text, card.schema_)
@@ -75,7 +81,8 @@ class Json(OutputType):
 
 
 def labels_schema(labels) -> dict:
-    return {"type": "array", "items": {"enum": list(labels)}, "maxItems": len(labels)}
+    return {"type": "array", "items": {"enum": list(labels)}, "maxItems": len(labels), "uniqueItems": True,
+            "description": "The labels that apply, each once, in the task's label order."}
 
 
 @register
@@ -98,7 +105,8 @@ class Labels(OutputType):
                 value = [x for x in (text.split(sep) if sep else [text]) if x.strip()] if text else []
         if not isinstance(value, list):
             raise GoldError(f"a list of labels, got {type(value).__name__} {value!r}")
-        return list(dict.fromkeys(label_of(v, card.labels) for v in value))
+        chosen = {label_of(v, card.labels) for v in value}
+        return [lab for lab in card.labels if lab in chosen]  # (a set, written in the labels' order)
 
     def check_gold(self, gold, input_text, card, metric):
         if not isinstance(gold, list):
@@ -111,13 +119,14 @@ class Labels(OutputType):
         return []
 
     def answer_text(self, gold, metric, card) -> str:
-        return json.dumps(list(gold), ensure_ascii=False)
+        """The labels as a JSON list in the card's label order (the order the grammar allows)."""
+        return json.dumps([lab for lab in card.labels if lab in set(gold)], ensure_ascii=False)
 
     def plan(self, input_text, metric, card, max_new_tokens):
         per = max(len(lab.encode("utf-8")) for lab in card.labels) + 4  # '"' label '", '
         return Plan("generate", max_new_tokens=max_new_tokens or card.max_new_tokens
                     or min(JSON_BUDGET * 4, 2 + per * len(card.labels)),
-                    grammar=Grammar.json_schema(labels_schema(card.labels)))
+                    grammar=Grammar(gbnf.ordered_subset(card.labels)))
 
     def parse(self, text, metric, card):
         """The labels named, in order, each once; [] when none can be read."""

@@ -9,7 +9,7 @@ constraints; input to issue #32 item 3).
         --vllm-python /work/main/.cache/shoptune/vllm/venv-0.32.0/bin/python \\
         --out docs/results/grammar_engines.json
 
-Per engine and constraint it sends 8 greedy requests (the untuned SmolLM2-135M-Instruct, chat
+Per engine and constraint it sends 4 greedy requests (the untuned SmolLM2-135M-Instruct, chat
 prompts of the kind the constraint serves) and records what came back: finish reason, tokens,
 and whether the text is in the *reference language* (the constraint compiled by xgrammar, as the
 built-in engine would). For the JSON schema it also reads back the grammar llama.cpp converted the
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import grammar_libs as gl  # noqa: E402
 
 BUDGET = 256
-N_PROMPTS = 8
+N_PROMPTS = 4
+LIMIT_S = 300  # per engine and constraint: prompts not sent by then are left out (recorded)
 INSTANCE = {"brand": "Hydro Flask", "price": 34.95, "color": "blue",
             "materials": ["stainless steel", "silicone"], "features": ["vacuum insulated", "leak proof lid"]}
 PROBES = {  # string -> in the bounded schema (c)'s intended language?
@@ -222,8 +223,11 @@ def probe_languages(tok, vocab, llama_grammar: str | None) -> dict:
     schema, gbnf = json.dumps(gl.SCHEMA_C), gl.schema_gbnf(gl.SCHEMA_C)
     langs = {  # name -> (library, how it compiles)
         "built-in xgrammar json_schema (any_whitespace=False)": (xg, lambda: xg.compile({"schema": gl.SCHEMA_C})),
-        # vLLM 0.32's xgrammar backend: compile_json_schema(schema, any_whitespace=not disable_any_whitespace)
-        "vLLM json, disable_any_whitespace": (xg, lambda: xg.compiler.compile_json_schema(schema, any_whitespace=False)),
+        # vLLM 0.32's xgrammar backend (backend_xgrammar.py): compile_json_schema(schema,
+        # any_whitespace=not D, separators=(",", ":") if D else None), D = the *server's*
+        # structured_outputs_config.disable_any_whitespace
+        "vLLM json, server disable_any_whitespace": (xg, lambda: xg.compiler.compile_json_schema(
+            schema, any_whitespace=False, separators=(",", ":"))),
         "vLLM json (default)": (xg, lambda: xg.compiler.compile_json_schema(schema, any_whitespace=True)),
         "llguidance json_schema (compact)": (lg, lambda: lg.compile({"schema": gl.SCHEMA_C})),
         "one GBNF, xgrammar": (xg, lambda: xg.compile({"gbnf": gbnf})),
@@ -250,8 +254,10 @@ def run_engine(kind: str, srv: Server, tok, judge, forms, budget) -> dict:
     res, llama_grammar = {}, None
     for name, f in forms.items():
         prompts = prompt_texts(tok, f["prompt"])
-        rows = []
+        rows, t0 = [], time.monotonic()
         for p in prompts:
+            if time.monotonic() - t0 > LIMIT_S:
+                break
             rows.append(ask_llama(srv, p, f["llama"], budget) if kind == "llama.cpp"
                         else ask_vllm(srv, p, f["vllm"], budget))
         if kind == "llama.cpp" and name == "c_json" and rows and "grammar" in rows[0]:
@@ -275,8 +281,10 @@ def main() -> None:
     a = ap.parse_args()
     tok, vocab = gl.load_tokenizer()
     judge, forms = Judge(tok, vocab), engine_forms()
-    record = {"machine": gl.machine(), "command": "python " + " ".join(sys.argv), "budget": a.budget,
-              "engines": {}}
+    record = {"machine": gl.machine(), "budget": a.budget, "engines": {}, "commands": []}
+    if a.out and a.out.exists():  # one engine per run: the record gathers them
+        record = json.loads(a.out.read_text())
+    record["commands"].append("python " + " ".join(sys.argv))
     llama_grammar = None
     if a.llama_server:
         port = free_port()
@@ -287,6 +295,7 @@ def main() -> None:
             record["llama_cpp_grammar_for_c"] = llama_grammar
         finally:
             srv.stop()
+    llama_grammar = llama_grammar or record.get("llama_cpp_grammar_for_c")
     if a.vllm_python:
         port = free_port()
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}

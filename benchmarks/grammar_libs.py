@@ -250,6 +250,9 @@ def xgrammar_tokenizer_info(tok, vocab):
                              stop_token_ids=[tok.eos_token_id], add_prefix_space=False)
 
 
+CLOSERS = '"]},0' + "abcdefghijklmnopqrstuvwxyz123456789 :[{-."
+
+
 class XGrammar:
     name = "xgrammar"
 
@@ -297,6 +300,25 @@ class XGrammar:
 
     def size(self, g):
         return g.memory_size_bytes
+
+    def closing_suffix(self, m, limit: int = 400) -> str | None:
+        """A short text that completes the grammar from ``m``'s state (``m`` is not changed):
+        forced parts by jump-forward, else the first of :data:`CLOSERS` the grammar takes. Not
+        always the shortest (xgrammar has no shortest-completion query), always valid."""
+        f, out = m.fork(), ""
+        while not f.is_completed():
+            if len(out) > limit:
+                return None
+            forced = f.find_jump_forward_string()
+            if forced:
+                f.accept_string(forced)
+                out += forced
+                continue
+            ch = next((c for c in CLOSERS if f.accept_string(c)), None)
+            if ch is None:
+                return None
+            out += ch
+        return out
 
     api = {"may end": "GrammarMatcher.is_completed() / EOS bit in the mask",
            "forced continuation": "GrammarMatcher.find_jump_forward_string()",
@@ -755,22 +777,46 @@ class GrammarRows:
     """Logits processor: one matcher per row (any library above), as the engine's RowLogits would
     hold it; a row that ended (EOS accepted) is left alone."""
 
-    def __init__(self, lib, grammars, eos, vocab, prompt_len):
-        self.lib, self.eos, self.prompt_len = lib, eos, prompt_len
+    def __init__(self, lib, grammars, eos, vocab, prompt_len, tok=None, close_budget: int | None = None):
+        self.lib, self.eos, self.prompt_len, self.tok = lib, eos, prompt_len, tok
         self.ms = [lib.matcher(g) for g in grammars]
         self.done = [False] * len(grammars)
+        self.plans: list[list[int] | None] = [None] * len(grammars)  # forced closing tokens
+        self.closed = 0
+        self.close_budget = close_budget
         self.bitmask = torch.full((len(grammars), (vocab + 31) // 32), -1, dtype=torch.int32)
         self.time = 0.0
+
+    def _close(self, i: int, left: int) -> None:
+        """With ``close_budget``: when the row's remaining tokens just fit a closing text (and
+        EOS), force that text from here on."""
+        if self.plans[i] is not None or left > 64:
+            return
+        suffix = self.lib.closing_suffix(self.ms[i])
+        if suffix is not None:
+            ids = self.tok.encode(suffix, add_special_tokens=False) + [self.eos]
+            if len(ids) >= left:
+                self.plans[i] = ids
+                self.closed += 1
 
     def __call__(self, input_ids, scores):
         t0 = time.perf_counter()
         self.bitmask.fill_(-1)
+        step = input_ids.shape[1] - self.prompt_len
         for i, m in enumerate(self.ms):
-            if input_ids.shape[1] > self.prompt_len and not self.done[i]:
+            if step > 0 and not self.done[i]:
                 t = int(input_ids[i, -1])
                 if t == self.eos or not self.lib.accept(m, t):
                     self.done[i] = True
-            if not self.done[i]:
+            if self.done[i]:
+                continue
+            if self.close_budget is not None:
+                self._close(i, self.close_budget - step)
+            if self.plans[i]:
+                self.bitmask[i] = 0
+                t = self.plans[i].pop(0)
+                self.bitmask[i, t // 32] = (1 << (t % 32)) - (1 << 32 if t % 32 == 31 else 0)
+            else:
                 self.lib.fill(m, self.bitmask, i)
         s = scores.float()
         self.lib.apply(s, self.bitmask)
@@ -814,13 +860,19 @@ def run_model(libs: list[str], budget: int) -> dict:
     for name in libs:
         lib = LIB_CLASSES[name](tok, vocab)
         res = {}
-        for label, schema in (("bounded", SCHEMA_C), ("unbounded", unbounded(SCHEMA_C))):
-            g = lib.compile({"schema": schema})
-            for batch in (1, 8):
+        runs = [("bounded", {"schema": SCHEMA_C}, budget, False, (1, 8)),
+                ("unbounded", {"schema": unbounded(SCHEMA_C)}, budget, False, (1, 8))]
+        if hasattr(lib, "closing_suffix"):  # one GBNF, a tight budget, closed when it runs out
+            runs.append(("gbnf_close_at_40", {"gbnf": schema_gbnf(SCHEMA_C)}, 40, True, (8,)))
+        for label, spec, new_tokens, close, batches in runs:
+            g = lib.compile(spec)
+            schema = SCHEMA_C if "gbnf" in spec else spec["schema"]
+            for batch in batches:
                 enc_len = tok(prompts(tok, batch), return_tensors="pt", padding=True,
                               add_special_tokens=False)["input_ids"].shape[1]
-                proc = GrammarRows(lib, [g] * batch, tok.eos_token_id, vocab, enc_len)
-                secs, new, _ = gen(batch, budget, LogitsProcessorList([proc]))
+                proc = GrammarRows(lib, [g] * batch, tok.eos_token_id, vocab, enc_len, tok,
+                                   new_tokens if close else None)
+                secs, new, _ = gen(batch, new_tokens, LogitsProcessorList([proc]))
                 texts, lens, valid = [], [], 0
                 for row in new.tolist():
                     n = next((k for k, t in enumerate(row) if t == tok.eos_token_id), None)
@@ -839,7 +891,8 @@ def run_model(libs: list[str], budget: int) -> dict:
                     "ms_per_step": round(1e3 * secs / max(steps, 1), 2),
                     "grammar_ms_per_step": round(1e3 * proc.time / max(steps, 1), 3),
                     "example": texts[0][:400],
-                    "max_list_len": max((len(re.findall(r'", "', t)) for t in texts), default=0)}
+                    "max_list_len": max((len(re.findall(r'", "', t)) for t in texts), default=0),
+                    "rows_closed_at_budget": proc.closed}
                 print(name, label, batch, {k: v for k, v in res[f"{label}_batch{batch}"].items() if k != "example"},
                       file=sys.stderr, flush=True)
         out["grammar_generate"][name] = res

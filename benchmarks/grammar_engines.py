@@ -276,6 +276,8 @@ def main() -> None:
     ap.add_argument("--llama-server")
     ap.add_argument("--gguf")
     ap.add_argument("--vllm-python")
+    ap.add_argument("--vllm-backend", default="auto", help="vLLM's structured-outputs backend: auto "
+                    "(xgrammar first) or guidance (llguidance)")
     ap.add_argument("--budget", type=int, default=BUDGET)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -301,9 +303,10 @@ def main() -> None:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
         srv = Server([a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", gl.MODEL_DIR,
                       "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1",
-                      "--dtype", "bfloat16", "--max-model-len", "4096"], port, "/health", env=env, timeout=600)
+                      "--dtype", "bfloat16", "--max-model-len", "4096",
+                      "--structured-outputs-config.backend", a.vllm_backend], port, "/health", env=env, timeout=600)
         try:
-            record["engines"]["vLLM"], _ = run_engine("vLLM", srv, tok, judge, forms, a.budget)
+            record["engines"][f"vLLM ({a.vllm_backend})"], _ = run_engine("vLLM", srv, tok, judge, forms, a.budget)
             record["vllm_log_structured_outputs"] = [ln for ln in srv.tail().splitlines()
                                                      if "guid" in ln.lower() or "structured" in ln.lower()][-5:]
         finally:

@@ -19,6 +19,7 @@ strings (other whitespace, too many items, too long strings, escapes) against ea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -31,7 +32,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-import grammar_libs as gl  # noqa: E402
+import grammar_adapters as ga  # noqa: E402
+import grammar_cases as cases  # noqa: E402
+from grammar_libs import machine  # noqa: E402
 
 BUDGET = 256
 N_PROMPTS = 4
@@ -64,12 +67,12 @@ def gbnf_alt(items) -> str:
 def engine_forms() -> dict[str, dict]:
     """Each constraint: the reference (for xgrammar), the llama.cpp request fields, the vLLM
     ``structured_outputs`` object, and the prompt kind."""
-    cs = gl.constraints()
-    lab6, lab200 = gl.LABELS6, gl.LABELS200
+    cs = cases.constraints()
+    lab6, lab200 = cases.LABELS6, cases.LABELS200
     csv = f"root ::= label (\", \" label){{0,2}}\nlabel ::= {gbnf_alt(lab6)}\n"
-    rank = [", ".join(p) for p in gl.itertools.permutations("12345")]
-    retr = [", ".join(map(str, p)) for p in gl.itertools.permutations(gl.RETRIEVAL_VALUES, 3)]
-    unb = gl.unbounded(gl.SCHEMA_C)
+    rank = [", ".join(p) for p in itertools.permutations("12345")]
+    retr = [", ".join(map(str, p)) for p in itertools.permutations(cases.RETRIEVAL_VALUES, 3)]
+    unb = cases.unbounded(cases.SCHEMA_C)
     return {
         "a_label6": dict(ref=cs["a_label6"], prompt="label6", llama={"grammar": f"root ::= {gbnf_alt(lab6)}\n"},
                          vllm={"choice": lab6}),
@@ -83,8 +86,8 @@ def engine_forms() -> dict[str, dict]:
                                         vllm={"grammar": cs["b_labels200_unique_gbnf"]["gbnf"]}),
         "b_labels_csv": dict(ref=cs["b_labels_csv"], prompt="labels6", llama={"grammar": csv},
                              vllm={"regex": cs["b_labels_csv"]["regex"]}),
-        "c_json": dict(ref=cs["c_json"], prompt="json", llama={"json_schema": gl.SCHEMA_C},
-                       vllm={"json": gl.SCHEMA_C, "disable_any_whitespace": True}),
+        "c_json": dict(ref=cs["c_json"], prompt="json", llama={"json_schema": cases.SCHEMA_C},
+                       vllm={"json": cases.SCHEMA_C, "disable_any_whitespace": True}),
         "c_json_gbnf": dict(ref=cs["c_json_gbnf"], prompt="json", llama={"grammar": cs["c_json_gbnf"]["gbnf"]},
                             vllm={"grammar": cs["c_json_gbnf"]["gbnf"]}),
         "c_json_unbounded": dict(ref={"schema": unb}, prompt="json", llama={"json_schema": unb},
@@ -97,12 +100,12 @@ def engine_forms() -> dict[str, dict]:
 
 
 def prompt_texts(tok, kind: str) -> list[str]:
-    titles = gl.TITLES[:N_PROMPTS]
+    titles = cases.TITLES[:N_PROMPTS]
     ask = {
-        "label6": lambda t: f"Which category is this product in? One of: {', '.join(gl.LABELS6)}.\nProduct: {t}",
+        "label6": lambda t: f"Which category is this product in? One of: {', '.join(cases.LABELS6)}.\nProduct: {t}",
         "label200": lambda t: f"Which category is this product in? Answer with a category path like "
                               f"'Home & Kitchen > Lighting'.\nProduct: {t}",
-        "labels6": lambda t: f"Which of these categories fit this product (one or more)? {', '.join(gl.LABELS6)}."
+        "labels6": lambda t: f"Which of these categories fit this product (one or more)? {', '.join(cases.LABELS6)}."
                              f"\nProduct: {t}",
         "labels200": lambda t: f"Which category paths fit this product (one to three)?\nProduct: {t}",
         "json": lambda t: "Extract the product's attributes from its title as JSON with the keys brand, price, "
@@ -187,7 +190,7 @@ class Judge:
     """Is a text in the reference language (xgrammar, as the built-in engine compiles it)?"""
 
     def __init__(self, tok, vocab):
-        self.lib = gl.XGrammar(tok, vocab)
+        self.lib = ga.XGrammar(tok, vocab)
         self.cache = {}
 
     def __call__(self, name: str, ref: dict, text: str) -> bool:
@@ -210,7 +213,7 @@ def summarize(rows: list[dict], judge, name, ref) -> dict:
         for r in rows:
             try:
                 v = json.loads(r["text"])
-                valid += gl._valid_c(v, ref["schema"]) if name.startswith("c_") else 1
+                valid += cases._valid_c(v, ref["schema"]) if name.startswith("c_") else 1
             except ValueError:
                 pass
         out["valid_json_rows"] = valid
@@ -219,17 +222,17 @@ def summarize(rows: list[dict], judge, name, ref) -> dict:
 
 def probe_languages(tok, vocab, llama_grammar: str | None) -> dict:
     """Which probe strings each engine's language for schema (c) contains."""
-    xg, lg = gl.XGrammar(tok, vocab), gl.LLGuidance(tok, vocab)
-    schema, gbnf = json.dumps(gl.SCHEMA_C), gl.schema_gbnf(gl.SCHEMA_C)
+    xg, lg = ga.XGrammar(tok, vocab), ga.LLGuidance(tok, vocab)
+    schema, gbnf = json.dumps(cases.SCHEMA_C), cases.schema_gbnf(cases.SCHEMA_C)
     langs = {  # name -> (library, how it compiles)
-        "built-in xgrammar json_schema (any_whitespace=False)": (xg, lambda: xg.compile({"schema": gl.SCHEMA_C})),
+        "built-in xgrammar json_schema (any_whitespace=False)": (xg, lambda: xg.compile({"schema": cases.SCHEMA_C})),
         # vLLM 0.32's xgrammar backend (backend_xgrammar.py): compile_json_schema(schema,
         # any_whitespace=not D, separators=(",", ":") if D else None), D = the *server's*
         # structured_outputs_config.disable_any_whitespace
         "vLLM json, server disable_any_whitespace": (xg, lambda: xg.compiler.compile_json_schema(
             schema, any_whitespace=False, separators=(",", ":"))),
         "vLLM json (default)": (xg, lambda: xg.compiler.compile_json_schema(schema, any_whitespace=True)),
-        "llguidance json_schema (compact)": (lg, lambda: lg.compile({"schema": gl.SCHEMA_C})),
+        "llguidance json_schema (compact)": (lg, lambda: lg.compile({"schema": cases.SCHEMA_C})),
         "one GBNF, xgrammar": (xg, lambda: xg.compile({"gbnf": gbnf})),
         "one GBNF, llguidance": (lg, lambda: lg.compile({"gbnf": gbnf})),
     }
@@ -281,9 +284,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=BUDGET)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    tok, vocab = gl.load_tokenizer()
+    tok, vocab = ga.load_tokenizer()
     judge, forms = Judge(tok, vocab), engine_forms()
-    record = {"machine": gl.machine(), "budget": a.budget, "engines": {}, "commands": []}
+    record = {"machine": machine(), "budget": a.budget, "engines": {}, "commands": []}
     if a.out and a.out.exists():  # one engine per run: the record gathers them
         record = json.loads(a.out.read_text())
     record["commands"].append("python " + " ".join(sys.argv))
@@ -301,7 +304,7 @@ def main() -> None:
     if a.vllm_python:
         port = free_port()
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-        srv = Server([a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", gl.MODEL_DIR,
+        srv = Server([a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", ga.MODEL_DIR,
                       "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1",
                       "--dtype", "bfloat16", "--max-model-len", "4096",
                       "--structured-outputs-config.backend", a.vllm_backend], port, "/health", env=env, timeout=600)

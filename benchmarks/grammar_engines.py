@@ -251,6 +251,28 @@ def probe_languages(tok, vocab, llama_grammar: str | None) -> dict:
     return out
 
 
+def probe_vllm_guidance(tok, vocab) -> dict:
+    """Run with vLLM's own venv: the grammar vLLM's guidance backend builds from the one GBNF
+    (``serialize_guidance_grammar``, its llguidance version), validated and probed like the rest."""
+    import llguidance
+    import llguidance.hf
+    from vllm.v1.structured_output.backend_guidance import serialize_guidance_grammar
+    from vllm.v1.structured_output.backend_types import StructuredOutputOptions
+    lt = llguidance.hf.from_tokenizer(tok, vocab)
+    out = {"llguidance": llguidance.__version__}
+    for name, gbnf in (("c_json_gbnf", cases.schema_gbnf(cases.SCHEMA_C)),
+                       ("b_labels200_unique_gbnf", cases.ordered_subset_gbnf(cases.LABELS200, 3))):
+        g = serialize_guidance_grammar(StructuredOutputOptions.GRAMMAR, gbnf)
+        out[name] = {"validate": llguidance.LLMatcher.validate_grammar(g, lt) or "ok"}
+    g = serialize_guidance_grammar(StructuredOutputOptions.GRAMMAR, cases.schema_gbnf(cases.SCHEMA_C))
+    probes = {}
+    for probe, (text, _) in PROBES.items():
+        m = llguidance.LLMatcher(lt, g)
+        probes[probe] = bool(m.consume_tokens(lt.tokenize_str(text)) and not m.is_error() and m.is_accepting())
+    out["c_json_gbnf"]["probes"] = probes
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_engine(kind: str, srv: Server, tok, judge, forms, budget) -> dict:
@@ -283,8 +305,21 @@ def main() -> None:
                     "(xgrammar first) or guidance (llguidance)")
     ap.add_argument("--budget", type=int, default=BUDGET)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--probe-vllm-guidance", action="store_true",
+                    help="(with vLLM's python) how vLLM's guidance backend reads the one GBNF")
     a = ap.parse_args()
     tok, vocab = ga.load_tokenizer()
+    if a.probe_vllm_guidance:
+        res = probe_vllm_guidance(tok, vocab)
+        print(json.dumps(res, indent=1))
+        if a.out:
+            record = json.loads(a.out.read_text()) if a.out.exists() else {}
+            record["vllm_guidance_backend_probe"] = res
+            record.setdefault("commands", []).append("python " + " ".join(sys.argv))
+            tmp = a.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.replace(a.out)
+        return
     judge, forms = Judge(tok, vocab), engine_forms()
     record = {"machine": machine(), "budget": a.budget, "engines": {}, "commands": []}
     if a.out and a.out.exists():  # one engine per run: the record gathers them

@@ -173,6 +173,29 @@ class LLGuidance:
     def size(self, g):
         return None
 
+    def closing_suffix(self, m, limit: int = 400) -> str | None:
+        """As :meth:`XGrammar.closing_suffix`, with llguidance's primitives (a deep copy, the
+        forced bytes, tokens validated before they are consumed)."""
+        f, out = m.deep_copy(), ""
+        while not f.is_accepting():
+            if len(out) > limit or f.is_error():
+                return None
+            forced = f.compute_ff_bytes()
+            if forced:
+                if not f.consume_tokens(self.lt.tokenize_bytes(forced)):
+                    return None
+                out += forced.decode("utf-8", "replace")
+                continue
+            for c in CLOSERS:
+                ids = self.lt.tokenize_str(c)
+                if f.validate_tokens(ids) == len(ids):
+                    f.consume_tokens(ids)
+                    out += c
+                    break
+            else:
+                return None
+        return out
+
     api = {"may end": "LLMatcher.is_accepting() / EOS bit in the mask",
            "forced continuation": "LLMatcher.compute_ff_tokens() / compute_ff_bytes()",
            "rollback": "LLMatcher.rollback(n)", "fork": "LLMatcher.deep_copy()",

@@ -291,8 +291,9 @@ class GrammarRows:
     """Logits processor: one matcher per row (any library above), as the engine's RowLogits would
     hold it; a row that ended (EOS accepted) is left alone."""
 
-    def __init__(self, lib, grammars, eos, vocab, prompt_len, tok=None, close_budget: int | None = None):
-        self.lib, self.eos, self.prompt_len, self.tok = lib, eos, prompt_len, tok
+    def __init__(self, lib, grammars, eos, vocab, prompt_len, tok=None, plain: bool = False,
+                 close_budget: int | None = None):
+        self.lib, self.eos, self.prompt_len, self.tok, self.plain = lib, eos, prompt_len, tok, plain
         self.ms = [lib.matcher(g) for g in grammars]
         self.done = [False] * len(grammars)
         self.plans: list[list[int] | None] = [None] * len(grammars)  # forced closing tokens
@@ -333,12 +334,12 @@ class GrammarRows:
             else:
                 self.lib.fill(m, self.bitmask, i)
         s = scores.float()
-        self.lib.apply(s, self.bitmask)
+        (plain_apply if self.plain else self.lib.apply)(s, self.bitmask)
         self.time += time.perf_counter() - t0
         return s
 
 
-def run_model(libs: list[str], budget: int) -> dict:
+def run_model(libs: list[str], budget: int, plain: bool = False) -> dict:
     from transformers import GenerationConfig, LogitsProcessorList
     torch.set_num_threads(2)
     tok, vocab = load_tokenizer()
@@ -384,7 +385,7 @@ def run_model(libs: list[str], budget: int) -> dict:
             for batch in batches:
                 enc_len = tok(prompts(tok, batch), return_tensors="pt", padding=True,
                               add_special_tokens=False)["input_ids"].shape[1]
-                proc = GrammarRows(lib, [g] * batch, tok.eos_token_id, vocab, enc_len, tok,
+                proc = GrammarRows(lib, [g] * batch, tok.eos_token_id, vocab, enc_len, tok, plain,
                                    new_tokens if close else None)
                 secs, new, _ = gen(batch, new_tokens, LogitsProcessorList([proc]))
                 texts, lens, valid = [], [], 0
@@ -439,6 +440,8 @@ def main() -> None:
     ap.add_argument("--libs", default=",".join(LIBS))
     ap.add_argument("--generate-libs", default="xgrammar,llguidance")
     ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--plain-apply", action="store_true", help="generate with plain_apply, not each "
+                    "library's own kernel (llguidance's compiles with torch.compile on first use)")
     ap.add_argument("--only-lib", help=argparse.SUPPRESS)
     ap.add_argument("--only-model", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -446,7 +449,7 @@ def main() -> None:
         print(json.dumps(run_lib(a.only_lib)))
         return
     if a.only_model:
-        print(json.dumps(run_model([x for x in a.generate_libs.split(",") if x], a.budget)))
+        print(json.dumps(run_model([x for x in a.generate_libs.split(",") if x], a.budget, a.plain_apply)))
         return
     from transformers import __version__ as tv
     record = {"machine": machine(), "transformers": tv, "model_dir": MODEL_DIR,

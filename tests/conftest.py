@@ -11,6 +11,10 @@ EC_GUIDE = SHARED / "ec-guide"
 
 needs_shared = pytest.mark.skipif(not DEV.exists(), reason="../shared/data not present")
 
+# a "billion laughs" YAML file: 420 bytes whose aliases expand to 9^9 = 387 million strings
+BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+
 
 def mc(q="Which?", gold=1, n=4, **kw):
     opts = "\n".join(f"{i}. option {i}" for i in range(n))

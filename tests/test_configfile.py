@@ -9,9 +9,8 @@ import time
 import pytest
 
 from shoptune.configfile import ConfigError, MAX_YAML_NODES, parse_override, read_yaml
+from tests.conftest import BOMB
 
-BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
 BOMB_MSG = (f"its aliases (*name) expand to more than {MAX_YAML_NODES:,} values (an alias bomb?); "
             "refused")
 

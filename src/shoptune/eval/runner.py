@@ -103,11 +103,15 @@ def _check_task_adapters(model: str, engine: str, task_adapters: dict[str, str],
     if engine in ("llama.cpp", "vllm"):
         from transformers import AutoConfig
 
-        from shoptune.models import InvalidAdapterError, check_adapter, resolve
-        config = AutoConfig.from_pretrained(str(resolve(model)))
+        from shoptune.models import InvalidAdapterError, _base_of, check_adapter, resolve
+        base = _base_of(AutoConfig.from_pretrained(str(resolve(model))))  # (shapes only: meta device)
+        checked: set[str] = set()
         for task, folder in sorted(task_adapters.items()):
+            if folder in checked:  # (an experiment routes many tasks to one adapter)
+                continue
+            checked.add(folder)
             try:
-                check_adapter(config, folder, base_name=model)
+                check_adapter(base, folder, base_name=model)
             except InvalidAdapterError as e:
                 raise ValueError(f"--task-adapter {task}={folder}: {e}") from None
 

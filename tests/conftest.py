@@ -40,3 +40,56 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     make_tiny_fixtures); shared by the serve and export tests."""
     from shoptune.serve.testing import make_tiny_fixtures
     return make_tiny_fixtures(tmp_path_factory.mktemp("tiny"))
+
+
+EXAMPLE_TASKS = REPO / "examples" / "own-tasks"
+
+
+@pytest.fixture
+def own(tmp_path, monkeypatch):
+    """A folder a user works in, own task cards in ./tasks (read by every command)."""
+    from shoptune import tasks
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SHOPTUNE_TASKS_PATH", raising=False)
+    tasks.reload()
+    yield tmp_path
+    tasks.reload()
+
+
+def own_example_tasks(root: Path) -> Path:
+    """The worked example's two cards (product_category: label; product_attributes: json), made
+    by `tasks new` from examples/own-tasks into ROOT/tasks; returns that folder (for
+    SHOPTUNE_TASKS_PATH)."""
+    import shutil
+
+    from shoptune.tasks.new import make
+    for f in ("products.csv", "attributes.csv"):
+        shutil.copy(EXAMPLE_TASKS / f, root / f)
+    make("product_category", root / "products.csv", inputs=["title"], label="category",
+         tasks_dir=root / "tasks")
+    make("product_attributes", root / "attributes.csv", inputs=["title"], json_col="attributes",
+         tasks_dir=root / "tasks")
+    return root / "tasks"
+
+
+OWN_INPUTS = ["Oakridge Bamboo Cutting Board, large", "Veltra Electric Kettle, 1.7 L, silver",
+              "Trail Running Shoes by Halden - size 42, red/black"]
+
+
+def check_own_answers(post, models) -> dict:
+    """Ask both example tasks through ``post(task, body) -> reply json`` for every model; assert
+    each answer is a label / schema-valid JSON; return {(task, model, title): answer}."""
+    from jsonschema import validate
+
+    from shoptune.tasks import get_card
+    cat, attrs = get_card("product_category"), get_card("product_attributes")
+    out = {}
+    for model in models:
+        for title in OWN_INPUTS:
+            r = post("product_category", {"model": model, "input": {"title": title}})
+            assert r["answer"] in cat.labels, r
+            out["product_category", model, title] = r["answer"]
+            r = post("product_attributes", {"model": model, "input": {"title": title}})
+            validate(r["answer"], attrs.schema_)
+            out["product_attributes", model, title] = r["answer"]
+    return out

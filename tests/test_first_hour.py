@@ -95,7 +95,7 @@ def test_configs_ls_and_cp(tmp_path):
 def test_eval_bar_moves_inside_a_generation_batch(tmp_path):
     """The bar used to move once per batch of 16 (119 s without movement): now rows count as they
     finish, in steps that add up exactly to the number of questions."""
-    from shoptune.decoding import Plan
+    from shoptune.tasks import Plan
     from shoptune.eval.backends import LocalBackend
     from shoptune.models import load
     from shoptune.serve.testing import make_tiny_model

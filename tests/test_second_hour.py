@@ -289,6 +289,8 @@ def test_every_option_of_every_command_is_described_in_its_help():
     # one meaning under one name: an option is a flag everywhere or nowhere, and its choices
     # where it has some are one list or a longer one (eval's --engine adds openai)
     for opt, k in kinds.items():
+        if opt == "--json":  # (`tasks new --json COL`, the JSON column: the name issue #32 gives it)
+            k = {x for x in k if x != (False, ())}
         assert len({flag for flag, _ in k}) == 1, (opt, k)
         lists = sorted((set(c) for _, c in k), key=len)
         assert all(a <= b for a, b in zip(lists, lists[1:])), (opt, k)

@@ -63,8 +63,24 @@ app.add_typer(models_app, name="models")
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: "
                                                  "$SHOPTUNE_DATA_DIR, else ./data, else the data/ "
                                                  "folder of the shoptune checkout).")]
-Paths = Annotated[list[str], typer.Argument(help="Files or folders (relative to the data dir "
-                                            "when not found as given).")]
+Paths = Annotated[Optional[list[str]], typer.Argument(
+    help="Files or folders (relative to the data dir when not found as given); with --task of an "
+         "own task, default: the files its card names.", show_default=False)]
+
+
+def _paths(paths: list[str] | None, task: str | None) -> list[str]:
+    """The files to read: as given, else (``--task`` of a card naming its own files) the task."""
+    if paths:
+        return paths
+    if task:
+        from shoptune.tasks import find_card
+        card = find_card(task)
+        if card is not None and card.source.files:
+            return [task]
+        if card is None:
+            fail(f"--task {task}: unknown task (`shoptune tasks ls` lists them)")
+        fail(f"--task {task}: its card names no files of its own (source.files); give the files")
+    fail("give the files or folders to read (or --task of an own task, whose card names them)")
 MapOpt = Annotated[Optional[list[str]], typer.Option(
     "--map", help="Column mapping for your own files: FIELD=COLUMN (e.g. input_field=question).")]
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Task card to tag your own rows "
@@ -160,6 +176,10 @@ def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON 
         root = ddir()
         cache: dict[Path, list[dict]] = {}
         for c in cards:
+            if c.source.files:  # an own task: the rows of its own files
+                counts[c.name] = sum(1 for f in c.source_files() if f.is_file()
+                                     for _, r, _ in iter_raw(f) if r is not None)
+                continue
             f = root / ("ec-guide/" if c.source.dataset == "ec-guide" else "") / (c.source.file or "")
             if not c.source.file or not f.is_file():
                 continue
@@ -203,19 +223,94 @@ def tasks_show(name: Annotated[str, typer.Argument(help="A task card's name (or 
         card = get_card(name)
     except KeyError as e:
         fail(str(e).strip("'\""))
-    print(yaml.safe_dump(card.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True))
+    data = card.model_dump(exclude_defaults=True, by_alias=True)
+    data.setdefault("metric", list(card.metrics) if len(card.metrics) > 1 else card.metric)
+    if card.path is not None:
+        print(f"# {card.path}")
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+@tasks_app.command("new")
+def tasks_new(
+        name: Annotated[str, typer.Argument(help="The new task's name (lower case, digits, _).")],
+        from_: Annotated[Path, typer.Option("--from", help="Your data: CSV, JSON lines, JSON or Parquet, "
+                                            "with your own column names.")],
+        input_: Annotated[list[str], typer.Option("--input", help="A column the model reads "
+                                                  "(repeatable; each becomes a named input).")],
+        label: Annotated[Optional[str], typer.Option(help="The column holding one label per row "
+                                                     "(output: label; the labels are the values seen).")] = None,
+        labels: Annotated[Optional[str], typer.Option(help="The column holding several labels per row: a "
+                                                      "JSON list, or text split at | ; or , (output: labels).")] = None,
+        json_: Annotated[Optional[str], typer.Option("--json", help="The column holding a JSON object per "
+                                                     "row (output: json; the schema is inferred).")] = None,
+        target: Annotated[Optional[str], typer.Option(help="The column holding a free-text answer (output: "
+                                                      "text), or a number (output: number).")] = None,
+        output: Annotated[Optional[str], typer.Option(help="With --target: text or number (default: number "
+                                                      "when every value is one).")] = None,
+        capability: Annotated[Optional[str], typer.Option(help="concept_understanding (default), "
+                                                          "knowledge_reasoning, user_behavior_alignment or "
+                                                          "multilingual.")] = None,
+        metric: Annotated[Optional[list[str]], typer.Option(help="Metric(s) instead of the output's defaults "
+                                                            "(repeatable; the first is the task's score).")] = None,
+        description: Annotated[Optional[str], typer.Option(help="One line saying what the task is.")] = None,
+        tasks_dir: Annotated[Path, typer.Option(help="Where the card is written (./tasks is read by "
+                                                "every command; else add the folder to SHOPTUNE_TASKS_PATH).")] = Path("tasks"),
+        overwrite: Annotated[bool, typer.Option(help="Replace a card of this name that `tasks new` wrote.")] = False,
+) -> None:
+    """Make a task card from your own file: infer the labels or the JSON schema, read every row
+    through the card, write TASKS_DIR/NAME.yaml, and print the label distribution, the invalid
+    rows and the commands that come next."""
+    from shoptune.tasks import own_dirs
+    from shoptune.tasks.new import make
+
+    made = make(name, from_, inputs=input_, label=label, labels=labels, json_col=json_, target=target,
+                output=output, capability=capability, metrics=metric, description=description,
+                tasks_dir=tasks_dir, overwrite=overwrite)
+    card = made.card
+    _say(f"task card -> {made.path}  (output: {card.output}; metric: {', '.join(card.metrics)}; "
+         f"capability: {card.capability})")
+    _say(f"rows: {made.rows} valid, {len(made.invalid)} invalid")
+    for issue in made.invalid[:10]:
+        _say(f"  {issue}")
+    if len(made.invalid) > 10:
+        _say(f"  ... and {len(made.invalid) - 10} more (`shoptune data validate --task {name} {from_}`)")
+    if made.distribution:
+        what = {"label": "label", "labels": "label", "json": "key (rows with a value)"}.get(card.output, "value")
+        shown = [[str(k), str(n), f"{n / made.rows:.0%}"] for k, n in made.distribution.most_common(40)]
+        if piped():
+            print_rows([what, "rows", "share"], shown)
+        else:
+            t = table(what, "rows", "share", title=f"{card.output}: {len(made.distribution)} distinct",
+                      keep=(what,), right=("rows", "share"))
+            for row in shown:
+                t.add_row(*row)
+            console.print(t)
+    for note in made.notes:
+        _say(f"note: {note}")
+    found = made.path.parent.resolve() in {d.resolve() for d in own_dirs() if d.exists()}
+    env = "" if found else f"SHOPTUNE_TASKS_PATH={made.path.parent} "
+    if not found:
+        _say(f"note: {made.path.parent} is not read by other commands: run them from its parent "
+             f"folder (as ./tasks), or export SHOPTUNE_TASKS_PATH={made.path.parent}")
+    _say("next:")
+    for line in (f"{env}shoptune data split --task {name} --out data/{name}      # train/validation/test rows",
+                 f"{env}shoptune eval --data data/{name}/test.jsonl --model smollm2-135m --out runs/{name}/base",
+                 f"{env}shoptune train smoke --out runs/{name}/train mixture.sources=[{name}]",
+                 f"{env}shoptune serve --model smollm2-135m --adapter {name}=runs/{name}/train/adapter"
+                 f"   # POST /v1/tasks/{name}"):
+        _say(f"  {line}")
 
 
 # ----------------------------------------------------------------------------- data
 
 @data_app.command("validate")
-def data_validate(paths: Paths, task: TaskOpt = None, map_: MapOpt = None) -> None:
+def data_validate(paths: Paths = None, task: TaskOpt = None, map_: MapOpt = None) -> None:
     """Check every row against its task type; exit 0, or list the errors and exit 1."""
     from shoptune.data.loaders import MAX_ISSUES_SHOWN
     from shoptune.data.validate import validate_records
 
     try:
-        n_ok, issues = validate_records(paths, task=task, mapping=_mapping(map_))
+        n_ok, issues = validate_records(_paths(paths, task), task=task, mapping=_mapping(map_))
     except (FileNotFoundError, KeyError) as e:
         fail(str(e).strip("'\""))
     if issues:
@@ -273,7 +368,7 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument(
 
 
 @data_app.command("split")
-def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
+def data_split(paths: Paths = None, *, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
                                                                 "test .jsonl")],
                seed: Annotated[int, typer.Option(help="Seed of the split (each row's part is a "
                                                   "hash of its id and the seed).")] = 0,
@@ -285,9 +380,11 @@ def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for 
                                                        "(and nothing else).")] = False) -> None:
     """Deterministic per-task splits (stable when files grow) -> OUT/{train,validation,test}.jsonl."""
     from shoptune._io import check_output_dir, existing_inputs, output_dir, write_jsonl
+    from shoptune.data.loaders import own_task_files
     from shoptune.data.splits import split_records
 
-    inputs = existing_inputs(paths)
+    paths = _paths(paths, task)
+    inputs = existing_inputs(paths, own_task_files(paths))
     check_output_dir(out, command="data split", inputs=inputs, overwrite=overwrite)  # before the work
     recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     try:
@@ -303,7 +400,7 @@ def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for 
 
 
 @data_app.command("dedup")
-def data_dedup(paths: Paths,
+def data_dedup(paths: Paths = None, *,
                out: Annotated[Path, typer.Option(help="Cleaned records (.jsonl).")],
                against: Annotated[Optional[list[str]], typer.Option(
                    help="Evaluation sets to decontaminate against (repeatable).")] = None,
@@ -328,9 +425,12 @@ def data_dedup(paths: Paths,
     from collections import Counter
 
     from shoptune._io import check_new_file, existing_inputs, write_jsonl
+    from shoptune.data.loaders import own_task_files
     from shoptune.data.dedup import decontaminate, dedup
 
-    inputs = existing_inputs(paths, [a for a in against or [] if not a.startswith("suite:")])
+    paths = _paths(paths, task)
+    inputs = existing_inputs(paths, own_task_files(paths),
+                             [a for a in against or [] if not a.startswith("suite:")])
     check_new_file(out, inputs=inputs, overwrite=overwrite)
     report = check_new_file(removed_out or report_old or out.with_suffix(".removed.jsonl"), inputs=inputs,
                             overwrite=overwrite, flag="--removed")

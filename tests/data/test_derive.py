@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from shoptune.cli import app
 from shoptune.data.derive import RANKING_TEMPLATES, derive_mcq, derive_ranking
-from shoptune.data.loaders import check_fields, load_records, option_numbers
+from shoptune.data.loaders import check_fields, load_records
+from shoptune.tasks.outputs.choice import option_numbers
 from shoptune.eval.scoring import score_outputs
 from tests.conftest import EC_GUIDE, needs_shared
 

@@ -148,15 +148,19 @@ def test_llama_server_next_token_logprobs_match_transformers(served):
 
 @needs_server
 @pytest.mark.slow
-def test_gateway_in_front_of_real_llama_server(served, tmp_path):
+def test_gateway_in_front_of_real_llama_server(served, tmp_path, monkeypatch):
     """`shoptune serve --upstream` -> llama-server: the official openai client, adapters by name,
-    and every task type's constrained answer valid."""
+    and every task type's constrained answer valid (own tasks too: a label, schema-valid JSON)."""
     import openai
 
+    from shoptune import tasks
     from shoptune.serve.testing import ServerProcess
     from shoptune.models import load_tokenizer
+    from tests.conftest import check_own_answers, own_example_tasks
     srv, _ = served
     tok = load_tokenizer("smollm2-135m")
+    monkeypatch.setenv("SHOPTUNE_TASKS_PATH", str(own_example_tasks(tmp_path)))
+    tasks.reload()
     gw = ServerProcess(["--upstream", srv.url], tmp_path / "gw.log", startup_timeout=120)
     try:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=300)
@@ -184,6 +188,9 @@ def test_gateway_in_front_of_real_llama_server(served, tmp_path):
                 assert sorted(ans) == [1, 2, 3, 4, 5]
             elif task == "ecguide_prp_bool":
                 assert ans in ("yes", "no")
+        check_own_answers(lambda task, body: httpx.post(f"{gw.url}/v1/tasks/{task}", json=body,
+                                                        timeout=300).json(), ("smollm2-135m", "alpha"))
     finally:
         gw.stop()
+        tasks.reload()
     assert "Traceback" not in (tmp_path / "gw.log").read_text()

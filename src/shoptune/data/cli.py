@@ -72,8 +72,9 @@ def _write_derived(rows, rep: dict, out: Path, against, ignore=frozenset()) -> t
 
 
 def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, description,
-                file) -> Path | None:
-    """A card for a derived/synthesized task unless one is registered; returns its path."""
+                file, like=None) -> Path | None:
+    """A card for a derived/synthesized task unless one is registered (``like``: an own task's
+    card it copies); returns its path."""
     from shoptune._io import atomic_open
     from shoptune.data.derive import card_yaml
     from shoptune.tasks import all_cards
@@ -82,7 +83,7 @@ def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, de
         return None
     path = cards_dir / f"{name}.yaml"
     text = card_yaml(name, capability=capability, task_type=task_type, metric=metric,
-                     description=description, file=file)
+                     description=description, file=file, like=like)
     if path.exists() or path.is_symlink():  # (someone's card, or an edited one: kept as it is)
         if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
             console.print(f"[yellow]kept[/] {path}: it exists and differs from the card this run would "
@@ -188,7 +189,8 @@ def register(data_app: typer.Typer) -> None:
 
     @derive_app.command("mcq")
     def derive_mcq_cmd(
-            paths: Annotated[list[str], typer.Argument(help="Generation rows (files/folders).")],
+            paths: Annotated[list[str], typer.Argument(help="Generation rows, or an own label "
+                                                       "task's rows (files/folders, or the task's name).")],
             out: Annotated[Path, typer.Option(help="Multiple-choice rows (.jsonl).")],
             include_task: Annotated[Optional[list[str]], typer.Option(
                 help="Only rows of this task (repeatable; a card's name, as a mixture's "
@@ -198,7 +200,7 @@ def register(data_app: typer.Typer) -> None:
                                             "tags your own rows with a card).")] = None,
             options: Annotated[int, typer.Option(help="Options per question (2-10).")] = 4,
             difficulty: Annotated[Literal["hard", "easy"], typer.Option(
-                help="hard: the nearest answers in embedding space; easy: random answers.")] = "hard",
+                help="hard: the nearest answers (labels) in embedding space; easy: random ones.")] = "hard",
             max_similarity: Annotated[float, typer.Option(help="Skip distractors at least this "
                                                           "similar to the gold (they may be right too).")] = 0.9,
             limit_per_task: Annotated[Optional[int], typer.Option(
@@ -211,8 +213,9 @@ def register(data_app: typer.Typer) -> None:
             against: Annotated[Optional[list[str]], typer.Option(
                 help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None,
             overwrite: OverwriteFile = False) -> None:
-        """Multiple-choice versions of generation rows: distractors are other rows' answers of
-        the same task (near in embedding space = hard, random = easy)."""
+        """Multiple-choice versions of generation rows (distractors: other rows' answers of the
+        same task) and of a label task's rows (distractors: other labels of its card); near in
+        embedding space = hard, random = easy."""
         from collections import Counter
 
         from shoptune.data.derive import derive_mcq
@@ -234,10 +237,13 @@ def register(data_app: typer.Typer) -> None:
         console.print(f"gold positions: {rep['gold_positions']}")
         for name, n in Counter(r.task for r in rows).items():
             src = next(r for r in rows if r.task == name)
+            origin = src.extra["derived"]["from_task"]
+            what = ("other labels of its card" if src.extra["derived"].get("distractors") == "labels"
+                    else "other rows' answers")
             _card_hint(_write_card(out.parent / "cards", name, capability=src.capability,
                                    task_type="multiple-choice", metric="accuracy",
-                                   description=f"Multiple-choice version of {src.extra['derived']['from_task']} "
-                                               f"(distractors from other rows, {difficulty}).",
+                                   description=f"Multiple-choice version of {origin} "
+                                               f"(distractors: {what}, {difficulty}).",
                                    file=str(out)))
 
 
@@ -275,11 +281,13 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
         console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
     console.print(f"report -> {side_paths(out)['report']}")
     card = get_card(spec.task)
-    if rep["kept"]:  # (a card for rows that exist)
+    if rep["kept"] and rep["output_task"] == card.name:  # an own task's rows: more of the task
+        console.print(f"rows of task {card.name}: read through its card {card.path}", highlight=False)
+    elif rep["kept"]:  # (a card for rows that exist)
         _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
                                task_type=card.task_type, metric=card.metric,
                                description=f"Synthesized by a teacher LLM from {card.name} examples.",
-                               file=str(out)))
+                               file=str(out.resolve()) if card.own else str(out), like=card))
     if rep["stopped"]:
         if "budget" in rep["stopped"]:  # the budget counts every request made for OUT, resumes too
             hint = ("the budget covers every request made for this output, resumes included: "

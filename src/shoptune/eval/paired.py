@@ -37,7 +37,7 @@ def _tasks(runs: Sequence[Sequence[dict]]) -> tuple[list[str], dict[str, str], d
         order.setdefault(r["task_name"], []).append(i)
     names = sorted(order, key=_natural)
     cap = {t: first[order[t][0]]["capability"] for t in names}
-    f1 = {t: first[order[t][0]]["metric"] == "micro f1" for t in names}
+    f1 = {t: "counts" in first[order[t][0]] for t in names}  # (micro-F1-style counts)
     return names, cap, order, f1
 
 

@@ -43,11 +43,22 @@ def _single_note(summary: dict) -> str | None:
             "and the other intervals they count in are too narrow.")
 
 
+def _title(summary: dict) -> str:
+    """"ShopBench evaluation" only when the questions are ShopBench's or EC-Guide's (shipped
+    cards); a shop's own tasks say so."""
+    from shoptune.tasks import find_card
+    cards = [find_card(t) for t in summary.get("tasks", {})]
+    own = [c for c in cards if c is not None and c.own]
+    if not own:
+        return "ShopBench evaluation"
+    return "Evaluation (own tasks)" if len(own) == len(cards) else "Evaluation (ShopBench and own tasks)"
+
+
 def report_markdown(summary: dict) -> str:
     ci = summary.get("ci95", {})
     n_boot = (summary.get("bootstrap") or {}).get("resamples", 1)
     star = "*" if partial(summary) else ""
-    lines = [f"# ShopBench evaluation: {summary.get('model')}"
+    lines = [f"# {_title(summary)}: {summary.get('model')}"
              + (f" + {summary['adapter']}" if summary.get("adapter") else ""), "",
              f"{summary['n_questions']} questions, protocol `{summary.get('protocol')}`, backend "
              f"`{summary.get('backend')}`; 95% bootstrap CIs in brackets.", ""]
@@ -59,10 +70,13 @@ def report_markdown(summary: dict) -> str:
         lines.append(f"| {TRACK_TO_CAPABILITY.get(t, t)} | {_fmt(s, ci.get('tracks', {}).get(t), no_ci=bool(n_boot))}{star} |")
     lines.append(f"| **all-around (mean of tracks)** | **{_fmt(summary['overall'], ci.get('overall'), no_ci=bool(n_boot))}{star}** |")
     lines.append(f"| mean over tasks | {_fmt(summary['overall_tasks'], ci.get('overall_tasks'), no_ci=bool(n_boot))}{star} |")
-    lines += ["", "| task | capability | metric | n | score |", "|---|---|---|---|---|"]
+    more = any(v.get("metrics") for v in summary["tasks"].values())
+    lines += ["", "| task | capability | metric | n | score |" + (" other metrics |" if more else ""),
+              "|---|---|---|---|---|" + ("---|" if more else "")]
     for t, v in summary["tasks"].items():
+        other = "; ".join(f"{m} {x:.3f}" for m, x in (v.get("metrics") or {}).items() if m != v["metric"])
         lines.append(f"| {t} | {v['capability']} | {v['metric']} | {v['n']} | "
-                     f"{_fmt(v['score'], v.get('ci95'), no_ci=bool(n_boot))} |")
+                     f"{_fmt(v['score'], v.get('ci95'), no_ci=bool(n_boot))} |" + (f" {other} |" if more else ""))
     timing = summary.get("timing", {})
     if timing:
         lines += ["", f"Generation: {timing.get('generate_s')} s "

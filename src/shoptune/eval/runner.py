@@ -18,7 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shoptune import __version__
 from shoptune._io import check_output_dir, existing_inputs, output_dir, write_json, write_jsonl
 from shoptune.data.loaders import load_records
-from shoptune.decoding import build_prompts, plan_for
+from shoptune.decoding import build_prompts
+from shoptune.tasks import plan_for
 from shoptune.eval.backends import LocalBackend, OpenAIBackend
 from shoptune.eval.report import plot_tracks, write_report
 from shoptune.eval.scoring import score_outputs, summarize

@@ -84,15 +84,6 @@ def load_suite_config(name_or_path: str | Path) -> SuiteConfig:
         raise ValueError(f"{p}: {e}") from None
 
 
-def _digest(path: Path) -> str:
-    from shoptune._io import hash_file
-    h = hashlib.sha256()
-    for f in sorted(x for x in path.rglob("*") if x.is_file()) if path.is_dir() else [path]:
-        h.update(f.name.encode())
-        hash_file(h, f, "data file")
-    return h.hexdigest()[:16]
-
-
 def _part_records(part: SuitePart) -> list[Record]:
     from shoptune.data.loaders import iter_records
     from shoptune.data.splits import split_of
@@ -124,7 +115,7 @@ def fingerprint(ids: list[str], sources: dict[str, str]) -> str:
 
 def build_suite(name_or_path: str | Path) -> tuple[list[Record], dict]:
     """The suite's questions (parts in order, tasks sorted within a part) and its manifest."""
-    from shoptune.paths import resolve_data_path
+    from shoptune.data.loaders import source_digest
 
     cfg = load_suite_config(name_or_path)
     records: list[Record] = []
@@ -135,7 +126,7 @@ def build_suite(name_or_path: str | Path) -> tuple[list[Record], dict]:
         if not recs:
             raise ValueError(f"suite {cfg.name}: part {part.name!r} selected no questions")
         for s in part.sources:
-            sources[s] = _digest(resolve_data_path(s))
+            sources[s] = source_digest(s)
         parts.append({"name": part.name, "n": len(recs),
                       "tasks": dict(sorted(Counter(r.task for r in recs).items()))})
         records += recs
@@ -153,10 +144,10 @@ def build_suite(name_or_path: str | Path) -> tuple[list[Record], dict]:
 
 def data_manifest(records: list[Record], data: list[str]) -> dict:
     """The same manifest for a plain ``--data`` run (no suite name)."""
-    from shoptune.paths import resolve_data_path
+    from shoptune.data.loaders import source_digest
 
     ids = [r.id for r in records]
-    sources = {str(d): _digest(resolve_data_path(d)) for d in data}
+    sources = {str(d): source_digest(d) for d in data}
     return {"suite": None, "version": None, "n_questions": len(records),
             "fingerprint": fingerprint(ids, sources), "sources": sources,
             "capabilities": dict(Counter(r.capability for r in records)),

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from shoptune.decoding import Plan, PlanError, build_prompts
+from shoptune.decoding import build_prompts
 from shoptune.serve import tasks as task_io
 from shoptune.serve.engine import ADAPTER_NAME_RE, AdapterError, Engine, EngineError, Job, UnknownModel
 from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice,
@@ -36,7 +36,7 @@ from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice
                                      LoadAdapterRequest, ModelCard, ModelList, TaskInfo, TaskList,
                                      TaskRequest, TaskResult, TokenLogprob, TopLogprob,
                                      UnloadAdapterRequest, UsageInfo)
-from shoptune.tasks import all_cards, task_aliases
+from shoptune.tasks import Grammar, Plan, PlanError, all_cards, task_aliases
 
 
 @dataclass
@@ -324,7 +324,8 @@ class Completions(Serving):
         if p is None:
             return None
         return Plan("generate", max_new_tokens=limit, numeric=p.numeric, stop_newline=p.stop_newline,
-                    max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values))
+                    max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values),
+                    grammar=Grammar(p.grammar) if p.grammar is not None else None)
 
     async def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """(token ids, text to echo) per prompt."""
@@ -483,7 +484,8 @@ class Tasks(Serving):
     def info(self, card) -> TaskInfo:
         request = task_io.request_schema(card)
         return TaskInfo(id=card.name, capability=card.capability, task_type=card.task_type,
-                        metric=card.metric, description=card.description,
+                        metric=card.metric, metrics=list(card.metrics), labels=card.labels,
+                        answer_schema=card.output_type.answer_schema(card), description=card.description,
                         adapter=self.default_model(card),
                         aliases=[a for a, name in self.aliases.items() if name == card.name],
                         request_schema=request, input_schema=task_io.input_model(card).model_json_schema())
@@ -524,14 +526,15 @@ class Tasks(Serving):
 
         def prepare():  # the prompt and the constraint: off the event loop (large inputs take time)
             return task_io.plan(card, inp, rec), build_prompts(
-                [rec], self.settings.protocol, self.tok, render=lambda r: card.render(r.input_field))[0]
+                [rec], self.settings.protocol, self.tok, render=card.render_record)[0]
         self.check_least(min_tokens(self.tok, rec.input_field or ""), "input")
         try:
             plan, prompt = await asyncio.to_thread(prepare)
         except PlanError as e:
-            loc = "input.input_field" if inp.input_field is not None else "input"
+            loc = "input.input_field" if getattr(inp, "input_field", None) is not None else "input"
             raise EngineError(f"{loc}: {e}", param=loc) from None
         ids = await self.encode(prompt, special=False, param="input")
+
         def job_for(adapter):
             return (Job(ids, adapter, kind="choice", choices=plan.choices) if plan.kind == "choice" else
                     Job(ids, adapter, max_new_tokens=plan.max_new_tokens, temperature=0.0, plan=plan))

@@ -128,7 +128,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         from shoptune.data.loaders import DataValidationError, skipped_line
         from shoptune.data.stats import token_lengths
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
-        from shoptune.train.format import answer_text
+        from shoptune.tasks import answer_text
         from shoptune.train.mixture import MixtureConfig, MixtureError, build_mixture
 
         # before any work: a folder as --out, a bad config or override (one line each, exit 1)

@@ -2,7 +2,7 @@
 
 A mixture is a YAML file::
 
-    sources: [ec-guide]              # files/folders (data-dir relative)
+    sources: [ec-guide]              # files/folders (data-dir relative), or own tasks by name
     include_capabilities: []         # empty = all four
     exclude_tasks: [ecguide_acr_gen]
     split: train                     # train | validation | test (deterministic per-task split)
@@ -20,7 +20,6 @@ A mixture is a YAML file::
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import Counter, defaultdict
@@ -30,9 +29,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records
+from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records, source_digest
 from shoptune.data.splits import split_of
-from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record
 from shoptune.tasks import TaskName
 
@@ -87,16 +85,6 @@ class MixtureConfig(BaseModel):
         apply_overrides(data, overrides)
         return validate(cls, data, str(path), lines,
                         {parse_override(item)[0]: item for item in overrides or ()})
-
-
-def _file_digest(path: Path) -> str:
-    from shoptune._io import hash_file
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        hash_file(h, f, "data file")
-    return h.hexdigest()[:16]
 
 
 def _asked(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
@@ -245,7 +233,7 @@ def make_manifest(records: list[Record], cfg: MixtureConfig, *, removed: list[di
                       "effective_tasks": round(math.exp(entropy), 2)},
         "removed": dict(Counter(r["reason"] for r in removed)),
         "skipped_invalid_rows": skipped_invalid,
-        "sources": {s: _file_digest(resolve_data_path(s)) for s in
+        "sources": {s: source_digest(s) for s in
                     cfg.sources + cfg.decontaminate_against if not s.startswith("suite:")},
         "config": cfg.model_dump(),
     }

@@ -182,7 +182,8 @@ class PeriodicEval(TrainerCallback):
         self.last: dict = {}
 
     def evaluate(self, model) -> dict:
-        from shoptune.decoding import build_prompts, plan_for
+        from shoptune.decoding import build_prompts
+        from shoptune.tasks import plan_for
         from shoptune.eval.backends import LocalBackend
         from shoptune.eval.scoring import score_outputs, summarize
         was_training = model.training

@@ -120,9 +120,14 @@ def register(app: typer.Typer) -> None:
     @eval_app.command("compare")
     def eval_compare(dirs: list[Path],
                      plot: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = None,
-                     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
-                     n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
-                     seed: int = 0,
+                     n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")] = 2000,
+                     n_perm: Annotated[int, typer.Option(min=100, help="Permutations to start with.")] = 2000,
+                     max_boot: Annotated[int, typer.Option(min=100, help=(
+                         "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte "
+                         "Carlo error; still not at the cap = borderline."))] = 128_000,
+                     max_perm: Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, "
+                                                           "p against 0.05).")] = 128_000,
+                     seed: Annotated[int, typer.Option(help="Random seed of the draws.")] = 0,
                      json_out: Annotated[Optional[Path], typer.Option(
                          "--json", help="Write the paired statistics here.")] = None) -> None:
         """Side-by-side table of eval folders run on the same questions, then each run minus the
@@ -143,7 +148,8 @@ def register(app: typer.Typer) -> None:
         for d in dirs[1:]:
             rows = [[json.loads(x) for x in (Path(r) / "predictions.jsonl").read_text().splitlines() if x]
                     for r in (dirs[0], d)]
-            res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed)
+            res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed,
+                                 max_boot=max(max_boot, n_boot), max_perm=max(max_perm, n_perm))
             results[str(d)] = res
             console.print(format_paired(res, Path(dirs[0]).name or str(dirs[0]), Path(d).name or str(d)),
                           markup=False, highlight=False)

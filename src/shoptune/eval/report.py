@@ -97,7 +97,7 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
         for xi, v, c in zip(pos, vals, cis):
             if v != v:
                 continue
-            if c:  # a whisker only where an interval exists (never a zero-width one for "unknown")
+            if c and c[1] - c[0] > 1e-9:  # a whisker only where an interval exists and moved
                 ax.errorbar(xi, v, yerr=[[v - c[0]], [c[1] - v]], color="black", capsize=3, lw=1)
             else:
                 missing += 1
@@ -106,7 +106,7 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
     ax.set_ylabel("score")
     ax.set_ylim(0, 1)
     ax.set_title("ShopBench score per track (95% bootstrap CI"
-                 + ("; no CI: one question per task" if missing else "") + ")")
+                 + ("; no CI: one question per task, or resamples never moved" if missing else "") + ")")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,13 +88,23 @@ def register(app: typer.Typer) -> None:
 
     @exp_app.command("report")
     def report_cmd(results: Annotated[Path, typer.Argument(help="An experiment's results folder.")],
-                   n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> None:
+                   n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")] = 2000,
+                   n_perm: Annotated[int, typer.Option(min=100, help="Permutations to start with.")] = 2000,
+                   max_boot: Annotated[int, typer.Option(min=100, help=(
+                       "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte "
+                       "Carlo error; still not at the cap = borderline."))] = 128_000,
+                   max_perm: Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, "
+                                                         "p against 0.05).")] = 128_000,
+                   seed: Annotated[int, typer.Option(help="Random seed of the draws (verdicts do not "
+                                                     "depend on it).")] = 0) -> None:
         """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over
-        tasks) with CIs; paired difference to the baseline with CI and p-value."""
+        tasks) with CIs; paired difference to the baseline with CI, p-value and verdict; the draws
+        used and their Monte Carlo error."""
         from shoptune.experiment.report import report_markdown, write_report
 
         try:
-            rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed)
+            rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed, max_boot=max(max_boot, n_boot),
+                               max_perm=max(max_perm, n_perm))
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         console.print(report_markdown(rep), markup=False, highlight=False)

@@ -124,9 +124,9 @@ def register(app: typer.Typer) -> None:
                      n_perm: Annotated[int, typer.Option(min=100, help="Permutations to start with.")] = 2000,
                      max_boot: Annotated[int, typer.Option(min=100, help=(
                          "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte "
-                         "Carlo error; still not at the cap = borderline."))] = 128_000,
+                         "Carlo error; still not at the cap = borderline."))] = 512_000,
                      max_perm: Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, "
-                                                           "p against 0.05).")] = 128_000,
+                                                           "p against 0.05).")] = 512_000,
                      seed: Annotated[int, typer.Option(help="Random seed of the draws.")] = 0,
                      json_out: Annotated[Optional[Path], typer.Option(
                          "--json", help="Write the paired statistics here.")] = None) -> None:

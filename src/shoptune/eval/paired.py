@@ -35,7 +35,7 @@ from shoptune.eval.scoring import _natural, rollup
 
 MC_LEVEL = 0.999  # confidence of the Monte Carlo interval of each CI bound and p-value
 ALPHA = 0.05  # the p-value's decision line
-MAX_DRAWS = 128_000  # default cap on bootstrap resamples and on permutations
+MAX_DRAWS = 512_000  # default cap on bootstrap resamples and on permutations
 ZERO_WIDTH = 1e-9  # an interval narrower than this has zero width (float noise aside)
 
 METHOD = {"ci": "paired bootstrap, 95% percentile interval, questions resampled within each task",

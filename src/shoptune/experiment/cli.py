@@ -92,9 +92,9 @@ def register(app: typer.Typer) -> None:
                    n_perm: Annotated[int, typer.Option(min=100, help="Permutations to start with.")] = 2000,
                    max_boot: Annotated[int, typer.Option(min=100, help=(
                        "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte "
-                       "Carlo error; still not at the cap = borderline."))] = 128_000,
+                       "Carlo error; still not at the cap = borderline."))] = 512_000,
                    max_perm: Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, "
-                                                         "p against 0.05).")] = 128_000,
+                                                         "p against 0.05).")] = 512_000,
                    seed: Annotated[int, typer.Option(help="Random seed of the draws (verdicts do not "
                                                      "depend on it).")] = 0) -> None:
         """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over

@@ -2,7 +2,7 @@
 SFTTrainer defaults, all in one run.
 
     .venv/bin/python benchmarks/train_speed.py [--steps 12] [--batch-size 8] [--max-length 256]
-        [--compile] [--no-trl] [--loss-steps 50]
+        [--compile] [--no-trl] [--no-ceiling] [--loss-steps 50]
 
 Same model (the embedded SmolLM2-135M), same rows (a diverse EC-Guide mixture rendered with the
 evaluator's prompts), same LoRA (r=16, attention+MLP), batch size and precision (what `bf16: auto`
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -288,6 +290,8 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=0,
                     help="also train 'before' and the new defaults this many steps on the same rows "
                          "and plot both loss curves")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the shape ceiling and the step profile (minutes)")
     ap.add_argument("--out", default="docs/results/train_speed.json")
     a = ap.parse_args()
 
@@ -301,6 +305,7 @@ def main() -> None:
     from shoptune.train.mixture import build_mixture
     from shoptune.train.trainer import use_bf16
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # other processes on the machine
     tmp = Path(tempfile.mkdtemp(prefix="train_speed-"))
     base_cfg = config(tmp, "base", a, [])
     records, _ = build_mixture(base_cfg.mixture)
@@ -324,7 +329,7 @@ def main() -> None:
         r["mfu"] = {k: round(flops_per_token * r["tokens_per_s"] / v, 3) for k, v in peaks.items()}
     default = levers[LEVERS[-1][0]]
     packed = levers[PACKING[0]]
-    for name, extra in (LEVERS[-1], PACKING):  # the new defaults, padded and packed
+    for name, extra in () if a.no_ceiling else (LEVERS[-1], PACKING):  # the new defaults, padded and packed
         cfg = config(tmp, f"ceiling{len(extra)}", a, extra)
         rep = ceiling_report(cfg, records, a, levers[name])
         levers[name]["mfu"]["shape_ceiling"] = rep["shape_ceiling"]
@@ -333,7 +338,8 @@ def main() -> None:
               f"{rep['shape_ceiling']}, split {rep['split']['share']}", flush=True)
 
     result = {
-        "machine": machine.describe(), "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
+        "machine": machine.describe(), "command": " ".join(["benchmarks/train_speed.py", *sys.argv[1:]]),
+        "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
         "precision": "bf16" if bf16 else "fp32", "base_params": n_params,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "levers": levers, "shoptune": {k: v for k, v in default.items() if k != "losses"},
@@ -367,6 +373,7 @@ def main() -> None:
         result["ratio"] = round(default["tokens_per_s"] / theirs["tokens_per_s"], 2)
         del base, trl
 
+    result["load_avg"] = {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]}
     write_json(Path(a.out), result)  # the lever numbers are kept even if what follows fails
     if a.loss_steps:
         curves = loss_curves(a, tmp)

@@ -69,6 +69,14 @@ def test_options_added_later_leave_keys_of_finished_runs_alone():
 
     # the written-out values are today's defaults (a changed default must be keyed, not dropped)
     assert {k: v for k, v in TrainConfig().model_dump().items() if k in KEY_NEUTRAL_DEFAULTS} == KEY_NEUTRAL_DEFAULTS
+    # poly.router_lr (#33): keyed only where it changes training from what the option's absence meant
+    poly = {**TrainConfig().model_dump()["poly"], "alpha": 16}
+    old_poly = {k: v for k, v in poly.items() if k != "router_lr"}
+    k_old = run_key({**load_config(REPO / "configs/train/smoke.yaml").model_dump(), "poly": old_poly}, "f", "s")
+    assert run_key({**load_config(REPO / "configs/train/smoke.yaml").model_dump(),
+                    "poly": {**poly, "router_lr": "scaled"}}, "f", "s") == k_old
+    assert run_key({**load_config(REPO / "configs/train/smoke.yaml").model_dump(),
+                    "poly": {**poly, "router_lr": "base"}}, "f", "s") != k_old
     cfg = load_config(REPO / "configs/train/smoke.yaml").model_dump()
     before = {k: v for k, v in cfg.items() if k not in KEY_NEUTRAL_DEFAULTS}
     assert run_key(cfg, "fp1", "starter-kit") == run_key(before, "fp1", "starter-kit")

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from shoptune.cli import app
-from shoptune.demo import DURATION, QUICK_DURATION
+from shoptune.demo import DURATION, QUICK_DURATION, QUICK_WHAT
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -76,7 +76,8 @@ def test_demo_duration_is_stated_once_and_the_cli_agrees():
     text = " ".join(res.output.replace("│", " ").split())
     assert f"{DURATION} on 2 CPU cores" in text and f"{QUICK_DURATION} on 2 CPU cores" in text
     assert f"It takes {DURATION} on 2 CPU cores" in " ".join(README.split())
-    assert f"`shoptune demo --quick` (10 steps, 24 questions) takes {QUICK_DURATION}" in " ".join(README.split())
+    assert f"`shoptune demo --quick` ({QUICK_WHAT}) takes {QUICK_DURATION}" in " ".join(README.split())
+    assert f"A quick version ({QUICK_WHAT})" in text
     for stale in ("~10 min", "2-minute", "1-minute", "4.4 min"):
         assert stale not in README and stale not in text, stale
 

@@ -75,7 +75,13 @@ def test_identical_runs_and_a_constant_shift():
     assert up["overall"]["diff"] == pytest.approx(0.1)
     assert up["overall"]["ci95"] == pytest.approx([0.1, 0.1])  # paired: question noise cancels
     assert up["overall"]["p"] <= 0.15  # 4 questions: 2/16 of the sign flips are as extreme
-    assert "| **all-around** |" in format_paired(up) and "permutation" in format_paired(up)
+    assert "| **mean of 1 of 4 tracks (concept_understanding), not all-around** |" in format_paired(up)
+    assert "permutation" in format_paired(up)
+    full = paired_compare([make_rows(1)], [make_rows(2)], n_boot=100, n_perm=100, max_boot=100, max_perm=100)
+    assert "| **all-around** |" not in format_paired(full)  # three of the four tracks
+    four = [dict(r, capability="user_behavior_alignment", task_name="t4") if r["task_name"] == "t2" else r
+            for r in make_rows(1)]
+    assert "| **all-around** |" in format_paired(paired_compare([four], [four], n_boot=100, n_perm=100))
     # ... but an interval that never moved measures nothing: no higher/lower verdict (#33 item 2)
     from shoptune.eval.paired import verdict
     assert verdict(up["overall"]) == "cannot tell (zero-width CI)" and verdict(same["overall"]) == "no difference"

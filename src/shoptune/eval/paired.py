@@ -467,7 +467,8 @@ def format_paired(res: dict, a_name: str = "A", b_name: str = "B") -> str:
              f"| | {a_name} | {b_name} | diff | 95% CI | p | |", "|---|---|---|---|---|---|---|"]
     for c, v in res["capabilities"].items():
         lines.append(row(c, v))
-    lines.append(row("**all-around**", res["overall"]))
+    from shoptune.eval.report import overall_label
+    lines.append(row(f"**{overall_label(res['capabilities'])}**", res["overall"]))
     lines.append(row("mean over tasks", res["overall_tasks"]))
     for t, v in res["tasks"].items():
         lines.append(row(t, v))

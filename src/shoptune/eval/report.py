@@ -5,10 +5,31 @@ import json
 from pathlib import Path
 
 from shoptune._io import atomic_open
-from shoptune.records import TRACK_TO_CAPABILITY
+from shoptune.records import CAPABILITIES, TRACK_TO_CAPABILITY
 
 
 NO_CI = "[no CI]"
+
+
+def overall_label(capabilities) -> str:
+    """What the mean of the tracks is: ``all-around`` only when all four tracks are there."""
+    caps = [c for c in CAPABILITIES if c in set(capabilities)]
+    if len(caps) == len(CAPABILITIES):
+        return "all-around"
+    return (f"mean of {len(caps)} of {len(CAPABILITIES)} tracks ({', '.join(caps)}), "
+            "not all-around")
+
+
+def data_title(summary: dict) -> str:
+    """``ShopBench`` when every task is one of ShopBench's; else the suite or the data files."""
+    import re
+    tasks = summary.get("tasks") or {}
+    if tasks and all(re.fullmatch(r"(shopbench_)?task\d+", t) for t in tasks):
+        return "ShopBench"
+    if summary.get("manifest"):
+        return f"suite {summary['manifest'].get('suite')}"
+    data = summary.get("data") or []
+    return ", ".join(Path(str(d)).name for d in (data if isinstance(data, list) else [data])) or "own data"
 
 
 def _fmt(x, ci=None, *, no_ci: bool = False) -> str:
@@ -48,7 +69,9 @@ def report_markdown(summary: dict) -> str:
     ci = summary.get("ci95", {})
     n_boot = (summary.get("bootstrap") or {}).get("resamples", 1)
     star = "*" if partial(summary) else ""
-    lines = [f"# ShopBench evaluation: {summary.get('model')}"
+    title = data_title(summary)
+    lines = [(f"# ShopBench evaluation: {summary.get('model')}" if title == "ShopBench" else
+              f"# Evaluation on {title}: {summary.get('model')}")
              + (f" + {summary['adapter']}" if summary.get("adapter") else ""), "",
              f"{summary['n_questions']} questions, protocol `{summary.get('protocol')}`, backend "
              f"`{summary.get('backend')}`; 95% bootstrap CIs in brackets.", ""]
@@ -58,7 +81,9 @@ def report_markdown(summary: dict) -> str:
     lines += ["| track | score |", "|---|---|"]
     for t, s in summary["tracks"].items():
         lines.append(f"| {TRACK_TO_CAPABILITY.get(t, t)} | {_fmt(s, ci.get('tracks', {}).get(t), no_ci=bool(n_boot))}{star} |")
-    lines.append(f"| **all-around (mean of tracks)** | **{_fmt(summary['overall'], ci.get('overall'), no_ci=bool(n_boot))}{star}** |")
+    label = overall_label(summary.get("capabilities") or [TRACK_TO_CAPABILITY.get(t, t) for t in summary["tracks"]])
+    label = "all-around (mean of tracks)" if label == "all-around" else label
+    lines.append(f"| **{label}** | **{_fmt(summary['overall'], ci.get('overall'), no_ci=bool(n_boot))}{star}** |")
     lines.append(f"| mean over tasks | {_fmt(summary['overall_tasks'], ci.get('overall_tasks'), no_ci=bool(n_boot))}{star} |")
     lines += ["", "| task | capability | metric | n | score |", "|---|---|---|---|---|"]
     for t, v in summary["tasks"].items():
@@ -84,7 +109,9 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
     import numpy as np
 
     tracks = list(dict.fromkeys(t for s in runs.values() for t in s["tracks"]))
-    labels = [TRACK_TO_CAPABILITY.get(t, t).replace("_", "\n") for t in tracks] + ["all-around"]
+    whole = overall_label(TRACK_TO_CAPABILITY.get(t, t) for t in tracks)
+    labels = [TRACK_TO_CAPABILITY.get(t, t).replace("_", "\n") for t in tracks] + [
+        "all-around" if whole == "all-around" else f"mean of\n{len(tracks)} track{'s' if len(tracks) != 1 else ''}"]
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(runs))
     fig, ax = plt.subplots(figsize=(1.8 * len(labels) + 2, 4))
@@ -105,7 +132,8 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("score")
     ax.set_ylim(0, 1)
-    ax.set_title("ShopBench score per track (95% bootstrap CI"
+    names = sorted({data_title(s) for s in runs.values()})
+    ax.set_title(f"{' / '.join(names)} score per track (95% bootstrap CI"
                  + ("; no CI: one question per task, or resamples never moved" if missing else "") + ")")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -128,7 +156,8 @@ def compare(dirs: list[Path]) -> tuple[str, dict[str, dict]]:
     head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     rows = [f"| {TRACK_TO_CAPABILITY.get(t, t)} | " + " | ".join(_fmt(s['tracks'].get(t)) for s in runs.values()) + " |"
             for t in tracks]
-    rows.append("| **all-around** | " + " | ".join(_fmt(s["overall"]) for s in runs.values()) + " |")
+    label = overall_label(TRACK_TO_CAPABILITY.get(t, t) for t in tracks)
+    rows.append(f"| **{label}** | " + " | ".join(_fmt(s["overall"]) for s in runs.values()) + " |")
     rows.append("| mean over tasks | " + " | ".join(_fmt(s["overall_tasks"]) for s in runs.values()) + " |")
     tasks = list(dict.fromkeys(t for s in runs.values() for t in s["tasks"]))
     rows += [f"| {t} | " + " | ".join(_fmt(s["tasks"].get(t, {}).get("score")) for s in runs.values()) + " |"

@@ -12,7 +12,8 @@ def _rows(tasks):
 def test_titles_and_the_all_around_label_say_what_was_scored():
     shop = summarize(_rows([("task2", "concept_understanding"), ("task11", "multilingual")]), n_boot=0)
     own = summarize(_rows([("ecguide_sa", "concept_understanding")]), n_boot=0)
-    own["data"], own["model"] = ["data/mine/products.jsonl"], "m"
+    own["data"], own["model"] = [{"path": "data/mine/products.jsonl", "sha256_16": "x"}], "m"
+    own["manifest"] = {"suite": None}  # a --data run's manifest
     assert data_title(shop) == "ShopBench" and data_title(own) == "products.jsonl"
     assert data_title({**own, "manifest": {"suite": "core"}}) == "suite core"
     assert data_title({"tasks": {"shopbench_task2": {}}}) == "ShopBench"  # card names (#34) too

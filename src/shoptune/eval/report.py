@@ -26,10 +26,12 @@ def data_title(summary: dict) -> str:
     tasks = summary.get("tasks") or {}
     if tasks and all(re.fullmatch(r"(shopbench_)?task\d+", t) for t in tasks):
         return "ShopBench"
-    if summary.get("manifest"):
-        return f"suite {summary['manifest'].get('suite')}"
+    if (summary.get("manifest") or {}).get("suite"):
+        return f"suite {summary['manifest']['suite']}"
     data = summary.get("data") or []
-    return ", ".join(Path(str(d)).name for d in (data if isinstance(data, list) else [data])) or "own data"
+    names = [Path(str(d.get("path") if isinstance(d, dict) else d)).name
+             for d in (data if isinstance(data, list) else [data])]
+    return ", ".join(names) or "own data"
 
 
 def _fmt(x, ci=None, *, no_ci: bool = False) -> str:

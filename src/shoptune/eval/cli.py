@@ -155,7 +155,11 @@ def register(app: typer.Typer) -> None:
                           markup=False, highlight=False)
         if json_out:
             from shoptune._io import write_json
-            write_json(json_out, {"a": str(dirs[0]), "paired": results})
+            import sys
+
+            from shoptune import machine
+            write_json(json_out, {"a": str(dirs[0]), "paired": results, "machine": machine.describe(),
+                                  "argv": sys.argv})
         if plot:
             plot_tracks(runs, plot)
             console.print(f"plot: {plot}")

@@ -70,6 +70,10 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
     exp, cells, missing = load_runs(results)
     base = exp["baseline"]
     out = {"experiment": exp["name"], "baseline": base, "suite": exp["suite"], "missing_runs": missing,
+           # how these numbers were made (each run's machine is in "machines")
+           "command": {"run": f"shoptune experiment run {exp.get('spec_file', '<spec>')} --out "
+                              f"runs/exp/{exp['name']} --results {Path(results)}",
+                       "report": f"shoptune experiment report {Path(results)}"},
            "cells": {}}
     for cell in exp["cells"]:
         if cell not in cells:

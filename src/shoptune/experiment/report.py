@@ -239,11 +239,14 @@ def precisions(finished: list[tuple[dict, dict]]) -> dict[str, list[str]]:
 
 
 def _machines(finished: list[tuple[dict, dict]]) -> dict[str, list[str]]:
-    """{machine summary: [run ids]} of the finished runs (older results did not record it)."""
+    """{machine summary: [run ids]} of the finished runs. Older results did not record it; where
+    the machine was written down at the time, ``machine_documented`` says so, and so does the key."""
     seen: dict[str, list[str]] = {}
     for run, res in finished:
-        m = res.get("machine")
-        seen.setdefault(machine.summary(m) if m else "not recorded", []).append(run["id"])
+        m, doc = res.get("machine"), res.get("machine_documented")
+        key = (machine.summary(m) if m else f"{machine.summary(doc)} (documented at the time, not recorded by "
+               "the run)" if doc else "not recorded")
+        seen.setdefault(key, []).append(run["id"])
     return seen
 
 

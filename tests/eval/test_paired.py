@@ -197,3 +197,13 @@ def test_a_zero_width_interval_from_float_noise_is_no_ci():
     assert v["ci95"] is None and verdict(v) == "cannot tell (no CI)"
     table = format_paired(res)
     assert "| multilingual | 0.342 | 0.361 | +0.019 | no CI (only single-question tasks changed) | 1.000 | cannot tell (no CI) |" in table
+
+
+def test_the_clis_default_cap_is_the_librarys():
+    from typer.testing import CliRunner
+
+    from shoptune.cli import app
+    from shoptune.eval.paired import MAX_DRAWS
+    for cmd in (["eval", "compare", "--help"], ["experiment", "report", "--help"]):
+        out = " ".join(CliRunner().invoke(app, cmd, terminal_width=200, env={"COLUMNS": "200"}).output.split())
+        assert f"[default: {MAX_DRAWS}]" in out and "--max-perm" in out, cmd

@@ -9,6 +9,15 @@ import typer
 from shoptune.console import console, fail
 
 
+# Draw options of `eval compare` and `experiment report` (shoptune.eval.paired; 512_000 is its MAX_DRAWS)
+NBoot = Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")]
+NPerm = Annotated[int, typer.Option(min=100, help="Permutations to start with.")]
+MaxBoot = Annotated[int, typer.Option(min=100, help=(
+    "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte Carlo error; "
+    "still not at the cap = borderline."))]
+MaxPerm = Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, p against 0.05).")]
+
+
 def _suite_names() -> str:
     """The shipped suites, for help texts (configs/eval/*.yaml)."""
     from shoptune import REPO_CONFIGS
@@ -120,13 +129,8 @@ def register(app: typer.Typer) -> None:
     @eval_app.command("compare")
     def eval_compare(dirs: list[Path],
                      plot: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = None,
-                     n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")] = 2000,
-                     n_perm: Annotated[int, typer.Option(min=100, help="Permutations to start with.")] = 2000,
-                     max_boot: Annotated[int, typer.Option(min=100, help=(
-                         "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte "
-                         "Carlo error; still not at the cap = borderline."))] = 512_000,
-                     max_perm: Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, "
-                                                           "p against 0.05).")] = 512_000,
+                     n_boot: NBoot = 2000, n_perm: NPerm = 2000,
+                     max_boot: MaxBoot = 512_000, max_perm: MaxPerm = 512_000,
                      seed: Annotated[int, typer.Option(help="Random seed of the draws.")] = 0,
                      json_out: Annotated[Optional[Path], typer.Option(
                          "--json", help="Write the paired statistics here.")] = None) -> None:

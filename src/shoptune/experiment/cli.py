@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from shoptune.console import console, fail
+from shoptune.eval.cli import MaxBoot, MaxPerm, NBoot, NPerm
 
 
 def register(app: typer.Typer) -> None:
@@ -88,13 +89,8 @@ def register(app: typer.Typer) -> None:
 
     @exp_app.command("report")
     def report_cmd(results: Annotated[Path, typer.Argument(help="An experiment's results folder.")],
-                   n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")] = 2000,
-                   n_perm: Annotated[int, typer.Option(min=100, help="Permutations to start with.")] = 2000,
-                   max_boot: Annotated[int, typer.Option(min=100, help=(
-                       "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte "
-                       "Carlo error; still not at the cap = borderline."))] = 512_000,
-                   max_perm: Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, "
-                                                         "p against 0.05).")] = 512_000,
+                   n_boot: NBoot = 2000, n_perm: NPerm = 2000,
+                   max_boot: MaxBoot = 512_000, max_perm: MaxPerm = 512_000,
                    seed: Annotated[int, typer.Option(help="Random seed of the draws (verdicts do not "
                                                      "depend on it).")] = 0) -> None:
         """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over

@@ -328,7 +328,8 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
     single = _single(names, order)
     seed_diffs = {k: np.atleast_1d(pb[k] - pa[k]).astype(float) for k in keys}
     d = {k: float(seed_diffs[k].mean()) for k in keys}
-    has_ci = [k for k in _settled_keys(keys, settle_tasks) if _computable(k, names, cap, single)]
+    settled = _settled_keys(keys, settle_tasks)
+    has_ci = [k for k in settled if _computable(k, names, cap, single)]
 
     rng = np.random.default_rng(seed)
     boot = lambda n: _bootstrap(rng, names, order, f1, [va, vb], cap, keys,  # noqa: E731
@@ -338,7 +339,7 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
     samples, nb = _grow(boot, _concat, samples, n_boot, max_boot,
                         lambda s, n: any(_open_bounds(s[k]) for k in has_ci))
     hits, nperm = _grow(perm, _add, hits, n_perm, max_perm,
-                        lambda h, n: any(_p_open(h[k], n) for k in _settled_keys(keys, settle_tasks)))
+                        lambda h, n: any(_p_open(h[k], n) for k in settled))
 
     flat = {}
     for k in keys:
@@ -349,7 +350,7 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
                    "ci95": ci, **_no_ci(ci, k, names, cap, single), "p": p, "seed_diffs": [round(float(x), 6) for x in seed_diffs[k]],
                    "mc_error": {"ci95": _mc_error(samples[k]) if ci else None,
                                 "p": round((hi - lo) / 2, 6)}}
-        if k in _settled_keys(keys, settle_tasks):
+        if k in settled:
             flat[k]["borderline"] = ((_open_bounds(samples[k]) if ci else [])
                                      + (["p"] if _p_open(hits[k], nperm) else []))
     res = _nest(flat)
@@ -387,7 +388,8 @@ def interaction(a_lo: Sequence[Sequence[dict]], a_hi: Sequence[Sequence[dict]],
     point = [_aggregate({t: _task_score(v[t], f1[t]) for t in names}, cap) for v in vals]
     keys = _stat_keys(names, cap)
     single = _single(names, order)
-    has_ci = [k for k in _settled_keys(keys, settle_tasks) if _computable(k, names, cap, single)]
+    settled = _settled_keys(keys, settle_tasks)
+    has_ci = [k for k in settled if _computable(k, names, cap, single)]
     rng = np.random.default_rng(seed)
     boot = lambda n: _bootstrap(rng, names, order, f1, vals, cap, keys,  # noqa: E731
                                 lambda g, k: ((g[3][k] - g[2][k]) - (g[1][k] - g[0][k])).mean(0), n)
@@ -403,7 +405,7 @@ def interaction(a_lo: Sequence[Sequence[dict]], a_hi: Sequence[Sequence[dict]],
                      **_no_ci(ci, key, names, cap, single),
                      "seed_diffs": [round(float(x), 6) for x in gain_b - gain_a],
                      "mc_error": {"ci95": _mc_error(samples[key]) if ci else None}}
-        if key in has_ci or key in _settled_keys(keys, settle_tasks):
+        if key in settled:
             flat[key]["borderline"] = _open_bounds(samples[key]) if ci else []
     res = _nest(flat)
     res.update({"n_questions": len(groups[0][0]), "n_seeds": k, "resamples": nb, "seed": seed,

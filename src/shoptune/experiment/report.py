@@ -74,7 +74,7 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
            "command": {"run": f"shoptune experiment run {exp.get('spec_file', '<spec>')} --out "
                               f"runs/exp/{exp['name']} --results {Path(results)}",
                        "report": f"shoptune experiment report {Path(results)}"},
-           "cells": {}}
+           "cells": {}, "scores_resamples": n_boot}
     for cell in exp["cells"]:
         if cell not in cells:
             continue
@@ -328,8 +328,9 @@ def report_markdown(rep: dict) -> str:
     lines = [f"# Experiment {rep['experiment']}", "",
              f"Suite `{s['name']}` v{s['version']} ({s['n_questions']} questions, fingerprint "
              f"`{s['fingerprint']}`). Scores are means over seeds with 95% bootstrap CIs (questions "
-             "resampled within tasks, jointly for all seeds); the range of the per-seed values is in "
-             "parentheses.", "",
+             f"resampled within tasks, jointly for all seeds; {rep.get('scores_resamples', 2000):,} "
+             "resamples: a score has no decision line, so its draws do not adapt); the range of the "
+             "per-seed values is in parentheses.", "",
              "| cell | seeds | " + " | ".join(LABEL[c] for c in COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]
     for cell, e in rep["cells"].items():

@@ -13,7 +13,7 @@ from rich.console import Console
 # The demo's wall time, measured end to end on 2 CPU cores: the one figure `shoptune demo --help`
 # and the README state (tests/test_docs.py checks they agree). Re-measure when the demo changes.
 DURATION = "~5 min"  # 282 s, Intel Xeon 2 cores, native bf16, 2026-12-06
-QUICK_DURATION = "~1.5 min"  # 81 s, measured in issue #24 on 2 cores
+QUICK_DURATION = "~6 min"  # 380 s, AMD EPYC 2 cores, native bf16, 2026-12-07, other jobs sharing the cores (docs/results/demo-quick/timing.json)
 # What --quick scores: a sample of every task (all four tracks), never one track's questions
 QUICK_WHAT = "10 steps; 2 questions of every dev task, 24 EC-Guide questions"
 

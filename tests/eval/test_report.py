@@ -22,5 +22,7 @@ def test_titles_and_the_all_around_label_say_what_was_scored():
     assert "| **mean of 1 of 4 tracks (concept_understanding), not all-around** |" in md
     assert overall_label(["multilingual", "knowledge_reasoning", "concept_understanding",
                           "user_behavior_alignment"]) == "all-around"
+    assert overall_label(c for c in ("multilingual", "knowledge_reasoning", "concept_understanding",
+                                     "user_behavior_alignment")) == "all-around"  # any iterable
     assert overall_label(["concept_understanding", "multilingual"]) == \
         "mean of 2 of 4 tracks (concept_understanding, multilingual), not all-around"

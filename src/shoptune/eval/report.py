@@ -13,7 +13,8 @@ NO_CI = "[no CI]"
 
 def overall_label(capabilities) -> str:
     """What the mean of the tracks is: ``all-around`` only when all four tracks are there."""
-    caps = [c for c in CAPABILITIES if c in set(capabilities)]
+    present = set(capabilities)
+    caps = [c for c in CAPABILITIES if c in present]
     if len(caps) == len(CAPABILITIES):
         return "all-around"
     return (f"mean of {len(caps)} of {len(CAPABILITIES)} tracks ({', '.join(caps)}), "

@@ -112,3 +112,14 @@ def test_compare_gives_no_verdict_where_only_single_question_tasks_moved(tmp_pat
     # whiskers: concept, multilingual and all-around of each run; none for knowledge (its
     # resamples never move: a zero-width whisker would read as certainty)
     assert len(whiskers) == 6 and all(w[0][0] + w[1][0] > 1e-9 for w in whiskers)
+
+
+def test_compare_calls_a_mean_over_all_four_tracks_all_around_and_over_fewer_not(tmp_path):
+    four = [dict(r, capability="user_behavior_alignment") if r["task_name"] == "t2" else r for r in make_rows(1)]
+    four_b = [dict(r, capability="user_behavior_alignment") if r["task_name"] == "t2" else r for r in make_rows(2)]
+    a, b = fake_run(tmp_path / "a", four), fake_run(tmp_path / "b", four_b)
+    out = CliRunner().invoke(app, ["eval", "compare", str(a), str(b)]).output
+    assert out.count("| **all-around** |") == 2  # the side-by-side table and the paired one
+    c, d = fake_run(tmp_path / "c", make_rows(1)), fake_run(tmp_path / "d", make_rows(2))  # three tracks
+    out = CliRunner().invoke(app, ["eval", "compare", str(c), str(d)]).output
+    assert "| **all-around** |" not in out and " ".join(out.split()).count("mean of 3 of 4 tracks") == 2

@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci_skips import (pytest_runtest_logreport, pytest_sessionfinish,  # noqa: F401 (hooks)
+                             pytest_terminal_summary)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHOPTUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEV = SHARED / "shopbench-dev" / "development.json"

@@ -583,7 +583,7 @@ def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train
 
 # ----------------------------------------------------------------------------- demo
 
-from shoptune.demo import DURATION as _DEMO_TIME, QUICK_DURATION as _QUICK_TIME  # noqa: E402
+from shoptune.demo import DURATION as _DEMO_TIME, QUICK_DURATION as _QUICK_TIME, QUICK_WHAT as _QUICK_WHAT  # noqa: E402
 
 
 @app.command("demo", help=f"Train on a small diverse mixture (60 LoRA steps), then compare base and "
@@ -591,7 +591,7 @@ from shoptune.demo import DURATION as _DEMO_TIME, QUICK_DURATION as _QUICK_TIME 
                           f"{_DEMO_TIME} on 2 CPU cores.")
 def demo(out: Annotated[str, typer.Option(help="Output folder: the training run, the evaluations, "
                                              "compare.png.")] = "runs/demo",
-         quick: Annotated[bool, typer.Option(help=f"A quick version (10 steps, 24 questions): "
+         quick: Annotated[bool, typer.Option(help=f"A quick version ({_QUICK_WHAT}): "
                                                   f"{_QUICK_TIME} on 2 CPU cores.")] = False,
          config: Annotated[Optional[Path], typer.Option(help="Training config (default: configs/train/demo.yaml).")] = None,
          test_questions: Annotated[int, typer.Option(help="Held-out EC-Guide test-split questions to score.")] = 96) -> None:

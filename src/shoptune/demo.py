@@ -13,7 +13,9 @@ from rich.console import Console
 # The demo's wall time, measured end to end on 2 CPU cores: the one figure `shoptune demo --help`
 # and the README state (tests/test_docs.py checks they agree). Re-measure when the demo changes.
 DURATION = "~5 min"  # 282 s, Intel Xeon 2 cores, native bf16, 2026-12-06
-QUICK_DURATION = "~1.5 min"  # 81 s, measured in issue #24 on 2 cores
+QUICK_DURATION = "~6 min"  # 380 s, AMD EPYC 2 cores, native bf16, 2026-12-07, other jobs sharing the cores (docs/results/demo-quick/timing.json)
+# What --quick scores: a sample of every task (all four tracks), never one track's questions
+QUICK_WHAT = "10 steps; 2 questions of every dev task, 24 EC-Guide questions"
 
 from shoptune import REPO_CONFIGS
 
@@ -57,8 +59,10 @@ def run_demo(console: Console, out: str = "runs/demo", quick: bool = False,
         for who, ad in (("base", None), ("tuned", adapter)):
             console.rule(f"evaluating {who} on {name}")
             d = outp / f"eval-{name}-{who}"
+            # --quick: the first 2 questions of every task (all four tracks), not the first N
+            # questions, which are one task's
             evaluate(model=cfg.model, adapter=ad, data=[data], out=d,
-                     limit=24 if quick else None, overwrite=True)
+                     limit_per_task=2 if quick and name == "dev" else None, overwrite=True)
             runs.append(d)
     table, summaries = compare(runs)
     from shoptune.console import print_markdown
@@ -96,13 +100,15 @@ def clear_demo(out: Path) -> list[str]:
 def paired_line(base: Path, tuned: Path) -> str:
     """``dev: all-around 0.203 -> 0.126, paired diff -0.077 [-0.160, +0.004]: within noise``."""
     from shoptune.eval.paired import paired_compare, verdict
+    from shoptune.eval.report import overall_label
     from shoptune.eval.runs import read_predictions
 
     rows = [read_predictions(d) for d in (base, tuned)]
-    v = paired_compare([rows[0]], [rows[1]], n_boot=2000, n_perm=2000)["overall"]
+    res = paired_compare([rows[0]], [rows[1]], n_boot=2000, n_perm=2000)
+    v = res["overall"]
     ci = v["ci95"]
     shown = (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else
              "[no CI: resampling within tasks cannot move it]")
     name = Path(base).name.removeprefix("eval-").removesuffix("-base")
-    return (f"{name}: all-around {v['a']:.3f} -> {v['b']:.3f}, paired diff {v['diff']:+.3f} "
+    return (f"{name}: {overall_label(res['capabilities'])} {v['a']:.3f} -> {v['b']:.3f}, paired diff {v['diff']:+.3f} "
             f"{shown} (95%, {len(rows[0])} questions): {verdict(v)}")

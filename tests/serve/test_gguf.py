@@ -48,6 +48,7 @@ def _bf16(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.bfloat16).float().numpy()
 
 
+@pytest.mark.real_engine
 @needs_source
 def test_export_writes_llama_cpp_tensors_equal_to_the_hf_weights(tmp_path):
     from peft import PeftModel
@@ -109,6 +110,7 @@ PROMPTS = ["The best running shoe for a marathon is", "Customers who buy a tent 
            "0. lamp\n1. sandal\n2. spoon\n3. pillow\nAnswer: "]
 
 
+@pytest.mark.real_engine
 @needs_server
 @pytest.mark.slow
 def test_llama_server_next_token_logprobs_match_transformers(served):
@@ -146,6 +148,7 @@ def test_llama_server_next_token_logprobs_match_transformers(served):
     print(f"largest |logprob difference| over the top-5 tokens: {worst:.4f}")
 
 
+@pytest.mark.real_engine
 @needs_server
 @pytest.mark.slow
 def test_gateway_in_front_of_real_llama_server(served, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from shoptune.serve.testing import ServerProcess
 
 from tests.conftest import DEV, OWN_INPUTS, needs_shared
 
-pytestmark = [pytest.mark.slow, needs_shared,
+pytestmark = [pytest.mark.slow, needs_shared, pytest.mark.real_engine,
               pytest.mark.skipif(vllm_python() is None, reason="no vLLM (run `make vllm` or set SHOPTUNE_VLLM_PYTHON)")]
 KEY = "sk-vllm-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

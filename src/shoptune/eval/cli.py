@@ -13,6 +13,15 @@ from shoptune.console import (DTYPE_HELP, DTYPE_METAVAR, PROTOCOL_HELP, Dtype, P
 Engine = Literal["builtin", "llama.cpp", "vllm", "openai"]
 
 
+# Draw options of `eval compare` and `experiment report` (shoptune.eval.paired; 512_000 is its MAX_DRAWS)
+NBoot = Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")]
+NPerm = Annotated[int, typer.Option(min=100, help="Permutations to start with.")]
+MaxBoot = Annotated[int, typer.Option(min=100, help=(
+    "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte Carlo error; "
+    "still not at the cap = borderline."))]
+MaxPerm = Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, p against 0.05).")]
+
+
 def _suite_names() -> str:
     """The shipped suites, for help texts (configs/eval/*.yaml)."""
     from shoptune import REPO_CONFIGS
@@ -139,8 +148,8 @@ def register(app: typer.Typer) -> None:
                               "each is compared with the first.")],
                      plot: Annotated[Optional[Path], typer.Option(help="PNG to write: the tracks of "
                                                                   "every run side by side.")] = None,
-                     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
-                     n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
+                     n_boot: NBoot = 2000, n_perm: NPerm = 2000,
+                     max_boot: MaxBoot = 512_000, max_perm: MaxPerm = 512_000,
                      seed: Annotated[int, typer.Option(help="Seed of the bootstrap and permutation "
                                                        "draws.")] = 0,
                      json_out: Annotated[Optional[Path], typer.Option(
@@ -180,12 +189,17 @@ def register(app: typer.Typer) -> None:
         results = {}
         for d in dirs[1:]:
             rows = [read[str(r)].predictions for r in (dirs[0], d)]
-            res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed)
+            res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed,
+                                 max_boot=max(max_boot, n_boot), max_perm=max(max_perm, n_perm))
             results[str(d)] = res
             print_markdown(format_paired(res, Path(dirs[0]).name or str(dirs[0]), Path(d).name or str(d)))
         if json_out:
             from shoptune._io import write_json
-            write_json(json_out, {"a": str(dirs[0]), "paired": results})
+            import sys
+
+            from shoptune import machine
+            write_json(json_out, {"a": str(dirs[0]), "paired": results, "machine": machine.describe(),
+                                  "argv": sys.argv})
         if plot:
             plot_tracks(runs, plot)
             console.print(f"plot: {plot}")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shoptune import __version__
+from shoptune import __version__, machine
 from shoptune._io import check_output_dir, existing_inputs, output_dir, write_json, write_jsonl
 from shoptune.data.loaders import load_records
 from shoptune.decoding import build_prompts
@@ -293,6 +294,7 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
                    "questions_per_s": round(len(records) / gen_s, 4) if gen_s else None,
                    "score_s": round(time.time() - t1 - gen_s, 3)},
         "versions": {"shoptune": __version__, "python": platform.python_version()},
+        "machine": machine.describe(), "argv": sys.argv,  # where and how this record was made
     })
     with output_dir(out, command="eval", inputs=inputs, overwrite=overwrite, legacy=_earlier_eval) as tmp:
         write_jsonl(tmp / "predictions.jsonl", rows)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from shoptune.console import console, fail, print_markdown
+from shoptune.eval.cli import MaxBoot, MaxPerm, NBoot, NPerm
 
 
 def register(app: typer.Typer) -> None:
@@ -90,16 +91,18 @@ def register(app: typer.Typer) -> None:
 
     @exp_app.command("report")
     def report_cmd(results: Annotated[Path, typer.Argument(help="An experiment's results folder.")],
-                   n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
-                   n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
-                   seed: Annotated[int, typer.Option(help="Seed of the bootstrap and permutation "
-                                                     "draws.")] = 0) -> None:
+                   n_boot: NBoot = 2000, n_perm: NPerm = 2000,
+                   max_boot: MaxBoot = 512_000, max_perm: MaxPerm = 512_000,
+                   seed: Annotated[int, typer.Option(help="Random seed of the draws (verdicts do not "
+                                                     "depend on it).")] = 0) -> None:
         """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over
-        tasks) with CIs; paired difference to the baseline with CI and p-value."""
+        tasks) with CIs; paired difference to the baseline with CI, p-value and verdict; the draws
+        used and their Monte Carlo error."""
         from shoptune.experiment.report import report_markdown, write_report
 
         try:
-            rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed)
+            rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed, max_boot=max(max_boot, n_boot),
+                               max_perm=max(max_perm, n_perm))
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
         print_markdown(report_markdown(rep))

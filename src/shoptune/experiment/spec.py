@@ -213,10 +213,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 def run_key(config: dict, suite_fingerprint: str, protocol: str, *, per_task: bool = False,
             per_capability: bool = False, merge: dict | None = None, eval_settings: dict | None = None) -> str:
-    from shoptune.train.config import KEY_NEUTRAL_DEFAULTS as neutral
+    from shoptune.train.config import key_config
 
-    cfg = {k: v for k, v in config.items()
-           if k != "output_dir" and not (k in neutral and v == neutral[k])}
+    cfg = {k: v for k, v in key_config(config).items() if k != "output_dir"}
     key = {"config": cfg, "suite": suite_fingerprint, "protocol": protocol}
     # (each only when set: keys of runs that do not use it stay what they were)
     if per_task:

@@ -31,8 +31,10 @@ class ShopTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, task_names: list[str], task_weights: torch.Tensor | None = None,
-                 answer_logits_only: bool = True, balancer=None, **kwargs):
+                 answer_logits_only: bool = True, balancer=None, skill_lr_scale: float | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.skill_lr_scale = skill_lr_scale  # Poly's skills under poly.alpha (see create_optimizer)
         self.answer_logits_only = answer_logits_only
         self.balancer = balancer  # shoptune.train.balancing.Balancer, or None (static)
         self._probed_step = -1
@@ -112,8 +114,22 @@ class ShopTrainer(Trainer):
         return (means[present].mean() / ga).detach()
 
     def create_optimizer(self, *args, **kwargs):
-        """The balancer's learned log-variances train with the adapter (no weight decay)."""
+        """The balancer's learned log-variances train with the adapter (no weight decay). Under
+        ``poly.alpha`` the skills' A and B train at ``skill_lr_scale`` x the learning rate with
+        weight decay / ``skill_lr_scale`` (the reparametrisation of
+        :class:`~shoptune.train.config.PolySettings`); the router keeps the learning rate."""
         opt = super().create_optimizer(*args, **kwargs)
+        if self.skill_lr_scale:
+            skills = {id(p) for n, p in self.model.named_parameters() if _is_poly_skill(n)}
+            groups = []
+            for g in opt.param_groups:  # (no state yet: the groups can be split)
+                base = {k: v for k, v in g.items() if k != "params"}
+                rest = [p for p in g["params"] if id(p) not in skills]
+                mine = [p for p in g["params"] if id(p) in skills]
+                groups += [{**base, "params": rest}] if rest else []
+                groups += [{**base, "params": mine, "lr": g["lr"] * self.skill_lr_scale,
+                            "weight_decay": g["weight_decay"] / self.skill_lr_scale}] if mine else []
+            opt.param_groups[:] = groups
         if self.balancer is not None and self.balancer.log_vars.requires_grad:
             group = {"params": [self.balancer.log_vars], "weight_decay": 0.0}
             if self.balancer.lr is not None:
@@ -236,11 +252,23 @@ def use_bf16(setting) -> bool:
 
 
 def effective_learning_rate(cfg: TrainConfig) -> float:
-    """The optimizer's learning rate: the config's, times sqrt(poly.alpha) for a Poly adapter
-    given LoRA's alpha/r scale (:class:`~shoptune.train.config.PolySettings`)."""
-    if cfg.peft == "poly" and cfg.poly.alpha:
+    """The optimizer's learning rate: the config's; times sqrt(poly.alpha) for the whole adapter
+    under ``poly.router_lr: scaled`` (the skills alone under ``base``: :func:`skill_lr_scale`)."""
+    if cfg.peft == "poly" and cfg.poly.alpha and cfg.poly.router_lr == "scaled":
         return cfg.learning_rate * cfg.poly.alpha ** 0.5
     return cfg.learning_rate
+
+
+def skill_lr_scale(cfg: TrainConfig) -> float | None:
+    """sqrt(poly.alpha): the factor on Poly's skills' learning rate (and on their gradients, set
+    in :func:`build_model`) that makes poly.alpha exact; None when nothing is scaled that way."""
+    if cfg.peft == "poly" and cfg.poly.alpha and cfg.poly.router_lr == "base":
+        return cfg.poly.alpha ** 0.5
+    return None
+
+
+def _is_poly_skill(name: str) -> bool:
+    return ".poly_lora_A." in name or ".poly_lora_B." in name or name.endswith(("poly_lora_A.default", "poly_lora_B.default"))
 
 
 def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | None = None) -> TrainingArguments:
@@ -301,11 +329,14 @@ def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float3
         pcfg = PolyConfig(r=lora.r, target_modules=lora.modules(), n_tasks=n_routes,
                           n_skills=poly.n_skills, n_splits=poly.n_splits, task_type="CAUSAL_LM")
         model = get_peft_model(model, pcfg)
-        if poly.alpha:  # (see PolySettings.alpha; the learning rate is scaled in training_args)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name.endswith("poly_lora_A.default") or ".poly_lora_A." in name:
-                        p.mul_(poly.alpha ** 0.5)
+        if poly.alpha:  # (see PolySettings.alpha; the learning rates are set in the optimizer)
+            s = poly.alpha ** 0.5
+            for name, p in model.named_parameters():
+                if "poly_lora_A" in name and _is_poly_skill(name):
+                    with torch.no_grad():
+                        p.mul_(s)
+                if poly.router_lr == "base" and _is_poly_skill(name):
+                    p.register_hook(lambda g, s=s: g * s)  # the alpha/r model's gradient
     else:
         lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora.modules(), use_rslora=lora.use_rslora,
@@ -382,6 +413,7 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
         data_collator=collate_packed if cfg.packing else lambda f: collate(f, tok.pad_token_id),
         task_names=task_names,
         task_weights=task_weights, answer_logits_only=cfg.answer_logits_only, balancer=balancer,
+        skill_lr_scale=skill_lr_scale(cfg),
         callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, *extra, MarkComplete()]
         + ([evaluator] if evaluator else []))
     if evaluator:

@@ -14,8 +14,9 @@ Engine = Literal["builtin", "llama.cpp", "vllm", "openai"]
 
 
 # Draw options of `eval compare` and `experiment report` (shoptune.eval.paired; 512_000 is its MAX_DRAWS)
-NBoot = Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")]
-NPerm = Annotated[int, typer.Option(min=100, help="Permutations to start with.")]
+# (below 1 is refused with one line by shoptune.eval.runs.check_compare_args, before any work)
+NBoot = Annotated[int, typer.Option(help="Bootstrap resamples to start with.")]
+NPerm = Annotated[int, typer.Option(help="Permutations to start with.")]
 MaxBoot = Annotated[int, typer.Option(min=100, help=(
     "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte Carlo error; "
     "still not at the cap = borderline."))]

@@ -98,8 +98,12 @@ def register(app: typer.Typer) -> None:
         """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over
         tasks) with CIs; paired difference to the baseline with CI, p-value and verdict; the draws
         used and their Monte Carlo error."""
+        from shoptune.eval.runs import check_compare_args
         from shoptune.experiment.report import report_markdown, write_report
 
+        bad_args = check_compare_args(n_boot, n_perm)
+        if bad_args:
+            fail(bad_args, 2)
         try:
             rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed, max_boot=max(max_boot, n_boot),
                                max_perm=max(max_perm, n_perm))

@@ -110,6 +110,9 @@ PARTS = {
     "norm+act": ({"aten::pow", "aten::mean", "aten::rsqrt", "aten::mul", "aten::add", "aten::silu",
                   "aten::silu_backward", "aten::neg", "aten::cat", "aten::sum", "aten::div", "aten::sub",
                   "aten::sigmoid", "aten::slice_backward"}, ()),
+    # a compiled step's fused element-wise kernels (inductor's C++ kernels, named by what they
+    # fuse, recorded with cpp.enable_kernel_profile): the norm+act and cast work of an eager step
+    "fused (compiled)": (set(), ("cpp_fused",)),
 }
 
 
@@ -134,16 +137,16 @@ class ProfileSteps(TrainerCallback):
         self.prof.step()
 
 
-def step_split(trainer, active: int = 3) -> dict:
+def step_split(trainer, active: int = 3, wait: int = 1) -> dict:
     """Profile ``active`` steps after two untimed ones: seconds per step by part (self CPU time
     of each aten op, summed by :data:`PARTS`; "rest" is the step's wall time not in those ops:
     the loss, casts, data, Python and the Trainer's own work) and the largest ops of "rest"."""
     from torch.profiler import ProfilerActivity, profile, schedule
-    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=1, active=active)) as prof:
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=wait, warmup=1, active=active)) as prof:
         cb = ProfileSteps(prof)
         trainer.add_callback(cb)
         trainer.train()
-    wall = (cb.times[1 + active] - cb.times[1]) / active
+    wall = (cb.times[wait + active] - cb.times[wait]) / active
     parts = {p: 0.0 for p in [*PARTS, "optimizer"]}
     rest_ops: dict[str, float] = {}
     for ev in prof.events():
@@ -180,19 +183,27 @@ def ceiling_report(cfg, records, a, r: dict) -> dict:
 
 
 def profile_run(cfg, records, active: int = 3) -> dict:
+    """The step split of ``cfg``'s step; a compiled one after 3 unprofiled steps (its first
+    steps compile), its fused kernels recorded one by one."""
     from shoptune.train.format import encode_records
-    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer
+    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer, use_compile
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    compiled = use_compile(cfg)
+    if compiled:
+        from torch._inductor import config as inductor
+        inductor.cpp.enable_kernel_profile = True
     torch.manual_seed(0)
-    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing)
+    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing,
+                             compile=compiled)
     names = sorted({r.task for r in records})
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
                               task_index={t: i for i, t in enumerate(names)})
     out = Path(cfg.output_dir + "-profile")
-    trainer = make_trainer(cfg, model, tok, examples, names, out, 2 + active, None)
+    wait = 3 if compiled else 1
+    trainer = make_trainer(cfg, model, tok, examples, names, out, wait + 1 + active, None)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    return step_split(trainer, active)
+    return step_split(trainer, active, wait)
 
 
 class Clock(TrainerCallback):
@@ -409,7 +420,7 @@ def main() -> None:
     }
 
     if a.compile:
-        result["compiled"] = compiled_arms(a, tmp, default, peaks, flops_per_token,
+        result["compiled"] = compiled_arms(a, tmp, records, default, peaks, flops_per_token,
                                            torch.bfloat16 if bf16 else torch.float32)
         print("compiled:", json.dumps({k: v for k, v in result["compiled"].items() if k != "arms"}), flush=True)
         write_json(Path(a.out), result)
@@ -462,7 +473,7 @@ def child_arm(a, tmp: Path, extra: list[str], buckets: int, cache: Path) -> dict
     return json.loads(out.read_text())
 
 
-def compiled_arms(a, tmp: Path, default: dict, peaks: dict, flops_per_token: float,
+def compiled_arms(a, tmp: Path, records, default: dict, peaks: dict, flops_per_token: float,
                   dtype: torch.dtype) -> dict:
     """Each compiled arm, cold then warm, against the eager default of this run: tokens/s ratio,
     the median per-step time ratio over steps timed in both (the same batches in the same
@@ -495,6 +506,10 @@ def compiled_arms(a, tmp: Path, default: dict, peaks: dict, flops_per_token: flo
         print(f"{name}: {cold['tokens_per_s']} tok/s ({arms[name]['ratio']}x), compile "
               f"{cold['compile_s']} s cold / {warm['compile_s']} s warm", flush=True)
     best = max(arms, key=lambda n: arms[n]["ratio"])
+    # where a compiled step's time goes (the recipe's arm, `compile: on`), as for the eager default
+    name, extra, _ = COMPILED[0]
+    arms[name]["split"] = profile_run(config(tmp, "compiled-profile", a, extra), records)
+    print(f"{name}: split {arms[name]['split']['share']}", flush=True)
     return {"arm": best, **{k: arms[best][k] for k in ("ratio", "paired_step_ratio", "compile_s_cold",
                                                        "compile_s_warm", "break_even_steps", "mfu")},
             "loss_mean_abs_delta": None, "arms": arms}

@@ -119,7 +119,11 @@ def compile_layers(model, *, dynamic: bool | None = None, inference: bool = Fals
     """Compile each decoder layer in place (see the module docstring); returns how many.
     Compiling happens at the first call of each new shape. ``inference``: also for forwards
     that carry a KV cache (generation, the prefix cache), see :func:`_cache_updates_outside`."""
+    from torch._dynamo import config
     use_cache_dir()
+    # a few graphs per layer frame (shapes, with and without a padding mask or a KV cache), each
+    # compiled once: more than dynamo's default limit of 8 before it gives up and runs eagerly
+    config.recompile_limit = max(config.recompile_limit, 32)
     if inference:
         _cache_updates_outside()
         if dynamic is None:  # batch and length both vary from the first call on
@@ -140,9 +144,6 @@ def _cache_updates_outside() -> None:
     from torch._dynamo import config
     from transformers.cache_utils import Cache
     config.allow_unspec_int_on_nn_module = True
-    # prefill and decode, batch of one and more, with and without a padding mask or a cache:
-    # a few graphs per layer frame, each compiled once
-    config.recompile_limit = max(config.recompile_limit, 32)
     if not getattr(Cache.update, "_shoptune_eager", False):
         update = torch.compiler.disable(Cache.update)
         update._shoptune_eager = True

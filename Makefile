@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-fast clean-venv llama-server llama-server-path llama-cpp-source llama-cpp-source-path vllm vllm-python-path
+.PHONY: setup demo test test-fast reports clean-venv llama-server llama-server-path llama-cpp-source llama-cpp-source-path vllm vllm-python-path
 setup: $(STAMP) data
 	@$(BIN)/shoptune models pull smollm2-135m
 
@@ -36,6 +36,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Every committed experiment report (docs/results/experiments/*/report.md, results.json, plots)
+# regenerated from its small result files: one command, ~2 min on 2 cores. Verdicts do not depend
+# on the draws' seed (see docs/experiments.md). Re-run after a change to the statistics or the report.
+reports: $(STAMP)
+	@for d in docs/results/experiments/*/; do \
+	    $(BIN)/shoptune experiment report "$$d" >/dev/null || exit 1; echo "$${d}report.md"; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,7 +24,8 @@ import torch
 
 from shoptune import machine
 from shoptune._io import write_json
-from shoptune.decoding import build_prompts, plan_for
+from shoptune.decoding import build_prompts
+from shoptune.tasks import plan_for
 from shoptune.eval.backends import LocalBackend
 from shoptune.eval.scoring import _task_value, score_outputs, summarize
 

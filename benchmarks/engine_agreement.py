@@ -25,7 +25,8 @@ import torch
 
 from shoptune._io import write_json
 from shoptune.data.loaders import load_records
-from shoptune.decoding import NumberListProcessor, build_prompts, choice_token_ids, finish, plan_for
+from shoptune.decoding import NumberListProcessor, build_prompts, choice_token_ids
+from shoptune.tasks import finish, plan_for
 from shoptune.eval.backends import LocalBackend, OpenAIBackend
 from shoptune.eval.scoring import score_outputs, summarize
 from shoptune.models import load

@@ -26,7 +26,8 @@ import torch
 from shoptune import machine
 from shoptune._io import write_json
 from shoptune.data.loaders import load_records
-from shoptune.decoding import STARTER_KIT_PREFIX, build_prompts, plan_for
+from shoptune.decoding import STARTER_KIT_PREFIX, build_prompts
+from shoptune.tasks import plan_for
 from shoptune.eval.backends import LocalBackend
 from shoptune.eval.scoring import score_outputs, summarize
 from shoptune.models import load

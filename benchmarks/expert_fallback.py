@@ -25,13 +25,14 @@ from pathlib import Path
 from shoptune import machine
 from shoptune._io import write_json
 from shoptune.eval.paired import paired_compare
+from shoptune.eval.runs import read_predictions
 from shoptune.eval.runner import evaluate
 from shoptune.experiment.runner import _routed
 from shoptune.experts import ALL_TASKS, ExpertError, export_run_experts
 
 
 def rows_of(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+    return read_predictions(path)  # (cells evaluated before #34 name tasks task2, new ones shopbench_task2)
 
 
 def summary(cmp: dict) -> dict:
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
                          f"reused from another experiment: pass that experiment's --exp and cell)")
         work = args.exp / "fallback" / run["id"]
         try:
-            meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean")
+            meta = export_run_experts(cells / run["id"] / "train", work / "experts", fallback="mean",
+                                      overwrite=True)
         except ExpertError as e:
             ap.error(f"--cell {args.cell}: {e}")
         routes = _routed(experts=meta)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                 and done["manifest"]["fingerprint"] == plan["suite"]["fingerprint"]):
             model = json.loads((cells / run["id"] / "train" / "run.json").read_text())["config"]["model"]
             done = evaluate(model=model, suite=plan["suite_file"], out=work / "eval", protocol=plan["protocol"],
-                            engine=ev["engine"], dtype=ev["dtype"], task_adapters=routes)
+                            engine=ev["engine"], dtype=ev["dtype"], task_adapters=routes, overwrite=True)
             if done["manifest"]["fingerprint"] != plan["suite"]["fingerprint"]:
                 sys.exit(f"suite {plan['suite']['name']} changed since the experiment ran")
         own.append(rows_of(cells / run["id"] / "eval" / "predictions.jsonl"))

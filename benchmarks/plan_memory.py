@@ -1,7 +1,7 @@
 """The memory planner (``shoptune train CONFIG --plan``) against measured CPU peak memory.
 
     .venv/bin/python benchmarks/plan_memory.py [--batch-size 2] [--max-length 512] [--steps 2]
-        [--answer-fraction 0.1] [--config configs/train/demo.yaml] [key=value ...]
+        [--answer-fraction 0.1] [--config configs/train/demo.yaml] [--out FILE.json] [key=value ...]
 
 Trains ``--steps`` steps of the recipe (its own ``build_model`` / ``make_trainer``, the config's
 LoRA, precision, packing, checkpointing) on rows of exactly ``--max-length`` random tokens whose
@@ -93,12 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--answer-fraction", type=float, default=0.1)
+    ap.add_argument("--out", help="also write the result, with the machine and command, as JSON here")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = ap.parse_args(argv)
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
         os.execv(sys.executable, [sys.executable, *sys.argv])
-    print(json.dumps(measure(a.config, a.overrides, a.batch_size, a.max_length, a.steps, a.answer_fraction)))
+    res = measure(a.config, a.overrides, a.batch_size, a.max_length, a.steps, a.answer_fraction)
+    print(json.dumps(res))
+    if a.out:
+        from shoptune import machine
+        from shoptune._io import write_json
+        write_json(Path(a.out), {"machine": machine.describe(),
+                                 "command": " ".join(["benchmarks/plan_memory.py", *sys.argv[1:]]), **res})
 
 
 if __name__ == "__main__":

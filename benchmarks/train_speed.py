@@ -2,7 +2,7 @@
 SFTTrainer defaults, all in one run.
 
     .venv/bin/python benchmarks/train_speed.py [--steps 12] [--batch-size 8] [--max-length 256]
-        [--compile] [--no-trl] [--loss-steps 50]
+        [--compile] [--no-trl] [--no-ceiling] [--loss-steps 50] [--trl-repeats 3 --out F.json]
 
 Same model (the embedded SmolLM2-135M), same rows (a diverse EC-Guide mixture rendered with the
 evaluator's prompts), same LoRA (r=16, attention+MLP), batch size and precision (what `bf16: auto`
@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -341,6 +343,56 @@ def run_shoptune(cfg, records, steps: int, buckets: int = 0):
     return r, model, tok, examples
 
 
+def run_trl(a, records, base_cfg, out: Path, bf16: bool) -> dict:
+    """TRL's SFTTrainer with its defaults except what must match (model, rows, LoRA, batch,
+    length, learning rate, precision): the same measurement as :func:`run_shoptune`."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from shoptune.decoding import build_prompts
+    from shoptune.models import load
+    from shoptune.train.format import answer_text
+
+    base, tok = load(base_cfg.model, dtype="fp32")
+    prompts = build_prompts(records, base_cfg.protocol, tok)
+    data = Dataset.from_list([{"prompt": p, "completion": answer_text(r)} for p, r in zip(prompts, records)])
+    targs = SFTConfig(output_dir=str(out), per_device_train_batch_size=a.batch_size,
+                      max_steps=a.steps, max_length=a.max_length, learning_rate=base_cfg.learning_rate,
+                      bf16=bf16, report_to=[], save_strategy="no", logging_steps=100000,
+                      disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=base_cfg.lora.dropout,
+                      target_modules=base_cfg.lora.modules(), task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    trl = SFTTrainer(model=base, args=targs, train_dataset=data, processing_class=tok, peft_config=lcfg)
+    r = measure(trl)
+    r["defaults_that_differ"] = {k: getattr(targs, k) for k in
+                                 ("gradient_checkpointing", "packing", "padding_free", "completion_only_loss")}
+    return r
+
+
+def side_by_side(a, records, base_cfg, tmp: Path, bf16: bool) -> dict:
+    """shoptune's default recipe and TRL's SFTTrainer defaults, alternated ``--trl-repeats``
+    times in this one process, so load from other processes and drift hit both arms alike; the
+    ratio of each round and their median."""
+    import statistics
+
+    rounds = []
+    for i in range(a.trl_repeats):
+        load = [round(x, 2) for x in os.getloadavg()]
+        ours, model, _, _ = run_shoptune(config(tmp, f"ours{i}", a, LEVERS[-1][1]), records, a.steps)
+        del model
+        theirs = run_trl(a, records, base_cfg, tmp / f"trl{i}", bf16)
+        rounds.append({"shoptune_tokens_per_s": ours["tokens_per_s"], "trl_tokens_per_s": theirs["tokens_per_s"],
+                       "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2), "load_avg_before": load,
+                       "shoptune": {k: v for k, v in ours.items() if k != "losses"}, "trl": theirs})
+        print(f"round {i}: shoptune {ours['tokens_per_s']} tok/s, TRL {theirs['tokens_per_s']} tok/s, "
+              f"ratio {rounds[-1]['ratio']}", flush=True)
+    ratios = [r["ratio"] for r in rounds]
+    return {"rounds": rounds, "ratio_per_round": ratios, "ratio_median": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)], "shoptune_overrides": LEVERS[-1][1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -357,19 +409,19 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=0,
                     help="also train 'before' and the new defaults this many steps on the same rows "
                          "and plot both loss curves")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the shape ceiling and the step profile (minutes)")
+    ap.add_argument("--trl-repeats", type=int, default=0,
+                    help="only shoptune's default recipe vs TRL's SFTTrainer defaults, alternated "
+                         "this many times (the ratio per round and its median; no levers)")
     ap.add_argument("--out", default="docs/results/train_speed.json")
     a = ap.parse_args()
 
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from shoptune.decoding import build_prompts
-    from shoptune.models import load
-    from shoptune.train.format import IGNORE, answer_text
+    from shoptune.train.format import IGNORE
     from shoptune.train.mixture import build_mixture
     from shoptune.train.trainer import use_bf16
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()]  # other processes on the machine
     tmp = Path(tempfile.mkdtemp(prefix="train_speed-"))
     if a.arm:  # a child process of compiled_arms()
         cfg = config(tmp, "arm", a, json.loads(a.arm))
@@ -382,6 +434,16 @@ def main() -> None:
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     print(f"matmul peak: bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s; "
           f"training precision: {'bf16' if bf16 else 'fp32'}", flush=True)
+    command = " ".join(["benchmarks/train_speed.py", *sys.argv[1:]])
+    if a.trl_repeats:
+        res = side_by_side(a, records, base_cfg, tmp, bf16)
+        write_json(Path(a.out), {
+            "machine": machine.describe(), "command": command, "steps": a.steps, "batch_size": a.batch_size,
+            "max_length": a.max_length, "precision": "bf16" if bf16 else "fp32",
+            "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()}, "trl_vs_shoptune": res,
+            "load_avg": {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]}})
+        print(f"shoptune / TRL: median {res['ratio_median']} (rounds {res['ratio_per_round']}); wrote {a.out}")
+        return
     n_params = None
     levers = {}
     for name, extra in LEVERS + [PACKING]:
@@ -398,7 +460,7 @@ def main() -> None:
         r["mfu"] = {k: round(flops_per_token * r["tokens_per_s"] / v, 3) for k, v in peaks.items()}
     default = levers[LEVERS[-1][0]]
     packed = levers[PACKING[0]]
-    for name, extra in (LEVERS[-1], PACKING):  # the new defaults, padded and packed
+    for name, extra in () if a.no_ceiling else (LEVERS[-1], PACKING):  # the new defaults, padded and packed
         cfg = config(tmp, f"ceiling{len(extra)}", a, extra)
         rep = ceiling_report(cfg, records, a, levers[name])
         levers[name]["mfu"]["shape_ceiling"] = rep["shape_ceiling"]
@@ -407,7 +469,8 @@ def main() -> None:
               f"{rep['shape_ceiling']}, split {rep['split']['share']}", flush=True)
 
     result = {
-        "machine": machine.describe(), "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
+        "machine": machine.describe(), "command": command,
+        "steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length,
         "precision": "bf16" if bf16 else "fp32", "base_params": n_params,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
         "levers": levers, "shoptune": {k: v for k, v in default.items() if k != "losses"},
@@ -426,27 +489,13 @@ def main() -> None:
         write_json(Path(a.out), result)
 
     if not a.no_trl:  # TRL SFTTrainer, defaults except what must match
-        prompts = build_prompts(records, base_cfg.protocol, tok)
-        data = Dataset.from_list([{"prompt": p, "completion": answer_text(r)} for p, r in zip(prompts, records)])
-        base, tok = load(base_cfg.model, dtype="fp32")
-        targs = SFTConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=a.batch_size,
-                          max_steps=a.steps, max_length=a.max_length, learning_rate=base_cfg.learning_rate,
-                          bf16=bf16, report_to=[], save_strategy="no", logging_steps=100000,
-                          disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-        lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=base_cfg.lora.dropout,
-                          target_modules=base_cfg.lora.modules(), task_type="CAUSAL_LM")
-        torch.manual_seed(0)
-        trl = SFTTrainer(model=base, args=targs, train_dataset=data, processing_class=tok, peft_config=lcfg)
-        theirs = measure(trl)
-        theirs["defaults_that_differ"] = {k: getattr(targs, k) for k in
-                                          ("gradient_checkpointing", "packing", "padding_free",
-                                           "completion_only_loss")}
+        theirs = run_trl(a, records, base_cfg, tmp / "trl", bf16)
         theirs["mfu"] = {k: round(flops_per_token * theirs["tokens_per_s"] / v, 3) for k, v in peaks.items()}
         print("trl:", theirs, flush=True)
         result["trl_sft_default"] = theirs
         result["ratio"] = round(default["tokens_per_s"] / theirs["tokens_per_s"], 2)
-        del base, trl
 
+    result["load_avg"] = {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]}
     write_json(Path(a.out), result)  # the lever numbers are kept even if what follows fails
     if a.loss_steps:
         curves = loss_curves(a, tmp)

@@ -164,7 +164,7 @@ def test_cli_adversarial_run(tmp_path):
         problems.append(f"file modes: {modes}, folder {dir_mode}\n{r.stderr[-2000:]}")
 
     write_section("cli", [
-        "## The CLI run (#20 items 13-16, minor)", "",
+        "## The CLI run (second pass, items 13-16, minor)", "",
         "Each bad invocation as its own process in a scratch folder: exit non-zero, at most two "
         "lines on stderr (`data validate`: one per bad row, then the count), no traceback, the "
         "folder unchanged (`data synth` may write its report only).", "",

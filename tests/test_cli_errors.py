@@ -75,7 +75,7 @@ def test_a_mixture_that_is_not_text_or_not_a_file_is_one_line(tmp_path):
     assert one_line(invoke("data", "mix", cfg, "--out", tmp_path / "o.jsonl")) == \
         f"error: {cfg}: not UTF-8 text (byte 10)"
     assert one_line(invoke("data", "mix", tmp_path, "--out", tmp_path / "o.jsonl")) == \
-        f"error: {tmp_path}: Is a directory"
+        f"error: {tmp_path}: is a folder (a mixture is wanted here)"
     assert one_line(invoke("data", "mix", tmp_path / "nope.yaml", "--out", tmp_path / "o.jsonl")) == \
         f"error: {tmp_path / 'nope.yaml'}: No such file or directory"
 
@@ -84,7 +84,7 @@ def test_a_mixture_that_is_not_text_or_not_a_file_is_one_line(tmp_path):
     ("=5", "override '=5': the key is empty"),
     ("total", "override 'total': expected key=value"),
     ("weights.x=[1", "override 'weights.x=[1': weights.x: not a YAML value"),
-    ("total=0", "m.yaml: total: Input should be greater than or equal to 1 (got 0)"),
+    ("total=0", "override 'total=0': total: Input should be greater than or equal to 1 (got 0)"),
 ])
 def test_data_mix_overrides_are_one_line_naming_the_key(tmp_path, rows, override, expect):
     cfg = tmp_path / "m.yaml"
@@ -163,7 +163,7 @@ def test_derive_mcq_without_generation_rows_writes_nothing(tmp_path, rows):
     ("lora.target_modules=[q_proj", "error: override 'lora.target_modules=[q_proj': lora.target_modules: "
                                     "not a YAML value (expected ',' or ']', but got '<stream end>')"),
     ("=5", "error: override '=5': the key is empty (expected key=value, e.g. lora.r=32)"),
-    ("lora.target_modules=5", f"error: {SMOKE}: lora.target_modules: Input should be 'attention' or "
+    ("lora.target_modules=5", "error: override 'lora.target_modules=5': lora.target_modules: Input should be 'attention' or "
                               "'attention+mlp'; or Input should be a valid list (got 5)"),
     ("lora.r.x=1", "error: override 'lora.r.x=1': lora.r is not a section"),
 ])
@@ -183,7 +183,7 @@ def test_config_file_errors_name_file_line_and_key(tmp_path):
         f"{p}:7: mixture.bogus: Extra inputs are not permitted (got 1)",
         f"{p}:3: lora.r: Input should be greater than or equal to 1 (got 0)",
         f"{p}:4: lora.alpha: Input should be greater than 0 (got -1)"]
-    with pytest.raises(ConfigError, match=rf"^{p}: lora.r: .* \(got 0\)$"):  # set by an override: no line
+    with pytest.raises(ConfigError, match=r"^override 'lora.r=0': lora.r: .* \(got 0\)$"):  # not the file's
         load_config(p, ["lora.r=0", "lora.alpha=1", "mixture={sources: [a]}"])
 
 

@@ -163,5 +163,7 @@ def test_run_experts_fallback_for_capabilities_never_trained(tiny_base, tmp_path
         assert any((c[k] - b[k]).abs().max() > 1e-4 for k in b)
 
     r = CliRunner().invoke(app, ["export", "experts", str(run), "--out", str(tmp_path / "x"), "--fallback", "nearest"])
-    assert r.exit_code != 0 and "fallback 'nearest': one of capability, mean" in r.output
+    # (#34: --fallback lists its choices, so a wrong one is a usage error naming them)
+    said = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 2 and "'nearest' is not one of 'capability', 'mean'" in said, said
     assert not (tmp_path / "x").exists()

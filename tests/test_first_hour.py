@@ -85,7 +85,7 @@ def test_configs_ls_and_cp(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "smoke.yaml").read_text() == (REPO_CONFIGS / "train" / "smoke.yaml").read_text()
     res, text = run("configs", "cp", "configs/train/smoke.yaml", tmp_path / "smoke.yaml")
-    assert res.exit_code == 1 and "exists (--force replaces it)" in text
+    assert res.exit_code == 1 and "exists (--overwrite replaces it)" in text
     res, text = run("configs", "cp", "smoke", tmp_path / "smoke.yaml", "--force")
     assert res.exit_code == 0, res.output
     res, text = run("configs", "cp", "no-such", tmp_path / "x.yaml")
@@ -95,7 +95,7 @@ def test_configs_ls_and_cp(tmp_path):
 def test_eval_bar_moves_inside_a_generation_batch(tmp_path):
     """The bar used to move once per batch of 16 (119 s without movement): now rows count as they
     finish, in steps that add up exactly to the number of questions."""
-    from shoptune.decoding import Plan
+    from shoptune.tasks import Plan
     from shoptune.eval.backends import LocalBackend
     from shoptune.models import load
     from shoptune.serve.testing import make_tiny_model
@@ -154,7 +154,9 @@ def test_compared_runs_show_a_paired_interval_or_say_none_can_be_computed(tmp_pa
         (tmp_path / name).mkdir()
         (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     line = paired_line(tmp_path / "eval-dev-base", tmp_path / "eval-dev-tuned")
-    assert re.fullmatch(r"dev: all-around 0\.500 -> 0\.333, paired diff -0\.167 \[[-+]\d\.\d{3}, [-+]\d\.\d{3}\] "
+    # one track's questions: never called all-around (#33 item 3)
+    assert re.fullmatch(r"dev: mean of 1 of 4 tracks \(concept_understanding\), not all-around "
+                        r"0\.500 -> 0\.333, paired diff -0\.167 \[[-+]\d\.\d{3}, [-+]\d\.\d{3}\] "
                         r"\(95%, 30 questions\): (within noise|lower)", line), line
 
 

@@ -18,15 +18,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
-from rich.table import Table
 
-from shoptune.console import OnInvalid, OneLineErrors, console, err, fail
+from shoptune.console import OnInvalid, OneLineErrors, console, err, fail, piped, print_rows, table
 from shoptune.data.cli import register as register_data
 from shoptune.eval.cli import register as register_eval
 from shoptune.experiment.cli import register as register_experiment
+from shoptune.records import CAPABILITIES
 from shoptune.serve.cli import register as register_serve
 from shoptune.train.cli import register as register_train
 
@@ -45,7 +45,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 logging.getLogger("DeepSpeed").addFilter(
     lambda record: not record.getMessage().startswith("Setting accelerator to CPU."))
 
-app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, evaluation, serving.",
+app = typer.Typer(help="shoptune: one LLM for every e-commerce task: data, training, evaluation, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors)
 tasks_app = typer.Typer(help="Task cards (capability, task type, metric, prompt).",
                         no_args_is_help=True)
@@ -61,13 +61,31 @@ app.add_typer(models_app, name="models")
 
 
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Data folder (default: "
-                                                 "$SHOPTUNE_DATA_DIR, else ./data).")]
-Paths = Annotated[list[str], typer.Argument(help="Files or folders (relative to the data dir "
-                                            "when not found as given).")]
+                                                 "$SHOPTUNE_DATA_DIR, else ./data, else the data/ "
+                                                 "folder of the shoptune checkout).")]
+Paths = Annotated[Optional[list[str]], typer.Argument(
+    help="Files or folders (relative to the data dir when not found as given); with --task of an "
+         "own task, default: the files its card names.", show_default=False)]
+
+
+def _paths(paths: list[str] | None, task: str | None) -> list[str]:
+    """The files to read: as given, else (``--task`` of a card naming its own files) the task."""
+    if paths:
+        return paths
+    if task:
+        from shoptune.tasks import find_card
+        card = find_card(task)
+        if card is not None and card.source.files:
+            return [task]
+        if card is None:
+            fail(f"--task {task}: unknown task (`shoptune tasks ls` lists them)")
+        fail(f"--task {task}: its card names no files of its own (source.files); give the files")
+    fail("give the files or folders to read (or --task of an own task, whose card names them)")
 MapOpt = Annotated[Optional[list[str]], typer.Option(
     "--map", help="Column mapping for your own files: FIELD=COLUMN (e.g. input_field=question).")]
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Task card to tag your own rows "
                                                 "with (gives type, metric, capability).")]
+OverwriteFile = Annotated[bool, typer.Option(help="Replace output files that exist (never an input).")]
 
 
 def _set_data_dir(data_dir: Path | None) -> None:
@@ -135,11 +153,16 @@ def main(data_dir: DataDir = None) -> None:
 # ----------------------------------------------------------------------------- tasks
 
 @tasks_app.command("ls")
-def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of objects.")] = False,
-             capability: Annotated[Optional[str], typer.Option(help="Only this capability.")] = None,
-             rows: Annotated[bool, typer.Option(help="Count rows in the data dir.")] = True,
+def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects "
+                                                                "instead of the table.")] = False,
+             capability: Annotated[Optional[Literal[CAPABILITIES]], typer.Option(
+                 help="Only this capability's tasks.")] = None,
+             count_rows: Annotated[bool, typer.Option(help="Count each task's rows in the data dir "
+                                                      "(--no-count-rows: faster, rows '-').")] = True,
+             rows_old: Annotated[Optional[bool], typer.Option(
+                 "--rows/--no-rows", hidden=True, help="The former name of --count-rows.")] = None,
              data_dir: DataDir = None) -> None:
-    """List every task card: capability, task, type, metric, rows."""
+    """List every task card: capability, task, type, metric, rows. Piped: tab-separated lines."""
     from shoptune.data.loaders import iter_raw
     from shoptune.paths import data_dir as ddir
     from shoptune.tasks import all_cards
@@ -147,10 +170,16 @@ def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of 
     _set_data_dir(data_dir)
     cards = [c for c in all_cards().values() if capability in (None, c.capability)]
     counts: dict[str, int | None] = {c.name: None for c in cards}
-    if rows:
+    if rows_old is not None:  # (--rows / --no-rows, the former spelling)
+        count_rows = rows_old
+    if count_rows:
         root = ddir()
         cache: dict[Path, list[dict]] = {}
         for c in cards:
+            if c.source.files:  # an own task: the rows of its own files
+                counts[c.name] = sum(1 for f in c.source_files() if f.is_file()
+                                     for _, r, _ in iter_raw(f) if r is not None)
+                continue
             f = root / ("ec-guide/" if c.source.dataset == "ec-guide" else "") / (c.source.file or "")
             if not c.source.file or not f.is_file():
                 continue
@@ -167,17 +196,24 @@ def tasks_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of 
     if as_json:
         print(json.dumps(out, indent=1, ensure_ascii=False))
         return
-    t = Table(title=f"{len(out)} tasks")
-    for col in ("capability", "task", "type", "metric", "rows"):
-        t.add_column(col, justify="right" if col == "rows" else "left")
-    for r in out:
-        t.add_row(r["capability"], r["task"], r["type"], r["metric"],
-                  "-" if r["rows"] is None else str(r["rows"]))
+    cols = ("capability", "task", "type", "metric", "rows")
+    if piped():
+        print_rows(list(cols), [[r[c] for c in cols] for r in out])
+        return
+    # the capability heads its tasks (a column of its own would not fit 80 columns with the names whole)
+    t = table(*cols[1:], title=f"{len(out)} tasks by capability", keep=("task",), right=("rows",))
+    for cap in dict.fromkeys(r["capability"] for r in out):
+        t.add_row(f"[bold]{cap}[/]")
+        mine = [r for r in out if r["capability"] == cap]
+        for i, r in enumerate(mine, 1):
+            t.add_row(r["task"], r["type"], r["metric"], "-" if r["rows"] is None else str(r["rows"]),
+                      end_section=i == len(mine))
     console.print(t)
 
 
 @tasks_app.command("show")
-def tasks_show(name: str) -> None:
+def tasks_show(name: Annotated[str, typer.Argument(help="A task card's name (or ShopBench's, e.g. "
+                                                 "task2); `shoptune tasks ls` lists them.")]) -> None:
     """Print one task card as YAML."""
     import yaml
 
@@ -187,19 +223,94 @@ def tasks_show(name: str) -> None:
         card = get_card(name)
     except KeyError as e:
         fail(str(e).strip("'\""))
-    print(yaml.safe_dump(card.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True))
+    data = card.model_dump(exclude_defaults=True, by_alias=True)
+    data.setdefault("metric", list(card.metrics) if len(card.metrics) > 1 else card.metric)
+    if card.path is not None:
+        print(f"# {card.path}")
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+@tasks_app.command("new")
+def tasks_new(
+        name: Annotated[str, typer.Argument(help="The new task's name (lower case, digits, _).")],
+        from_: Annotated[Path, typer.Option("--from", help="Your data: CSV, JSON lines, JSON or Parquet, "
+                                            "with your own column names.")],
+        input_: Annotated[list[str], typer.Option("--input", help="A column the model reads "
+                                                  "(repeatable; each becomes a named input).")],
+        label: Annotated[Optional[str], typer.Option(help="The column holding one label per row "
+                                                     "(output: label; the labels are the values seen).")] = None,
+        labels: Annotated[Optional[str], typer.Option(help="The column holding several labels per row: a "
+                                                      "JSON list, or text split at | ; or , (output: labels).")] = None,
+        json_: Annotated[Optional[str], typer.Option("--json", help="The column holding a JSON object per "
+                                                     "row (output: json; the schema is inferred).")] = None,
+        target: Annotated[Optional[str], typer.Option(help="The column holding a free-text answer (output: "
+                                                      "text), or a number (output: number).")] = None,
+        output: Annotated[Optional[str], typer.Option(help="With --target: text or number (default: number "
+                                                      "when every value is one).")] = None,
+        capability: Annotated[Optional[str], typer.Option(help="concept_understanding (default), "
+                                                          "knowledge_reasoning, user_behavior_alignment or "
+                                                          "multilingual.")] = None,
+        metric: Annotated[Optional[list[str]], typer.Option(help="Metric(s) instead of the output's defaults "
+                                                            "(repeatable; the first is the task's score).")] = None,
+        description: Annotated[Optional[str], typer.Option(help="One line saying what the task is.")] = None,
+        tasks_dir: Annotated[Path, typer.Option(help="Where the card is written (./tasks is read by "
+                                                "every command; else add the folder to SHOPTUNE_TASKS_PATH).")] = Path("tasks"),
+        overwrite: Annotated[bool, typer.Option(help="Replace a card of this name that `tasks new` wrote.")] = False,
+) -> None:
+    """Make a task card from your own file: infer the labels or the JSON schema, read every row
+    through the card, write TASKS_DIR/NAME.yaml, and print the label distribution, the invalid
+    rows and the commands that come next."""
+    from shoptune.tasks import own_dirs
+    from shoptune.tasks.new import make
+
+    made = make(name, from_, inputs=input_, label=label, labels=labels, json_col=json_, target=target,
+                output=output, capability=capability, metrics=metric, description=description,
+                tasks_dir=tasks_dir, overwrite=overwrite)
+    card = made.card
+    _say(f"task card -> {made.path}  (output: {card.output}; metric: {', '.join(card.metrics)}; "
+         f"capability: {card.capability})")
+    _say(f"rows: {made.rows} valid, {len(made.invalid)} invalid")
+    for issue in made.invalid[:10]:
+        _say(f"  {issue}")
+    if len(made.invalid) > 10:
+        _say(f"  ... and {len(made.invalid) - 10} more (`shoptune data validate --task {name} {from_}`)")
+    if made.distribution:
+        what = {"label": "label", "labels": "label", "json": "key (rows with a value)"}.get(card.output, "value")
+        shown = [[str(k), str(n), f"{n / made.rows:.0%}"] for k, n in made.distribution.most_common(40)]
+        if piped():
+            print_rows([what, "rows", "share"], shown)
+        else:
+            t = table(what, "rows", "share", title=f"{card.output}: {len(made.distribution)} distinct",
+                      keep=(what,), right=("rows", "share"))
+            for row in shown:
+                t.add_row(*row)
+            console.print(t)
+    for note in made.notes:
+        _say(f"note: {note}")
+    found = made.path.parent.resolve() in {d.resolve() for d in own_dirs() if d.exists()}
+    env = "" if found else f"SHOPTUNE_TASKS_PATH={made.path.parent} "
+    if not found:
+        _say(f"note: {made.path.parent} is not read by other commands: run them from its parent "
+             f"folder (as ./tasks), or export SHOPTUNE_TASKS_PATH={made.path.parent}")
+    _say("next:")
+    for line in (f"{env}shoptune data split --task {name} --out data/{name}      # train/validation/test rows",
+                 f"{env}shoptune eval --data data/{name}/test.jsonl --model smollm2-135m --out runs/{name}/base",
+                 f"{env}shoptune train smoke --out runs/{name}/train mixture.sources=[{name}]",
+                 f"{env}shoptune serve --model smollm2-135m --adapter {name}=runs/{name}/train/adapter"
+                 f"   # POST /v1/tasks/{name}"):
+        _say(f"  {line}")
 
 
 # ----------------------------------------------------------------------------- data
 
 @data_app.command("validate")
-def data_validate(paths: Paths, task: TaskOpt = None, map_: MapOpt = None) -> None:
+def data_validate(paths: Paths = None, task: TaskOpt = None, map_: MapOpt = None) -> None:
     """Check every row against its task type; exit 0, or list the errors and exit 1."""
     from shoptune.data.loaders import MAX_ISSUES_SHOWN
     from shoptune.data.validate import validate_records
 
     try:
-        n_ok, issues = validate_records(paths, task=task, mapping=_mapping(map_))
+        n_ok, issues = validate_records(_paths(paths, task), task=task, mapping=_mapping(map_))
     except (FileNotFoundError, KeyError) as e:
         fail(str(e).strip("'\""))
     if issues:
@@ -212,8 +323,10 @@ def data_validate(paths: Paths, task: TaskOpt = None, map_: MapOpt = None) -> No
 
 
 @data_app.command("stats")
-def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
-               as_json: Annotated[bool, typer.Option("--json")] = False,
+def data_stats(paths: Annotated[Optional[list[str]], typer.Argument(
+                   help="Files or folders (default: ec-guide and shopbench-dev in the data dir).")] = None,
+               as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON "
+                                                                  "instead of the table.")] = False,
                tokens: Annotated[bool, typer.Option(help="Token-length percentiles "
                                                     "(embedded tokenizer).")] = True,
                task: TaskOpt = None, map_: MapOpt = None) -> None:
@@ -236,13 +349,16 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
     if as_json:
         print(json.dumps(st, indent=1, ensure_ascii=False))
         return
-    t = Table(title=f"{st['total_rows']} rows ({st['invalid_rows']} break the record rules; "
-                    f"`shoptune data validate` lists them)")
-    for col in ("capability", "task", "type", "metric", "rows"):
-        t.add_column(col, justify="right" if col == "rows" else "left")
-    for r in st["by_task"]:
-        t.add_row(r["capability"], r["task"], r["task_type"], r["metric"], str(r["rows"]))
-    console.print(t)
+    rows = [[r["capability"], r["task"], r["task_type"], r["metric"], r["rows"]] for r in st["by_task"]]
+    if piped():
+        print_rows(["capability", "task", "type", "metric", "rows"], rows)
+    else:
+        t = table("capability", "task", "type", "metric", "rows", keep=("task",), right=("rows",),
+                  title=f"{st['total_rows']} rows ({st['invalid_rows']} break the record rules; "
+                        f"`shoptune data validate` lists them)")
+        for r in rows:
+            t.add_row(*map(str, r))
+        console.print(t)
     for key in ("by_capability", "by_task_type", "by_source", "duplicates"):
         console.print(f"[bold]{key}[/]: " + ", ".join(f"{k}={v}" for k, v in st[key].items()))
     if "tokens" in st:
@@ -252,47 +368,72 @@ def data_stats(paths: Annotated[Optional[list[str]], typer.Argument()] = None,
 
 
 @data_app.command("split")
-def data_split(paths: Paths, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
+def data_split(paths: Paths = None, *, out: Annotated[Path, typer.Option(help="Folder for train/validation/"
                                                                 "test .jsonl")],
-               seed: int = 0, validation: float = 0.02, test: float = 0.05,
-               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip") -> None:
+               seed: Annotated[int, typer.Option(help="Seed of the split (each row's part is a "
+                                                  "hash of its id and the seed).")] = 0,
+               validation: Annotated[float, typer.Option(help="Share of each task's rows in "
+                                                         "validation.jsonl.")] = 0.02,
+               test: Annotated[float, typer.Option(help="Share of each task's rows in test.jsonl.")] = 0.05,
+               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip",
+               overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier split "
+                                                       "(and nothing else).")] = False) -> None:
     """Deterministic per-task splits (stable when files grow) -> OUT/{train,validation,test}.jsonl."""
-    from shoptune._io import check_out_dir, write_jsonl
+    from shoptune._io import check_output_dir, existing_inputs, output_dir, write_jsonl
+    from shoptune.data.loaders import own_task_files
     from shoptune.data.splits import split_records
 
-    check_out_dir(out)  # a file in the way: one line now, not after the work
+    paths = _paths(paths, task)
+    inputs = existing_inputs(paths, own_task_files(paths))
+    check_output_dir(out, command="data split", inputs=inputs, overwrite=overwrite)  # before the work
     recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     try:
         parts = split_records(recs, seed=seed, validation=validation, test=test)
     except ValueError as e:
         fail(str(e))
+    with output_dir(out, command="data split", inputs=inputs, overwrite=overwrite) as tmp:
+        for name, rows in parts.items():
+            write_jsonl(tmp / f"{name}.jsonl", (r.to_dict() for r in rows))
     for name, rows in parts.items():
-        write_jsonl(out / f"{name}.jsonl", (r.to_dict() for r in rows))
         console.print(f"{name}: {len(rows)} rows -> {out / (name + '.jsonl')}")
     _say(skipped)
 
 
 @data_app.command("dedup")
-def data_dedup(paths: Paths,
+def data_dedup(paths: Paths = None, *,
                out: Annotated[Path, typer.Option(help="Cleaned records (.jsonl).")],
                against: Annotated[Optional[list[str]], typer.Option(
                    help="Evaluation sets to decontaminate against (repeatable).")] = None,
-               report: Annotated[Optional[Path], typer.Option(
-                   help="What was removed and why (.jsonl); default OUT.removed.jsonl")] = None,
-               threshold: float = 0.9, contamination_threshold: float = 0.8,
+               removed_out: Annotated[Optional[Path], typer.Option(
+                   "--removed", help="The removed rows and why (.jsonl); default OUT.removed.jsonl.")] = None,
+               report_old: Annotated[Optional[Path], typer.Option(
+                   "--report", hidden=True, help="The former name of --removed (elsewhere --report "
+                                                 "says whether to write a report).")] = None,
+               threshold: Annotated[float, typer.Option(help="Near duplicates: rows of a task whose "
+                                                        "content Jaccard similarity (MinHash) is at "
+                                                        "least this.")] = 0.9,
+               contamination_threshold: Annotated[float, typer.Option(
+                   help="Decontamination: a row this similar (content Jaccard) to an evaluation "
+                        "question, of any task, is dropped.")] = 0.8,
                near: Annotated[bool, typer.Option(help="Near-duplicate (MinHash) pass.")] = True,
                ngram: Annotated[int, typer.Option(help="Decontamination: word n-gram overlap "
                                                   "(GPT-3 / lm-eval: 13; 0 = off).")] = 13,
-               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip") -> None:
+               task: TaskOpt = None, map_: MapOpt = None, on_invalid: OnInvalid = "skip",
+               overwrite: OverwriteFile = False) -> None:
     """Drop exact and near duplicates, and anything that appears in an evaluation set
     (--against FILE or suite:NAME): exactly, nearly, or as a shared 13-gram."""
     from collections import Counter
 
-    from shoptune._io import check_out_file, write_jsonl
+    from shoptune._io import check_new_file, existing_inputs, write_jsonl
+    from shoptune.data.loaders import own_task_files
     from shoptune.data.dedup import decontaminate, dedup
 
-    check_out_file(out)
-    report = check_out_file(report or out.with_suffix(".removed.jsonl"))
+    paths = _paths(paths, task)
+    inputs = existing_inputs(paths, own_task_files(paths),
+                             [a for a in against or [] if not a.startswith("suite:")])
+    check_new_file(out, inputs=inputs, overwrite=overwrite)
+    report = check_new_file(removed_out or report_old or out.with_suffix(".removed.jsonl"), inputs=inputs,
+                            overwrite=overwrite, flag="--removed")
     recs, skipped = _load_valid(paths, on_invalid=on_invalid, task=task, mapping=_mapping(map_))
     with console.status("de-duplicating"):
         kept, removed = dedup(recs, threshold=threshold, near=near)
@@ -321,14 +462,19 @@ def data_dedup(paths: Paths,
 def data_fetch(data_dir: DataDir = None,
                shopbench_url: Annotated[Optional[str], typer.Option(
                    help="Address of the ShopBench development.json to download.")] = None,
-               ec_guide: bool = True) -> None:
+               ec_guide: Annotated[bool, typer.Option(help="Download EC-Guide from Hugging Face "
+                                                        "(--no-ec-guide: only the ShopBench file).")] = True,
+               overwrite: OverwriteFile = False) -> None:
     """Download EC-Guide (Hugging Face) and, given its address, the ShopBench dev set."""
     from shoptune.data.fetch import fetch
     from shoptune.paths import data_dir as ddir
 
     dest = Path(data_dir) if data_dir else ddir()
+    from shoptune._io import OutputError
     try:
-        got = fetch(dest, shopbench_url=shopbench_url, ec_guide=ec_guide)
+        got = fetch(dest, shopbench_url=shopbench_url, ec_guide=ec_guide, overwrite=overwrite)
+    except OutputError as e:
+        fail(str(e))
     except Exception as e:  # network, hub, format: say what failed, no traceback
         fail(f"fetch failed: {type(e).__name__}: {e}. Without network, copy the data into {dest} "
              f"(see ../shared/data/README.md for the layout).")
@@ -341,7 +487,8 @@ def data_fetch(data_dir: DataDir = None,
 # ----------------------------------------------------------------------------- models
 
 @models_app.command("ls")
-def models_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects "
+                                                                 "instead of the table.")] = False) -> None:
     """Embedded models, whether their package is installed and whether they are cached."""
     from shoptune.models import list_models
 
@@ -349,13 +496,16 @@ def models_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=1))
         return
-    t = Table()
-    for col in ("name", "available", "cached", "size", "cache_dir", "description"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r["name"], "yes" if r["available"] else "no (install its package)",
-                  "yes" if r["cached"] else "no", f"{r['cache_bytes'] / 1e6:.0f} MB",
-                  r["cache_dir"], r["description"])
+    cols = ("name", "available", "cached", "size", "cache_dir", "description")
+    shown = [[r["name"], "yes" if r["available"] else "no (install its package)",
+              "yes" if r["cached"] else "no", f"{r['cache_bytes'] / 1e6:.0f} MB", r["cache_dir"],
+              r["description"]] for r in rows]
+    if piped():
+        print_rows(list(cols), shown)
+        return
+    t = table(*cols, keep=("name", "cache_dir"))
+    for r in shown:
+        t.add_row(*r)
     console.print(t)
     console.print("Any local Hugging Face model folder also works as --model PATH.")
 
@@ -380,7 +530,8 @@ def models_pull(name: Annotated[str, typer.Argument(help="Embedded model name.")
 # ----------------------------------------------------------------------------- configs
 
 @configs_app.command("ls")
-def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list of objects.")] = False) -> None:
+def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects "
+                                                                  "instead of the table.")] = False) -> None:
     """Every shipped config: its name (KIND/NAME), file and first comment line. Commands take
     the name or the path (configs/train/smoke.yaml) from any folder."""
     from shoptune.configfile import describe, shipped_configs
@@ -389,9 +540,11 @@ def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list o
     if as_json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
         return
-    t = Table(title=f"{len(rows)} shipped configs (copy one to edit: shoptune configs cp NAME DEST)")
-    for col in ("name", "description"):
-        t.add_column(col)
+    if piped():
+        print_rows(["name", "description"], [[r["name"], r["description"]] for r in rows])
+        return
+    t = table("name", "description", keep=("name",),
+              title=f"{len(rows)} shipped configs (copy one to edit: shoptune configs cp NAME DEST)")
     for r in rows:
         t.add_row(r["name"], r["description"])
     console.print(t)
@@ -401,14 +554,17 @@ def configs_ls(as_json: Annotated[bool, typer.Option("--json", help="JSON list o
 def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train/smoke, "
                                                    "configs/train/smoke.yaml, ...")],
                dest: Annotated[Path, typer.Argument(help="File or existing folder to copy it to.")],
-               force: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False) -> None:
+               overwrite: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False,
+               force: Annotated[bool, typer.Option(hidden=True, help="The former name of "
+                                                                     "--overwrite.")] = False) -> None:
     """Copy a shipped config to edit it (as torchtune's `tune cp`)."""
     from shoptune._io import atomic_open, check_out_file
-    from shoptune.configfile import shipped_config, shipped_configs
+    from shoptune.configfile import shipped_config, shipped_configs, shipped_dir
 
     src = shipped_config(name)
     if src is None:
-        matches = [p for n, p in shipped_configs() if Path(n).name == Path(name).stem]
+        bare = Path(name).name.removesuffix(".yaml").removesuffix(".yml")  # (qwen2.5-7b: no .stem)
+        matches = [p for n, p in shipped_configs() if Path(n).name == bare]
         if len(matches) == 1:
             src = matches[0]
         else:
@@ -416,24 +572,26 @@ def configs_cp(name: Annotated[str, typer.Argument(help="A shipped config: train
             fail(f"{name}: no shipped config of that name" + (" (several kinds have it)" if matches else "")
                  + f"; shipped: {known}")
     target = dest / src.name if dest.is_dir() else dest
-    if target.exists() and not force:
-        fail(f"{target} exists (--force replaces it)")
+    if target.exists() and not (overwrite or force):
+        fail(f"{target} exists (--overwrite replaces it)")
     check_out_file(target)
     with atomic_open(target) as fh:
         fh.write(src.read_text(encoding="utf-8"))
-    console.print(f"copied {src.relative_to(src.parents[1]).as_posix()} -> {target}", highlight=False)
+    shown = src.relative_to(shipped_dir()).with_suffix("").as_posix()  # the name `configs ls` lists
+    console.print(f"copied {shown} -> {target}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- demo
 
-from shoptune.demo import DURATION as _DEMO_TIME, QUICK_DURATION as _QUICK_TIME  # noqa: E402
+from shoptune.demo import DURATION as _DEMO_TIME, QUICK_DURATION as _QUICK_TIME, QUICK_WHAT as _QUICK_WHAT  # noqa: E402
 
 
 @app.command("demo", help=f"Train on a small diverse mixture (60 LoRA steps), then compare base and "
                           f"tuned on the ShopBench dev set and held-out EC-Guide questions: "
                           f"{_DEMO_TIME} on 2 CPU cores.")
-def demo(out: str = "runs/demo",
-         quick: Annotated[bool, typer.Option(help=f"A quick version (10 steps, 24 questions): "
+def demo(out: Annotated[str, typer.Option(help="Output folder: the training run, the evaluations, "
+                                             "compare.png.")] = "runs/demo",
+         quick: Annotated[bool, typer.Option(help=f"A quick version ({_QUICK_WHAT}): "
                                                   f"{_QUICK_TIME} on 2 CPU cores.")] = False,
          config: Annotated[Optional[Path], typer.Option(help="Training config (default: configs/train/demo.yaml).")] = None,
          test_questions: Annotated[int, typer.Option(help="Held-out EC-Guide test-split questions to score.")] = 96) -> None:

@@ -14,18 +14,93 @@ import os
 from typing import Annotated, Literal
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 console = Console()
 err = Console(stderr=True)
+
+# Choices shared by the commands that take them (one meaning under one name): the prompt
+# protocols of shoptune.decoding.PROTOCOLS and the dtype names shoptune.models.torch_dtype takes
+# (tests/test_second_hour.py checks both; here so that the command line starts without torch)
+Protocol = Literal["starter-kit", "chat", "fewshot"]
+Dtype = Literal["auto", "bf16", "fp32", "fp16", "bfloat16", "float32", "float16"]
+DTYPE_METAVAR = "<auto|bf16|fp32|fp16>"  # (the long spellings are accepted, not listed)
+DTYPE_HELP = ("The model's dtype: auto (bf16 where the CPU has native bf16, else fp32), bf16, fp32 or "
+              "fp16 (bfloat16, float32, float16: the same); llama.cpp takes no fp16.")
+PROTOCOL_HELP = ("How a question becomes a prompt: starter-kit (the KDD Cup starter kit's fixed "
+                 "prefix), chat (the model's chat template), fewshot (starter-kit with one solved "
+                 "question of the same task).")
 
 # One invalid-row policy for every command that reads training data (data split/dedup/mix, train)
 OnInvalid = Annotated[Literal["skip", "fail"], typer.Option(
     "--on-invalid",
     help="Rows that break the record rules: skip them (the count and the first one are printed) "
          "or fail, listing them.")]
+
+
+def piped() -> bool:
+    """Whether stdout goes to a file or a pipe rather than a terminal: tables are then printed as
+    tab-separated lines (:func:`print_rows`), whole, for ``cut``, ``awk`` and ``sort``."""
+    return not console.is_terminal
+
+
+def print_rows(columns: list[str], rows: list[list]) -> None:
+    """A table as tab-separated values: the header line, then one line per row, nothing cut."""
+    import csv
+    import sys
+    w = csv.writer(sys.stdout, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    w.writerow(columns)
+    w.writerows(["" if v is None else v for v in r] for r in rows)
+
+
+def table(*columns: str, title: str | None = None, keep: tuple[str, ...] = (),
+          right: tuple[str, ...] = ()) -> Table:
+    """A terminal table whose ``keep`` columns (names later commands take) are never wrapped or
+    cut: the other columns wrap, at word boundaries, to fit the terminal."""
+    t = Table(title=title, box=box.SIMPLE_HEAD)
+    for c in columns:
+        t.add_column(c, no_wrap=c in keep, justify="right" if c in right else "left")
+    return t
+
+
+def print_markdown(text: str) -> None:
+    """Text with Markdown tables (reports, comparisons). Piped: as it is. On a terminal: each
+    table as a :func:`table` fitted to the width, its first column (task, track) whole, so a
+    row is never broken in the middle of a cell."""
+    if piped():
+        console.print(text, markup=False, highlight=False, soft_wrap=True,  # (lines whole)
+                      end="" if text.endswith("\n") else "\n")
+        return
+    block: list[list[str]] = []
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    def flush() -> None:
+        if not block:
+            return
+        head, *body = block
+        body = [r for r in body if not all(set(c) <= set("-: ") for c in r)]  # (the |---| line)
+        t = Table(box=box.SIMPLE_HEAD)
+        for i, c in enumerate(head):
+            t.add_column(c, no_wrap=i == 0)
+        for r in body:
+            t.add_row(*(Text(c[2:-2], style="bold") if c.startswith("**") and c.endswith("**") and len(c) > 4
+                        else Text(c) for c in r))
+        console.print(t)
+        block.clear()
+    for line in text.splitlines():
+        if line.startswith("|"):
+            block.append(cells(line))
+            continue
+        flush()
+        console.print(line, markup=False, highlight=False)
+    flush()
 
 
 def fail(msg: str, code: int = 1) -> None:
@@ -67,8 +142,31 @@ def error_message(e: BaseException) -> str | None:
     return None
 
 
+def _no_value_shown(params) -> list:
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+def _flags_take_no_value(cmd) -> None:
+    """Show no value type beside a flag (typer prints ``<bool>`` beside every one, --help too):
+    an empty metavar on each flag of ``cmd`` and its sub-commands, the help option included."""
+    _no_value_shown(cmd.get_params(cmd.context_class(cmd)))  # (creates and keeps the help option)
+    for sub in getattr(cmd, "commands", {}).values():
+        _flags_take_no_value(sub)
+
+
 class OneLineErrors(TyperGroup):
-    """The root command group: expected errors from any sub-command end as one line."""
+    """The root command group: expected errors from any sub-command end as one line; flags show
+    no ``<bool>`` in any command's help."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        _flags_take_no_value(self)
+
+    def get_params(self, ctx):  # (typer adds --install-completion / --show-completion after __init__)
+        return _no_value_shown(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:

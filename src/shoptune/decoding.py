@@ -24,97 +24,15 @@ import re
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from shoptune.data.loaders import option_numbers
+from shoptune import tasks
 from shoptune.records import Record
-from shoptune.tasks import find_card
-
-
-def card_render(rec: Record) -> str:
-    """The question as the model sees it: the task card's prompt around ``input_field``."""
-    card = find_card(rec.task)
-    return card.render(rec.input_field) if card else rec.input_field
-
+from shoptune.tasks import Grammar
 
 STARTER_KIT_PREFIX = ("You are a helpful online shopping assistant. Please answer the following "
                       "question about online shopping and follow the given instructions.\n\n")
-_LIST_RE = re.compile(r"^\s*(\d+)\.", re.MULTILINE)
-GEN_LIMITS = {"rougel": 32, "bleu": 64, "jp-bleu": 64}  # others: 100, as the starter kit
-# A numbered line ("12. ...") of a multiple-choice, retrieval or ranking question may start with at
-# most this many digits: list numbers are written out as answers (retrieval: 3 of them, one token
-# per digit, about 125 tokens at this length), and Python's int() refuses more than 4,300 digits.
-MAX_LIST_DIGITS = 40
-
-
-class PlanError(ValueError):
-    """A question that cannot be decoded as its task type asks (one sentence, naming the line)."""
-
-
-def check_list_numbers(text: str) -> None:
-    """Raise :class:`PlanError` when a numbered line starts with more than ``MAX_LIST_DIGITS``
-    digits."""
-    for m in _LIST_RE.finditer(text):
-        if len(m[1]) > MAX_LIST_DIGITS:
-            line = text.count("\n", 0, m.start(1)) + 1
-            raise PlanError(f"line {line} starts with a {len(m[1])}-digit number; numbered lines "
-                            f"(options, candidates) may start with at most {MAX_LIST_DIGITS} digits")
-
-
-def number_list_tokens(numbers: int, max_value: int) -> int:
-    """Tokens an answer of ``numbers`` numbers up to ``max_value`` takes at most: a token per
-    digit (how NumberListProcessor writes them), ", " between them, the line end."""
-    return numbers * len(str(max_value)) + 2 * (numbers - 1) + 1
-
-
-@dataclass(frozen=True)
-class Plan:
-    kind: str  # "choice" or "generate"
-    choices: tuple[str, ...] = ()
-    max_new_tokens: int = 100
-    numeric: bool = False
-    stop_newline: bool = False
-    max_value: int = 99  # numeric answers: the largest valid number
-    count: int = 3  # numeric answers: how many numbers
-    unique: bool = False
-    values: tuple[int, ...] = ()  # numeric answers: exactly these numbers (empty: 1..max_value)
-
-
-def plan_for(rec: Record, max_new_tokens: int | None = None) -> Plan:
-    """How a question is decoded; ``max_new_tokens`` defaults to the task card's, then the task
-    type's. Raises :class:`PlanError` for a numbered line of an unusable number (see
-    :func:`check_list_numbers`)."""
-    card = find_card(rec.task)
-    if rec.task_type in ("multiple-choice", "retrieval", "ranking"):
-        check_list_numbers(rec.input_field)
-    max_new_tokens = max_new_tokens or (card.max_new_tokens if card else None)
-    if rec.task_type == "multiple-choice":
-        if rec.metric == "bool":
-            return Plan("choice", ("yes", "no"))
-        opts = option_numbers(rec.input_field)
-        return Plan("choice", tuple(str(o) for o in opts if o < 10) or tuple("0123456789"))
-    if rec.task_type in ("retrieval", "ranking"):
-        listed = option_numbers(rec.input_field) or [int(n) for n in _LIST_RE.findall(rec.input_field)]
-        if rec.task_type == "ranking":
-            return Plan("generate", max_new_tokens=max_new_tokens or 16, numeric=True,
-                        stop_newline=True, max_value=5, count=5, unique=True)
-        values = tuple(sorted({n for n in listed if n >= 1}))  # (a list numbered from 0: not 0)
-        max_value = max(listed, default=99)
-        needed = number_list_tokens(min(3, len(values) or max_value), max(values, default=max_value))
-        return Plan("generate", max_new_tokens=max(max_new_tokens or 16, needed), numeric=True,
-                    stop_newline=True, max_value=max_value, count=3, values=values)
-    if rec.task_type == "named_entity_recognition":
-        return Plan("generate", max_new_tokens=max_new_tokens or 32, stop_newline=True)
-    limit = max_new_tokens or GEN_LIMITS.get(rec.metric, 100)
-    return Plan("generate", max_new_tokens=limit, stop_newline=rec.metric in GEN_LIMITS)
-
-
-def finish(text: str, plan: Plan) -> str:
-    """Single-line answers: the first non-blank line, stripped (the same answer whether the
-    generation stopped at the line end or ran past it; the parsers strip anyway)."""
-    return text.strip().split("\n", 1)[0].strip() if plan.stop_newline else text
 
 
 class NumberListProcessor:
@@ -150,6 +68,8 @@ class NumberListProcessor:
         return ids or self.end
 
     def allowed(self, text: str) -> list[int]:
+        if "\n" in text.lstrip():  # the list has ended: nothing may follow (with or without stop_newline)
+            return [self.tok.eos_token_id]
         nums = re.findall(r"\d+", text)
         if self.values:
             return self._allowed_values(text, nums)
@@ -171,6 +91,93 @@ class NumberListProcessor:
             text = self.tok.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
             mask[row, self.allowed(text)] = 0
         return scores + mask
+
+
+class Grammars:
+    """A tokenizer's compiled grammars (llguidance), one per :class:`~shoptune.tasks.Grammar`
+    (a GBNF text, :mod:`shoptune.tasks.gbnf`); :meth:`matcher` gives a fresh matcher per row.
+    Building the tokenizer's table takes about a second, once per process; a grammar compiles in
+    about a millisecond and is kept."""
+
+    def __init__(self, tok, vocab_size: int):
+        import llguidance
+        import llguidance.hf
+        self.llg, self.vocab_size = llguidance, vocab_size
+        self.tokenizer = llguidance.hf.from_tokenizer(tok, n_vocab=vocab_size)
+        self._compiled: dict[Grammar, str] = {}
+        self._lock = threading.Lock()
+
+    def compiled(self, g: Grammar) -> str:
+        with self._lock:
+            if g not in self._compiled:
+                grammar = self.llg.grammar_from("gbnf", g.gbnf)
+                err = self.llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
+                if err:
+                    raise ValueError(f"the answer grammar does not compile: {err}")
+                self._compiled[g] = grammar
+            return self._compiled[g]
+
+    def matcher(self, g: Grammar):
+        m = self.llg.LLMatcher(self.tokenizer, self.compiled(g), log_level=0)
+        if m.is_error():
+            raise ValueError(f"the answer grammar does not compile: {m.get_error()}")
+        return m
+
+
+_GRAMMARS: dict[tuple[int, int], Grammars] = {}
+_GRAMMARS_LOCK = threading.Lock()
+
+
+def grammars_for(tok, vocab_size: int) -> Grammars:
+    """The (process-wide) :class:`Grammars` of a tokenizer and logits width."""
+    key = (id(tok), vocab_size)
+    with _GRAMMARS_LOCK:
+        if key not in _GRAMMARS:
+            _GRAMMARS[key] = Grammars(tok, vocab_size)
+        return _GRAMMARS[key]
+
+
+def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """``-inf`` for every token a row's bitmask (int32 words, bit j of word i = token 32i+j)
+    leaves out, in place, plain torch (llguidance's own kernel is a torch.compile kernel that
+    takes seconds to build on first use)."""
+    idx = torch.tensor(list(rows), dtype=torch.long)
+    bits = (bitmask[idx].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    blocked = bits.view(len(rows), -1)[:, :scores.shape[-1]] == 0
+    scores[idx.to(scores.device)] = scores[idx.to(scores.device)].masked_fill(blocked.to(scores.device), float("-inf"))
+
+
+class GrammarProcessor:
+    """Logits processor: each row's next token must keep its answer inside its
+    :class:`~shoptune.tasks.Grammar` (None: that row is free). A row's matcher takes the token
+    chosen at the previous step, then every token its grammar does not allow is masked; once the
+    answer is complete only the end token is left, so generation stops there. Rows of one batch
+    may have different grammars (the server batches tasks together)."""
+
+    def __init__(self, tok, grammars: Sequence[Grammar | None], prompt_len: int):
+        self.tok, self.specs, self.prompt_len = tok, list(grammars), prompt_len
+        self.matchers: list | None = None
+        self.bitmask = None
+
+    def __call__(self, input_ids, scores):
+        if self.matchers is None:
+            g = grammars_for(self.tok, scores.shape[-1])
+            import llguidance.torch
+            self.fill = llguidance.torch.fill_next_token_bitmask
+            self.matchers = [g.matcher(spec) if spec is not None else None for spec in self.specs]
+            self.bitmask = llguidance.torch.allocate_token_bitmask(len(self.specs), scores.shape[-1])
+        elif input_ids.shape[1] > self.prompt_len:
+            for row, m in enumerate(self.matchers):
+                if m is not None and not m.is_stopped():
+                    m.consume_token(int(input_ids[row, -1]))
+        # (a stopped matcher's answer is complete: its mask leaves only the end token)
+        rows = [row for row, m in enumerate(self.matchers) if m is not None]
+        if not rows:
+            return scores
+        for row in rows:
+            self.fill(self.matchers[row], self.bitmask, row)
+        apply_bitmask(scores, self.bitmask, rows)
+        return scores
 
 
 class StopAtLineEnd:
@@ -346,7 +353,7 @@ def build_prompts(records: Sequence[Record], protocol: str, tokenizer=None,
     template with the prefix as system message. fewshot: starter-kit with one solved question of
     the same task (another question of the evaluated set) in front.
     """
-    render = render or card_render
+    render = render or tasks.render
     if protocol == "starter-kit":
         return [STARTER_KIT_PREFIX + render(r) for r in records]
     if protocol == "chat":

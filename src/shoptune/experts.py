@@ -16,25 +16,46 @@
 from __future__ import annotations
 
 import json
-import shutil
+import math
 from pathlib import Path
 
 import torch
 
-from shoptune._io import make_temp_dir, write_json
+from shoptune._io import output_dir, write_json
 
 EPS = 1e-12  # peft.tuners.poly.router.EPS: the normalisation Poly's router applies
+MAX_JSON_BYTES = 16 << 20  # routing.json, adapter_config.json, experts.json: small files
 
 
 class ExpertError(ValueError):
     """An adapter folder that cannot be exported or merged (one line, names the folder)."""
 
 
+def read_json_file(path: Path, what: str, error=ExpertError):
+    """A small JSON file (a leading BOM allowed), or ``error`` naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise error(f"{path}: no {what}" if not path.exists() else f"{path}: not a regular file ({what} expected)")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{path}: {path.stat().st_size} bytes; a {what} is at most {MAX_JSON_BYTES >> 20} MB")
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise error(f"{path}: the {what} is not JSON ({str(e)[:120]})") from None
+
+
 def _read_config(folder: Path) -> dict:
     path = Path(folder) / "adapter_config.json"
     if not path.is_file():
         raise ExpertError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    cfg = read_json_file(path, "adapter config")
+    if not isinstance(cfg, dict):
+        raise ExpertError(f"{path}: the adapter config is not a JSON object")
+    return cfg
 
 
 def routing_table(records, route_by: str) -> dict:
@@ -113,47 +134,148 @@ def lora_config_for(cfg: dict) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
 
 
-def export_experts(poly_dir: Path, out: Path, routes: dict[str, list[int]]) -> dict[str, Path]:
-    """One PEFT LoRA folder per route (name -> the Poly task ids it stands for) under ``out``,
-    plus ``out/experts.json`` (route -> folder, task ids). Each folder is written to a temporary
-    name and renamed, so a folder that exists is complete."""
-    from safetensors.torch import load_file, save_file
+def _positive_int(cfg: dict, key: str, where: Path) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ExpertError(f"{where}: {key} must be a positive whole number (got {v!r})")
+    return v
 
-    from shoptune.serve.engine import ADAPTER_NAME_RE
-    poly_dir, out = Path(poly_dir), Path(out)
+
+def read_poly(poly_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A Poly adapter's config and weights, checked: a POLY config with whole-number sizes,
+    readable safetensors whose Poly tensors all exist, agree with the config and are finite."""
+    from safetensors.torch import load_file
+    poly_dir = Path(poly_dir)
+    if not poly_dir.is_dir():
+        raise ExpertError(f"{poly_dir}: no such adapter folder")
     cfg = _read_config(poly_dir)
+    where = poly_dir / "adapter_config.json"
     if cfg.get("peft_type") != "POLY":
         raise ExpertError(f"{poly_dir}: a {cfg.get('peft_type')} adapter; experts are exported from POLY adapters")
-    weights = load_file(str(poly_dir / "adapter_model.safetensors"))
-    n_tasks = int(cfg["n_tasks"])
-    out.mkdir(parents=True, exist_ok=True)
+    r, n_tasks, q, s = (_positive_int(cfg, k, where) for k in ("r", "n_tasks", "n_splits", "n_skills"))
+    targets = cfg.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        raise ExpertError(f"{where}: target_modules must be a module name list or a regex (got {targets!r})")
+    wfile = poly_dir / "adapter_model.safetensors"
+    if not wfile.is_file():
+        raise ExpertError(f"{poly_dir}: no adapter_model.safetensors (only safetensors weights are read)")
+    try:
+        weights = load_file(str(wfile))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExpertError(f"{wfile}: not a readable safetensors file ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or ['corrupt'])[0][:160]})") from None
+    layers = [k[: -len(".poly_lora_A")] for k in weights if k.endswith(".poly_lora_A")]
+    if not layers:
+        raise ExpertError(f"{wfile}: no Poly layers in the adapter's weights")
+    for prefix in layers:
+        parts = {n: weights.get(f"{prefix}.{n}") for n in ("poly_lora_A", "poly_lora_B", "poly_router.module_logits")}
+        missing = [n for n, t in parts.items() if t is None]
+        if missing:
+            raise ExpertError(f"{wfile}: tensor {prefix}.{missing[0]} is missing")
+        a, b, logits = parts.values()
+        if a.dim() != 4 or tuple(a.shape[:2]) != (q, s) or a.shape[3] != r or b.dim() != 4 \
+                or tuple(b.shape[:3]) != (q, s, r) or tuple(logits.shape) != (n_tasks, q * s):
+            raise ExpertError(
+                f"{where}: config and weights do not belong together: n_splits={q}, n_skills={s}, "
+                f"r={r}, n_tasks={n_tasks} but {wfile.name} has {prefix}: poly_lora_A {tuple(a.shape)}, "
+                f"poly_lora_B {tuple(b.shape)}, router {tuple(logits.shape)}")
+    for key, t in weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ExpertError(f"{wfile}: tensor {key} has NaN or infinite values")
+    return cfg, weights
+
+
+def check_routes(routes: dict, n_tasks: int, where: str = "expert") -> None:
+    """Each expert name is a valid adapter (and folder) name and stands for task ids of the adapter."""
+    from shoptune.serve.engine import ADAPTER_NAME_RE
+    if not routes:
+        raise ExpertError(f"{where}: no experts to export (no routes)")
+    for name, tasks in routes.items():
+        if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name):
+            raise ExpertError(f"expert name {name!r}: letters, digits, '.', '_', '-' (it names a folder and an adapter)")
+        if not isinstance(tasks, list) or not tasks or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_tasks for t in tasks):
+            raise ExpertError(f"expert {name}: task ids {tasks!r} (the adapter routes {n_tasks} tasks: "
+                              f"whole numbers 0 to {n_tasks - 1})")
+
+
+def _write_experts(folder: Path, shown: Path, cfg: dict, weights: dict, routes: dict) -> dict[str, Path]:
+    """One LoRA folder per route under ``folder`` (named as under ``shown``, where it will be)."""
+    from safetensors.torch import save_file
     lcfg = lora_config_for(cfg)
     written = {}
     for name, tasks in routes.items():
-        if not ADAPTER_NAME_RE.match(name):
-            raise ExpertError(f"expert name {name!r}: letters, digits, '.', '_', '-'")
-        bad = [t for t in tasks if not 0 <= t < n_tasks]
-        if not tasks or bad:
-            raise ExpertError(f"expert {name}: task ids {tasks} (the adapter routes {n_tasks} tasks)")
-        tmp = make_temp_dir(out, f".{name}-")  # (readable as any output, not 0700)
-        save_file(expert_state(weights, cfg, list(tasks)), str(tmp / "adapter_model.safetensors"),
+        (folder / name).mkdir()
+        save_file(expert_state(weights, cfg, list(tasks)), str(folder / name / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", lcfg)
-        dest = out / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-        written[name] = dest
-    write_json(out / "experts.json", {"poly_adapter": str(poly_dir), "routes": routes,
-                                      "experts": {n: str(p) for n, p in written.items()}})
+        write_json(folder / name / "adapter_config.json", lcfg)
+        written[name] = Path(shown) / name
+    return written
+
+
+def export_experts(poly_dir: Path, out: Path, routes: dict[str, list[int]], *,
+                   overwrite: bool = False) -> dict[str, Path]:
+    """One PEFT LoRA folder per route (name -> the Poly task ids it stands for) under ``out``,
+    plus ``out/experts.json`` (route -> folder, task ids). Everything is checked first and written
+    into a new folder renamed into place (:func:`shoptune._io.output_dir`): ``out`` is complete
+    or as it was."""
+    poly_dir, out = Path(poly_dir), Path(out)
+    cfg, weights = read_poly(poly_dir)
+    check_routes(routes, cfg["n_tasks"])
+    with output_dir(out, command="export experts", inputs=[poly_dir], overwrite=overwrite) as tmp:
+        written = _write_experts(tmp, out, cfg, weights, routes)
+        write_json(tmp / "experts.json", {"poly_adapter": str(poly_dir), "routes": routes,
+                                          "experts": {n: str(p) for n, p in written.items()}})
     return written
 
 
 ALL_TASKS = "all-tasks"  # the fallback expert of ``fallback="mean"`` (no task or capability has this name)
 FALLBACKS = ("capability", "mean")
+ROUTE_BY = ("task", "capability")
 
 
-def export_run_experts(run: Path, out: Path, *, fallback: str = "capability") -> dict:
+def read_routing(path: Path, n_tasks: int) -> dict:
+    """``routing.json`` of a Poly run, checked against its adapter (``n_tasks`` router rows)."""
+    from shoptune.serve.engine import ADAPTER_NAME_RE
+    routing = read_json_file(path, "routing table (routing.json)")
+
+    def bad(why: str) -> ExpertError:
+        return ExpertError(f"{path}: {why}")
+    if not isinstance(routing, dict):
+        raise bad(f"a routing table is a JSON object, not {type(routing).__name__}")
+    if routing.get("route_by") not in ROUTE_BY:
+        raise bad(f"route_by {routing.get('route_by')!r}: one of {', '.join(ROUTE_BY)}")
+    routes = routing.get("routes")
+    if not isinstance(routes, list) or not routes:
+        raise bad(f"routes must be a non-empty list of names (got {routes!r:.80})")
+    if len(routes) > n_tasks:
+        raise bad(f"{len(routes)} routes but the adapter's router has {n_tasks} (n_tasks)")
+    names = set()
+    for name in routes:
+        if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name) or name == ALL_TASKS:
+            raise bad(f"route {name!r} cannot name an expert: letters, digits, '.', '_', '-'")
+        if name in names:
+            raise bad(f"route {name!r} is listed twice")
+        names.add(name)
+    task_route, caps = routing.get("task_route"), routing.get("task_capability")
+    if not isinstance(task_route, dict) or not isinstance(caps, dict):
+        raise bad("task_route and task_capability must be JSON objects (task -> route id, task -> capability)")
+    for task, rid in task_route.items():
+        if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < len(routes):
+            raise bad(f"task_route[{task!r}] = {rid!r}: a route id from 0 to {len(routes) - 1}")
+    for task, cap in caps.items():
+        if not isinstance(cap, str) or not ADAPTER_NAME_RE.match(cap) or cap == ALL_TASKS:
+            raise bad(f"task_capability[{task!r}] = {cap!r} cannot name an expert: letters, digits, '.', '_', '-'")
+        if routing["route_by"] == "task":
+            if task not in task_route:
+                raise bad(f"task {task!r} has a capability but no route (task_route)")
+            if cap in names and routes[task_route[task]] != cap:
+                raise bad(f"capability {cap!r} has the name of another route")
+    return routing
+
+
+def export_run_experts(run: Path, out: Path, *, fallback: str = "capability", overwrite: bool = False) -> dict:
     """``shoptune export experts RUN``: the experts of a Poly training run (its ``adapter/`` and
     ``adapter/routing.json``), and ``experts.json`` naming the expert of every known task card
     (``task_experts``: a trained task's own expert, else its capability's).
@@ -161,66 +283,146 @@ def export_run_experts(run: Path, out: Path, *, fallback: str = "capability") ->
     A card whose capability the run never trained on has no expert: with ``fallback="capability"``
     it is answered by the base model (listed in ``unrouted``); ``fallback="mean"`` exports one more
     expert, ``all-tasks`` (the mean mixing weights of every route), and gives it those cards. A
-    single LoRA applies to every question; the mean expert is the experts' equivalent."""
+    single LoRA applies to every question; the mean expert is the experts' equivalent.
+
+    Everything is read and checked before anything is written; the folder appears whole."""
     from shoptune.tasks import all_cards
     if fallback not in FALLBACKS:
         raise ExpertError(f"fallback {fallback!r}: one of {', '.join(FALLBACKS)}")
-    run = Path(run)
+    run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise ExpertError(f"{run}: no such folder (a `peft: poly` training run or its adapter/ folder)")
     adapter = run / "adapter" if (run / "adapter" / "adapter_config.json").exists() else run
-    if not (adapter / "routing.json").is_file():
+    if not (adapter / "routing.json").exists() and not (adapter / "routing.json").is_symlink():
         raise ExpertError(f"{adapter}: no routing.json (not the adapter of a `peft: poly` run)")
-    routing = json.loads((adapter / "routing.json").read_text(encoding="utf-8"))
+    cfg, weights = read_poly(adapter)
+    routing = read_routing(adapter / "routing.json", cfg["n_tasks"])
     routes = expert_routes(routing)
     if fallback == "mean":
         routes[ALL_TASKS] = list(range(len(routing["routes"])))
-    written = export_experts(adapter, out, routes)
+    check_routes(routes, cfg["n_tasks"])
     task_experts, unrouted = {}, []
     for card in all_cards().values():
         name = expert_for(routing, card.name, card.capability)
-        if name not in written and fallback == "mean":
+        if name not in routes and fallback == "mean":
             name = ALL_TASKS
-        if name in written:
+        if name in routes:
             task_experts[card.name] = name
         else:
             unrouted.append(card.name)
-    meta = json.loads((Path(out) / "experts.json").read_text(encoding="utf-8"))
-    meta.update(routing=routing, fallback=fallback, task_experts=dict(sorted(task_experts.items())),
-                unrouted=sorted(unrouted))
-    write_json(Path(out) / "experts.json", meta)
+    if not task_experts:
+        raise ExpertError(f"{adapter / 'routing.json'}: none of its routes or capabilities names a known "
+                          f"task card or capability; no task would be answered by an expert")
+    with output_dir(out, command="export experts", inputs=[adapter], overwrite=overwrite) as tmp:
+        written = _write_experts(tmp, out, cfg, weights, routes)
+        meta = {"poly_adapter": str(adapter), "routes": routes,
+                "experts": {n: str(p) for n, p in written.items()}, "routing": routing,
+                "fallback": fallback, "task_experts": dict(sorted(task_experts.items())),
+                "unrouted": sorted(unrouted)}
+        write_json(tmp / "experts.json", meta)
     return meta
 
 
+# the combination types peft's LoRA add_weighted_adapter accepts (peft/tuners/lora/model.py)
+MERGE_METHODS = ("ties", "dare_ties", "dare_linear", "linear", "cat", "svd", "ties_svd",
+                 "dare_ties_svd", "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
+SAME_RANK_METHODS = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")  # (peft's rule)
+DENSITY_METHODS = ("ties", "dare_ties", "dare_linear", "magnitude_prune", "ties_svd", "dare_ties_svd",
+                   "dare_linear_svd", "magnitude_prune_svd")
+# LoRA config fields add_weighted_adapter does not carry into the merge (it keeps lora_A/lora_B only)
+_NOT_MERGED = ("use_dora", "modules_to_save", "trainable_token_indices", "layer_replication",
+               "target_parameters", "alora_invocation_tokens", "use_rslora")
+
+
+def check_merge(adapters: dict[str, Path], *, model: str, method: str, density: float) -> list[int]:
+    """Everything a merge needs, checked before any model is loaded (one line each): a known
+    method, a density in (0, 1], two or more distinct plain LoRA folders (safetensors, finite,
+    no DoRA or other part the merge would drop) trained for ``model``, with equal ranks where the
+    method needs them. Returns their ranks."""
+    from transformers import AutoConfig
+
+    from shoptune.models import InvalidAdapterError, ModelNotFoundError, check_adapter, resolve
+    from shoptune.serve.engine import AdapterError, check_adapter_dir
+    if method not in MERGE_METHODS:
+        raise ExpertError(f"--method {method!r}: one of {', '.join(MERGE_METHODS)}")
+    if not (isinstance(density, (int, float)) and math.isfinite(density) and 0 < density <= 1):
+        raise ExpertError(f"--density {density}: the share of weights kept, above 0 and at most 1")
+    if len(adapters) < 2:
+        raise ExpertError("merging needs at least two adapters")
+    seen: dict[Path, str] = {}
+    for name, folder in adapters.items():
+        real = Path(folder).resolve()
+        if real in seen:
+            raise ExpertError(f"{folder}: given twice (as {seen[real]} and {name}); merge two different adapters")
+        seen[real] = name
+    try:
+        base_cfg = AutoConfig.from_pretrained(str(resolve(model)))
+    except ModelNotFoundError as e:
+        raise ExpertError(f"--model {model}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ExpertError(f"--model {model}: cannot read its config.json ({str(e).splitlines()[0][:160]})") from None
+    ranks = []
+    for name, folder in adapters.items():
+        try:
+            check_adapter_dir(Path(folder))
+            cfg = check_adapter(base_cfg, folder, base_name=model, peft_types=("LORA",))
+        except AdapterError as e:
+            raise ExpertError(e.message) from None
+        except InvalidAdapterError as e:
+            raise ExpertError(str(e).replace("can be used here (they are applied per row in a batch)",
+                                             "can be merged")) from None
+        dropped = [k for k in _NOT_MERGED if cfg.get(k)]
+        if cfg.get("bias", "none") not in ("none", None):
+            dropped.append("bias")
+        if dropped:
+            raise ExpertError(f"{folder}: its {dropped[0]} ({cfg[dropped[0]]!r}) would be lost in the merge "
+                              f"(peft merges the LoRA factors only); merge plain LoRA adapters")
+        pattern = cfg.get("rank_pattern") or {}
+        ranks.append(max([cfg["r"], *pattern.values()]) if isinstance(pattern, dict) else cfg["r"])
+    if method in SAME_RANK_METHODS and len(set(ranks)) > 1:
+        shown = ", ".join(f"{n} r={r}" for n, r in zip(adapters, ranks))
+        raise ExpertError(f"--method {method} needs adapters of one rank ({shown}); use --method cat or an "
+                          f"svd method for different ranks")
+    return ranks
+
+
 def merge_adapters(adapters: dict[str, Path], out: Path, *, model: str, method: str = "ties",
-                   density: float = 0.5, weights: list[float] | None = None) -> Path:
+                   density: float = 0.5, weights: list[float] | None = None,
+                   overwrite: bool = False) -> Path:
     """``adapters`` (name -> LoRA folder) merged into one LoRA folder ``out`` with peft's
     ``add_weighted_adapter`` (``combination_type=method``; ``density`` for ties/dare methods;
     equal ``weights`` by default). The merged rank is what peft's method gives (the sum of the
-    ranks for ``cat``/SVD-free methods on equal ranks)."""
+    ranks for ``cat``/SVD-free methods on equal ranks). Inputs are checked first
+    (:func:`check_merge`); ``out`` appears whole with ``merge.json``, or not at all."""
     from peft import PeftModel
 
+    from shoptune._io import check_output_dir
     from shoptune.models import load
+    adapters = {n: Path(p) for n, p in adapters.items()}
+    out = Path(out)
+    check_merge(adapters, model=model, method=method, density=density)
+    check_output_dir(out, command="export merge", inputs=adapters.values(), overwrite=overwrite)
     names = list(adapters)
-    if len(names) < 2:
-        raise ExpertError("merging needs at least two adapters")
     base, _ = load(model, dtype="fp32")
     pm = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
     for n in names[1:]:
         pm.load_adapter(str(adapters[n]), adapter_name=n)
-    kw = {"density": density} if method in ("ties", "dare_ties", "dare_linear", "magnitude_prune",
-                                            "ties_svd", "dare_ties_svd", "dare_linear_svd",
-                                            "magnitude_prune_svd") else {}
+    kw = {"density": density} if method in DENSITY_METHODS else {}
     pm.add_weighted_adapter(names, weights or [1.0] * len(names), adapter_name="merged",
                             combination_type=method, **kw)
-    out = Path(out)
-    tmp = make_temp_dir(out.parent, f".{out.name}-")
-    pm.save_pretrained(str(tmp), selected_adapters=["merged"])
-    # peft writes a non-default adapter into a sub-folder named after it
-    src = tmp / "merged" if (tmp / "merged" / "adapter_config.json").exists() else tmp
-    if out.exists():
-        shutil.rmtree(out)
-    src.rename(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_json(out / "merge.json", {"method": method, "density": density if kw else None,
-                                    "weights": weights or [1.0] * len(names),
-                                    "adapters": {n: str(p) for n, p in adapters.items()}})
+    merged = {k: v for k, v in pm.state_dict().items() if ".merged." in k or k.endswith(".merged")}
+    bad = next((k for k, v in merged.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ExpertError(f"the {method} merge gave NaN or infinite values ({bad}); nothing written")
+    with output_dir(out, command="export merge", inputs=adapters.values(), overwrite=overwrite) as tmp:
+        pm.save_pretrained(str(tmp), selected_adapters=["merged"])
+        # peft writes a non-default adapter into a sub-folder named after it: move its files up
+        sub = tmp / "merged"
+        if (sub / "adapter_config.json").exists():
+            for f in sub.iterdir():
+                f.rename(tmp / f.name)
+            sub.rmdir()
+        write_json(tmp / "merge.json", {"method": method, "density": density if kw else None,
+                                        "weights": weights or [1.0] * len(names),
+                                        "adapters": {n: str(p) for n, p in adapters.items()}})
     return out

@@ -11,9 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TASK_TYPES = ("multiple-choice", "retrieval", "ranking", "named_entity_recognition", "generation")
+# ShopBench's task types, then a shop's own output types (see shoptune.tasks.outputs).
+TASK_TYPES = ("multiple-choice", "retrieval", "ranking", "named_entity_recognition", "generation",
+              "label", "labels", "json", "number")
 METRICS = ("accuracy", "hit rate@3", "rougel", "sent-transformer", "multilingual-sent-transformer",
-           "micro f1", "ndcg", "bleu", "jp-bleu", "bool")
+           "micro f1", "ndcg", "bleu", "jp-bleu", "bool", "macro f1", "field f1", "valid json")
 CAPABILITIES = ("concept_understanding", "knowledge_reasoning", "user_behavior_alignment",
                 "multilingual")
 # ShopBench track names -> capability (track 1-4).
@@ -47,6 +49,7 @@ class Record:
     task_name: str | None = None  # ShopBench's own task name (task1..), when it has one
     track: str | None = None
     extra: dict = field(default_factory=dict)
+    inputs: dict | None = None  # an own task's named inputs (input_field: its card's prompt over them)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -56,6 +59,8 @@ class Record:
         d = asdict(self)
         if not d["extra"]:
             d.pop("extra")
+        if d["inputs"] is None:
+            d.pop("inputs")
         return d
 
     @classmethod

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from shoptune.cli import app
 from shoptune.data.derive import RANKING_TEMPLATES, derive_mcq, derive_ranking
-from shoptune.data.loaders import check_fields, load_records, option_numbers
+from shoptune.data.loaders import check_fields, load_records
+from shoptune.tasks.outputs.choice import option_numbers
 from shoptune.eval.scoring import score_outputs
 from tests.conftest import EC_GUIDE, needs_shared
 
@@ -177,8 +178,16 @@ def test_derive_cli_writes_rows_report_and_card(tmp_path):
     from shoptune.tasks import load_card
     c = load_card(tmp_path / "d" / "cards" / "ecguide_rts_mcq.yaml")
     assert (c.task_type, c.metric) == ("multiple-choice", "accuracy")
-    res = CliRunner().invoke(app, ["data", "derive", "mcq", str(p), "--out", str(out), "--options", "11"])
+    res = CliRunner().invoke(app, ["data", "derive", "mcq", str(p), "--out", str(out), "--options", "11",
+                                   "--overwrite"])
     assert res.exit_code == 1 and "options must be 2-10" in res.output
+    # (#31) an existing file is replaced only with --overwrite; an input never
+    before = out.read_bytes()
+    res = CliRunner().invoke(app, ["data", "derive", "mcq", str(p), "--out", str(out)])
+    assert res.exit_code == 1 and "mcq.jsonl: exists; --overwrite replaces it" in res.output
+    res = CliRunner().invoke(app, ["data", "derive", "mcq", str(p), "--out", str(p), "--overwrite"])
+    assert res.exit_code == 1 and "gen.jsonl: is an input" in " ".join(res.output.split())
+    assert out.read_bytes() == before and len(p.read_text().splitlines()) == len(gen_rows())
 
 
 @needs_shared
@@ -230,5 +239,5 @@ def test_derive_ranking_hint_only_offers_more(judged, tmp_path):
     out = " ".join(res.output.split())
     assert res.exit_code == 0 and "to have more than 2 questions: --target N" in out, res.output
     res = CliRunner().invoke(app, ["data", "derive", "ranking", str(p), "--out", str(tmp_path / "r.jsonl"),
-                                   "--against", "none", "--target", "2"])
+                                   "--against", "none", "--target", "2", "--overwrite"])
     assert "the data supports 2, nothing to synthesize" in " ".join(res.output.split())

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from shoptune.data.loaders import DataValidationError, load_records, option_numbers
+from shoptune.data.loaders import DataValidationError, load_records
+from shoptune.tasks.outputs.choice import option_numbers
 from shoptune.data.validate import validate_records
 from tests.conftest import DEV, EC_GUIDE, mc, needs_shared, write_jsonl
 

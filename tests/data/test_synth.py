@@ -548,7 +548,10 @@ def test_bad_input_is_one_line_naming_file_and_line(files, monkeypatch):
         log.unlink()
         assert f"{side_paths(log)['cache']}:2: not a JSON line" in _cli(spec() + ["--out", str(log)])
         foreign = write(d / "mine.jsonl", pool_rows()[:1])
-        assert f"{foreign}:1: extra.provenance.job: missing" in _cli(spec() + ["--out", str(foreign)])
+        # (#31) someone's file is never appended to: only an earlier synth's output (its cache beside it)
+        assert "mine.jsonl: exists and is not the output of an earlier `shoptune data synth`" in \
+            _cli(spec() + ["--out", str(foreign)])
+        assert "is an input" in _cli(spec() + ["--out", str(d / "spec.yaml")])
         pred = write(d / "pred.jsonl", [{"id": "x", "score": 1}, {"score": 0}])
         steer = {"characteristics": {"difficulty": {"hard": 1}}}
         out = _cli(spec(student={"predictions": str(pred)}, **steer) + ["--out", str(d / "b.jsonl")])

@@ -49,7 +49,7 @@ def test_openai_backend_end_to_end(server, tmp_path):
     assert sorted(set(seen["max_tokens"])) == [1, 32]            # 1 token for MC, NER limit
     preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert preds[-1]["model_output"] == "nike, adidas"           # cut at the first line end
-    assert s["tasks"]["task2"]["score"] == 1.0 and s["tasks"]["task4"]["score"] == 1.0
+    assert s["tasks"]["shopbench_task2"]["score"] == 1.0 and s["tasks"]["shopbench_task4"]["score"] == 1.0
 
 
 def test_openai_backend_needs_base_url(tmp_path):

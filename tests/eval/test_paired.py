@@ -53,7 +53,7 @@ def direct(a, b, n_boot, n_perm, seed):
 
 def test_paired_ci_and_p_equal_a_direct_computation():
     a, b = make_rows(1), make_rows(2)
-    res = paired_compare([a], [b], n_boot=300, n_perm=300, seed=7)
+    res = paired_compare([a], [b], n_boot=300, n_perm=300, seed=7, max_boot=300, max_perm=300)
     d, ci, p = direct(a, b, 300, 300, 7)
     assert res["overall"]["diff"] == pytest.approx(d, abs=1e-12)
     assert res["overall"]["ci95"] == pytest.approx(ci, abs=1e-12)
@@ -75,7 +75,16 @@ def test_identical_runs_and_a_constant_shift():
     assert up["overall"]["diff"] == pytest.approx(0.1)
     assert up["overall"]["ci95"] == pytest.approx([0.1, 0.1])  # paired: question noise cancels
     assert up["overall"]["p"] <= 0.15  # 4 questions: 2/16 of the sign flips are as extreme
-    assert "| **all-around** |" in format_paired(up) and "permutation" in format_paired(up)
+    assert "| **mean of 1 of 4 tracks (concept_understanding), not all-around** |" in format_paired(up)
+    assert "permutation" in format_paired(up)
+    full = paired_compare([make_rows(1)], [make_rows(2)], n_boot=100, n_perm=100, max_boot=100, max_perm=100)
+    assert "| **all-around** |" not in format_paired(full)  # three of the four tracks
+    four = [dict(r, capability="user_behavior_alignment", task_name="t4") if r["task_name"] == "t2" else r
+            for r in make_rows(1)]
+    assert "| **all-around** |" in format_paired(paired_compare([four], [four], n_boot=100, n_perm=100))
+    # ... but an interval that never moved measures nothing: no higher/lower verdict (#33 item 2)
+    from shoptune.eval.paired import verdict
+    assert verdict(up["overall"]) == "cannot tell (zero-width CI)" and verdict(same["overall"]) == "no difference"
 
 
 def test_seeds_are_averaged_after_pairing():
@@ -146,3 +155,55 @@ def test_zero_width_interval_from_single_question_tasks_is_no_ci():
     assert res["overall"]["diff"] == pytest.approx(0.5)
     assert res["overall"]["ci95"] is None and verdict(res["overall"]) == "cannot tell (no CI)"
     assert bootstrap_scores([b], n_boot=200)["overall"]["ci95"] is None
+
+
+def test_verdict_does_not_depend_on_the_random_seed():
+    """#33 item 1. By hand: B gets 3 of 10 questions wrong that A got right. A resample misses all
+    three with probability 0.7^10 = 0.0282 > 0.025, so the 97.5% quantile of the difference, the
+    CI's upper bound, is exactly 0: the CI touches 0, "within noise". 2,000 draws see fewer than
+    2.5% such resamples for some seeds and put the bound below 0 ("lower"); the draws now grow
+    until the bound's Monte Carlo interval settles which side of 0 it is on."""
+    from shoptune.eval.paired import verdict
+
+    def rows(scores):
+        return [{"id": f"q{i}", "task_name": "t1", "capability": "concept_understanding",
+                 "metric": "accuracy", "score": float(x)} for i, x in enumerate(scores)]
+    a, b = rows([1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), rows([0] * 10)
+    fixed = [paired_compare([a], [b], seed=s, max_boot=2000, max_perm=2000)["overall"] for s in range(10)]
+    assert sorted({round(v["ci95"][1], 6) for v in fixed}) == [-0.0975, 0.0]  # seed 3 flips at 2,000
+    assert all(verdict(v).startswith("borderline") for v in fixed)  # ... so at that cap: no verdict
+    for s in range(10):
+        res = paired_compare([a], [b], seed=s)
+        assert res["overall"]["ci95"] == [-0.6, 0.0] and verdict(res["overall"]) == "within noise"
+        assert res["draws"]["bootstrap"] > 2000 and res["overall"]["borderline"] == []
+        assert res["overall"]["mc_error"]["ci95"][1] == 0  # the bound's order statistics are all 0
+
+
+def test_a_zero_width_interval_from_float_noise_is_no_ci():
+    """#33 item 2 (found on the quick start's runs): a track of one single-question task that
+    changed and one with several questions that did not. Its resamples differ only by float
+    rounding (the track mean of each run moves with the unchanged task), so the interval was
+    [+0.019, +0.019] with p = 1 and read as "higher"."""
+    from shoptune.eval.paired import verdict
+    a, b = [], []
+    for t, scores in (("m1", [0.2]), ("m2", [0.1234, 0.5678, 0.9012, 0.3456])):
+        for i, x in enumerate(scores):
+            row = {"id": f"{t}-{i}", "task_name": t, "capability": "multilingual", "metric": "rougel"}
+            a.append(dict(row, score=x))
+            b.append(dict(row, score=x + (0.038 if t == "m1" else 0.0)))
+    res = paired_compare([a], [b], n_boot=500, n_perm=500)
+    v = res["capabilities"]["multilingual"]
+    assert v["diff"] == pytest.approx(0.019) and v["p"] == 1.0
+    assert v["ci95"] is None and verdict(v) == "cannot tell (no CI)"
+    table = format_paired(res)
+    assert "| multilingual | 0.342 | 0.361 | +0.019 | no CI (only single-question tasks changed) | 1.000 | cannot tell (no CI) |" in table
+
+
+def test_the_clis_default_cap_is_the_librarys():
+    from typer.testing import CliRunner
+
+    from shoptune.cli import app
+    from shoptune.eval.paired import MAX_DRAWS
+    for cmd in (["eval", "compare", "--help"], ["experiment", "report", "--help"]):
+        out = " ".join(CliRunner().invoke(app, cmd, terminal_width=200, env={"COLUMNS": "200"}).output.split())
+        assert f"[default: {MAX_DRAWS}]" in out and "--max-perm" in out, cmd

@@ -77,3 +77,49 @@ def test_tiny_suite_is_deterministic_and_drawn_from_the_test_split():
     assert m["parts"][0]["n"] == 17 and max(m["parts"][1]["tasks"].values()) == 2
     # a shipped suite is named the same wherever the package lives (committed manifests stay put)
     assert m["config"] == "configs/eval/tiny.yaml"
+
+
+def test_compare_gives_no_verdict_where_only_single_question_tasks_moved(tmp_path, monkeypatch):
+    """#33 item 2, as a new user met it: `eval compare` printed `multilingual +0.019 [+0.019,
+    +0.019] p=1 higher` for a change that rests on one question, and the plot drew zero-width
+    whiskers. Here multilingual = one single-question task that changed + one 4-question task
+    that did not (its varying means make the resamples differ only by float rounding);
+    knowledge = one task scored 1.0 on every question by both runs (its per-run interval never
+    moves)."""
+    import matplotlib.axes
+
+    def rows(m1):
+        out = [{"id": f"c-{i}", "task_name": "c1", "capability": "concept_understanding", "metric": "accuracy",
+                "score": float(i % 2)} for i in range(6)]
+        out += [{"id": f"k-{i}", "task_name": "k1", "capability": "knowledge_reasoning", "metric": "accuracy",
+                 "score": 1.0} for i in range(3)]
+        out.append({"id": "m1-0", "task_name": "m1", "capability": "multilingual", "metric": "rougel", "score": m1})
+        out += [{"id": f"m2-{i}", "task_name": "m2", "capability": "multilingual", "metric": "rougel", "score": x}
+                for i, x in enumerate((0.1234, 0.5678, 0.9012, 0.3456))]
+        return out
+    a, b = fake_run(tmp_path / "a", rows(0.2)), fake_run(tmp_path / "b", rows(0.238))
+    whiskers = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, yerr=None, **kw: whiskers.append(yerr) or real(self, x, y, yerr=yerr, **kw))
+    res = CliRunner().invoke(app, ["eval", "compare", str(a), str(b), "--plot", str(tmp_path / "c.png")])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert ("| multilingual | 0.342 | 0.361 | +0.019 | no CI (only single-question tasks changed) "
+            "| 1.000 | cannot tell (no CI) |") in out
+    assert "| m1 | 0.200 | 0.238 | +0.038 | no CI (1 question per task) | 1.000 | cannot tell (no CI) |" in out
+    assert "higher" not in out and "lower" not in out
+    # whiskers: concept, multilingual and all-around of each run; none for knowledge (its
+    # resamples never move: a zero-width whisker would read as certainty)
+    assert len(whiskers) == 6 and all(w[0][0] + w[1][0] > 1e-9 for w in whiskers)
+
+
+def test_compare_calls_a_mean_over_all_four_tracks_all_around_and_over_fewer_not(tmp_path):
+    four = [dict(r, capability="user_behavior_alignment") if r["task_name"] == "t2" else r for r in make_rows(1)]
+    four_b = [dict(r, capability="user_behavior_alignment") if r["task_name"] == "t2" else r for r in make_rows(2)]
+    a, b = fake_run(tmp_path / "a", four), fake_run(tmp_path / "b", four_b)
+    out = CliRunner().invoke(app, ["eval", "compare", str(a), str(b)]).output
+    assert out.count("| **all-around** |") == 2  # the side-by-side table and the paired one
+    c, d = fake_run(tmp_path / "c", make_rows(1)), fake_run(tmp_path / "d", make_rows(2))  # three tracks
+    out = CliRunner().invoke(app, ["eval", "compare", str(c), str(d)]).output
+    assert "| **all-around** |" not in out and " ".join(out.split()).count("mean of 3 of 4 tracks") == 2

@@ -5,7 +5,6 @@ import pytest
 from typer.testing import CliRunner
 
 from shoptune.cli import app
-from shoptune.eval.paired import paired_compare
 from shoptune.eval.suite import load_suite_config
 from shoptune.experiment.report import build_report, write_report
 from shoptune.experiment.runner import check_only, is_done, reuse_finished, selected
@@ -51,6 +50,29 @@ def test_grid_expands_into_named_cells_and_bad_specs_are_clear():
         Budget(tokens=5, steps=3)
 
 
+def test_a_big_grid_is_checked_in_linear_time_and_a_bad_merge_method_is_refused():
+    """#31 item 31: the duplicate-name check was quadratic (a 90,000-cell grid did not finish
+    planning in 120 s); a merge cell with `method: bogus` passed --dry-run."""
+    import time
+    spec = ExperimentSpec(name="g", base="x", baseline="r=1,alpha=1",
+                          grid={"lora.r": list(range(1, 201)), "lora.alpha": list(range(1, 201))})
+    t0 = time.process_time()
+    cells = spec.expanded_cells()
+    assert len(cells) == 40_000 and cells[-1].name == "r=200,alpha=200"
+    assert time.process_time() - t0 < 10  # (~1 s; quadratic: 1.6e9 name comparisons, ~40 s)
+    with pytest.raises(ValueError, match="cell names used twice: r=1"):
+        ExperimentSpec(name="g", base="x", baseline="r=1", cells=[{"name": "r=1"}],
+                       grid={"lora.r": [1, 2]}).expanded_cells()
+    merge = {"name": "m", "merge_of": "p"}
+    with pytest.raises(ValueError, match="'bogus' is not a combination type of peft's add_weighted_adapter "
+                                         r"\(one of ties, dare_ties, "):
+        ExperimentSpec(name="g", base="x", baseline="p", cells=[{"name": "p", "per_task": True},
+                                                                {**merge, "merge": {"method": "bogus"}}])
+    ok = ExperimentSpec(name="g", base="x", baseline="p", cells=[{"name": "p", "per_task": True},
+                                                                 {**merge, "merge": {"method": "dare_ties"}}])
+    assert [c.name for c in ok.expanded_cells()] == ["p", "m"]
+
+
 def test_budget_and_keys():
     assert steps_for_budget(Budget(tokens=48000), 99, avg_tokens_per_row=150.0, rows_per_step=4) == 80
     assert steps_for_budget(Budget(tokens=48000), 99, avg_tokens_per_row=300.0, rows_per_step=4) == 40
@@ -70,6 +92,14 @@ def test_options_added_later_leave_keys_of_finished_runs_alone():
 
     # the written-out values are today's defaults (a changed default must be keyed, not dropped)
     assert {k: v for k, v in TrainConfig().model_dump().items() if k in KEY_NEUTRAL_DEFAULTS} == KEY_NEUTRAL_DEFAULTS
+    # poly.router_lr (#33): keyed only where it changes training from what the option's absence meant
+    poly = {**TrainConfig().model_dump()["poly"], "alpha": 16}
+    old_poly = {k: v for k, v in poly.items() if k != "router_lr"}
+    k_old = run_key({**load_config(REPO / "configs/train/smoke.yaml").model_dump(), "poly": old_poly}, "f", "s")
+    assert run_key({**load_config(REPO / "configs/train/smoke.yaml").model_dump(),
+                    "poly": {**poly, "router_lr": "scaled"}}, "f", "s") == k_old
+    assert run_key({**load_config(REPO / "configs/train/smoke.yaml").model_dump(),
+                    "poly": {**poly, "router_lr": "base"}}, "f", "s") != k_old
     cfg = load_config(REPO / "configs/train/smoke.yaml").model_dump()
     before = {k: v for k, v in cfg.items() if k not in KEY_NEUTRAL_DEFAULTS}
     assert run_key(cfg, "fp1", "starter-kit") == run_key(before, "fp1", "starter-kit")
@@ -83,9 +113,10 @@ def test_options_added_later_leave_keys_of_finished_runs_alone():
     assert not set(KEY_NEUTRAL_DEFAULTS) & set(old["config"])
     assert run_key(old["config"], old["suite"]["fingerprint"], "starter-kit") == old["key"]
 
-def _fake_results(tmp_path, cells, seeds, baselines=None):
-    """An experiment results folder as the runner writes it, with hand-made question scores."""
-    rows = {(c, s): make_rows(10 * i + s) for i, c in enumerate(cells) for s in seeds}
+def _fake_results(tmp_path, cells, seeds, baselines=None, rows=None):
+    """An experiment results folder as the runner writes it, with hand-made question scores
+    (``rows``: {(cell, seed): per-question rows}; default: random ones)."""
+    rows = rows or {(c, s): make_rows(10 * i + s) for i, c in enumerate(cells) for s in seeds}
     questions = [{k: r[k] for k in ("id", "task_name", "capability", "metric")} for r in rows[(cells[0], seeds[0])]]
     runs = [{"id": f"{c}.s{s}.k", "cell": c, "seed": s, "key": f"{c}{s}"} for c in cells for s in seeds]
     exp = {"name": "fake", "baseline": cells[0], "cells": cells, "seeds": seeds, "runs": runs,
@@ -103,20 +134,44 @@ def _fake_results(tmp_path, cells, seeds, baselines=None):
     return rows
 
 
-def test_report_paired_ci_equals_a_direct_computation(tmp_path):
-    rows = _fake_results(tmp_path, ["base", "more"], [0, 1])
-    rep = write_report(tmp_path, n_boot=300, n_perm=300, seed=3)
-    direct = paired_compare([rows[("base", 0)], rows[("base", 1)]], [rows[("more", 0)], rows[("more", 1)]],
-                            n_boot=300, n_perm=300, seed=3)
+def _two_tasks(t1, t2):
+    """Rows of two 2-question accuracy tasks: t1 (concept understanding), t2 (multilingual)."""
+    return [{"id": f"{t}-{i}", "task_name": t, "capability": cap, "metric": "accuracy", "score": float(x)}
+            for t, cap, xs in (("t1", "concept_understanding", t1), ("t2", "multilingual", t2))
+            for i, x in enumerate(xs)]
+
+
+def test_report_paired_difference_by_hand(tmp_path):
+    """#33 item 7: the report's numbers against values worked out by hand, not against the
+    functions it calls. base scores 0 everywhere (both seeds); more: t1 = [1, 0] in both seeds,
+    t2 = [0, 0] in seed 0 and [1, 0] in seed 1. Per seed, all-around = mean of the two tracks:
+    0.25 and 0.5, so the difference is 0.375 with seed diffs (+0.25, +0.50).
+    Bootstrap: c1, c2 = how often t1's and t2's first question is drawn (0, 1, 2 with
+    probabilities 1/4, 1/2, 1/4, the same draw for both seeds); the seed-mean all-around
+    difference is c1/4 + c2/8, 0 and 0.75 each with probability 1/16 > 2.5%: CI [0, 0.75]
+    exactly. Concept: c1/2, CI [0, 1]; multilingual: c2/4 (seed 0 adds 0), CI [0, 0.5].
+    Permutation: flipping t1's first question flips both seeds' concept gain, flipping t2's
+    flips seed 1's multilingual gain; |d*| = 0.375 exactly when both flips agree: p = 1/2
+    (up to Monte Carlo error)."""
+    zeros = _two_tasks([0, 0], [0, 0])
+    rows = {("base", 0): zeros, ("base", 1): zeros,
+            ("more", 0): _two_tasks([1, 0], [0, 0]), ("more", 1): _two_tasks([1, 0], [1, 0])}
+    _fake_results(tmp_path, ["base", "more"], [0, 1], rows=rows)
+    rep = write_report(tmp_path, seed=3)
     got = rep["cells"]["more"]["vs_baseline"]
-    for col in ("overall", "overall_tasks"):
-        assert got[col]["diff"] == direct[col]["diff"] and got[col]["ci95"] == direct[col]["ci95"]
-        assert got[col]["p"] == direct[col]["p"]
-        assert got[col]["seed_diffs"] == direct[col]["seed_diffs"]  # seed s paired with seed s
-    assert got["multilingual"]["ci95"] == direct["capabilities"]["multilingual"]["ci95"]
-    assert "vs_baseline" not in rep["cells"]["base"]
+    assert got["seeds"] == [0, 1] and "vs_baseline" not in rep["cells"]["base"]
+    assert got["overall"]["diff"] == pytest.approx(0.375) and got["overall"]["seed_diffs"] == [0.25, 0.5]
+    assert got["overall"]["ci95"] == [0.0, 0.75] and got["overall"]["borderline"] == []
+    assert got["concept_understanding"]["ci95"] == [0.0, 1.0] and got["multilingual"]["ci95"] == [0.0, 0.5]
+    assert got["overall"]["p"] == pytest.approx(0.5, abs=3 * got["overall"]["mc_error"]["p"])
+    assert got["draws"]["bootstrap"] == 2000  # settled at once: the bounds' order statistics are 0 / 0.75
+    scores = rep["cells"]["more"]["scores"]["overall"]
+    assert scores["score"] == pytest.approx(0.375) and scores["seeds"] == [0.25, 0.5]
     md = (tmp_path / "report.md").read_text()
-    assert "| more | " in md and "permutation" in md and f"{direct['overall']['diff']:+.3f}" in md
+    row = next(x for x in md.splitlines() if x.startswith("| more | +"))
+    assert "+0.375 [+0.000, +0.750] p=0." in row and "(seeds +0.250, +0.500)" in row
+    assert row.endswith("| not resolved (2 seeds) |")  # the CI touches 0
+    assert "| more | 2,000 | " in md and "## Draws and Monte Carlo error" in md
     assert (tmp_path / "scores.png").stat().st_size > 0 and (tmp_path / "diff.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["cells"]["more"]["seeds"] == [0, 1]
 
@@ -173,21 +228,32 @@ def test_a_run_finished_by_another_experiment_is_reused_not_retrained(tmp_path):
     assert reuse_finished(tmp_path / "rank", exp, runs[1:]) == {}  # another key; another suite
 
 
-def test_report_contrast_equals_a_direct_interaction(tmp_path):
-    from shoptune.eval.paired import interaction
-    cells = ["n8", "n32", "d8", "d32"]
-    rows = _fake_results(tmp_path, cells, [0, 1])
+def test_report_contrast_by_hand(tmp_path):
+    """#33 item 7: (d32 - d8) - (n32 - n8) by hand. The n8 and d8 runs score 0; n32 gets t1 =
+    [1, 0]; d32 gets t1 = [1, 0] and t2 = [1, 0]. Gains (all-around = mean of the two tracks):
+    narrow 0.25, diverse 0.5, contrast +0.25 in both seeds. With one draw of question indices
+    shared by the four cells, the concept gains cancel in every resample (concept contrast
+    [0, 0]) and the all-around contrast is c2/4 (c2 = how often t2's first question is drawn:
+    0, 1, 2 with probabilities 1/4, 1/2, 1/4): CI [0, 0.5]. Independent draws per cell would not
+    cancel."""
+    zeros = _two_tasks([0, 0], [0, 0])
+    runs = {"n8": zeros, "n32": _two_tasks([1, 0], [0, 0]), "d8": zeros, "d32": _two_tasks([1, 0], [1, 0])}
+    cells = list(runs)
+    _fake_results(tmp_path, cells, [0, 1], rows={(c, s): r for c, r in runs.items() for s in (0, 1)})
     exp = json.loads((tmp_path / "experiment.json").read_text())
     exp["contrasts"] = [{"name": "rank", "a": ["n8", "n32"], "b": ["d8", "d32"]}]
     (tmp_path / "experiment.json").write_text(json.dumps(exp))
-    rep = write_report(tmp_path, n_boot=300, n_perm=300, seed=3)
-    want = interaction(*([rows[(c, s)] for s in (0, 1)] for c in cells), n_boot=300, seed=3)
+    rep = write_report(tmp_path, seed=3)
     got = rep["contrasts"]["rank"]
     assert got["seeds"] == [0, 1] and got["a"] == ["n8", "n32"]
-    for col in ("overall", "overall_tasks"):
-        assert got[col]["diff"] == pytest.approx(want[col]["diff"], abs=1e-6)
-        assert got[col]["ci95"] == pytest.approx(want[col]["ci95"], abs=1e-6)
-    assert "| rank | n8 -> n32 | d8 -> d32 |" in (tmp_path / "report.md").read_text()
+    ov = got["overall"]
+    assert (ov["gain_a"], ov["gain_b"], ov["diff"]) == pytest.approx((0.25, 0.5, 0.25))
+    assert ov["seed_diffs"] == [0.25, 0.25] and ov["ci95"] == [0.0, 0.5]
+    assert got["concept_understanding"]["ci95"] == [0.0, 0.0] and got["multilingual"]["ci95"] == [0.0, 1.0]
+    md = (tmp_path / "report.md").read_text()
+    row = next(x for x in md.splitlines() if x.startswith("| rank | n8 -> n32 | d8 -> d32 |"))
+    assert "+0.250 [+0.000, +0.500] (+0.250 vs +0.500; seeds +0.250, +0.250)" in row
+    assert row.endswith("| not resolved (2 seeds) |")
 
 
 def test_experiment_seeds_must_be_distinct_and_errors_name_the_line(tmp_path):
@@ -340,6 +406,12 @@ def test_verdict_applies_the_findings_rule():
     assert verdict({"ci95": [0.0, 0.05], "seed_diffs": [0.02, 0.03]}) == "not resolved (2 seeds)"  # touches 0
     assert verdict({"ci95": None, "seed_diffs": [0.02]}) == "not resolved (1 seed)"
     assert verdict(None) == "-"
+    # a bound still within Monte Carlo error of 0 at the draw cap: the draws would decide, so no verdict
+    assert verdict({"ci95": [-0.057, -0.0004], "seed_diffs": [-0.04, -0.02], "borderline": ["upper"]}) == \
+        "borderline: a CI bound is within Monte Carlo error of 0 (2 seeds)"
+    assert verdict({"ci95": [-0.057, -0.0004], "seed_diffs": [-0.04, -0.02], "borderline": ["p"]}) == \
+        "**lower** (2 seeds)"  # p's own line (0.05) is not the verdict's
+    assert verdict({"ci95": [0.02, 0.02], "seed_diffs": [0.02, 0.02]}) == "not resolved (2 seeds)"  # zero width
 
 
 def test_report_tables_carry_the_verdict(tmp_path):

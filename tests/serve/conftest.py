@@ -34,10 +34,3 @@ def server(adapters, tmp_path_factory):
 def client(server):
     from openai import OpenAI
     return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random base model (hidden 64) and adapters good and bad for it (see make_tiny_fixtures)."""
-    from shoptune.serve.testing import make_tiny_fixtures
-    return make_tiny_fixtures(tmp_path_factory.mktemp("tiny"))

@@ -259,7 +259,7 @@ def report(rows, answers) -> None:
         x = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/", ".../", str(x))
         return x.replace("|", "\\|").replace("\n", " ")[:260]
     lines = [
-        "# Hardening: the adversarial run (#9)", "",
+        "# Hardening: the adversarial runs", "",
         "Every defect issue #9 reported, replayed in one scripted sequence against a real",
         "`shoptune serve` (SmolLM2-135M, dtype auto, `--max-queue 64 --body-timeout 2`), then normal",
         "traffic through the official `openai` client, whose answers must equal plain peft's greedy output.",

@@ -283,7 +283,7 @@ def normal_traffic(gw, up) -> list[tuple[str, str]]:
 
 def report(rows, answers) -> None:
     lines = [
-        "## Gateway: the adversarial run (#20)", "",
+        "## Gateway: the adversarial run", "",
         "Issue #20's gateway and server-option cases replayed in one sequence against a real",
         "`shoptune serve --upstream` (in front of a fake vLLM that misbehaves on request, "
         f"`--header-timeout {HEADER_TIMEOUT} --max-connections {MAX_CONNECTIONS} "

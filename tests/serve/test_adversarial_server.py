@@ -258,7 +258,7 @@ def normal_traffic(server, adapters) -> list[tuple[str, str]]:
 def report(rows, answers) -> None:
     from tests.hardening_report import cell, machine_line, table, write_section
     lines = [
-        "## The built-in server, second pass (#20)", "",
+        "## The built-in server, second pass", "",
         "Issue #20's cases against the built-in `shoptune serve` (SmolLM2-135M, float32, `--adapter alpha`,",
         f"`--adapters-dir`, `--max-queue {MAX_QUEUE}`), replayed in one scripted sequence, then normal traffic",
         "through the official `openai` client, whose answers must equal plain peft's greedy output",

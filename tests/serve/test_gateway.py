@@ -363,6 +363,7 @@ def srv_tok():
 
 # ----------------------------------------------------------------------------- --engine llama.cpp
 
+@pytest.mark.real_engine  # the llama.cpp source (its converters); llama-server itself is faked here
 def test_engine_llama_cpp_exports_starts_restarts_and_stops_llama_server(tmp_path, monkeypatch):
     """`shoptune serve --engine llama.cpp`: export (cached), start llama-server, restart it when it
     dies, stop it on SIGTERM. llama-server is the fake (a real one is tested in test_gguf.py)."""

@@ -48,6 +48,7 @@ def _bf16(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.bfloat16).float().numpy()
 
 
+@pytest.mark.real_engine
 @needs_source
 def test_export_writes_llama_cpp_tensors_equal_to_the_hf_weights(tmp_path):
     from peft import PeftModel
@@ -109,6 +110,7 @@ PROMPTS = ["The best running shoe for a marathon is", "Customers who buy a tent 
            "0. lamp\n1. sandal\n2. spoon\n3. pillow\nAnswer: "]
 
 
+@pytest.mark.real_engine
 @needs_server
 @pytest.mark.slow
 def test_llama_server_next_token_logprobs_match_transformers(served):
@@ -146,17 +148,22 @@ def test_llama_server_next_token_logprobs_match_transformers(served):
     print(f"largest |logprob difference| over the top-5 tokens: {worst:.4f}")
 
 
+@pytest.mark.real_engine
 @needs_server
 @pytest.mark.slow
-def test_gateway_in_front_of_real_llama_server(served, tmp_path):
+def test_gateway_in_front_of_real_llama_server(served, tmp_path, monkeypatch):
     """`shoptune serve --upstream` -> llama-server: the official openai client, adapters by name,
-    and every task type's constrained answer valid."""
+    and every task type's constrained answer valid (own tasks too: a label, schema-valid JSON)."""
     import openai
 
+    from shoptune import tasks
     from shoptune.serve.testing import ServerProcess
     from shoptune.models import load_tokenizer
+    from tests.conftest import check_own_answers, own_example_tasks
     srv, _ = served
     tok = load_tokenizer("smollm2-135m")
+    monkeypatch.setenv("SHOPTUNE_TASKS_PATH", str(own_example_tasks(tmp_path)))
+    tasks.reload()
     gw = ServerProcess(["--upstream", srv.url], tmp_path / "gw.log", startup_timeout=120)
     try:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=300)
@@ -184,6 +191,9 @@ def test_gateway_in_front_of_real_llama_server(served, tmp_path):
                 assert sorted(ans) == [1, 2, 3, 4, 5]
             elif task == "ecguide_prp_bool":
                 assert ans in ("yes", "no")
+        check_own_answers(lambda task, body: httpx.post(f"{gw.url}/v1/tasks/{task}", json=body,
+                                                        timeout=300).json(), ("smollm2-135m", "alpha"))
     finally:
         gw.stop()
+        tasks.reload()
     assert "Traceback" not in (tmp_path / "gw.log").read_text()

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 import shoptune.serve.gguf as gguf
+from shoptune._io import OUTPUT_MARKER, OutputError
 from shoptune.serve.gguf import ExportError, _adapter_name, export_gguf
 
 
 @pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    from shoptune.serve.testing import make_tiny_fixtures
-    return make_tiny_fixtures(tmp_path_factory.mktemp("fx"))
+def fx(tiny):
+    return tiny
 
 
 @pytest.fixture()
@@ -83,13 +83,21 @@ def test_a_failed_export_leaves_out_as_it_was(fx, tmp_path, monkeypatch):
     _fake_converter(monkeypatch, tmp_path, fail_on="adapter b")
     with pytest.raises(ExportError, match="adapter b"):  # the base and adapter a were converted
         export_gguf(str(fx["base"]), [f"a={fx['good']}", f"b={fx['good2']}"], out)
-    assert list(out.iterdir()) == []  # no partial .gguf, no manifest, no temp folder
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []  # no partial .gguf, no temp
     _fake_converter(monkeypatch, tmp_path, fail_on=None)
     m = export_gguf(str(fx["base"]), [f"a={fx['good']}"], out)
-    assert sorted(p.name for p in out.iterdir()) == ["a.gguf", "manifest.json", "tiny-64.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "a.gguf", "manifest.json", "tiny-64.gguf"]
     assert json.loads((out / "manifest.json").read_text()) == m and m["adapters"] == {"a": "a.gguf"}
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputError, match="--overwrite replaces it"):
+        export_gguf(str(fx["base"]), [f"a={fx['good2']}"], out)
     _fake_converter(monkeypatch, tmp_path, fail_on="base model")
     with pytest.raises(ExportError):
-        export_gguf(str(fx["base"]), [f"a={fx['good2']}"], out)
+        export_gguf(str(fx["base"]), [f"a={fx['good2']}"], out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export intact
+    _fake_converter(monkeypatch, tmp_path, fail_on=None)
+    m = export_gguf(str(fx["base"]), [f"b={fx['good2']}"], out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "b.gguf", "manifest.json", "tiny-64.gguf"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"did not write \(notes.txt\)"):
+        export_gguf(str(fx["base"]), [f"b={fx['good2']}"], out, overwrite=True)

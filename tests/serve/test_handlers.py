@@ -185,6 +185,28 @@ def test_admin_confines_adapters_to_their_folder_and_loads_and_unloads(served, t
     assert h.status == "ok" and h.ready and h.live and h.adapters == ["good"]
 
 
+def test_a_failed_load_names_the_folder_as_lora_path_does(served, tiny):
+    """#34 item 11: a folder without adapter_config.json was answered with its absolute path and
+    ``"param": null``; every load error names it relative to --adapters-dir, under lora_path."""
+    from fastapi.testclient import TestClient
+
+    from shoptune.serve.app import build_app
+    root = tiny["good"].parent
+    (root / "no-config").mkdir(exist_ok=True)
+    for folder, starts in (("no-config", "lora_path 'no-config': no adapter_config.json"),
+                           ("mismatch", "adapter mismatch was trained for a different base model")):
+        with pytest.raises(EngineError) as e:
+            run(served.admin.load_adapter(LoadAdapterRequest(lora_name="x", lora_path=folder)))
+        assert e.value.param == "lora_path" and e.value.message.startswith(starts), e.value.message
+        assert str(root) not in e.value.message and str(root.resolve()) not in e.value.message
+    r = TestClient(build_app(served.engine, served.settings)).post(
+        "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "no-config"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.json()
+    assert r.json()["error"]["message"] == ("lora_path 'no-config': no adapter_config.json (not a PEFT "
+                                            "adapter folder)")
+    assert "x" not in served.engine.models()
+
+
 def test_http_replies_keep_openai_keys_null_where_openai_sends_null(served):
     """Through the app (routes + response models), in process: the keys of each reply, with
     ``logprobs: null`` present and ``usage`` / empty ``delta`` keys absent where OpenAI omits them."""
@@ -232,3 +254,83 @@ def test_non_finite_logprobs_are_clamped_as_vllm_does():
         raise AssertionError(f"{constant} is not JSON")
     for obj in (comp, chat):
         json.loads(obj.model_dump_json(), parse_constant=strict)
+
+
+def test_an_abandoned_request_leaves_no_unretrieved_exception_in_the_log(caplog):
+    """#31 item 27: a client that leaves (or a timeout) cancels the gathered jobs; asyncio must not
+    log "_GatheringFuture exception was never retrieved" with a traceback for each such request."""
+    import gc
+    import logging
+    for caller, settings in ((Caller(gone=True), ServeSettings()), (Caller(), ServeSettings(request_timeout=0.2))):
+        jobs = [SimpleNamespace(cancelled=threading.Event()) for _ in range(2)]
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            with pytest.raises((ClientGone, Timeout)):
+                run(Serving(Stuck(), settings).wait_all(caller, jobs))
+            gc.collect()
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
+
+
+def test_large_prompts_are_tokenised_off_the_event_loop(served):
+    """#31 item 12: tokenising a ~1 MB prompt takes about a second; on the event loop it held up
+    every other request (/health went from 39 ms to 4 s). Now: a prompt that cannot fit is refused
+    without tokenising, and one that is tokenised leaves the loop free."""
+    text = "word " * 200_000  # 1 MB, 200k tokens
+
+    async def with_ticker(work):
+        lag = []
+
+        async def tick():
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lag.append(time.perf_counter() - t - 0.01)
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*work(), return_exceptions=True)
+        ticker.cancel()
+        return out, time.perf_counter() - t0, max(lag or [0.0])
+
+    c = served.completions  # (--max-prompt-tokens 2048: 1 MB is at least ~6,000 tokens)
+    out, took, lag = run(with_ticker(lambda: [c.create(CompletionRequest(model="tiny", prompt=text), Caller())
+                                              for _ in range(8)]))
+    assert all(isinstance(e, EngineError) and e.param == "prompt" and "prompt is at least" in e.message
+               for e in out), out
+    assert took < 1.0, took  # refused without tokenising 8 MB
+    wide = Completions(served.engine, ServeSettings(max_prompt_tokens=10**6))
+    out, took, lag = run(with_ticker(lambda: [wide.encode(text, special=True, param="prompt") for _ in range(3)]))
+    assert [len(ids) for ids in out] == [len(served.tok.encode(text))] * 3
+    assert lag < 0.25 < took, (lag, took)  # seconds of tokenising, the loop never held for long
+
+
+def test_a_tasks_expert_unloaded_leaves_it_to_the_base_model(served):
+    """#31 item 11: with `--task-adapter shopbench_task2=expert`, unloading (or reloading) the expert
+    gave every call for the task a 404 "The model `expert` does not exist" although the client named
+    no model, and /v1/tasks still listed it. Now the base model answers (as a task without an expert)
+    and says so; a client that names the unloaded expert still hears 404."""
+    tasks = Tasks(served.engine, ServeSettings(task_adapters={"shopbench_task2": "expert"}, max_new_tokens=64))
+    inp = {"question": "Which is a shoe?", "options": ["apple", "sneaker", "lamp"]}
+    served.engine.load_adapter("expert", served.settings.adapters_dir / "good2")
+    try:
+        assert tasks.get("shopbench_task2").adapter == "expert"
+        assert run(tasks.run("shopbench_task2", TaskRequest(input=inp), Caller())).model == "expert"
+    finally:
+        run(served.engine.unload_adapter("expert"))
+    assert tasks.get("shopbench_task2").adapter is None
+    caller = Caller()
+    out = run(tasks.run("shopbench_task2", TaskRequest(input=inp), caller))
+    assert out.model == "tiny" and caller.state.model == "tiny" and out.answer in (0, 1, 2)
+    with pytest.raises(UnknownModel):
+        run(tasks.run("shopbench_task2", TaskRequest(model="expert", input=inp), Caller()))
+
+
+def test_a_body_too_deep_or_with_a_huge_integer_says_why(served):
+    """#31 item 28: both got the framework's "There was an error parsing the body"."""
+    from fastapi.testclient import TestClient
+
+    from shoptune.serve.app import build_app
+    http = TestClient(build_app(served.engine, served.settings))
+    for body, says in (('{"model": "tiny", "prompt": "x", "seed": ' + "7" * 5000 + "}", "more than 4300 digits"),
+                       ('{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests arrays/objects too deeply")):
+        r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

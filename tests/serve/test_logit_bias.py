@@ -140,6 +140,7 @@ def test_logprobs_are_the_models_own_as_vllm_reports_them_by_default(http, live)
     ({"5": True}, "logit_bias.5", "valid number"),
     ({"5": "1"}, "logit_bias.5", "valid number"),
     ({str(i): 1 for i in range(1025)}, "logit_bias", "at most 1024 entries (got 1025)"),
+    ({"57": 100, "057": -100}, "logit_bias", "token id 57 is given twice ('57' and '057')"),  # (#31 item 19)
     ([5, 1], "logit_bias", "valid dictionary"),
 ])
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

@@ -181,7 +181,8 @@ def test_plain_completions_give_the_evaluators_answers(client, ref):
     the unconstrained task types (generation, NER); the constrained ones go through the task
     endpoint (tests/serve/test_server.py)."""
     from shoptune.data.loaders import load_records
-    from shoptune.decoding import build_prompts, finish, plan_for
+    from shoptune.decoding import build_prompts
+    from shoptune.tasks import finish, plan_for
     from shoptune.eval.backends import LocalBackend
 
     pm, tok, _ = ref

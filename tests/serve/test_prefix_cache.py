@@ -90,7 +90,8 @@ def test_adapter_reload_under_the_same_name_drops_its_cached_prefixes(engines, t
 def test_eval_backend_answers_equal_with_and_without_the_cache(tiny):
     """``shoptune eval --prefix-cache``: every plan kind (option choice, number lists under the
     constraint, line-end generation) gives the same answers."""
-    from shoptune.decoding import build_prompts, plan_for
+    from shoptune.decoding import build_prompts
+    from shoptune.tasks import plan_for
     from shoptune.eval.backends import LocalBackend
     from shoptune.models import load
     from shoptune.records import Record

@@ -169,7 +169,8 @@ def test_task_endpoint_each_task_type(server):
 def test_task_endpoint_answers_like_the_evaluator(server):
     """Same prompt, same constrained decoding: the server's raw answer is the evaluator's output."""
     from shoptune.data.loaders import load_records
-    from shoptune.decoding import build_prompts, plan_for
+    from shoptune.decoding import build_prompts
+    from shoptune.tasks import plan_for
     from shoptune.eval.backends import LocalBackend
     from shoptune.models import load
     from shoptune.tasks import all_cards

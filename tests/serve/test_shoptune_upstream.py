@@ -13,7 +13,7 @@ import json
 import httpx
 import pytest
 
-from shoptune.decoding import Plan
+from shoptune.tasks import Plan
 from shoptune.serve.engine import Job
 from shoptune.serve.testing import ServerProcess
 from shoptune.serve.upstream import UpstreamEngine, choice_tokens

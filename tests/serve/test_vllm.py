@@ -24,9 +24,9 @@ import pytest
 from shoptune.serve.supervise import vllm_python
 from shoptune.serve.testing import ServerProcess
 
-from tests.conftest import DEV, needs_shared
+from tests.conftest import DEV, OWN_INPUTS, needs_shared
 
-pytestmark = [pytest.mark.slow, needs_shared,
+pytestmark = [pytest.mark.slow, needs_shared, pytest.mark.real_engine,
               pytest.mark.skipif(vllm_python() is None, reason="no vLLM (run `make vllm` or set SHOPTUNE_VLLM_PYTHON)")]
 KEY = "sk-vllm-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -34,6 +34,12 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def served(adapters, tiny, tmp_path_factory):
+    from shoptune import tasks
+    from tests.conftest import own_example_tasks
+    own = own_example_tasks(tmp_path_factory.mktemp("own"))  # the server reads these cards too
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SHOPTUNE_TASKS_PATH", str(own))
+    tasks.reload()
     root = tmp_path_factory.mktemp("vllm-adapters")
     for name in ("alpha", "beta"):
         shutil.copytree(adapters[name], root / name)
@@ -46,6 +52,8 @@ def served(adapters, tiny, tmp_path_factory):
     s.upstream, s.adapters_root, s.tiny_good = m.group(1), root, tiny["good"]
     yield s
     s.stop()
+    mp.undo()
+    tasks.reload()
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     # shoptune stopped its vLLM: nothing answers on its port any more, no engine process is left
@@ -115,7 +123,8 @@ def test_task_endpoint_answers_equal_the_builtin_evaluator(served, peft_model):
     the gateway on vLLM, the same answers as shoptune's own evaluator on the same weights (fp32;
     at most one near tie may differ)."""
     from shoptune.data.loaders import load_records
-    from shoptune.decoding import build_prompts, plan_for
+    from shoptune.decoding import build_prompts
+    from shoptune.tasks import plan_for
     from shoptune.eval.backends import LocalBackend
     from shoptune.tasks import all_cards
     pm, tok = peft_model
@@ -142,6 +151,26 @@ def test_task_endpoint_answers_equal_the_builtin_evaluator(served, peft_model):
             assert sorted(int(x) for x in g.split(",")) == [1, 2, 3, 4, 5], g
     differ = [(rec.task, g, w) for rec, g, w in zip(picked, got, want) if g != w]
     assert len(differ) <= 1, differ
+
+
+def test_own_tasks_answer_a_label_and_schema_valid_json(served, peft_model):
+    """Own tasks through vLLM's structured outputs: a label (the same grammar as the built-in
+    engine, so the same label as shoptune's own evaluator in fp32) and schema-valid JSON, from
+    the base model and an adapter."""
+    from tests.conftest import check_own_answers
+    from shoptune.decoding import build_prompts
+    from shoptune.eval.backends import LocalBackend
+    from shoptune.tasks import get_card, plan_for
+    got = check_own_answers(lambda task, body: httpx.post(
+        served.url + f"/v1/tasks/{task}", headers=AUTH, timeout=300, json=body).json(),
+        ("smollm2-135m", "alpha"))
+    pm, tok = peft_model
+    pm.set_adapter("alpha")
+    card = get_card("product_category")
+    recs = [card.record({"title": t}, None, source="test") for t in OWN_INPUTS]
+    want = LocalBackend(pm, tok).run(build_prompts(recs, "starter-kit"), [plan_for(r) for r in recs])
+    labels = [card.output_type.parse(w, "accuracy", card) for w in want]
+    assert [got["product_category", "alpha", t] for t in OWN_INPUTS] == labels
 
 
 def test_adapters_load_and_unload_at_run_time(served, peft_model):

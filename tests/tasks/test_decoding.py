@@ -1,6 +1,7 @@
 """The shared decoding core: a task card's prompt and length limit reach training, evaluation
 and serving alike (one function each builds the prompt and the plan for all three)."""
-from shoptune.decoding import STARTER_KIT_PREFIX, build_prompts, card_render, plan_for
+from shoptune.decoding import STARTER_KIT_PREFIX, build_prompts
+from shoptune.tasks import render as card_render, plan_for
 from shoptune.records import Record
 
 CARD = """name: shout_summary
@@ -44,7 +45,7 @@ def test_a_task_without_a_card_is_its_input_field_and_the_type_default():
 
 
 def test_finish_gives_the_same_line_wherever_generation_stopped():
-    from shoptune.decoding import Plan, finish
+    from shoptune.tasks import Plan, finish
     line = Plan("generate", stop_newline=True)
     stopped = "\n The entity is a product type. \n"          # stopped at the line end
     ran_on = "\n The entity is a product type. \nMore text"  # a client without stop strings
@@ -100,7 +101,8 @@ BIG = 123456789012345678901234567890
 
 
 def test_retrieval_answers_are_the_listed_numbers_and_fit_the_limit():
-    from shoptune.decoding import NumberListProcessor, number_list_tokens
+    from shoptune.decoding import NumberListProcessor
+    from shoptune.tasks.outputs.numbers import number_list_tokens
     plan = plan_for(retrieval(f"Which one?\n1. hat\n{BIG}. shoe\n7. bag\nOutput: "))
     assert plan.values == (1, 7, BIG) and plan.max_value == BIG and plan.count == 3
     assert plan.max_new_tokens >= number_list_tokens(3, BIG) == 3 * 30 + 5  # room for three of them
@@ -119,12 +121,17 @@ def test_retrieval_answers_are_the_listed_numbers_and_fit_the_limit():
     assert "".join(sorted(tok.decode([t]) for t in ranked.allowed("12, 2, "))) == "5"
     old = NumberListProcessor(tok, 0, 12, 3, False)  # without values: 1..max_value, as before
     assert "".join(sorted(tok.decode([t]) for t in old.allowed("1"))) == ",012"
+    # (#31 item 20) once the line has ended nothing may follow, with or without stop_newline
+    assert allowed(f"{BIG}, 7, 1\n") == "<end>" and old.allowed("1, 2\n") == [tok.eos_token_id]
+    assert old.allowed("3\n") == [tok.eos_token_id]  # (a short list ended early: still nothing after)
 
 
 def test_a_numbered_line_with_too_many_digits_is_a_plan_error_naming_the_line():
     import pytest
 
-    from shoptune.decoding import MAX_LIST_DIGITS, PlanError
+    from shoptune.tasks.outputs import MAX_LIST_DIGITS
+
+    from shoptune.tasks import PlanError
     for task_type in ("retrieval", "multiple-choice", "ranking"):
         r = Record(input_field="Pick one.\n0. a\n" + "7" * 4301 + ". b\n", output_field=0,
                    task_type=task_type, metric="accuracy", task="t", capability="c", source="t")

@@ -82,13 +82,17 @@ def test_poly_with_uncertainty_balancing_resumes_exactly_after_sigkill(tmp_path)
 
 def test_poly_alpha_is_loras_scale_through_the_equivalent_reparametrisation():
     """peft's Poly scales by 1/r; poly.alpha = 16 at r = 8 (LoRA's alpha/r = 2) initialises A x4
-    and trains at 4x the learning rate: under Adam the same trajectory as a Poly scaled by 16/r."""
+    and trains the skills at 4x the learning rate, the router at 1x (tests/train/test_poly_alpha.py
+    checks the trajectory)."""
     from shoptune.train.config import load_config
-    from shoptune.train.trainer import build_model, effective_learning_rate
+    from shoptune.train.trainer import build_model, effective_learning_rate, skill_lr_scale
     plain = load_config(REPO / "configs/train/smoke.yaml", ["peft=poly", "lora.r=8", "poly.n_skills=2"])
     scaled = load_config(REPO / "configs/train/smoke.yaml", ["peft=poly", "lora.r=8", "poly.n_skills=2",
                                                               "poly.alpha=16"])
-    assert effective_learning_rate(scaled) == pytest.approx(4 * effective_learning_rate(plain))
+    assert effective_learning_rate(scaled) == effective_learning_rate(plain)  # router: 1x (#33)
+    assert skill_lr_scale(scaled) == 4 and skill_lr_scale(plain) is None  # skills: 4x
+    old = scaled.model_copy(update={"poly": scaled.poly.model_copy(update={"router_lr": "scaled"})})
+    assert effective_learning_rate(old) == pytest.approx(4 * effective_learning_rate(plain))
     weights = []
     for cfg in (plain, scaled):
         torch.manual_seed(0)

@@ -30,7 +30,7 @@ def test_out_of_range_values_are_refused_naming_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(SMOKE, [override])
     msg = str(e.value)
-    assert msg.startswith(f"{SMOKE}: {field}: "), msg
+    assert msg.startswith(f"override {override!r}: {field}: "), msg  # (#34: not the file's fault)
     assert "\n" not in msg  # one bad field, one line
 
 

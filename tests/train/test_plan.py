@@ -133,11 +133,45 @@ def test_plan_cli_prints_the_parts_and_the_verdict_without_loading_anything(monk
 
 
 @pytest.mark.parametrize("args, message", [(["--gpu", "b200"], "unknown GPU"),
-                                           (["model=nowhere/none"], "no config.json for the planner")])
+                                           (["model=nowhere/none"], "no config.json for the planner"),
+                                           (["peft=poly", "packing=false"], "--plan: peft: poly is not modelled")])
 def test_plan_cli_bad_input_is_one_line(args, message):
     res = CliRunner().invoke(app, ["train", str(REPO / "configs/train/gpu/qwen2.5-7b-lora.yaml"), "--plan", *args])
     text = " ".join(res.output.split())
     assert res.exit_code == 1 and message in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("distributed_type: FSDP\nnum_processes: -3\n", "a.yaml:2: num_processes: must be a whole number >= 1 (got -3)"),
+    ("distributed_type: MULTI_GPU\nnum_processes: 0\n", "a.yaml:2: num_processes: must be a whole number >= 1 (got 0)"),
+    ("num_processes: two\n", "a.yaml:1: num_processes: must be a whole number >= 1 (got 'two')"),
+    ("distributed_type: BOGUS\n", "a.yaml:1: distributed_type: 'BOGUS' is not one of accelerate's (NO, MULTI_CPU,"),
+    ("distributed_type: XLA\n", "a.yaml:1: distributed_type: XLA: the planner models data parallel"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config: [1, 2]\n",
+     "a.yaml:2: deepspeed_config: must be a mapping (zero_stage: 2, ...), not a list"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n",
+     "a.yaml:3: deepspeed_config.zero_stage: ZeRO stage 3: the planner models stage 2"),
+])
+def test_an_accelerate_config_the_planner_cannot_use_is_one_line(tmp_path, text, message):
+    """#31 items 18, 29: a list as deepspeed_config was a traceback; num_processes: -3 gave
+    negative totals that "fit" everywhere; an unknown distributed_type was one process."""
+    from shoptune.train.plan import read_accelerate
+    (tmp_path / "a.yaml").write_text(text)
+    with pytest.raises(ValueError) as e:
+        read_accelerate(tmp_path / "a.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'a.yaml'}:{message.split(':', 1)[1]}"), e.value
+    (tmp_path / "a.yaml").write_text("distributed_type: multi_gpu\nnum_processes: 4\n")
+    assert read_accelerate(tmp_path / "a.yaml") == ("ddp", 4)
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", -576), ("num_hidden_layers", 0),
+                                          ("vocab_size", 1.5), ("num_attention_heads", True)])
+def test_a_model_size_that_is_not_a_whole_number_of_at_least_one_is_refused(field, value):
+    from shoptune.train.plan import arch_from_config
+    cfg = {"num_attention_heads": 9, "hidden_size": 576, "intermediate_size": 1536,
+           "num_hidden_layers": 30, "vocab_size": 49152, field: value}
+    with pytest.raises(ValueError, match=f"m: config.json: {field} must be a whole number >= 1"):
+        arch_from_config(cfg, "m")
 
 
 @pytest.mark.parametrize("recipe, gpu", [("qwen2.5-7b-qlora.yaml", "l4-24g"), ("qwen2.5-7b-lora.yaml", "a100-80g")])

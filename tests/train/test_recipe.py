@@ -160,7 +160,7 @@ def test_bad_overrides_are_clear():
     with pytest.raises(ValueError, match="expected key=value"):
         load_config(None, ["lora.r"])
     from shoptune.train.config import ConfigError
-    with pytest.raises(ConfigError, match=r"^config: lora\.r: "):
+    with pytest.raises(ConfigError, match=r"^override 'lora\.r=0': lora\.r: "):
         load_config(None, ["lora.r=0"])
 
 

@@ -4,8 +4,10 @@ is refused without --resume/--overwrite, short runs print a loss (never `None`),
 round it, per-task losses are a table, and no transformers FutureWarning reaches the terminal."""
 import json
 import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -47,6 +49,10 @@ def test_out_option_short_run_loss_and_rerun_policy(tmp_path, args):
     assert "mean loss " in text and "(no step logged: logging_steps=5 > steps)" in text
     assert "invalid rows skipped: 0" in text
     assert (out / "adapter" / "adapter_config.json").exists()
+    # (#31 item 34) readable as any other output, not safetensors' 0600: checkpoints too
+    from shoptune._io import umask
+    for f in (out / "adapter" / "adapter_model.safetensors", out / "checkpoint-2" / "adapter_model.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask(), f
     # the same folder again: refused, nothing touched
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     res = invoke(*args, "max_steps=3", "--out", out)
@@ -62,6 +68,22 @@ def test_out_option_short_run_loss_and_rerun_policy(tmp_path, args):
     assert json.loads((out / "run.json").read_text())["metrics"]["steps"] == 2
     res = invoke(*args, f"output_dir={tmp_path / 'a'}", "--out", tmp_path / "b")
     assert res.exit_code == 2 and "two output folders" in out_of(res)
+
+
+def test_train_never_writes_into_a_users_folder_or_an_input(tmp_path, args):
+    """#31: a folder holding someone's files and no earlier run is refused, --overwrite or not; an
+    --out that is, holds or sits in an input (the data) is always refused. Nothing is touched."""
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "paper.tex").write_text("mine")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for out, says in ((tmp_path / "thesis", "holds files shoptune did not write (paper.tex)"),
+                      (tmp_path, "holds an input"), (tmp_path / "d.jsonl", "exists and is not a folder"),
+                      (Path(args[1].partition("=")[2]).parent, "holds an input"),  # the model folder's
+                      (Path(args[1].partition("=")[2]) / "run", "is inside the input folder")):
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            res = invoke(*args, "max_steps=1", "--out", out, *extra)
+            assert res.exit_code == 1 and says in out_of(res), (out, extra, res.output)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 def test_per_task_losses_are_a_table_and_resume_rounds(tmp_path, args):
@@ -82,6 +104,28 @@ def test_per_task_losses_are_a_table_and_resume_rounds(tmp_path, args):
     loss = next(ln for ln in res.output.splitlines() if ln.startswith("loss "))
     first, last = loss.split()[1], loss.split()[3]
     assert len(first.split(".")[1]) == 4 and len(last.split(".")[1]) == 4, loss
+
+    # #31 items 18, 30 on the same run (no more training): resuming it under another adapter
+    # structure, from a checkpoint damaged after its COMPLETE marker, or from a folder holding no
+    # run is one line naming why; nothing is trained or written
+    ckpt = out / "checkpoint-4"
+    res = invoke(*a, "max_steps=4", "--out", out, "--resume", "peft=poly")
+    assert res.exit_code == 1 and "Traceback" not in res.output and (
+        f"error: {ckpt}: saved by a run with peft_type 'LORA', but this config gives 'POLY' (peft): "
+        "resume with the run's own config, or --overwrite to start over") in out_of(res), res.output
+    opt = ckpt / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:len(opt.read_bytes()) // 2])
+    res = invoke(*a, "max_steps=4", "--out", out, "--resume")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"error: {opt}: not a whole torch file (" in out_of(res) and \
+        "remove checkpoint-4 to resume from the one before" in out_of(res), res.output
+    (tmp_path / "empty").mkdir()
+    for missing, why in ((tmp_path / "nothing", "no such folder"), (tmp_path / "empty", "no checkpoint, adapter or log")):
+        res = invoke(*a, "max_steps=4", "--out", missing, "--resume")
+        assert res.exit_code == 1 and out_of(res) == (
+            f"error: --resume: {missing} holds no training run to continue ({why}"
+            + ("" if why == "no such folder" else " there") + "); run without --resume to start one"), res.output
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_on_invalid_fail_stops_training_before_any_work(tmp_path, args):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -43,6 +43,17 @@ def _api_key(env: str, url: str) -> str:
           f"name the variable holding the key")
 
 
+OverwriteFile = Annotated[bool, typer.Option(help="Replace output files that exist (never an input).")]
+
+
+def _check_outs(out: Path, inputs, overwrite: bool) -> None:
+    """OUT and its report (FILE.report.json) may be written (before the work; see check_new_file)."""
+    from shoptune._io import check_new_file, existing_inputs
+    found = existing_inputs(inputs)
+    check_new_file(out, inputs=found, overwrite=overwrite)
+    check_new_file(out.with_suffix(".report.json"), inputs=found, overwrite=overwrite)
+
+
 def _write_derived(rows, rep: dict, out: Path, against, ignore=frozenset()) -> tuple[list, list[dict]]:
     """Decontaminate derived rows against ``against`` (``ignore``: n-grams of the rows' fixed
     wording), write them and their report."""
@@ -61,8 +72,9 @@ def _write_derived(rows, rep: dict, out: Path, against, ignore=frozenset()) -> t
 
 
 def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, description,
-                file) -> Path | None:
-    """A card for a derived/synthesized task unless one is registered; returns its path."""
+                file, like=None) -> Path | None:
+    """A card for a derived/synthesized task unless one is registered (``like``: an own task's
+    card it copies); returns its path."""
     from shoptune._io import atomic_open
     from shoptune.data.derive import card_yaml
     from shoptune.tasks import all_cards
@@ -70,9 +82,15 @@ def _write_card(cards_dir: Path, name: str, *, capability, task_type, metric, de
     if name in all_cards():
         return None
     path = cards_dir / f"{name}.yaml"
+    text = card_yaml(name, capability=capability, task_type=task_type, metric=metric,
+                     description=description, file=file, like=like)
+    if path.exists() or path.is_symlink():  # (someone's card, or an edited one: kept as it is)
+        if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+            console.print(f"[yellow]kept[/] {path}: it exists and differs from the card this run would "
+                          f"write; the rows carry their task and capability anyway", highlight=False)
+        return path
     with atomic_open(path) as fh:
-        fh.write(card_yaml(name, capability=capability, task_type=task_type, metric=metric,
-                           description=description, file=file))
+        fh.write(text)
     return path
 
 
@@ -102,7 +120,7 @@ def register(data_app: typer.Typer) -> None:
             max_total_tokens: Annotated[Optional[int], typer.Option(help="Budget: tokens.")] = None,
             steering_check: Annotated[bool, typer.Option(help="Score the student on the rows made "
                                                          "(hard vs easy).")] = True,
-            quiet: bool = False) -> None:
+            quiet: Annotated[bool, typer.Option(help="No progress bar (the summary lines are still printed).")] = False) -> None:
         """Ask a teacher LLM for new rows of a task, steered by the examples shown; validate,
         de-duplicate, decontaminate; FILE.rejected.jsonl, FILE.report.json."""
         over = {k: v for k, v in dict(rows=rows, concurrency=concurrency, max_requests=max_requests,
@@ -117,7 +135,8 @@ def register(data_app: typer.Typer) -> None:
             out: Annotated[Path, typer.Option(help="Ranking questions (.jsonl).")] = Path("runs/derive/qpr_ranking.jsonl"),
             fill: Annotated[int, typer.Option(help="At most this many candidates per question may be "
                                               "products of other queries (taken as irrelevant); 0 = judged only.")] = 3,
-            seed: int = 0,
+            seed: Annotated[int, typer.Option(help="Seed of the candidates' order and of the fillers "
+                                              "drawn.")] = 0,
             against: Annotated[list[str], typer.Option(
                 help="Drop questions overlapping these evaluation sets (FILE or suite:NAME; "
                      "repeatable; 'none': no check).")] = ["shopbench-dev"],
@@ -129,15 +148,16 @@ def register(data_app: typer.Typer) -> None:
             teacher_url: Annotated[str, typer.Option(help="For --target: OpenAI-compatible base URL.")] = "https://api.openai.com/v1",
             teacher_model: Annotated[str, typer.Option(help="For --target: the teacher model.")] = "gpt-4o",
             api_key_env: Annotated[str, typer.Option(help="For --target: variable with the key.")] = "OPENAI_API_KEY",
-            quiet: bool = False) -> None:
+            quiet: Annotated[bool, typer.Option(help="No progress bar (the summary lines are still printed).")] = False,
+            overwrite: OverwriteFile = False) -> None:
         """ShopBench-layout ranking questions (query, 5 candidates, NDCG) from query-product
         judgements; says how many questions the data supports (--target: the teacher makes the
         rest)."""
-        from shoptune._io import check_out_file
         from shoptune.data.derive import derive_ranking, ranking_boilerplate
 
-        check_out_file(out)
-        recs = _load(paths or ["ec-guide/MCQ/QPRP.json", "ec-guide/MCQ/QPRJ.json"])
+        paths = paths or ["ec-guide/MCQ/QPRP.json", "ec-guide/MCQ/QPRJ.json"]
+        _check_outs(out, [*paths, *(a for a in against if a != "none" and not a.startswith("suite:"))], overwrite)
+        recs = _load(paths)
         try:
             rows, rep = derive_ranking(recs, fill=fill, seed=seed)
         except ValueError as e:
@@ -169,32 +189,46 @@ def register(data_app: typer.Typer) -> None:
 
     @derive_app.command("mcq")
     def derive_mcq_cmd(
-            paths: Annotated[list[str], typer.Argument(help="Generation rows (files/folders).")],
+            paths: Annotated[list[str], typer.Argument(help="Generation rows, or an own label "
+                                                       "task's rows (files/folders, or the task's name).")],
             out: Annotated[Path, typer.Option(help="Multiple-choice rows (.jsonl).")],
-            task: Annotated[Optional[list[str]], typer.Option(help="Only these tasks (repeatable).")] = None,
+            include_task: Annotated[Optional[list[str]], typer.Option(
+                help="Only rows of this task (repeatable; a card's name, as a mixture's "
+                     "include_tasks).")] = None,
+            task_old: Annotated[Optional[list[str]], typer.Option(
+                "--task", hidden=True, help="The former name of --include-task (elsewhere --task "
+                                            "tags your own rows with a card).")] = None,
             options: Annotated[int, typer.Option(help="Options per question (2-10).")] = 4,
-            difficulty: Annotated[str, typer.Option(help="hard: nearest answers in embedding space; "
-                                                    "easy: random answers.")] = "hard",
+            difficulty: Annotated[Literal["hard", "easy"], typer.Option(
+                help="hard: the nearest answers (labels) in embedding space; easy: random ones.")] = "hard",
             max_similarity: Annotated[float, typer.Option(help="Skip distractors at least this "
                                                           "similar to the gold (they may be right too).")] = 0.9,
-            limit: Annotated[Optional[int], typer.Option(min=1, help="At most this many rows per task.")] = None,
-            seed: int = 0,
+            limit_per_task: Annotated[Optional[int], typer.Option(
+                min=1, help="At most this many rows of each task, as `shoptune eval "
+                            "--limit-per-task`.")] = None,
+            limit_old: Annotated[Optional[int], typer.Option(
+                "--limit", min=1, hidden=True, help="The former name of --limit-per-task.")] = None,
+            seed: Annotated[int, typer.Option(help="Seed of the rows --limit-per-task keeps, the easy "
+                                              "distractors and the gold answer's position.")] = 0,
             against: Annotated[Optional[list[str]], typer.Option(
-                help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None) -> None:
-        """Multiple-choice versions of generation rows: distractors are other rows' answers of
-        the same task (near in embedding space = hard, random = easy)."""
+                help="Drop rows overlapping these evaluation sets (FILE or suite:NAME).")] = None,
+            overwrite: OverwriteFile = False) -> None:
+        """Multiple-choice versions of generation rows (distractors: other rows' answers of the
+        same task) and of a label task's rows (distractors: other labels of its card); near in
+        embedding space = hard, random = easy."""
         from collections import Counter
 
-        from shoptune._io import check_out_file
         from shoptune.data.derive import derive_mcq
+        from shoptune.tasks import card_name
 
-        check_out_file(out)
+        _check_outs(out, [*paths, *(a for a in against or [] if not a.startswith("suite:"))], overwrite)
         recs = _load(paths)
-        if task:
-            recs = [r for r in recs if r.task in task]
+        only = {card_name(t) for t in [*(include_task or []), *(task_old or [])]}
+        if only:
+            recs = [r for r in recs if r.task in only]
         try:
-            rows, rep = derive_mcq(recs, options=options, difficulty=difficulty,
-                                   max_similarity=max_similarity, seed=seed, limit=limit)
+            rows, rep = derive_mcq(recs, options=options, difficulty=difficulty, max_similarity=max_similarity,
+                                   seed=seed, limit=limit_per_task or limit_old)
         except ValueError as e:
             _fail(str(e))
         rows, removed = _write_derived(rows, rep, out, against)
@@ -203,10 +237,13 @@ def register(data_app: typer.Typer) -> None:
         console.print(f"gold positions: {rep['gold_positions']}")
         for name, n in Counter(r.task for r in rows).items():
             src = next(r for r in rows if r.task == name)
+            origin = src.extra["derived"]["from_task"]
+            what = ("other labels of its card" if src.extra["derived"].get("distractors") == "labels"
+                    else "other rows' answers")
             _card_hint(_write_card(out.parent / "cards", name, capability=src.capability,
                                    task_type="multiple-choice", metric="accuracy",
-                                   description=f"Multiple-choice version of {src.extra['derived']['from_task']} "
-                                               f"(distractors from other rows, {difficulty}).",
+                                   description=f"Multiple-choice version of {origin} "
+                                               f"(distractors: {what}, {difficulty}).",
                                    file=str(out)))
 
 
@@ -224,6 +261,7 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
     try:
         check_out_file(out)
         spec = SynthSpec.from_yaml(spec_path, over)
+        _check_synth_out(out, spec, spec_path)
         key = _api_key(api_key_env, teacher_url)
         rep = run_synth(spec, out, teacher_url=teacher_url, teacher_model=teacher_model,
                         api_key=key, quiet=quiet, check_steering=steering_check, console=console)
@@ -243,11 +281,13 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
         console.print(f"steering (student score by difficulty): {rep['steering']['difficulty']}")
     console.print(f"report -> {side_paths(out)['report']}")
     card = get_card(spec.task)
-    if rep["kept"]:  # (a card for rows that exist)
+    if rep["kept"] and rep["output_task"] == card.name:  # an own task's rows: more of the task
+        console.print(f"rows of task {card.name}: read through its card {card.path}", highlight=False)
+    elif rep["kept"]:  # (a card for rows that exist)
         _card_hint(_write_card(out.parent / "cards", rep["output_task"], capability=card.capability,
                                task_type=card.task_type, metric=card.metric,
                                description=f"Synthesized by a teacher LLM from {card.name} examples.",
-                               file=str(out)))
+                               file=str(out.resolve()) if card.own else str(out), like=card))
     if rep["stopped"]:
         if "budget" in rep["stopped"]:  # the budget counts every request made for OUT, resumes too
             hint = ("the budget covers every request made for this output, resumes included: "
@@ -259,6 +299,17 @@ def _synth(spec_path: Path, over: dict, out: Path, *, teacher_url: str, teacher_
             _fail(f"{rep['stopped']}; run the same command to continue")
         console.print(f"[yellow]stopped[/]: {rep['stopped']} ({hint})", highlight=False)
     return rep
+
+
+def _check_synth_out(out: Path, spec, spec_path: Path) -> None:
+    """``data synth --out FILE`` appends (a rerun resumes): FILE is new, or an earlier synth's
+    output (its FILE.cache.jsonl is there); never the spec, a pool file or someone else's file."""
+    from shoptune._io import OutputError, check_not_input, existing_inputs
+    from shoptune.data.synth import side_paths
+    check_not_input(out, existing_inputs([spec_path], spec.pool))
+    if (out.exists() or out.is_symlink()) and not side_paths(out)["cache"].is_file():
+        raise OutputError(f"--out {out}: exists and is not the output of an earlier `shoptune data synth` "
+                          f"(no {side_paths(out)['cache'].name} beside it); choose a new file name")
 
 
 def _decontaminate(rows, against, ignore=frozenset()):

@@ -25,9 +25,18 @@ taken as irrelevant (weight 0). That is an assumption (recorded per row: ``fille
 ``options - 1`` distractors: the answers of other rows of the same task. ``hard`` picks the
 answers nearest to the gold in all-MiniLM-L6-v2 embedding space (near-identical ones, cosine >=
 ``max_similarity``, are skipped: they may be correct too), ``easy`` picks at random.
+
+A row of a shop's own ``label`` task (``output: label``) becomes a question whose options are its
+gold label and ``options - 1`` other labels of its card, numbered in ShopBench's layout: the
+card's prompt without its label list, "Which of the following is the correct answer?", the
+options, "Answer: ". ``hard`` takes the labels the row is most easily confused with: the labels
+whose rows' inputs lie nearest to this row's inputs (cosine to the label's centroid in the same
+embedding space; a label without rows: its name's embedding); ``easy`` takes other labels at
+random. A card with fewer labels than ``options`` gives questions with all its labels.
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter, defaultdict
@@ -219,11 +228,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def mcq_question(input_field: str, options: Sequence[str]) -> str:
+def mcq_question(input_field: str, options: Sequence[str], header: str = MCQ_HEADER) -> str:
     """The generation prompt without its trailing "Output:" line, then numbered options."""
     stem = _TRAILER.sub("", input_field.rstrip()).rstrip()
     listing = "\n".join(f"{i}. {_one_line(o)}" for i, o in enumerate(options))
-    return f"{stem}\n{MCQ_HEADER}\n{listing}\nAnswer: "
+    return f"{stem}\n{header}\n{listing}\nAnswer: "
 
 
 def _embed(texts: Sequence[str]):
@@ -232,11 +241,117 @@ def _embed(texts: Sequence[str]):
                                           normalize_embeddings=True, batch_size=64)
 
 
+def inputs_text(rec: Record) -> str:
+    """What the encoder sees of a row: an own task's input values, one a line (its prompt's fixed
+    wording would make every row alike), else its question text."""
+    if rec.inputs is None:
+        return rec.input_field
+    return "\n".join(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                     for v in rec.inputs.values())
+
+
+def label_space(records: Sequence[Record], labels: Sequence[str], embed=_embed):
+    """Where a label task's rows lie among its labels: ``(S, C)``. ``C[j]`` is label ``j``'s
+    centroid, the unit mean of the input embeddings of its rows (a label no row has: the embedding
+    of its name); ``S[i, j]`` is the cosine of row ``i``'s inputs with ``C[j]``, row ``i`` left
+    out of its own label's centroid (the only row of its label: that label's name)."""
+    import numpy as np
+
+    X = np.asarray(embed([inputs_text(r) for r in records]), dtype=np.float64)
+    names = np.asarray(embed(list(labels)), dtype=np.float64)
+    index = {lab: j for j, lab in enumerate(labels)}
+    g = np.array([index[r.output_field] for r in records], dtype=int)
+    sums = np.zeros((len(labels), names.shape[1]))
+    np.add.at(sums, g, X)
+    counts = np.bincount(g, minlength=len(labels))
+    C = np.where(counts[:, None] > 0, sums, names)
+    C /= np.linalg.norm(C, axis=1, keepdims=True)
+    S = X @ C.T
+    rest = sums[g] - X  # each row's own label without it
+    norm = np.linalg.norm(rest, axis=1)
+    S[np.arange(len(g)), g] = np.where(counts[g] > 1, (X * rest).sum(1) / np.maximum(norm, 1e-12),
+                                       (X * names[g]).sum(1))
+    return S, C
+
+
+LABEL_MCQ_HEADER = "Which of the following is the correct answer?"
+
+
+def _picked(rows: Sequence[Record], task: str, seed: int, limit: int | None) -> list[int]:
+    """The rows (indices, in file order) a task's questions are made from: all, or ``limit`` of
+    them drawn with a seeded generator."""
+    rng = random.Random(f"{seed}\x00{task}")
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    return sorted(order[:limit] if limit else order)
+
+
+def _label_stem(card):
+    """The card without its label list: lines that only list ``{labels}`` are dropped (the options
+    list them now); elsewhere ``{labels}`` becomes "the options below"."""
+    lines = []
+    for line in card.prompt.splitlines():
+        if "{labels}" in line:
+            if not re.search(r"\{(?!labels\})[a-z_][a-z0-9_]*\}", line):
+                continue
+            line = line.replace("{labels}", "the options below")
+        lines.append(line)
+    return card.model_copy(update={"prompt": "\n".join(lines)})
+
+
+def label_mcq(rows: Sequence[Record], *, options: int, difficulty: str, seed: int,
+              limit: int | None, embed=_embed) -> tuple[list[Record], Counter]:
+    """Multiple-choice questions from the rows of one ``label`` task: the gold label among other
+    labels of its card (``hard``: the labels nearest the row's inputs, see :func:`label_space`;
+    ``easy``: random), gold position drawn uniformly (seeded)."""
+    from shoptune import tasks
+
+    task = rows[0].task
+    card = tasks.find_card(task)
+    skipped: Counter = Counter()
+    if card is None or card.output != "label":
+        skipped[f"{task}: no task card with output: label"] += len(rows)
+        return [], skipped
+    labels = list(card.labels)
+    n = min(options, len(labels))
+    usable = [r for r in rows if r.inputs is not None and r.output_field in labels]
+    if len(usable) < len(rows):
+        skipped[f"{task}: rows without inputs or with a label not on the card"] += len(rows) - len(usable)
+    if n < 2:
+        skipped[f"{task}: its card has fewer than 2 labels"] += len(usable)
+    if n < 2 or not usable:
+        return [], skipped
+    sims, _ = label_space(usable, labels, embed)
+    stem = _label_stem(card)
+    out = []
+    for i in _picked(usable, task, seed, limit):
+        r = usable[i]
+        g = labels.index(r.output_field)
+        cand = [j for j in range(len(labels)) if j != g]
+        if difficulty == "hard":
+            picks = sorted(cand, key=lambda j: (-float(sims[i, j]), labels[j]))[:n - 1]
+        else:
+            picks = random.Random(f"{seed}\x00{r.id}").sample(cand, n - 1)
+        opts = [labels[j] for j in picks]
+        gold = random.Random(f"{seed}\x00gold\x00{r.id}").randrange(n)
+        opts.insert(gold, r.output_field)
+        out.append(Record(
+            input_field=mcq_question(stem.render(r.inputs), opts, LABEL_MCQ_HEADER), output_field=gold,
+            task_type="multiple-choice", metric="accuracy", task=f"{task}_mcq",
+            capability=r.capability, source=f"derive:mcq:{r.source}", is_multiple_choice=True,
+            extra={"derived": {"from": r.id, "from_task": task, "difficulty": difficulty,
+                               "distractors": "labels", "options": opts,
+                               "distractor_similarity": [round(float(sims[i, j]), 4) for j in picks],
+                               "seed": seed}}))
+    return out, skipped
+
+
 def derive_mcq(records: Sequence[Record], *, options: int = 4, difficulty: str = "hard",
                max_similarity: float = 0.9, seed: int = 0, limit: int | None = None,
                embed=_embed) -> tuple[list[Record], dict]:
     """Multiple-choice versions of generation rows (distractors: other rows' answers of the same
-    task, nearest in embedding space for ``hard``, random for ``easy``)."""
+    task, nearest in embedding space for ``hard``, random for ``easy``) and of own ``label``
+    rows (distractors: other labels of the card, see :func:`label_mcq`)."""
     import numpy as np
 
     if difficulty not in ("hard", "easy"):
@@ -244,9 +359,12 @@ def derive_mcq(records: Sequence[Record], *, options: int = 4, difficulty: str =
     if not 2 <= options <= 10:
         raise ValueError("options must be 2-10 (ShopBench multiple choice answers one digit)")
     by_task: dict[str, list[Record]] = defaultdict(list)
+    by_label_task: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         if r.task_type == "generation" and isinstance(r.output_field, str) and r.output_field.strip():
             by_task[r.task].append(r)
+        elif r.task_type == "label":
+            by_label_task[r.task].append(r)
     out: list[Record] = []
     skipped = Counter()
     for task in sorted(by_task):
@@ -263,12 +381,7 @@ def derive_mcq(records: Sequence[Record], *, options: int = 4, difficulty: str =
             first_of.setdefault(k, i)
         emb = embed([answers[first_of[k]] for k in uniq])
         pos = {k: i for i, k in enumerate(uniq)}
-        rng = random.Random(f"{seed}\x00{task}")
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        if limit:
-            order = order[:limit]
-        for i in sorted(order):
+        for i in _picked(rows, task, seed, limit):
             r = rows[i]
             gi = pos[keys[i]]
             sims = emb @ emb[gi]
@@ -291,12 +404,18 @@ def derive_mcq(records: Sequence[Record], *, options: int = 4, difficulty: str =
                 extra={"derived": {"from": r.id, "from_task": task, "difficulty": difficulty,
                                    "distractor_similarity": [round(float(sims[j]), 4) for j in picks],
                                    "seed": seed}}))
+    for task in sorted(by_label_task):
+        made, why = label_mcq(by_label_task[task], options=options, difficulty=difficulty,
+                              seed=seed, limit=limit, embed=embed)
+        out += made
+        skipped.update(why)
     if not out:  # nothing to write: say why instead of an empty file
-        if not by_task:
+        if not by_task and not by_label_task:
             types = Counter(r.task_type for r in records)
             raise ValueError(f"no generation rows to make multiple-choice questions from "
                              f"({len(records)} rows; task types: "
-                             f"{', '.join(f'{k}={v}' for k, v in types.items()) or 'none'})")
+                             f"{', '.join(f'{k}={v}' for k, v in types.items()) or 'none'}), and "
+                             f"no rows of a label task")
         raise ValueError("no multiple-choice question could be made: "
                          + "; ".join(f"{k} ({v} rows)" for k, v in skipped.items()))
     sims_all = [s for r in out for s in r.extra["derived"]["distractor_similarity"]]
@@ -309,9 +428,17 @@ def derive_mcq(records: Sequence[Record], *, options: int = 4, difficulty: str =
 
 
 def card_yaml(name: str, *, capability: str, task_type: str, metric: str, description: str,
-              file: str | None) -> str:
-    """A task card for derived or synthesized rows (``SHOPTUNE_TASKS_PATH`` finds it)."""
+              file: str | None, like=None) -> str:
+    """A task card for derived or synthesized rows (``SHOPTUNE_TASKS_PATH`` finds it); ``like``:
+    an own task's card, copied under ``name`` (inputs, output, labels or schema, prompt) with
+    ``file`` as its source."""
     import yaml
+    if like is not None and like.own:
+        card = like.model_dump(mode="json", by_alias=True, exclude_none=True,
+                               exclude={"source", "tags", "description", "name"})
+        return yaml.safe_dump({"name": name, **card, "description": description,
+                               "source": {"files": [file]}, "tags": [*like.tags, "derived"]},
+                              sort_keys=False, allow_unicode=True)
     return yaml.safe_dump({"name": name, "version": 1, "capability": capability,
                            "task_type": task_type, "metric": metric, "description": description,
                            "source": {"dataset": "custom", "file": file}, "tags": ["derived"]},

@@ -30,6 +30,23 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
     return {("max" if p == 100 else f"p{p}"): int(np.percentile(arr, p)) for p in PERCENTILES}
 
 
+def token_lengths(tokenizer, texts: Sequence[str], batch_size: int = 2048,
+                  max_chars: int = 4 * 1024 * 1024) -> list[int]:
+    """Token count of each text, tokenized in batches of at most ``batch_size`` texts and
+    ``max_chars`` characters (a fast tokenizer holds ~200 bytes per input character while it
+    works: batches bounded by size, not only by count, keep long rows from taking GBs)."""
+    out: list[int] = []
+    i = 0
+    while i < len(texts):
+        j, chars = i, 0
+        while j < len(texts) and j - i < batch_size and (j == i or chars + len(texts[j]) <= max_chars):
+            chars += len(texts[j])
+            j += 1
+        out += [len(x) for x in tokenizer(list(texts[i:j]), add_special_tokens=False)["input_ids"]]
+        i = j
+    return out
+
+
 def compute_stats(records: Sequence[Record], tokenizer=None, batch_size: int = 2048,
                   progress: Callable[[int, int], None] | None = None) -> dict:
     """Statistics of a record list; token lengths need ``tokenizer`` (else omitted).
@@ -58,11 +75,10 @@ def compute_stats(records: Sequence[Record], tokenizer=None, batch_size: int = 2
         inp, outp = [], []
         for i in range(0, len(records), batch_size):
             chunk = records[i:i + batch_size]
-            inp += [len(x) for x in tokenizer([r.input_field for r in chunk],
-                                              add_special_tokens=False)["input_ids"]]
+            inp += token_lengths(tokenizer, [r.input_field for r in chunk], batch_size)
             golds = [r.output_field if isinstance(r.output_field, str)
                      else json.dumps(r.output_field, ensure_ascii=False) for r in chunk]
-            outp += [len(x) for x in tokenizer(golds, add_special_tokens=False)["input_ids"]]
+            outp += token_lengths(tokenizer, golds, batch_size)
             if progress:
                 progress(i + len(chunk), len(records))
         out["tokens"] = {"input": _percentiles(inp), "output": _percentiles(outp),

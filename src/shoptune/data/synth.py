@@ -21,6 +21,15 @@ duplicates against the pool and the rows kept so far, (5) decontamination agains
 evaluation set (exact, near, 13-gram; :mod:`shoptune.data.dedup`). Rejected rows go to
 ``FILE.rejected.jsonl`` with the reason.
 
+A shop's own task (a card with named ``inputs``: label, labels, json, number, text) is
+synthesized from its card: the pool defaults to the card's own files, read through it; the
+teacher is told the task, its inputs and the answer's rule (:func:`own_instruction`) and shown
+rows rendered from their named inputs and gold answers; a reply is parsed back into named inputs
+and an answer the output type coerces and the card validates (a label of ``labels``, JSON valid
+against ``schema``). Its rows are records of the task itself (with ``inputs``), read back through
+its card. Without a student, a label task's difficulty is its rows' label margin in embedding
+space (:func:`label_difficulty`; hard rows are shown one confusable label pair).
+
 Files (all append-only, one JSON object a line, fsync'd): ``FILE.jsonl`` (kept rows with
 ``extra.provenance``), ``FILE.rejected.jsonl``, ``FILE.cache.jsonl`` (teacher answers keyed by a
 hash of the request). A killed run started again re-reads them: jobs already decided are
@@ -39,7 +48,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -48,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shoptune.data.teacher import (AppendLog, BudgetExhausted, JobRefused, Teacher, TeacherError,
                                    TeacherFailed, read_log)
 from shoptune.records import Record
+from shoptune.tasks import TaskName
 
 DEFAULT_INSTRUCTION = ("Below are examples of one task from an online-shopping benchmark. Write "
                        "one new example of the same task: a new question and its correct answer, "
@@ -97,10 +107,11 @@ class StudentSpec(BaseModel):
 
 class SynthSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: str  # the target task card: task type, metric, capability
-    output_task: str | None = None  # task name of the rows made (default synth_<task>)
-    pool: list[str] = Field(min_length=1)  # files/folders of real examples
-    pool_tasks: list[str] = []  # default: rows of ``task`` (all rows when the pool has none)
+    task: TaskName  # the target task card: task type, metric, capability
+    # task name of the rows made (default synth_<task>; an own task's: the task itself)
+    output_task: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]*$", max_length=64)
+    pool: list[str] = []  # files/folders of real examples (an own task's default: its card's files)
+    pool_tasks: list[TaskName] = []  # default: rows of ``task`` (all rows when the pool has none)
     pool_split: Literal["train", "validation", "test"] | None = None
     pool_split_test: float = 0.05  # the deterministic split's settings (as mixtures and suites)
     pool_split_validation: float = 0.02
@@ -112,7 +123,7 @@ class SynthSpec(BaseModel):
     decontaminate_against: list[str] = []
     ngram: int = Field(default=13, ge=0)
     dedup_threshold: float = Field(default=0.9, gt=0, le=1)
-    instruction: str = DEFAULT_INSTRUCTION
+    instruction: str | None = None  # None: DEFAULT_INSTRUCTION (an own task: own_instruction)
     temperature: float = Field(default=0.8, ge=0, le=2)
     max_tokens: int = Field(default=512, ge=1)
     seed: int = 0
@@ -155,9 +166,12 @@ def language_of(text: str) -> str:
     return "ja" if lang == "zh" and _KANA.search(text) else lang
 
 
-def answer_string(rec: Record) -> str:
-    """The gold as the teacher sees and writes it (parsed back by :func:`parse_answer`)."""
+def answer_string(rec: Record, card=None) -> str:
+    """The gold as the teacher sees and writes it (parsed back by :func:`parse_answer`; an own
+    task's: what training teaches the model to write, read back by its output type)."""
     gold = rec.output_field
+    if card is not None and card.own:
+        return card.output_type.answer_text(gold, rec.metric, card)
     if rec.task_type == "multiple-choice":
         return str(gold).strip().lower() if rec.metric == "bool" else str(gold)
     if rec.task_type in ("retrieval", "ranking", "named_entity_recognition"):
@@ -165,9 +179,9 @@ def answer_string(rec: Record) -> str:
     return str(gold).strip()
 
 
-def length_thresholds(pool: Sequence[Record]) -> tuple[float, float]:
+def length_thresholds(pool: Sequence[Record], card=None) -> tuple[float, float]:
     import numpy as np
-    lens = [len(answer_string(r)) for r in pool] or [0]
+    lens = [len(answer_string(r, card)) for r in pool] or [0]
     return float(np.percentile(lens, 100 / 3)), float(np.percentile(lens, 200 / 3))
 
 
@@ -177,13 +191,81 @@ def length_bucket(n: int, thresholds: tuple[float, float]) -> str:
 
 # --------------------------------------------------------------------------- prompt and parse
 
-def render_example(rec: Record) -> str:
+def render_example(rec: Record, card=None) -> str:
+    """A pool row as the teacher sees it: ``<question>`` and ``<answer>``; an own task's row: each
+    named input in its own tag (``<title>``), then the answer (:func:`answer_tag`)."""
+    if card is not None and card.own:
+        parts = [f"<{f.name}>\n{_cell(rec.inputs[f.name]).strip(chr(10))}\n</{f.name}>"
+                 for f in card.input_fields]
+        tag = answer_tag(card)
+        return ("<example>\n" + "\n".join(parts)
+                + f"\n<{tag}>\n{answer_string(rec, card)}\n</{tag}>\n</example>")
     return (f"<example>\n<question>\n{rec.input_field.strip(chr(10))}\n</question>\n"
             f"<answer>\n{answer_string(rec)}\n</answer>\n</example>")
 
 
-def build_prompt(instruction: str, shown: Sequence[Record]) -> str:
-    return instruction.strip() + "\n\n" + "\n\n".join(render_example(r) for r in shown) + "\n"
+def build_prompt(instruction: str, shown: Sequence[Record], card=None) -> str:
+    return instruction.strip() + "\n\n" + "\n\n".join(render_example(r, card) for r in shown) + "\n"
+
+
+# --------------------------------------------------------------------------- own tasks
+
+# What an own task's answer is, as the instruction tells the teacher (the same for every row).
+ANSWER_RULES = {"label": "exactly one of: {labels}",
+                "labels": "a JSON list of the labels that apply (possibly none), from: {labels}",
+                "json": "a JSON object valid against this JSON Schema: {schema}",
+                "number": "a number", "generation": "text"}
+
+
+def answer_tag(card) -> str:
+    """The tag of an own task's answer: ``answer`` (``output`` when an input is called answer)."""
+    return "output" if any(f.name == "answer" for f in card.input_fields) else "answer"
+
+
+def own_instruction(card) -> str:
+    """The instruction for an own task's rows: what the task is (its card's description), its
+    inputs' tags and descriptions, and the rule its answer follows (the labels, the schema)."""
+    fields = "; ".join(f"<{f.name}>" + (f" ({f.description.rstrip('.')})" if f.description else "")
+                       for f in card.input_fields)
+    rule = ANSWER_RULES[card.task_type].format(
+        labels=", ".join(card.labels or []),
+        schema=json.dumps(card.schema_, ensure_ascii=False) if card.schema_ is not None else "")
+    return (f"Below are examples of one task of an online shop: {card.description.strip().rstrip('.')}. "
+            f"Each example gives {fields}, and in <{answer_tag(card)}> the correct answer: {rule}. "
+            f"Write one new example of the same task, with new inputs and their correct answer, in "
+            f"exactly the same format. Reply with the new example only.")
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _tagged(name: str, text: str) -> str | None:
+    m = re.search(rf"<{re.escape(name)}>\s*?\n?(.*?)\n?\s*</{re.escape(name)}>", text, re.DOTALL)
+    return m.group(1).strip() if m else None
+
+
+def parse_own(text: str, card) -> tuple[dict, str]:
+    """(named inputs, answer string) from the teacher's reply for an own task; each input read as
+    its card type says (a number, a JSON list...); SynthReject otherwise."""
+    from shoptune.data.loaders import _input_value
+
+    inputs = {}
+    for f in card.input_fields:
+        value = _tagged(f.name, text or "")
+        if not value:
+            raise SynthReject("format", f"no <{f.name}>...</{f.name}> in the reply" if value is None
+                              else f"empty <{f.name}>")
+        try:
+            inputs[f.name] = _input_value(value, f.type, True)
+        except ValueError as e:
+            raise SynthReject(f"invalid:{f.name}", str(e)) from None
+    tag = answer_tag(card)
+    answer = _tagged(tag, text or "")
+    if not answer:
+        raise SynthReject("format", f"no <{tag}>...</{tag}> in the reply" if answer is None
+                          else f"empty <{tag}>")
+    return inputs, answer
 
 
 _Q = re.compile(r"<question>\s*?\n?(.*?)\n?\s*</question>", re.DOTALL)
@@ -229,16 +311,18 @@ RELEVANCE_LEVELS = (1, 0.1, 0.01, 0)
 _LISTED = re.compile(r"^\s*(\d+)\.\s", re.MULTILINE)
 
 
-def check_row(rec: Record) -> None:
-    """Validate a generated row as the task's own data would be; SynthReject names why not."""
-    from shoptune.data.loaders import check_fields, option_numbers
-    from shoptune.eval.metrics import METRIC_FNS
-    from shoptune.eval.parsers import parse
-    from shoptune.train.format import answer_text
+def check_row(rec: Record, card=None) -> None:
+    """Validate a generated row as the task's own data would be (an own task's: against its
+    ``card``, the labels or the schema); SynthReject names why not."""
+    from shoptune.data.loaders import check_fields
+    from shoptune.eval.metrics import COUNT_METRICS, METRIC_FNS, micro_f1
+    from shoptune import tasks
+    from shoptune.tasks.outputs import output_for
+    from shoptune.tasks.outputs.choice import option_numbers
 
     row = {"input_field": rec.input_field, "output_field": rec.output_field,
            "task_type": rec.task_type, "metric": rec.metric}
-    problems = check_fields(row)
+    problems = check_fields(row, card)
     if problems:
         f, m = problems[0]
         raise SynthReject(f"invalid:{f}", m)
@@ -272,12 +356,14 @@ def check_row(rec: Record) -> None:
         if missing:
             raise SynthReject("parser:entities", f"entities not in the text: {missing[:3]}")
     if tt != "generation":  # the gold, answered as training teaches, must score perfectly
-        parsed = parse(tt, rec.metric, answer_text(rec))
-        fn = METRIC_FNS[rec.metric]
-        score = fn(parsed, [g.lower() for g in gold] if tt == "named_entity_recognition" else gold)
-        if tt == "named_entity_recognition":
-            score = float(score[1] == score[2] == 0)
-        if score < 1 - 1e-9:
+        out, card = output_for(tt, rec.metric), card or tasks.find_card(rec.task)
+        parsed = out.parse(out.answer_text(gold, rec.metric, card), rec.metric, card)
+        value = METRIC_FNS[rec.metric](parsed, gold)
+        if rec.metric in COUNT_METRICS:  # (tp, fp, fn): perfect is nothing extra, nothing missed
+            perfect, score = value[1] == value[2] == 0, micro_f1([value])
+        else:
+            perfect, score = value >= 1 - 1e-9, value
+        if not perfect:
             raise SynthReject("parser:roundtrip", f"the gold answer parses to {parsed!r}, scoring {score:.3f}")
 
 
@@ -289,12 +375,20 @@ def side_paths(out: Path) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- pool and student
 
-def load_pool(spec: SynthSpec) -> list[Record]:
+def load_pool(spec: SynthSpec, card=None) -> list[Record]:
+    """The pool's rows of the task. An own task's pool (default: the files its card names) is
+    read through its card, so a CSV with the shop's own columns is a pool as it is."""
     from shoptune.data.loaders import iter_records
     from shoptune.data.splits import split_of
 
+    own = card is not None and card.own
+    paths = spec.pool or ([str(p) for p in card.source_files()] if own else [])
+    if not paths:
+        raise SynthError("pool: name the files of real examples" + (
+            f" (task {card.name}'s card names no source.files)" if own else ""))
     issues: list = []
-    rows = [r for r in iter_records(spec.pool, issues=issues)
+    read_as = card.name if own and not spec.pool_tasks else None
+    rows = [r for r in iter_records(paths, issues=issues, task=read_as)
             if spec.pool_split is None or split_of(r, test=spec.pool_split_test,
                                                    validation=spec.pool_split_validation) == spec.pool_split]
     tasks = spec.pool_tasks or ([spec.task] if any(r.task == spec.task for r in rows) else [])
@@ -305,7 +399,7 @@ def load_pool(spec: SynthSpec) -> list[Record]:
         rows = [rows[i] for i in pick]
     if not rows:
         why = (f" ({len(issues)} invalid row(s); first: {issues[0]})" if issues else "")
-        raise SynthError(f"pool {spec.pool}: no valid rows" + (f" of {tasks}" if tasks else "") + why)
+        raise SynthError(f"pool {paths}: no valid rows" + (f" of {tasks}" if tasks else "") + why)
     return rows
 
 
@@ -320,7 +414,7 @@ def student_scores(spec: SynthSpec, records: Sequence[Record], out_dir: Path,
     from shoptune._io import write_jsonl
     from shoptune.eval.runner import evaluate
 
-    pred = out_dir / "predictions.jsonl"
+    pred = out_dir / "eval" / "predictions.jsonl"
     ids = [r.id for r in records]
     if pred.exists():  # resume: the same questions were scored already
         rows = read_log(pred)
@@ -329,9 +423,9 @@ def student_scores(spec: SynthSpec, records: Sequence[Record], out_dir: Path,
     data = out_dir / "questions.jsonl"
     write_jsonl(data, (dict(r.to_dict(), id=r.id) for r in records))
     key = os.environ.get(st.api_key_env, "EMPTY") if st.api_key_env else "EMPTY"
-    evaluate(model=st.model, adapter=st.adapter, data=[str(data)], out=out_dir,
+    evaluate(model=st.model, adapter=st.adapter, data=[str(data)], out=out_dir / "eval",
              backend=st.backend, base_url=st.base_url, api_key=key, protocol=st.protocol,
-             quiet=quiet, n_boot=10)
+             quiet=quiet, n_boot=10, overwrite=True)  # (its own earlier scores, for other questions)
     return {r["id"]: float(r["score"]) for r in read_log(pred)}
 
 
@@ -365,6 +459,10 @@ class Pool:
     length: dict[str, str]
     language: dict[str, str]
     thresholds: tuple[float, float]
+    # a label task steered without a student: id -> {its label, the label nearest its inputs},
+    # and the label centroids the margins were measured against (see label_difficulty)
+    pair: dict[str, frozenset] = field(default_factory=dict)
+    centroids: object = None
 
     def eligible(self, cell: dict[str, str]) -> list[Record]:
         return [r for r in self.rows
@@ -373,18 +471,62 @@ class Pool:
                 and cell["language"] in ("any", self.language[r.id])]
 
 
-def make_pool(spec: SynthSpec, rows: list[Record], scores: dict[str, float] | None) -> Pool:
-    th = length_thresholds(rows)
-    diff = {}
+def label_margins(rows: Sequence[Record], card, centroids=None):
+    """Per row of a label task: its margin (cosine of its inputs to its label's centroid minus
+    to the nearest other label's; low or negative = near the decision boundary) and that nearest
+    label; and the centroids (:func:`shoptune.data.derive.label_space`; given ``centroids``, the
+    rows are measured against those, e.g. rows made against the pool's)."""
+    import numpy as np
+
+    from shoptune.data.derive import _embed, inputs_text, label_space
+
+    labels = list(card.labels)
+    if centroids is None:
+        sims, centroids = label_space(rows, labels, _embed)
+    else:
+        sims = np.asarray(_embed([inputs_text(r) for r in rows]), dtype=np.float64) @ centroids.T
+    g = np.array([labels.index(r.output_field) for r in rows], dtype=int)
+    own = sims[np.arange(len(g)), g].copy()
+    sims[np.arange(len(g)), g] = -np.inf
+    near = sims.argmax(1)
+    return own - sims.max(1), [labels[j] for j in near], centroids
+
+
+def label_difficulty(rows: Sequence[Record], card) -> tuple[dict, dict, object]:
+    """A label task's pool steered without a student: the half of the rows with the lowest
+    margins (:func:`label_margins`) is ``hard``, the other half ``easy``; and each row's label
+    pair (its own, the one its inputs lie nearest)."""
+    margins, near, centroids = label_margins(rows, card)
+    order = sorted(range(len(rows)), key=lambda i: (float(margins[i]), rows[i].id))
+    hard = set(order[:max(1, len(rows) // 2)])
+    diff = {r.id: "hard" if i in hard else "easy" for i, r in enumerate(rows)}
+    pair = {r.id: frozenset((r.output_field, near[i])) for i, r in enumerate(rows)}
+    return diff, pair, centroids
+
+
+def question_text(rec: Record) -> str:
+    """The text a row's language is told from: an own task's inputs, else the question."""
+    from shoptune.data.derive import inputs_text
+    return inputs_text(rec)
+
+
+def make_pool(spec: SynthSpec, rows: list[Record], scores: dict[str, float] | None,
+              card=None) -> Pool:
+    th = length_thresholds(rows, card)
+    diff, pair, centroids = {}, {}, None
     if scores is not None:
         diff = {r.id: ("hard" if scores[r.id] < spec.student.hard_below else "easy")
                 for r in rows if r.id in scores}
-    pool = Pool(rows, diff, {r.id: length_bucket(len(answer_string(r)), th) for r in rows},
-                {r.id: language_of(r.input_field) for r in rows}, th)
+    elif (spec.characteristics.steers_difficulty() and card is not None and card.own
+          and card.output == "label" and len(rows) > 1):
+        diff, pair, centroids = label_difficulty(rows, card)
+    pool = Pool(rows, diff, {r.id: length_bucket(len(answer_string(r, card)), th) for r in rows},
+                {r.id: language_of(question_text(r)) for r in rows}, th, pair, centroids)
     ch = spec.characteristics
     if ch.steers_difficulty() and not diff:
         if scores is None:
-            raise SynthError("characteristics.difficulty needs a student (spec: student: ...)")
+            raise SynthError("characteristics.difficulty needs a student (spec: student: ...; an "
+                             "own label task without one: a pool of at least 2 rows)")
         src = spec.student.predictions or "the student's predictions"
         raise SynthError(f"student.predictions {src}: none of its {len(scores)} ids is a pool row "
                          f"(pool ids look like {rows[0].id!r}; score the same pool file with "
@@ -413,7 +555,10 @@ class Job:
     key: str  # hash of everything the teacher is asked: the cache key
 
 
-def plan_job(spec: SynthSpec, pool: Pool, index: int, teacher_model: str) -> Job:
+def plan_job(spec: SynthSpec, pool: Pool, index: int, teacher_model: str, card=None) -> Job:
+    """Row ``index``'s characteristics, shown examples and request (an own task's examples are
+    rendered from its named inputs; a hard row of a label task steered without a student is shown
+    examples of one confusable label pair where the pool has enough)."""
     rng = random.Random(f"{spec.seed}\x00job\x00{index}")
     ch = spec.characteristics
     cell = {"difficulty": _draw(rng, ch.difficulty), "length": _draw(rng, ch.length),
@@ -425,8 +570,15 @@ def plan_job(spec: SynthSpec, pool: Pool, index: int, teacher_model: str) -> Job
             if pool.eligible(cell_r):
                 cell, cands = dict(cell, relaxed=relax), pool.eligible(cell_r)
                 break
+    if pool.pair and cell["difficulty"] == "hard" and "relaxed" not in cell:
+        anchor = cands[rng.randrange(len(cands))]
+        near = [r for r in cands if pool.pair[r.id] == pool.pair[anchor.id]]
+        if len(near) >= spec.shots:
+            cands = near
     shown = tuple(rng.sample(cands, min(spec.shots, len(cands))))
-    prompt = build_prompt(spec.instruction, shown)
+    own = card is not None and card.own
+    prompt = build_prompt(spec.instruction or (own_instruction(card) if own else DEFAULT_INSTRUCTION),
+                          shown, card)
     seed = rng.randrange(2**31)
     blob = json.dumps([teacher_model, prompt, spec.temperature, spec.max_tokens, seed])
     return Job(index, cell, shown, prompt, seed, hashlib.sha256(blob.encode()).hexdigest()[:24])
@@ -492,11 +644,30 @@ class Gate:
                               of=x["of"], eval_set=x["eval_set"])
 
 
+def output_task_of(spec: SynthSpec, card) -> str:
+    """The task of the rows made: ``output_task``, else ``synth_<task>`` (an own task: the task
+    itself, its rows read back through its own card)."""
+    return spec.output_task or (card.name if card.own else f"synth_{card.name}")
+
+
 def make_record(spec: SynthSpec, card, job: Job, text: str) -> Record:
+    """The row the teacher's reply makes, checked; an own task's (``card`` named as the output
+    task) from its named inputs, its gold coerced by the output type (a label of the card, JSON
+    valid against its schema) and read back through the card."""
+    if card.own:
+        from shoptune.tasks.outputs import GoldError
+        inputs, answer = parse_own(text, card)
+        try:
+            gold = card.output_type.coerce(answer, card)
+        except GoldError as e:
+            raise SynthReject("invalid:output_field", str(e)) from None
+        rec = card.record(inputs, gold, source=f"synth:job {job.index}")
+        check_row(rec, card)
+        return rec
     question, answer = parse_generated(text)
     gold = parse_answer(card.task_type, card.metric, answer)
     rec = Record(input_field=question, output_field=gold, task_type=card.task_type,
-                 metric=card.metric, task=spec.output_task or f"synth_{card.name}",
+                 metric=card.metric, task=output_task_of(spec, card),
                  capability=card.capability, source=f"synth:job {job.index}",
                  is_multiple_choice=card.task_type == "multiple-choice")
     check_row(rec)
@@ -521,12 +692,14 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
         card = get_card(spec.task)
     except KeyError as e:
         raise SynthError(str(e).strip("'\"")) from None
+    # an own task's rows are rows of the task itself (or of a copy of its card named output_task)
+    out_card = card.model_copy(update={"name": output_task_of(spec, card)}) if card.own else card
     # 1. the pool, the student's view of it, the evaluation sets
-    pool_rows = load_pool(spec)
+    pool_rows = load_pool(spec, card)
     scores = None
     if spec.student and spec.characteristics.steers_difficulty():
         scores = student_scores(spec, pool_rows, paths["student"] / "pool", quiet=quiet)
-    pool = make_pool(spec, pool_rows, scores)
+    pool = make_pool(spec, pool_rows, scores, card)
     evals = _eval_sets(spec.decontaminate_against)
     # 2. what earlier runs decided (append-only files) and the teacher's cached answers
     kept_rows, rejected_rows, spent = _read_run(out, paths)
@@ -571,7 +744,7 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
                 "characteristic": job.cell, "job": job.index, "spec_seed": spec.seed}
         try:
             try:
-                rec = make_record(spec, card, job, entry["text"])
+                rec = make_record(spec, out_card, job, entry["text"])
                 gate.check(rec)
             except (TypeError, ValueError, KeyError, IndexError) as e:  # a reply nothing foresaw
                 raise SynthReject("invalid:other", f"{type(e).__name__}: {e}") from None
@@ -603,7 +776,7 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
                 while (stop_reason is None and len(inflight) < spec.concurrency
                        and len(kept_rows) + len(inflight) < spec.rows and next_job < max_jobs):
                     if next_job not in done:
-                        job = plan_job(spec, pool, next_job, teacher_model)
+                        job = plan_job(spec, pool, next_job, teacher_model, card)
                         inflight[ex.submit(ask, job)] = job
                     next_job += 1
                 if not inflight:
@@ -648,6 +821,8 @@ def run_synth(spec: SynthSpec, out: str | Path, *, teacher_url: str, teacher_mod
     if check_steering and spec.student and kept_rows and pool.difficulty:
         report["steering"]["difficulty"] = steering_check(spec, kept_rows, paths["student"] / "synth",
                                                           quiet=quiet)
+    elif pool.centroids is not None and kept_rows:
+        report["steering"]["difficulty"] = margin_check(card, pool, kept_rows)
     write_json(paths["report"], report)
     return report
 
@@ -684,13 +859,13 @@ def make_report(spec, card, pool: Pool, kept: list[dict], rejected: list[dict], 
     import numpy as np
 
     recs = [Record.from_dict(r) for r in kept]
-    lens = [len(answer_string(r)) for r in recs]
+    lens = [len(answer_string(r, card)) for r in recs]
     by_cell = defaultdict(list)
     for r, n in zip(kept, lens):
         by_cell[r["extra"]["provenance"]["characteristic"]["length"]].append(n)
     lang_cells = defaultdict(Counter)
-    for r in kept:
-        lang_cells[r["extra"]["provenance"]["characteristic"]["language"]][language_of(r["input_field"])] += 1
+    for r, rec in zip(kept, recs):
+        lang_cells[r["extra"]["provenance"]["characteristic"]["language"]][language_of(question_text(rec))] += 1
 
     def dist(xs):
         return ({"n": len(xs), "mean": round(float(np.mean(xs)), 1),
@@ -698,7 +873,7 @@ def make_report(spec, card, pool: Pool, kept: list[dict], rejected: list[dict], 
                 if xs else {"n": 0})
 
     return {
-        "out": str(out), "task": card.name, "output_task": spec.output_task or f"synth_{card.name}",
+        "out": str(out), "task": card.name, "output_task": output_task_of(spec, card),
         "teacher": {"url": teacher_url, "model": teacher_model, "seed_sent": teacher.send_seed},
         "rows_wanted": spec.rows, "kept": len(kept), "rejected": len(rejected),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejected).most_common()),
@@ -733,3 +908,15 @@ def steering_check(spec: SynthSpec, kept: list[dict], out_dir: Path, quiet: bool
     for r, row in zip(recs, kept):
         by[row["extra"]["provenance"]["characteristic"]["difficulty"]].append(scores[r.id])
     return {k: {"n": len(v), "student_score": round(sum(v) / len(v), 4)} for k, v in sorted(by.items())}
+
+
+def margin_check(card, pool: Pool, kept: list[dict]) -> dict:
+    """A label task steered without a student: the mean label margin (:func:`label_margins`,
+    against the pool's label centroids) of the rows made from hard vs easy examples; lower is
+    nearer the decision boundary (measured, not assumed)."""
+    recs = [Record.from_dict(r) for r in kept]
+    margins, _, _ = label_margins(recs, card, pool.centroids)
+    by = defaultdict(list)
+    for m, row in zip(margins, kept):
+        by[row["extra"]["provenance"]["characteristic"]["difficulty"]].append(float(m))
+    return {k: {"n": len(v), "label_margin": round(sum(v) / len(v), 4)} for k, v in sorted(by.items())}

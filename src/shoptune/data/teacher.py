@@ -163,45 +163,46 @@ def _short(e: Exception) -> str:
 
 def read_log(path: Path, *, own: bool = False) -> list[dict]:
     """Rows (JSON objects) of a JSON-lines file; :class:`LogError` names ``path:LINE`` of a bad one.
+    Read bounded, line by line (:mod:`shoptune._io`: a regular file, each line at most
+    ``SHOPTUNE_MAX_ROW_BYTES``, JSON depth and integer size bounded).
 
     ``own``: an append-only log this run writes. A killed writer can leave a torn last line
     (no newline, not JSON): only then is that line cut off the file, so appends start clean.
     Any other file (a predictions.jsonl, say) is only read, never written."""
-    if not path.exists():
+    from shoptune._io import ROW_CAP, InputError, iter_lines, json_loads, open_input
+
+    if not (path.exists() or path.is_symlink()):
         return []
     try:
-        raw = path.read_bytes()
+        fh = open_input(path, "JSON-lines file")
+    except InputError as e:
+        raise LogError(str(e)) from None
     except OSError as e:
         raise LogError(f"{path}: cannot read: {e.strerror}") from None
-    lines = raw.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline
-    if tail.strip():
-        try:
-            json.loads(tail)
-            torn = False
-        except ValueError:
-            torn = True
-        if torn and own:
-            with open(path, "r+b") as fh:
-                fh.truncate(len(raw) - len(tail))
-        elif torn:
-            lines.append(tail)  # reported below, with its line number
-        else:
-            lines.append(tail)  # a complete last row without its newline
-            if own:
-                with open(path, "ab") as fh:
-                    fh.write(b"\n")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise LogError(f"{path}:{n}: not a JSON line: {getattr(e, 'msg', e)}") from None
-        if not isinstance(row, dict):
-            raise LogError(f"{path}:{n}: not a JSON object")
-        rows.append(row)
+    rows, kept_bytes, cut, unended = [], 0, False, False
+    with fh:
+        for n, raw in iter_lines(fh, ROW_CAP):
+            if raw is None:
+                raise LogError(f"{path}:{n}: a line longer than the limit ({ROW_CAP[0]} raises it)")
+            unended = not raw.endswith(b"\n")
+            if raw.strip():
+                try:
+                    row = json_loads(raw.decode("utf-8"))
+                except (ValueError, UnicodeDecodeError) as e:
+                    if unended and own:  # a torn last line of our own log
+                        cut = True
+                        break
+                    raise LogError(f"{path}:{n}: not a JSON line: {getattr(e, 'msg', e)}") from None
+                if not isinstance(row, dict):
+                    raise LogError(f"{path}:{n}: not a JSON object")
+                rows.append(row)
+            kept_bytes += len(raw)
+    if cut:
+        with open(path, "r+b") as fh:
+            fh.truncate(kept_bytes)
+    elif unended and own and rows:  # a complete last row without its newline
+        with open(path, "ab") as fh:
+            fh.write(b"\n")
     return rows
 
 

@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from shoptune.decoding import (NumberListProcessor, Plan, PrefixCache, StopAtLineEnd, best_choice,
-                               finish, last_logits)
+from shoptune.decoding import (GrammarProcessor, NumberListProcessor, PrefixCache, StopAtLineEnd, best_choice,
+                               last_logits)
+from shoptune.tasks import Plan, finish
 from shoptune.records import Record
 
 
@@ -103,6 +104,10 @@ class LocalBackend:
             from transformers import LogitsProcessorList
             kwargs["logits_processor"] = LogitsProcessorList([NumberListProcessor(
                 self.tok, n, plan.max_value, plan.count, plan.unique, plan.values)])
+        elif plan.grammar is not None:  # an own task's label or JSON
+            from transformers import LogitsProcessorList
+            kwargs["logits_processor"] = LogitsProcessorList([GrammarProcessor(
+                self.tok, [plan.grammar] * len(batch), n)])
         stops = [StopAtLineEnd(self.tok, n)] if plan.stop_newline else []
         rows = _RowProgress(len(batch), n, plan.max_new_tokens, (self.tok.eos_token_id, self.pad_id),
                             progress) if progress else None
@@ -198,7 +203,7 @@ class OpenAIBackend:
         return {t.get("id") for t in listing["data"] if isinstance(t, dict)}
 
     def _task(self, rec: Record, plan: Plan) -> str:
-        body = {"input": {"input_field": rec.input_field}}
+        body = {"input": rec.inputs if rec.inputs is not None else {"input_field": rec.input_field}}
         if self.model is not None:  # (None: the server routes each task to its own adapter)
             body["model"] = self.model
         r = self.client.post(f"/tasks/{rec.task}", cast_to=object, body=body)

@@ -2,11 +2,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from shoptune.console import console, fail
+from shoptune.console import (DTYPE_HELP, DTYPE_METAVAR, PROTOCOL_HELP, Dtype, Protocol, console, fail,
+                              print_markdown)
+
+# shoptune.eval.runner.ENGINES (importing it would import torch before any command runs)
+Engine = Literal["builtin", "llama.cpp", "vllm", "openai"]
+
+
+# Draw options of `eval compare` and `experiment report` (shoptune.eval.paired; 512_000 is its MAX_DRAWS)
+NBoot = Annotated[int, typer.Option(min=100, help="Bootstrap resamples to start with.")]
+NPerm = Annotated[int, typer.Option(min=100, help="Permutations to start with.")]
+MaxBoot = Annotated[int, typer.Option(min=100, help=(
+    "Cap: resamples are doubled until every CI bound is clear of 0 by its Monte Carlo error; "
+    "still not at the cap = borderline."))]
+MaxPerm = Annotated[int, typer.Option(min=100, help="Cap on permutations (likewise, p against 0.05).")]
 
 
 def _suite_names() -> str:
@@ -55,9 +68,10 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[list[str]], typer.Option(help="Data file or folder (repeatable).")] = None,
         suite: Annotated[Optional[str], typer.Option(help="Evaluation suite: a name under configs/eval "
                                                      f"({_suite_names()}) or a suite YAML; instead of --data.")] = None,
-        out: Annotated[Optional[Path], typer.Option(help="Output folder.")] = None,
+        out: Annotated[Optional[Path], typer.Option(help="Output folder: predictions.jsonl, "
+                                                    "scores.json, report.md, tracks.png.")] = None,
         limit: Annotated[Optional[int], typer.Option(min=1, help="First N questions only.")] = None,
-        engine: Annotated[str, typer.Option(help=(
+        engine: Annotated[Engine, typer.Option(help=(
             "builtin (this process) | llama.cpp | vllm (started for this evaluation, asked through "
             "shoptune's task endpoint: the same constrained decoding; `make llama-server` / "
             "`make vllm`) | openai (a server already running at --base-url)"))] = "builtin",
@@ -65,27 +79,35 @@ def register(app: typer.Typer) -> None:
                                                        "--engine builtin, openai = --engine openai.")] = None,
         base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL (--engine openai).")] = None,
         limit_per_task: Annotated[Optional[int], typer.Option(min=1, help="First N questions of each task.")] = None,
-        api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY")] = "EMPTY",
-        protocol: Annotated[str, typer.Option(help="starter-kit | chat | fewshot")] = "starter-kit",
-        batch_size: Annotated[int, typer.Option(min=1)] = 16,
+        api_key: Annotated[str, typer.Option(envvar="OPENAI_API_KEY", help=(
+            "The key the --engine openai server wants (sent as `Authorization: Bearer KEY`; a "
+            "`shoptune serve --api-key KEY`).") )] = "EMPTY",
+        protocol: Annotated[Protocol, typer.Option(help=PROTOCOL_HELP)] = "starter-kit",
+        batch_size: Annotated[int, typer.Option(min=1, help="Questions generated together in one "
+                                                "batch (builtin engine).")] = 16,
         concurrency: Annotated[int, typer.Option(min=1, help="Parallel requests (llama.cpp, vllm, openai).")] = 16,
-        dtype: Annotated[str, typer.Option(help="auto | bf16 | fp32")] = "auto",
+        dtype: Annotated[Dtype, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
         merge: Annotated[bool, typer.Option(help="Merge a single adapter into the weights (builtin, "
                                             "vllm; same outputs within rounding, no per-token LoRA "
-                                            "cost). llama.cpp applies it per request.")] = True,
+                                            "cost). On by default, unlike `shoptune serve`'s: an "
+                                            "evaluation runs one adapter, a server many. llama.cpp "
+                                            "applies it per request.")] = True,
         prefix_cache: Annotated[bool, typer.Option(help="Run the prompts' shared prefix once and "
                                                    "reuse its KV (local backend; answers equal "
                                                    "within rounding).")] = False,
-        compile_: Annotated[str, typer.Option("--compile", help=(
-            "auto | on | off: compile the built-in engine's decoder layers with torch.compile "
+        compile_: Annotated[Literal["auto", "on", "off"], typer.Option("--compile", help=(
+            "Compile the built-in engine's decoder layers with torch.compile "
             "(the first batches of each shape pay the compile; inductor's cache under the cache "
             "folder makes later runs warm); auto = on where it was measured to pay on this kind "
             "of machine (docs/results/train_speed.md)"))] = "auto",
         task_adapter: Annotated[Optional[list[str]], typer.Option(
-            help="TASK=DIR (repeatable): a per-task deployment; TASK's questions are answered by "
-                 "adapter DIR, the others by --adapter or the base model.")] = None,
+            help="TASK=DIR (repeatable): a per-task deployment; TASK's questions (a task card's "
+                 "name, or ShopBench's: task2) are answered by adapter DIR, the others by --adapter "
+                 "or the base model.")] = None,
         multilingual_st_model: Annotated[Optional[Path], typer.Option(
             help="Local paraphrase-multilingual-MiniLM-L12-v2 folder.")] = None,
+        overwrite: Annotated[bool, typer.Option(
+            help="Replace --out if it holds an earlier evaluation (and nothing else).")] = False,
     ) -> None:
         """shoptune eval --model M --data FILE --out DIR [--adapter DIR] [--engine vllm ...]"""
         if ctx.invoked_subcommand is not None:
@@ -99,14 +121,16 @@ def register(app: typer.Typer) -> None:
         from shoptune.eval.runner import evaluate
         from shoptune.models import ModelNotFoundError
 
+        from shoptune.tasks import card_name
         task_adapters = {}
         for item in task_adapter or []:
             name, sep, folder = item.partition("=")
             if not (sep and name.strip() and folder.strip()):
                 fail(f"--task-adapter {item!r}: expected TASK=DIR (e.g. ecguide_sap=runs/sap/adapter)", 2)
-            if name.strip() in task_adapters:
-                fail(f"--task-adapter: task {name.strip()!r} given twice", 2)
-            task_adapters[name.strip()] = folder.strip()
+            task = card_name(name.strip())  # (task2 is shopbench_task2)
+            if task in task_adapters:
+                fail(f"--task-adapter: task {task!r} given twice", 2)
+            task_adapters[task] = folder.strip()
         if multilingual_st_model:
             os.environ["SHOPTUNE_MULTILINGUAL_ST_MODEL"] = str(multilingual_st_model)
         try:
@@ -115,47 +139,72 @@ def register(app: typer.Typer) -> None:
                          limit_per_task=limit_per_task,
                          batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge,
                          task_adapters=task_adapters or None, prefix_cache=prefix_cache,
-                         compile=compile_)
+                         overwrite=overwrite, compile=compile_)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             fail(str(e))
         from shoptune.eval.report import report_markdown
-        console.print(report_markdown(s), markup=False, highlight=False)
+        print_markdown(report_markdown(s))
         console.print(f"wrote {out}/predictions.jsonl, scores.json, report.md, tracks.png")
 
     @eval_app.command("compare")
-    def eval_compare(dirs: list[Path],
-                     plot: Annotated[Optional[Path], typer.Option(help="PNG to write.")] = None,
-                     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
-                     n_perm: Annotated[int, typer.Option(help="Permutations for the p-value.")] = 2000,
-                     seed: int = 0,
+    def eval_compare(dirs: Annotated[list[Path], typer.Argument(
+                         help="Evaluation folders (`shoptune eval --out`) of the same questions; "
+                              "each is compared with the first.")],
+                     plot: Annotated[Optional[Path], typer.Option(help="PNG to write: the tracks of "
+                                                                  "every run side by side.")] = None,
+                     n_boot: NBoot = 2000, n_perm: NPerm = 2000,
+                     max_boot: MaxBoot = 512_000, max_perm: MaxPerm = 512_000,
+                     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and permutation "
+                                                       "draws.")] = 0,
                      json_out: Annotated[Optional[Path], typer.Option(
-                         "--json", help="Write the paired statistics here.")] = None) -> None:
+                         help="Also write the paired statistics to this JSON file.")] = None,
+                     json_old: Annotated[Optional[Path], typer.Option(
+                         "--json", hidden=True, help="The former name of --json-out (elsewhere "
+                                                     "--json prints JSON instead of a table).")] = None,
+                     overwrite: Annotated[bool, typer.Option(
+                         help="Replace an existing --plot / --json-out file.")] = False) -> None:
         """Side-by-side table of eval folders run on the same questions, then each run minus the
         first: paired bootstrap 95% CI and paired permutation p-value per task, track, all-around."""
-        import json
-
         from shoptune.eval.paired import format_paired, paired_compare
         from shoptune.eval.report import compare, plot_tracks
+        from shoptune.eval.runs import RunFolderError, check_compare_args, read_run
         from shoptune.eval.suite import ManifestMismatch, check_same_questions, manifest_of
+        from shoptune._io import check_new_file
+        from shoptune.eval.runner import EVAL_FILES
 
+        json_out = json_out or json_old
+        inputs = [*dirs, *(Path(d) / f for d in dirs for f in EVAL_FILES)]
+        for flag, path in (("--plot", plot), ("--json-out", json_out)):
+            if path is not None:  # (before the work: an input or someone's file is never replaced)
+                check_new_file(path, inputs=inputs, overwrite=overwrite, flag=flag)
+        bad_args = check_compare_args(n_boot, n_perm)
+        if bad_args:
+            fail(bad_args, 2)
+        try:  # every folder read and checked before any statistic (one line for a malformed one)
+            read = {str(d): read_run(d) for d in dirs}
+        except (FileNotFoundError, RunFolderError) as e:
+            fail(str(e), 2)
         try:
             check_same_questions({str(d): manifest_of(d) for d in dirs})
             table, runs = compare(dirs)
         except (FileNotFoundError, ManifestMismatch) as e:
             fail(str(e), 2)
-        console.print(table, markup=False, highlight=False)
+        print_markdown(table)
         results = {}
         for d in dirs[1:]:
-            rows = [[json.loads(x) for x in (Path(r) / "predictions.jsonl").read_text().splitlines() if x]
-                    for r in (dirs[0], d)]
-            res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed)
+            rows = [read[str(r)].predictions for r in (dirs[0], d)]
+            res = paired_compare([rows[0]], [rows[1]], n_boot=n_boot, n_perm=n_perm, seed=seed,
+                                 max_boot=max(max_boot, n_boot), max_perm=max(max_perm, n_perm))
             results[str(d)] = res
-            console.print(format_paired(res, Path(dirs[0]).name or str(dirs[0]), Path(d).name or str(d)),
-                          markup=False, highlight=False)
+            print_markdown(format_paired(res, Path(dirs[0]).name or str(dirs[0]), Path(d).name or str(d)))
         if json_out:
             from shoptune._io import write_json
-            write_json(json_out, {"a": str(dirs[0]), "paired": results})
+            import sys
+
+            from shoptune import machine
+            write_json(json_out, {"a": str(dirs[0]), "paired": results, "machine": machine.describe(),
+                                  "argv": sys.argv})
         if plot:
             plot_tracks(runs, plot)
             console.print(f"plot: {plot}")

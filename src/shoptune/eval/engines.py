@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from shoptune.serve.gguf import ExportError
 from shoptune.serve.launch import ENGINES, gguf_outtype, merged_model, start_engine
 
 
@@ -68,8 +69,14 @@ class EngineServer:
             adapters[name], routes[task] = folder, name
         if self.task_adapters:
             request_model, mode = None, "lora, per task"
-        self.supervisor = start_engine(self.kind, base, adapters, dtype=self.dtype, served_name=served,
-                                       slots=self.concurrency, status=self.status)
+        try:
+            self.supervisor = start_engine(self.kind, base, adapters, dtype=self.dtype, served_name=served,
+                                           slots=self.concurrency, status=self.status)
+        except ExportError as e:  # it names the engine's adapter (task0=...): name the option typed
+            msg = str(e)
+            for task, name in routes.items():
+                msg = msg.replace(f"--adapter {name}=", f"--task-adapter {task}=")
+            raise ExportError(msg) from None
         tok = load_tokenizer(base)
         engine = UpstreamEngine(self.supervisor.url, tok, base_name=served, kind=self.kind,
                                 max_concurrency=self.concurrency, max_queue=100_000, timeout=1800)

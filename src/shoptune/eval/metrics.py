@@ -5,6 +5,7 @@ counts, summed over the task by :func:`aggregate`). The embedding metrics score 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -43,6 +44,63 @@ def micro_f1_counts(pred: Sequence[str], gold: Sequence[str]) -> tuple[int, int,
     g = [x.lower() for x in gold]
     tp = len(set(p) & set(g))
     return tp, len(p) - tp, len(g) - tp
+
+
+def _values(x) -> set:
+    """A JSON value as the set of its (normalised) values: a list is its items, a string is
+    lower-cased and stripped, null and "" are nothing."""
+    items = x if isinstance(x, list) else [x]
+    out = set()
+    for v in items:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if isinstance(v, str):
+            out.add(v.strip().lower())
+        elif isinstance(v, (dict, list)):
+            out.add(json.dumps(v, sort_keys=True, ensure_ascii=False))
+        elif isinstance(v, bool):
+            out.add(str(v).lower())
+        else:
+            out.add(float(v))
+    return out
+
+
+@register("field f1")
+def field_f1_counts(pred, gold: dict) -> tuple[int, int, int]:
+    """Field-level counts of a JSON answer against the gold object: for every key, the answer's
+    values (a list: its items) against the gold's, as sets; an answer that is not an object
+    (unparseable) finds nothing and misses every gold value. Micro-averaged over the task."""
+    if not isinstance(gold, dict):
+        gold = {"": gold}
+        pred = {"": pred} if pred is not None else None
+    if not isinstance(pred, dict):
+        return 0, 0, sum(len(_values(v)) for v in gold.values())
+    tp = fp = fn = 0
+    for k in set(gold) | set(pred):
+        p, g = _values(pred.get(k)), _values(gold.get(k))
+        tp += len(p & g)
+        fp += len(p - g)
+        fn += len(g - p)
+    return tp, fp, fn
+
+
+@register("valid json")
+def valid_json(pred, gold) -> float:
+    """1 when the answer is valid against the task's schema (the parser returns None otherwise)."""
+    return float(pred is not None)
+
+
+@register("macro f1")
+def label_match(pred, gold) -> float:
+    """Per question: 1 for the right label (the task's macro-F1 is :func:`task_metric`'s)."""
+    return float(pred == gold)
+
+
+# Metrics whose per-question value is (tp, fp, fn) counts, summed over a task before the F1.
+COUNT_METRICS = ("micro f1", "field f1")
+# Metrics computed over a whole task that no per-question mean reproduces: reported beside a
+# task's score, never the score itself (bootstrap intervals resample per-question values).
+TASK_ONLY_METRICS = ("macro f1",)
 
 
 def micro_f1(counts: Sequence[tuple[int, int, int]]) -> float:
@@ -147,6 +205,17 @@ def score_batch(metric: str, preds: Sequence, golds: Sequence) -> list:
 
 def aggregate(metric: str, values: Sequence) -> float:
     """Task score from per-sample values: mean, or micro F1 from summed counts."""
-    if metric == "micro f1":
+    if metric in COUNT_METRICS:
         return micro_f1(values)
     return float(np.mean(values)) if len(values) else 0.0
+
+
+def task_metric(metric: str, preds: Sequence, golds: Sequence) -> float:
+    """One metric of a whole task: macro-F1 over the labels seen (gold or answered; an
+    unparseable answer is a wrong label of its own), or the aggregate of per-question values."""
+    if metric == "macro f1":
+        from sklearn.metrics import f1_score
+        none = "\x00(none)"
+        return float(f1_score([str(g) for g in golds], [none if p is None else str(p) for p in preds],
+                              average="macro", zero_division=0))
+    return aggregate(metric, score_batch(metric, preds, golds))

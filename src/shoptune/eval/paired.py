@@ -17,6 +17,13 @@ indices for every run, and the per-seed point differences are reported as the se
 *p-value*: two-sided paired permutation test (sign flip): under H0 "A and B are exchangeable on
 each question", each question's pair of scores is swapped with probability 1/2 (jointly across
 seeds) and the difference recomputed; p = (1 + #{|d*| >= |d|}) / (1 + n_perm).
+
+*Draws*: a verdict must not depend on the random seed. Each CI bound and p-value is a Monte Carlo
+estimate; its Monte Carlo interval (the order statistics that bracket the infinite-draw quantile,
+or the exact binomial interval of p, at ``MC_LEVEL``) says which side of the decision line (0 for
+a bound, ``ALPHA`` for p) it is on. Draws are doubled, from ``n_boot`` / ``n_perm``, until every
+bound and p is settled, up to a cap; what is still not settled there is ``borderline`` and gets
+no verdict. The draws used and each value's Monte Carlo error are in the result.
 """
 from __future__ import annotations
 
@@ -25,6 +32,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from shoptune.eval.scoring import _natural, rollup
+
+MC_LEVEL = 0.999  # confidence of the Monte Carlo interval of each CI bound and p-value
+ALPHA = 0.05  # the p-value's decision line
+MAX_DRAWS = 512_000  # default cap on bootstrap resamples and on permutations
+ZERO_WIDTH = 1e-9  # an interval narrower than this has zero width (float noise aside)
 
 METHOD = {"ci": "paired bootstrap, 95% percentile interval, questions resampled within each task",
           "p_value": "two-sided paired permutation test (per-question swap of A and B)"}
@@ -37,7 +49,7 @@ def _tasks(runs: Sequence[Sequence[dict]]) -> tuple[list[str], dict[str, str], d
         order.setdefault(r["task_name"], []).append(i)
     names = sorted(order, key=_natural)
     cap = {t: first[order[t][0]]["capability"] for t in names}
-    f1 = {t: first[order[t][0]]["metric"] == "micro f1" for t in names}
+    f1 = {t: "counts" in first[order[t][0]] for t in names}  # (micro-F1-style counts)
     return names, cap, order, f1
 
 
@@ -100,9 +112,14 @@ def _interval(x: np.ndarray, key: str, names, cap, single) -> list[float] | None
     that single-question tasks never move under resampling."""
     if not _computable(key, names, cap, single):
         return None
-    if x.size and np.ptp(x) == 0 and x.flat[0] != 0 and _rests_on_single(key, names, cap, single):
+    if x.size and np.ptp(x) <= ZERO_WIDTH and abs(x.flat[0]) > ZERO_WIDTH and _rests_on_single(key, names, cap, single):
         return None
     return _ci(x)
+
+
+def _no_ci(ci, key, names, cap, single) -> dict:
+    """``single_only`` beside a missing interval: whether every task it rests on has one question."""
+    return {} if ci else {"single_only": not _computable(key, names, cap, single)}
 
 
 def _single(names, order) -> list[str]:
@@ -139,41 +156,163 @@ def _nest(flat: dict[str, dict]) -> dict:
     return out
 
 
+def _mc_bounds(x: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Monte Carlo intervals of the 2.5% and 97.5% quantiles of ``x`` (the draws so far): the
+    order statistics that bracket the infinite-draw quantile with probability ``MC_LEVEL``
+    (distribution-free: the number of draws below a quantile is binomial)."""
+    from scipy.stats import binom
+
+    n, a = x.size, (1 - MC_LEVEL) / 2
+    idx = []
+    for q in (0.025, 0.975):
+        idx += [max(int(binom.ppf(a, n, q)) - 1, 0), min(int(binom.ppf(1 - a, n, q)), n - 1)]
+    part = np.partition(x, idx)
+    return (float(part[idx[0]]), float(part[idx[1]])), (float(part[idx[2]]), float(part[idx[3]]))
+
+
+def _open_bounds(x: np.ndarray) -> list[str]:
+    """The interval's bounds whose side of 0 the draws so far do not settle: 0 is inside the
+    bound's Monte Carlo interval (``lower`` decides "CI above 0", ``upper`` "CI below 0")."""
+    (l0, l1), (u0, u1) = _mc_bounds(x)
+    return ([] if l0 > 0 or l1 <= 0 else ["lower"]) + ([] if u1 < 0 or u0 >= 0 else ["upper"])
+
+
+def _p_interval(hits: int, n: int) -> tuple[float, float]:
+    """Monte Carlo interval (exact, Clopper-Pearson) of the infinite-permutation p-value."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(hits, n).proportion_ci(confidence_level=MC_LEVEL)
+    return float(ci.low), float(ci.high)
+
+
+def _p_open(hits: int, n: int) -> bool:
+    lo, hi = _p_interval(hits, n)
+    return not (hi < ALPHA or lo > ALPHA)
+
+
+def _mc_error(x: np.ndarray) -> list[float]:
+    """Half-widths of the Monte Carlo intervals of the two bounds."""
+    (l0, l1), (u0, u1) = _mc_bounds(x)
+    return [round((l1 - l0) / 2, 6), round((u1 - u0) / 2, 6)]
+
+
+def _bootstrap(rng, names, order, f1, groups, cap, keys, combine, n: int) -> dict[str, np.ndarray]:
+    """``n`` resamples of every statistic: per task one draw of question indices, shared by every
+    group (run side) and seed, each group aggregated as :func:`summarize` does, then
+    ``combine(aggregates, key)`` -> (n,) values of the statistic (e.g. B - A, mean over seeds)."""
+    out: dict[str, list] = {k: [] for k in keys}
+    for m in _chunks(n):
+        boot: list[dict] = [{} for _ in groups]
+        for t in names:
+            idx = rng.integers(0, len(order[t]), (m, len(order[t])))
+            for g, v in zip(boot, groups):
+                g[t] = _task_score(v[t][:, idx], f1[t])  # (seeds, m)
+        agg = [_aggregate(g, cap) for g in boot]
+        for k in keys:
+            out[k].append(combine(agg, k))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _permutation_hits(rng, names, order, f1, va, vb, cap, d: dict[str, float], n: int) -> dict[str, int]:
+    """Over ``n`` sign flips (A and B swapped on each question with probability 1/2, jointly for
+    every seed), how often each statistic's |B - A| is at least its observed |d|."""
+    hits = dict.fromkeys(d, 0)
+    for m in _chunks(n):
+        pa, pb = {}, {}
+        for t in names:
+            swap = rng.random((m, len(order[t]))) < 0.5
+            mask = swap[None, :, :, None] if f1[t] else swap[None]
+            xa, xb = va[t][:, None], vb[t][:, None]
+            pa[t] = _task_score(np.where(mask, xb, xa), f1[t])
+            pb[t] = _task_score(np.where(mask, xa, xb), f1[t])
+        qa, qb = _aggregate(pa, cap), _aggregate(pb, cap)
+        for k in d:
+            hits[k] += int(np.sum(np.abs((qb[k] - qa[k]).mean(0)) >= abs(d[k]) - 1e-12))
+    return hits
+
+
+def _chunks(n: int, size: int = 8192):
+    while n > 0:
+        yield min(size, n)
+        n -= size
+
+
+def _grow(draw, merge, have, n: int, cap: int, still_open) -> tuple[object, int]:
+    """Add draws (doubling the total) while ``still_open(have, n)`` and fewer than ``cap``."""
+    while n < cap and still_open(have, n):
+        more = min(n, cap - n)
+        have, n = merge(have, draw(more)), n + more
+    return have, n
+
+
+def _concat(a: dict, b: dict) -> dict:
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
+
+
+def _draws(res: dict, n_boot: int, max_boot: int, n_perm: int | None = None,
+           max_perm: int | None = None) -> dict:
+    """What the result says about its Monte Carlo: draws used, where it started, the cap."""
+    out = {"bootstrap": res["resamples"], "bootstrap_start": n_boot, "bootstrap_cap": max_boot,
+           "mc_level": MC_LEVEL}
+    if n_perm is not None:
+        out.update({"permutations": res["permutations"], "permutations_start": n_perm,
+                    "permutations_cap": max_perm, "p_decision_line": ALPHA})
+    return out
+
+
 def bootstrap_scores(runs: Sequence[Sequence[dict]], *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Seed-averaged scores of one configuration with 95% bootstrap CIs (same resampling as
-    :func:`paired_compare`), plus each seed's point value (the seed spread)."""
+    :func:`paired_compare`), plus each seed's point value (the seed spread). A score has no
+    decision line, so the draws are not adapted; each bound's Monte Carlo error is reported."""
     runs = [list(r) for r in runs]
     _check_aligned(runs)
     names, cap, order, f1 = _tasks(runs)
     vals = {t: _values(runs, order[t], f1[t]) for t in names}
     point = _aggregate({t: _task_score(vals[t], f1[t]) for t in names}, cap)
-    rng = np.random.default_rng(seed)
-    boot = {}
-    for t in names:
-        idx = rng.integers(0, len(order[t]), (n_boot, len(order[t])))
-        boot[t] = _task_score(vals[t][:, idx], f1[t])  # (seeds, n_boot)
-    samples = _aggregate(boot, cap)
+    keys = _stat_keys(names, cap)
+    samples = _bootstrap(np.random.default_rng(seed), names, order, f1, [vals], cap, keys,
+                         lambda agg, k: agg[0][k].mean(0), n_boot)
     single = _single(names, order)
     flat = {}
-    for k in _stat_keys(names, cap):
+    for k in keys:
         per_seed = np.atleast_1d(point[k]).astype(float)
-        flat[k] = {"score": float(per_seed.mean()),
-                   "ci95": _interval(samples[k].mean(0), k, names, cap, single),
+        ci = _interval(samples[k], k, names, cap, single)
+        flat[k] = {"score": float(per_seed.mean()), "ci95": ci,
                    "seeds": [round(float(x), 6) for x in per_seed]}
+        if ci:
+            flat[k]["mc_error"] = {"ci95": _mc_error(samples[k])}
     res = _nest(flat)
     res.update({"n_questions": len(runs[0]), "n_seeds": len(runs), "resamples": n_boot,
                 "seed": seed, "method": METHOD["ci"], "single_question_tasks": single})
+    res["draws"] = _draws(res, n_boot, n_boot)
     return res
 
 
+def _settled_keys(keys: list[str], settle_tasks: bool) -> list[str]:
+    return [k for k in keys if settle_tasks or not k.startswith("task:")]
+
+
 def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
-                   n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> dict:
+                   n_boot: int = 2000, n_perm: int = 2000, seed: int = 0,
+                   max_boot: int = MAX_DRAWS, max_perm: int = MAX_DRAWS,
+                   settle_tasks: bool = True) -> dict:
     """B - A for every task, capability (track), the all-around score and the mean over tasks.
 
     ``a``, ``b``: lists of runs (per-question rows as in ``predictions.jsonl``: ``id``,
     ``task_name``, ``capability``, ``metric``, ``score``, ``counts`` for micro F1), one run per
     seed, the same questions in the same order everywhere. Returns, per statistic, ``a``, ``b``,
-    ``diff``, ``ci95`` (paired bootstrap), ``p`` (paired permutation), ``seed_diffs``.
+    ``diff``, ``ci95`` (paired bootstrap), ``p`` (paired permutation), ``seed_diffs``,
+    ``mc_error`` (half-widths of the Monte Carlo intervals of the bounds and of p) and
+    ``borderline`` (what is still within Monte Carlo error of its decision line at the cap).
+
+    Draws: ``n_boot`` resamples and ``n_perm`` permutations, then doubled while some statistic's
+    CI bound has 0 inside its Monte Carlo interval or its p has 0.05 inside its own, up to
+    ``max_boot`` / ``max_perm`` (``settle_tasks=False``: only the tracks, all-around and mean over
+    tasks are settled; the tasks' values still use every draw).
     """
     a, b = [list(r) for r in a], [list(r) for r in b]
     if not a or len(a) != len(b):
@@ -185,53 +324,58 @@ def paired_compare(a: Sequence[Sequence[dict]], b: Sequence[Sequence[dict]], *,
     vb = {t: _values(b, order[t], f1[t]) for t in names}
     pa = _aggregate({t: _task_score(va[t], f1[t]) for t in names}, cap)
     pb = _aggregate({t: _task_score(vb[t], f1[t]) for t in names}, cap)
+    keys = _stat_keys(names, cap)
+    single = _single(names, order)
+    seed_diffs = {k: np.atleast_1d(pb[k] - pa[k]).astype(float) for k in keys}
+    d = {k: float(seed_diffs[k].mean()) for k in keys}
+    settled = _settled_keys(keys, settle_tasks)
+    has_ci = [k for k in settled if _computable(k, names, cap, single)]
 
     rng = np.random.default_rng(seed)
-    ba, bb = {}, {}
-    for t in names:  # bootstrap: one index draw per task, shared by A, B and every seed
-        idx = rng.integers(0, len(order[t]), (n_boot, len(order[t])))
-        ba[t], bb[t] = _task_score(va[t][:, idx], f1[t]), _task_score(vb[t][:, idx], f1[t])
-    sa, sb = _aggregate(ba, cap), _aggregate(bb, cap)
+    boot = lambda n: _bootstrap(rng, names, order, f1, [va, vb], cap, keys,  # noqa: E731
+                                lambda agg, k: (agg[1][k] - agg[0][k]).mean(0), n)
+    perm = lambda n: _permutation_hits(rng, names, order, f1, va, vb, cap, d, n)  # noqa: E731
+    samples, hits = boot(n_boot), perm(n_perm)
+    samples, nb = _grow(boot, _concat, samples, n_boot, max_boot,
+                        lambda s, n: any(_open_bounds(s[k]) for k in has_ci))
+    hits, nperm = _grow(perm, _add, hits, n_perm, max_perm,
+                        lambda h, n: any(_p_open(h[k], n) for k in settled))
 
-    pa_, pb_ = {}, {}
-    for t in names:  # permutation: swap A and B on a random half of the questions
-        swap = rng.random((n_perm, len(order[t]))) < 0.5
-        m = swap[None, :, :, None] if f1[t] else swap[None]
-        xa, xb = va[t][:, None], vb[t][:, None]
-        pa_[t] = _task_score(np.where(m, xb, xa), f1[t])
-        pb_[t] = _task_score(np.where(m, xa, xb), f1[t])
-    qa, qb = _aggregate(pa_, cap), _aggregate(pb_, cap)
-
-    single = _single(names, order)
     flat = {}
-    for k in _stat_keys(names, cap):
-        seed_diffs = np.atleast_1d(pb[k] - pa[k]).astype(float)
-        d = float(seed_diffs.mean())
-        boot = (sb[k] - sa[k]).mean(0)
-        perm = (qb[k] - qa[k]).mean(0)
-        p = (1 + int(np.sum(np.abs(perm) >= abs(d) - 1e-12))) / (1 + n_perm)
-        flat[k] = {"a": float(np.mean(pa[k])), "b": float(np.mean(pb[k])), "diff": d,
-                   "ci95": _interval(boot, k, names, cap, single), "p": min(1.0, p),
-                   "seed_diffs": [round(float(x), 6) for x in seed_diffs]}
+    for k in keys:
+        ci = _interval(samples[k], k, names, cap, single)
+        p = min(1.0, (1 + hits[k]) / (1 + nperm))
+        lo, hi = _p_interval(hits[k], nperm)
+        flat[k] = {"a": float(np.mean(pa[k])), "b": float(np.mean(pb[k])), "diff": d[k],
+                   "ci95": ci, **_no_ci(ci, k, names, cap, single), "p": p, "seed_diffs": [round(float(x), 6) for x in seed_diffs[k]],
+                   "mc_error": {"ci95": _mc_error(samples[k]) if ci else None,
+                                "p": round((hi - lo) / 2, 6)}}
+        if k in settled:
+            flat[k]["borderline"] = ((_open_bounds(samples[k]) if ci else [])
+                                     + (["p"] if _p_open(hits[k], nperm) else []))
     res = _nest(flat)
-    res.update({"n_questions": len(a[0]), "n_seeds": len(a), "resamples": n_boot,
-                "permutations": n_perm, "seed": seed, "method": METHOD,
+    res.update({"n_questions": len(a[0]), "n_seeds": len(a), "resamples": nb,
+                "permutations": nperm, "seed": seed, "method": METHOD,
                 "single_question_tasks": single})
+    res["draws"] = _draws(res, n_boot, max_boot, n_perm, max_perm)
     return res
 
 
 def interaction(a_lo: Sequence[Sequence[dict]], a_hi: Sequence[Sequence[dict]],
                 b_lo: Sequence[Sequence[dict]], b_hi: Sequence[Sequence[dict]], *,
-                n_boot: int = 2000, seed: int = 0) -> dict:
+                n_boot: int = 2000, seed: int = 0, max_boot: int = MAX_DRAWS,
+                settle_tasks: bool = True) -> dict:
     """Difference of two paired gains on the same questions: (B_hi - B_lo) - (A_hi - A_lo), e.g.
     "does r8 -> r32 gain more on the diverse mixture (B) than on the narrow one (A)?".
 
     Four groups of runs (one per seed each, paired by position). Every bootstrap resample draws
     one set of question indices per task, shared by all four groups and all seeds, so the
     statistic's CI carries the question noise of all four runs jointly. Returns, per statistic,
-    ``gain_a``, ``gain_b``, ``diff``, ``ci95``, ``seed_diffs`` (no p-value: the permutation test
-    of :func:`paired_compare` has no single exchangeable pair here). With ``a_lo`` = ``a_hi`` it
-    is :func:`paired_compare` (``b_lo``, ``b_hi``): same point value and, for the same seed, CI.
+    ``gain_a``, ``gain_b``, ``diff``, ``ci95``, ``seed_diffs``, ``mc_error``, ``borderline`` (no
+    p-value: the permutation test of :func:`paired_compare` has no single exchangeable pair
+    here). Draws adapt as in :func:`paired_compare`. With ``a_lo`` = ``a_hi`` it is
+    :func:`paired_compare` (``b_lo``, ``b_hi``): same point value and, for the same seed and
+    draws, CI.
     """
     groups = [[list(r) for r in g] for g in (a_lo, a_hi, b_lo, b_hi)]
     k = len(groups[0])
@@ -242,38 +386,65 @@ def interaction(a_lo: Sequence[Sequence[dict]], a_hi: Sequence[Sequence[dict]],
     names, cap, order, f1 = _tasks(groups[0])
     vals = [{t: _values(g, order[t], f1[t]) for t in names} for g in groups]
     point = [_aggregate({t: _task_score(v[t], f1[t]) for t in names}, cap) for v in vals]
-    rng = np.random.default_rng(seed)
-    boots: list[dict] = [{} for _ in groups]
-    for t in names:  # one index draw per task, shared by every group and seed
-        idx = rng.integers(0, len(order[t]), (n_boot, len(order[t])))
-        for v, b in zip(vals, boots):
-            b[t] = _task_score(v[t][:, idx], f1[t])
-    samples = [_aggregate(b, cap) for b in boots]
+    keys = _stat_keys(names, cap)
     single = _single(names, order)
+    settled = _settled_keys(keys, settle_tasks)
+    has_ci = [k for k in settled if _computable(k, names, cap, single)]
+    rng = np.random.default_rng(seed)
+    boot = lambda n: _bootstrap(rng, names, order, f1, vals, cap, keys,  # noqa: E731
+                                lambda g, k: ((g[3][k] - g[2][k]) - (g[1][k] - g[0][k])).mean(0), n)
+    samples, nb = _grow(boot, _concat, boot(n_boot), n_boot, max_boot,
+                        lambda s, n: any(_open_bounds(s[k]) for k in has_ci))
     flat = {}
-    for key in _stat_keys(names, cap):
+    for key in keys:
         gain_a = np.atleast_1d(point[1][key] - point[0][key]).astype(float)
         gain_b = np.atleast_1d(point[3][key] - point[2][key]).astype(float)
-        boot = ((samples[3][key] - samples[2][key]) - (samples[1][key] - samples[0][key])).mean(0)
+        ci = _interval(samples[key], key, names, cap, single)
         flat[key] = {"gain_a": float(gain_a.mean()), "gain_b": float(gain_b.mean()),
-                     "diff": float((gain_b - gain_a).mean()),
-                     "ci95": _interval(boot, key, names, cap, single),
-                     "seed_diffs": [round(float(x), 6) for x in gain_b - gain_a]}
+                     "diff": float((gain_b - gain_a).mean()), "ci95": ci,
+                     **_no_ci(ci, key, names, cap, single),
+                     "seed_diffs": [round(float(x), 6) for x in gain_b - gain_a],
+                     "mc_error": {"ci95": _mc_error(samples[key]) if ci else None}}
+        if key in settled:
+            flat[key]["borderline"] = _open_bounds(samples[key]) if ci else []
     res = _nest(flat)
-    res.update({"n_questions": len(groups[0][0]), "n_seeds": k, "resamples": n_boot, "seed": seed,
+    res.update({"n_questions": len(groups[0][0]), "n_seeds": k, "resamples": nb, "seed": seed,
                 "method": {"ci": METHOD["ci"] + ", shared by all four groups"},
                 "single_question_tasks": single})
+    res["draws"] = _draws(res, n_boot, max_boot)
     return res
 
 
 NO_CI = "no CI (1 question per task)"
 
 
+def no_ci_reason(v: dict) -> str:
+    """Why a statistic has no interval: every task it rests on has one question, or only its
+    single-question tasks changed (the others agree, so every resample gives the same value)."""
+    return NO_CI if v.get("single_only", True) else "no CI (only single-question tasks changed)"
+
+
+def zero_width(ci: list[float] | None) -> bool:
+    """An interval whose resamples never moved (float noise aside): it measures no uncertainty."""
+    return bool(ci) and ci[1] - ci[0] <= ZERO_WIDTH
+
+
+def fmt_p(p: float) -> str:
+    """A p-value with three decimals (``<0.001`` below that)."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def verdict(v: dict) -> str:
-    """What one paired difference says: a change, within noise, or (no interval) nothing."""
+    """What one paired difference says: a change, within noise, borderline (a CI bound still
+    within Monte Carlo error of 0 at the draw cap), or (no interval, or one of zero width, which
+    only says that resampling never moved it) nothing."""
     ci = v.get("ci95")
     if ci is None:
         return "cannot tell (no CI)"
+    if zero_width(ci):
+        return "no difference" if abs(v.get("diff", ci[0])) <= ZERO_WIDTH else "cannot tell (zero-width CI)"
+    if {"lower", "upper"} & set(v.get("borderline") or ()):
+        return "borderline (CI bound within Monte Carlo error of 0)"
     if ci[0] > 0:
         return "higher"
     if ci[1] < 0:
@@ -286,17 +457,20 @@ def format_paired(res: dict, a_name: str = "A", b_name: str = "B") -> str:
     every task it rests on has one question; a note says when some do)."""
     def row(label, v):
         ci = v["ci95"]
-        shown = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else NO_CI
+        shown = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else no_ci_reason(v)
+        p = fmt_p(v["p"]) + (f" (MC ±{v['mc_error']['p']:.3f})" if "p" in (v.get("borderline") or ()) else "")
         return (f"| {label} | {v['a']:.3f} | {v['b']:.3f} | {v['diff']:+.3f} | "
-                f"{shown} | {v['p']:.3g} | {verdict(v)} |")
+                f"{shown} | {p} | {verdict(v)} |")
     lines = [f"Paired comparison, {b_name} - {a_name}, {res['n_questions']} questions"
              + (f", {res['n_seeds']} seeds (mean of per-seed differences)" if res["n_seeds"] > 1 else "")
-             + f". CI: {res['method']['ci']} ({res['resamples']} resamples); "
-             f"p: {res['method']['p_value']} ({res['permutations']} permutations).", "",
+             + f". CI: {res['method']['ci']} ({res['resamples']:,} resamples); "
+             f"p: {res['method']['p_value']} ({res['permutations']:,} permutations). "
+             + draws_note(res), "",
              f"| | {a_name} | {b_name} | diff | 95% CI | p | |", "|---|---|---|---|---|---|---|"]
     for c, v in res["capabilities"].items():
         lines.append(row(c, v))
-    lines.append(row("**all-around**", res["overall"]))
+    from shoptune.eval.report import overall_label
+    lines.append(row(f"**{overall_label(res['capabilities'])}**", res["overall"]))
     lines.append(row("mean over tasks", res["overall_tasks"]))
     for t, v in res["tasks"].items():
         lines.append(row(t, v))
@@ -307,3 +481,16 @@ def format_paired(res: dict, a_name: str = "A", b_name: str = "B") -> str:
                       "count in is too narrow" + ("" if len(single) < len(res["tasks"]) else
                                                   " (here: no interval can be computed)") + "."]
     return "\n".join(lines) + "\n"
+
+
+def draws_note(res: dict) -> str:
+    """One sentence on the draws: adapted until every bound / p was settled, or up to the cap."""
+    dr = res.get("draws") or {}
+    if not dr:
+        return ""
+    used = f"{dr['bootstrap']:,} resamples" + (f" and {dr['permutations']:,} permutations"
+                                              if "permutations" in dr else "")
+    return (f"Draws: {used}, doubled from {dr['bootstrap_start']:,} until every CI bound "
+            + ("and p-value " if "permutations" in dr else "")
+            + f"was clear of its decision line (0; p: {ALPHA}) by its Monte Carlo error "
+            f"({MC_LEVEL:.1%} interval), at most {dr['bootstrap_cap']:,}; what is not is borderline.")

@@ -1,14 +1,41 @@
 """Markdown tables and per-track bar charts of evaluation results (one run or several)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from shoptune._io import atomic_open
-from shoptune.records import TRACK_TO_CAPABILITY
+from shoptune.records import CAPABILITIES, TRACK_TO_CAPABILITY
 
 
 NO_CI = "[no CI]"
+
+
+def overall_label(capabilities) -> str:
+    """What the mean of the tracks is: ``all-around`` only when all four tracks are there."""
+    present = set(capabilities)
+    caps = [c for c in CAPABILITIES if c in present]
+    if len(caps) == len(CAPABILITIES):
+        return "all-around"
+    return (f"mean of {len(caps)} of {len(CAPABILITIES)} tracks ({', '.join(caps)}), "
+            "not all-around")
+
+
+def data_title(summary: dict) -> str:
+    """``ShopBench`` when every task is one of ShopBench's; else the suite or the data files."""
+    import re
+    tasks = summary.get("tasks") or {}
+    if tasks and all(re.fullmatch(r"(shopbench_)?task\d+", t) for t in tasks):
+        return "ShopBench"
+    if (summary.get("manifest") or {}).get("suite"):
+        return f"suite {summary['manifest']['suite']}"
+    from shoptune.tasks import find_card
+    cards = {t: find_card(t) for t in tasks}
+    if tasks and all(c is not None and c.own for c in cards.values()):  # a shop's own task cards
+        return "own tasks (" + ", ".join(tasks) + ")"
+    data = summary.get("data") or []
+    names = [Path(str(d.get("path") if isinstance(d, dict) else d)).name
+             for d in (data if isinstance(data, list) else [data])]
+    return ", ".join(names) or "own data"
 
 
 def _fmt(x, ci=None, *, no_ci: bool = False) -> str:
@@ -48,7 +75,9 @@ def report_markdown(summary: dict) -> str:
     ci = summary.get("ci95", {})
     n_boot = (summary.get("bootstrap") or {}).get("resamples", 1)
     star = "*" if partial(summary) else ""
-    lines = [f"# ShopBench evaluation: {summary.get('model')}"
+    title = data_title(summary)
+    lines = [(f"# ShopBench evaluation: {summary.get('model')}" if title == "ShopBench" else
+              f"# Evaluation on {title}: {summary.get('model')}")
              + (f" + {summary['adapter']}" if summary.get("adapter") else ""), "",
              f"{summary['n_questions']} questions, protocol `{summary.get('protocol')}`, backend "
              f"`{summary.get('backend')}`; 95% bootstrap CIs in brackets.", ""]
@@ -58,12 +87,17 @@ def report_markdown(summary: dict) -> str:
     lines += ["| track | score |", "|---|---|"]
     for t, s in summary["tracks"].items():
         lines.append(f"| {TRACK_TO_CAPABILITY.get(t, t)} | {_fmt(s, ci.get('tracks', {}).get(t), no_ci=bool(n_boot))}{star} |")
-    lines.append(f"| **all-around (mean of tracks)** | **{_fmt(summary['overall'], ci.get('overall'), no_ci=bool(n_boot))}{star}** |")
+    label = overall_label(summary.get("capabilities") or [TRACK_TO_CAPABILITY.get(t, t) for t in summary["tracks"]])
+    label = "all-around (mean of tracks)" if label == "all-around" else label
+    lines.append(f"| **{label}** | **{_fmt(summary['overall'], ci.get('overall'), no_ci=bool(n_boot))}{star}** |")
     lines.append(f"| mean over tasks | {_fmt(summary['overall_tasks'], ci.get('overall_tasks'), no_ci=bool(n_boot))}{star} |")
-    lines += ["", "| task | capability | metric | n | score |", "|---|---|---|---|---|"]
+    more = any(v.get("metrics") for v in summary["tasks"].values())
+    lines += ["", "| task | capability | metric | n | score |" + (" other metrics |" if more else ""),
+              "|---|---|---|---|---|" + ("---|" if more else "")]
     for t, v in summary["tasks"].items():
+        other = "; ".join(f"{m} {x:.3f}" for m, x in (v.get("metrics") or {}).items() if m != v["metric"])
         lines.append(f"| {t} | {v['capability']} | {v['metric']} | {v['n']} | "
-                     f"{_fmt(v['score'], v.get('ci95'), no_ci=bool(n_boot))} |")
+                     f"{_fmt(v['score'], v.get('ci95'), no_ci=bool(n_boot))} |" + (f" {other} |" if more else ""))
     timing = summary.get("timing", {})
     if timing:
         lines += ["", f"Generation: {timing.get('generate_s')} s "
@@ -84,7 +118,9 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
     import numpy as np
 
     tracks = list(dict.fromkeys(t for s in runs.values() for t in s["tracks"]))
-    labels = [TRACK_TO_CAPABILITY.get(t, t).replace("_", "\n") for t in tracks] + ["all-around"]
+    whole = overall_label(TRACK_TO_CAPABILITY.get(t, t) for t in tracks)
+    labels = [TRACK_TO_CAPABILITY.get(t, t).replace("_", "\n") for t in tracks] + [
+        "all-around" if whole == "all-around" else f"mean of\n{len(tracks)} track{'s' if len(tracks) != 1 else ''}"]
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(runs))
     fig, ax = plt.subplots(figsize=(1.8 * len(labels) + 2, 4))
@@ -97,7 +133,7 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
         for xi, v, c in zip(pos, vals, cis):
             if v != v:
                 continue
-            if c:  # a whisker only where an interval exists (never a zero-width one for "unknown")
+            if c and c[1] - c[0] > 1e-9:  # a whisker only where an interval exists and moved
                 ax.errorbar(xi, v, yerr=[[v - c[0]], [c[1] - v]], color="black", capsize=3, lw=1)
             else:
                 missing += 1
@@ -105,8 +141,9 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("score")
     ax.set_ylim(0, 1)
-    ax.set_title("ShopBench score per track (95% bootstrap CI"
-                 + ("; no CI: one question per task" if missing else "") + ")")
+    names = sorted({data_title(s) for s in runs.values()})
+    ax.set_title(f"{' / '.join(names)} score per track (95% bootstrap CI"
+                 + ("; no CI: one question per task, or resamples never moved" if missing else "") + ")")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,18 +154,15 @@ def plot_tracks(runs: dict[str, dict], path: Path) -> None:
 
 
 def compare(dirs: list[Path]) -> tuple[str, dict[str, dict]]:
-    runs = {}
-    for d in dirs:
-        f = Path(d) / "scores.json"
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {d}` first)")
-        runs[str(d)] = json.loads(f.read_text())
+    from shoptune.eval.runs import read_scores
+    runs = {str(d): read_scores(d) for d in dirs}  # (checked: RunFolderError names the file)
     names = [(Path(d).name or str(d)) + (" *" if partial(s) else "") for d, s in runs.items()]
     tracks = list(dict.fromkeys(t for s in runs.values() for t in s["tracks"]))
     head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
     rows = [f"| {TRACK_TO_CAPABILITY.get(t, t)} | " + " | ".join(_fmt(s['tracks'].get(t)) for s in runs.values()) + " |"
             for t in tracks]
-    rows.append("| **all-around** | " + " | ".join(_fmt(s["overall"]) for s in runs.values()) + " |")
+    label = overall_label(TRACK_TO_CAPABILITY.get(t, t) for t in tracks)
+    rows.append(f"| **{label}** | " + " | ".join(_fmt(s["overall"]) for s in runs.values()) + " |")
     rows.append("| mean over tasks | " + " | ".join(_fmt(s["overall_tasks"]) for s in runs.values()) + " |")
     tasks = list(dict.fromkeys(t for s in runs.values() for t in s["tasks"]))
     rows += [f"| {t} | " + " | ".join(_fmt(s["tasks"].get(t, {}).get("score")) for s in runs.values()) + " |"

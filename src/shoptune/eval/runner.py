@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from shoptune import __version__
-from shoptune._io import check_out_dir, write_json, write_jsonl
+from shoptune import __version__, machine
+from shoptune._io import check_output_dir, existing_inputs, output_dir, write_json, write_jsonl
 from shoptune.data.loaders import load_records
-from shoptune.decoding import build_prompts, plan_for
+from shoptune.decoding import build_prompts
+from shoptune.tasks import plan_for
 from shoptune.eval.backends import LocalBackend, OpenAIBackend
 from shoptune.eval.report import plot_tracks, write_report
 from shoptune.eval.scoring import score_outputs, summarize
@@ -32,10 +32,8 @@ def _local_model(model: str, adapter: str | None, *, merge: bool, dtype: str):
     """``(model, tokenizer)`` for the local backend; a single adapter merged when ``merge``."""
     from shoptune.models import load
     if adapter and merge:
-        from shoptune.models import default_dtype
-        target = {"auto": default_dtype(), "bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
-        if target is None:
-            raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
+        from shoptune.models import torch_dtype
+        target = torch_dtype(dtype)  # (ValueError naming the choices)
         mdl, tok = load(model, adapter=adapter, dtype="fp32")
         return mdl.merge_and_unload().to(target).eval(), tok
     return load(model, adapter=adapter, dtype=dtype)
@@ -50,8 +48,7 @@ class _PerTaskBackend:
         self.model, self.merge, self.dtype, self.batch_size = model, merge, dtype, batch_size
         self.prefix_cache, self.compile = prefix_cache, compile
         self.default_adapter = default_adapter
-        self.route = [task_adapters.get(r.task_name or r.task, task_adapters.get(r.task, default_adapter))
-                      for r in records]
+        self.route = [task_adapters.get(r.task, default_adapter) for r in records]
         # the base (or default-adapter) model first: it gives the tokenizer and the dtype reported
         self.base_model, self.tok = _local_model(model, default_adapter, merge=merge, dtype=dtype)
 
@@ -80,11 +77,63 @@ class _PerTaskBackend:
 
 
 def _file_hash(path: Path) -> str:
+    from shoptune._io import hash_file
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if f.is_file():
-            h.update(f.read_bytes())
+        if f.is_file() or f == path:
+            hash_file(h, f, "data file")
     return h.hexdigest()[:16]
+
+
+def _check_task_adapters(model: str, engine: str, task_adapters: dict[str, str], records) -> None:
+    """Before any model is loaded: every ``--task-adapter TASK=DIR`` names a task (a task card,
+    a ShopBench task name such as ``task2``, or a task of the questions; a typo would otherwise
+    leave TASK's questions on the base model without a word) and, for an engine that serves LoRA
+    from a converted or separate copy (llama.cpp, vLLM), an adapter that fits the base. Errors
+    name the option as typed. (A known task without questions here is fine: an experiment routes
+    every task of a capability.)"""
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    known = (set(cards) | {c.source.task_name for c in cards.values() if c.source.task_name}
+             | {r.task_name or r.task for r in records} | {r.task for r in records})
+    for task, folder in sorted(task_adapters.items()):
+        if task not in known:
+            shown = sorted({r.task_name or r.task for r in records})
+            more = f", ... ({len(shown)} tasks)" if len(shown) > 12 else ""
+            raise ValueError(f"--task-adapter {task}={folder}: {task!r} is not a task (the questions' "
+                             f"tasks: {', '.join(shown[:12])}{more}; `shoptune tasks ls` lists all)")
+    if engine in ("llama.cpp", "vllm"):
+        from transformers import AutoConfig
+
+        from shoptune.models import InvalidAdapterError, _base_of, check_adapter, resolve
+        base = _base_of(AutoConfig.from_pretrained(str(resolve(model))))  # (shapes only: meta device)
+        checked: set[str] = set()
+        for task, folder in sorted(task_adapters.items()):
+            if folder in checked:  # (an experiment routes many tasks to one adapter)
+                continue
+            checked.add(folder)
+            try:
+                check_adapter(base, folder, base_name=model)
+            except InvalidAdapterError as e:
+                raise ValueError(f"--task-adapter {task}={folder}: {e}") from None
+
+
+def _warn_uncarded(records, quiet: bool) -> None:
+    """Say (stderr) which questions belong to no task card (a ShopBench ``task_name`` shoptune
+    does not know, a row naming its own task): they are scored by their row's task type and
+    metric with the generic parser, and a typo in ``task_name`` would otherwise pass unseen."""
+    from collections import Counter
+
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    odd = Counter(r.task_name or r.task for r in records if r.task not in cards)
+    if odd and not quiet:
+        from rich.console import Console
+        shown = ", ".join(f"{t} ({n})" for t, n in sorted(odd.items())[:8]) + (", ..." if len(odd) > 8 else "")
+        Console(stderr=True).print(f"warning: {sum(odd.values())} question(s) of tasks without a task "
+                                   f"card: {shown}; scored by their rows' task_type and metric with "
+                                   "the generic parser (`shoptune tasks ls` lists the known tasks)",
+                                   markup=False, highlight=False, soft_wrap=True)
 
 
 ENGINES = ("builtin", "llama.cpp", "vllm", "openai")
@@ -98,7 +147,7 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
              quiet: bool = False, suite: str | Path | None = None, merge: bool = True,
              task_adapters: dict[str, str] | None = None, prefix_cache: bool = False,
              backend: str | None = None, limit_per_task: int | None = None,
-             compile: str | bool = "auto") -> dict:
+             overwrite: bool = False, compile: str | bool = "auto") -> dict:
     """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders).
 
     ``engine``: ``builtin`` (this process: transformers, length-sorted batches), ``llama.cpp`` /
@@ -111,8 +160,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     evaluation dtype), so it costs nothing per token; ``merge=False`` keeps it unmerged.
 
     ``task_adapters``: evaluate a per-task deployment, one adapter per task. Each question is
-    answered by the adapter of its task (its ShopBench ``task_name``, else its task card name);
-    questions of other tasks by the base model, or by ``adapter`` when given.
+    answered by the adapter of its task (keys: task card names, or aliases such as ShopBench's
+    ``task2``); questions of other tasks by the base model, or by ``adapter`` when given.
 
     ``prefix_cache`` (builtin): the prompts' shared prefix is run once per model and its KV
     reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding.
@@ -121,8 +170,14 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     ``auto`` where that was measured to pay on this kind of machine.
 
     ``limit`` keeps the first N questions; ``limit_per_task`` the first N of each task (as
-    lm-evaluation-harness's limit); the report marks scores from partial coverage."""
-    out = check_out_dir(out)  # before any work: a file in the way, an unwritable place
+    lm-evaluation-harness's limit); the report marks scores from partial coverage.
+
+    ``out`` is written whole at the end (:func:`shoptune._io.output_dir`); an earlier
+    evaluation there is replaced only with ``overwrite``, a folder holding anything else never."""
+    inputs = existing_inputs(data, [adapter] if engine != "openai" else [], list((task_adapters or {}).values()),
+                             [model] if Path(str(model)).exists() else [])
+    out = check_output_dir(out, command="eval", inputs=inputs, overwrite=overwrite,
+                           legacy=_earlier_eval)  # before any work
     for name, value in (("limit", limit), ("limit_per_task", limit_per_task)):
         if value is not None and value < 1:  # (records[:-1] would score all but one)
             raise ValueError(f"{name} {value}: must be at least 1")
@@ -144,6 +199,8 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         raise ValueError(f"--compile on compiles the built-in engine's model; --engine {engine} runs its own")
     compiled = engine == "builtin" and resolve(compile, "eval")
     if task_adapters:
+        from shoptune.tasks import card_name
+        task_adapters = {card_name(t): d for t, d in task_adapters.items()}
         missing = [str(d) for d in task_adapters.values() if not (Path(d) / "adapter_config.json").exists()]
         if missing:  # before any model load: a typo should not cost minutes
             raise ValueError(f"not a PEFT adapter folder (no adapter_config.json): {', '.join(missing)}")
@@ -151,14 +208,16 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
         records, manifest = build_suite(suite)
     else:
         records = load_records(list(data))
+    if task_adapters:
+        _check_task_adapters(model, engine, task_adapters, records)
+    _warn_uncarded(records, quiet)
     n_all = len(records)
     if limit_per_task:
         seen: dict[str, int] = {}
         kept = []
         for r in records:
-            k = r.task_name or r.task
-            if seen.get(k, 0) < limit_per_task:
-                seen[k] = seen.get(k, 0) + 1
+            if seen.get(r.task, 0) < limit_per_task:
+                seen[r.task] = seen.get(r.task, 0) + 1
                 kept.append(r)
         records = kept
     if limit:
@@ -246,9 +305,19 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
                    "questions_per_s": round(len(records) / gen_s, 4) if gen_s else None,
                    "score_s": round(time.time() - t1 - gen_s, 3)},
         "versions": {"shoptune": __version__, "python": platform.python_version()},
+        "machine": machine.describe(), "argv": sys.argv,  # where and how this record was made
     })
-    write_jsonl(out / "predictions.jsonl", rows)
-    write_json(out / "scores.json", summary)
-    write_report(summary, out / "report.md")
-    plot_tracks({str(out): summary}, out / "tracks.png")
+    with output_dir(out, command="eval", inputs=inputs, overwrite=overwrite, legacy=_earlier_eval) as tmp:
+        write_jsonl(tmp / "predictions.jsonl", rows)
+        write_json(tmp / "scores.json", summary)
+        write_report(summary, tmp / "report.md")
+        plot_tracks({str(out): summary}, tmp / "tracks.png")
     return summary
+
+
+EVAL_FILES = ("predictions.jsonl", "scores.json", "report.md", "tracks.png")
+
+
+def _earlier_eval(folder: Path) -> tuple[str, ...]:
+    """What an evaluation written before output markers existed left in ``folder``."""
+    return EVAL_FILES if (folder / "scores.json").is_file() else ()

@@ -7,21 +7,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shoptune.eval.metrics import micro_f1, score_batch
-from shoptune.eval.parsers import parse
+from shoptune import tasks
+from shoptune.eval.metrics import COUNT_METRICS, micro_f1, score_batch, task_metric
 from shoptune.records import CAPABILITIES, CAPABILITY_TO_TRACK, Record
 
 
-def task_key(rec: Record) -> str:
-    """ShopBench's own task name when the record has one (task1..), else the card name."""
-    return rec.task_name or rec.task
-
-
 def score_outputs(records: Sequence[Record], outputs: Sequence[str]) -> list[dict]:
-    """One row per question: input, task, raw output, parsed answer and score."""
+    """One row per question: input, task, raw output, parsed answer and score. ``task_name`` is
+    the task card's name, as everywhere (``shopbench_task2``; runs before #34 wrote ShopBench's
+    own ``task2`` there: :func:`shoptune.eval.runs.read_predictions` reads both)."""
     if len(records) != len(outputs):
         raise ValueError(f"{len(records)} records but {len(outputs)} outputs")
-    parsed = [parse(r.task_type, r.metric, o) for r, o in zip(records, outputs)]
+    parsed = [tasks.parse_answer(r.task_type, r.metric, o, r.task) for r, o in zip(records, outputs)]
     by_metric: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_metric[r.metric].append(i)
@@ -32,10 +29,10 @@ def score_outputs(records: Sequence[Record], outputs: Sequence[str]) -> list[dic
             scores[i] = v
     rows = []
     for r, out, p, s in zip(records, outputs, parsed, scores):
-        row = {"id": r.id, "input_field": r.input_field, "task_name": task_key(r), "task": r.task,
+        row = {"id": r.id, "input_field": r.input_field, "task_name": r.task, "task": r.task,
                "capability": r.capability, "task_type": r.task_type, "metric": r.metric,
                "output_field": r.output_field, "model_output": out, "parsed": p}
-        if r.metric == "micro f1":
+        if r.metric in COUNT_METRICS:
             row["counts"] = list(s)
             row["score"] = micro_f1([s])
         else:
@@ -45,7 +42,7 @@ def score_outputs(records: Sequence[Record], outputs: Sequence[str]) -> list[dic
 
 
 def _task_value(rows: Sequence[dict]) -> float:
-    if rows[0]["metric"] == "micro f1":
+    if "counts" in rows[0]:
         return micro_f1([r["counts"] for r in rows])
     return float(np.mean([r["score"] for r in rows]))
 
@@ -104,7 +101,8 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dic
         "tracks": {CAPABILITY_TO_TRACK[c]: tracks[c] for c in caps},
         "capabilities": tracks,
         "tasks": {t: {"score": s, "metric": "|".join(sorted({r["metric"] for r in by_task[t]})),
-                      "capability": task_cap[t], "n": len(by_task[t]), "ci95": ci(boot_tasks[t], [t])}
+                      "capability": task_cap[t], "n": len(by_task[t]), "ci95": ci(boot_tasks[t], [t]),
+                      **_more_metrics(by_task[t])}
                   for t, s in sorted(tasks.items(), key=lambda kv: _natural(kv[0]))},
         "ci95": {"overall": ci(boot["overall"]), "overall_tasks": ci(boot["overall_tasks"]),
                  "tracks": {CAPABILITY_TO_TRACK[c]: ci(boot["tracks"][c], [t for t in tasks if task_cap[t] == c])
@@ -114,6 +112,16 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 1000, seed: int = 0) -> dic
         "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "questions within each task",
                       "single_question_tasks": single},
     }
+
+
+def _more_metrics(rows: Sequence[dict]) -> dict:
+    """``{"metrics": {name: value}}`` for a task whose card names more than its score's metric
+    (a label task: accuracy and macro-F1; JSON: field F1 and the valid-JSON rate); {} else."""
+    card = tasks.find_card(rows[0].get("task") or "")
+    if card is None or len(card.metrics) < 2 or any(r["metric"] != card.metric for r in rows):
+        return {}
+    preds, golds = [r["parsed"] for r in rows], [r["output_field"] for r in rows]
+    return {"metrics": {m: task_metric(m, preds, golds) for m in card.metrics}}
 
 
 def _natural(name: str):

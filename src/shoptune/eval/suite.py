@@ -19,11 +19,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shoptune import REPO_CONFIGS
 from shoptune.records import Record
+from shoptune.tasks import TaskName
 
 SUITES_DIR = REPO_CONFIGS / "eval"
 
@@ -36,10 +36,10 @@ class SuitePart(BaseModel):
     split_validation: float = 0.02  # must equal the training mixtures' split settings
     split_test: float = 0.05
     split_seed: int = 0
-    include_tasks: list[str] = []
-    exclude_tasks: list[str] = []
+    include_tasks: list[TaskName] = []  # card names (or ShopBench's task2)
+    exclude_tasks: list[TaskName] = []
     per_task_cap: int | None = Field(default=None, ge=1)
-    per_task_caps: dict[str, int] = {}
+    per_task_caps: dict[TaskName, int] = {}
     seed: int = 0
 
 
@@ -55,7 +55,7 @@ def suite_path(name_or_path: str | Path) -> Path:
     """A suite name (``core`` -> configs/eval/core.yaml) or a YAML path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.exists():
+        if not (p.exists() or p.is_symlink()):  # (a symlink loop: its reader says so)
             raise FileNotFoundError(f"{p}: no such suite file")
         return p
     cand = SUITES_DIR / f"{name_or_path}.yaml"
@@ -75,22 +75,13 @@ def _shown(path: Path) -> str:
 
 
 def load_suite_config(name_or_path: str | Path) -> SuiteConfig:
+    from shoptune.configfile import read_yaml
     p = suite_path(name_or_path)
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: a suite must be a YAML mapping")
+    data, _ = read_yaml(p, "suite")  # (bounded: size, aliases; a ConfigError is a ValueError)
     try:
         return SuiteConfig(**data)
     except ValidationError as e:
         raise ValueError(f"{p}: {e}") from None
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(x for x in path.rglob("*") if x.is_file()) if path.is_dir() else [path]:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _part_records(part: SuitePart) -> list[Record]:
@@ -124,7 +115,7 @@ def fingerprint(ids: list[str], sources: dict[str, str]) -> str:
 
 def build_suite(name_or_path: str | Path) -> tuple[list[Record], dict]:
     """The suite's questions (parts in order, tasks sorted within a part) and its manifest."""
-    from shoptune.paths import resolve_data_path
+    from shoptune.data.loaders import source_digest
 
     cfg = load_suite_config(name_or_path)
     records: list[Record] = []
@@ -135,7 +126,7 @@ def build_suite(name_or_path: str | Path) -> tuple[list[Record], dict]:
         if not recs:
             raise ValueError(f"suite {cfg.name}: part {part.name!r} selected no questions")
         for s in part.sources:
-            sources[s] = _digest(resolve_data_path(s))
+            sources[s] = source_digest(s)
         parts.append({"name": part.name, "n": len(recs),
                       "tasks": dict(sorted(Counter(r.task for r in recs).items()))})
         records += recs
@@ -153,10 +144,10 @@ def build_suite(name_or_path: str | Path) -> tuple[list[Record], dict]:
 
 def data_manifest(records: list[Record], data: list[str]) -> dict:
     """The same manifest for a plain ``--data`` run (no suite name)."""
-    from shoptune.paths import resolve_data_path
+    from shoptune.data.loaders import source_digest
 
     ids = [r.id for r in records]
-    sources = {str(d): _digest(resolve_data_path(d)) for d in data}
+    sources = {str(d): source_digest(d) for d in data}
     return {"suite": None, "version": None, "n_questions": len(records),
             "fingerprint": fingerprint(ids, sources), "sources": sources,
             "capabilities": dict(Counter(r.capability for r in records)),
@@ -165,15 +156,13 @@ def data_manifest(records: list[Record], data: list[str]) -> dict:
 
 def manifest_of(run_dir: str | Path) -> dict:
     """A run's manifest: from scores.json, else rebuilt from predictions.jsonl (older runs)."""
+    from shoptune.eval.runs import read_predictions, read_scores
     d = Path(run_dir)
-    f = d / "scores.json"
-    if not f.exists():
-        raise FileNotFoundError(f"{f}: no scores.json (run `shoptune eval ... --out {d}` first)")
-    s = json.loads(f.read_text(encoding="utf-8"))
+    s = read_scores(d)  # (bounded and checked: RunFolderError names the file)
     if "manifest" in s:
         return s["manifest"]
     preds = d / "predictions.jsonl"
-    ids = [json.loads(x).get("id") for x in preds.read_text().splitlines() if x] if preds.exists() else []
+    ids = [r.get("id") for r in read_predictions(d)] if preds.exists() else []
     sources = {x["path"]: x["sha256_16"] for x in s.get("data", [])}
     return {"suite": None, "version": None, "n_questions": len(ids),
             "fingerprint": fingerprint(ids, sources), "sources": sources, "ids": ids}

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from shoptune.console import console, fail
+from shoptune.console import console, fail, print_markdown
+from shoptune.eval.cli import MaxBoot, MaxPerm, NBoot, NPerm
 
 
 def register(app: typer.Typer) -> None:
@@ -33,10 +34,12 @@ def register(app: typer.Typer) -> None:
                 reuse: Annotated[bool, typer.Option(
                     help="Copy in a run another experiment (results folder beside this one) already "
                          "finished with the same key, instead of training it again.")] = True,
-                eval_engine: Annotated[Optional[str], typer.Option(help=(
-                    "builtin | llama.cpp | vllm: the engine every run is scored on (overrides the "
+                eval_engine: Annotated[Optional[Literal["builtin", "llama.cpp", "vllm"]], typer.Option(help=(
+                    "The engine every run is scored on, as `shoptune eval --engine` (overrides the "
                     "file's eval.engine; part of each run's key, so engines are never mixed)."))] = None,
-                eval_dtype: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32 (overrides eval.dtype).")] = None,
+                eval_dtype: Annotated[Optional[Literal["auto", "bf16", "fp32"]], typer.Option(
+                    help="The dtype every run is scored in, as `shoptune eval --dtype` (overrides "
+                         "the file's eval.dtype; part of each run's key).")] = None,
                 dry_run: Annotated[bool, typer.Option(help="Plan only: runs, keys, steps, what is done "
                                                       "(writes nothing).")] = False,
                 report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True) -> None:
@@ -88,14 +91,19 @@ def register(app: typer.Typer) -> None:
 
     @exp_app.command("report")
     def report_cmd(results: Annotated[Path, typer.Argument(help="An experiment's results folder.")],
-                   n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> None:
+                   n_boot: NBoot = 2000, n_perm: NPerm = 2000,
+                   max_boot: MaxBoot = 512_000, max_perm: MaxPerm = 512_000,
+                   seed: Annotated[int, typer.Option(help="Random seed of the draws (verdicts do not "
+                                                     "depend on it).")] = 0) -> None:
         """report.md, results.json, scores.png, diff.png: cells x (tracks, all-around, mean over
-        tasks) with CIs; paired difference to the baseline with CI and p-value."""
+        tasks) with CIs; paired difference to the baseline with CI, p-value and verdict; the draws
+        used and their Monte Carlo error."""
         from shoptune.experiment.report import report_markdown, write_report
 
         try:
-            rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed)
+            rep = write_report(results, n_boot=n_boot, n_perm=n_perm, seed=seed, max_boot=max(max_boot, n_boot),
+                               max_perm=max(max_perm, n_perm))
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
-        console.print(report_markdown(rep), markup=False, highlight=False)
+        print_markdown(report_markdown(rep))
         console.print(f"wrote {results}/report.md, results.json, scores.png, diff.png")

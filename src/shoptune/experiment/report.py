@@ -12,12 +12,12 @@ p-value (:mod:`shoptune.eval.paired`); the per-seed differences are listed as th
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from shoptune import machine
-from shoptune._io import atomic_open, write_json
-from shoptune.eval.paired import bootstrap_scores, interaction, paired_compare
+from shoptune._io import atomic_open, read_json, write_json
+from shoptune.eval.paired import (MAX_DRAWS, MC_LEVEL, bootstrap_scores, fmt_p, interaction,
+                                  paired_compare, zero_width)
 from shoptune.records import CAPABILITIES
 
 COLUMNS = [*CAPABILITIES, "overall", "overall_tasks"]
@@ -33,13 +33,16 @@ def load_runs(results: str | Path) -> tuple[dict, dict[str, dict[int, list[dict]
         if not (results / f).exists():
             raise FileNotFoundError(f"{results / f}: missing (is {results} an experiment results "
                                     "folder? `shoptune experiment run ... --results` writes it)")
-    exp = json.loads((results / "experiment.json").read_text(encoding="utf-8"))
-    questions = json.loads((results / "suite.json").read_text(encoding="utf-8"))["questions"]
+    exp = read_json(results / "experiment.json", "experiment.json")  # (bounded: InputError names it)
+    questions = read_json(results / "suite.json", "suite.json")["questions"]
+    from shoptune.tasks import card_name
+    for q in questions:  # (results written before #34 name tasks as ShopBench does: task2)
+        q["task_name"] = card_name(q["task_name"])
     cells: dict[str, dict[int, list[dict]]] = {}
     missing = []
     for run in exp["runs"]:
         f = results / "cells" / run["id"] / "result.json"
-        res = json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
+        res = read_json(f, "result.json") if f.exists() else None
         if not res or res.get("key") != run["key"]:
             missing.append(run["id"])
             continue
@@ -60,11 +63,20 @@ def _pick(res: dict, col: str) -> dict:
     return res["capabilities"].get(col) if col in CAPABILITIES else res[col]
 
 
-def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> dict:
+def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0,
+                 max_boot: int = MAX_DRAWS, max_perm: int = MAX_DRAWS) -> dict:
+    """The report's data. Paired differences and contrasts adapt their draws (from ``n_boot`` /
+    ``n_perm`` up to ``max_boot`` / ``max_perm``) until the CI bounds and p-values of the tracks,
+    the all-around score and the mean over tasks are clear of their decision lines by their Monte
+    Carlo error (:mod:`shoptune.eval.paired`), so the verdicts do not depend on ``seed``."""
     exp, cells, missing = load_runs(results)
     base = exp["baseline"]
     out = {"experiment": exp["name"], "baseline": base, "suite": exp["suite"], "missing_runs": missing,
-           "cells": {}}
+           # how these numbers were made (each run's machine is in "machines")
+           "command": {"run": f"shoptune experiment run {exp.get('spec_file', '<spec>')} --out "
+                              f"runs/exp/{exp['name']} --results {Path(results)}",
+                       "report": f"shoptune experiment report {Path(results)}"},
+           "cells": {}, "scores_resamples": n_boot}
     for cell in exp["cells"]:
         if cell not in cells:
             continue
@@ -77,10 +89,11 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
             common = sorted(set(seeds) & set(cells[ref]))
             if common:
                 d = paired_compare([cells[ref][s] for s in common], [cells[cell][s] for s in common],
-                                   n_boot=n_boot, n_perm=n_perm, seed=seed)
+                                   n_boot=n_boot, n_perm=n_perm, seed=seed, max_boot=max_boot,
+                                   max_perm=max_perm, settle_tasks=False)
                 entry["vs_baseline"] = {"baseline": ref, "seeds": common,
                                         **{c: _pick(d, c) for c in COLUMNS if _pick(d, c)},
-                                        "tasks": d["tasks"], "method": d["method"]}
+                                        "tasks": d["tasks"], "method": d["method"], "draws": d["draws"]}
         out["cells"][cell] = entry
     out["contrasts"] = {}
     for c in exp.get("contrasts", []):
@@ -89,10 +102,11 @@ def build_report(results: str | Path, *, n_boot: int = 2000, n_perm: int = 2000,
             continue
         common = sorted(set.intersection(*(set(cells[x]) for x in four)))
         if common:
-            d = interaction(*([cells[x][s] for s in common] for x in four), n_boot=n_boot, seed=seed)
+            d = interaction(*([cells[x][s] for s in common] for x in four), n_boot=n_boot, seed=seed,
+                            max_boot=max_boot, settle_tasks=False)
             out["contrasts"][c["name"]] = {"a": list(c["a"]), "b": list(c["b"]), "seeds": common,
                                            **{col: _pick(d, col) for col in COLUMNS if _pick(d, col)},
-                                           "method": d["method"]}
+                                           "method": d["method"], "draws": d["draws"]}
     finished = finished_results(Path(results), exp)
     out["machines"] = _machines(finished)
     out["precision"] = precisions(finished)
@@ -171,7 +185,7 @@ def finished_results(results: Path, exp: dict) -> list[tuple[dict, dict]]:
     for run in exp["runs"]:
         f = results / "cells" / run["id"] / "result.json"
         if f.exists():
-            res = json.loads(f.read_text(encoding="utf-8"))
+            res = read_json(f, "result.json")
             if res.get("key") == run["key"]:
                 out.append((run, res))
     return out
@@ -227,11 +241,14 @@ def precisions(finished: list[tuple[dict, dict]]) -> dict[str, list[str]]:
 
 
 def _machines(finished: list[tuple[dict, dict]]) -> dict[str, list[str]]:
-    """{machine summary: [run ids]} of the finished runs (older results did not record it)."""
+    """{machine summary: [run ids]} of the finished runs. Older results did not record it; where
+    the machine was written down at the time, ``machine_documented`` says so, and so does the key."""
     seen: dict[str, list[str]] = {}
     for run, res in finished:
-        m = res.get("machine")
-        seen.setdefault(machine.summary(m) if m else "not recorded", []).append(run["id"])
+        m, doc = res.get("machine"), res.get("machine_documented")
+        key = (machine.summary(m) if m else f"{machine.summary(doc)} (documented at the time, not recorded by "
+               "the run)" if doc else "not recorded")
+        seen.setdefault(key, []).append(run["id"])
     return seen
 
 
@@ -249,7 +266,7 @@ def _fmt_diff(v: dict | None) -> str:
     if not v:
         return "-"
     ci = v["ci95"]  # (None: every task has one question)
-    s = f"{v['diff']:+.3f} " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[no CI]") + f" p={v['p']:.3g}"
+    s = f"{v['diff']:+.3f} " + (f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[no CI]") + f" p{'' if fmt_p(v['p']).startswith('<') else '='}{fmt_p(v['p'])}"
     if len(v["seed_diffs"]) > 1:
         s += f" (seeds {', '.join(f'{x:+.3f}' for x in v['seed_diffs'])})"
     return s
@@ -270,12 +287,16 @@ def verdict(d: dict | None) -> str:
     the 95% CI excludes 0 **and** every seed's difference has that sign (a claim in that direction
     is *reproduced*); ``CI above/below 0, not every seed agrees`` if a seed went the other way or
     was 0 (a claim in the CI's direction stays *inconclusive*, one against it is *not reproduced*);
-    ``not resolved`` if the CI includes 0 or there is none. The seed count is part of it."""
+    ``not resolved`` if the CI includes 0, has zero width or there is none. ``borderline`` when a
+    CI bound is still within Monte Carlo error of 0 at the draw cap: the random draws, not the
+    data, would decide, so no verdict. The seed count is part of it."""
     if not d:
         return "-"
     ci, seeds = d.get("ci95"), d.get("seed_diffs") or []
     n = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
-    if not ci or not seeds or ci[0] <= 0 <= ci[1]:
+    if ci and {"lower", "upper"} & set(d.get("borderline") or ()):
+        return f"borderline: a CI bound is within Monte Carlo error of 0 ({n})"
+    if not ci or zero_width(ci) or not seeds or ci[0] <= 0 <= ci[1]:
         return f"not resolved ({n})"
     sign, word = (1, "above") if ci[0] > 0 else (-1, "below")
     if all(x * sign > 0 for x in seeds):
@@ -283,13 +304,35 @@ def verdict(d: dict | None) -> str:
     return f"CI {word} 0, not every seed agrees ({n})"
 
 
+def _draws_rows(rep: dict) -> list[str]:
+    """One row per paired difference / contrast: draws used, the all-around bounds' and p's
+    Monte Carlo error, and any column still borderline at the cap."""
+    rows = []
+    items = [(f"{c}{'' if e['vs_baseline']['baseline'] == rep['baseline'] else ' - ' + e['vs_baseline']['baseline']}",
+              e["vs_baseline"]) for c, e in rep["cells"].items() if "vs_baseline" in e]
+    items += [(f"contrast {name}", e) for name, e in (rep.get("contrasts") or {}).items()]
+    for label, e in items:
+        dr, ov = e.get("draws") or {}, e.get("overall") or {}
+        mc = ov.get("mc_error") or {}
+        ci_err = mc.get("ci95")
+        border = [f"{LABEL[c]} ({', '.join(e[c]['borderline'])})" for c in COLUMNS
+                  if c in e and e[c].get("borderline")]
+        rows.append(f"| {label} | {dr.get('bootstrap', 0):,} | "
+                    + (f"{dr['permutations']:,}" if "permutations" in dr else "-") + " | "
+                    + (f"±{ci_err[0]:.4f} / ±{ci_err[1]:.4f}" if ci_err else "-") + " | "
+                    + (f"±{mc['p']:.4f}" if mc.get("p") is not None else "-") + " | "
+                    + (", ".join(border) or "none") + " |")
+    return rows
+
+
 def report_markdown(rep: dict) -> str:
     s = rep["suite"]
     lines = [f"# Experiment {rep['experiment']}", "",
              f"Suite `{s['name']}` v{s['version']} ({s['n_questions']} questions, fingerprint "
              f"`{s['fingerprint']}`). Scores are means over seeds with 95% bootstrap CIs (questions "
-             "resampled within tasks, jointly for all seeds); the range of the per-seed values is in "
-             "parentheses.", "",
+             f"resampled within tasks, jointly for all seeds; {rep.get('scores_resamples', 2000):,} "
+             "resamples: a score has no decision line, so its draws do not adapt); the range of the "
+             "per-seed values is in parentheses.", "",
              "| cell | seeds | " + " | ".join(LABEL[c] for c in COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]
     for cell, e in rep["cells"].items():
@@ -323,6 +366,21 @@ def report_markdown(rep: dict) -> str:
             lines.append(f"| {name} | {' -> '.join(e['a'])} | {' -> '.join(e['b'])} | "
                          + " | ".join(_fmt_contrast(e.get(c)) for c in COLUMNS)
                          + f" | {verdict(e.get('overall'))} |")
+    draws = _draws_rows(rep)
+    if draws:
+        first = next(iter(e["vs_baseline"] for e in rep["cells"].values() if "vs_baseline" in e), None) \
+            or next(iter(rep["contrasts"].values()))
+        dr = first.get("draws") or {}
+        lines += ["", "## Draws and Monte Carlo error", "",
+                  f"Bootstrap resamples and permutations start at {dr.get('bootstrap_start', 0):,} and "
+                  "are doubled until every CI bound and p-value of the tracks, the all-around score and "
+                  "the mean over tasks is clear of its decision line (0 for a bound, 0.05 for p) by its "
+                  f"Monte Carlo error ({MC_LEVEL:.1%} interval of the infinite-draw value), at most "
+                  f"{dr.get('bootstrap_cap', 0):,}; a column still within it at the cap is borderline "
+                  "and gets no verdict. So the verdicts do not depend on `--seed`. Monte Carlo error: "
+                  "half-width of that interval, for the all-around CI's bounds and p.", "",
+                  "| difference | resamples | permutations | all-around CI bounds, MC error | p, MC error | borderline |",
+                  "|---|---|---|---|---|---|", *draws]
     cost = {c: v for c, v in (rep.get("cost") or {}).items() if v.get("trainable_params")}
     if cost:
         lines += ["", "## Training cost", "",
@@ -385,8 +443,9 @@ def _plots(rep: dict, results: Path) -> None:
     for k, cell in enumerate(cells):
         sc = rep["cells"][cell]["scores"]
         vals = [sc[c]["score"] if c in sc else np.nan for c in COLUMNS]
-        err = np.array([[v - sc[c]["ci95"][0] if c in sc and sc[c]["ci95"] else np.nan for v, c in zip(vals, COLUMNS)],
-                        [sc[c]["ci95"][1] - v if c in sc and sc[c]["ci95"] else np.nan for v, c in zip(vals, COLUMNS)]])
+        shown = [c in sc and sc[c]["ci95"] and not zero_width(sc[c]["ci95"]) for c in COLUMNS]
+        err = np.array([[v - sc[c]["ci95"][0] if ok else np.nan for v, c, ok in zip(vals, COLUMNS, shown)],
+                        [sc[c]["ci95"][1] - v if ok else np.nan for v, c, ok in zip(vals, COLUMNS, shown)]])
         ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=cell)
     ax.set_xticks(x, [LABEL[c] for c in COLUMNS], fontsize=8)
     ax.set_ylabel("score")
@@ -403,7 +462,7 @@ def _plots(rep: dict, results: Path) -> None:
         for i, cell in enumerate(others):
             d = rep["cells"][cell]["vs_baseline"][col]
             y = i * (len(cols) + 1) + j
-            ci = d["ci95"] or [np.nan, np.nan]  # (no CI: no whisker)
+            ci = d["ci95"] if d["ci95"] and not zero_width(d["ci95"]) else [np.nan, np.nan]  # no whisker
             ax.errorbar(d["diff"], y, xerr=[[d["diff"] - ci[0]], [ci[1] - d["diff"]]],
                         fmt="o", color=f"C{j}", capsize=3, label=LABEL[col] if i == 0 else None)
     ax.axvline(0, color="grey", lw=1)

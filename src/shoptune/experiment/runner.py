@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from shoptune import machine
-from shoptune._io import write_json
+from shoptune._io import check_output_dir, make_dirs, read_json, read_marker, write_json, write_marker
 from shoptune.experiment.spec import (EvalSettings, ExperimentSpec, MergeSettings, load_spec, resolve_path,
                                       run_key, steps_for_budget)
 
@@ -125,6 +125,37 @@ def _check_split(cfg, suite_cfg) -> None:
                     f"{m.split} with {mine}: the suite's questions could be trained on")
 
 
+EXPERIMENT_FILES = ("plan.json", "cells", "experiment.json", "suite.json", "report.md", "results.json",
+                    "scores.png", "diff.png", "balance.png")
+
+
+def experiment_entries(folder: Path) -> list[str]:
+    """The names an experiment writes in its --out / --results folder (it resumes in place)."""
+    return [n for n in EXPERIMENT_FILES if (Path(folder) / n).exists()]
+
+
+def check_experiment_dirs(out, results, spec_path: Path, base: Path) -> None:
+    """--out and --results may hold this (or an earlier) experiment, to resume; never anything
+    else, an input, or the current folder (see :func:`shoptune._io.check_output_dir`)."""
+    for flag, folder in (("--out", out), ("--results", results)):
+        if folder is not None:
+            check_output_dir(folder, command="experiment run", resume=True, legacy=experiment_entries,
+                             flag=flag, inputs=[spec_path, base])
+def _config_loader(base: Path):
+    """``overrides -> TrainConfig`` for the base config ``base``, read (and its YAML parsed) once:
+    what ``load_config(base, overrides)`` gives, at the cost of a validation per run."""
+    import copy
+
+    from shoptune.configfile import apply_overrides, parse_override, read_yaml, validate
+    from shoptune.train.config import TrainConfig
+    data, lines = read_yaml(base, "training config")
+
+    def load(overrides: list[str]) -> TrainConfig:
+        given = apply_overrides(copy.deepcopy(data), overrides)
+        return validate(TrainConfig, given, str(base), lines, [parse_override(o)[0] for o in overrides])
+    return load
+
+
 def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = None, *,
          launcher: str | None = None, eval_engine: str | None = None, eval_dtype: str | None = None,
          write: bool = True, progress=None) -> dict:
@@ -133,12 +164,13 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
     ``progress(message)`` is told each step."""
     say = progress or (lambda _m: None)
     from shoptune.eval.suite import build_suite, load_suite_config, suite_path
-    from shoptune.train.config import load_config
 
     spec_path = Path(spec_path)
     spec: ExperimentSpec = load_spec(spec_path)
+    check_experiment_dirs(out, results, spec_path, resolve_path(spec.base, spec_path.parent))
     eval_cfg = spec.eval.model_copy(update={k: v for k, v in (("engine", eval_engine), ("dtype", eval_dtype)) if v})
-    EvalSettings.model_validate(eval_cfg.model_dump())
+    from shoptune.configfile import validate
+    validate(EvalSettings, eval_cfg.model_dump(), "--eval-engine/--eval-dtype")  # (one line each)
     out = Path(out)
     results = Path(results) if results else out
     base = resolve_path(spec.base, spec_path.parent)
@@ -147,15 +179,18 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
     say(f"building suite {spec.suite}")
     records, manifest = build_suite(suite_file)
     runs, cache = [], {}
+    cells = spec.expanded_cells()  # (once: a grid may hold many thousands)
+    load_config = _config_loader(base)
+    by_cell_seed: dict[tuple[str, int], dict] = {}
     # seed-major: every cell's first seed runs before any second seed, so a partly finished
     # experiment already holds one complete comparison
     for seed in spec.seeds:
-        for cell in spec.expanded_cells():
+        for cell in cells:
             say(f"planning {cell.name} seed {seed} ({len(runs) + 1} of "
-                f"{len(spec.seeds) * len(spec.expanded_cells())}): its mixture's tokens per row")
+                f"{len(spec.seeds) * len(cells)}): its mixture's tokens per row")
             overrides = [*spec.overrides, *cell.overrides, f"seed={seed}"]
             try:
-                cfg = load_config(base, overrides)
+                cfg = load_config(overrides)
             except Exception as e:  # pydantic / override errors: name the cell
                 raise ValueError(f"cell {cell.name}: {e}") from None
             _check_split(cfg, suite_cfg)
@@ -166,8 +201,8 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
             steps = steps_for_budget(spec.budget, cfg.max_steps, avg or 0.0,
                                      cfg.batch_size * cfg.grad_accum)
             overrides.append(f"max_steps={steps}")
-            cfg = load_config(base, overrides)
-            source = next((r for r in runs if r["cell"] == cell.merge_of and r["seed"] == seed), None)
+            cfg = load_config(overrides)
+            source = by_cell_seed.get((cell.merge_of, seed))
             merge = ({**(cell.merge or MergeSettings()).model_dump(), "of": source["key"]}
                      if cell.merge_of else None)
             key = run_key(cfg.model_dump(), manifest["fingerprint"], spec.protocol, per_task=cell.per_task,
@@ -189,19 +224,23 @@ def plan(spec_path: str | Path, out: str | Path, results: str | Path | None = No
                 run.update(merge=merge, merge_of=source["id"], max_steps=0,
                            planned_tokens=source["planned_tokens"], overrides=source["overrides"])
             runs.append(run)
+            by_cell_seed[(cell.name, seed)] = run
     exp = {"name": spec.name, "description": spec.description, "spec_file": str(spec_path),
            "spec": spec.model_dump(), "base": str(base), "baseline": spec.baseline,
-           "cells": [c.name for c in spec.expanded_cells()], "seeds": spec.seeds,
-           "baselines": {c.name: c.baseline or spec.baseline for c in spec.expanded_cells()},
+           "cells": [c.name for c in cells], "seeds": spec.seeds,
+           "baselines": {c.name: c.baseline or spec.baseline for c in cells},
            "contrasts": [c.model_dump() for c in spec.contrasts],
            "suite": {"name": spec.suite, "version": manifest["version"],
                      "fingerprint": manifest["fingerprint"], "n_questions": manifest["n_questions"]},
            "protocol": spec.protocol, "eval": eval_cfg.model_dump(), "runs": runs}
     suite_doc = {**{k: v for k, v in manifest.items() if k != "ids"},
-                 "questions": [{"id": r.id, "task_name": r.task_name or r.task, "capability": r.capability,
+                 "questions": [{"id": r.id, "task_name": r.task, "capability": r.capability,
                                 "metric": r.metric} for r in records]}
     if not write:
         return exp
+    for folder in {Path(out), Path(results)}:
+        if read_marker(folder) is None:
+            write_marker(make_dirs(folder), "experiment run", files=[])  # (its files: experiment_entries)
     write_json(results / "experiment.json", exp)
     write_json(results / "suite.json", suite_doc)
     write_json(out / "plan.json", {**exp, "results_dir": str(results.resolve()), "out": str(out.resolve()),
@@ -219,8 +258,8 @@ def is_done(results: Path, run: dict) -> bool:
     if not p.exists():
         return False
     try:
-        return json.loads(p.read_text(encoding="utf-8")).get("key") == run["key"]
-    except ValueError:
+        return read_json(p, "result.json").get("key") == run["key"]
+    except (OSError, ValueError, AttributeError):  # (unreadable or not an object: not done)
         return False
 
 
@@ -328,7 +367,7 @@ def _train_run(p: dict, run: dict) -> tuple[dict, str | None, dict]:
     cfg = load_config(p["base"], [*run["overrides"], f"output_dir={train_dir}"])
     if cfg.peft == "poly":  # task-routed experts, exported as plain LoRA adapters
         from shoptune.experts import export_run_experts
-        meta = export_run_experts(train_dir, train_dir / "experts")
+        meta = export_run_experts(train_dir, train_dir / "experts", overwrite=True)  # (a re-run: its own)
         return trained, resumed_from, {"task_adapters": _routed(experts=meta)}
     return trained, resumed_from, {"adapter": str(train_dir / "adapter")}
 
@@ -402,7 +441,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     from shoptune.train.config import load_config
     from shoptune.train.trainer import use_bf16
 
-    p = json.loads(Path(plan_file).read_text(encoding="utf-8"))
+    p = read_json(plan_file, "plan.json")
     run = next(r for r in p["runs"] if r["id"] == run_id)
     work = Path(p["out"]) / "cells" / run_id
     train_dir = work / "train"
@@ -414,7 +453,8 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
         trained, resumed_from, src_kw = _train_run(p, source)
         folders = {Path(d).parent.name: Path(d) for d in sorted(set(src_kw["task_adapters"].values()))}
         merged = merge_adapters(folders, train_dir / "adapter", model=cfg.model,
-                                method=run["merge"]["method"], density=run["merge"]["density"])
+                                method=run["merge"]["method"], density=run["merge"]["density"],
+                                overwrite=True)  # (a re-run replaces its own earlier merge)
         eval_kw = {"adapter": str(merged)}
     else:
         trained, resumed_from, eval_kw = _train_run(p, run)
@@ -422,7 +462,7 @@ def run_one(plan_file: str | Path, run_id: str) -> dict:
     t1 = time.time()
     ev = p.get("eval") or {"engine": "builtin", "dtype": "auto"}
     s = evaluate(model=cfg.model, suite=p["suite_file"], out=work / "eval", protocol=p["protocol"],
-                 quiet=True, engine=ev["engine"], dtype=ev["dtype"], **eval_kw)
+                 quiet=True, engine=ev["engine"], dtype=ev["dtype"], overwrite=True, **eval_kw)
     if s["manifest"]["fingerprint"] != p["suite"]["fingerprint"]:
         raise RuntimeError(f"suite {p['suite']['name']} changed since the plan (fingerprint "
                            f"{s['manifest']['fingerprint']} vs {p['suite']['fingerprint']}); re-plan")

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,17 +94,14 @@ def pull(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    from shoptune._io import make_temp_dir
-    tmp = make_temp_dir(out.parent, f".{name}-")  # (the cache is readable as any output, not 0700)
-    try:
+    from shoptune._io import output_dir
+    # (a new folder renamed into place; an earlier pull, marked or with its shoptune.json, is
+    # replaced; a cache folder holding anything else is refused)
+    with output_dir(out, command="models pull", overwrite=True, flag="cache folder",
+                    legacy=lambda f: os.listdir(f) if (f / "shoptune.json").is_file() else []) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "shoptune.json").write_text(json.dumps({"name": name, "from": str(gguf)}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -132,7 +128,8 @@ def default_dtype() -> torch.dtype:
         return torch.float32
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``--dtype``'s value (auto, bf16, fp32, fp16, or bfloat16, float32, float16) as a torch dtype."""
     if dtype is None or dtype == "auto":
         return default_dtype()
     if isinstance(dtype, torch.dtype):
@@ -163,7 +160,7 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, adapter: str | os.Path
     from transformers import AutoModelForCausalLM
 
     path = resolve(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
     if adapter is not None:
         from peft import PeftModel
 

@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import re
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -213,6 +214,18 @@ def _invalid_text(body: bytes) -> tuple[str | None, str] | None:
     return field, f"{field}: invalid text: a lone UTF-16 surrogate is not a Unicode character"
 
 
+def body_error(exc: Exception) -> str | None:
+    """Why the framework could not parse a JSON body, when its generic "There was an error parsing
+    the body" hides a reason the client can act on (too deep, too long an integer)."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return "the request body nests arrays/objects too deeply to parse"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (f"the request body has an integer of more than {sys.get_int_max_str_digits()} digits; "
+                "send long numbers as strings")
+    return None
+
+
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")  # pydantic's name of a union member
 
 
@@ -263,7 +276,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_body(exc.status_code, str(exc.detail), type_)
+        return error_body(exc.status_code, body_error(exc) or str(exc.detail), type_)
 
     # (the catch-all 500 lives in Gate: a handler registered here would re-raise to uvicorn)
 

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from shoptune.console import console, fail
+from shoptune.console import DTYPE_HELP, DTYPE_METAVAR, PROTOCOL_HELP, Dtype, Protocol, console, fail
 from shoptune.serve.launch import ENGINES
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# the choices of shoptune.serve.upstream.KINDS and shoptune.experts.FALLBACKS, here so that the
+# command line starts without importing torch (tests/test_second_hour.py checks they agree)
+KINDS = ("auto", "vllm", "llama.cpp", "shoptune", "openai")
+FALLBACKS = ("capability", "mean")
 
 
 def _pairs(items: list[str] | None, what: str, fail) -> dict[str, str]:
@@ -72,18 +78,54 @@ def collect_keys(api_key: list[str] | None, api_keys_file: Path | None, fail) ->
 
 
 def _experts(folder: Path, adapters: dict, fail) -> tuple[dict, dict]:
-    """``--experts DIR``: its experts added to ``adapters`` and the task card -> expert routing."""
-    import json
+    """``--experts DIR``: its experts added to ``adapters`` and the task card -> expert routing
+    (``experts.json`` checked: one line naming the file and the field)."""
+    from shoptune.experts import ExpertError, read_json_file
+    from shoptune.serve.engine import ADAPTER_NAME_RE
     meta_path = folder / "experts.json"
     if not meta_path.is_file():
         fail(f"--experts {folder}: no experts.json (write one with `shoptune export experts`)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = read_json_file(meta_path, "experts file (experts.json)")
+    except ExpertError as e:
+        fail(f"--experts {folder}: {e}")
+    experts, routed = (meta.get("experts"), meta.get("task_experts") or {}) if isinstance(meta, dict) else (None, None)
+    if not isinstance(experts, dict) or not experts or not all(isinstance(n, str) and ADAPTER_NAME_RE.match(n)
+                                                               for n in experts):
+        fail(f"--experts {folder}: {meta_path}: experts must be a JSON object of expert names (as "
+             f"`shoptune export experts` writes); got {str(experts if isinstance(meta, dict) else meta)[:80]}")
+    if not isinstance(routed, dict) or not all(isinstance(t, str) and v in experts for t, v in routed.items()):
+        fail(f"--experts {folder}: {meta_path}: task_experts must map task names to the experts listed "
+             f"under experts; got {str(routed)[:80]}")
     out = dict(adapters)
-    for name in meta.get("experts", {}):
+    for name in experts:
         if name in out:
             fail(f"--experts {folder}: expert {name!r} has the name of an --adapter")
         out[name] = str(folder / name)
-    return out, dict(meta.get("task_experts") or {})
+    return out, dict(routed)
+
+
+def check_task_adapters(pairs: dict[str, str], adapters: list[str] | None, fail) -> None:
+    """``--task-adapter TASK=NAME``: TASK is a task card (or a ShopBench task name) and, when the
+    adapters are known here (``adapters``), NAME is one of them: a typo is one line at start,
+    not a 404 on every call."""
+    from shoptune.tasks import all_cards
+    cards = all_cards()
+    known = set(cards) | {c.source.task_name for c in cards.values() if c.source.task_name}
+    for task, name in pairs.items():
+        if task not in known:
+            import difflib
+            close = difflib.get_close_matches(task, sorted(known), n=2)
+            fail(f"--task-adapter {task}={name}: no task card {task!r}"
+                 + (f" (did you mean {' or '.join(close)}?)" if close else "; `shoptune tasks ls` lists them"))
+        if adapters is not None and name not in adapters:
+            fail(f"--task-adapter {task}={name}: no adapter {name!r} is served (served: "
+                 f"{', '.join(adapters) or 'none'}); load it with --adapter {name}=DIR")
+
+
+OverwriteOpt = Annotated[bool, typer.Option(
+    help="Replace --out if it holds an earlier output of this same command (and nothing else); "
+         "a folder with anything shoptune did not write there is never replaced.")]
 
 
 def _remove(folder) -> None:
@@ -103,7 +145,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Folder for the .gguf files and manifest.json.")],
         adapter: Annotated[Optional[list[str]], typer.Option(
             help="PEFT adapter folder, or NAME=DIR (repeatable); written as NAME.gguf.")] = None,
-        outtype: Annotated[str, typer.Option(help="bf16 | f16 | f32 | q8_0")] = "bf16",
+        outtype: Annotated[Literal["bf16", "f16", "f32", "q8_0"], typer.Option(
+            help="The GGUF files' weight type (q8_0: 8-bit, about half of bf16's size).")] = "bf16",
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """The base model and each adapter as the GGUF files llama.cpp's llama-server loads
         (converted by llama.cpp's own convert_hf_to_gguf.py / convert_lora_to_gguf.py)."""
@@ -112,7 +156,7 @@ def register(app: typer.Typer) -> None:
         try:
             with console.status("exporting") as st:
                 m = export_gguf(model, adapter or [], out, outtype=outtype,
-                                status=lambda msg: st.update(msg))
+                                status=lambda msg: st.update(msg), overwrite=overwrite)
         except (ExportError, ModelNotFoundError, FileNotFoundError) as e:
             fail(str(e))
         console.print(f"wrote {out}/{m['base']}" + "".join(f", {f}" for f in m["adapters"].values())
@@ -124,9 +168,10 @@ def register(app: typer.Typer) -> None:
     def export_experts_cmd(
         run: Annotated[Path, typer.Argument(help="A `peft: poly` training run (or its adapter/ folder).")],
         out: Annotated[Path, typer.Option(help="Folder for one PEFT LoRA folder per expert + experts.json.")],
-        fallback: Annotated[str, typer.Option(help="For tasks of a capability the run never trained on: "
+        fallback: Annotated[Literal[FALLBACKS], typer.Option(help="For tasks of a capability the run never trained on: "
                                               "capability (no expert: the base model answers) or mean "
                                               "(an all-tasks expert, the mean of every route).")] = "capability",
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """A Poly adapter's experts as plain LoRA adapters: one per trained task (or capability),
         and one per capability for tasks it was not trained on; any engine serves them
@@ -134,7 +179,7 @@ def register(app: typer.Typer) -> None:
         from shoptune.experts import ExpertError, export_run_experts
         try:
             with console.status("exporting experts"):
-                meta = export_run_experts(run, out, fallback=fallback)
+                meta = export_run_experts(run, out, fallback=fallback, overwrite=overwrite)
         except ExpertError as e:
             fail(str(e))
         console.print(f"wrote {len(meta['experts'])} experts ({meta['routing']['route_by']} routing) -> {out}; "
@@ -150,23 +195,30 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option(help="Their base model.")] = "smollm2-135m",
         method: Annotated[str, typer.Option(help="peft's add_weighted_adapter combination_type: ties, "
                                             "dare_ties, linear, cat, svd, ties_svd, ...")] = "ties",
-        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare).")] = 0.2,
+        density: Annotated[float, typer.Option(help="Share of each adapter's weights kept (ties/dare): "
+                                               "above 0, at most 1.")] = 0.2,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Several LoRA adapters merged into one with peft's add_weighted_adapter (equal weights)."""
-        from shoptune.experts import merge_adapters
-        from shoptune.serve.gguf import _adapter_name
-        named = dict(_adapter_name(a) for a in adapters)
-        with console.status(f"merging {len(named)} adapters ({method})"):
-            dest = merge_adapters(named, out, model=model, method=method, density=density)
-        console.print(f"merged {', '.join(named)} -> {dest}")
+        from shoptune.experts import ExpertError, merge_adapters
+        from shoptune.serve.gguf import ExportError, named_adapters
+        try:
+            named = named_adapters(adapters, flag="adapter", use="it names the adapter in the merge")
+            with console.status(f"merging {len(named)} adapters ({method})"):
+                dest = merge_adapters(named, out, model=model, method=method, density=density,
+                                      overwrite=overwrite)
+        except (ExpertError, ExportError) as e:
+            fail(str(e))
+        console.print(f"merged {', '.join(named)} -> {dest}", markup=False, highlight=False)
 
     @app.command("serve")
     def serve_cmd(
         model: Annotated[str, typer.Option(help="Base model: a name from `shoptune models ls` or a folder.")] = "smollm2-135m",
         adapter: Annotated[Optional[list[str]], typer.Option(
             help="NAME=DIR, repeatable: a PEFT adapter served as model NAME.")] = None,
-        host: str = "127.0.0.1",
-        port: int = 8000,
+        host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; "
+                                            "give an --api-key then).")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
         api_key: Annotated[Optional[list[str]], typer.Option(
             help="A key clients must send as `Authorization: Bearer KEY` (repeatable; also "
                  "SHOPTUNE_API_KEY and --api-keys-file). Without any key the API is open to anyone "
@@ -175,24 +227,39 @@ def register(app: typer.Typer) -> None:
             help="File with one API key per line ('#' comments).")] = None,
         adapters_dir: Annotated[Optional[Path], typer.Option(
             help="Folder that runtime /v1/load_lora_adapter may load from (off without it).")] = None,
+        task_model: Annotated[Optional[list[str]], typer.Option(
+            help="TASK=NAME (repeatable): the model (an --adapter's NAME) that /v1/tasks/TASK answers "
+                 "with when the request names none; TASK is a task card's name (or ShopBench's, "
+                 "task2). Without it a task is answered by an adapter named like it, else the base "
+                 "model.")] = None,
         task_adapter: Annotated[Optional[list[str]], typer.Option(
-            help="TASK=NAME: the adapter /v1/tasks/TASK uses when the request names none.")] = None,
+            hidden=True, help="The former name of --task-model (TASK=NAME).")] = None,
         served_model_name: Annotated[Optional[str], typer.Option(help="Id of the base model in the API.")] = None,
         merge: Annotated[bool, typer.Option(help="Merge the single --adapter into the weights and serve "
-                                            "only it (a single-task deployment).")] = False,
-        dtype: str = "auto",
-        max_batch_size: int = 16,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 256,
-        max_prompt_tokens: int = 2048,
+                                            "only it: a single-task deployment, no per-token LoRA cost. "
+                                            "Off by default, unlike `shoptune eval`'s: a server keeps "
+                                            "every adapter apart so requests choose one (and mix in "
+                                            "batches).")] = False,
+        dtype: Annotated[Dtype, typer.Option(metavar=DTYPE_METAVAR, help=DTYPE_HELP)] = "auto",
+        max_batch_size: Annotated[int, typer.Option(
+            help="Most requests decoded together in one batch (llama.cpp, vllm: their slots).")] = 16,
+        max_wait_ms: Annotated[float, typer.Option(
+            help="Milliseconds a batch waits for more requests to join before it starts.")] = 5.0,
+        max_queue: Annotated[int, typer.Option(
+            help="Requests waiting at most; one more is answered 429 (retry later).")] = 256,
+        max_prompt_tokens: Annotated[int, typer.Option(
+            help="Longest prompt accepted, in tokens (400 over it).")] = 2048,
         max_new_tokens: Annotated[int, typer.Option(help="Most tokens a request may ask for.")] = 512,
-        max_body_bytes: int = 1 << 20,
+        max_body_bytes: Annotated[int, typer.Option(
+            help="Largest request body accepted, in bytes (413 over it).")] = 1 << 20,
         body_timeout: Annotated[float, typer.Option(
             help="Seconds a client has to send the whole request body (408 after).")] = 30.0,
         request_timeout: Annotated[float, typer.Option(help="Seconds before a request is cancelled (504).")] = 300.0,
-        protocol: Annotated[str, typer.Option(help="Task prompt protocol (as `shoptune eval`).")] = "starter-kit",
+        protocol: Annotated[Protocol, typer.Option(
+            help=f"{PROTOCOL_HELP} Here: the prompts of /v1/tasks, as `shoptune eval` sends "
+                 "them.")] = "starter-kit",
         threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
-        engine_kind: Annotated[str, typer.Option("--engine", help=(
+        engine_kind: Annotated[Literal[ENGINES], typer.Option("--engine", help=(
             "builtin (in-process, no build) | llama.cpp (export to GGUF, start and supervise "
             "llama-server, serve through the gateway; needs `make llama-server`) | vllm (start and "
             "supervise vLLM with the adapters as LoRA modules, run-time loads included; needs "
@@ -206,9 +273,9 @@ def register(app: typer.Typer) -> None:
                  "(only its tokenizer is loaded), --adapter NAME=REF renames an upstream adapter.")] = None,
         upstream_api_key_env: Annotated[Optional[str], typer.Option(
             help="Name of the environment variable holding the upstream's API key.")] = None,
-        upstream_kind: Annotated[str, typer.Option(
-            help="auto | vllm | llama.cpp | shoptune | openai (auto: detected from the upstream's "
-                 "endpoints; shoptune: another `shoptune serve`).")] = "auto",
+        upstream_kind: Annotated[Literal[KINDS], typer.Option(
+            help="What --upstream is (auto: detected from its endpoints; shoptune: another "
+                 "`shoptune serve`; openai: any other OpenAI-compatible server).")] = "auto",
         upstream_model: Annotated[Optional[str], typer.Option(
             help="The upstream's id of the base model (default: the first it lists).")] = None,
         upstream_concurrency: Annotated[int, typer.Option(
@@ -223,11 +290,12 @@ def register(app: typer.Typer) -> None:
                  "its previous response (closed after).")] = 10.0,
         keep_alive_timeout: Annotated[float, typer.Option(
             help="Seconds an idle keep-alive connection stays open.")] = 5.0,
-        compile_: Annotated[str, typer.Option("--compile", help=(
-            "auto | on | off: compile the built-in engine's decoder layers with torch.compile (the "
-            "first requests of each shape pay the compile; batches with per-row adapters run "
-            "eagerly); auto = on where it was measured to pay on this kind of machine."))] = "auto",
-        log_level: str = "info",
+        compile_: Annotated[Literal["auto", "on", "off"], typer.Option("--compile", help=(
+            "Compile the built-in engine's decoder layers with torch.compile (the first requests "
+            "of each shape pay the compile; batches with per-row adapters run eagerly); auto = on "
+            "where it was measured to pay on this kind of machine."))] = "auto",
+        log_level: Annotated[Literal[LOG_LEVELS], typer.Option(
+            help="The server's log level (uvicorn's and shoptune's).")] = "info",
     ) -> None:
         """Serve the base model and its task adapters (OpenAI-compatible, dynamic batching)."""
         import logging
@@ -239,6 +307,7 @@ def register(app: typer.Typer) -> None:
         from shoptune.serve.app import build_app
         from shoptune.serve.engine import EngineError, Engine, check_adapter_dir
         from shoptune.serve.handlers import ServeSettings
+        from shoptune.tasks import card_name
 
         from shoptune.serve.connections import (accept_backlog, fit_open_files, guarded_h11,
                                                 install_accept_log_limit)
@@ -255,6 +324,9 @@ def register(app: typer.Typer) -> None:
             fail(f"--adapters-dir {adapters_dir}: not a directory")
         if not body_timeout > 0:
             fail(f"--body-timeout {body_timeout}: must be a positive number of seconds")
+        if merge and experts is not None:
+            fail("--merge serves one adapter merged into the weights; --experts serves several "
+                 "(one per task): give one of them")
         if merge and len(adapters) != 1:
             fail("--merge needs exactly one --adapter")
         if threads:
@@ -266,12 +338,15 @@ def register(app: typer.Typer) -> None:
         supervisor = merged_dir = None
         if experts is not None:  # exported Poly experts: every expert an adapter, tasks routed to theirs
             adapters, routed = _experts(experts, adapters, fail)
-            task_adapter = [f"{t}={n}" for t, n in routed.items()] + list(task_adapter or [])
+            task_model = [f"{t}={n}" for t, n in routed.items()] + list(task_model or [])
         if engine_kind not in ENGINES:
             fail(f"--engine {engine_kind!r}: one of {', '.join(ENGINES)}")
+        task_adapters = _pairs(task_adapter, "--task-adapter", fail)  # (before any model loads)
+        in_process = engine_kind == "builtin" and upstream is None
+        check_task_adapters(task_adapters, ([] if merge else list(adapters)) if in_process else None, fail)
         from shoptune.compiling import resolve
         try:
-            compiled = resolve(compile_, "serve") if engine_kind == "builtin" and upstream is None else False
+            compiled = resolve(compile_, "serve") if in_process else False
         except ValueError as e:
             fail(str(e))
         if compile_ == "on" and not compiled:
@@ -364,7 +439,8 @@ def register(app: typer.Typer) -> None:
                                  max_body_bytes=max_body_bytes, body_timeout=body_timeout,
                                  request_timeout=request_timeout,
                                  protocol=protocol,
-                                 task_adapters=_pairs(task_adapter, "--task-adapter", fail))
+                                 task_adapters={card_name(t): n for t, n in _pairs(
+                                     [*(task_model or []), *(task_adapter or [])], "--task-model", fail).items()})
         fitting, nofile = fit_open_files(max_connections, reserve=128 + upstream_concurrency)
         if fitting < max_connections:
             console.print(f"--max-connections {max_connections}: only {fitting} fit under the open-files "

@@ -41,8 +41,9 @@ import torch
 from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
-from shoptune.decoding import (NumberListProcessor, Plan, PrefixCache, best_choice, last_logits,
+from shoptune.decoding import (GrammarProcessor, NumberListProcessor, PrefixCache, best_choice, last_logits,
                                left_padded, positions)
+from shoptune.tasks import Plan
 
 log = logging.getLogger("shoptune.serve")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -160,7 +161,9 @@ class RowLogits:
         self.jobs, self.sampling, self.fallback_id = jobs, sampling, fallback_id
         self.constraints = [NumberListProcessor(tok, prompt_len, j.plan.max_value, j.plan.count,
                                                 j.plan.unique, j.plan.values)
-                            if j.plan and j.plan.numeric else None for j in jobs]
+                            if j.plan and j.plan.numeric else
+                            GrammarProcessor(tok, [j.plan.grammar], prompt_len)
+                            if j.plan and j.plan.grammar is not None else None for j in jobs]
         self.generators, self.warpers, self.biases = [], [], []
         for j in jobs:  # each row's own setup: a value that cannot be used fails that row only
             g, w, b = None, [], None

@@ -73,10 +73,12 @@ def llama_server_path() -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _adapter_name(spec: str) -> tuple[str, Path]:
+def _adapter_name(spec: str, *, flag: str = "--adapter",
+                  use: str = "written as NAME.gguf in --out") -> tuple[str, Path]:
     """NAME=DIR, or DIR (named after the folder; ``runs/x/adapter`` is named ``x``). The name
     follows the server's rule for adapter names (it becomes NAME.gguf in OUT, and llama-server's
-    adapter); ExportError for any other (``../x``, empty, hidden, a path)."""
+    adapter); ExportError for any other (``../x``, empty, hidden, a path). ``flag`` and ``use``:
+    how the command's messages call the argument and what the name is used for."""
     from shoptune.serve.engine import ADAPTER_NAME_RE
 
     name, sep, folder = spec.partition("=")
@@ -85,12 +87,24 @@ def _adapter_name(spec: str) -> tuple[str, Path]:
         p = Path(folder).resolve()
         name = p.parent.name if p.name == "adapter" else p.name
     if not folder.strip():
-        raise ExportError(f"--adapter {spec!r}: no adapter folder (expected NAME=DIR or DIR)")
+        raise ExportError(f"{flag} {spec!r}: no adapter folder (expected NAME=DIR or DIR)")
     if not ADAPTER_NAME_RE.fullmatch(name):
-        raise ExportError(f"--adapter {spec!r}: {name!r} cannot be an adapter name (written as "
-                          f"NAME.gguf in --out): letters, digits, '.', '_' and '-', starting with a "
-                          f"letter or digit, at most 128; name it with --adapter NAME=DIR")
+        raise ExportError(f"{flag} {spec!r}: {name!r} cannot be an adapter name ({use}): letters, "
+                          f"digits, '.', '_' and '-', starting with a letter or digit, at most 128; "
+                          f"name it with {flag + ' ' if flag.startswith('--') else ''}NAME=DIR")
     return name, Path(folder)
+
+
+def named_adapters(specs: list[str], **how) -> dict[str, Path]:
+    """NAME=DIR / DIR specs as name -> folder; two specs with one name are an ExportError."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, folder = _adapter_name(spec, **how)
+        if name in out:
+            raise ExportError(f"two adapters would both be named {name!r} ({out[name]} and {folder}); "
+                              f"name them with NAME=DIR")
+        out[name] = folder
+    return out
 
 
 def _base_file_name(model: str, base_dir: Path) -> str:
@@ -132,25 +146,23 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def export_gguf(model: str, adapters: list[str], out: Path, *, outtype: str = "bf16",
-                status=None) -> dict:
+                status=None, overwrite: bool = False, legacy=None) -> dict:
     """Convert ``model`` and each adapter into ``out``; returns (and writes as manifest.json) the
     files and the llama-server command line that serves them.
 
-    Names and adapters are checked before anything is converted. The files are made in a temp
-    folder inside ``out`` and moved into place only when every conversion succeeded, the
-    manifest last: a failed export leaves ``out`` as it was (an earlier export's files stay)."""
-    from shoptune._io import check_out_dir, make_temp_dir, write_json
+    Names, adapters and ``out`` are checked before anything is converted. The files are made in
+    a new folder beside ``out``, renamed into place only when every conversion succeeded
+    (:func:`shoptune._io.output_dir`): a failed export leaves ``out`` as it was."""
+    from shoptune._io import check_output_dir, output_dir, write_json
     from shoptune.models import resolve
 
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype!r}: one of {', '.join(OUTTYPES)}")
-    out = check_out_dir(out)
-    named = [_adapter_name(a) for a in adapters]
-    names = [n for n, _ in named]
-    if len(set(names)) != len(names):
-        raise ExportError(f"two adapters would both be named {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
-                          "name them with --adapter NAME=DIR")
+    out = Path(out)
+    named = list(named_adapters(adapters).items())
     base_dir = resolve(model)
+    inputs = [base_dir, *(f for _, f in named)]
+    check_output_dir(out, command="export gguf", inputs=inputs, overwrite=overwrite, legacy=legacy)
     files = {"base": _base_file_name(model, base_dir), "adapters": {}}
     for name, folder in named:
         if f"{name}.gguf" == files["base"]:
@@ -159,8 +171,7 @@ def export_gguf(model: str, adapters: list[str], out: Path, *, outtype: str = "b
     check_adapters_fit(base_dir, named, model)
     src = llama_cpp_dir()
     say = status or (lambda msg: None)
-    stage = make_temp_dir(out, ".export-")
-    try:
+    with output_dir(out, command="export gguf", inputs=inputs, overwrite=overwrite, legacy=legacy) as stage:
         def convert(script: str, args: list[str], file: str, what: str) -> None:
             say(f"converting {what} -> {out / file}")
             _run([sys.executable, str(src / script), *args, "--outtype", outtype,
@@ -177,11 +188,5 @@ def export_gguf(model: str, adapters: list[str], out: Path, *, outtype: str = "b
         manifest = {"model": model, "base_dir": str(base_dir), "outtype": outtype,
                     "llama_cpp_python": LLAMA_CPP_PYTHON, **files, "llama_server_command": cmd,
                     "adapter_ids": {n: i for i, n in enumerate(files["adapters"])}}
-        # an old manifest would describe a mix of old and new files while they are moved in
-        (out / "manifest.json").unlink(missing_ok=True)
-        for f in [files["base"], *files["adapters"].values()]:
-            os.replace(stage / f, out / f)
-        write_json(out / "manifest.json", manifest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        write_json(stage / "manifest.json", manifest)
     return manifest

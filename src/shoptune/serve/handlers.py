@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import json
 import math
 import time
@@ -24,9 +25,9 @@ from typing import Any, Protocol
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from shoptune.decoding import Plan, PlanError, build_prompts
+from shoptune.decoding import build_prompts
 from shoptune.serve import tasks as task_io
-from shoptune.serve.engine import ADAPTER_NAME_RE, AdapterError, Engine, EngineError, Job
+from shoptune.serve.engine import ADAPTER_NAME_RE, AdapterError, Engine, EngineError, Job, UnknownModel
 from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice,
                                      ChatCompletionChunk, ChatCompletionRequest,
                                      ChatCompletionResponse, ChatLogprobs, ChatStreamChoice,
@@ -35,7 +36,7 @@ from shoptune.serve.protocol import (AdapterStatus, AssistantMessage, ChatChoice
                                      LoadAdapterRequest, ModelCard, ModelList, TaskInfo, TaskList,
                                      TaskRequest, TaskResult, TokenLogprob, TopLogprob,
                                      UnloadAdapterRequest, UsageInfo)
-from shoptune.tasks import all_cards
+from shoptune.tasks import Grammar, Plan, PlanError, all_cards, task_aliases
 
 
 @dataclass
@@ -120,6 +121,23 @@ def chat_logprobs(tok, ids: list[int], lps: list[float], tops: list, k: int) -> 
                                  for t, lp, top in zip(ids, lps, tops)])
 
 
+@functools.lru_cache(maxsize=8)
+def _longest_token_bytes(tok) -> int | None:
+    """The UTF-8 length of the longest token text in ``tok``'s vocabulary, when every token is a
+    piece of the input as written (no normalizer that could drop characters); else None."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    return max((len(t.encode("utf-8")) for t in tok.get_vocab()), default=None) or None
+
+
+def min_tokens(tok, text: str) -> int:
+    """A lower bound on the tokens of ``text`` (0 when none is known): each token covers at most
+    the longest token's bytes. Cheap: what a huge prompt can be refused by before tokenising."""
+    longest = _longest_token_bytes(tok)
+    return -(-len(text.encode("utf-8", "surrogatepass")) // longest) if longest else 0
+
+
 def finish_reason(job: Job) -> str:
     return "length" if job.finish_reason == "length" else "stop"
 
@@ -137,8 +155,18 @@ class Serving:
     def __init__(self, engine: Engine, settings: ServeSettings):
         self.engine, self.settings, self.tok = engine, settings, engine.tok
 
-    def encode(self, text: str, *, special: bool, param: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=special)
+    def check_least(self, least: int, param: str) -> None:
+        """A prompt known to be at least ``least`` tokens: refused now if that is over the limit."""
+        if least > self.settings.max_prompt_tokens:
+            raise EngineError(f"prompt is at least {least} tokens; this server takes at most "
+                              f"{self.settings.max_prompt_tokens}", param=param)
+
+    async def encode(self, text: str, *, special: bool, param: str) -> list[int]:
+        """Token ids of a prompt, tokenised off the event loop (a 1 MB prompt takes ~1 s, during
+        which every other request, /health included, would wait); a text too long for the limit
+        whatever its tokens is refused without tokenising it."""
+        self.check_least(min_tokens(self.tok, text), param)
+        ids = await asyncio.to_thread(self.tok.encode, text, add_special_tokens=special)
         if len(ids) > self.settings.max_prompt_tokens:
             raise EngineError(f"prompt is {len(ids)} tokens; this server takes at most "
                               f"{self.settings.max_prompt_tokens}", param=param)
@@ -222,6 +250,8 @@ class Serving:
                 for j in jobs:
                     j.cancelled.set()
                 gathered.cancel()
+                # (its CancelledError is ours: retrieved, or asyncio logs a traceback per request)
+                gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def merged(self, jobs: list[Job]):
         """(index, kind, value) events of several jobs as they come, kind in delta/done."""
@@ -294,15 +324,16 @@ class Completions(Serving):
         if p is None:
             return None
         return Plan("generate", max_new_tokens=limit, numeric=p.numeric, stop_newline=p.stop_newline,
-                    max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values))
+                    max_value=p.max_value, count=p.count, unique=p.unique, values=tuple(p.values),
+                    grammar=Grammar(p.grammar) if p.grammar is not None else None)
 
-    def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    async def prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         """(token ids, text to echo) per prompt."""
         p, tok, limit = req.prompt, self.tok, self.settings.max_prompt_tokens
         if isinstance(p, str):
-            prompts, texts = [self.encode(p, special=True, param="prompt")], [p]
+            prompts, texts = [await self.encode(p, special=True, param="prompt")], [p]
         elif p and all(isinstance(x, str) for x in p):
-            prompts, texts = [self.encode(x, special=True, param="prompt") for x in p], list(p)
+            prompts, texts = [await self.encode(x, special=True, param="prompt") for x in p], list(p)
         elif p and all(isinstance(x, int) for x in p):
             prompts, texts = [list(p)], None
         elif p:
@@ -318,7 +349,7 @@ class Completions(Serving):
         adapter, temperature, top_p = self.check(req, caller)
         p = req.prompt
         self.check_fits(req.n * (len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1))
-        prompts, texts = self.prompts(req)
+        prompts, texts = await self.prompts(req)
         limit = self.max_tokens(req.max_tokens, 16, "max_tokens")
         if limit == 0 and req.stream:
             raise EngineError("max_tokens 0 (prompt logprobs only) needs stream false", param="max_tokens")
@@ -384,11 +415,13 @@ class Chat(Serving):
         self.check_fits(req.n)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        try:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        self.check_least(sum(min_tokens(self.tok, m["content"]) for m in messages), "messages")
+        try:  # (off the event loop: a template over large messages takes a while)
+            text = await asyncio.to_thread(self.tok.apply_chat_template, messages, tokenize=False,
+                                           add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the client's
             raise EngineError(f"cannot apply the chat template: {e}", param="messages") from e
-        ids = self.encode(text, special=False, param="messages")
+        ids = await self.encode(text, special=False, param="messages")
         limit = self.max_tokens(req.max_completion_tokens or req.max_tokens, self.settings.default_max_tokens,
                                 "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         bias = self.logit_bias(req)
@@ -434,27 +467,25 @@ class Tasks(Serving):
     def __init__(self, engine: Engine, settings: ServeSettings):
         super().__init__(engine, settings)
         self.cards = all_cards()
-        # ShopBench's own task names (task2), as evaluation reports print them, for their cards;
-        # a name two cards claim, or that is a card's name, stays the card's
-        claims: dict[str, list[str]] = {}
-        for c in self.cards.values():
-            if c.source.task_name and c.source.task_name not in self.cards:
-                claims.setdefault(c.source.task_name, []).append(c.name)
-        self.aliases = {alias: names[0] for alias, names in claims.items() if len(names) == 1}
+        self.aliases = task_aliases()  # ShopBench's own task names (task2) for their cards
 
     def default_model(self, card) -> str | None:
         """The adapter answering ``card`` when a request names none (None: the base model):
-        ``--task-adapter`` for its name or its ShopBench name, else an adapter named like it."""
+        ``--task-adapter`` for its name or its ShopBench name, else an adapter named like it;
+        only one that is loaded now (an expert unloaded, or being reloaded, leaves its tasks to
+        the base model, as a task without an expert)."""
         s, e = self.settings, self.engine
-        for key in (card.name, card.source.task_name):
-            if key and key in s.task_adapters:
-                return s.task_adapters[key]
-        return card.name if card.name in e.adapters and card.name not in e.draining else None
+        names = [s.task_adapters[k] for k in (card.name, card.source.task_name) if k and k in s.task_adapters]
+        for name in [*names, card.name]:
+            if name in e.adapters and name not in e.draining:
+                return name
+        return None
 
     def info(self, card) -> TaskInfo:
         request = task_io.request_schema(card)
         return TaskInfo(id=card.name, capability=card.capability, task_type=card.task_type,
-                        metric=card.metric, description=card.description,
+                        metric=card.metric, metrics=list(card.metrics), labels=card.labels,
+                        answer_schema=card.output_type.answer_schema(card), description=card.description,
                         adapter=self.default_model(card),
                         aliases=[a for a, name in self.aliases.items() if name == card.name],
                         request_schema=request, input_schema=task_io.input_model(card).model_json_schema())
@@ -492,17 +523,30 @@ class Tasks(Serving):
             raise EngineError(f"{loc}: {first['msg']} (task {card.name} takes: "
                               f"{', '.join(schema.model_fields)} under `input`)", param=loc) from None
         rec = task_io.to_record(card, inp)
+
+        def prepare():  # the prompt and the constraint: off the event loop (large inputs take time)
+            return task_io.plan(card, inp, rec), build_prompts(
+                [rec], self.settings.protocol, self.tok, render=card.render_record)[0]
+        self.check_least(min_tokens(self.tok, rec.input_field or ""), "input")
         try:
-            plan = task_io.plan(card, inp, rec)
+            plan, prompt = await asyncio.to_thread(prepare)
         except PlanError as e:
-            loc = "input.input_field" if inp.input_field is not None else "input"
+            loc = "input.input_field" if getattr(inp, "input_field", None) is not None else "input"
             raise EngineError(f"{loc}: {e}", param=loc) from None
-        prompt = build_prompts([rec], self.settings.protocol, self.tok,
-                               render=lambda r: card.render(r.input_field))[0]
-        ids = self.encode(prompt, special=False, param="input")
-        job = (Job(ids, adapter, kind="choice", choices=plan.choices) if plan.kind == "choice" else
-               Job(ids, adapter, max_new_tokens=plan.max_new_tokens, temperature=0.0, plan=plan))
-        self.submit_all([job])
+        ids = await self.encode(prompt, special=False, param="input")
+
+        def job_for(adapter):
+            return (Job(ids, adapter, kind="choice", choices=plan.choices) if plan.kind == "choice" else
+                    Job(ids, adapter, max_new_tokens=plan.max_new_tokens, temperature=0.0, plan=plan))
+        job = job_for(adapter)
+        try:
+            self.submit_all([job])
+        except UnknownModel:
+            if req.model or adapter is None:  # (the client named it: theirs to hear)
+                raise
+            model, job = engine.base_name, job_for(None)  # its expert was unloaded meanwhile
+            caller.state.model = model
+            self.submit_all([job])
         try:
             await self.wait_all(caller, [job])
         except ClientGone:
@@ -568,7 +612,20 @@ class Admin(Serving):
 
     async def load_adapter(self, req: LoadAdapterRequest) -> AdapterStatus:
         path = self.adapter_path(req.lora_name, req.lora_path)
-        await asyncio.to_thread(self.engine.load_adapter, req.lora_name, path)
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, req.lora_name, path)
+        except EngineError as e:
+            if e.param not in (None, "lora_path"):
+                raise
+            # the engine names the folder by its absolute path: say it as the client gave it
+            # (relative to --adapters-dir, as every other lora_path error does), under its param
+            rel = path.relative_to(self.settings.adapters_dir.resolve()).as_posix()
+            msg = e.message
+            if msg.startswith(f"{path}: "):
+                msg = f"lora_path {rel!r}: {msg[len(str(path)) + 2:]}"
+            msg = msg.replace(str(path), rel)
+            e.message, e.args, e.param = msg, (msg,), "lora_path"
+            raise
         return AdapterStatus(lora_name=req.lora_name, models=self.engine.models())
 
     async def unload_adapter(self, req: UnloadAdapterRequest) -> AdapterStatus:

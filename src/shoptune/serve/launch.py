@@ -41,6 +41,9 @@ def start_engine(kind: str, model: str, adapters: dict[str, str], *, dtype: str 
     for folder in adapters.values():
         check_adapter_dir(Path(folder))
     if kind == "llama.cpp":
+        from shoptune.serve.gguf import ExportError, llama_server_path
+        if llama_server_path() is None:  # (before minutes of GGUF export, not after)
+            raise ExportError("no llama-server binary: run `make llama-server` (or set SHOPTUNE_LLAMA_SERVER)")
         folder, manifest = export_cached(model, adapters, outtype=gguf_outtype(dtype), status=status)
         sup: EngineSupervisor = LlamaServerSupervisor(folder, manifest, slots=slots, threads=threads)
     elif kind == "vllm":
@@ -72,4 +75,5 @@ def merged_model(model: str, adapter: str | Path, out: Path | None = None) -> Pa
     for extra in ("chat_template.jinja", "generation_config.json"):
         if (base / extra).is_file() and not (out / extra).exists():
             shutil.copy2(base / extra, out / extra)
-    return out
+    from shoptune._io import default_modes
+    return default_modes(out)  # (safetensors writes 0600: the engine may run as another user)

@@ -81,6 +81,9 @@ def find_invalid_text(obj) -> str | None:
 Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
 
 
+MAX_GRAMMAR_BYTES = 256 << 10  # an own task's answer grammar (GBNF text; a 200-label set is ~10 KB)
+
+
 class ShoptunePlan(BaseModel):
     """shoptune's extension of ``/v1/completions``: the constraint its task endpoint decodes with
     (:class:`shoptune.decoding.Plan`), applied to this completion's rows exactly as there. The
@@ -99,6 +102,9 @@ class ShoptunePlan(BaseModel):
         description="numeric: exactly these numbers may be written (empty: 1..max_value).")
     stop_newline: bool = Field(default=False, description=(
         "The row ends at the first line end that follows some text (a one-line answer)."))
+    grammar: str | None = Field(default=None, min_length=1, max_length=MAX_GRAMMAR_BYTES, description=(
+        "An own task's answer grammar (GBNF, as shoptune.tasks.gbnf writes it: one of its labels, "
+        "or JSON valid against its schema)."))
 
 
 class StreamOptions(BaseModel):
@@ -128,10 +134,14 @@ class _Sampling(BaseModel):
             return v
         if len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries (got {len(v)})")
+        seen: dict[int, str] = {}
         for key in v:
             if not _TOKEN_ID.fullmatch(key):
                 shown = key if len(key) <= 20 else f"{key[:20]}..."
                 raise ValueError(f"key {shown!r} is not a token id (a decimal integer, e.g. \"50256\")")
+            if int(key) in seen:  # ("57" and "057": one token, two biases; each must stay in range)
+                raise ValueError(f"token id {int(key)} is given twice ({seen[int(key)]!r} and {key!r})")
+            seen[int(key)] = key
         return v
 
     def token_bias(self) -> dict[int, float] | None:
@@ -433,6 +443,9 @@ class TaskInfo(BaseModel):
     capability: str
     task_type: str
     metric: str
+    metrics: list[str] = Field(description="Every metric of the task (the first is its score).")
+    labels: list[str] | None = Field(default=None, description="label / labels tasks: the allowed labels.")
+    answer_schema: dict[str, Any] = Field(description="JSON schema of the result's `answer`.")
     description: str
     adapter: str | None = Field(description="The adapter that answers it by default (None: the base model).")
     aliases: list[str] = Field(default_factory=list, description=(

@@ -53,8 +53,9 @@ def export_cached(model: str, adapters: dict[str, str], *, outtype: str = "bf16"
     if (out / "manifest.json").is_file():
         log.info("reusing the GGUF export in %s", out)
         return out, json.loads((out / "manifest.json").read_text())
+    # (a folder left there without a manifest is a cache entry of ours that never finished)
     return out, export_gguf(model, [f"{n}={d}" for n, d in adapters.items()], out, outtype=outtype,
-                            status=status)
+                            status=status, overwrite=True, legacy=lambda folder: os.listdir(folder))
 
 
 def _die_with_parent() -> None:
@@ -299,7 +300,11 @@ class VllmSupervisor(EngineSupervisor):
                "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--seed", "0",
                "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras),
-               "--disable-uvicorn-access-log"]
+               "--disable-uvicorn-access-log",
+               # own tasks' answers are GBNF grammars (shoptune.tasks.gbnf): llguidance reads them
+               # exactly as the built-in engine does (its default, xgrammar, reads them slower and
+               # other ways; docs/results/grammar_libs.md)
+               "--structured-outputs-config.backend", "guidance"]
         if self.max_num_seqs:
             cmd += ["--max-num-seqs", str(self.max_num_seqs)]
         if self.adapters:

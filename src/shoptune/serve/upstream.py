@@ -50,9 +50,10 @@ from pathlib import Path, PurePath
 
 import httpx
 
-from shoptune.decoding import Plan, choice_tokens  # (choice_tokens: the tokens best_choice compares)
+from shoptune.decoding import choice_tokens  # (choice_tokens: the tokens best_choice compares)
 from shoptune.serve.engine import (ADAPTER_NAME_RE, BASE, AdapterError, EngineError, EngineStats, JobStream,
                                    Job, QueueFull, ShuttingDown, UnknownModel)
+from shoptune.tasks import Grammar, Plan
 from shoptune.serve.upstream_wire import (ERROR_BODY_BYTES, NO_COMPRESSION, NotSupported, Reply,
                                           UpstreamError, aread_capped, bad_reply, describe,
                                           describe_bytes, error_message, error_text, finish_reason,
@@ -80,12 +81,27 @@ def constraint(kind: str, max_value: int, count: int, unique: bool) -> tuple[str
     return None
 
 
+def grammar_constraint(kind: str, g: Grammar) -> tuple[str, object] | None:
+    """The upstream body field for an own task's answer constraint, the same GBNF text the
+    built-in engine compiles: llama.cpp's ``grammar``, vLLM's ``structured_outputs.grammar`` (its
+    llguidance backend: ``serve --engine vllm`` starts vLLM with it); None for a plain OpenAI
+    server."""
+    if kind == "llama.cpp":
+        return "grammar", g.gbnf
+    if kind == "vllm":
+        return "structured_outputs", {"grammar": g.gbnf}
+    return None
+
+
 def shoptune_plan(plan: Plan) -> dict:
     """A plan as the ``shoptune_plan`` field of a shoptune upstream's ``/v1/completions`` (its
     token limit goes as ``max_tokens``)."""
-    return {"kind": "generate", "numeric": plan.numeric, "max_value": plan.max_value,
-            "count": plan.count, "unique": plan.unique, "values": list(plan.values),
-            "stop_newline": plan.stop_newline}
+    out = {"kind": "generate", "numeric": plan.numeric, "max_value": plan.max_value,
+           "count": plan.count, "unique": plan.unique, "values": list(plan.values),
+           "stop_newline": plan.stop_newline}
+    if plan.grammar is not None:
+        out["grammar"] = plan.grammar.gbnf
+    return out
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -397,6 +413,10 @@ class UpstreamEngine(JobStream):
             body["shoptune_plan"] = shoptune_plan(plan)
         elif plan is not None and plan.numeric:
             field = constraint(self.kind, plan.max_value, plan.count, plan.unique)
+            if field is not None:
+                body[field[0]] = field[1]
+        elif plan is not None and plan.grammar is not None:
+            field = grammar_constraint(self.kind, plan.grammar)
             if field is not None:
                 body[field[0]] = field[1]
         return body

@@ -1,6 +1,7 @@
 """``shoptune train`` and ``shoptune data mix``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +11,12 @@ from shoptune.console import OnInvalid, console, fail
 
 
 def _loss_line(m: dict, logging_steps: int) -> str:
-    """``loss 3.4712 -> 2.4911``; for a run too short to log a step, its mean loss."""
+    """``loss 3.4712 -> 2.4911``; for a run that logged one step, that loss and the mean over every
+    step (``3.86 -> 3.86`` read as "nothing learned"); for a run too short to log a step, its mean."""
+    if m.get("loss_logs") == 1 and m.get("final_loss") is not None:
+        mean = f"; mean loss {m['mean_loss']:.4f} over all steps" if m.get("mean_loss") is not None else ""
+        return (f"loss {m['final_loss']:.4f} at the one logged step (logging_steps={logging_steps}: "
+                f"too few logs to show a change{mean})")
     if m.get("first_loss") is not None and m.get("final_loss") is not None:
         return f"loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}"
     if m.get("mean_loss") is not None:
@@ -52,7 +58,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         from shoptune.data.loaders import DataValidationError
         from shoptune.train.config import load_config
         from shoptune.train.progress import task_loss_table
-        from shoptune.train.recipe import clear_run, main, previous_run
+        from shoptune._io import check_output_dir, existing_inputs
+        from shoptune.train.recipe import clear_run, main, previous_run, run_entries
 
         overrides = list(overrides or [])
         if out is not None:
@@ -74,11 +81,23 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                 fail(str(e))
             return
         found = previous_run(Path(cfg.output_dir))
+        if found and not (resume or overwrite):
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            fail(f"{cfg.output_dir} already holds a training run ({shown}): --resume continues "
+                 f"it, --overwrite starts over (removing it), or choose another --out")
+        # an input, the current folder, or a folder holding other files and no earlier run: refused.
+        # (In an earlier run's folder the run writes in place and removes only its own files
+        # (clear_run): files someone added there stay.)
+        check_output_dir(cfg.output_dir, command="train", overwrite=overwrite, resume=resume,
+                         legacy=(lambda f: os.listdir(f)) if found else run_entries, flag="--out",
+                         inputs=existing_inputs(cfg.mixture.sources, cfg.eval_data, [config],
+                                                [cfg.model] if Path(cfg.model).exists() else []))
+        if resume and not (found or (Path(cfg.output_dir) / "stage2").is_dir()):
+            why = "no such folder" if not Path(cfg.output_dir).exists() else "no checkpoint, adapter or log there"
+            fail(f"--resume: {cfg.output_dir} holds no training run to continue ({why}); run without "
+                 "--resume to start one")
         if found and not resume:
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-            if not overwrite:
-                fail(f"{cfg.output_dir} already holds a training run ({shown}): --resume continues "
-                     f"it, --overwrite starts over (removing it), or choose another --out")
             clear_run(Path(cfg.output_dir))
             console.print(f"{cfg.output_dir}: removed the earlier run ({shown}); starting over",
                           highlight=False)
@@ -96,16 +115,20 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
 
     @data_app.command("mix")
     def mix_cmd(config: Annotated[Path, typer.Argument(help="Mixture YAML: a path, or a shipped "
-                                                       "one (configs/mixtures/diverse.yaml, diverse).")],
+                                                       "one (configs/mixtures/diverse.yaml, diverse); "
+                                                       "a training config's is its mixture: key.")],
                 out: Annotated[Path, typer.Option(help="Training set (.jsonl); manifest beside it.")],
                 overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value")] = None,
-                on_invalid: OnInvalid = "skip") -> None:
+                on_invalid: OnInvalid = "skip",
+                overwrite: Annotated[bool, typer.Option(help="Replace OUT and its manifest if they exist "
+                                                        "(never an input).")] = False) -> None:
         """Build a training set from a mixture: FILE + FILE.manifest.json (counts, tokens, diversity, hashes)."""
-        from shoptune._io import check_out_file, write_json, write_jsonl
-        from shoptune.configfile import resolve_config
+        from shoptune._io import check_new_file, check_out_file, existing_inputs, write_json, write_jsonl
+        from shoptune.configfile import read_yaml, resolve_config
         from shoptune.data.loaders import DataValidationError, skipped_line
+        from shoptune.data.stats import token_lengths
         from shoptune.models import DEFAULT_MODEL, load_tokenizer
-        from shoptune.train.format import answer_text
+        from shoptune.tasks import answer_text
         from shoptune.train.mixture import MixtureConfig, MixtureError, build_mixture
 
         # before any work: a folder as --out, a bad config or override (one line each, exit 1)
@@ -113,6 +136,11 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         check_out_file(out)
         config = resolve_config(config, "mixtures")
         cfg = MixtureConfig.from_yaml(config, overrides or [])
+        inputs = existing_inputs([config], cfg.sources)
+        for path in (out, manifest_path):  # an input, or a file it did not write: never replaced
+            check_new_file(path, inputs=inputs, overwrite=overwrite)
+        if "mixture" in read_yaml(config)[0]:
+            console.print(f"{config}: a training config; building its mixture: key", highlight=False)
         issues: list = []
         try:
             with console.status("building mixture") as st:
@@ -120,10 +148,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                                progress=lambda m: st.update(f"building mixture: {m}"))
                 st.update(f"counting tokens of {len(recs)} rows")
                 tok = load_tokenizer(DEFAULT_MODEL)
-                manifest["tokens"] = {
-                    "input": sum(len(x) for x in tok([r.input_field for r in recs], add_special_tokens=False)["input_ids"]),
-                    "answer": sum(len(x) for x in tok([answer_text(r) for r in recs], add_special_tokens=False)["input_ids"]),
-                } if recs else {"input": 0, "answer": 0}
+                manifest["tokens"] = {  # (in batches bounded by size: rows may be long)
+                    "input": sum(token_lengths(tok, [r.input_field for r in recs])),
+                    "answer": sum(token_lengths(tok, [answer_text(r) for r in recs])),
+                }
         except DataValidationError as e:
             fail(str(e))
         except MixtureError as e:
@@ -137,6 +165,12 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                       f"{manifest['diversity']['n_capabilities']} capabilities -> {out}")
         for cap, n in manifest["capabilities"].items():
             console.print(f"  {cap}: {n}")
+        if manifest["short_tasks"]:  # (the manifest has them too)
+            short = manifest["short_tasks"]
+            console.print(f"{len(recs)} of the {cfg.total} rows asked (total): {len(short)} task(s) have "
+                          f"fewer rows than their share asks for (upsample: true repeats their rows): "
+                          + ", ".join(f"{t} {v['rows']} of {v['asked']}" for t, v in short.items()),
+                          highlight=False)
 
 
 def show_plan(cfg, gpu_name: str | None, gpus: int | None, accelerate: Path | None,

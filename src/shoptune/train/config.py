@@ -43,10 +43,18 @@ class PolySettings(BaseModel):
     n_splits: int = Field(default=1, ge=1)
     route_by: Literal["task", "capability"] = "task"
     # peft's Poly scales its update by 1/r (LoRA's alpha/r with alpha = 1). ``alpha`` gives it
-    # LoRA's alpha/r instead, through the equivalent reparametrisation under Adam (A initialised
-    # x sqrt(alpha), learning rate x sqrt(alpha); B starts at 0), so a Poly arm and a LoRA arm of
-    # the same alpha/r learn at the same pace. None: peft's plain Poly.
+    # LoRA's alpha/r instead, through the equivalent reparametrisation under AdamW: the skills'
+    # A and B are sqrt(alpha) times the alpha/r model's (A initialised x sqrt(alpha); B starts at
+    # 0), their gradients are multiplied by sqrt(alpha) (so gradient clipping sees the alpha/r
+    # model's gradients) and they train at sqrt(alpha) x the learning rate with weight decay /
+    # sqrt(alpha); the router keeps the learning rate. The same trajectory as a Poly scaled by
+    # alpha/r, up to float rounding (a test trains both). None: peft's plain Poly.
     alpha: float | None = Field(default=None, gt=0)
+    # "scaled": how poly.alpha trained before 2026-12-07 (the committed capacity runs): the whole
+    # adapter, router included, at sqrt(alpha) x the learning rate and no gradient scaling, so the
+    # router learned sqrt(alpha) x faster than in the alpha/r model (and clipping saw the skills'
+    # gradients 1/sqrt(alpha) as large). Kept to reproduce those runs.
+    router_lr: Literal["base", "scaled"] = "base"
 
 
 class CurriculumSettings(BaseModel):
@@ -168,7 +176,7 @@ class TrainConfig(BaseModel):
 # hash like old ones trained under the old default; a test checks they equal today's defaults.
 KEY_NEUTRAL_DEFAULTS = {
     "peft": "lora",
-    "poly": {"n_skills": 4, "n_splits": 1, "route_by": "task", "alpha": None},
+    "poly": {"n_skills": 4, "n_splits": 1, "route_by": "task", "alpha": None, "router_lr": "base"},
     "loss_balancing": "static",
     "balance_by": "capability",
     "balance_lr": 0.01,
@@ -178,10 +186,24 @@ KEY_NEUTRAL_DEFAULTS = {
 }
 
 
+def key_config(config: dict) -> dict:
+    """A config dict as a run key sees it: ``poly.router_lr`` is left out where it changes nothing
+    (no ``poly.alpha``) or where it is the behaviour from before it existed (``scaled``), so the
+    keys of runs finished before it stay what they were; then the options at their
+    :data:`KEY_NEUTRAL_DEFAULTS` are left out."""
+    cfg = dict(config)
+    poly = cfg.get("poly")
+    if isinstance(poly, dict) and "router_lr" in poly and (poly.get("alpha") is None or poly["router_lr"] == "scaled"):
+        cfg["poly"] = {k: v for k, v in poly.items() if k != "router_lr"}
+    neutral = {**KEY_NEUTRAL_DEFAULTS,
+               "poly": {k: v for k, v in KEY_NEUTRAL_DEFAULTS["poly"].items() if k != "router_lr"}}
+    return {k: v for k, v in cfg.items() if not (k in neutral and v == neutral[k])}
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) plus ``key=value`` overrides (values parsed as YAML: 32, true, [a,b]);
     :class:`ConfigError` with one line per problem (``file[:line]: field: why (got X)``)."""
-    if path and not Path(path).exists():
+    if path and not (Path(path).exists() or Path(path).is_symlink()):  # (a loop: its reader says so)
         raise FileNotFoundError(f"{path}: no such config")
     return load(TrainConfig, path, overrides, what="training config")
 

@@ -1,29 +1,17 @@
 """Training examples: the same prompt the evaluator and server send, then the answer + EOS.
 
-The answer is written the way the ShopBench parsers read it back: an option digit, "3, 1, 7" for
-retrieval, the gold ranking as a permutation ("1, 4, 3, 2, 5", best first) for ranking,
-comma-separated entities for NER, the text for generation. Loss is on answer tokens only.
+The answer is written the way the task's parser reads it back (its output type's
+``answer_text``): an option digit, "3, 1, 7" for retrieval, the gold ranking as a permutation
+("1, 4, 3, 2, 5", best first) for ranking, comma-separated entities for NER, the text for
+generation, the label, or JSON in the schema's key order. Loss is on answer tokens only.
 """
 from __future__ import annotations
 
 from shoptune.decoding import build_prompts
 from shoptune.records import Record
+from shoptune.tasks import answer_text
 
 IGNORE = -100
-
-
-def answer_text(rec: Record) -> str:
-    gold = rec.output_field
-    if rec.task_type == "multiple-choice":
-        return str(gold).strip().lower() if rec.metric == "bool" else str(gold)
-    if rec.task_type == "retrieval":
-        return ", ".join(str(g) for g in gold)
-    if rec.task_type == "ranking":
-        order = sorted(range(len(gold)), key=lambda i: (-gold[i], i))
-        return ", ".join(str(i + 1) for i in order)
-    if rec.task_type == "named_entity_recognition":
-        return ", ".join(gold)
-    return str(gold).strip()
 
 
 def encode_example(prompt: str, answer: str, tok, max_length: int) -> dict:

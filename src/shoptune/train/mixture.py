@@ -2,7 +2,7 @@
 
 A mixture is a YAML file::
 
-    sources: [ec-guide]              # files/folders (data-dir relative)
+    sources: [ec-guide]              # files/folders (data-dir relative), or own tasks by name
     include_capabilities: []         # empty = all four
     exclude_tasks: [ecguide_acr_gen]
     split: train                     # train | validation | test (deterministic per-task split)
@@ -20,7 +20,6 @@ A mixture is a YAML file::
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import Counter, defaultdict
@@ -30,10 +29,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records
+from shoptune.data.loaders import ON_INVALID, DataIssue, DataValidationError, iter_records, source_digest
 from shoptune.data.splits import split_of
-from shoptune.paths import resolve_data_path
 from shoptune.records import CAPABILITIES, Record
+from shoptune.tasks import TaskName
 
 
 class MixtureError(ValueError):
@@ -45,17 +44,17 @@ class MixtureConfig(BaseModel):
     sources: list[str] = Field(default=["ec-guide"], min_length=1)
     include_capabilities: list[str] = []
     exclude_capabilities: list[str] = []
-    include_tasks: list[str] = []
-    exclude_tasks: list[str] = []
+    include_tasks: list[TaskName] = []  # card names (ShopBench's task2 is taken as shopbench_task2)
+    exclude_tasks: list[TaskName] = []
     split: Literal["train", "validation", "test"] = "train"
     split_validation: float = Field(default=0.02, ge=0, lt=1)
     split_test: float = Field(default=0.05, ge=0, lt=1)
     split_seed: int = 0
     total: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, gt=0)
-    weights: dict[str, Annotated[float, Field(ge=0)]] = {}
+    weights: dict[TaskName, Annotated[float, Field(ge=0)]] = {}
     max_per_task: int | None = Field(default=None, ge=1)
-    per_task_caps: dict[str, Annotated[int, Field(ge=0)]] = {}  # 0: none of that task
+    per_task_caps: dict[TaskName, Annotated[int, Field(ge=0)]] = {}  # 0: none of that task
     upsample: bool = False
     dedup: bool = True
     decontaminate_against: list[str] = []
@@ -72,25 +71,25 @@ class MixtureConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | dict | None = None) -> "MixtureConfig":
         """The mixture in ``path`` with ``key=value`` overrides (or a dict of top-level values);
-        ConfigError names file, line and field."""
-        from shoptune.configfile import load, read_yaml, validate
+        ConfigError names file, line and field. A training config's mixture is its ``mixture:``
+        key (the overrides apply inside it)."""
+        from shoptune.configfile import apply_overrides, load, parse_override, read_yaml, validate
+        data, lines = read_yaml(path, "mixture")
+        if isinstance(data.get("mixture"), dict):  # a training config (MixtureConfig has no such key)
+            lines = {k[1:]: n for k, n in lines.items() if k[:1] == ("mixture",) and len(k) > 1}
+            data = data["mixture"]
+        elif not isinstance(overrides, dict):
+            return load(cls, path, overrides or (), what="mixture")
         if isinstance(overrides, dict):
-            data, lines = read_yaml(path, "mixture")
-            return validate(cls, {**data, **overrides}, str(path), lines,
-                            [(k,) for k in overrides])
-        return load(cls, path, overrides or (), what="mixture")
+            return validate(cls, {**data, **overrides}, str(path), lines, [(k,) for k in overrides])
+        apply_overrides(data, overrides)
+        return validate(cls, data, str(path), lines,
+                        {parse_override(item)[0]: item for item in overrides or ()})
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
+def _asked(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
+    """The rows each task's share of ``total`` asks for (its weight, or its size under the
+    temperature), adding up to ``total`` exactly; all of each task without a ``total``."""
     if cfg.total is None:
         return dict(sizes)
     if cfg.weights:
@@ -104,9 +103,13 @@ def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
     # largest remainders, so the quotas add up to total exactly
     for t in sorted(want, key=lambda t: want[t] - quota[t], reverse=True)[: cfg.total - sum(quota.values())]:
         quota[t] += 1
-    if not cfg.upsample:
-        quota = {t: min(q, sizes[t]) for t, q in quota.items()}
     return quota
+
+
+def _quotas(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, int]:
+    """The rows drawn of each task: its share (:func:`_asked`), at most its rows unless upsampled."""
+    asked = _asked(sizes, cfg)
+    return asked if cfg.upsample else {t: min(q, sizes[t]) for t, q in asked.items()}
 
 
 def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False, on_invalid: str = "skip",
@@ -171,7 +174,9 @@ def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False, on_invalid: 
         if cap is not None:
             pool[t] = pool[t][:cap]
     sizes = {t: len(v) for t, v in sorted(pool.items()) if v}
-    quotas = _quotas(sizes, cfg)
+    asked, quotas = _asked(sizes, cfg), _quotas(sizes, cfg)
+    # tasks with fewer rows than their share asks for (without upsample: why a mixture is short)
+    short = {t: {"asked": asked[t], "rows": sizes[t]} for t in asked if quotas[t] < asked[t]}
     chosen: list[Record] = []
     for t, q in quotas.items():
         rows = pool[t]
@@ -183,6 +188,7 @@ def build_mixture(cfg: MixtureConfig, *, allow_empty: bool = False, on_invalid: 
                            + (", and the weights" if cfg.weights else ""))
     rng.shuffle(chosen)
     manifest = make_manifest(chosen, cfg, removed=removed, skipped_invalid=len(issues))
+    manifest["short_tasks"] = short
     if contamination is not None:  # per evaluation set: its questions found in the training pool
         manifest["contamination"] = contamination
     return chosen, manifest
@@ -227,7 +233,7 @@ def make_manifest(records: list[Record], cfg: MixtureConfig, *, removed: list[di
                       "effective_tasks": round(math.exp(entropy), 2)},
         "removed": dict(Counter(r["reason"] for r in removed)),
         "skipped_invalid_rows": skipped_invalid,
-        "sources": {s: _file_digest(resolve_data_path(s)) for s in
+        "sources": {s: source_digest(s) for s in
                     cfg.sources + cfg.decontaminate_against if not s.startswith("suite:")},
         "config": cfg.model_dump(),
     }

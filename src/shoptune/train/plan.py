@@ -32,7 +32,6 @@ what *this* recipe does (``train/trainer.py:build_model``, ``train/quant.py``), 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,18 +106,26 @@ class Arch:
 
 
 def arch_from_config(cfg: dict, name: str = "model") -> Arch:
-    """An :class:`Arch` from a Hugging Face ``config.json`` (Llama, Qwen2, Mistral-style)."""
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        return Arch(name=name, hidden=hidden, intermediate=int(cfg["intermediate_size"]),
-                    layers=int(cfg["num_hidden_layers"]), heads=heads,
-                    kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                    head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
-                    tied=bool(cfg.get("tie_word_embeddings", False)),
-                    qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{name}: config.json lacks a decoder size field ({e})") from None
+    """An :class:`Arch` from a Hugging Face ``config.json`` (Llama, Qwen2, Mistral-style).
+    ValueError for a size field that is missing or not a whole number >= 1 (a plan from a zero
+    or negative size would "fit" everywhere)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{name}: config.json is not a JSON object")
+
+    def size(key: str, default=None) -> int:
+        v = cfg.get(key) if cfg.get(key) is not None else default
+        if v is None:
+            raise ValueError(f"{name}: config.json lacks the decoder size field {key!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: config.json: {key} must be a whole number >= 1 (got {v!r})")
+        return v
+    heads, hidden = size("num_attention_heads"), size("hidden_size")
+    return Arch(name=name, hidden=hidden, intermediate=size("intermediate_size"),
+                layers=size("num_hidden_layers"), heads=heads,
+                kv_heads=size("num_key_value_heads", heads),
+                head_dim=size("head_dim", hidden // heads or None), vocab=size("vocab_size"),
+                tied=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)))
 
 
 def load_arch(model: str) -> Arch:
@@ -134,10 +141,11 @@ def load_arch(model: str) -> Arch:
     else:
         raise ValueError(f"{model}: no config.json for the planner; known: {', '.join(KNOWN)}, "
                          "or a local model folder")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable config.json ({e})") from None
+    from shoptune._io import CONFIG_CAP, read_json
+    try:  # (bounded: a regular file of at most 1 MiB, JSON depth and integer size)
+        cfg = read_json(path, "model config.json", CONFIG_CAP)
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable config.json ({e.strerror or e})") from None
     return arch_from_config(cfg, model)
 
 
@@ -239,20 +247,50 @@ def fits(parts: dict[str, float], gpu: Gpu) -> tuple[bool, float]:
     return total(parts) <= usable, usable
 
 
+# accelerate's distributed types the planner models: data parallel (one full copy per process),
+# FSDP, DeepSpeed ZeRO-2; the others (XLA, Megatron-LM tensor parallelism) it does not
+_DATA_PARALLEL = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+                  "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"}
+
+
 def read_accelerate(path: str | Path | None) -> tuple[str, int]:
-    """(sharding, processes) from an accelerate config file (None: one process)."""
+    """(sharding, processes) from an accelerate config file (None: one process). ValueError,
+    naming ``file:line: key``, for a ``distributed_type`` accelerate does not have or the planner
+    does not model, a ``num_processes`` that is not a whole number >= 1, a ``deepspeed_config``
+    that is not a mapping, a ZeRO stage other than 2."""
     if path is None:
         return "none", 1
+    from accelerate.utils import DistributedType
+
     from shoptune.configfile import read_yaml
-    cfg, _ = read_yaml(path, what="accelerate config")
-    kind = str(cfg.get("distributed_type", "NO")).upper()
-    n = int(cfg.get("num_processes", 1) or 1)
+    cfg, lines = read_yaml(path, what="accelerate config")
+
+    def bad(key: tuple, why: str) -> ValueError:
+        line = lines.get(key)
+        return ValueError(f"{path}{f':{line}' if line else ''}: {'.'.join(key)}: {why}")
+    kind = cfg.get("distributed_type", "NO")
+    known = [t.value for t in DistributedType]
+    if not isinstance(kind, str) or kind.upper() not in known:
+        raise bad(("distributed_type",), f"{kind!r} is not one of accelerate's ({', '.join(known)})")
+    kind = kind.upper()
+    if kind not in _DATA_PARALLEL | {"FSDP", "DEEPSPEED"}:
+        raise bad(("distributed_type",), f"{kind}: the planner models data parallel (NO, MULTI_GPU, "
+                                         "MULTI_CPU, ...), FSDP and DEEPSPEED (ZeRO-2) only")
+    n = cfg.get("num_processes", 1)
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise bad(("num_processes",), f"must be a whole number >= 1 (got {n!r})")
     if kind == "FSDP":
         return "fsdp", n
     if kind == "DEEPSPEED":
-        stage = int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0))
-        if stage != 2:
-            raise ValueError(f"{path}: ZeRO stage {stage}: the planner models stage 2 (the shipped config)")
+        ds = cfg.get("deepspeed_config") or {}
+        if not isinstance(ds, dict):
+            raise bad(("deepspeed_config",), f"must be a mapping (zero_stage: 2, ...), not a "
+                                             f"{type(ds).__name__}")
+        stage = ds.get("zero_stage", 0)
+        if stage != 2 or isinstance(stage, bool):
+            raise bad(("deepspeed_config", "zero_stage"), f"ZeRO stage {stage!r}: the planner models "
+                                                          "stage 2 (the shipped config)")
         return "zero2", n
     return ("ddp", n) if n > 1 else ("none", 1)
 
@@ -260,7 +298,11 @@ def read_accelerate(path: str | Path | None) -> tuple[str, int]:
 def setup_from_config(cfg, *, gpu: Gpu | None = None, processes: int | None = None,
                       accelerate: str | Path | None = None, answer_fraction: float = 0.1) -> Setup:
     """The planner's view of a TrainConfig (bf16 ``auto`` resolved for the target GPU, or for
-    this machine when no GPU is named)."""
+    this machine when no GPU is named). ValueError for what it does not model (``peft: poly``)."""
+    if cfg.peft != "lora":
+        raise ValueError(f"--plan: peft: {cfg.peft} is not modelled (the planner counts LoRA and "
+                         "QLoRA adapters); plan the run with peft=lora for the frozen base, "
+                         "activations and logits, which a Poly adapter shares")
     from shoptune.train.trainer import use_bf16
     bf16 = (gpu.bf16 if cfg.bf16 == "auto" else bool(cfg.bf16)) if gpu else use_bf16(cfg.bf16)
     if cfg.base_dtype == "fp32":

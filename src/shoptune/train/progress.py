@@ -70,15 +70,25 @@ def task_losses(log_path: Path) -> dict[str, tuple[float, float, int]]:
 
 
 def task_loss_table(log_path: Path):
-    """A rich Table of :func:`task_losses` (None when nothing was logged)."""
+    """A rich Table of :func:`task_losses` (None when nothing was logged). A task logged once has
+    no change to show (``-``, not ``+0.0000``); when no task was logged twice, only the loss."""
     from rich.table import Table
 
     losses = task_losses(log_path)
     if not losses:
         return None
+    if all(n == 1 for _, _, n in losses.values()):
+        from rich.console import Group
+        from rich.text import Text
+        t = Table("task", "loss")
+        t.columns[1].justify = "right"
+        for task, (_, last, _) in losses.items():
+            t.add_row(task, f"{last:.4f}")
+        return Group(Text("training loss per task (answer tokens), logged once: too few logs to show "
+                          "a change"), t)
     t = Table(title="training loss per task (answer tokens; first -> last log)")
     for col in ("task", "first", "last", "change", "logs"):
         t.add_column(col, justify="left" if col == "task" else "right")
     for task, (first, last, n) in losses.items():
-        t.add_row(task, f"{first:.4f}", f"{last:.4f}", f"{last - first:+.4f}", str(n))
+        t.add_row(task, f"{first:.4f}", f"{last:.4f}", f"{last - first:+.4f}" if n > 1 else "-", str(n))
     return t

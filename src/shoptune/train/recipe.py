@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from shoptune._io import write_json
+from shoptune._io import read_marker, write_json, write_marker
 from shoptune.train.config import TrainConfig, load_config
 from shoptune.train.format import IGNORE, encode_records
 from shoptune.train.mixture import MixtureConfig, build_mixture
@@ -79,7 +79,7 @@ def validation_records(mix: MixtureConfig, n: int, seed: int):
 
 # ----------------------------------------------------------------------------- recipe
 
-RUN_FILES = ("adapter", "run.json", "log.jsonl", "tb", "curriculum.json")
+RUN_FILES = ("adapter", "run.json", "log.jsonl", "tb", "curriculum.json", "stage2", "stage3", "eval")
 
 
 def previous_run(out: Path) -> list[str]:
@@ -92,10 +92,16 @@ def previous_run(out: Path) -> list[str]:
                           key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else 0)
 
 
+def run_entries(out: Path) -> list[str]:
+    """The names a training run writes in its folder (for the output check: anything else in
+    ``--out`` is someone's file)."""
+    return previous_run(out) + [p.name for p in Path(out).glob(".adapter-*")]  # (a save cut short)
+
+
 def clear_run(out: Path) -> list[str]:
     """Remove an earlier run's files from ``out`` (only the names :func:`previous_run` lists:
     anything else in the folder stays); returns what was removed."""
-    gone = previous_run(out)
+    gone = run_entries(out)
     for name in gone:
         p = Path(out) / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -109,6 +115,8 @@ def main(cfg: TrainConfig, *, resume: bool = False, on_invalid: str = "skip") ->
     out = Path(cfg.output_dir)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0 and read_marker(out) is None:
+        write_marker(out, "train", files=[])  # (its files are the run's own: run_entries)
     try:
         return _main(cfg, out, resume, on_invalid)
     except BaseException:
@@ -184,6 +192,7 @@ def _main(cfg: TrainConfig, out: Path, resume: bool, on_invalid: str = "skip") -
             "metrics": {"first_loss": next((st["first_loss"] for st in earlier), None)
                         if earlier else (hist[0]["loss"] if hist else None),
                         "final_loss": hist[-1]["loss"] if hist else None,
+                        "loss_logs": None if earlier else len(hist),  # 1: first = final, no change seen
                         # the mean over the steps of this call (also when no step was logged)
                         "mean_loss": next((round(h["train_loss"], 4) for h in reversed(trainer.state.log_history)
                                            if "train_loss" in h), None),
@@ -199,7 +208,7 @@ def _main(cfg: TrainConfig, out: Path, resume: bool, on_invalid: str = "skip") -
             for d in cfg.eval_data:
                 name = Path(d).stem
                 s = evaluate(model=cfg.model, adapter=str(adapter), data=[d], out=out / "eval" / name,
-                             quiet=True)
+                             quiet=True, overwrite=True)  # (this run's own, resumed or re-run)
                 result["eval"][name] = {"overall": s["overall"], "tracks": s["tracks"]}
         write_json(out / "run.json", result)
     return result

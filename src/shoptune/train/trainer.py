@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from shoptune._io import atomic_open, make_temp_dir
+from shoptune._io import atomic_open, default_modes, make_temp_dir
 from shoptune.train.config import TrainConfig
 from shoptune.train.loss import answer_token_losses, collate
 from shoptune.train.packing import collate_packed
@@ -31,8 +31,10 @@ class ShopTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, task_names: list[str], task_weights: torch.Tensor | None = None,
-                 answer_logits_only: bool = True, balancer=None, **kwargs):
+                 answer_logits_only: bool = True, balancer=None, skill_lr_scale: float | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.skill_lr_scale = skill_lr_scale  # Poly's skills under poly.alpha (see create_optimizer)
         self.answer_logits_only = answer_logits_only
         self.balancer = balancer  # shoptune.train.balancing.Balancer, or None (static)
         self._probed_step = -1
@@ -112,8 +114,22 @@ class ShopTrainer(Trainer):
         return (means[present].mean() / ga).detach()
 
     def create_optimizer(self, *args, **kwargs):
-        """The balancer's learned log-variances train with the adapter (no weight decay)."""
+        """The balancer's learned log-variances train with the adapter (no weight decay). Under
+        ``poly.alpha`` the skills' A and B train at ``skill_lr_scale`` x the learning rate with
+        weight decay / ``skill_lr_scale`` (the reparametrisation of
+        :class:`~shoptune.train.config.PolySettings`); the router keeps the learning rate."""
         opt = super().create_optimizer(*args, **kwargs)
+        if self.skill_lr_scale:
+            skills = {id(p) for n, p in self.model.named_parameters() if _is_poly_skill(n)}
+            groups = []
+            for g in opt.param_groups:  # (no state yet: the groups can be split)
+                base = {k: v for k, v in g.items() if k != "params"}
+                rest = [p for p in g["params"] if id(p) not in skills]
+                mine = [p for p in g["params"] if id(p) in skills]
+                groups += [{**base, "params": rest}] if rest else []
+                groups += [{**base, "params": mine, "lr": g["lr"] * self.skill_lr_scale,
+                            "weight_decay": g["weight_decay"] / self.skill_lr_scale}] if mine else []
+            opt.param_groups[:] = groups
         if self.balancer is not None and self.balancer.log_vars.requires_grad:
             group = {"params": [self.balancer.log_vars], "weight_decay": 0.0}
             if self.balancer.lr is not None:
@@ -168,6 +184,7 @@ class MarkComplete(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
+                default_modes(ckpt)  # (safetensors writes 0600: readable as any other output)
                 with atomic_open(ckpt / COMPLETE) as fh:
                     fh.write(str(state.global_step))
 
@@ -181,7 +198,8 @@ class PeriodicEval(TrainerCallback):
         self.last: dict = {}
 
     def evaluate(self, model) -> dict:
-        from shoptune.decoding import build_prompts, plan_for
+        from shoptune.decoding import build_prompts
+        from shoptune.tasks import plan_for
         from shoptune.eval.backends import LocalBackend
         from shoptune.eval.scoring import score_outputs, summarize
         was_training = model.training
@@ -236,11 +254,23 @@ def use_bf16(setting) -> bool:
 
 
 def effective_learning_rate(cfg: TrainConfig) -> float:
-    """The optimizer's learning rate: the config's, times sqrt(poly.alpha) for a Poly adapter
-    given LoRA's alpha/r scale (:class:`~shoptune.train.config.PolySettings`)."""
-    if cfg.peft == "poly" and cfg.poly.alpha:
+    """The optimizer's learning rate: the config's; times sqrt(poly.alpha) for the whole adapter
+    under ``poly.router_lr: scaled`` (the skills alone under ``base``: :func:`skill_lr_scale`)."""
+    if cfg.peft == "poly" and cfg.poly.alpha and cfg.poly.router_lr == "scaled":
         return cfg.learning_rate * cfg.poly.alpha ** 0.5
     return cfg.learning_rate
+
+
+def skill_lr_scale(cfg: TrainConfig) -> float | None:
+    """sqrt(poly.alpha): the factor on Poly's skills' learning rate (and on their gradients, set
+    in :func:`build_model`) that makes poly.alpha exact; None when nothing is scaled that way."""
+    if cfg.peft == "poly" and cfg.poly.alpha and cfg.poly.router_lr == "base":
+        return cfg.poly.alpha ** 0.5
+    return None
+
+
+def _is_poly_skill(name: str) -> bool:
+    return ".poly_lora_A." in name or ".poly_lora_B." in name or name.endswith(("poly_lora_A.default", "poly_lora_B.default"))
 
 
 def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | None = None) -> TrainingArguments:
@@ -312,11 +342,14 @@ def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float3
         pcfg = PolyConfig(r=lora.r, target_modules=lora.modules(), n_tasks=n_routes,
                           n_skills=poly.n_skills, n_splits=poly.n_splits, task_type="CAUSAL_LM")
         model = get_peft_model(model, pcfg)
-        if poly.alpha:  # (see PolySettings.alpha; the learning rate is scaled in training_args)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name.endswith("poly_lora_A.default") or ".poly_lora_A." in name:
-                        p.mul_(poly.alpha ** 0.5)
+        if poly.alpha:  # (see PolySettings.alpha; the learning rates are set in the optimizer)
+            s = poly.alpha ** 0.5
+            for name, p in model.named_parameters():
+                if "poly_lora_A" in name and _is_poly_skill(name):
+                    with torch.no_grad():
+                        p.mul_(s)
+                if poly.router_lr == "base" and _is_poly_skill(name):
+                    p.register_hook(lambda g, s=s: g * s)  # the alpha/r model's gradient
     else:
         lcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=lora.modules(), use_rslora=lora.use_rslora,
@@ -353,6 +386,7 @@ def save_adapter(model, out: Path, state_dict: dict | None = None, extra: dict |
     for name, value in (extra or {}).items():
         with atomic_open(tmp / name) as fh:
             fh.write(json.dumps(value, indent=1, sort_keys=True))
+    default_modes(tmp)  # (safetensors writes 0600; a server running as another user reads it)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
@@ -395,6 +429,7 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
         data_collator=collate_packed if cfg.packing else lambda f: collate(f, tok.pad_token_id),
         task_names=task_names,
         task_weights=task_weights, answer_logits_only=cfg.answer_logits_only, balancer=balancer,
+        skill_lr_scale=skill_lr_scale(cfg),
         callbacks=[JsonlLog(out / "log.jsonl"), *before_complete, *extra, MarkComplete()]
         + ([evaluator] if evaluator else []))
     if evaluator:
@@ -406,9 +441,66 @@ def make_trainer(cfg, model, tok, examples, task_names, out: Path, max_steps: in
     return trainer
 
 
+class CheckpointError(ValueError):
+    """A checkpoint marked complete that cannot be resumed from: one line naming it and why."""
+
+
+# what the adapter's structure is (a resume with another value cannot restore the optimizer)
+_STRUCTURE = ("peft_type", "r", "target_modules", "n_skills", "n_splits", "n_tasks")
+
+
+def check_checkpoint(ckpt: Path, model) -> None:
+    """Before a resume: every file of the checkpoint reads (the JSON state parses, each torch
+    file is a whole archive with matching checksums, the adapter's safetensors loads) and its
+    adapter has the structure of ``model``'s (peft type, rank, target modules, Poly skills), so
+    a file truncated after its COMPLETE marker or a run resumed under another config is one
+    line, not a traceback from deep inside the Trainer or the optimizer."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    from shoptune._io import JSON_CAP, read_json
+
+    def fail(name: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{ckpt / name}: {why}; the checkpoint is marked complete but cannot "
+                               f"be resumed from: remove {ckpt.name} to resume from the one before, "
+                               "or --overwrite to start over")
+    for name in ("trainer_state.json", "adapter_config.json"):
+        try:
+            read_json(ckpt / name, name, JSON_CAP)
+        except (OSError, ValueError) as e:
+            raise fail(name, getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)) from None
+    for f in sorted(ckpt.glob("*.pt")) + sorted(ckpt.glob("*.pth")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise fail(f.name, f"not a whole torch file ({e})") from None
+        if bad is not None:
+            raise fail(f.name, f"damaged (checksum of {bad})")
+    try:
+        load_file(ckpt / "adapter_model.safetensors")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise fail("adapter_model.safetensors", f"unreadable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+    saved = read_json(ckpt / "adapter_config.json", "adapter_config.json", JSON_CAP)
+    now = model.peft_config["default"].to_dict() if hasattr(model, "peft_config") else {}
+    for key in _STRUCTURE:
+        a, b = saved.get(key), now.get(key)
+        b = getattr(b, "value", b)  # (peft's PeftType enum)
+        if key == "target_modules" and isinstance(a, list) and isinstance(b, (list, set)):
+            a, b = sorted(a), sorted(b)
+        if key in now and a != b:
+            shown = {"peft_type": "peft", "r": "lora.r", "n_skills": "poly.n_skills",
+                     "n_splits": "poly.n_splits", "n_tasks": "the routed tasks"}.get(key, key)
+            raise CheckpointError(
+                f"{ckpt}: saved by a run with {key} {a!r}, but this config gives {b!r} ({shown}): "
+                "resume with the run's own config, or --overwrite to start over")
+
+
 def train(trainer: ShopTrainer, out: Path, resume: bool) -> None:
     ckpt = latest_complete_checkpoint(out) if resume else None
     if ckpt is not None:
+        check_checkpoint(ckpt, trainer.model)
         step = int(ckpt.name.split("-")[-1])
         _trim_log(out / "log.jsonl", step)
         if trainer.balancer is not None and (ckpt / BalancerState.FILE).exists():

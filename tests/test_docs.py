@@ -153,6 +153,9 @@ def _tracks(r, key):
     return [r["ratios"][e]["experts"][key] for e in ("builtin", "llama.cpp")]
 
 
+_OWN_B = "runs/tuned-eval"  # (the compared run, as its record names it)
+
+
 HEADLINE = {
     "base model, ShopBench dev": lambda r: ([], [_f(x) for x in (
         r["docs/results/base-dev-scores.json"]["overall"], *r["docs/results/base-dev-scores.json"]["ci95"]["overall"])]),
@@ -167,6 +170,12 @@ HEADLINE = {
     "training throughput vs the first recipe": lambda r: ([], [
         _f(r["docs/results/train_speed.json"]["speedup_vs_before"], "{:.2f}"),
         _f(r["docs/results/train_speed.amx.json"]["speedup_vs_before"], "{:.2f}")]),
+    "your own tasks": lambda r: ([], [
+        x for t in ("product_category", "product_attributes") for x in (
+            _f(r["docs/results/own_tasks.compare.json"]["paired"][_OWN_B]["tasks"][t]["a"]),
+            _f(r["docs/results/own_tasks.compare.json"]["paired"][_OWN_B]["tasks"][t]["b"]),
+            *_diff_ci(r["docs/results/own_tasks.compare.json"]["paired"][_OWN_B]["tasks"][t]))]
+        + [_f(r["docs/results/own_tasks.json"]["grammar"][a]["valid_as_written_rate"]) for a in ("grammar", "no_grammar")]),
     "dynamic batching": lambda r: ([], [_f(r["docs/results/serve_load.json"]["summary"][k], "{:.2f}") for k in
                                         ("throughput_ratio@16", "throughput_ratio@32", "mixed_vs_single_adapter")]),
     "llama.cpp behind shoptune's gateway": lambda r: ([], [

@@ -225,7 +225,7 @@ def test_eval_compare_rows_stay_whole_at_80_columns(tmp_path, dev_like, terminal
     for task, b, diff in (("shopbench_task2", "1.000", "+1.000"), ("shopbench_task11", "0.000", "+0.000")):
         # the paired table's row: name, both scores and the difference on one line
         assert any(re.match(rf"\s*{task}\s+0\.000\s+{b}\s+\{diff}\s", ln) for ln in lines), res.output
-    assert any(re.match(r"\s*all-around\s+0\.000\s+0\.500\s+\+0\.500\s", ln) for ln in lines), res.output
+    assert any(re.match(r"\s*mean of 2 of 4 tracks\s+0\.000\s+0\.500\s+\+0\.500\s", ln) for ln in lines), res.output
 
 
 # ----------------------------------------------------------------------------- 7: configs ls

@@ -87,8 +87,13 @@ def print_markdown(text: str) -> None:
         head, *body = block
         body = [r for r in body if not all(set(c) <= set("-: ") for c in r)]  # (the |---| line)
         t = Table(box=box.SIMPLE_HEAD)
+        # the first column as wide as its names (task, track; up to 40), so those stay whole; a
+        # longer cell (a sentence-like label) wraps inside it instead of squeezing the numbers out
+        names = [len(r[0].strip("*")) for r in body if r] + [len(head[0])]
+        width = max([n for n in names if n <= 40] or [40])
         for i, c in enumerate(head):
-            t.add_column(c, no_wrap=i == 0)
+            t.add_column(c, **({"min_width": width, "max_width": max(width, 40) if max(names) > 40 else None,
+                                "overflow": "fold"} if i == 0 else {}))
         for r in body:
             t.add_row(*(Text(c[2:-2], style="bold") if c.startswith("**") and c.endswith("**") and len(c) > 4
                         else Text(c) for c in r))

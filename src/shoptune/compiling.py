@@ -39,7 +39,9 @@ MEASURED: dict[str, dict[str, bool]] = {
     # docs/results/train_speed.compiled.json (2026-12-07): 1.10x tokens/s after a 60 s compile
     # (break-even ~160 steps) and a loss trajectory 0.0148 from eager's (target 0.01): not on by default
     "train": {"avx512_bf16": False},
-    "eval": {},
+    # docs/results/eval_compile.json (2026-12-07): a core-suite pass 0.82x eager's including the
+    # compile, the same answers in fp32 (target 1.3x): not on by default
+    "eval": {"avx512_bf16": False},
 }
 
 

@@ -2,7 +2,7 @@
 
     flock /tmp/shoptune-heavy.lock .venv/bin/python benchmarks/eval_engines.py \
         --adapter runs/adapters/diverse-r32.s1/adapter [--suite core] [--dtypes fp32 auto] \
-        [--engines builtin llama.cpp vllm]
+        [--engines builtin llama.cpp vllm builtin+compile]
 
 Each engine scores the same questions with the same trained adapter through `shoptune eval
 --engine ...` (builtin: this process, the adapter merged; llama.cpp: the adapter as a LoRA per
@@ -13,11 +13,16 @@ answers equal to the built-in engine's. Targets (issue #21): the fastest engine 
 on a pass; per engine the paired CI includes 0 and |diff| <= 0.01; >= 95% equal answers in fp32.
 Writes docs/results/eval_engines.json and eval_engines.png; prints the markdown table. Needs
 `make llama-server` and `make vllm` (or $SHOPTUNE_LLAMA_SERVER / $SHOPTUNE_VLLM_PYTHON).
+
+`builtin+compile` (#35) is the built-in engine with `--compile on`, started with an empty inductor
+cache, so its pass time includes compiling (target: >= 1.3x the built-in pass; in fp32 a paired
+difference of 0 and >= 99% equal answers). Without --adapter every arm runs the base model.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from shoptune.eval.runner import evaluate
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--adapter", required=True, help="a trained PEFT LoRA folder")
+    ap.add_argument("--adapter", help="a trained PEFT LoRA folder (default: the base model)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--suite", default="core")
     ap.add_argument("--engines", nargs="+", default=["builtin", "llama.cpp", "vllm"])
@@ -47,8 +52,12 @@ def main() -> None:
         for engine in args.engines:
             name = f"{engine}/{dtype}"
             print(f"== {name}", flush=True)
+            compiled = engine == "builtin+compile"
+            if compiled:  # an empty inductor cache: the pass pays the whole compile
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-", dir=work)
             s = evaluate(model=args.model, adapter=args.adapter, suite=args.suite, out=work / name.replace("/", "-"),
-                         engine=engine, dtype=dtype, concurrency=args.concurrency, quiet=True, n_boot=200)
+                         engine="builtin" if compiled else engine, dtype=dtype, concurrency=args.concurrency,
+                         quiet=True, n_boot=200, compile="on" if compiled else "off")
             rows[name] = [json.loads(x) for x in (work / name.replace("/", "-") / "predictions.jsonl")
                           .read_text().splitlines() if x]
             t = s["timing"]
@@ -61,7 +70,7 @@ def main() -> None:
         for engine in args.engines:
             name = f"{engine}/{dtype}"
             if ref is None or engine == "builtin":
-                continue
+                continue  # (builtin+compile is compared with builtin like the other engines)
             cmp = paired_compare([ref], [rows[name]], n_boot=2000, n_perm=2000)
             a = res["arms"][name]
             b = res["arms"][f"builtin/{dtype}"]

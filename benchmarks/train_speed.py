@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import sys
 import tempfile
@@ -111,6 +112,9 @@ PARTS = {
     "norm+act": ({"aten::pow", "aten::mean", "aten::rsqrt", "aten::mul", "aten::add", "aten::silu",
                   "aten::silu_backward", "aten::neg", "aten::cat", "aten::sum", "aten::div", "aten::sub",
                   "aten::sigmoid", "aten::slice_backward"}, ()),
+    # a compiled step's fused element-wise kernels (inductor's C++ kernels, named by what they
+    # fuse, recorded with cpp.enable_kernel_profile): the norm+act and cast work of an eager step
+    "fused (compiled)": (set(), ("cpp_fused",)),
 }
 
 
@@ -135,16 +139,16 @@ class ProfileSteps(TrainerCallback):
         self.prof.step()
 
 
-def step_split(trainer, active: int = 3) -> dict:
+def step_split(trainer, active: int = 3, wait: int = 1) -> dict:
     """Profile ``active`` steps after two untimed ones: seconds per step by part (self CPU time
     of each aten op, summed by :data:`PARTS`; "rest" is the step's wall time not in those ops:
     the loss, casts, data, Python and the Trainer's own work) and the largest ops of "rest"."""
     from torch.profiler import ProfilerActivity, profile, schedule
-    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=1, active=active)) as prof:
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=wait, warmup=1, active=active)) as prof:
         cb = ProfileSteps(prof)
         trainer.add_callback(cb)
         trainer.train()
-    wall = (cb.times[1 + active] - cb.times[1]) / active
+    wall = (cb.times[wait + active] - cb.times[wait]) / active
     parts = {p: 0.0 for p in [*PARTS, "optimizer"]}
     rest_ops: dict[str, float] = {}
     for ev in prof.events():
@@ -181,27 +185,49 @@ def ceiling_report(cfg, records, a, r: dict) -> dict:
 
 
 def profile_run(cfg, records, active: int = 3) -> dict:
+    """The step split of ``cfg``'s step; a compiled one after 3 unprofiled steps (its first
+    steps compile), its fused kernels recorded one by one."""
     from shoptune.train.format import encode_records
-    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer
+    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer, use_compile
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    compiled = use_compile(cfg)
+    if compiled:
+        from torch._inductor import config as inductor
+        inductor.cpp.enable_kernel_profile = True
     torch.manual_seed(0)
-    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing)
+    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing,
+                             compile=compiled)
     names = sorted({r.task for r in records})
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
                               task_index={t: i for i, t in enumerate(names)})
     out = Path(cfg.output_dir + "-profile")
-    trainer = make_trainer(cfg, model, tok, examples, names, out, 2 + active, None)
+    wait = 3 if compiled else 1
+    trainer = make_trainer(cfg, model, tok, examples, names, out, wait + 1 + active, None)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    return step_split(trainer, active)
+    return step_split(trainer, active, wait)
 
 
 class Clock(TrainerCallback):
+    """When each step ended, and whether it compiled graphs (dynamo's graph count went up: a
+    compiled arm's first steps, and any later step that met a new shape)."""
+
     def __init__(self):
-        self.times: list[float] = []
+        self.start, self.times, self.compiled = 0.0, [], []
+        self._graphs = 0
+
+    @staticmethod
+    def graphs() -> int:
+        from torch._dynamo.utils import counters
+        return counters["stats"]["unique_graphs"]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self._graphs = time.perf_counter(), self.graphs()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter())
+        self.compiled.append(self.graphs() > self._graphs)
+        self._graphs = self.graphs()
 
 
 class CountingCollator:
@@ -223,19 +249,28 @@ class CountingCollator:
 
 
 def measure(trainer, warmup: int = 2) -> dict:
+    """Non-pad tokens/s over the steps after the first ``warmup`` that compiled nothing; the
+    steps that did compile are the arm's compile time: what they took beyond a steady step's
+    time per computed token (``compile_s``; 0 for eager arms)."""
     clock, counter = Clock(), CountingCollator(trainer.data_collator)
     trainer.add_callback(clock)
     trainer.data_collator = counter
     trainer.train()
-    steps = len(clock.times)
-    tokens = sum(counter.tokens[warmup:steps])
-    seconds = clock.times[-1] - clock.times[warmup - 1]
-    timed = steps - warmup
-    return {"steps_timed": timed, "non_pad_tokens": tokens, "seconds": round(seconds, 2),
+    ends = [clock.start] + clock.times
+    step_s = [b - a for a, b in zip(ends, ends[1:])]  # (each step from the end of the one before)
+    timed = [i for i in range(warmup, len(step_s)) if not clock.compiled[i]]
+    seconds = sum(step_s[i] for i in timed)
+    tokens = sum(counter.tokens[i] for i in timed)
+    per_token = seconds / sum(counter.computed[i] for i in timed)
+    compile_s = sum(max(0.0, step_s[i] - per_token * counter.computed[i])
+                    for i, c in enumerate(clock.compiled) if c)
+    return {"steps_timed": len(timed), "non_pad_tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1),
-            "computed_tokens_per_step": round(sum(counter.computed[warmup:steps]) / timed, 1),
-            "answer_tokens_per_step": round(sum(counter.answers[warmup:steps]) / timed, 1),
-            "step_s": round(seconds / timed, 3)}
+            "computed_tokens_per_step": round(sum(counter.computed[i] for i in timed) / len(timed), 1),
+            "answer_tokens_per_step": round(sum(counter.answers[i] for i in timed) / len(timed), 1),
+            "step_s": round(seconds / len(timed), 3), "compile_s": round(compile_s, 1),
+            "compile_steps": [i for i, c in enumerate(clock.compiled) if c],
+            "step_times": [round(t, 3) for t in step_s], "timed_steps": timed}
 
 
 # Each lever is measured on top of the ones before it (cumulative), all in this one run.
@@ -247,8 +282,29 @@ LEVERS = [
 ]
 PACKING = ("+ packing (padding-free)", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto",
                                          "packing=true"])
-COMPILE = ("+ torch.compile", ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto",
-                               "torch_compile=true"])
+# The compiled step (#35), each on top of the new defaults: (name, overrides, length buckets).
+# Buckets 0: `compile: on` as the recipe runs it (decoder layers compiled, the sequence dimension
+# dynamic after the first shape change); 64: every batch right-padded to a multiple of 64
+# tokens and the layers compiled for static shapes (one graph per bucket).
+DEFAULTS = ["lora.dropout=0.0", "answer_logits_only=true", "base_dtype=auto"]
+COMPILED = [("+ compile (dynamic lengths)", DEFAULTS + ["compile=on"], 0),
+            ("+ compile (length buckets of 64)", DEFAULTS + ["compile=off"], 64)]
+
+
+class BucketCollator:
+    """Right-pads each batch to the next multiple of ``size`` tokens (mask 0, labels -100: the
+    loss is the same), so a compiled step sees a few static shapes."""
+
+    def __init__(self, inner, size: int, pad_id: int):
+        self.inner, self.size, self.pad_id = inner, size, pad_id
+
+    def __call__(self, features):
+        import torch.nn.functional as F
+        batch = self.inner(features)
+        extra = -batch["input_ids"].shape[1] % self.size
+        for key, value in (("input_ids", self.pad_id), ("attention_mask", 0), ("labels", -100)):
+            batch[key] = F.pad(batch[key], (0, extra), value=value)
+        return batch
 
 
 def config(tmp: Path, name: str, a, extra: list[str]):
@@ -257,15 +313,20 @@ def config(tmp: Path, name: str, a, extra: list[str]):
         f"output_dir={tmp / name}", f"max_steps={a.steps}", f"batch_size={a.batch_size}",
         f"max_length={a.max_length}", f"mixture.total={a.steps * a.batch_size}", "report_to=[]",
         "save_steps=100000", "logging_steps=1", "lora.r=16", "lora.alpha=32",
-        "lora.target_modules=attention+mlp", *extra])
+        "lora.target_modules=attention+mlp", "compile=off", *extra])  # (eager unless an arm says)
 
 
-def run_shoptune(cfg, records, steps: int):
-    """Train ``steps`` steps with the recipe's own trainer; timing + the per-step losses."""
+def run_shoptune(cfg, records, steps: int, buckets: int = 0):
+    """Train ``steps`` steps with the recipe's own trainer; timing + the per-step losses.
+    ``buckets``: pad batches to multiples of it and compile the layers for static shapes."""
+    from shoptune.compiling import compile_layers
     from shoptune.train.format import encode_records
-    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer
+    from shoptune.train.trainer import base_weights_dtype, build_model, make_trainer, use_compile
     torch.manual_seed(0)
-    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing)
+    model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg), packing=cfg.packing,
+                             compile=use_compile(cfg))
+    if buckets:
+        compile_layers(model, dynamic=False)
     names = sorted({r.task for r in records})
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
                               task_index={t: i for i, t in enumerate(names)})
@@ -273,6 +334,8 @@ def run_shoptune(cfg, records, steps: int):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    if buckets:
+        trainer.data_collator = BucketCollator(trainer.data_collator, buckets, tok.pad_token_id)
     t0 = time.perf_counter()
     r = measure(trainer)
     r["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -335,7 +398,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure the compiled step (#35): each compiled arm twice in a fresh "
+                         "process, first with an empty inductor cache (cold), then with the cache "
+                         "that run left (warm); with --loss-steps also its loss curve")
+    ap.add_argument("--arm", help=argparse.SUPPRESS)  # (a child process: one compiled arm, JSON to --arm-out)
+    ap.add_argument("--arm-buckets", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--arm-out", help=argparse.SUPPRESS)
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL SFTTrainer baseline")
     ap.add_argument("--loss-steps", type=int, default=0,
                     help="also train 'before' and the new defaults this many steps on the same rows "
@@ -354,6 +423,11 @@ def main() -> None:
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other processes on the machine
     tmp = Path(tempfile.mkdtemp(prefix="train_speed-"))
+    if a.arm:  # a child process of compiled_arms()
+        cfg = config(tmp, "arm", a, json.loads(a.arm))
+        r, *_ = run_shoptune(cfg, build_mixture(cfg.mixture)[0], a.steps, buckets=a.arm_buckets)
+        write_json(Path(a.arm_out), r)
+        return
     base_cfg = config(tmp, "base", a, [])
     records, _ = build_mixture(base_cfg.mixture)
     bf16 = use_bf16(base_cfg.bf16)
@@ -372,7 +446,7 @@ def main() -> None:
         return
     n_params = None
     levers = {}
-    for name, extra in LEVERS + [PACKING] + ([COMPILE] if a.compile else []):
+    for name, extra in LEVERS + [PACKING]:
         r, model, tok, examples = run_shoptune(config(tmp, f"lever{len(levers)}", a, extra), records, a.steps)
         n_params = n_params or sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         r["overrides"] = extra
@@ -408,6 +482,12 @@ def main() -> None:
         "answer_tokens_check": sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples),
     }
 
+    if a.compile:
+        result["compiled"] = compiled_arms(a, tmp, records, default, peaks, flops_per_token,
+                                           torch.bfloat16 if bf16 else torch.float32)
+        print("compiled:", json.dumps({k: v for k, v in result["compiled"].items() if k != "arms"}), flush=True)
+        write_json(Path(a.out), result)
+
     if not a.no_trl:  # TRL SFTTrainer, defaults except what must match
         theirs = run_trl(a, records, base_cfg, tmp / "trl", bf16)
         theirs["mfu"] = {k: round(flops_per_token * theirs["tokens_per_s"] / v, 3) for k, v in peaks.items()}
@@ -420,18 +500,77 @@ def main() -> None:
     if a.loss_steps:
         curves = loss_curves(a, tmp)
         result["loss_curves"] = curves
+        if "compiled" in result:
+            result["compiled"]["loss_mean_abs_delta"] = curves["compiled_mean_abs_step_diff"]
         plot_curves(curves, Path(a.out).with_suffix(".png"))
     print(json.dumps({k: result.get(k) for k in ("speedup_vs_before", "ratio", "packing")}))
     write_json(Path(a.out), result)
     print(f"wrote {a.out}")
 
 
+def child_arm(a, tmp: Path, extra: list[str], buckets: int, cache: Path) -> dict:
+    """One arm measured by a fresh process of this script, with ``cache`` as inductor's cache
+    folder (empty: a cold compile; left by an earlier child: a warm one)."""
+    import os
+    import subprocess
+    import sys
+    out = tmp / f"arm-{len(list(tmp.glob('arm-*.json')))}.json"
+    cmd = [sys.executable, __file__, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+           "--max-length", str(a.max_length), "--arm", json.dumps(extra), "--arm-buckets", str(buckets),
+           "--arm-out", str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    return json.loads(out.read_text())
+
+
+def compiled_arms(a, tmp: Path, records, default: dict, peaks: dict, flops_per_token: float,
+                  dtype: torch.dtype) -> dict:
+    """Each compiled arm, cold then warm, against the eager default of this run: tokens/s ratio,
+    the median per-step time ratio over steps timed in both (the same batches in the same
+    order), compile time, break-even steps (compile time / seconds saved per step), MFU vs the
+    bf16 peak and vs the step's shape ceiling. The faster arm is the one reported on top."""
+    from shoptune.train.config import ATTENTION, MLP
+    from shoptune.train.plan import load_arch
+    arch = load_arch("smollm2-135m")
+    arms = {}
+    for name, extra, buckets in COMPILED:
+        cache = tmp / f"inductor-{buckets}"  # new and empty: the first child compiles cold
+        cold = child_arm(a, tmp, extra, buckets, cache)
+        warm = child_arm(a, tmp, extra, buckets, cache)
+        both = [i for i in cold["timed_steps"] if i in default["timed_steps"]]
+        saved = default["step_s"] - cold["step_s"]
+        gemms = step_gemms(arch, round(cold["computed_tokens_per_step"]), round(cold["answer_tokens_per_step"]),
+                           16, ATTENTION + MLP)  # (the arms' LoRA: r=16 on attention+MLP)
+        ceiling = shape_ceiling(gemms, dtype)
+        arms[name] = {
+            "overrides": extra, "buckets": buckets, "cold": cold, "warm": warm,
+            "ratio": round(cold["tokens_per_s"] / default["tokens_per_s"], 3),
+            "ratio_warm_run": round(warm["tokens_per_s"] / default["tokens_per_s"], 3),
+            "paired_step_ratio": round(statistics.median(default["step_times"][i] / cold["step_times"][i]
+                                                         for i in both), 3) if both else None,
+            "compile_s_cold": cold["compile_s"], "compile_s_warm": warm["compile_s"],
+            "break_even_steps": round(cold["compile_s"] / saved, 1) if saved > 0 else None,
+            "mfu": {**{k: round(flops_per_token * cold["tokens_per_s"] / v, 3) for k, v in peaks.items()},
+                    "shape_ceiling": round(ceiling["matmul_s"] / cold["step_s"], 3)},
+        }
+        print(f"{name}: {cold['tokens_per_s']} tok/s ({arms[name]['ratio']}x), compile "
+              f"{cold['compile_s']} s cold / {warm['compile_s']} s warm", flush=True)
+    best = max(arms, key=lambda n: arms[n]["ratio"])
+    # where a compiled step's time goes (the recipe's arm, `compile: on`), as for the eager default
+    name, extra, _ = COMPILED[0]
+    arms[name]["split"] = profile_run(config(tmp, "compiled-profile", a, extra), records)
+    print(f"{name}: split {arms[name]['split']['share']}", flush=True)
+    return {"arm": best, **{k: arms[best][k] for k in ("ratio", "paired_step_ratio", "compile_s_cold",
+                                                       "compile_s_warm", "break_even_steps", "mfu")},
+            "loss_mean_abs_delta": None, "arms": arms}
+
+
 def loss_curves(a, tmp: Path) -> dict:
-    """'before' and the new defaults, ``--loss-steps`` steps on the same rows in the same order."""
+    """'before' and the new defaults (and with --compile the compiled step), ``--loss-steps``
+    steps on the same rows in the same order."""
     from shoptune.train.mixture import build_mixture
     b = argparse.Namespace(**{**vars(a), "steps": a.loss_steps})
     curves, adapters = {}, {}
-    for name, extra in (LEVERS[0], ("new defaults", [])):
+    for name, extra in (LEVERS[0], ("new defaults", []), *([("compiled", ["compile=on"])] if a.compile else [])):
         cfg = config(tmp, f"curve-{len(curves)}", b, extra)
         records, _ = build_mixture(cfg.mixture)
         r, model, _, _ = run_shoptune(cfg, records, a.loss_steps)
@@ -441,11 +580,15 @@ def loss_curves(a, tmp: Path) -> dict:
         print(f"curve {name}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, {r['tokens_per_s']} tok/s",
               flush=True)
         del model
-    x, y = (curves[k]["losses"] for k in curves)
+    x, y = curves[LEVERS[0][0]]["losses"], curves["new defaults"]["losses"]
     diffs = [abs(p - q) for p, q in zip(x, y)]
     curves["max_abs_step_diff"] = round(max(diffs), 4)
     curves["mean_abs_step_diff"] = round(sum(diffs) / len(diffs), 4)
-    curves["dev_quality"] = dev_quality(adapters, tmp)
+    if "compiled" in curves:  # the compiled step against the eager one it replaces
+        diffs = [abs(p - q) for p, q in zip(curves["compiled"]["losses"], y)]
+        curves["compiled_max_abs_step_diff"] = round(max(diffs), 4)
+        curves["compiled_mean_abs_step_diff"] = round(sum(diffs) / len(diffs), 4)
+    curves["dev_quality"] = dev_quality({k: adapters[k] for k in (LEVERS[0][0], "new defaults")}, tmp)
     return curves
 
 

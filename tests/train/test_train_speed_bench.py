@@ -41,3 +41,42 @@ def test_step_split_parts():
         parts.setdefault(ev.name, set()).add(ts.part_of(ev))
     assert parts["aten::mm"] == {"matmul"} and parts["aten::silu"] == {"norm+act"}
     assert "optimizer" in parts["aten::mul_"] and "norm+act" not in parts["aten::mul_"]
+
+
+def test_compile_time_is_what_compiling_steps_took_beyond_a_steady_step(monkeypatch):
+    """A compiled arm's steps that built graphs are not timed; what they took beyond the steady
+    time per computed token is its compile time (hand-worked: steps 0 and 3 compile)."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+    ts = _bench()
+    durations, compiles = [10.0, 1.0, 1.0, 5.5, 1.0, 2.0], [True, False, False, True, False, False]
+    widths = [25, 25, 25, 25, 25, 50]  # batches of 4 rows: step 5 computes twice the tokens
+    now = [0.0]
+    monkeypatch.setattr(ts, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class FakeTrainer:
+        def __init__(self):
+            self.callbacks, self.data_collator = [], lambda f: f
+
+        def add_callback(self, cb):
+            self.callbacks.append(cb)
+
+        def train(self):
+            for cb in self.callbacks:
+                cb.on_train_begin(None, None, None)
+            for d, c, w in zip(durations, compiles, widths):
+                mask = torch.ones(4, w, dtype=torch.long)
+                mask[0, -5:] = 0  # 5 pad tokens per batch
+                self.data_collator({"input_ids": mask, "attention_mask": mask, "labels": torch.zeros_like(mask)})
+                now[0] += d
+                counters["stats"]["unique_graphs"] += int(c)
+                for cb in self.callbacks:
+                    cb.on_step_end(None, None, None)
+
+    r = ts.measure(FakeTrainer())
+    assert r["timed_steps"] == [2, 4, 5] and r["compile_steps"] == [0, 3]
+    assert r["seconds"] == 4.0 and r["non_pad_tokens"] == 95 + 95 + 195
+    # steady: 4 s for 100 + 100 + 200 computed tokens = 0.01 s/token; compiling steps computed 100 each
+    assert r["compile_s"] == (10.0 - 1.0) + (5.5 - 1.0)
+    assert r["step_s"] == round(4.0 / 3, 3)

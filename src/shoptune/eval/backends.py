@@ -53,9 +53,16 @@ class LocalBackend:
     ``prefix_cache``: the prompts' shared prefix (the protocol's preamble, at least) is run once
     per :meth:`run` and its KV reused by every batch (:class:`~shoptune.decoding.PrefixCache`;
     a fresh cache each run, so a model trained in between is never answered with stale KV).
+
+    ``compile``: the model's decoder layers are compiled in place (:mod:`shoptune.compiling`;
+    every forward, generation's KV-cache steps included, runs through them).
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, prefix_cache: bool = False):
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, prefix_cache: bool = False,
+                 compile: bool = False):
+        if compile:
+            from shoptune.compiling import compile_layers
+            compile_layers(model, inference=True)
         self.model, self.tok, self.batch_size = model, tokenizer, batch_size
         self.tok.padding_side = "left"
         self.prefix_cache = prefix_cache
@@ -82,7 +89,7 @@ class LocalBackend:
             logits = last_logits(self.model, enc)
         else:
             # Only the last position's logits are needed: skips the 49k-vocab head elsewhere (-18%).
-            logits = self.model(**enc, logits_to_keep=1).logits[:, -1, :].float()
+            logits = self.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
         return [best_choice(logits[row], plans[i].choices, self.tok) for row, i in enumerate(batch)]
 
     @torch.inference_mode()

@@ -96,6 +96,11 @@ def register(app: typer.Typer) -> None:
         prefix_cache: Annotated[bool, typer.Option(help="Run the prompts' shared prefix once and "
                                                    "reuse its KV (local backend; answers equal "
                                                    "within rounding).")] = False,
+        compile_: Annotated[Literal["auto", "on", "off"], typer.Option("--compile", help=(
+            "Compile the built-in engine's decoder layers with torch.compile "
+            "(the first batches of each shape pay the compile; inductor's cache under the cache "
+            "folder makes later runs warm); auto = on where it was measured to pay on this kind "
+            "of machine (docs/results/train_speed.md)"))] = "auto",
         task_adapter: Annotated[Optional[list[str]], typer.Option(
             help="TASK=DIR (repeatable): a per-task deployment; TASK's questions (a task card's "
                  "name, or ShopBench's: task2) are answered by adapter DIR, the others by --adapter "
@@ -135,7 +140,7 @@ def register(app: typer.Typer) -> None:
                          limit_per_task=limit_per_task,
                          batch_size=batch_size, concurrency=concurrency, dtype=dtype, merge=merge,
                          task_adapters=task_adapters or None, prefix_cache=prefix_cache,
-                         overwrite=overwrite)
+                         overwrite=overwrite, compile=compile_)
         except (DataValidationError, ModelNotFoundError, FileNotFoundError, ValueError,
                 RuntimeError) as e:
             fail(str(e))

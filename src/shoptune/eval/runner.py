@@ -43,9 +43,10 @@ class _PerTaskBackend:
     """Runs each task's questions on that task's adapter (one model in memory at a time)."""
 
     def __init__(self, model: str, records, task_adapters: dict[str, str], default_adapter: str | None,
-                 *, merge: bool, dtype: str, batch_size: int, prefix_cache: bool = False):
+                 *, merge: bool, dtype: str, batch_size: int, prefix_cache: bool = False,
+                 compile: bool = False):
         self.model, self.merge, self.dtype, self.batch_size = model, merge, dtype, batch_size
-        self.prefix_cache = prefix_cache
+        self.prefix_cache, self.compile = prefix_cache, compile
         self.default_adapter = default_adapter
         self.route = [task_adapters.get(r.task, default_adapter) for r in records]
         # the base (or default-adapter) model first: it gives the tokenizer and the dtype reported
@@ -66,7 +67,7 @@ class _PerTaskBackend:
             else:
                 mdl, _ = _local_model(self.model, a, merge=self.merge, dtype=self.dtype)
             got = LocalBackend(mdl, self.tok, batch_size=self.batch_size,
-                               prefix_cache=self.prefix_cache).run(
+                               prefix_cache=self.prefix_cache, compile=self.compile).run(
                 [prompts[i] for i in idx], [plans[i] for i in idx], progress=progress)
             for i, o in zip(idx, got):
                 outputs[i] = o
@@ -146,7 +147,7 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
              quiet: bool = False, suite: str | Path | None = None, merge: bool = True,
              task_adapters: dict[str, str] | None = None, prefix_cache: bool = False,
              backend: str | None = None, limit_per_task: int | None = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, compile: str | bool = "auto") -> dict:
     """``suite`` (a name under configs/eval or a YAML path) or ``data`` (files/folders).
 
     ``engine``: ``builtin`` (this process: transformers, length-sorted batches), ``llama.cpp`` /
@@ -164,6 +165,9 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
 
     ``prefix_cache`` (builtin): the prompts' shared prefix is run once per model and its KV
     reused (:class:`~shoptune.decoding.PrefixCache`); answers equal within rounding.
+
+    ``compile`` (builtin): ``on`` compiles the model's decoder layers (:mod:`shoptune.compiling`),
+    ``auto`` where that was measured to pay on this kind of machine.
 
     ``limit`` keeps the first N questions; ``limit_per_task`` the first N of each task (as
     lm-evaluation-harness's limit); the report marks scores from partial coverage.
@@ -190,6 +194,10 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
                          "(builtin, llama.cpp, vllm)")
     if engine == "openai" and not base_url:
         raise ValueError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    from shoptune.compiling import resolve
+    if engine != "builtin" and compile in ("on", True):
+        raise ValueError(f"--compile on compiles the built-in engine's model; --engine {engine} runs its own")
+    compiled = engine == "builtin" and resolve(compile, "eval")
     if task_adapters:
         from shoptune.tasks import card_name
         task_adapters = {card_name(t): d for t, d in task_adapters.items()}
@@ -226,15 +234,18 @@ def evaluate(*, model: str, data: Sequence[str] = (), out: str | Path, adapter: 
     if engine == "builtin":
         if task_adapters:
             runner = _PerTaskBackend(model, records, task_adapters, adapter, merge=merge,
-                                     dtype=dtype, batch_size=batch_size, prefix_cache=prefix_cache)
+                                     dtype=dtype, batch_size=batch_size, prefix_cache=prefix_cache,
+                                     compile=compiled)
             mdl, tok = runner.base_model, runner.tok
         else:
             mdl, tok = _local_model(model, adapter, merge=merge, dtype=dtype)
-            runner = LocalBackend(mdl, tok, batch_size=batch_size, prefix_cache=prefix_cache)
+            runner = LocalBackend(mdl, tok, batch_size=batch_size, prefix_cache=prefix_cache,
+                                  compile=compiled)
         dtype_used = str(mdl.dtype).replace("torch.", "")
         import transformers
         engine_info.update(version=f"transformers {transformers.__version__}", dtype=dtype_used,
-                           adapter=("merged" if merge else "lora") if (adapter or task_adapters) else None)
+                           adapter=("merged" if merge else "lora") if (adapter or task_adapters) else None,
+                           compiled=compiled)
     elif engine == "openai":
         runner = OpenAIBackend(adapter or model, base_url=base_url, api_key=api_key,
                                concurrency=concurrency, chat=protocol == "chat", protocol=protocol)

@@ -290,6 +290,10 @@ def register(app: typer.Typer) -> None:
                  "its previous response (closed after).")] = 10.0,
         keep_alive_timeout: Annotated[float, typer.Option(
             help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+        compile_: Annotated[Literal["auto", "on", "off"], typer.Option("--compile", help=(
+            "Compile the built-in engine's decoder layers with torch.compile (the first requests "
+            "of each shape pay the compile; batches with per-row adapters run eagerly); auto = on "
+            "where it was measured to pay on this kind of machine."))] = "auto",
         log_level: Annotated[Literal[LOG_LEVELS], typer.Option(
             help="The server's log level (uvicorn's and shoptune's).")] = "info",
     ) -> None:
@@ -340,6 +344,14 @@ def register(app: typer.Typer) -> None:
         task_adapters = _pairs(task_adapter, "--task-adapter", fail)  # (before any model loads)
         in_process = engine_kind == "builtin" and upstream is None
         check_task_adapters(task_adapters, ([] if merge else list(adapters)) if in_process else None, fail)
+        from shoptune.compiling import resolve
+        try:
+            compiled = resolve(compile_, "serve") if in_process else False
+        except ValueError as e:
+            fail(str(e))
+        if compile_ == "on" and not compiled:
+            fail("--compile on compiles the built-in engine's model; with --engine "
+                 f"{engine_kind}{' / --upstream' if upstream else ''} the engine holds the weights")
         if engine_kind != "builtin":
             if upstream is not None:
                 fail(f"--engine {engine_kind} starts its own upstream: no --upstream with it")
@@ -416,7 +428,7 @@ def register(app: typer.Typer) -> None:
                         lm, tok = load(model, dtype=dtype)
                         base_name = served_model_name or model
                 engine = Engine(lm, tok, base_name=base_name, max_batch_size=max_batch_size,
-                                max_wait=max_wait_ms / 1000, max_queue=max_queue)
+                                max_wait=max_wait_ms / 1000, max_queue=max_queue, compile=compiled)
                 for name, folder in adapters.items():
                     engine.load_adapter(name, folder)
             except (ModelNotFoundError, EngineError, FileNotFoundError, ValueError) as e:

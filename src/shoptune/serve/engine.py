@@ -439,7 +439,11 @@ class JobStream:
 class Engine(JobStream):
     def __init__(self, model, tokenizer, *, base_name: str = "base", max_batch_size: int = 16,
                  max_wait: float = 0.005, max_queue: int = 256, stats: EngineStats | None = None,
-                 prefix_cache: PrefixCache | None | bool = True):
+                 prefix_cache: PrefixCache | None | bool = True, compile: bool = False):
+        if compile:  # (shoptune.compiling: the decoder layers, in place, before the worker starts)
+            from shoptune.compiling import compile_layers
+            compile_layers(model, inference=True)
+        self.compiled = compile
         self.model, self.tok = model, tokenizer
         self.base_name = base_name
         self.max_batch_size, self.max_wait = max_batch_size, max_wait
@@ -722,11 +726,11 @@ class Engine(JobStream):
         """One forward pass of a one-token batch: a row for the base model and one per adapter in
         ``adapters`` (peft's mixed batch, as requests share batches). Raises if it cannot compute.
         (The caller holds ``model_lock``.)"""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._stance():
             inputs = self._inputs([Job([self.pad_id])] + [Job([self.pad_id], a) for a in adapters],
                                   prefix=False)
             inputs.pop("prefix_len")
-            logits = self.model(**inputs, logits_to_keep=1).logits
+            logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits
             if not torch.isfinite(logits).all():
                 raise RuntimeError("the check's logits are not finite")
 
@@ -757,8 +761,17 @@ class Engine(JobStream):
             reason = f"the last batch failed and the model check has not passed since: {self.last_error}"
         return {"live": live, "ready": reason is None, "reason": reason}
 
+    def _stance(self):
+        """Compiled layers run eagerly while adapters are loaded: peft's per-row adapters pick
+        each adapter's rows by name in Python (``adapter_names``), which a compiled graph would
+        freeze to one combination of names per graph. The base model and a merged adapter
+        (``--merge``) run compiled."""
+        import contextlib
+        return torch.compiler.set_stance("force_eager") if self.compiled and self.is_peft \
+            else contextlib.nullcontext()
+
     def _run_kinds(self, jobs: list[Job]) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._stance():
             for kind, step in (("choice", self._choose), ("score", self._score), ("generate", self._generate)):
                 part = [j for j in jobs if j.kind == kind]
                 if part:
@@ -850,7 +863,7 @@ class Engine(JobStream):
             inputs = self._inputs(part, prefix=False)  # every position's logits: no prefix skipped
             inputs.pop("prefix_len")
             pos = positions(inputs["attention_mask"])
-            logits = self.model(**inputs, position_ids=pos).logits
+            logits = self.model(**inputs, position_ids=pos, use_cache=False).logits
             width = logits.shape[1]
             for row, job in enumerate(part):
                 try:

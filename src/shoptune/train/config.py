@@ -100,7 +100,10 @@ class TrainConfig(BaseModel):
     # state stay fp32; the same products autocast computes, without re-casting every step)
     base_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     answer_logits_only: bool = True  # run the LM head only where the loss is (identical loss)
-    torch_compile: bool = False  # torch.compile the model (pays off only on long runs)
+    # torch.compile the decoder layers (shoptune.compiling): on, off, or auto = on where it was
+    # measured to pay on this kind of machine (and a C++ compiler is found)
+    compile: Literal["auto", "on", "off"] = "auto"
+    torch_compile: bool = False  # former name of `compile: on` (older configs and run keys)
     gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = Field(default=5, ge=1)
@@ -117,8 +120,24 @@ class TrainConfig(BaseModel):
     # example (train/packing.py); same loss and gradients as the padded batch, no pad FLOPs
     packing: bool = False
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
+
     @model_validator(mode="after")
     def _methods_combine(self) -> "TrainConfig":
+        if self.torch_compile:
+            if self.compile == "off":
+                raise ValueError("torch_compile: true (the former name of compile: on) contradicts compile: off")
+            self.compile = "on"
+        if self.compile == "on" and self.packing:
+            raise ValueError("compile: on with packing: true: a packed batch runs attention once per "
+                             "example (one shape per example length), which a compiled layer cannot hold "
+                             "to a few graphs; use one of them (compile: auto leaves packed runs eager)")
+        if self.compile == "on" and self.quantization != "none":
+            raise ValueError(f"compile: on with quantization: {self.quantization}: bitsandbytes' k-bit "
+                             "layers are not compiled; use compile: off (auto leaves them eager)")
         if self.curriculum == "three-stage" and self.peft != "lora":
             raise ValueError("peft: poly cannot be combined with curriculum: three-stage")
         if self.curriculum == "three-stage" and self.loss_balancing != "static":
@@ -163,6 +182,7 @@ KEY_NEUTRAL_DEFAULTS = {
     "balance_lr": 0.01,
     "quantization": "none",
     "packing": False,
+    "compile": "auto",  # how fast a step runs, not what it trains (rounding aside)
 }
 
 

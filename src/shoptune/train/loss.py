@@ -44,7 +44,9 @@ def answer_token_losses(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
     ``answer_logits_only=False`` computes logits at every position (the reference path).
     ``route_ids``: each row's Poly task id (peft's ``task_ids``), for routed adapters."""
-    extra = {"task_ids": route_ids} if route_ids is not None else {}
+    # use_cache=False: a training forward keeps no KV cache (transformers would build one, and
+    # its Python-side updates break a compiled layer's graph)
+    extra = {"use_cache": False, **({"task_ids": route_ids} if route_ids is not None else {})}
     target = labels[:, 1:]
     keep = target != IGNORE  # (B, L-1): positions whose next token is an answer token
     if answer_logits_only:

@@ -30,7 +30,7 @@ from shoptune.experts import routing_table
 from shoptune.train.sharded import full_state_dict
 from shoptune.train.trainer import (PeriodicEval, base_weights_dtype, build_model,
                                     latest_complete_checkpoint, make_trainer, save_adapter,
-                                    trainable_parameters, train)
+                                    trainable_parameters, train, use_compile)
 
 
 def _git_commit() -> str | None:
@@ -142,10 +142,12 @@ def _main(cfg: TrainConfig, out: Path, resume: bool, on_invalid: str = "skip") -
 
     # 2. model + adapter (LoRA, or Poly routed by task/capability), loss balancing groups
     routing = routing_table(records, cfg.poly.route_by) if cfg.peft == "poly" else None
+    compiled = use_compile(cfg)
     model, tok = build_model(cfg.model, cfg.lora, base_dtype=base_weights_dtype(cfg),
                              gradient_checkpointing=cfg.gradient_checkpointing,
                              quantization=cfg.quantization, packing=cfg.packing, peft=cfg.peft,
-                             poly=cfg.poly, n_routes=len(routing["routes"]) if routing else 1)
+                             poly=cfg.poly, n_routes=len(routing["routes"]) if routing else 1,
+                             compile=compiled)
     task_names = sorted({r.task for r in records})
     task_index = {t: i for i, t in enumerate(task_names)}
     examples = encode_records(records, tok, protocol=cfg.protocol, max_length=cfg.max_length,
@@ -185,6 +187,7 @@ def _main(cfg: TrainConfig, out: Path, resume: bool, on_invalid: str = "skip") -
             "trainable_params": trainable_parameters(trainer.model),
             "balancing": ({**balancer.state(), **balancer.log_items()} if balancer is not None else None),
             "argv": sys.argv, "world_size": trainer.args.world_size,
+            "compiled": compiled,  # (what compile: auto|on|off came to on this machine)
             # a curriculum's earlier stages count: steps and tokens add up, first loss is stage 2's
             "metrics": {"first_loss": next((st["first_loss"] for st in earlier), None)
                         if earlier else (hist[0]["loss"] if hist else None),

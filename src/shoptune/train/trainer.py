@@ -205,7 +205,9 @@ class PeriodicEval(TrainerCallback):
         was_training = model.training
         model.eval()
         from shoptune.train.loss import autocast_for
-        with autocast_for(model):
+        # (compiled layers run eagerly here: generation's KV-cache steps are not the training
+        # step's shapes, and would only cost compiles)
+        with torch.compiler.set_stance("force_eager"), autocast_for(model):
             outs = LocalBackend(model, self.tok, batch_size=16).run(
                 build_prompts(self.records, self.protocol, self.tok), [plan_for(r) for r in self.records])
         if was_training:
@@ -285,8 +287,17 @@ def training_args(cfg: TrainConfig, out: Path, max_steps: int, data_seed: int | 
         # a packed batch has no padding (and no attention mask to count it by)
         include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
         gradient_checkpointing=cfg.gradient_checkpointing,
-        torch_compile=cfg.torch_compile, disable_tqdm=False,
+        disable_tqdm=False,  # (compiling: build_model compiles the decoder layers, see use_compile)
     )
+
+
+def use_compile(cfg: TrainConfig) -> bool:
+    """``compile: on``, or ``auto`` where it was measured to pay on this machine kind
+    (:func:`shoptune.compiling.resolve`); ``auto`` leaves packed and k-bit runs eager."""
+    from shoptune.compiling import resolve
+    if cfg.compile == "auto" and (cfg.packing or cfg.quantization != "none"):
+        return False
+    return resolve(cfg.compile, "train")
 
 
 def base_weights_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -299,14 +310,16 @@ def base_weights_dtype(cfg: TrainConfig) -> torch.dtype:
 
 def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float32,
                 gradient_checkpointing: bool = False, quantization: str = "none",
-                packing: bool = False, peft: str = "lora", poly=None, n_routes: int = 1):
+                packing: bool = False, peft: str = "lora", poly=None, n_routes: int = 1,
+                compile: bool = False):
     """The base model with LoRA on ``lora.modules()`` (or, ``peft="poly"``, peft's Poly adapter:
     ``poly.n_skills`` rank-``lora.r`` skills per layer routed over ``n_routes`` tasks).
     ``base_dtype`` bf16 stores the frozen decoder Linear weights in bf16 (what autocast would
     cast them to at every step); embeddings, norms, adapter weights and the optimizer state stay
     fp32. ``quantization`` nf4/int8 loads those Linear weights k-bit instead (QLoRA, ``quant.py``;
     ``base_dtype`` is then the compute dtype); ``packing`` switches attention to one that keeps
-    packed examples apart (``packing.py``)."""
+    packed examples apart (``packing.py``); ``compile`` compiles each decoder layer in place
+    (``shoptune.compiling``)."""
     from peft import LoraConfig, PolyConfig, get_peft_model
 
     from shoptune.models import load
@@ -344,6 +357,9 @@ def build_model(model_name: str, lora, *, base_dtype: torch.dtype = torch.float3
         model = get_peft_model(model, lcfg)
     if gradient_checkpointing:
         model.enable_input_require_grads()
+    if compile:
+        from shoptune.compiling import compile_layers
+        compile_layers(model)
     return model, tok
 
 

@@ -1,0 +1,161 @@
+"""``compile: auto|on|off``: torch.compile for the training step and the built-in engine (#35).
+
+    shoptune train configs/train/demo.yaml compile=on
+    shoptune eval --model smollm2-135m --suite core --out runs/e --compile on
+    shoptune serve --compile on
+
+Regional compilation: each decoder layer is compiled in place (``nn.Module.compile``). Every
+layer runs the same code with its weights as graph inputs, so dynamo and inductor compile one
+layer's graph and reuse it for all of them: compile time is one layer's, not the whole model's
+(``torch.compile(model)`` did not finish compiling the variable-length LoRA step in 14 minutes on
+2 cores). The model keeps its parameter names (no ``_orig_mod.`` wrapper), so checkpoints,
+adapters, exact resume and peft's per-row adapters see the model they always saw.
+
+Sequence lengths vary from batch to batch; the layers are compiled with a dynamic sequence
+dimension after the first shape change (dynamo's automatic dynamic shapes), so a run compiles a
+handful of graphs, not one per length.
+
+Inductor's caches (FX graphs, AOTAutograd, compiled kernels) live under the project's cache folder
+(``$SHOPTUNE_CACHE_DIR/inductor``), so a second run on the same machine starts warm. Random ops
+use aten's generators (``fallback_random``): a compiled step draws the same numbers as an eager
+one (LoRA dropout, Poly's relaxed-Bernoulli routing), and checkpoints' RNG states mean the same.
+
+``auto`` turns compilation on only where it was measured to pay on this kind of machine
+(:data:`MEASURED`, from ``benchmarks/train_speed.py`` and ``benchmarks/eval_speed.py``; see
+docs/results/train_speed.md), and never without a C++ compiler.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+SETTINGS = ("auto", "on", "off")
+
+# Where compiling was measured to pay (True) or not (False), per use and machine kind
+# (:func:`machine_kind`). Kinds missing here were not measured: ``auto`` leaves them off.
+MEASURED: dict[str, dict[str, bool]] = {
+    # docs/results/train_speed.compiled.json (2026-12-07): 1.10x tokens/s after a 60 s compile
+    # (break-even ~160 steps) and a loss trajectory 0.0148 from eager's (target 0.01): not on by default
+    "train": {"avx512_bf16": False},
+    # docs/results/eval_compile.json (2026-12-07): a core-suite pass 0.82x eager's including the
+    # compile, the same answers in fp32 (target 1.3x): not on by default
+    "eval": {"avx512_bf16": False},
+}
+
+
+class CompileUnavailable(ValueError):
+    """``compile: on`` where it cannot work (no C++ compiler, a combination it cannot run)."""
+
+
+def machine_kind() -> str:
+    """``cuda``, ``amx`` (Intel AMX bf16), ``avx512_bf16`` (native bf16, e.g. AMD EPYC) or
+    ``cpu`` (no native bf16: AVX2-only machines emulate it)."""
+    import torch
+
+    from shoptune import machine
+    if torch.cuda.is_available():
+        return "cuda"
+    m = machine.describe()
+    return "amx" if m["amx_bf16"] else "avx512_bf16" if m["avx512_bf16"] else "cpu"
+
+
+def compiler_missing() -> str | None:
+    """Why inductor cannot build CPU kernels here (None: it can): it needs a C++ compiler and the
+    Python headers."""
+    import torch
+    if torch.cuda.is_available():
+        return None
+    from torch._inductor import config
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    names = [n for n in names if n] or ["g++"]
+    if not any(shutil.which(n) for n in names):
+        return f"no C++ compiler ({' or '.join(names)} not on PATH); inductor builds its CPU kernels with one"
+    include = sysconfig.get_paths().get("include") or ""
+    if not Path(include, "Python.h").exists():
+        return f"no Python headers ({include}/Python.h); inductor's kernels include them"
+    return None
+
+
+def resolve(setting, use: str) -> bool:
+    """Whether to compile for ``use`` (``train``, ``eval``, ``serve``) under ``setting``
+    (auto/on/off, or a bool). ``on`` where no compiler is found raises
+    :class:`CompileUnavailable`; ``auto`` is on where :data:`MEASURED` says it pays."""
+    if isinstance(setting, bool):
+        setting = "on" if setting else "off"
+    if setting not in SETTINGS:
+        raise ValueError(f"compile {setting!r}: one of {', '.join(SETTINGS)}")
+    if setting == "off":
+        return False
+    missing = compiler_missing()
+    if setting == "on":
+        if missing:
+            raise CompileUnavailable(f"compile: on: {missing}")
+        return True
+    table = MEASURED.get("eval" if use == "serve" else use, {})
+    return missing is None and table.get(machine_kind(), False)
+
+
+def use_cache_dir() -> Path:
+    """Inductor's caches under the project's cache folder (unless ``TORCHINDUCTOR_CACHE_DIR`` is
+    set); random ops on aten's generators. Call before the first compiled call."""
+    from torch._inductor import config
+
+    from shoptune.paths import cache_dir
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")))
+    config.fallback_random = True
+    return path
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers (a transformers model, or one wrapped by peft)."""
+    import torch
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+    body = getattr(inner, "model", inner)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise CompileUnavailable(f"compile: no decoder layers found in {type(inner).__name__}")
+    return list(layers)
+
+
+def compile_layers(model, *, dynamic: bool | None = None, inference: bool = False) -> int:
+    """Compile each decoder layer in place (see the module docstring); returns how many.
+    Compiling happens at the first call of each new shape. ``inference``: also for forwards
+    that carry a KV cache (generation, the prefix cache), see :func:`_cache_updates_outside`."""
+    from torch._dynamo import config
+    use_cache_dir()
+    # a few graphs per layer frame (shapes, with and without a padding mask or a KV cache), each
+    # compiled once: more than dynamo's default limit of 8 before it gives up and runs eagerly
+    config.recompile_limit = max(config.recompile_limit, 32)
+    if inference:
+        _cache_updates_outside()
+        if dynamic is None:  # batch and length both vary from the first call on
+            dynamic = True
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=dynamic)
+    return len(layers)
+
+
+def _cache_updates_outside() -> None:
+    """A KV-cache update inside a compiled layer would be traced into it: transformers' cache
+    indexes its per-layer list by the layer's ``layer_idx``, so dynamo would build one graph per
+    layer (30 here, past its recompile limit). The update runs eagerly between the layer's
+    graphs instead (``torch.compiler.disable``: whatever runs it, it is never traced), and
+    integer module attributes are not specialized, so all layers share their graphs."""
+    import torch
+    from torch._dynamo import config
+    from transformers.cache_utils import Cache
+    config.allow_unspec_int_on_nn_module = True
+    if not getattr(Cache.update, "_shoptune_eager", False):
+        update = torch.compiler.disable(Cache.update)
+        update._shoptune_eager = True
+        Cache.update = update
+
+
+def is_compiled(model) -> bool:
+    try:
+        return any(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(model))
+    except CompileUnavailable:
+        return False

@@ -38,11 +38,11 @@ def test_off_on_and_auto(monkeypatch):
 
 def test_no_compiler_refuses_on_and_leaves_auto_off(monkeypatch):
     from torch._inductor import config
-    monkeypatch.setattr(config.cpp, "cxx", ("no-such-c++",))
     monkeypatch.setattr(compiling, "MEASURED", {"train": {compiling.machine_kind(): True}})
-    with pytest.raises(CompileUnavailable, match=r"^compile: on: no C\+\+ compiler \(no-such-c\+\+ not on PATH\)"):
-        resolve("on", "train")
-    assert resolve("auto", "train") is False
+    with config.patch({"cpp.cxx": ("no-such-c++",)}):  # (inductor's own override: restored on exit)
+        with pytest.raises(CompileUnavailable, match=r"^compile: on: no C\+\+ compiler \(no-such-c\+\+ not on PATH\)"):
+            resolve("on", "train")
+        assert resolve("auto", "train") is False
 
 
 def test_config_reads_yaml_on_off_and_refuses_what_cannot_compile(tmp_path):
@@ -182,7 +182,8 @@ def test_the_three_stage_curriculum_runs_compiled(tiny_model, tmp_path):
 def test_compiled_evaluation_gives_eager_answers_in_fp32(tiny_model):
     """Multiple choice (one forward), generation (prefill and KV-cache steps, batches of
     different sizes and lengths) and the prefix cache, through compiled layers."""
-    from shoptune.decoding import build_prompts, plan_for
+    from shoptune.decoding import build_prompts
+    from shoptune.tasks import plan_for
     from shoptune.eval.backends import LocalBackend
     from shoptune.eval.suite import build_suite
     from shoptune.models import load

@@ -502,6 +502,10 @@ def main() -> None:
         result["loss_curves"] = curves
         if "compiled" in result:
             result["compiled"]["loss_mean_abs_delta"] = curves["compiled_mean_abs_step_diff"]
+            # the same ratio over the curves' steps (the compiling steps left out of both): more
+            # steps than an arm's timed ones, in the parent process with a warm cache
+            result["compiled"]["ratio_loss_steps"] = round(
+                curves["compiled"]["tokens_per_s"] / curves["new defaults"]["tokens_per_s"], 3)
         plot_curves(curves, Path(a.out).with_suffix(".png"))
     print(json.dumps({k: result.get(k) for k in ("speedup_vs_before", "ratio", "packing")}))
     write_json(Path(a.out), result)
@@ -558,10 +562,12 @@ def compiled_arms(a, tmp: Path, records, default: dict, peaks: dict, flops_per_t
     # where a compiled step's time goes (the recipe's arm, `compile: on`), as for the eager default
     name, extra, _ = COMPILED[0]
     arms[name]["split"] = profile_run(config(tmp, "compiled-profile", a, extra), records)
+    from torch._inductor import config as inductor_config  # (as shoptune.compiling set it)
     print(f"{name}: split {arms[name]['split']['share']}", flush=True)
     return {"arm": best, **{k: arms[best][k] for k in ("ratio", "paired_step_ratio", "compile_s_cold",
                                                        "compile_s_warm", "break_even_steps", "mfu")},
-            "loss_mean_abs_delta": None, "arms": arms}
+            "loss_mean_abs_delta": None, "arms": arms,
+            "inductor": {k: getattr(inductor_config, k) for k in ("emulate_precision_casts", "fallback_random")}}
 
 
 def loss_curves(a, tmp: Path) -> dict:

@@ -19,6 +19,10 @@ Inductor's caches (FX graphs, AOTAutograd, compiled kernels) live under the proj
 (``$SHOPTUNE_CACHE_DIR/inductor``), so a second run on the same machine starts warm. Random ops
 use aten's generators (``fallback_random``): a compiled step draws the same numbers as an eager
 one (LoRA dropout, Poly's relaxed-Bernoulli routing), and checkpoints' RNG states mean the same.
+Under bf16 autocast, fused kernels round their intermediates to bf16 where eager's separate ops
+would (``emulate_precision_casts``): without it a fused kernel keeps them in fp32, and a 50-step
+loss trajectory drifted 0.0148 (mean |delta|) from eager's; with it 0.0055, for 2% of the speed
+(docs/results/train_speed.md).
 
 ``auto`` turns compilation on only where it was measured to pay on this kind of machine
 (:data:`MEASURED`, from ``benchmarks/train_speed.py`` and ``benchmarks/eval_speed.py``; see
@@ -97,14 +101,22 @@ def resolve(setting, use: str) -> bool:
     return missing is None and table.get(machine_kind(), False)
 
 
-def use_cache_dir() -> Path:
+def inductor_settings() -> Path:
     """Inductor's caches under the project's cache folder (unless ``TORCHINDUCTOR_CACHE_DIR`` is
-    set); random ops on aten's generators. Call before the first compiled call."""
+    set; returned), random ops on aten's generators, bf16 rounding as eager's (see the module
+    docstring). Call before the first compiled call."""
     from torch._inductor import config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from shoptune.paths import cache_dir
-    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")))
+    mine = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # importing torch._dynamo (transformers and peft do) writes torch's default, a per-user folder
+    # in /tmp, into the environment: that value is torch's, not the user's
+    if mine is None or os.path.abspath(mine) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     config.fallback_random = True
+    config.emulate_precision_casts = True
     return path
 
 
@@ -124,7 +136,7 @@ def compile_layers(model, *, dynamic: bool | None = None, inference: bool = Fals
     Compiling happens at the first call of each new shape. ``inference``: also for forwards
     that carry a KV cache (generation, the prefix cache), see :func:`_cache_updates_outside`."""
     from torch._dynamo import config
-    use_cache_dir()
+    inductor_settings()
     # a few graphs per layer frame (shapes, with and without a padding mask or a KV cache), each
     # compiled once: more than dynamo's default limit of 8 before it gives up and runs eagerly
     config.recompile_limit = max(config.recompile_limit, 32)

@@ -247,3 +247,30 @@ def test_the_compiled_engine_batches_per_row_adapters(tmp_path):
 def _job(engine, model):
     from shoptune.serve.engine import Job
     return Job(engine.tok.encode("The best running shoe is"), model, max_new_tokens=6)
+
+
+@pytest.mark.slow
+def test_prompts_run_compiled_and_decode_steps_eagerly(tiny_model):
+    """A forward of several tokens per row compiles; one of one token per row (a decode step)
+    runs the layers eagerly: no graph is compiled for it. The compiler's stance is back to
+    default after each forward, also after one that raised."""
+    from torch._dynamo import eval_frame
+    from torch._dynamo.utils import counters
+
+    from shoptune.models import load
+    model, _ = load(str(tiny_model), dtype="fp32")
+    compiling.compile_layers(model, inference=True)
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+    stance = lambda: eval_frame._stance.stance  # noqa: E731  (rebound by each set_stance)
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = graphs()
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        assert graphs() > before and stance() == "default"
+        before = graphs()
+        step = model(input_ids=ids[:, :1], past_key_values=out.past_key_values)
+        assert graphs() == before and stance() == "default"
+        assert step.logits.shape == (2, 1, model.config.vocab_size)
+        with pytest.raises(Exception):
+            model(input_ids=ids[:, :1], attention_mask=torch.ones(5, 5))
+        assert stance() == "default"

@@ -134,7 +134,8 @@ def decoder_layers(model) -> list:
 def compile_layers(model, *, dynamic: bool | None = None, inference: bool = False) -> int:
     """Compile each decoder layer in place (see the module docstring); returns how many.
     Compiling happens at the first call of each new shape. ``inference``: also for forwards
-    that carry a KV cache (generation, the prefix cache), see :func:`_cache_updates_outside`."""
+    that carry a KV cache (prompts after the prefix cache), see :func:`_cache_updates_outside`;
+    decode steps run eagerly (:func:`_decode_eagerly`)."""
     from torch._dynamo import config
     inductor_settings()
     # a few graphs per layer frame (shapes, with and without a padding mask or a KV cache), each
@@ -147,7 +148,34 @@ def compile_layers(model, *, dynamic: bool | None = None, inference: bool = Fals
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=dynamic)
+    if inference:
+        _decode_eagerly(model)
     return len(layers)
+
+
+def _decode_eagerly(model) -> None:
+    """Forwards of one token per row (generation's decode steps) run the layers eagerly, the
+    prompts' forwards compiled. A decode step's work is small matmuls over the weights; what
+    compiling adds to it (guard checks, a graph launch per layer and per side of the eager
+    KV-cache update) made a steady compiled decode step slower than an eager one, while prompt
+    batches gain from fusion (docs/results/eval_engines.md). The stance is restored whatever
+    the forward does (``always_call``)."""
+    import torch
+    stances: list = []
+
+    def before(module, args, kwargs):
+        x = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]) if v is not None), None)
+        one_token = x is not None and x.dim() >= 2 and x.shape[1] == 1
+        stances.append(torch.compiler.set_stance("force_eager") if one_token else None)
+
+    def after(module, args, kwargs, output):
+        stance = stances.pop() if stances else None
+        if stance is not None:
+            stance.__exit__(None, None, None)
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # (generate runs this one)
+    inner.register_forward_pre_hook(before, with_kwargs=True)
+    inner.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
 def _cache_updates_outside() -> None:

@@ -40,8 +40,8 @@ SETTINGS = ("auto", "on", "off")
 # Where compiling was measured to pay (True) or not (False), per use and machine kind
 # (:func:`machine_kind`). Kinds missing here were not measured: ``auto`` leaves them off.
 MEASURED: dict[str, dict[str, bool]] = {
-    # docs/results/train_speed.compiled.json (2026-12-07): 1.10x tokens/s after a 60 s compile
-    # (break-even ~160 steps) and a loss trajectory 0.0148 from eager's (target 0.01): not on by default
+    # docs/results/train_speed.compiled.json (2026-12-07): 1.0-1.2x tokens/s (three estimates in
+    # one run) after a 69 s compile, the loss trajectory 0.0055 from eager's (target 1.8x): off
     "train": {"avx512_bf16": False},
     # docs/results/eval_compile.json (2026-12-07): a core-suite pass 0.82x eager's including the
     # compile, the same answers in fp32 (target 1.3x): not on by default

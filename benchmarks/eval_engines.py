@@ -176,11 +176,23 @@ def _plot(res: dict, path: Path) -> None:
     names = list(res["arms"])
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     start = [res["arms"][n]["start_s"] for n in names]
-    gen = [res["arms"][n]["generate_s"] for n in names]
     ax[0].barh(names, start, label="start-up (engine, export, merge)", color="#bbb")
-    ax[0].barh(names, gen, left=start, label="generation", color="#4c72b0")
+    left = list(start)
+    if all("split" in res["arms"][n] for n in names):  # built-in arms only: where generation went
+        parts = (("prefill", "prompt forwards", "#4c72b0"), ("decode", "decode steps", "#55a868"),
+                 ("compiling", "calls that compiled", "#c44e52"), ("other", "generate's own work", "#8172b2"))
+        for key, label, color in parts:
+            sp = [res["arms"][n]["split"] for n in names]
+            w = [x["other_s"] if key == "other" else
+                 x["prefill_compiling"]["s"] + x["decode_compiling"]["s"] if key == "compiling" else x[key]["s"]
+                 for x in sp]
+            ax[0].barh(names, w, left=left, label=label, color=color)
+            left = [a + b for a, b in zip(left, w)]
+    else:
+        ax[0].barh(names, [res["arms"][n]["generate_s"] for n in names], left=start, label="generation",
+                   color="#4c72b0")
     ax[0].set_xlabel(f"seconds per pass ({res['n_questions']} questions)")
-    ax[0].legend(fontsize=8)
+    ax[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     ax[0].invert_yaxis()
     ov = [res["arms"][n]["overall"] for n in names]
     ax[1].barh(names, ov, color="#55a868")

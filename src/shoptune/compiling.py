@@ -21,11 +21,12 @@ use aten's generators (``fallback_random``): a compiled step draws the same numb
 one (LoRA dropout, Poly's relaxed-Bernoulli routing), and checkpoints' RNG states mean the same.
 Under bf16 autocast, fused kernels round their intermediates to bf16 where eager's separate ops
 would (``emulate_precision_casts``): without it a fused kernel keeps them in fp32, and a 50-step
-loss trajectory drifted 0.0148 (mean |delta|) from eager's; with it 0.0055, for 2% of the speed
-(docs/results/train_speed.md).
+loss trajectory drifted 0.0148 (mean |delta|) from eager's; with it 0.0055, at no cost the runs
+resolve (docs/results/train_speed.md: the drift was eager's rounding; the fused fp32 kernels
+were nearer an fp32 run, but a run should not depend on whether it was compiled).
 
 ``auto`` turns compilation on only where it was measured to pay on this kind of machine
-(:data:`MEASURED`, from ``benchmarks/train_speed.py`` and ``benchmarks/eval_speed.py``; see
+(:data:`MEASURED`, from ``benchmarks/train_speed.py`` and ``benchmarks/eval_engines.py``; see
 docs/results/train_speed.md), and never without a C++ compiler.
 """
 from __future__ import annotations

@@ -112,6 +112,10 @@ def main() -> None:
                f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
                for k, v in vars(args).items() if v is not None),
            "machine": machine.describe(), "suite": args.suite, "adapter": args.adapter, "arms": {}}
+    eng = args.engines
+    if "builtin+compile-steady" in eng and ("builtin+compile" not in eng
+                                            or eng.index("builtin+compile") > eng.index("builtin+compile-steady")):
+        ap.error("builtin+compile-steady reuses what builtin+compile compiled: list it after builtin+compile")
     rows = {}
     last_clock = clocked_backend()
     for dtype in args.dtypes:
@@ -121,8 +125,6 @@ def main() -> None:
             compiled = engine.startswith("builtin+compile")
             if engine == "builtin+compile":  # an empty inductor cache: the pass pays the whole compile
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-", dir=work)
-            elif engine == "builtin+compile-steady" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-                raise SystemExit("builtin+compile-steady reuses what builtin+compile compiled: list it after that")
             s = evaluate(model=args.model, adapter=args.adapter, suite=args.suite, out=work / name.replace("/", "-"),
                          engine="builtin" if compiled else engine, dtype=dtype, concurrency=args.concurrency,
                          quiet=True, n_boot=200, compile="on" if compiled else "off")

@@ -137,7 +137,7 @@ def test_a_compiled_step_trains_like_the_eager_one(tiny_model, peft):
 def test_a_compiled_bf16_step_rounds_like_the_eager_one(tiny_model):
     """Under bf16 autocast a fused kernel rounds its intermediates to bf16 where eager's separate
     ops do (inductor's emulate_precision_casts): the losses are eager's to fp32 rounding, where
-    fused kernels that keep intermediates in fp32 move them by 1e-4 to 5e-4 on this model."""
+    fused kernels that keep intermediates in fp32 move them by up to 2e-3 on this model."""
     eager, _ = _steps(tiny_model, "lora", compile=False, bf16=True)
     compiled, _ = _steps(tiny_model, "lora", compile=True, bf16=True)
     assert compiled == pytest.approx(eager, rel=1e-6, abs=1e-6)

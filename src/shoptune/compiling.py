@@ -176,6 +176,9 @@ def _decode_eagerly(model) -> None:
             stance.__exit__(None, None, None)
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # (generate runs this one)
+    if getattr(inner, "_shoptune_decode_eager", False):  # (compiled twice: one pair of hooks)
+        return
+    inner._shoptune_decode_eager = True
     inner.register_forward_pre_hook(before, with_kwargs=True)
     inner.register_forward_hook(after, with_kwargs=True, always_call=True)
 
